@@ -1,0 +1,469 @@
+"""PKCS#11 key store on python-pkcs11 (SoftHSM2 by default).
+
+Facts this module is built around (measured on SoftHSM 2.6.1 + python-pkcs11 0.10, see
+docs/architecture.md of the shared docs):
+
+* python-pkcs11 calls C_Initialize without CKF_OS_LOCKING_OK, so SoftHSM runs without its own locking
+  and two threads inside the library crash the process. Every PKCS#11 call of this process therefore
+  goes through one process-wide lock. A second thread adds little throughput anyway; a second
+  *process* (own library instance) adds a core.
+* ``Session.close()`` logs the token out for every session of the process, invalidating key handles:
+  we keep one long-lived logged-in session per process and never close it casually.
+* SoftHSM does not notice fork(): a child re-initialises the library (C_Finalize + C_Initialize) and
+  opens its own session before its first call (uvicorn workers, Celery prefork).
+* SoftHSM has no CKM_ECDSA_SHA256: we hash in software and sign the digest with CKM_ECDSA, then turn
+  the raw r||s (PKCS#11 v2.40 §2.3.1) into the DER ECDSA-Sig-Value X.509 wants (RFC 5480 / RFC 3279).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pkcs11
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import exceptions as p11e
+from pkcs11.util.ec import encode_named_curve_parameters
+
+from hsm.errors import HSMConfigError, HSMError, HSMUnavailable, KeyExistsError, KeyNotFoundError
+from hsm.keystore import KeyAlg, PrivateKey, PublicKey
+from hsm.uri import Pkcs11Uri
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+_ED448_OID = "1.3.101.113"  # python-pkcs11 cannot encode the name 'ed448' (RFC 8410)
+
+T = TypeVar("T")
+
+# One lock for every PKCS#11 call of this process (see module docstring).
+_LOCK = threading.RLock()
+_FORK_GENERATION = 0
+_LIB_GENERATION: dict[str, int] = {}  # module path -> fork generation it was initialised in
+
+
+def _after_fork_in_child() -> None:
+    global _LOCK, _FORK_GENERATION
+    # A lock held by another thread at fork time would never be released in the child.
+    _LOCK = threading.RLock()
+    _FORK_GENERATION += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+# Errors after which a fresh session (and, if needed, a re-initialised library) may succeed:
+# CKR_DEVICE_ERROR, CKR_SESSION_HANDLE_INVALID, CKR_CRYPTOKI_NOT_INITIALIZED, token removed, ...
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    p11e.DeviceError,
+    p11e.DeviceRemoved,
+    p11e.DeviceMemory,
+    p11e.SessionHandleInvalid,
+    p11e.SessionClosed,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+    p11e.ObjectHandleInvalid,
+    p11e.KeyHandleInvalid,
+    p11e.UserNotLoggedIn,
+    p11e.GeneralError,
+    p11e.FunctionFailed,
+    p11e.NoSuchToken,
+)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, _TRANSIENT):
+        return True
+    # python-pkcs11 maps CKR_CRYPTOKI_NOT_INITIALIZED to a bare PKCS11Error with this text.
+    return type(exc) is p11e.PKCS11Error and "not initialized" in str(exc)
+
+
+class _CircuitBreaker:
+    """Opens after ``threshold`` consecutive failed operations; half-opens after ``cooldown`` s."""
+
+    def __init__(self, threshold: int, cooldown: float) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.failures = 0
+        self.opened_at: float | None = None
+
+    def check(self) -> None:
+        if self.opened_at is None:
+            return
+        if time.monotonic() - self.opened_at < self.cooldown:
+            raise HSMUnavailable("HSM unavailable: circuit breaker open after repeated token failures")
+        self.opened_at = None  # half-open: let one attempt through
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.opened_at = time.monotonic()
+
+
+def _decode_ec_point(raw: bytes) -> bytes:
+    """SoftHSM returns CKA_EC_POINT wrapped in a DER OCTET STRING (PKCS#11 v2.40 §2.3.3)."""
+    if raw and raw[0] == 0x04 and len(raw) > 2:
+        # Either an uncompressed point (0x04 || X || Y) or an OCTET STRING (tag 0x04).
+        length = raw[1]
+        if length & 0x80:
+            n = length & 0x7F
+            body_len = int.from_bytes(raw[2 : 2 + n], "big")
+            if 2 + n + body_len == len(raw):
+                return raw[2 + n :]
+        elif 2 + length == len(raw):
+            return raw[2:]
+    return raw
+
+
+class Pkcs11KeyStore:
+    """KeyStore over one PKCS#11 token. Safe to share between threads; re-initialised after fork."""
+
+    def __init__(
+        self,
+        module: str = DEFAULT_MODULE,
+        token_label: str = "v2gpki",
+        pin: str | None = None,
+        *,
+        retries: int = 3,
+        breaker_threshold: int = 3,
+        breaker_cooldown: float = 5.0,
+    ) -> None:
+        if not pin:
+            raise HSMConfigError("no user PIN configured for the PKCS#11 token (set V2GPKI_HSM_PIN or _FILE)")
+        self.module = module
+        self.token_label = token_label
+        self._pin = pin
+        self.retries = retries
+        self._breaker = _CircuitBreaker(breaker_threshold, breaker_cooldown)
+        self._lib: Any = None
+        self._session: Any = None
+        self._generation = -1
+        self._keys: dict[str, tuple[Any, PublicKey, KeyAlg]] = {}
+
+    def __repr__(self) -> str:  # never show the PIN
+        return f"Pkcs11KeyStore(module={self.module!r}, token={self.token_label!r})"
+
+    # -- session management -------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        try:
+            lib = pkcs11.lib(self.module)
+        except p11e.PKCS11Error as exc:
+            raise HSMConfigError(f"cannot load PKCS#11 module {self.module}") from exc
+        if _LIB_GENERATION.get(self.module, _FORK_GENERATION) != _FORK_GENERATION:
+            # Loaded before a fork: SoftHSM's state is the parent's, so C_Finalize + C_Initialize.
+            try:
+                lib.reinitialize()
+            except p11e.PKCS11Error:
+                pass
+        _LIB_GENERATION[self.module] = _FORK_GENERATION
+        try:
+            token = lib.get_token(token_label=self.token_label)
+        except (p11e.NoSuchToken, p11e.MultipleTokensReturned) as exc:
+            raise HSMConfigError(f"PKCS#11 token {self.token_label!r} not found") from exc
+        try:
+            self._session = token.open(user_pin=self._pin, rw=True)
+        except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange) as exc:
+            raise HSMConfigError(f"wrong user PIN for PKCS#11 token {self.token_label!r}") from exc
+        except p11e.PinLocked as exc:
+            raise HSMConfigError(f"user PIN of PKCS#11 token {self.token_label!r} is locked") from exc
+        except p11e.UserAlreadyLoggedIn:
+            self._session = token.open(rw=True)
+        self._lib = lib
+        self._generation = _FORK_GENERATION
+        self._keys.clear()
+
+    def _drop_session(self) -> None:
+        self._session = None
+        self._keys.clear()
+
+    def _run(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(session)`` under the process lock with bounded retries and the circuit breaker."""
+        with _LOCK:
+            self._breaker.check()
+            last: BaseException | None = None
+            for attempt in range(self.retries + 1):
+                try:
+                    if self._session is None or self._generation != _FORK_GENERATION:
+                        if self._generation != _FORK_GENERATION:
+                            self._drop_session()
+                        self._open()
+                    result = fn(self._session)
+                    self._breaker.success()
+                    return result
+                except HSMError:
+                    raise
+                except BaseException as exc:
+                    if not _is_transient(exc):
+                        raise
+                    last = exc
+                    log.warning("transient PKCS#11 error (%s), attempt %d", type(exc).__name__, attempt + 1)
+                    self._drop_session()
+                    if self._lib is not None:
+                        try:
+                            self._lib.reinitialize()
+                        except p11e.PKCS11Error:
+                            pass
+                    time.sleep(min(0.05 * (2**attempt), 0.5))
+            self._breaker.failure()
+            raise HSMUnavailable(
+                f"HSM unavailable: token {self.token_label!r} failed {self.retries + 1} times "
+                f"({type(last).__name__})"
+            ) from last
+
+    # -- key lookup ----------------------------------------------------------------------------------
+
+    def _find(self, session: Any, label: str, cls: ObjectClass) -> Any:
+        try:
+            return session.get_key(object_class=cls, label=label)
+        except p11e.NoSuchKey as exc:
+            raise KeyNotFoundError(f"no key {label!r} in token {self.token_label!r}") from exc
+
+    def _load(self, label: str) -> tuple[Any, PublicKey, KeyAlg]:
+        cached = self._keys.get(label)
+        if cached is not None:
+            return cached
+
+        def go(session: Any) -> tuple[Any, PublicKey, KeyAlg]:
+            priv = self._find(session, label, ObjectClass.PRIVATE_KEY)
+            pub = self._find(session, label, ObjectClass.PUBLIC_KEY)
+            point = _decode_ec_point(bytes(pub[Attribute.EC_POINT]))
+            pk: PublicKey
+            if priv.key_type == KeyType.EC_EDWARDS:
+                pk = ed448.Ed448PublicKey.from_public_bytes(point)
+                alg = KeyAlg.ED448
+            else:
+                curve: ec.EllipticCurve = ec.SECP256R1() if len(point) == 65 else ec.SECP521R1()
+                pk = ec.EllipticCurvePublicKey.from_encoded_point(curve, point)
+                alg = KeyAlg.P256 if len(point) == 65 else KeyAlg.P521
+            entry = (priv, pk, alg)
+            self._keys[label] = entry
+            return entry
+
+        return self._run(go)
+
+    # -- KeyStore protocol ---------------------------------------------------------------------------
+
+    def create_key(self, label: str, alg: KeyAlg) -> PublicKey:
+        def go(session: Any) -> None:
+            for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+                if list(session.get_objects({Attribute.CLASS: cls, Attribute.LABEL: label})):
+                    raise KeyExistsError(f"key {label!r} already exists in token {self.token_label!r}")
+            # Generated inside the token; never extractable (ISO 15118 / our key policy).
+            priv_tmpl = {
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.PRIVATE: True,
+                Attribute.TOKEN: True,
+                Attribute.SIGN: True,
+                Attribute.DERIVE: False,
+            }
+            pub_tmpl = {Attribute.TOKEN: True, Attribute.VERIFY: True}
+            if alg is KeyAlg.ED448:
+                params = session.create_domain_parameters(
+                    KeyType.EC_EDWARDS,
+                    {Attribute.EC_PARAMS: encode_named_curve_parameters(_ED448_OID)},
+                    local=True,
+                )
+                params.generate_keypair(
+                    store=True,
+                    label=label,
+                    id=label.encode(),
+                    mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
+                    private_template=priv_tmpl,
+                    public_template=pub_tmpl,
+                )
+            else:
+                curve = "secp256r1" if alg is KeyAlg.P256 else "secp521r1"
+                params = session.create_domain_parameters(
+                    KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(curve)}, local=True
+                )
+                params.generate_keypair(
+                    store=True,
+                    label=label,
+                    id=label.encode(),
+                    private_template=priv_tmpl,
+                    public_template=pub_tmpl,
+                )
+
+        self._run(go)
+        return self._load(label)[1]
+
+    def public_key(self, label: str) -> PublicKey:
+        return self._load(label)[1]
+
+    def key_alg(self, label: str) -> KeyAlg:
+        return self._load(label)[2]
+
+    def signer(self, label: str) -> PrivateKey:
+        _, pub, alg = self._load(label)
+        if alg is KeyAlg.ED448:
+            assert isinstance(pub, ed448.Ed448PublicKey)
+            return Pkcs11Ed448Key(self, label, pub)
+        assert isinstance(pub, ec.EllipticCurvePublicKey)
+        return Pkcs11ECKey(self, label, pub)
+
+    def sign_raw(self, label: str, data: bytes, mechanism: Mechanism) -> bytes:
+        def go(session: Any) -> bytes:
+            priv = self._load_in(session, label)
+            return bytes(priv.sign(data, mechanism=mechanism))
+
+        return self._run(go)
+
+    def _load_in(self, session: Any, label: str) -> Any:
+        cached = self._keys.get(label)
+        if cached is not None:
+            return cached[0]
+        return self._find(session, label, ObjectClass.PRIVATE_KEY)
+
+    def destroy(self, label: str) -> None:
+        def go(session: Any) -> None:
+            found = False
+            for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+                for obj in list(session.get_objects({Attribute.CLASS: cls, Attribute.LABEL: label})):
+                    obj.destroy()
+                    found = True
+            if not found:
+                raise KeyNotFoundError(f"no key {label!r} in token {self.token_label!r}")
+
+        self._run(go)
+        self._keys.pop(label, None)
+
+    def list(self) -> list[str]:
+        def go(session: Any) -> list[str]:
+            return sorted(
+                {str(o.label) for o in session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})}
+            )
+
+        return self._run(go)
+
+    def has_key(self, label: str) -> bool:
+        try:
+            self._load(label)
+            return True
+        except KeyNotFoundError:
+            return False
+
+    def uri(self, label: str) -> str:
+        return str(Pkcs11Uri(self.token_label, label))
+
+    def private_attribute(self, label: str, attr: Attribute) -> Any:
+        """Read an attribute of the private key (used by tests to prove CKA_VALUE is refused)."""
+
+        def go(session: Any) -> Any:
+            return self._find(session, label, ObjectClass.PRIVATE_KEY)[attr]
+
+        return self._run(go)
+
+    def session_call(self, fn: Callable[[Any], T]) -> T:
+        """Run arbitrary code with the live session under the lock (tests and tooling only)."""
+        return self._run(fn)
+
+
+_HASHES: dict[type[hashes.HashAlgorithm], Callable[[bytes], Any]] = {
+    hashes.SHA256: hashlib.sha256,
+    hashes.SHA384: hashlib.sha384,
+    hashes.SHA512: hashlib.sha512,
+}
+
+
+class Pkcs11ECKey(ec.EllipticCurvePrivateKey):
+    """A cryptography EC private key whose sign() runs CKM_ECDSA inside the token.
+
+    cryptography's builders hand us the whole TBS and the signature algorithm; we hash here (SoftHSM has
+    no CKM_ECDSA_SHA256) and encode r||s as DER (RFC 3279 §2.2.3 Ecdsa-Sig-Value).
+    """
+
+    def __init__(self, store: Pkcs11KeyStore, label: str, pub: ec.EllipticCurvePublicKey) -> None:
+        self._store = store
+        self._label = label
+        self._pub = pub
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return self._pub.curve
+
+    @property
+    def key_size(self) -> int:
+        return self._pub.curve.key_size
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._pub
+
+    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+        if not isinstance(signature_algorithm, ec.ECDSA):
+            raise TypeError("only ECDSA is supported")
+        algo = signature_algorithm.algorithm
+        if isinstance(algo, Prehashed):
+            digest = data
+        else:
+            fn = _HASHES.get(type(algo))
+            if fn is None:
+                raise ValueError(f"unsupported hash {algo.name}")
+            digest = fn(data).digest()
+        raw = self._store.sign_raw(self._label, digest, Mechanism.ECDSA)
+        half = len(raw) // 2
+        return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+
+    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
+        raise HSMError("ECDH with token CA keys is not offered")
+
+    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
+        raise HSMError("private key is not extractable from the token")
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        raise HSMError("private key is not extractable from the token")
+
+    def __copy__(self) -> Pkcs11ECKey:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Pkcs11ECKey:
+        return self
+
+
+class Pkcs11Ed448Key(ed448.Ed448PrivateKey):
+    """Ed448 (pure EdDSA, RFC 8032) inside the token: CKM_EDDSA with no parameters."""
+
+    def __init__(self, store: Pkcs11KeyStore, label: str, pub: ed448.Ed448PublicKey) -> None:
+        self._store = store
+        self._label = label
+        self._pub = pub
+
+    def public_key(self) -> ed448.Ed448PublicKey:
+        return self._pub
+
+    def sign(self, data: bytes) -> bytes:
+        return self._store.sign_raw(self._label, data, Mechanism.EDDSA)
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        raise HSMError("private key is not extractable from the token")
+
+    def private_bytes_raw(self) -> bytes:
+        raise HSMError("private key is not extractable from the token")
+
+    def __copy__(self) -> Pkcs11Ed448Key:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Pkcs11Ed448Key:
+        return self

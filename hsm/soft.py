@@ -1,0 +1,60 @@
+"""Software key store twin — for fast unit tests ONLY, never the default.
+
+Keys live in process memory, so this backend violates the key policy by design; the service refuses
+it unless V2GPKI_KEYSTORE=soft is set explicitly, and production mode refuses it outright.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed448
+
+from hsm.errors import KeyExistsError, KeyNotFoundError
+from hsm.keystore import KeyAlg, PrivateKey, PublicKey
+
+
+class SoftKeyStore:
+    def __init__(self) -> None:
+        self._keys: dict[str, PrivateKey] = {}
+        self._lock = threading.Lock()
+
+    def create_key(self, label: str, alg: KeyAlg) -> PublicKey:
+        with self._lock:
+            if label in self._keys:
+                raise KeyExistsError(f"key {label!r} already exists")
+            key: PrivateKey
+            if alg is KeyAlg.ED448:
+                key = ed448.Ed448PrivateKey.generate()
+            elif alg is KeyAlg.P521:
+                key = ec.generate_private_key(ec.SECP521R1())
+            else:
+                key = ec.generate_private_key(ec.SECP256R1())
+            self._keys[label] = key
+            return key.public_key()
+
+    def _get(self, label: str) -> PrivateKey:
+        try:
+            return self._keys[label]
+        except KeyError:
+            raise KeyNotFoundError(f"no key {label!r}") from None
+
+    def public_key(self, label: str) -> PublicKey:
+        return self._get(label).public_key()
+
+    def signer(self, label: str) -> PrivateKey:
+        return self._get(label)
+
+    def destroy(self, label: str) -> None:
+        with self._lock:
+            self._get(label)
+            del self._keys[label]
+
+    def list(self) -> list[str]:
+        return sorted(self._keys)
+
+    def has_key(self, label: str) -> bool:
+        return label in self._keys
+
+    def uri(self, label: str) -> str:
+        return f"soft:{label}"

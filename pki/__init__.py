@@ -1,0 +1,1 @@
+"""The CA engine: profiles, CSR checks, issuance, revocation, OCSP/CRL builders, audit."""

@@ -1,0 +1,298 @@
+"""`v2gpki` command line. Names and flags are a contract with operators' scripts: keep them.
+
+Errors go to stderr as one line `v2gpki: error: <message>` with a non-zero exit:
+2 usage, 3 bad input / policy refusal, 4 not found, 5 conflict (already revoked), 6 HSM / config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hsm.errors import HSMConfigError, HSMError, HSMUnavailable
+from pki.config import Settings
+from pki.errors import AlreadyRevoked, ConfigError, NotFound, PKIError, UnknownCA
+
+
+def _err(msg: str, code: int) -> int:
+    print(f"v2gpki: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _ctx(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pki.context import build_context
+
+    return build_context(Settings())
+
+
+def cmd_hsm_init(args: argparse.Namespace) -> int:
+    from hsm.token import init_softhsm_token
+
+    s = Settings()
+    s.home_dir.mkdir(parents=True, exist_ok=True)
+    pin = s.hsm_pin.get_secret_value() if s.hsm_pin else None
+    paths = init_softhsm_token(s.softhsm_dir, s.token_label, pin=pin)
+    print(f"SoftHSM2 token {s.token_label!r} ready under {paths.tokendir}")
+    print(f"SOFTHSM2_CONF={paths.conf}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from pki.hierarchy import init_hierarchy
+
+    s = Settings()
+    if s.keystore == "pkcs11" and not (s.hsm_pin or s.hsm_pin_file) and not (s.softhsm_dir / "user.pin").exists():
+        # Embedded default: create the SoftHSM2 token under the data directory first.
+        cmd_hsm_init(args)
+    ctx = _ctx(args)
+    h = ctx.hierarchy(Path(args.config) if args.config else None)
+    tty = sys.stderr.isatty()
+
+    def progress(n: int, total: int, name: str, status: str) -> None:
+        bar = "#" * int(30 * n / total)
+        line = f"[{bar:<30}] {n:>3}/{total} {name}: {status}"
+        print(("\r" + line.ljust(100)) if tty else line, file=sys.stderr, end="" if tty else "\n", flush=True)
+
+    stats = init_hierarchy(ctx.engine, h, progress)
+    if tty:
+        print(file=sys.stderr)
+    print(f"hierarchies ready: {stats['created']} created, {stats['skipped']} already present"
+          + (f", {stats['abandoned_intents']} abandoned intents from an interrupted run"
+             if stats["abandoned_intents"] else ""))
+    return 0
+
+
+def cmd_issue(args: argparse.Namespace) -> int:
+    ctx = _ctx(args)
+    data = sys.stdin.buffer.read() if args.csr == "-" else Path(args.csr).read_bytes()
+    issued = ctx.engine.issue_from_csr(args.profile, data, ca=args.ca, tenant=args.tenant, actor="cli")
+    out = issued.pem_chain(include_root=not args.no_root)
+    if args.out:
+        Path(args.out).write_text(out)
+        print(f"issued {issued.profile} serial {issued.serial.upper()} by {issued.issuer} -> {args.out}",
+              file=sys.stderr)
+    else:
+        sys.stdout.write(out)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from sqlmodel import select
+
+    from pki.store.models import Certificate
+
+    ctx = _ctx(args)
+    with ctx.db.session() as s:
+        stmt = select(Certificate).order_by(Certificate.id)  # type: ignore[arg-type]
+        if args.profile:
+            stmt = stmt.where(Certificate.profile == args.profile)
+        if args.status:
+            stmt = stmt.where(Certificate.status == args.status)
+        if args.issuer:
+            stmt = stmt.where(Certificate.issuer == args.issuer)
+        rows = list(s.exec(stmt.limit(args.limit)))
+    if args.json:
+        print(json.dumps([_row_json(r) for r in rows], indent=1))
+        return 0
+    print(f"{'SERIAL':<34} {'ISSUER':<18} {'PROFILE':<14} {'STATUS':<8} {'NOT AFTER':<20} SUBJECT")
+    for r in rows:
+        print(f"{r.serial.upper():<34} {r.issuer:<18} {r.profile:<14} {r.status:<8} "
+              f"{r.not_after.strftime('%Y-%m-%d %H:%M'):<20} {r.subject}")
+    return 0
+
+
+def _row_json(r) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    return {
+        "serial": r.serial.upper(), "issuer": r.issuer, "profile": r.profile, "subject": r.subject,
+        "identifier": r.identifier, "tenant": r.tenant, "status": r.status,
+        "not_before": r.not_before.isoformat(), "not_after": r.not_after.isoformat(),
+        "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
+        "revocation_reason": r.revocation_reason, "key_uri": r.key_uri, "sha256": r.fingerprint,
+    }
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from cryptography import x509
+
+    from pki.issuance import pem
+    from pki.serials import parse_serial
+
+    ctx = _ctx(args)
+    row = ctx.engine.get_certificate(parse_serial(args.serial), args.issuer)
+    if args.pem:
+        sys.stdout.write(pem(x509.load_der_x509_certificate(row.der)))
+        return 0
+    print(json.dumps(_row_json(row), indent=2))
+    return 0
+
+
+def cmd_chain(args: argparse.Namespace) -> int:
+    from pki.issuance import pem
+
+    ctx = _ctx(args)
+    name = args.ca
+    if name.isdigit():
+        from sqlmodel import select
+
+        from pki.store.models import CertificateAuthority
+
+        with ctx.db.session() as s:
+            row = s.exec(select(CertificateAuthority).where(CertificateAuthority.id == int(name))).first()
+        if row is None:
+            raise UnknownCA(f"unknown CA id {name}")
+        name = row.name
+    sys.stdout.write("".join(pem(c) for c in ctx.engine.chain(name)))
+    return 0
+
+
+def cmd_cas(args: argparse.Namespace) -> int:
+    ctx = _ctx(args)
+    print(f"{'ID':>3} {'NAME':<20} {'PROFILE':<14} {'PARENT':<20} {'ALG':<6} {'NOT AFTER':<11} KEY")
+    for h in sorted(ctx.engine.cas(), key=lambda h: h.row.id or 0):
+        r = h.row
+        print(f"{r.id:>3} {r.name:<20} {r.profile:<14} {r.parent or '-':<20} {r.key_alg:<6} "
+              f"{r.not_after.strftime('%Y-%m-%d'):<11} {r.key_uri}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from pki.issuance import REASONS
+    from pki.serials import parse_serial
+
+    if args.reason not in REASONS:
+        raise PKIError(f"unknown reason {args.reason!r}; use one of: {', '.join(REASONS)}")
+    ctx = _ctx(args)
+    serial = parse_serial(args.serial)
+    row = ctx.engine.get_certificate(serial, args.issuer)
+    if row.status == "revoked":
+        raise AlreadyRevoked(f"certificate {row.issuer}/{serial.upper()} is already revoked")
+    if not args.yes:
+        print(f"dry run: would revoke {row.subject} (serial {serial.upper()}, issuer {row.issuer}, "
+              f"profile {row.profile}) with reason {args.reason}; add --yes to do it")
+        return 0
+    ctx.engine.revoke(serial, args.reason, issuer=row.issuer, actor="cli")
+    print(f"revoked {row.issuer}/{serial.upper()} ({args.reason})")
+    return 0
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from pki.profiles import load_profiles
+
+    ps = load_profiles(Settings().policies_dir)
+    for n in ps.names():
+        p = ps.get(n)
+        print(f"{n:<20} {p.standard:<12} {'CA' if p.ca else 'EE':<3} {','.join(a.value for a in p.key_algs):<12} "
+              f"{p.description}")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from pki.audit import verify_chain
+
+    ctx = _ctx(args)
+    with ctx.db.session() as s:
+        res = verify_chain(s)
+    if res.ok:
+        print(f"audit chain OK: {res.events} events")
+        return 0
+    for p in res.problems:
+        print(f"audit: {p}", file=sys.stderr)
+    return _err(f"audit chain verification FAILED ({len(res.problems)} problems)", 7)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="v2gpki", description="Plug & Charge (ISO 15118 / OCPP) PKI service")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    hsm = sub.add_parser("hsm", help="key store management")
+    hsub = hsm.add_subparsers(dest="hsm_cmd", required=True)
+    hsub.add_parser("init", help="create the SoftHSM2 token under $V2GPKI_HOME/softhsm").set_defaults(fn=cmd_hsm_init)
+
+    i = sub.add_parser("init", help="build the configured V2G/OEM/MO/CSMS hierarchies (idempotent)")
+    i.add_argument("--config", help="hierarchy YAML (default policies/hierarchy.yaml)")
+    i.set_defaults(fn=cmd_init)
+
+    iss = sub.add_parser("issue", help="issue a certificate from a CSR; prints the PEM chain, leaf first")
+    iss.add_argument("--profile", required=True)
+    iss.add_argument("--csr", required=True, help="CSR file (PEM, DER or base64 DER); - for stdin")
+    iss.add_argument("--out", help="write the chain here instead of stdout")
+    iss.add_argument("--ca", help="issuing CA name (default: chosen by profile and key algorithm)")
+    iss.add_argument("--tenant", help="owning organization")
+    iss.add_argument("--no-root", action="store_true", help="leave the root out of the chain")
+    iss.set_defaults(fn=cmd_issue)
+
+    ls = sub.add_parser("list", help="list certificates")
+    ls.add_argument("--profile")
+    ls.add_argument("--status", choices=["valid", "revoked", "hold"])
+    ls.add_argument("--issuer")
+    ls.add_argument("--limit", type=int, default=1000)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(fn=cmd_list)
+
+    sh = sub.add_parser("show", help="show one certificate by serial (hex, as openssl prints it)")
+    sh.add_argument("serial")
+    sh.add_argument("--issuer")
+    sh.add_argument("--pem", action="store_true")
+    sh.set_defaults(fn=cmd_show)
+
+    ch = sub.add_parser("chain", help="PEM chain of a CA up to its root")
+    ch.add_argument("ca", help="CA name (e.g. cpo-sub2, v2g-root) or id")
+    ch.set_defaults(fn=cmd_chain)
+
+    sub.add_parser("cas", help="list CAs").set_defaults(fn=cmd_cas)
+    sub.add_parser("profiles", help="list certificate profiles").set_defaults(fn=cmd_profiles)
+
+    rv = sub.add_parser("revoke", help="revoke a certificate (dry run unless --yes)")
+    rv.add_argument("serial")
+    rv.add_argument("--reason", required=True, help="RFC 5280 reason name, e.g. keyCompromise")
+    rv.add_argument("--issuer")
+    rv.add_argument("--yes", action="store_true")
+    rv.set_defaults(fn=cmd_revoke)
+
+    au = sub.add_parser("audit", help="audit log")
+    asub = au.add_subparsers(dest="audit_cmd", required=True)
+    asub.add_parser("verify", help="verify the hash chain").set_defaults(fn=cmd_audit_verify)
+
+    _register_extra(sub)
+    return p
+
+
+def _register_extra(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Commands contributed by the service layers (serve, org, apikey, ...), if installed."""
+    try:
+        from api.cli import register
+    except ImportError:
+        return
+    register(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except NotFound as exc:
+        return _err(exc.message, 4)
+    except AlreadyRevoked as exc:
+        return _err(exc.message, 5)
+    except ConfigError as exc:
+        return _err(exc.message, 6)
+    except PKIError as exc:
+        return _err(exc.message, 3)
+    except HSMConfigError as exc:
+        return _err(str(exc), 6)
+    except HSMUnavailable as exc:
+        return _err(str(exc), 6)
+    except HSMError as exc:
+        return _err(str(exc), 6)
+    except FileNotFoundError as exc:
+        return _err(f"file not found: {exc.filename}", 3)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

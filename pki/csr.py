@@ -1,0 +1,174 @@
+"""CSR parsing and the registration-authority checks (RFC 2986 PKCS#10).
+
+We accept PEM, DER, or base64 DER (as OCPP's SignCertificateRequest carries it), check the
+proof-of-possession signature, the key algorithm/curve against the profile, and the subject rules.
+Nothing from the CSR's extensions is ever copied: the CA applies its own profile.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed448
+from cryptography.x509.oid import NameOID
+
+from hsm.keystore import KeyAlg, PublicKey
+from pki import names
+from pki.errors import BadCSR, BadKey, BadSignature, BadSubject
+from pki.profiles import Profile
+
+MAX_CSR_BYTES = 8192  # OCPP caps csr at 5500 characters; 8 KiB of DER/PEM leaves room for -20 keys
+
+_SINGLE_ATTRS = {
+    NameOID.COMMON_NAME: "CN",
+    NameOID.ORGANIZATION_NAME: "O",
+    NameOID.COUNTRY_NAME: "C",
+    NameOID.DOMAIN_COMPONENT: "DC",
+}
+
+
+@dataclass(frozen=True)
+class SubjectFields:
+    cn: str
+    o: str | None
+    c: str | None
+    dc: str | None
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """What the CA needs after the RA checks: the key and the normalised subject."""
+
+    public_key: PublicKey
+    key_alg: KeyAlg
+    subject: SubjectFields
+    identifier: str
+    identifier_kind: str
+
+
+def parse_csr(data: bytes | str) -> x509.CertificateSigningRequest:
+    raw = data.encode() if isinstance(data, str) else data
+    if len(raw) > MAX_CSR_BYTES:
+        raise BadCSR(f"CSR is too large ({len(raw)} bytes; at most {MAX_CSR_BYTES})")
+    stripped = raw.strip()
+    try:
+        if stripped.startswith(b"-----BEGIN"):
+            if b"CERTIFICATE REQUEST" not in stripped.split(b"\n", 1)[0]:
+                raise BadCSR("PEM block is not a CERTIFICATE REQUEST")
+            return x509.load_pem_x509_csr(stripped)
+        if stripped[:1] == b"\x30":
+            return x509.load_der_x509_csr(stripped)
+        try:
+            der = base64.b64decode(b"".join(stripped.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise BadCSR("CSR is neither PEM, DER nor base64 DER") from None
+        return x509.load_der_x509_csr(der)
+    except BadCSR:
+        raise
+    except ValueError as exc:
+        raise BadCSR(f"CSR could not be decoded: {exc}") from None
+
+
+def key_alg_of(key: object) -> KeyAlg:
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if isinstance(key.curve, ec.SECP256R1):
+            return KeyAlg.P256
+        if isinstance(key.curve, ec.SECP521R1):
+            return KeyAlg.P521
+        raise BadKey(f"EC curve {key.curve.name} is not allowed (ISO 15118: secp256r1, or secp521r1 for -20)")
+    if isinstance(key, ed448.Ed448PublicKey):
+        return KeyAlg.ED448
+    raise BadKey(f"{type(key).__name__.replace('_', '')} keys are not allowed (EC P-256 / P-521 or Ed448 only)")
+
+
+def subject_fields(name: x509.Name) -> SubjectFields:
+    values: dict[str, str] = {}
+    for rdn in name.rdns:
+        if len(rdn) != 1:
+            raise BadSubject("multi-valued RDNs are not allowed (each RDN single-valued)")
+        (attr,) = tuple(rdn)
+        key = _SINGLE_ATTRS.get(attr.oid)
+        if key is None:
+            continue  # other attributes (OU, L, ...) are ignored: the CA builds the subject itself
+        if key in values:
+            raise BadSubject(f"subject has more than one {key}")
+        if not isinstance(attr.value, str):
+            raise BadSubject(f"subject {key} is not a string")
+        values[key] = attr.value
+    if "CN" not in values or not values["CN"].strip():
+        raise BadSubject("subject has no CN")
+    return SubjectFields(values["CN"], values.get("O"), values.get("C"), values.get("DC"))
+
+
+def normalise_identifier(profile: Profile, cn: str) -> tuple[str, str]:
+    """Check the CN against the profile's rule; return (normalised CN, identifier kind)."""
+    kind = profile.subject.cn
+    if kind == "evseid":
+        return names.normalise_evseid(cn), "evseid"
+    if kind == "seccid":
+        return names.normalise_seccid(cn), "seccid"
+    if kind == "evseid_or_seccid":
+        try:
+            return names.normalise_evseid(cn), "evseid"
+        except BadSubject:
+            try:
+                return names.normalise_seccid(cn), "seccid"
+            except BadSubject:
+                raise BadSubject(f"CN {cn!r} is neither a valid EVSEID nor a SECCID") from None
+    if kind == "emaid":
+        return names.normalise_emaid(cn), "emaid"
+    if kind == "pcid":
+        return names.normalise_pcid(cn), "pcid"
+    if kind == "station":
+        return names.check_station_id(cn), "station"
+    if kind == "fqdn":
+        return names.check_fqdn(cn), "fqdn"
+    if len(cn) > 64 or not cn.strip():
+        raise BadSubject("CN must be 1–64 characters (RFC 5280 ub-common-name)")
+    return cn.strip(), "name"
+
+
+def check_subject(profile: Profile, fields: SubjectFields) -> tuple[SubjectFields, str, str]:
+    rule = profile.subject
+    cn, kind = normalise_identifier(profile, fields.cn)
+    # DC is the profile's, set by the CA. A CSR that asks for another DC contradicts the profile
+    # (e.g. DC=MO in a SECC request) and is refused rather than silently "corrected".
+    if fields.dc is not None and (rule.dc is None or fields.dc.upper() != rule.dc.upper()):
+        raise BadSubject(f"subject DC={fields.dc} contradicts profile {profile.name!r} (DC={rule.dc or 'none'})")
+    o = fields.o.strip() if fields.o else None
+    if rule.o == "required" and not o:
+        raise BadSubject(f"profile {profile.name!r} requires an O (organization) in the subject")
+    if rule.o == "forbidden":
+        o = None
+    if o is not None and len(o) > 64:
+        raise BadSubject("O must be at most 64 characters (RFC 5280 ub-organization-name)")
+    c = fields.c.strip().upper() if fields.c else None
+    if rule.c == "required" and not c:
+        raise BadSubject(f"profile {profile.name!r} requires a C (country) in the subject")
+    if c is not None and (len(c) != 2 or not c.isalpha() or not c.isascii()):
+        raise BadSubject(f"C={fields.c!r} is not an ISO 3166 two-letter country code")
+    return SubjectFields(cn=cn, o=o, c=c, dc=rule.dc), cn, kind
+
+
+def check_csr(profile: Profile, csr: x509.CertificateSigningRequest) -> CheckedRequest:
+    # Proof of possession (RFC 2986 §3): the CSR must be signed by the key it carries.
+    try:
+        key = csr.public_key()
+    except (ValueError, TypeError) as exc:
+        raise BadKey(f"CSR public key is not supported: {exc}") from None
+    alg = key_alg_of(key)
+    if alg not in profile.key_algs:
+        allowed = ", ".join(a.value for a in profile.key_algs)
+        raise BadKey(f"{alg.value} key not allowed by profile {profile.name!r} (allowed: {allowed})")
+    try:
+        ok = csr.is_signature_valid
+    except Exception:  # noqa: BLE001 - unsupported signature algorithms raise various errors
+        ok = False
+    if not ok:
+        raise BadSignature("CSR signature does not verify (bad proof of possession)")
+    fields, ident, kind = check_subject(profile, subject_fields(csr.subject))
+    assert isinstance(key, ec.EllipticCurvePublicKey | ed448.Ed448PublicKey)
+    return CheckedRequest(public_key=key, key_alg=alg, subject=fields, identifier=ident, identifier_kind=kind)

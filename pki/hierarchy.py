@@ -1,0 +1,185 @@
+"""`v2gpki init`: build the configured hierarchies in the HSM and the database, idempotently.
+
+Re-running finishes a half-done run: a CA whose row exists is skipped; a key generated for a CA whose
+certificate never landed is reused (it has signed nothing that was stored), so a second root is never
+created. Pending intents left by a killed run are marked 'abandoned'.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+from cryptography.hazmat.primitives import hashes, serialization
+from sqlalchemy import update
+from sqlmodel import Session, select
+
+from hsm.errors import KeyNotFoundError
+from hsm.keystore import KeyAlg, KeyStore
+from pki.csr import SubjectFields
+from pki.issuance import Engine, Issued, IssueRequest, key_alg_of_public
+from pki.profiles import CAEntry, Hierarchy
+from pki.store.db import utcnow
+from pki.store.models import Certificate, CertificateAuthority, IssuanceIntent
+
+Progress = Callable[[int, int, str, str], None]
+
+
+def ca_key_label(name: str) -> str:
+    return f"ca-{name}"
+
+
+def ocsp_key_label(name: str) -> str:
+    return f"ocsp-{name}"
+
+
+def svc_key_label(name: str) -> str:
+    return f"svc-{name}"
+
+
+def _ensure_key(ks: KeyStore, label: str, alg: KeyAlg):  # type: ignore[no-untyped-def]
+    try:
+        return ks.public_key(label)
+    except KeyNotFoundError:
+        return ks.create_key(label, alg)
+
+
+def _hierarchy_of(profile: str) -> str:
+    for prefix, h in (("v2g", "v2g"), ("cpo", "v2g"), ("cps", "v2g"), ("oem", "oem"), ("mo", "mo"),
+                      ("csms", "csms")):
+        if profile.startswith(prefix):
+            return h
+    return "other"
+
+
+def _name_hashes(cert_der: bytes) -> tuple[str, str]:
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(cert_der)
+    name_hash = hashlib.sha1(cert.subject.public_bytes()).hexdigest()  # noqa: S324 - RFC 6960 CertID
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    # issuerKeyHash is over the BIT STRING contents of subjectPublicKey (RFC 6960 §4.1.1)
+    from asn1crypto import keys
+
+    bits = keys.PublicKeyInfo.load(spki)["public_key"].contents[1:]
+    return name_hash, hashlib.sha1(bits).hexdigest()  # noqa: S324
+
+
+def create_ca(engine: Engine, entry: CAEntry, h: Hierarchy) -> Issued:
+    profile = engine.profiles.get(entry.profile)
+    alg = entry.key_alg or profile.key_algs[0]
+    label = ca_key_label(entry.name)
+    pub = _ensure_key(engine.keystore, label, alg)
+    if key_alg_of_public(pub) is not alg:
+        raise KeyNotFoundError(f"key {label!r} exists with another algorithm; remove it or rename the CA")
+    subject = SubjectFields(cn=entry.cn, o=h.organization, c=h.country, dc=profile.subject.dc)
+
+    def add_ca_row(s: Session, issued: list[Issued]) -> None:
+        i = issued[0]
+        nh, kh = _name_hashes(i.der)
+        s.add(CertificateAuthority(
+            name=entry.name, profile=entry.profile, parent=entry.parent, key_label=label,
+            key_uri=engine.keystore.uri(label), key_alg=alg.value, hierarchy=_hierarchy_of(entry.profile),
+            serial=i.serial, subject=i.cert.subject.rfc4514_string(), name_hash_sha1=nh, key_hash_sha1=kh,
+            not_before=i.cert.not_valid_before_utc, not_after=i.cert.not_valid_after_utc, der=i.der,
+            created_at=utcnow(),
+        ))
+
+    req = IssueRequest(
+        profile=entry.profile, public_key=pub, subject=subject, identifier=entry.name,
+        ca=entry.name if profile.self_signed else entry.parent, actor="init",
+        key_uri=engine.keystore.uri(label), self_sign_label=label if profile.self_signed else None,
+    )
+    out = engine.issue_many([req], extra=add_ca_row)
+    engine.reload_cas()
+    return out[0]
+
+
+def service_cert_exists(engine: Engine, issuer: str, profile: str, key_uri: str) -> bool:
+    with engine.db.session() as s:
+        row = s.exec(select(Certificate).where(
+            Certificate.issuer == issuer, Certificate.profile == profile,
+            Certificate.key_uri == key_uri, Certificate.status == "valid",
+            Certificate.not_after > utcnow(),
+        )).first()
+    return row is not None
+
+
+def issue_service_cert(engine: Engine, *, issuer: str, profile_name: str, label: str, cn: str,
+                       h: Hierarchy, identifier: str) -> Issued:
+    ca = engine.ca(issuer)
+    profile = engine.profiles.get(profile_name)
+    alg = ca.alg if ca.alg in profile.key_algs else profile.key_algs[0]
+    pub = _ensure_key(engine.keystore, label, alg)
+    subject = SubjectFields(cn=cn[:64], o=h.organization, c=h.country, dc=profile.subject.dc)
+    return engine.issue(IssueRequest(
+        profile=profile_name, public_key=pub, subject=subject, identifier=identifier, ca=issuer,
+        actor="init", key_uri=engine.keystore.uri(label),
+    ))
+
+
+def ocsp_profile_for(engine: Engine, h: Hierarchy, ca_name: str) -> str:
+    ca = engine.ca(ca_name)
+    p20 = engine.profiles.get(h.ocsp_signer_profile_20)
+    return h.ocsp_signer_profile_20 if ca.row.profile in p20.issuers else h.ocsp_signer_profile
+
+
+def ensure_ocsp_signer(engine: Engine, h: Hierarchy, ca_name: str) -> Issued | None:
+    label = ocsp_key_label(ca_name)
+    prof = ocsp_profile_for(engine, h, ca_name)
+    if service_cert_exists(engine, ca_name, prof, engine.keystore.uri(label)):
+        return None
+    return issue_service_cert(engine, issuer=ca_name, profile_name=prof, label=label,
+                              cn=f"OCSP {engine.ca(ca_name).cert.subject.get_attributes_for_oid(_CN)[0].value}",
+                              h=h, identifier=f"ocsp-{ca_name}")
+
+
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+_CN = NameOID.COMMON_NAME
+
+
+def init_hierarchy(engine: Engine, h: Hierarchy, progress: Progress | None = None) -> dict[str, int]:
+    with engine.db.session() as s:
+        abandoned = s.execute(
+            update(IssuanceIntent).where(IssuanceIntent.state == "pending")  # type: ignore[arg-type]
+            .where(IssuanceIntent.created_at < utcnow())  # type: ignore[arg-type]
+            .values(state="abandoned", completed_at=utcnow())
+        ).rowcount  # type: ignore[attr-defined]
+        s.commit()
+        existing = {r.name for r in s.exec(select(CertificateAuthority))}
+    steps: list[tuple[str, str]] = []
+    for ca in h.cas:
+        steps.append(("ca", ca.name))
+        if ca.ocsp_signer:
+            steps.append(("ocsp", ca.name))
+    for sk in h.service_keys:
+        steps.append(("svc", sk.name))
+    stats = {"created": 0, "skipped": 0, "abandoned_intents": abandoned}
+    by_name = {c.name: c for c in h.cas}
+    for n, (kind, name) in enumerate(steps, 1):
+        if kind == "ca":
+            if name in existing:
+                status = "exists"
+            else:
+                create_ca(engine, by_name[name], h)
+                status = "created"
+        elif kind == "ocsp":
+            status = "created" if ensure_ocsp_signer(engine, h, name) else "exists"
+            name = f"OCSP signer of {name}"
+        else:
+            sk = next(x for x in h.service_keys if x.name == name)
+            label = svc_key_label(sk.name)
+            if service_cert_exists(engine, sk.issuer, sk.profile, engine.keystore.uri(label)):
+                status = "exists"
+            else:
+                issue_service_cert(engine, issuer=sk.issuer, profile_name=sk.profile, label=label, cn=sk.cn,
+                                   h=h, identifier=sk.name)
+                status = "created"
+        stats["created" if status == "created" else "skipped"] += 1
+        if progress:
+            progress(n, len(steps), name, status)
+    return stats
+
+
+__all__ = ["hashes", "init_hierarchy", "ca_key_label", "ocsp_key_label", "svc_key_label"]

@@ -1,0 +1,544 @@
+"""The CA: build a certificate from a profile and a checked request, lint, record intent, sign, store.
+
+Order of operations (after Boulder's issuance cycle):
+  1. prepare — TBS from the *profile* (never from CSR extensions), serial, validity capped at the issuer's;
+  2. lint    — the same TBS signed with a throwaway key of the issuer's algorithm is checked by the
+               profile linter, the size limit and pkilint;
+  3. intent  — what the HSM is about to sign is committed (issuer, serial, TBS digest);
+  4. sign    — through hsm/ (the private key never leaves the token);
+  5. store   — certificate row, intent marked issued, audit event: one transaction.
+A crash between 3 and 5 leaves a 'pending' intent: detectable, and the serial is never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from sqlalchemy import update
+from sqlmodel import Session, select
+
+from hsm.keystore import KeyAlg, KeyStore, PrivateKey, PublicKey
+from pki import audit
+from pki.csr import CheckedRequest, SubjectFields, check_csr, parse_csr
+from pki.errors import AlreadyRevoked, BadKey, BadRevocation, LintError, NotFound, UnknownCA
+from pki.lint import MAX_SIG_LEN, lint_profile, pkilinter, shape_key, size_bound
+from pki.profiles import Profile, ProfileSet
+from pki.serials import new_serial, to_hex
+from pki.store.db import Database, utcnow
+from pki.store.models import Certificate, CertificateAuthority, IssuanceIntent
+
+REASONS: dict[str, x509.ReasonFlags] = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "keyCompromise": x509.ReasonFlags.key_compromise,
+    "cACompromise": x509.ReasonFlags.ca_compromise,
+    "affiliationChanged": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessationOfOperation": x509.ReasonFlags.cessation_of_operation,
+    "certificateHold": x509.ReasonFlags.certificate_hold,
+    "privilegeWithdrawn": x509.ReasonFlags.privilege_withdrawn,
+    "aACompromise": x509.ReasonFlags.aa_compromise,
+}  # RFC 5280 §5.3.1 (removeFromCRL is a release of a hold, not a revocation reason)
+
+_TWIN_KEYS: dict[KeyAlg, PrivateKey] = {}
+_TWIN_LOCK = threading.Lock()
+
+
+def twin_key(alg: KeyAlg) -> PrivateKey:
+    """A throwaway software key of the issuer's algorithm, only ever used to sign lint twins."""
+    with _TWIN_LOCK:
+        k = _TWIN_KEYS.get(alg)
+        if k is None:
+            if alg is KeyAlg.ED448:
+                k = ed448.Ed448PrivateKey.generate()
+            elif alg is KeyAlg.P521:
+                k = ec.generate_private_key(ec.SECP521R1())
+            else:
+                k = ec.generate_private_key(ec.SECP256R1())
+            _TWIN_KEYS[alg] = k
+        return k
+
+
+def sig_hash(alg: KeyAlg) -> hashes.HashAlgorithm | None:
+    # ISO 15118-2 [V2G2-006]: ecdsa-with-SHA256 for P-256; -20: SHA-512 with P-521; Ed448 is pure EdDSA.
+    if alg is KeyAlg.P256:
+        return hashes.SHA256()
+    if alg is KeyAlg.P521:
+        return hashes.SHA512()
+    return None
+
+
+def key_alg_of_public(key: PublicKey) -> KeyAlg:
+    if isinstance(key, ed448.Ed448PublicKey):
+        return KeyAlg.ED448
+    return KeyAlg.P521 if isinstance(key.curve, ec.SECP521R1) else KeyAlg.P256
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def build_name(s: SubjectFields) -> x509.Name:
+    # RDN order CN, O, C, DC as in the public ISO 15118 test PKIs; each RDN single-valued.
+    # cryptography encodes CN/O as UTF8String, C as PrintableString and DC as IA5String.
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, s.cn)]
+    if s.o:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, s.o))
+    if s.c:
+        attrs.append(x509.NameAttribute(NameOID.COUNTRY_NAME, s.c))
+    if s.dc:
+        attrs.append(x509.NameAttribute(NameOID.DOMAIN_COMPONENT, s.dc))
+    return x509.Name([x509.RelativeDistinguishedName([a]) for a in attrs])
+
+
+@dataclass
+class CAHandle:
+    row: CertificateAuthority
+    cert: x509.Certificate
+    alg: KeyAlg
+    ski: bytes
+    _signer: PrivateKey | None = None
+
+    @property
+    def name(self) -> str:
+        return self.row.name
+
+
+@dataclass
+class IssueRequest:
+    profile: str
+    public_key: PublicKey
+    subject: SubjectFields
+    identifier: str | None = None
+    ca: str | None = None  # issuing CA name; default: picked by profile and key algorithm
+    tenant: str | None = None
+    not_after: datetime | None = None  # cap (e.g. the contract's end)
+    key_uri: str | None = None  # for service-held keys
+    actor: str = "system"
+    self_sign_label: str | None = None  # roots: the key label that signs its own certificate
+
+
+@dataclass
+class Issued:
+    cert: x509.Certificate
+    der: bytes
+    serial: str
+    issuer: str
+    profile: str
+    chain: list[x509.Certificate] = field(default_factory=list)  # issuing CA up to root
+
+    def pem_chain(self, include_root: bool = True) -> str:
+        certs = [self.cert, *self.chain]
+        if not include_root and self.chain:
+            certs = certs[:-1] if _self_signed(certs[-1]) else certs
+        return "".join(pem(c) for c in certs)
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    return cert.issuer == cert.subject
+
+
+@dataclass
+class _Prepared:
+    req: IssueRequest
+    profile: Profile
+    issuer_name: str
+    builder: x509.CertificateBuilder
+    serial: int
+    tbs_sha256: str
+    subject: str
+    alg: KeyAlg
+    signer_label: str | None
+
+
+class Engine:
+    """Issues and revokes. Thread-safe; one per process (see hsm/pkcs11.py for fork handling)."""
+
+    def __init__(
+        self,
+        db: Database,
+        keystore: KeyStore,
+        profiles: ProfileSet,
+        public_url: str,
+        *,
+        pkilint_mode: str = "shape",
+    ) -> None:
+        self.db = db
+        self.keystore = keystore
+        self.profiles = profiles
+        self.public_url = public_url.rstrip("/")
+        self.pkilint_mode = pkilint_mode
+        self._cas: dict[str, CAHandle] = {}
+        self._cas_lock = threading.Lock()
+        self._linted_shapes: set[tuple[object, ...]] = set()
+        self.on_revoked: list[Callable[[str, str], None]] = []  # (issuer, serial) after commit
+
+    # -- CA cache --------------------------------------------------------------------------------------
+
+    def reload_cas(self) -> None:
+        with self.db.session() as s:
+            rows = list(s.exec(select(CertificateAuthority)))
+        with self._cas_lock:
+            fresh: dict[str, CAHandle] = {}
+            for row in rows:
+                old = self._cas.get(row.name)
+                if old is not None and old.row.serial == row.serial:
+                    old.row = row
+                    fresh[row.name] = old
+                    continue
+                cert = x509.load_der_x509_certificate(row.der)
+                ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+                fresh[row.name] = CAHandle(row=row, cert=cert, alg=KeyAlg(row.key_alg), ski=ski)
+            self._cas = fresh
+
+    def ca(self, name: str) -> CAHandle:
+        h = self._cas.get(name)
+        if h is None:
+            self.reload_cas()
+            h = self._cas.get(name)
+        if h is None:
+            raise UnknownCA(f"unknown CA {name!r}", ca=name)
+        return h
+
+    def cas(self) -> list[CAHandle]:
+        if not self._cas:
+            self.reload_cas()
+        return list(self._cas.values())
+
+    def ca_signer(self, h: CAHandle) -> PrivateKey:
+        if h._signer is None:
+            h._signer = self.keystore.signer(h.row.key_label)
+        return h._signer
+
+    def chain(self, name: str) -> list[x509.Certificate]:
+        """The CA's certificate up to its root (inclusive)."""
+        out = []
+        cur: str | None = name
+        seen = set()
+        while cur is not None and cur not in seen:
+            seen.add(cur)
+            h = self.ca(cur)
+            out.append(h.cert)
+            cur = h.row.parent
+        return out
+
+    def pick_issuer(self, profile: Profile, key_alg: KeyAlg, requested: str | None) -> CAHandle:
+        if requested is not None:
+            h = self.ca(requested)
+            if h.row.profile not in profile.issuers:
+                raise UnknownCA(f"CA {requested!r} does not issue profile {profile.name!r}", ca=requested)
+            if h.row.status != "active":
+                raise UnknownCA(f"CA {requested!r} is {h.row.status}", ca=requested)
+            return h
+        candidates = [
+            h for h in self.cas() if h.row.profile in profile.issuers and h.row.status == "active"
+        ]
+        if not candidates:
+            raise UnknownCA(f"no active CA issues profile {profile.name!r}: run `v2gpki init`")
+        # Prefer a CA whose key algorithm matches the subject key (-20 Ed448 chains stay Ed448), then the
+        # issuer listed first in the profile (e.g. cpo-sub2 rather than the root), then the newest.
+        order = {p: i for i, p in enumerate(profile.issuers)}
+        candidates.sort(key=lambda h: (h.alg != key_alg, order[h.row.profile], -h.row.not_after.timestamp()))
+        return candidates[0]
+
+    # -- building --------------------------------------------------------------------------------------
+
+    def _prepare(self, req: IssueRequest) -> _Prepared:
+        profile = self.profiles.get(req.profile)
+        subj_alg = key_alg_of_public(req.public_key)
+        if subj_alg not in profile.key_algs:
+            raise BadKey(f"{subj_alg.value} key not allowed by profile {profile.name!r}")
+        now = utcnow()
+        name = build_name(req.subject)
+        issuer_handle: CAHandle | None = None
+        if profile.self_signed:
+            issuer_name_str = req.ca or ""
+            issuer_x509 = name
+            alg = subj_alg
+            issuer_ski = x509.SubjectKeyIdentifier.from_public_key(req.public_key).digest
+            not_after_cap = None
+            signer_label = req.self_sign_label
+        else:
+            issuer_handle = self.pick_issuer(profile, subj_alg, req.ca)
+            issuer_name_str = issuer_handle.name
+            issuer_x509 = issuer_handle.cert.subject
+            alg = issuer_handle.alg
+            issuer_ski = issuer_handle.ski
+            not_after_cap = issuer_handle.cert.not_valid_after_utc
+            signer_label = None
+        not_after = now + timedelta(days=profile.validity_days)
+        # A certificate never outlives its issuer (nor the contract it carries).
+        for cap in (not_after_cap, req.not_after):
+            if cap is not None and cap < not_after:
+                not_after = cap.replace(microsecond=0)
+        if not_after <= now:
+            raise BadKey("requested validity ends before it starts")
+        serial = new_serial()
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer_x509)
+            .public_key(req.public_key)
+            .serial_number(serial)
+            .not_valid_before(now)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=profile.ca, path_length=profile.path_len), critical=True)
+            .add_extension(_key_usage(profile), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(req.public_key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier(issuer_ski, None, None), critical=False
+            )  # RFC 5280 §4.2.1.1: keyIdentifier only
+        )
+        if profile.extended_key_usage:
+            eku = {
+                "clientAuth": ExtendedKeyUsageOID.CLIENT_AUTH,
+                "serverAuth": ExtendedKeyUsageOID.SERVER_AUTH,
+                "OCSPSigning": ExtendedKeyUsageOID.OCSP_SIGNING,
+            }
+            b = b.add_extension(
+                x509.ExtendedKeyUsage([eku[e] for e in profile.extended_key_usage]), critical=profile.eku_critical
+            )
+        if profile.ocsp_nocheck:
+            b = b.add_extension(x509.OCSPNoCheck(), critical=False)  # RFC 6960 §4.2.2.2.1
+        if profile.san_dns_from_cn:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(req.subject.cn)]), critical=False)
+        if profile.aia_ocsp:
+            b = b.add_extension(
+                x509.AuthorityInformationAccess(
+                    [x509.AccessDescription(x509.oid.AuthorityInformationAccessOID.OCSP,
+                                            x509.UniformResourceIdentifier(f"{self.public_url}/ocsp"))]
+                ),
+                critical=False,
+            )
+        if profile.crldp and not profile.self_signed:
+            b = b.add_extension(
+                x509.CRLDistributionPoints(
+                    [x509.DistributionPoint(
+                        [x509.UniformResourceIdentifier(f"{self.public_url}/crl/{issuer_name_str}.crl")],
+                        None, None, None)]
+                ),
+                critical=False,
+            )
+        # Lint the twin (same TBS, throwaway key).
+        twin = b.sign(twin_key(alg), sig_hash(alg))  # type: ignore[arg-type]
+        twin_der = der(twin)
+        bound = size_bound(twin, len(twin_der), alg.value)
+        lint_profile(twin, bound, profile)
+        self._pkilint(profile, issuer_name_str, twin, twin_der, is_ca=profile.ca)
+        return _Prepared(
+            req=req,
+            profile=profile,
+            issuer_name=issuer_name_str,
+            builder=b,
+            serial=serial,
+            tbs_sha256=hashlib.sha256(twin.tbs_certificate_bytes).hexdigest(),
+            subject=name.rfc4514_string(),
+            alg=alg,
+            signer_label=signer_label,
+        )
+
+    def _pkilint(self, profile: Profile, issuer: str, twin: x509.Certificate, twin_der: bytes, is_ca: bool) -> None:
+        if self.pkilint_mode == "off":
+            return
+        if self.pkilint_mode == "shape" and not is_ca:
+            key = shape_key(profile, issuer, twin)
+            if key in self._linted_shapes:
+                return
+        else:
+            key = None
+        allow = {"pkix.key_usage_value_prohibited_for_ec"} if profile.legacy_key_encipherment else set()
+        findings = pkilinter().findings(twin_der, allow)
+        if findings:
+            raise LintError(f"pkilint refused the {profile.name!r} certificate: " + "; ".join(findings))
+        if key is not None:
+            self._linted_shapes.add(key)
+
+    # -- issuing ---------------------------------------------------------------------------------------
+
+    def issue(self, req: IssueRequest) -> Issued:
+        return self.issue_many([req])[0]
+
+    def issue_many(self, reqs: Sequence[IssueRequest], *, extra: Callable[[Session, list[Issued]], None] | None = None
+                   ) -> list[Issued]:
+        """Issue a batch: one transaction for the intents, HSM signatures, one for the certificates."""
+        preps = [self._prepare(r) for r in reqs]
+        now = utcnow()
+        intents = [
+            IssuanceIntent(
+                issuer=p.issuer_name, serial=to_hex(p.serial), profile=p.profile.name, subject=p.subject,
+                tbs_sha256=p.tbs_sha256, state="pending", created_at=now,
+            )
+            for p in preps
+        ]
+        with self.db.session() as s:
+            s.add_all(intents)
+            s.commit()
+        issued: list[Issued] = []
+        try:
+            for p in preps:
+                if p.profile.self_signed:
+                    assert p.signer_label is not None
+                    signer = self.keystore.signer(p.signer_label)
+                else:
+                    signer = self.ca_signer(self.ca(p.issuer_name))
+                cert = p.builder.sign(signer, sig_hash(p.alg))  # type: ignore[arg-type]
+                if hashlib.sha256(cert.tbs_certificate_bytes).hexdigest() != p.tbs_sha256:
+                    raise LintError("signed TBS differs from the linted twin")
+                cert_der = der(cert)
+                if len(cert_der) > p.profile.max_der_size:  # cannot happen given the bound; keep the guard
+                    raise LintError(f"signed certificate is {len(cert_der)} bytes")
+                chain = [] if p.profile.self_signed else self.chain(p.issuer_name)
+                issued.append(Issued(cert, cert_der, to_hex(p.serial), p.issuer_name, p.profile.name, chain))
+        except BaseException as exc:
+            self._fail_intents(intents[len(issued):], exc)
+            raise
+        done = utcnow()
+        with self.db.session() as s:
+            rows = []
+            for p, i in zip(preps, issued, strict=True):
+                rows.append(Certificate(
+                    issuer=i.issuer, serial=i.serial, profile=i.profile, subject=p.subject,
+                    identifier=p.req.identifier, tenant=p.req.tenant,
+                    not_before=i.cert.not_valid_before_utc, not_after=i.cert.not_valid_after_utc,
+                    status="valid", key_uri=p.req.key_uri,
+                    fingerprint=hashlib.sha256(i.der).hexdigest(), der=i.der, created_at=done,
+                ))
+            s.add_all(rows)
+            s.execute(
+                update(IssuanceIntent)
+                .where(IssuanceIntent.id.in_([it.id for it in intents]))  # type: ignore[union-attr]
+                .values(state="issued", completed_at=done)
+            )
+            audit.append(s, *[
+                audit.Entry(actor=p.req.actor, org=p.req.tenant, action="certificate.issue",
+                            object=f"{i.issuer}/{i.serial}",
+                            details={"profile": i.profile, "identifier": p.req.identifier})
+                for p, i in zip(preps, issued, strict=True)
+            ])
+            if extra is not None:
+                extra(s, issued)
+            s.commit()
+        return issued
+
+    def _fail_intents(self, intents: list[IssuanceIntent], exc: BaseException) -> None:
+        try:
+            with self.db.session() as s:
+                s.execute(
+                    update(IssuanceIntent)
+                    .where(IssuanceIntent.id.in_([it.id for it in intents]))  # type: ignore[union-attr]
+                    .values(state="failed", completed_at=utcnow(), error=type(exc).__name__)
+                )
+                s.commit()
+        except Exception:  # noqa: BLE001 - the original error matters more; the intent stays pending
+            pass
+
+    def issue_from_csr(self, profile_name: str, csr_data: bytes | str, *, ca: str | None = None,
+                       tenant: str | None = None, actor: str = "cli", not_after: datetime | None = None,
+                       check: Callable[[CheckedRequest], None] | None = None) -> Issued:
+        profile = self.profiles.get(profile_name)
+        if profile.ca:
+            raise BadKey(f"profile {profile_name!r} is a CA profile: CAs are created by `v2gpki init`")
+        checked = check_csr(profile, parse_csr(csr_data))
+        if check is not None:
+            check(checked)
+        return self.issue(IssueRequest(
+            profile=profile_name, public_key=checked.public_key, subject=checked.subject,
+            identifier=checked.identifier, ca=ca, tenant=tenant, actor=actor, not_after=not_after,
+        ))
+
+    # -- lookups ---------------------------------------------------------------------------------------
+
+    def get_certificate(self, serial: str, issuer: str | None = None, tenant: str | None = None) -> Certificate:
+        with self.db.session() as s:
+            stmt = select(Certificate).where(Certificate.serial == serial)
+            if issuer is not None:
+                stmt = stmt.where(Certificate.issuer == issuer)
+            if tenant is not None:
+                stmt = stmt.where(Certificate.tenant == tenant)
+            rows = list(s.exec(stmt))
+        if not rows:
+            raise NotFound(f"no certificate with serial {serial}")
+        if len(rows) > 1:
+            raise NotFound(f"serial {serial} is ambiguous: name the issuer")
+        return rows[0]
+
+    # -- revocation ------------------------------------------------------------------------------------
+
+    def revoke(self, serial: str, reason: str, *, issuer: str | None = None, tenant: str | None = None,
+               actor: str = "cli", org: str | None = None) -> Certificate:
+        """RFC 5280 §5.3.1 revocation as one guarded UPDATE (Boulder): a second revocation of the same
+        certificate changes nothing and raises AlreadyRevoked. certificateHold puts it on hold."""
+        if reason not in REASONS:
+            raise BadRevocation(f"unknown revocation reason {reason!r} (use one of: {', '.join(REASONS)})")
+        cert = self.get_certificate(serial, issuer, tenant)
+        now = utcnow()
+        new_status = "hold" if reason == "certificateHold" else "revoked"
+        allowed_from = ["valid"] if new_status == "hold" else ["valid", "hold"]
+        with self.db.session() as s:
+            res = s.execute(
+                update(Certificate)
+                .where(Certificate.id == cert.id)  # type: ignore[arg-type]
+                .where(Certificate.status.in_(allowed_from))  # type: ignore[attr-defined]
+                .values(status=new_status, revoked_at=now, revocation_reason=reason)
+            )
+            if res.rowcount == 0:  # type: ignore[attr-defined]
+                s.rollback()
+                raise AlreadyRevoked(f"certificate {cert.issuer}/{serial} is already {cert.status}")
+            audit.append(s, audit.Entry(actor=actor, org=org, action="certificate.revoke",
+                                        object=f"{cert.issuer}/{serial}",
+                                        details={"reason": reason, "identifier": cert.identifier}))
+            s.commit()
+        cert.status, cert.revoked_at, cert.revocation_reason = new_status, now, reason
+        for hook in self.on_revoked:
+            hook(cert.issuer, serial)
+        return cert
+
+    def release_hold(self, serial: str, *, issuer: str | None = None, tenant: str | None = None,
+                     actor: str = "cli", org: str | None = None) -> Certificate:
+        """removeFromCRL (RFC 5280 §5.3.1): a certificate on hold becomes valid again."""
+        cert = self.get_certificate(serial, issuer, tenant)
+        with self.db.session() as s:
+            res = s.execute(
+                update(Certificate).where(Certificate.id == cert.id)  # type: ignore[arg-type]
+                .where(Certificate.status == "hold")  # type: ignore[arg-type]
+                .values(status="valid", revoked_at=None, revocation_reason=None)
+            )
+            if res.rowcount == 0:  # type: ignore[attr-defined]
+                s.rollback()
+                raise BadRevocation(f"certificate {cert.issuer}/{serial} is not on hold")
+            audit.append(s, audit.Entry(actor=actor, org=org, action="certificate.release_hold",
+                                        object=f"{cert.issuer}/{serial}"))
+            s.commit()
+        cert.status, cert.revoked_at, cert.revocation_reason = "valid", None, None
+        for hook in self.on_revoked:
+            hook(cert.issuer, serial)
+        return cert
+
+
+def _key_usage(p: Profile) -> x509.KeyUsage:
+    ku = set(p.key_usage)
+    return x509.KeyUsage(
+        digital_signature="digital_signature" in ku,
+        content_commitment="content_commitment" in ku,
+        key_encipherment="key_encipherment" in ku,
+        data_encipherment="data_encipherment" in ku,
+        key_agreement="key_agreement" in ku,
+        key_cert_sign="key_cert_sign" in ku,
+        crl_sign="crl_sign" in ku,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+__all__ = ["MAX_SIG_LEN", "REASONS", "CAHandle", "Engine", "IssueRequest", "Issued"]

@@ -1,0 +1,3 @@
+from pki.store.db import Database, utcnow
+
+__all__ = ["Database", "utcnow"]

@@ -1,0 +1,207 @@
+"""Database tables (SQLModel over SQLAlchemy; SQLite by default, PostgreSQL in production).
+
+Designed up front for every open capability (engine, API, responders, CPS, workers) so that the first
+migration already carries tenancy, audit and status columns. Serials are stored as lower-case hex
+strings: ≤ 16 octets does not fit a 64-bit integer column (see pki/serials.py).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class CertificateAuthority(SQLModel, table=True):
+    __tablename__ = "ca"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=64)  # e.g. "cpo-sub2", "v2g-root-20"
+    profile: str = Field(max_length=64)
+    parent: str | None = Field(default=None, max_length=64)  # issuing CA name; None for roots
+    key_label: str = Field(max_length=128)
+    key_uri: str = Field(max_length=512)
+    key_alg: str = Field(max_length=16)
+    hierarchy: str = Field(max_length=32)  # v2g | oem | mo | csms | api
+    serial: str = Field(max_length=40)  # hex serial of the CA's own certificate
+    subject: str = Field(max_length=512)
+    name_hash_sha1: str = Field(index=True, max_length=40)  # for OCSP CertID lookups (RFC 6960 §4.1.1)
+    key_hash_sha1: str = Field(index=True, max_length=40)
+    not_before: datetime
+    not_after: datetime
+    der: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    crl_number: int = 0
+    status: str = Field(default="active", max_length=16)  # active | retired | revoked
+    created_at: datetime
+
+
+class Certificate(SQLModel, table=True):
+    __tablename__ = "certificate"
+    __table_args__ = (
+        UniqueConstraint("issuer", "serial", name="uq_certificate_issuer_serial"),
+        Index("ix_certificate_not_after_status", "not_after", "status"),
+        Index("ix_certificate_issuer_status", "issuer", "status"),
+        Index("ix_certificate_tenant_identifier", "tenant", "identifier"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    issuer: str = Field(max_length=64)  # CA name
+    serial: str = Field(max_length=40)  # lower-case hex, no leading zeros
+    profile: str = Field(index=True, max_length=64)
+    subject: str = Field(max_length=512)
+    identifier: str | None = Field(default=None, index=True, max_length=255)  # EVSEID/EMAID/PCID/...
+    tenant: str | None = Field(default=None, max_length=128)  # owning organization name
+    not_before: datetime
+    not_after: datetime
+    status: str = Field(default="valid", max_length=16)  # valid | revoked | hold
+    revoked_at: datetime | None = None
+    revocation_reason: str | None = Field(default=None, max_length=32)
+    key_uri: str | None = Field(default=None, max_length=512)  # service-held keys only (OCSP, CPS)
+    fingerprint: str = Field(index=True, max_length=64)  # SHA-256 of DER, hex
+    der: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime
+
+
+class IssuanceIntent(SQLModel, table=True):
+    """What the HSM was asked to sign, recorded (and committed) before the signature (Boulder's
+    linting-precertificate idea): a crash between sign and store leaves a pending intent."""
+
+    __tablename__ = "issuance_intent"
+    __table_args__ = (UniqueConstraint("issuer", "serial", name="uq_intent_issuer_serial"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    issuer: str = Field(max_length=64)
+    serial: str = Field(max_length=40)
+    profile: str = Field(max_length=64)
+    subject: str = Field(max_length=512)
+    tbs_sha256: str = Field(max_length=64)  # digest of the linted twin's TBS
+    state: str = Field(default="pending", index=True, max_length=16)  # pending | issued | failed
+    error: str | None = Field(default=None, max_length=512)
+    created_at: datetime
+    completed_at: datetime | None = None
+
+
+class Organization(SQLModel, table=True):
+    __tablename__ = "organization"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=128)
+    role: str = Field(max_length=16)  # cpo | oem | emsp | admin | auditor
+    prefixes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    settings: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+
+    id: int | None = Field(default=None, primary_key=True)
+    key_id: str = Field(index=True, unique=True, max_length=32)  # public part shown in lists
+    org: str = Field(index=True, max_length=128)
+    hash: str = Field(max_length=128)  # SHA-256 of the secret; the secret itself is shown once
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class AuditEvent(SQLModel, table=True):
+    """Append-only, hash-chained log (hash = SHA-256(prev_hash || canonical JSON of the row))."""
+
+    __tablename__ = "audit_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    seq: int = Field(index=True, unique=True)
+    ts: datetime
+    actor: str = Field(max_length=128)
+    org: str | None = Field(default=None, max_length=128)
+    action: str = Field(index=True, max_length=64)
+    object: str | None = Field(default=None, max_length=255)
+    outcome: str = Field(max_length=16)  # success | failure | denied
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64)
+
+
+class AuditHead(SQLModel, table=True):
+    """One row: the chain head, locked (SELECT … FOR UPDATE) by each appender to serialise the chain."""
+
+    __tablename__ = "audit_head"
+
+    id: int = Field(default=1, primary_key=True)
+    seq: int = 0
+    hash: str = Field(default="0" * 64, max_length=64)
+
+
+class AuditCheckpoint(SQLModel, table=True):
+    __tablename__ = "audit_checkpoint"
+
+    id: int | None = Field(default=None, primary_key=True)
+    seq: int
+    hash: str = Field(max_length=64)
+    ts: datetime
+    key_label: str = Field(max_length=128)
+    signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class OcspResponseCache(SQLModel, table=True):
+    """Pre-signed OCSP responses (RFC 5019 §2.1: responses may be produced ahead of requests)."""
+
+    __tablename__ = "ocsp_response"
+    __table_args__ = (UniqueConstraint("issuer", "serial", name="uq_ocsp_issuer_serial"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    issuer: str = Field(max_length=64)
+    serial: str = Field(max_length=40)
+    hash_alg: str = Field(default="sha1", max_length=16)
+    status: str = Field(max_length=16)
+    this_update: datetime
+    next_update: datetime
+    der: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class CrlRecord(SQLModel, table=True):
+    __tablename__ = "crl"
+    __table_args__ = (UniqueConstraint("issuer", "number", name="uq_crl_issuer_number"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    issuer: str = Field(index=True, max_length=64)
+    number: int
+    this_update: datetime
+    next_update: datetime
+    der: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class Station(SQLModel, table=True):
+    __tablename__ = "station"
+    __table_args__ = (UniqueConstraint("org", "identity", name="uq_station_org_identity"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    org: str = Field(max_length=128)
+    identity: str = Field(max_length=64)
+    created_at: datetime
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    __tablename__ = "idempotency"
+    __table_args__ = (UniqueConstraint("org", "key", name="uq_idempotency_org_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    org: str = Field(max_length=128)
+    key: str = Field(max_length=255)
+    request_sha256: str = Field(max_length=64)
+    response: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime
+
+
+class OutboxEvent(SQLModel, table=True):
+    """Work recorded in the same transaction as its cause, dispatched after commit (workers issue)."""
+
+    __tablename__ = "outbox"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(index=True, max_length=64)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime
+    dispatched_at: datetime | None = Field(default=None, index=True)
