@@ -170,8 +170,16 @@ class Pkcs11KeyStore:
         _LIB_GENERATION[self.module] = _FORK_GENERATION
         try:
             token = lib.get_token(token_label=self.token_label)
-        except (p11e.NoSuchToken, p11e.MultipleTokensReturned) as exc:
-            raise HSMConfigError(f"PKCS#11 token {self.token_label!r} not found") from exc
+        except p11e.NoSuchToken:
+            # SoftHSM reads its token directory at C_Initialize: a token created since (by
+            # `v2gpki hsm init` in another process) appears only after re-initialisation.
+            try:
+                lib.reinitialize()
+                token = lib.get_token(token_label=self.token_label)
+            except (p11e.NoSuchToken, p11e.MultipleTokensReturned) as exc:
+                raise HSMConfigError(f"PKCS#11 token {self.token_label!r} not found") from exc
+        except p11e.MultipleTokensReturned as exc:
+            raise HSMConfigError(f"PKCS#11 token label {self.token_label!r} is ambiguous") from exc
         try:
             self._session = token.open(user_pin=self._pin, rw=True)
         except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange) as exc:

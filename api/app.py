@@ -1,0 +1,60 @@
+"""FastAPI application factory.
+
+The Context (database engine, PKCS#11 key store, engine) is created in the lifespan, so each uvicorn
+worker process opens its own PKCS#11 library instance and login after fork (SoftHSM does not notice
+fork). Routes that touch the HSM or the database are sync `def`, so FastAPI runs them in its thread
+pool and never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api import problems
+from pki.context import Context, build_context
+
+log = logging.getLogger("v2gpki.api")
+
+# Routers, each optional so a lean process (the standalone OCSP responder) can mount only some.
+ROUTERS = [
+    "api.responders",      # OCSP (RFC 6960/5019) and CRL distribution
+    "api.v1.routes",       # /v1 enrollment, certificates, CAs, trust stores, orgs, audit
+    "api.ocpp.v201",       # OCPP 2.0.1-shaped endpoints
+    "api.est",             # RFC 7030 EST
+    "api.console",         # operator console
+]
+
+
+def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
+               ctx_factory: Callable[[], Context] | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if getattr(app.state, "ctx", None) is None:
+            app.state.ctx = (ctx_factory or build_context)()
+        for hook in getattr(app.state, "startup_hooks", []):
+            hook(app.state.ctx)
+        yield
+
+    app = FastAPI(
+        title="v2gpki — Plug & Charge PKI",
+        version="0.1.0",
+        description="ISO 15118 / OCPP 2.0.1 certificate enrollment, revocation, OCSP and CRL.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    app.state.startup_hooks = []
+    problems.install(app)
+    for modname in routers if routers is not None else ROUTERS:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name == modname:
+                continue
+            raise
+        mod.setup(app)
+    return app

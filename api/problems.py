@@ -1,0 +1,73 @@
+"""The one place where typed errors become RFC 9457 `application/problem+json` responses.
+
+pki/ and hsm/ raise typed errors; nothing else in api/ builds error bodies by hand. Internal detail
+(stack traces, paths, PINs) never reaches the client.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hsm.errors import HSMConfigError, HSMError, HSMUnavailable
+from pki.errors import PKIError
+
+log = logging.getLogger("v2gpki.api")
+PROBLEM = "application/problem+json"
+TYPE_BASE = "https://v2gpki.dev/problems/"
+
+
+def problem(status: int, code: str, title: str, detail: str | None = None, **extra: object) -> JSONResponse:
+    body: dict[str, object] = {"type": TYPE_BASE + code, "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    body.update(extra)
+    headers = {"Retry-After": str(extra.pop("retry_after"))} if "retry_after" in extra else None
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(PKIError)
+    async def _pki(_: Request, exc: PKIError) -> JSONResponse:
+        status = exc.status if exc.status < 500 else 422 if exc.code == "lint-failed" else exc.status
+        return problem(status, exc.code, exc.code.replace("-", " ").capitalize(), exc.message)
+
+    @app.exception_handler(HSMUnavailable)
+    async def _hsm_down(_: Request, exc: HSMUnavailable) -> JSONResponse:
+        return problem(503, "hsm-unavailable", "HSM unavailable", "the signing service is temporarily unavailable",
+                       retry_after=5)
+
+    @app.exception_handler(HSMConfigError)
+    async def _hsm_cfg(_: Request, exc: HSMConfigError) -> JSONResponse:
+        log.error("HSM configuration error: %s", exc)
+        return problem(503, "hsm-unavailable", "HSM unavailable", "the signing service is misconfigured")
+
+    @app.exception_handler(HSMError)
+    async def _hsm(_: Request, exc: HSMError) -> JSONResponse:
+        log.error("HSM error: %s", type(exc).__name__)
+        return problem(503, "hsm-error", "HSM error")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
+        return problem(422, "invalid-request", "Invalid request", "the request body or parameters are invalid",
+                       errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {401: "unauthorized", 403: "forbidden", 404: "not-found", 405: "method-not-allowed",
+                413: "payload-too-large", 429: "rate-limited"}.get(exc.status_code, "http-error")
+        resp = problem(exc.status_code, code, code.replace("-", " ").capitalize(),
+                       exc.detail if isinstance(exc.detail, str) else None)
+        if exc.headers:
+            resp.headers.update(exc.headers)
+        return resp
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return problem(500, "internal-error", "Internal error")

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what the service and its tests need on a fresh Debian machine (run as root), idempotently:
+# system packages (SoftHSM2, PostgreSQL, Redis, OpenSSL, ...) and a virtual environment in .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v softhsm2-util >/dev/null || need_apt+=(softhsm2)
+command -v openssl >/dev/null || need_apt+=(openssl)
+[ -n "${V2GPKI_SKIP_SERVERS:-}" ] || {
+  command -v redis-server >/dev/null || need_apt+=(redis-server)
+  ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_apt+=(postgresql)
+  command -v cfssl >/dev/null || need_apt+=(golang-cfssl)
+  command -v ab >/dev/null || need_apt+=(apache2-utils)
+}
+if [ ${#need_apt[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q "${need_apt[@]}"
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import pki, hsm, pkcs11, pkilint, fastapi, pytest" 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.installed ]; then
+  .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+  .venv/bin/pip install -q -e ".[dev]"
+  touch .venv/.installed
+fi
