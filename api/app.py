@@ -49,6 +49,13 @@ def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
     app.state.ctx = ctx
     app.state.startup_hooks = []
     problems.install(app)
+    from api.limits import BodyLimit
+
+    app.add_middleware(BodyLimit)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
     for modname in routers if routers is not None else ROUTERS:
         try:
             mod = importlib.import_module(modname)

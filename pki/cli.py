@@ -190,13 +190,11 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from pki.audit import verify_chain
+    from pki.audit_sign import verify_all
 
-    ctx = _ctx(args)
-    with ctx.db.session() as s:
-        res = verify_chain(s)
+    res = verify_all(_ctx(args))
     if res.ok:
-        print(f"audit chain OK: {res.events} events")
+        print(f"audit chain OK: {res.events} events, {res.checkpoints} signed checkpoints")
         return 0
     for p in res.problems:
         print(f"audit: {p}", file=sys.stderr)

@@ -1,0 +1,140 @@
+"""Client authentication and rate limiting.
+
+Client certificates are preferred over static secrets (background reading, SR2): the service issues
+`api-client` certificates from its own CSMS root. They arrive either from uvicorn's own TLS (see
+api/tls.py, which exposes the peer certificate as the ASGI TLS extension) or, behind a TLS proxy, in the
+`X-SSL-Client-Cert` header (URL-encoded PEM, as nginx's $ssl_client_escaped_cert) — trusted only when
+the request comes from an address in V2GPKI_TRUSTED_PROXIES. Bearer API keys are the fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from typing import Annotated
+from urllib.parse import unquote
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from fastapi import Depends, HTTPException, Request
+from sqlmodel import select
+
+from pki import audit
+from pki.context import Context
+from pki.orgs import Principal, Unauthenticated, authenticate_api_key, get_org, principal_of
+from pki.store.db import utcnow
+from pki.store.models import Certificate
+
+from .deps import get_ctx
+
+
+class TokenBucket:
+    """Per-key token buckets (per process; several workers multiply the budget, documented)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._b: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> float:
+        """0.0 if allowed, else seconds until a token is available."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._b.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens >= 1:
+                self._b[key] = (tokens - 1, now)
+                return 0.0
+            self._b[key] = (tokens, now)
+            if len(self._b) > 100_000:  # bound memory under a spray of keys
+                self._b.clear()
+            return (1 - tokens) / self.rate
+
+
+_RATE = float(os.environ.get("V2GPKI_RATE_LIMIT", "2000"))
+CLIENT_LIMIT = TokenBucket(_RATE, _RATE * 2)
+AUTH_FAIL_LIMIT = TokenBucket(float(os.environ.get("V2GPKI_AUTH_FAIL_RATE", "5")),
+                              float(os.environ.get("V2GPKI_AUTH_FAIL_BURST", "20")))
+
+
+def trusted_proxies() -> set[str]:
+    raw = os.environ.get("V2GPKI_TRUSTED_PROXIES", "")
+    return {x.strip() for x in raw.split(",") if x.strip()}
+
+
+def _client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def peer_certificate_der(request: Request) -> bytes | None:
+    tls = request.scope.get("extensions", {}).get("tls")
+    if tls and tls.get("client_cert_der"):
+        der: bytes = tls["client_cert_der"]
+        return der
+    header = request.headers.get("x-ssl-client-cert")
+    if header and _client_ip(request) in trusted_proxies():
+        try:
+            cert = x509.load_pem_x509_certificate(unquote(header).encode())
+        except ValueError:
+            raise HTTPException(401, "client certificate header is not a PEM certificate") from None
+        return cert.public_bytes(serialization.Encoding.DER)
+    return None
+
+
+def _by_certificate(ctx: Context, der: bytes) -> Principal:
+    fp = hashlib.sha256(der).hexdigest()
+    with ctx.db.session() as s:
+        row = s.exec(select(Certificate).where(Certificate.fingerprint == fp)).first()
+        if row is None or row.profile != "api-client":
+            raise Unauthenticated("client certificate was not issued by this service for API access")
+        if row.status != "valid":
+            raise Unauthenticated(f"client certificate is {row.status}")
+        now = utcnow()
+        if not (row.not_before <= now < row.not_after):
+            raise Unauthenticated("client certificate is expired or not yet valid")
+        if not row.tenant:
+            raise Unauthenticated("client certificate is bound to no organization")
+        org = get_org(s, row.tenant)
+        return principal_of(org, f"cert:{row.issuer}/{row.serial}")
+
+
+def _fail(ctx: Context, request: Request, reason: str) -> HTTPException:
+    ip = _client_ip(request)
+    if AUTH_FAIL_LIMIT.take(ip) > 0:
+        return HTTPException(429, "too many failed sign-ins", headers={"Retry-After": "10"})
+    try:
+        with ctx.db.session() as s:
+            audit.append(s, audit.Entry(actor=f"ip:{ip}", action="auth.failure", outcome="failure",
+                                        details={"reason": reason, "path": request.url.path}))
+            s.commit()
+    except Exception:  # noqa: BLE001 - never turn an auth failure into a 500
+        pass
+    return HTTPException(401, reason, headers={"WWW-Authenticate": 'Bearer realm="v2gpki"'})
+
+
+def authenticate(request: Request, ctx: Annotated[Context, Depends(get_ctx)]) -> Principal:
+    cached = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    try:
+        der = peer_certificate_der(request)
+        if der is not None:
+            p = _by_certificate(ctx, der)
+        else:
+            auth = request.headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise _fail(ctx, request, "authentication required (client certificate or Bearer API key)")
+            p = authenticate_api_key(ctx.db, token.strip())
+    except Unauthenticated as exc:
+        raise _fail(ctx, request, exc.message) from None
+    wait = CLIENT_LIMIT.take(p.org)
+    if wait > 0:
+        raise HTTPException(429, "rate limit exceeded", headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+    request.state.principal = p
+    return p
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]

@@ -1,0 +1,55 @@
+"""Request size limit as pure ASGI middleware: 413 before the body is buffered (no framework cost)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+MAX_BODY = 64 * 1024  # CSRs are ≤ 5500 chars (OCPP); EXI requests ≤ 5600; 64 KiB covers every API call
+
+
+class BodyLimit:
+    def __init__(self, app: Any, max_body: int = MAX_BODY) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                try:
+                    too_big = int(v) > self.max_body
+                except ValueError:
+                    too_big = True
+                if too_big:
+                    await self._reject(send)
+                    return
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_body:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Any) -> None:
+        body = json.dumps({"type": "https://v2gpki.dev/problems/payload-too-large", "title": "Payload too large",
+                           "status": 413, "detail": f"request body exceeds {self.max_body} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/problem+json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass

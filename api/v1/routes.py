@@ -1,0 +1,321 @@
+"""/v1: enrollment, certificate inventory and revocation, CAs and trust stores, stations, audit.
+
+Every read and write is tenant-scoped: another tenant's certificate is 404 on read and on revoke
+(existence is not revealed); an enrollment outside the caller's prefixes is 403 and stores nothing.
+Routes are sync `def`: FastAPI runs them in its thread pool, so PKCS#11 never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from cryptography import x509
+from fastapi import APIRouter, FastAPI, Header, Query, Request, Response
+from pydantic import BaseModel, Field
+from sqlalchemy import func
+from sqlmodel import col, select
+
+from api.auth import PrincipalDep
+from api.deps import CtxDep
+from pki import audit
+from pki.enrollment import (
+    enroll,
+    idempotent_lookup,
+    idempotent_store,
+    list_stations,
+    register_station,
+    request_digest,
+)
+from pki.errors import BadRevocation, Forbidden, NotFound
+from pki.issuance import REASONS, pem
+from pki.serials import parse_serial
+from pki.store.models import AuditEvent, Certificate, CertificateAuthority
+
+router = APIRouter(prefix="/v1")
+
+MAX_CSR_CHARS = 10000
+
+
+class EnrollmentIn(BaseModel):
+    csr: str = Field(max_length=MAX_CSR_CHARS, description="PEM, or base64 DER as OCPP carries it")
+    profile: str = Field(max_length=64)
+    ca: str | None = Field(default=None, max_length=64)
+    supersede: bool = Field(default=False, description="revoke the identity's previous certificates (superseded)")
+    tenant: str | None = Field(default=None, max_length=128, description="admins only: owning organization")
+
+
+class EnrollmentOut(BaseModel):
+    serial: str
+    issuer: str
+    profile: str
+    identifier: str | None
+    not_before: datetime
+    not_after: datetime
+    certificate: str
+    chain: str
+    superseded: list[str] = []
+
+
+class CertificateOut(BaseModel):
+    issuer: str
+    serial: str
+    profile: str
+    subject: str
+    identifier: str | None
+    tenant: str | None
+    status: str
+    not_before: datetime
+    not_after: datetime
+    revoked_at: datetime | None
+    revocation_reason: str | None
+    sha256: str
+
+
+class CertificateList(BaseModel):
+    items: list[CertificateOut]
+    next_cursor: int | None
+
+
+class RevokeIn(BaseModel):
+    reason: str = Field(default="unspecified", max_length=32, description="RFC 5280 reason name")
+
+
+class BulkRevokeIn(BaseModel):
+    reason: str = Field(max_length=32)
+    identifier: str | None = Field(default=None, max_length=255)
+    subject_pattern: str | None = Field(default=None, max_length=255, description="SQL LIKE pattern, e.g. %DE*ICE%")
+    issuer: str | None = Field(default=None, max_length=64)
+    dry_run: bool = True
+
+
+class StationIn(BaseModel):
+    identity: str = Field(max_length=64)
+
+
+def _cert_out(r: Certificate) -> CertificateOut:
+    return CertificateOut(
+        issuer=r.issuer, serial=r.serial.upper(), profile=r.profile, subject=r.subject, identifier=r.identifier,
+        tenant=r.tenant, status=r.status, not_before=r.not_before, not_after=r.not_after, revoked_at=r.revoked_at,
+        revocation_reason=r.revocation_reason, sha256=r.fingerprint,
+    )
+
+
+@router.post("/enrollments", response_model=EnrollmentOut, status_code=201)
+def post_enrollment(body: EnrollmentIn, ctx: CtxDep, p: PrincipalDep, response: Response,
+                    idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
+    digest = request_digest(body.model_dump())
+    if idempotency_key:
+        prior = idempotent_lookup(ctx, p.org, idempotency_key, digest)
+        if prior is not None:
+            response.status_code = 200
+            return prior
+    res = enroll(ctx, p, body.profile, body.csr, ca=body.ca, supersede=body.supersede, tenant=body.tenant)
+    i = res.issued
+    out = EnrollmentOut(
+        serial=i.serial.upper(), issuer=i.issuer, profile=i.profile,
+        identifier=i.cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value,  # type: ignore[arg-type]
+        not_before=i.cert.not_valid_before_utc, not_after=i.cert.not_valid_after_utc,
+        certificate=pem(i.cert), chain=i.pem_chain(include_root=False), superseded=res.superseded,
+    )
+    data = out.model_dump(mode="json")
+    if idempotency_key:
+        idempotent_store(ctx, p.org, idempotency_key, digest, data)
+    return data
+
+
+@router.get("/certificates", response_model=CertificateList)
+def list_certificates(
+    ctx: CtxDep, p: PrincipalDep,
+    status: Literal["valid", "revoked", "hold"] | None = None,
+    profile: Annotated[str | None, Query(max_length=64)] = None,
+    identifier: Annotated[str | None, Query(max_length=255)] = None,
+    issuer: Annotated[str | None, Query(max_length=64)] = None,
+    expiring_before: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+) -> CertificateList:
+    with ctx.db.session() as s:
+        stmt = select(Certificate).order_by(col(Certificate.id))
+        if p.tenant_filter is not None:
+            stmt = stmt.where(Certificate.tenant == p.tenant_filter)
+        if status:
+            stmt = stmt.where(Certificate.status == status)
+        if profile:
+            stmt = stmt.where(Certificate.profile == profile)
+        if identifier:
+            stmt = stmt.where(Certificate.identifier == identifier.upper())
+        if issuer:
+            stmt = stmt.where(Certificate.issuer == issuer)
+        if expiring_before:
+            stmt = stmt.where(Certificate.not_after < expiring_before)
+        if cursor:
+            stmt = stmt.where(col(Certificate.id) > cursor)
+        rows = list(s.exec(stmt.limit(limit + 1)))
+    nxt = rows[limit - 1].id if len(rows) > limit else None
+    return CertificateList(items=[_cert_out(r) for r in rows[:limit]], next_cursor=nxt)
+
+
+def _scoped(ctx: CtxDep, p: PrincipalDep, issuer: str, serial: str) -> Certificate:
+    try:
+        s_hex = parse_serial(serial)
+    except NotFound:
+        raise NotFound("no such certificate") from None
+    try:
+        return ctx.engine.get_certificate(s_hex, issuer, p.tenant_filter)
+    except NotFound:
+        raise NotFound("no such certificate") from None  # same answer whether it exists elsewhere or not
+
+
+@router.get("/certificates/{issuer}/{serial}", response_model=None)
+def get_certificate(issuer: str, serial: str, ctx: CtxDep, p: PrincipalDep, request: Request,
+                    format: Literal["json", "pem", "der"] | None = None) -> Any:
+    row = _scoped(ctx, p, issuer, serial)
+    accept = request.headers.get("accept", "")
+    fmt = format or ("pem" if "application/x-pem-file" in accept else
+                     "der" if "application/pkix-cert" in accept else "json")
+    if fmt == "der":
+        return Response(row.der, media_type="application/pkix-cert")
+    cert = x509.load_der_x509_certificate(row.der)
+    if fmt == "pem":
+        return Response(pem(cert), media_type="application/x-pem-file")
+    out = _cert_out(row).model_dump(mode="json")
+    out["pem"] = pem(cert)
+    out["extensions"] = [{"oid": e.oid.dotted_string, "name": getattr(e.oid, "_name", ""), "critical": e.critical}
+                         for e in cert.extensions]
+    return out
+
+
+@router.post("/certificates/{issuer}/{serial}/revoke", response_model=CertificateOut)
+def revoke_certificate(issuer: str, serial: str, body: RevokeIn, ctx: CtxDep, p: PrincipalDep) -> CertificateOut:
+    if p.role == "auditor":
+        raise Forbidden("auditors cannot revoke")
+    row = _scoped(ctx, p, issuer, serial)
+    if body.reason not in REASONS:
+        raise BadRevocation(f"unknown reason {body.reason!r}; one of {', '.join(REASONS)}")
+    return _cert_out(ctx.engine.revoke(row.serial, body.reason, issuer=row.issuer, tenant=p.tenant_filter,
+                                       actor=p.credential, org=p.org))
+
+
+@router.post("/certificates/{issuer}/{serial}/release-hold", response_model=CertificateOut)
+def release_hold(issuer: str, serial: str, ctx: CtxDep, p: PrincipalDep) -> CertificateOut:
+    if p.role == "auditor":
+        raise Forbidden("auditors cannot release holds")
+    row = _scoped(ctx, p, issuer, serial)
+    return _cert_out(ctx.engine.release_hold(row.serial, issuer=row.issuer, tenant=p.tenant_filter,
+                                             actor=p.credential, org=p.org))
+
+
+@router.post("/revocations/bulk")
+def bulk_revoke(body: BulkRevokeIn, ctx: CtxDep, p: PrincipalDep) -> dict[str, Any]:
+    """Admin bulk revocation by identifier, subject pattern or issuing CA; dry-run count by default."""
+    p.require("admin")
+    if body.reason not in REASONS:
+        raise BadRevocation(f"unknown reason {body.reason!r}")
+    if not (body.identifier or body.subject_pattern or body.issuer):
+        raise BadRevocation("name an identifier, a subject_pattern or an issuer")
+    with ctx.db.session() as s:
+        stmt = select(Certificate).where(col(Certificate.status).in_(["valid", "hold"]))
+        if body.identifier:
+            stmt = stmt.where(Certificate.identifier == body.identifier.upper())
+        if body.subject_pattern:
+            stmt = stmt.where(col(Certificate.subject).like(body.subject_pattern))
+        if body.issuer:
+            stmt = stmt.where(Certificate.issuer == body.issuer)
+        # Never mass-revoke CA or service certificates through this path.
+        stmt = stmt.where(col(Certificate.key_uri).is_(None))
+        rows = list(s.exec(stmt))
+        if body.dry_run:
+            audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="revocation.bulk.dry_run",
+                                        details={"count": len(rows), **body.model_dump()}))
+            s.commit()
+            return {"dry_run": True, "count": len(rows)}
+    done = 0
+    for r in rows:
+        try:
+            ctx.engine.revoke(r.serial, body.reason, issuer=r.issuer, actor=p.credential, org=p.org)
+            done += 1
+        except Exception:  # noqa: BLE001 - revoked concurrently; count only ours
+            pass
+    return {"dry_run": False, "count": done}
+
+
+@router.get("/cas")
+def list_cas(ctx: CtxDep, p: PrincipalDep) -> list[dict[str, Any]]:
+    with ctx.db.session() as s:
+        rows = list(s.exec(select(CertificateAuthority).order_by(col(CertificateAuthority.id))))
+    return [{"id": r.id, "name": r.name, "profile": r.profile, "parent": r.parent, "hierarchy": r.hierarchy,
+             "key_alg": r.key_alg, "key_uri": r.key_uri, "subject": r.subject, "serial": r.serial.upper(),
+             "not_before": r.not_before, "not_after": r.not_after, "status": r.status} for r in rows]
+
+
+@router.get("/cas/{ca_id}/chain")
+def ca_chain(ca_id: str, ctx: CtxDep, p: PrincipalDep) -> Response:
+    name = ca_id
+    if ca_id.isdigit():
+        with ctx.db.session() as s:
+            row = s.get(CertificateAuthority, int(ca_id))
+        if row is None:
+            raise NotFound(f"no CA {ca_id}")
+        name = row.name
+    return Response("".join(pem(c) for c in ctx.engine.chain(name)), media_type="application/x-pem-file")
+
+
+TRUSTSTORE_HIERARCHY = {"v2g": "v2g", "mo": "mo", "oem": "oem", "csms": "csms"}
+
+
+@router.get("/truststores/{kind}")
+def truststore(kind: Literal["v2g", "mo", "oem", "csms"], ctx: CtxDep) -> Response:
+    """PEM bundle of the active roots of one kind (public information, no authentication)."""
+    with ctx.db.session() as s:
+        rows = list(s.exec(select(CertificateAuthority).where(
+            CertificateAuthority.hierarchy == TRUSTSTORE_HIERARCHY[kind],
+            col(CertificateAuthority.parent).is_(None), CertificateAuthority.status == "active")))
+    body = "".join(pem(x509.load_der_x509_certificate(r.der)) for r in rows)
+    return Response(body, media_type="application/x-pem-file",
+                    headers={"Cache-Control": "public, max-age=300"})
+
+
+@router.post("/stations", status_code=201)
+def post_station(body: StationIn, ctx: CtxDep, p: PrincipalDep) -> dict[str, Any]:
+    st = register_station(ctx, p, body.identity)
+    return {"identity": st.identity, "org": st.org, "created_at": st.created_at}
+
+
+@router.get("/stations")
+def get_stations(ctx: CtxDep, p: PrincipalDep) -> list[dict[str, Any]]:
+    return [{"identity": st.identity, "org": st.org, "created_at": st.created_at} for st in list_stations(ctx, p)]
+
+
+@router.get("/audit")
+def get_audit(ctx: CtxDep, p: PrincipalDep, after: Annotated[int, Query(ge=0, le=2**62)] = 0,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+    p.require("auditor", "admin")
+    with ctx.db.session() as s:
+        rows = list(s.exec(select(AuditEvent).where(AuditEvent.seq > after).order_by(col(AuditEvent.seq))
+                           .limit(limit)))
+        total = s.exec(select(func.count()).select_from(AuditEvent)).one()
+    return {"total": total, "items": [r.model_dump(mode="json") for r in rows],
+            "next_after": rows[-1].seq if rows else None}
+
+
+@router.get("/audit/verify")
+def verify_audit(ctx: CtxDep, p: PrincipalDep) -> dict[str, Any]:
+    p.require("auditor", "admin")
+    from pki.audit_sign import verify_all
+
+    res = verify_all(ctx)
+    return {"ok": res.ok, "events": res.events, "checkpoints": res.checkpoints, "problems": res.problems}
+
+
+@router.get("/me")
+def me(p: PrincipalDep) -> dict[str, Any]:
+    return {"org": p.org, "role": p.role, "prefixes": list(p.prefixes), "credential": p.credential.split(":")[0]}
+
+
+def setup(app: FastAPI) -> None:
+    app.include_router(router)
+
+
+__all__ = ["router", "setup", "base64"]

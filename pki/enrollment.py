@@ -1,0 +1,144 @@
+"""Registration-authority rules for tenants: who may enroll which identifier under which profile.
+
+The CA engine checks the CSR against the profile; this layer adds the tenant's view: the role may use
+the profile, the identifier lies under one of the organization's prefixes, a ChargingStationCertificate
+names a station the CPO registered (OCPP 2.0.1 security profile 3: CN = the station's identity, O = the
+CPO's organization), and renewal may supersede the previous certificate (RFC 5280 reason superseded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
+
+from pki import audit
+from pki.context import Context
+from pki.csr import CheckedRequest, check_csr, parse_csr
+from pki.errors import BadSubject, Conflict, Forbidden
+from pki.issuance import Issued, IssueRequest
+from pki.orgs import ROLE_PROFILES, Principal, check_owns
+from pki.store.db import utcnow
+from pki.store.models import Certificate, IdempotencyRecord, Station
+
+
+@dataclass
+class EnrollResult:
+    issued: Issued
+    superseded: list[str]
+
+
+def allowed_profiles(p: Principal) -> set[str] | None:
+    return None if p.role == "admin" else ROLE_PROFILES.get(p.role, set())
+
+
+def organization_name(p: Principal) -> str:
+    v = p.settings.get("organization_name")
+    return v if isinstance(v, str) and v else p.org
+
+
+def authorize_request(ctx: Context, p: Principal, profile_name: str, checked: CheckedRequest) -> None:
+    allowed = allowed_profiles(p)
+    if allowed is not None and profile_name not in allowed:
+        raise Forbidden(f"organization {p.org!r} ({p.role}) may not enroll profile {profile_name!r}")
+    kind = checked.identifier_kind
+    if kind in ("evseid", "seccid", "emaid", "pcid"):
+        check_owns(p, kind, checked.identifier)
+    elif kind == "station" and p.role != "admin":
+        if (checked.subject.o or "") != organization_name(p):
+            raise Forbidden(f"O={checked.subject.o!r} must be the CPO's organization {organization_name(p)!r}")
+        if not p.settings.get("allow_any_station"):
+            with ctx.db.session() as s:
+                st = s.exec(select(Station).where(Station.org == p.org,
+                                                  Station.identity == checked.identifier)).first()
+            if st is None:
+                raise Forbidden(f"station {checked.identifier!r} is not registered for {p.org!r} (/v1/stations)")
+    elif p.role != "admin":
+        raise Forbidden(f"profile {profile_name!r} is not enrollable by {p.role}")
+
+
+def enroll(ctx: Context, p: Principal, profile_name: str, csr: bytes | str, *, ca: str | None = None,
+           supersede: bool = False, tenant: str | None = None) -> EnrollResult:
+    profile = ctx.profiles.get(profile_name)
+    if profile.ca:
+        raise Forbidden(f"profile {profile_name!r} is a CA profile")
+    checked = check_csr(profile, parse_csr(csr))
+    authorize_request(ctx, p, profile_name, checked)
+    owner = tenant if (tenant and p.role == "admin") else p.org
+    issued = ctx.engine.issue(IssueRequest(
+        profile=profile_name, public_key=checked.public_key, subject=checked.subject,
+        identifier=checked.identifier, ca=ca, tenant=owner, actor=p.credential,
+    ))
+    superseded: list[str] = []
+    if supersede:
+        with ctx.db.session() as s:
+            olds = list(s.exec(select(Certificate).where(
+                Certificate.identifier == checked.identifier, Certificate.profile == profile_name,
+                Certificate.tenant == owner, Certificate.status == "valid",
+                Certificate.serial != issued.serial)))
+        for old in olds:
+            try:
+                ctx.engine.revoke(old.serial, "superseded", issuer=old.issuer, actor=p.credential, org=p.org)
+                superseded.append(f"{old.issuer}/{old.serial}")
+            except Exception:  # noqa: BLE001 - a concurrent revocation already did it
+                pass
+    return EnrollResult(issued, superseded)
+
+
+def register_station(ctx: Context, p: Principal, identity: str) -> Station:
+    from pki.names import check_station_id
+
+    p.require("cpo", "admin")
+    check_station_id(identity)
+    with ctx.db.session() as s:
+        st = Station(org=p.org, identity=identity, created_at=utcnow())
+        s.add(st)
+        audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="station.register", object=identity))
+        try:
+            s.commit()
+        except IntegrityError:
+            raise Conflict(f"station {identity!r} already registered") from None
+        s.refresh(st)
+        return st
+
+
+def list_stations(ctx: Context, p: Principal) -> list[Station]:
+    with ctx.db.session() as s:
+        stmt = select(Station).order_by(Station.identity)  # type: ignore[arg-type]
+        if not p.sees_all:
+            stmt = stmt.where(Station.org == p.org)
+        return list(s.exec(stmt))
+
+
+# -- Idempotency-Key (draft-ietf-httpapi-idempotency-key-header) ----------------------------------------
+
+
+def request_digest(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def idempotent_lookup(ctx: Context, org: str, key: str, digest: str) -> dict[str, Any] | None:
+    with ctx.db.session() as s:
+        rec = s.exec(select(IdempotencyRecord).where(IdempotencyRecord.org == org,
+                                                     IdempotencyRecord.key == key)).first()
+    if rec is None:
+        return None
+    if rec.request_sha256 != digest:
+        raise Conflict("Idempotency-Key was already used with a different request")
+    return dict(rec.response)
+
+
+def idempotent_store(ctx: Context, org: str, key: str, digest: str, response: dict[str, Any]) -> None:
+    with ctx.db.session() as s:
+        s.add(IdempotencyRecord(org=org, key=key, request_sha256=digest, response=response, created_at=utcnow()))
+        try:
+            s.commit()
+        except IntegrityError:
+            s.rollback()  # a concurrent retry stored it first; both responses describe real issuances
+
+
+__all__ = ["BadSubject", "EnrollResult", "enroll", "register_station", "list_stations"]

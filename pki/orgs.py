@@ -1,0 +1,177 @@
+"""Organizations (tenants), their identifier prefixes, and API keys.
+
+Tenancy rides on identifiers (shared profiles doc §3): a CPO owns EVSEIDs/SECCIDs under its operator
+IDs ('DE*ABC'), an eMSP owns EMAIDs under its provider IDs ('DE-8AA'), an OEM owns PCIDs under its
+WMIs. API keys are shown once, stored as SHA-256 hashes, scoped to one organization, expiring and
+revocable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlmodel import Session, select
+
+from pki import audit
+from pki.errors import Conflict, Forbidden, NotFound, PKIError
+from pki.store.db import Database, utcnow
+from pki.store.models import ApiKey, Organization
+
+ROLES = ("cpo", "oem", "emsp", "admin", "auditor")
+
+# Which leaf profiles each role may enroll (admins: all). -20 variants follow their -2 profile.
+ROLE_PROFILES: dict[str, set[str]] = {
+    "cpo": {"secc", "secc-20", "cs-client"},
+    "oem": {"oem-prov", "oem-prov-20"},
+    "emsp": {"contract", "contract-20"},
+}
+
+_PREFIX_RE = {
+    "cpo": re.compile(r"^[A-Za-z]{2}[*-]?[A-Za-z0-9]{3}$"),
+    "emsp": re.compile(r"^[A-Za-z]{2}-?[A-Za-z0-9]{3}$"),
+    "oem": re.compile(r"^[A-Za-z0-9]{3}$"),
+}
+
+KEY_PREFIX = "v2k"
+
+
+class BadOrganization(PKIError):
+    code = "bad-organization"
+
+
+class Unauthenticated(PKIError):
+    code = "unauthenticated"
+    status = 401
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: an organization (and the credential used)."""
+
+    org: str
+    role: str
+    prefixes: tuple[str, ...]
+    settings: dict[str, object]
+    credential: str  # "apikey:<id>" or "cert:<issuer>/<serial>"
+
+    @property
+    def sees_all(self) -> bool:
+        return self.role in ("admin", "auditor")
+
+    @property
+    def tenant_filter(self) -> str | None:
+        return None if self.sees_all else self.org
+
+    def require(self, *roles: str) -> None:
+        if self.role not in roles:
+            raise Forbidden(f"role {self.role!r} may not do this (needs {' or '.join(roles)})")
+
+
+def principal_of(org: Organization, credential: str) -> Principal:
+    return Principal(org.name, org.role, tuple(org.prefixes), dict(org.settings), credential)
+
+
+def create_org(db: Database, name: str, role: str, prefixes: list[str], *, actor: str = "cli",
+               settings: dict[str, object] | None = None) -> Organization:
+    if role not in ROLES:
+        raise BadOrganization(f"unknown role {role!r} (one of {', '.join(ROLES)})")
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9 ._&()-]{0,63}$", name):
+        raise BadOrganization("organization name must be 1–64 characters (letters, digits, space . _ & ( ) -)")
+    norm: list[str] = []
+    for p in prefixes:
+        rx = _PREFIX_RE.get(role)
+        if rx is None:
+            raise BadOrganization(f"role {role!r} takes no identifier prefixes")
+        if not rx.match(p):
+            raise BadOrganization(f"prefix {p!r} is not a valid {role} prefix "
+                                  f"(cpo: DE*ABC, emsp: DE-8AA, oem: a 3-character WMI)")
+        norm.append(p.upper())
+    with db.session() as s:
+        if s.exec(select(Organization).where(Organization.name == name)).first() is not None:
+            raise Conflict(f"organization {name!r} already exists")
+        org = Organization(name=name, role=role, prefixes=norm, settings=settings or {}, created_at=utcnow())
+        s.add(org)
+        audit.append(s, audit.Entry(actor=actor, action="org.create", object=name,
+                                    details={"role": role, "prefixes": norm}))
+        s.commit()
+        s.refresh(org)
+        return org
+
+
+def get_org(session: Session, name: str) -> Organization:
+    org = session.exec(select(Organization).where(Organization.name == name)).first()
+    if org is None:
+        raise NotFound(f"no organization {name!r}")
+    return org
+
+
+def list_orgs(db: Database) -> list[Organization]:
+    with db.session() as s:
+        return list(s.exec(select(Organization).order_by(Organization.name)))
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_api_key(db: Database, org_name: str, *, days: int | None = 365, actor: str = "cli") -> tuple[str, ApiKey]:
+    """Return (the full key — shown once, never stored — , the stored row)."""
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    full = f"{KEY_PREFIX}_{key_id}_{secret}"
+    with db.session() as s:
+        get_org(s, org_name)
+        row = ApiKey(key_id=key_id, org=org_name, hash=_hash_secret(secret), created_at=utcnow(),
+                     expires_at=utcnow() + timedelta(days=days) if days else None)
+        s.add(row)
+        audit.append(s, audit.Entry(actor=actor, org=org_name, action="apikey.create", object=key_id))
+        s.commit()
+        s.refresh(row)
+    return full, row
+
+
+def revoke_api_key(db: Database, key_id: str, *, actor: str = "cli") -> None:
+    with db.session() as s:
+        row = s.exec(select(ApiKey).where(ApiKey.key_id == key_id)).first()
+        if row is None:
+            raise NotFound(f"no API key {key_id!r}")
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
+            s.add(row)
+            audit.append(s, audit.Entry(actor=actor, org=row.org, action="apikey.revoke", object=key_id))
+            s.commit()
+
+
+def authenticate_api_key(db: Database, presented: str, now: datetime | None = None) -> Principal:
+    parts = presented.split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX:
+        raise Unauthenticated("malformed API key")
+    _, key_id, secret = parts
+    now = now or utcnow()
+    with db.session() as s:
+        row = s.exec(select(ApiKey).where(ApiKey.key_id == key_id)).first()
+        # Compare in constant time even when the key id is unknown, so timing does not reveal ids.
+        expected = row.hash if row is not None else _hash_secret("x" + secret)
+        if not hmac.compare_digest(expected, _hash_secret(secret)) or row is None:
+            raise Unauthenticated("invalid API key")
+        if row.revoked_at is not None:
+            raise Unauthenticated("API key revoked")
+        if row.expires_at is not None and row.expires_at <= now:
+            raise Unauthenticated("API key expired")
+        org = get_org(s, row.org)
+        return principal_of(org, f"apikey:{key_id}")
+
+
+def check_owns(p: Principal, kind: str, identifier: str) -> None:
+    """Raise Forbidden unless the caller's prefixes cover this identifier (admins own everything)."""
+    from pki.names import owns_identifier
+
+    if p.role == "admin":
+        return
+    if not owns_identifier(list(p.prefixes), kind, identifier):
+        raise Forbidden(f"identifier {identifier!r} is outside organization {p.org!r}'s prefixes")
