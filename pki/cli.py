@@ -258,13 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXTRA_CLI_MODULES = ("api.cli", "workers.cli", "pki.ops_cli")
+
+
 def _register_extra(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Commands contributed by the service layers (serve, org, apikey, ...), if installed."""
-    try:
-        from api.cli import register
-    except ImportError:
-        return
-    register(sub)
+    """Commands contributed by the service layers (serve, org, apikey, worker, backup, ...).
+
+    Each module has register(sub); a module that is absent is skipped."""
+    import importlib
+
+    for name in EXTRA_CLI_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        mod.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

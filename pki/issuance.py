@@ -183,6 +183,10 @@ class Engine:
         self._cas_lock = threading.Lock()
         self._linted_shapes: set[tuple[object, ...]] = set()
         self.on_revoked: list[Callable[[str, str], None]] = []  # (issuer, serial) after commit
+        # Called INSIDE the issuing / revoking transaction (e.g. to write outbox rows that commit
+        # atomically with the change — the transactional-outbox pattern used by workers/).
+        self.tx_on_issued: list[Callable[[Session, list[Issued]], None]] = []
+        self.tx_on_revoked: list[Callable[[Session, Certificate], None]] = []
 
     # -- CA cache --------------------------------------------------------------------------------------
 
@@ -428,6 +432,8 @@ class Engine:
             ])
             if extra is not None:
                 extra(s, issued)
+            for tx_hook in self.tx_on_issued:
+                tx_hook(s, issued)
             s.commit()
         return issued
 
@@ -498,6 +504,9 @@ class Engine:
             audit.append(s, audit.Entry(actor=actor, org=org, action="certificate.revoke",
                                         object=f"{cert.issuer}/{serial}",
                                         details={"reason": reason, "identifier": cert.identifier}))
+            cert.status, cert.revoked_at, cert.revocation_reason = new_status, now, reason
+            for tx_hook in self.tx_on_revoked:
+                tx_hook(s, cert)
             s.commit()
         cert.status, cert.revoked_at, cert.revocation_reason = new_status, now, reason
         for hook in self.on_revoked:
