@@ -24,7 +24,9 @@ log = logging.getLogger("v2gpki.api")
 ROUTERS = [
     "api.responders",      # OCSP (RFC 6960/5019) and CRL distribution
     "api.v1.routes",       # /v1 enrollment, certificates, CAs, trust stores, orgs, audit
+    "api.v1.contracts",    # /v1 contracts, provisioning pool; OCPP authorize
     "api.ocpp.v201",       # OCPP 2.0.1-shaped endpoints
+    "api.ocpp.status",     # OCPP 2.0.1 GetCertificateStatus (OCSP for the station's own chain)
     "api.est",             # RFC 7030 EST
     "api.console",         # operator console
 ]
@@ -63,5 +65,9 @@ def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
             if exc.name == modname:
                 continue
             raise
-        mod.setup(app)
+        setup = getattr(mod, "setup", None)
+        if setup is None:
+            log.warning("router module %s has no setup(app); skipped", modname)
+            continue
+        setup(app)
     return app

@@ -205,3 +205,52 @@ class OutboxEvent(SQLModel, table=True):
     payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime
     dispatched_at: datetime | None = Field(default=None, index=True)
+
+
+class Contract(SQLModel, table=True):
+    """An eMSP contract binding an EMAID to a vehicle (PCID). ISO 15118-2 installs the PCID's default."""
+
+    __tablename__ = "contract"
+    __table_args__ = (
+        UniqueConstraint("emaid", name="uq_contract_emaid"),
+        Index("ix_contract_pcid_status", "pcid", "status"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    emaid: str = Field(max_length=255)  # normalised, without hyphens
+    pcid: str = Field(max_length=18)
+    emsp: str = Field(index=True, max_length=128)  # owning organization
+    valid_until: datetime
+    is_default: bool = True
+    status: str = Field(default="active", max_length=16)  # active | terminated
+    created_at: datetime
+    terminated_at: datetime | None = None
+
+
+class ProvisioningCertificate(SQLModel, table=True):
+    """OEM provisioning certificate pool (the shape of the hosted platforms' PCP), keyed by PCID."""
+
+    __tablename__ = "provisioning_certificate"
+
+    id: int | None = Field(default=None, primary_key=True)
+    pcid: str = Field(index=True, max_length=18)
+    oem: str = Field(index=True, max_length=128)
+    fingerprint: str = Field(index=True, unique=True, max_length=64)
+    not_after: datetime
+    der: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime
+
+
+class SignedContractData(SQLModel, table=True):
+    """Contract data produced ahead of time (certificate chain, key encrypted for the vehicle, CPS
+    signature) for lookup by PCID/EMAID. Holds no plaintext key: only what the vehicle can decrypt."""
+
+    __tablename__ = "signed_contract_data"
+
+    id: int | None = Field(default=None, primary_key=True)
+    contract_id: int = Field(index=True)
+    pcid: str = Field(index=True, max_length=18)
+    emaid: str = Field(index=True, max_length=255)
+    cert_serial: str = Field(max_length=40)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime

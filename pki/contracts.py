@@ -1,0 +1,343 @@
+"""eMSP contracts, the OEM provisioning-certificate pool, and Plug & Charge authorization status.
+
+A contract binds an EMAID (owned by the eMSP's provider prefix) to a vehicle's PCID; one PCID may have
+several contracts, one of them the default (ISO 15118-2 CertificateInstallation installs the default).
+Terminating a contract revokes its contract certificates (RFC 5280 reason cessationOfOperation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from pki import audit
+from pki.context import Context
+from pki.errors import BadSubject, Conflict, NotFound, PKIError
+from pki.names import normalise_emaid, normalise_pcid
+from pki.orgs import Principal, check_owns
+from pki.store.db import utcnow
+from pki.store.models import Certificate, CertificateAuthority, Contract, ProvisioningCertificate
+
+
+class BadCertificate(PKIError):
+    code = "bad-certificate"
+
+
+def create_contract(ctx: Context, p: Principal, emaid: str, pcid: str, valid_until: datetime,
+                    *, is_default: bool = True) -> Contract:
+    p.require("emsp", "admin")
+    e = normalise_emaid(emaid)
+    v = normalise_pcid(pcid)
+    check_owns(p, "emaid", e)
+    if valid_until <= utcnow():
+        raise BadSubject("valid_until must be in the future")
+    with ctx.db.session() as s:
+        if is_default:
+            s.execute(update(Contract).where(col(Contract.pcid) == v, col(Contract.status) == "active")
+                      .values(is_default=False))
+        c = Contract(emaid=e, pcid=v, emsp=p.org, valid_until=valid_until, is_default=is_default,
+                     status="active", created_at=utcnow())
+        s.add(c)
+        audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="contract.create", object=e,
+                                    details={"pcid": v}))
+        try:
+            s.commit()
+        except IntegrityError:
+            raise Conflict(f"a contract for EMAID {e} already exists") from None
+        s.refresh(c)
+        return c
+
+
+def _scoped_contract(ctx: Context, p: Principal, emaid: str) -> Contract:
+    e = normalise_emaid(emaid)
+    with ctx.db.session() as s:
+        stmt = select(Contract).where(Contract.emaid == e)
+        if not p.sees_all:
+            stmt = stmt.where(Contract.emsp == p.org)
+        c = s.exec(stmt).first()
+    if c is None:
+        raise NotFound(f"no contract {e}")
+    return c
+
+
+def get_contract(ctx: Context, p: Principal, emaid: str) -> Contract:
+    return _scoped_contract(ctx, p, emaid)
+
+
+def list_contracts(ctx: Context, p: Principal, pcid: str | None = None) -> list[Contract]:
+    with ctx.db.session() as s:
+        stmt = select(Contract).order_by(col(Contract.id))
+        if not p.sees_all:
+            stmt = stmt.where(Contract.emsp == p.org)
+        if pcid:
+            stmt = stmt.where(Contract.pcid == normalise_pcid(pcid))
+        return list(s.exec(stmt))
+
+
+def terminate_contract(ctx: Context, p: Principal, emaid: str) -> tuple[Contract, list[str]]:
+    p.require("emsp", "admin")
+    c = _scoped_contract(ctx, p, emaid)
+    if c.status == "terminated":
+        raise Conflict(f"contract {c.emaid} is already terminated")
+    with ctx.db.session() as s:
+        s.execute(update(Contract).where(col(Contract.id) == c.id).values(status="terminated",
+                                                                        terminated_at=utcnow(), is_default=False))
+        audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="contract.terminate", object=c.emaid))
+        s.commit()
+        certs = list(s.exec(select(Certificate).where(
+            Certificate.identifier == c.emaid, col(Certificate.profile).in_(["contract", "contract-20"]),
+            col(Certificate.status).in_(["valid", "hold"]))))
+    revoked = []
+    for cert in certs:
+        try:
+            ctx.engine.revoke(cert.serial, "cessationOfOperation", issuer=cert.issuer, actor=p.credential, org=p.org)
+            revoked.append(f"{cert.issuer}/{cert.serial}")
+        except PKIError:
+            pass
+    c.status = "terminated"
+    return c, revoked
+
+
+def default_contract_for(ctx: Context, pcid: str) -> Contract | None:
+    v = normalise_pcid(pcid)
+    now = utcnow()
+    with ctx.db.session() as s:
+        rows = list(s.exec(select(Contract).where(Contract.pcid == v, Contract.status == "active",
+                                                  col(Contract.valid_until) > now)
+                           .order_by(col(Contract.is_default).desc(), col(Contract.id).desc())))
+    return rows[0] if rows else None
+
+
+# -- chain checks ------------------------------------------------------------------------------------
+
+
+def verify_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    pub = issuer.public_key()
+    try:
+        if isinstance(pub, ec.EllipticCurvePublicKey):
+            assert cert.signature_hash_algorithm is not None
+            pub.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+        elif isinstance(pub, ed448.Ed448PublicKey):
+            pub.verify(cert.signature, cert.tbs_certificate_bytes)
+        else:
+            return False
+    except (InvalidSignature, AssertionError):
+        return False
+    return True
+
+
+def find_our_issuer(ctx: Context, cert: x509.Certificate) -> CertificateAuthority | None:
+    for h in ctx.engine.cas():
+        if h.cert.subject == cert.issuer and verify_issued_by(cert, h.cert):
+            return h.row
+    return None
+
+
+def chain_status(ctx: Context, cert: x509.Certificate, hierarchy: str) -> tuple[str, Certificate | None]:
+    """Accepted | CertChainError | CertificateExpired | CertificateRevoked for one certificate issued by
+    one of our CAs of the given hierarchy, walking its CA chain (every CA must be valid and not revoked)."""
+    ca = find_our_issuer(ctx, cert)
+    if ca is None or ca.hierarchy != hierarchy and not (hierarchy == "mo" and ca.hierarchy == "v2g"):
+        return "CertChainError", None
+    now = utcnow()
+    serial = format(cert.serial_number, "x")
+    with ctx.db.session() as s:
+        row = s.exec(select(Certificate).where(Certificate.issuer == ca.name, Certificate.serial == serial)).first()
+        if row is None:
+            return "CertChainError", None
+        if row.status != "valid":
+            return "CertificateRevoked", row
+        if not (row.not_before <= now < row.not_after):
+            return "CertificateExpired", row
+        # the CA chain itself
+        cur: str | None = ca.name
+        while cur is not None:
+            ca_row = s.exec(select(CertificateAuthority).where(CertificateAuthority.name == cur)).first()
+            if ca_row is None:
+                return "CertChainError", row
+            ca_cert = s.exec(select(Certificate).where(Certificate.issuer == (ca_row.parent or ca_row.name),
+                                                       Certificate.serial == ca_row.serial)).first()
+            if ca_cert is not None and ca_cert.status != "valid":
+                return "CertificateRevoked", row
+            if not (ca_row.not_before <= now < ca_row.not_after):
+                return "CertificateExpired", row
+            cur = ca_row.parent
+    return "Accepted", row
+
+
+# -- provisioning certificate pool --------------------------------------------------------------------
+
+
+def register_provisioning_certificate(ctx: Context, p: Principal, pem_or_der: bytes) -> ProvisioningCertificate:
+    """OEMs register vehicles' provisioning certificates (chain to one of our OEM CAs, CN = PCID under
+    the OEM's WMI, DC=OEM), so contract data can be prepared before the car plugs in."""
+    p.require("oem", "admin")
+    try:
+        cert = (x509.load_pem_x509_certificate(pem_or_der) if pem_or_der.lstrip().startswith(b"-----")
+                else x509.load_der_x509_certificate(pem_or_der))
+    except ValueError:
+        raise BadCertificate("not a certificate (PEM or DER)") from None
+    status, _ = chain_status(ctx, cert, "oem")
+    if status != "Accepted":
+        raise BadCertificate(f"provisioning certificate not accepted: {status}")
+    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if not cn:
+        raise BadCertificate("provisioning certificate has no CN")
+    pcid = normalise_pcid(str(cn[0].value))
+    check_owns(p, "pcid", pcid)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    fp = hashlib.sha256(der).hexdigest()
+    with ctx.db.session() as s:
+        existing = s.exec(select(ProvisioningCertificate).where(ProvisioningCertificate.fingerprint == fp)).first()
+        if existing is not None:
+            return existing
+        row = ProvisioningCertificate(pcid=pcid, oem=p.org, fingerprint=fp, not_after=cert.not_valid_after_utc,
+                                      der=der, created_at=utcnow())
+        s.add(row)
+        audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="provisioning.register", object=pcid))
+        s.commit()
+        s.refresh(row)
+        return row
+
+
+def lookup_vehicle(ctx: Context, p: Principal, pcid: str) -> list[ProvisioningCertificate]:
+    v = normalise_pcid(pcid)
+    with ctx.db.session() as s:
+        stmt = select(ProvisioningCertificate).where(ProvisioningCertificate.pcid == v)
+        if p.role == "oem":
+            stmt = stmt.where(ProvisioningCertificate.oem == p.org)
+        elif p.role == "emsp":
+            # an eMSP may look up vehicles it has a contract with
+            has = s.exec(select(Contract).where(Contract.pcid == v, Contract.emsp == p.org)).first()
+            if has is None:
+                return []
+        elif not p.sees_all:
+            return []
+        return list(s.exec(stmt.order_by(col(ProvisioningCertificate.id).desc())))
+
+
+# -- Plug & Charge authorization (OCPP 2.0.1 AuthorizeRequest) ----------------------------------------
+
+
+@dataclass
+class AuthorizeResult:
+    id_token_status: str  # OCPP AuthorizationStatusEnumType
+    certificate_status: str | None  # OCPP AuthorizeCertificateStatusEnumType
+
+
+_HASHES = {"SHA256": hashlib.sha256, "SHA384": hashlib.sha384, "SHA512": hashlib.sha512}
+
+
+def _decode_hash(value: str, size: int) -> bytes | None:
+    import base64
+    import binascii
+
+    v = value.strip()
+    try:
+        if len(v) == 2 * size:
+            return bytes.fromhex(v)
+    except ValueError:
+        pass
+    for dec in (base64.b64decode, base64.urlsafe_b64decode):
+        try:
+            raw = dec(v + "=" * (-len(v) % 4))
+            if len(raw) == size:
+                return raw
+        except (binascii.Error, ValueError):
+            continue
+    return None
+
+
+def _serial_candidates(s: str) -> list[str]:
+    t = s.strip().lower().replace(":", "")
+    out = []
+    try:
+        out.append(format(int(t, 16), "x"))
+    except ValueError:
+        pass
+    if t.isdigit():
+        out.append(format(int(t, 10), "x"))
+    return out
+
+
+def find_by_hash_data(ctx: Context, alg: str, name_hash: str, key_hash: str, serial: str) -> Certificate | None:
+    from asn1crypto import keys
+
+    fn = _HASHES.get(alg.upper())
+    if fn is None:
+        return None
+    size = fn().digest_size
+    nh, kh = _decode_hash(name_hash, size), _decode_hash(key_hash, size)
+    if nh is None or kh is None:
+        return None
+    for h in ctx.engine.cas():
+        if fn(h.cert.subject.public_bytes()).digest() != nh:
+            continue
+        spki = h.cert.public_key().public_bytes(serialization.Encoding.DER,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+        if fn(keys.PublicKeyInfo.load(spki)["public_key"].contents[1:]).digest() != kh:
+            continue
+        with ctx.db.session() as s:
+            for cand in _serial_candidates(serial):
+                row = s.exec(select(Certificate).where(Certificate.issuer == h.name,
+                                                       Certificate.serial == cand)).first()
+                if row is not None:
+                    return row
+    return None
+
+
+def authorize(ctx: Context, emaid: str, hash_data: list[dict[str, str]] | None = None,
+              certificate_pem: str | None = None) -> AuthorizeResult:
+    try:
+        e = normalise_emaid(emaid)
+    except BadSubject:
+        return AuthorizeResult("Invalid", None)
+    with ctx.db.session() as s:
+        contract = s.exec(select(Contract).where(Contract.emaid == e)).first()
+    if contract is None:
+        return AuthorizeResult("Unknown", None)
+    if contract.status == "terminated":
+        return AuthorizeResult("Invalid", "ContractCancelled")
+    if contract.valid_until <= utcnow():
+        return AuthorizeResult("Expired", "ContractCancelled")
+    if certificate_pem:
+        try:
+            cert = x509.load_pem_x509_certificate(certificate_pem.encode())
+        except ValueError:
+            return AuthorizeResult("Invalid", "SignatureError")
+        cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        if not cn or normalise_emaid(str(cn[0].value)) != e:
+            return AuthorizeResult("Invalid", "CertChainError")
+        status, _ = chain_status(ctx, cert, "mo")
+        return AuthorizeResult("Accepted" if status == "Accepted" else "Invalid", status)
+    if hash_data:
+        leaf_found = False
+        for entry in hash_data[:4]:
+            row = find_by_hash_data(ctx, entry.get("hashAlgorithm", ""), entry.get("issuerNameHash", ""),
+                                    entry.get("issuerKeyHash", ""), entry.get("serialNumber", ""))
+            if row is None:
+                return AuthorizeResult("Invalid", "CertChainError")
+            if row.status != "valid":
+                return AuthorizeResult("Invalid", "CertificateRevoked")
+            if row.not_after <= utcnow():
+                return AuthorizeResult("Invalid", "CertificateExpired")
+            if row.identifier == e:
+                leaf_found = True
+        if not leaf_found:
+            return AuthorizeResult("Invalid", "CertChainError")
+        return AuthorizeResult("Accepted", "Accepted")
+    return AuthorizeResult("Accepted", None)
+
+
+__all__ = ["hashes", "AuthorizeResult", "authorize", "create_contract", "terminate_contract"]

@@ -1,0 +1,131 @@
+"""eMSP contracts, the OEM provisioning pool, and OCPP Plug & Charge authorization over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from asn1crypto import keys
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from pki.context import Context
+from pki.orgs import create_api_key, create_org
+from pki.store.db import utcnow
+from tests.conftest import csr_pem
+
+
+def _a(n: int) -> str:
+    return "".join(secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZ0123456789") for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def env(ctx: Context) -> Iterator[dict[str, object]]:
+    tag = secrets.token_hex(3)
+    prov = {"emsp1": f"DE-{_a(3)}", "emsp2": f"DE-{_a(3)}", "oem": _a(3)}
+    keys_ = {}
+    for who, role in (("emsp1", "emsp"), ("emsp2", "emsp"), ("oem", "oem"), ("cpo", "cpo")):
+        create_org(ctx.db, f"{who}-{tag}", role, [prov[who]] if who in prov else ["DE*" + _a(3)])
+        keys_[who] = {"Authorization": f"Bearer {create_api_key(ctx.db, f'{who}-{tag}')[0]}"}
+    with TestClient(create_app(ctx)) as client:
+        yield {"client": client, "ctx": ctx, "prov": prov, "h": keys_}
+
+
+def _hash_data(cert: x509.Certificate, issuer: x509.Certificate, alg: str = "SHA256", enc: str = "hex") -> dict:  # type: ignore[type-arg]
+    fn = getattr(hashlib, alg.lower())
+    nh = fn(issuer.subject.public_bytes()).digest()
+    spki = issuer.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    kh = fn(keys.PublicKeyInfo.load(spki)["public_key"].contents[1:]).digest()
+    if enc == "hex":  # EVerest: lower-case hex, serial in hex without leading zeros
+        return {"hashAlgorithm": alg, "issuerNameHash": nh.hex(), "issuerKeyHash": kh.hex(),
+                "serialNumber": format(cert.serial_number, "x"), "responderURL": "http://169.254.169.254/"}
+    # Josev: URL-safe base64 hashes and a decimal serial
+    return {"hashAlgorithm": alg, "issuerNameHash": base64.urlsafe_b64encode(nh).decode(),
+            "issuerKeyHash": base64.urlsafe_b64encode(kh).decode(), "serialNumber": str(cert.serial_number),
+            "responderURL": "http://10.0.0.1/"}
+
+
+def test_contract_lifecycle_and_authorize(env: dict) -> None:  # type: ignore[type-arg]
+    client, ctx, prov, h = env["client"], env["ctx"], env["prov"], env["h"]
+    emaid = f"{prov['emsp1']}-{_a(9)}"
+    pcid = prov["oem"] + _a(14)
+    until = (utcnow() + timedelta(days=365)).isoformat()
+    r = client.post("/v1/contracts", json={"emaid": emaid, "pcid": pcid, "valid_until": until}, headers=h["emsp1"])
+    assert r.status_code == 201, r.text
+    assert r.json()["emaid"] == emaid.replace("-", "")
+    # another eMSP cannot create under this provider prefix, nor see or terminate it
+    r = client.post("/v1/contracts", json={"emaid": f"{prov['emsp1']}-{_a(9)}", "pcid": pcid, "valid_until": until},
+                    headers=h["emsp2"])
+    assert r.status_code == 403
+    assert client.get(f"/v1/contracts/{emaid}", headers=h["emsp2"]).status_code == 404
+    assert client.post(f"/v1/contracts/{emaid}/terminate", headers=h["emsp2"]).status_code == 404
+    # the contract certificate (enrolled by the eMSP) authorizes with hash data in both encodings
+    r = client.post("/v1/enrollments", json={"csr": csr_pem(emaid, dc="MO").decode(), "profile": "contract"},
+                    headers=h["emsp1"])
+    assert r.status_code == 201, r.text
+    chain = x509.load_pem_x509_certificates(r.json()["chain"].encode())
+    hd = [_hash_data(chain[0], chain[1], "SHA256", "hex"), _hash_data(chain[1], chain[2], "SHA512", "b64")]
+    body = {"idToken": {"idToken": emaid, "type": "eMAID"}, "iso15118CertificateHashData": hd}
+    r = client.post("/ocpp/v201/authorize", json=body, headers=h["cpo"])
+    assert r.json() == {"idTokenInfo": {"status": "Accepted"}, "certificateStatus": "Accepted"}, r.text
+    # by certificate PEM
+    r = client.post("/ocpp/v201/authorize", json={"idToken": {"idToken": emaid},
+                                                  "certificate": r.request.content and chain[0].public_bytes(
+                                                      serialization.Encoding.PEM).decode()}, headers=h["cpo"])
+    assert r.json()["certificateStatus"] == "Accepted"
+    # unknown EMAID
+    r = client.post("/ocpp/v201/authorize", json={"idToken": {"idToken": f"{prov['emsp1'].replace('-', '')}{_a(9)}"}}, headers=h["cpo"])
+    assert r.json()["idTokenInfo"]["status"] == "Unknown"
+    # terminate: contract certificates revoked, authorization says ContractCancelled
+    r = client.post(f"/v1/contracts/{emaid}/terminate", headers=h["emsp1"])
+    assert r.status_code == 200 and len(r.json()["revoked_certificates"]) == 1
+    r = client.post("/ocpp/v201/authorize", json=body, headers=h["cpo"])
+    assert r.json() == {"idTokenInfo": {"status": "Invalid"}, "certificateStatus": "ContractCancelled"}
+
+
+def test_authorize_revoked_contract_certificate(env: dict) -> None:  # type: ignore[type-arg]
+    client, ctx, prov, h = env["client"], env["ctx"], env["prov"], env["h"]
+    emaid = f"{prov['emsp1'].replace('-', '')}{_a(9)}"
+    until = (utcnow() + timedelta(days=30)).isoformat()
+    assert client.post("/v1/contracts", json={"emaid": emaid, "pcid": prov["oem"] + _a(14), "valid_until": until},
+                       headers=h["emsp1"]).status_code == 201
+    r = client.post("/v1/enrollments", json={"csr": csr_pem(emaid, dc="MO").decode(), "profile": "contract"},
+                    headers=h["emsp1"])
+    chain = x509.load_pem_x509_certificates(r.json()["chain"].encode())
+    ctx.engine.revoke(format(chain[0].serial_number, "x"), "keyCompromise", issuer=r.json()["issuer"])
+    body = {"idToken": {"idToken": emaid}, "iso15118CertificateHashData": [_hash_data(chain[0], chain[1])]}
+    assert client.post("/ocpp/v201/authorize", json=body, headers=h["cpo"]).json()["certificateStatus"] == \
+        "CertificateRevoked"
+    # hash data naming a certificate we never issued
+    bogus = dict(_hash_data(chain[0], chain[1]), serialNumber="1234")
+    body = {"idToken": {"idToken": emaid}, "iso15118CertificateHashData": [bogus]}
+    assert client.post("/ocpp/v201/authorize", json=body, headers=h["cpo"]).json()["certificateStatus"] == \
+        "CertChainError"
+
+
+def test_provisioning_pool(env: dict) -> None:  # type: ignore[type-arg]
+    client, ctx, prov, h = env["client"], env["ctx"], env["prov"], env["h"]
+    pcid = prov["oem"] + _a(14)
+    r = client.post("/v1/enrollments", json={"csr": csr_pem(pcid, dc="OEM").decode(), "profile": "oem-prov"},
+                    headers=h["oem"])
+    assert r.status_code == 201, r.text
+    r = client.post("/v1/provisioning-certificates", json={"certificate": r.json()["certificate"]}, headers=h["oem"])
+    assert r.status_code == 201, r.text
+    found = client.get(f"/v1/lookupvehicle/{pcid}", headers=h["oem"]).json()["provisioning_certificates"]
+    assert len(found) == 1
+    # an eMSP sees the vehicle only once it has a contract for it
+    assert client.get(f"/v1/lookupvehicle/{pcid}", headers=h["emsp2"]).json()["provisioning_certificates"] == []
+    until = (utcnow() + timedelta(days=30)).isoformat()
+    assert client.post("/v1/contracts", json={"emaid": f"{prov['emsp2'].replace('-', '')}{_a(9)}", "pcid": pcid, "valid_until": until},
+                       headers=h["emsp2"]).status_code == 201
+    assert len(client.get(f"/v1/lookupvehicle/{pcid}", headers=h["emsp2"]).json()["provisioning_certificates"]) == 1
+    # a certificate not from our OEM CAs is refused
+    r = client.post("/v1/enrollments", json={"csr": csr_pem("DE*ABC*E1", dc="CPO").decode(), "profile": "secc"},
+                    headers={"Authorization": h["oem"]["Authorization"]})
+    assert r.status_code == 403
