@@ -170,7 +170,8 @@ def test_bad_input_is_problem_json(t: Tenants) -> None:
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     code, body = enroll(t, "cpo1", "secc", csr_pem(evseid(t.ops["cpo1"]), dc="CPO", key=rsa_key))
     assert code == 400 and body["type"].endswith("/bad-key")
-    r = t.client.post("/v1/enrollments", content=b"x" * 200_000, headers={**t.h("cpo1"), "content-type": "application/json"})
+    r = t.client.post("/v1/enrollments", content=b"x" * 200_000,
+                      headers={**t.h("cpo1"), "content-type": "application/json"})
     assert r.status_code == 413
     r = t.client.post("/v1/enrollments", json={"profile": "secc"}, headers=t.h("cpo1"))
     assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"

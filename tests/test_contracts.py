@@ -52,7 +52,7 @@ def _hash_data(cert: x509.Certificate, issuer: x509.Certificate, alg: str = "SHA
 
 
 def test_contract_lifecycle_and_authorize(env: dict) -> None:  # type: ignore[type-arg]
-    client, ctx, prov, h = env["client"], env["ctx"], env["prov"], env["h"]
+    client, prov, h = env["client"], env["prov"], env["h"]
     emaid = f"{prov['emsp1']}-{_a(9)}"
     pcid = prov["oem"] + _a(14)
     until = (utcnow() + timedelta(days=365)).isoformat()
@@ -80,7 +80,8 @@ def test_contract_lifecycle_and_authorize(env: dict) -> None:  # type: ignore[ty
                                                       serialization.Encoding.PEM).decode()}, headers=h["cpo"])
     assert r.json()["certificateStatus"] == "Accepted"
     # unknown EMAID
-    r = client.post("/ocpp/v201/authorize", json={"idToken": {"idToken": f"{prov['emsp1'].replace('-', '')}{_a(9)}"}}, headers=h["cpo"])
+    unknown = f"{prov['emsp1'].replace('-', '')}{_a(9)}"
+    r = client.post("/ocpp/v201/authorize", json={"idToken": {"idToken": unknown}}, headers=h["cpo"])
     assert r.json()["idTokenInfo"]["status"] == "Unknown"
     # terminate: contract certificates revoked, authorization says ContractCancelled
     r = client.post(f"/v1/contracts/{emaid}/terminate", headers=h["emsp1"])
@@ -110,7 +111,7 @@ def test_authorize_revoked_contract_certificate(env: dict) -> None:  # type: ign
 
 
 def test_provisioning_pool(env: dict) -> None:  # type: ignore[type-arg]
-    client, ctx, prov, h = env["client"], env["ctx"], env["prov"], env["h"]
+    client, prov, h = env["client"], env["prov"], env["h"]
     pcid = prov["oem"] + _a(14)
     r = client.post("/v1/enrollments", json={"csr": csr_pem(pcid, dc="OEM").decode(), "profile": "oem-prov"},
                     headers=h["oem"])
