@@ -409,7 +409,9 @@ class Pkcs11ECKey(ec.EllipticCurvePrivateKey):
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._pub
 
-    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+    def sign(self, data: bytes | bytearray | memoryview, signature_algorithm: ec.EllipticCurveSignatureAlgorithm
+             ) -> bytes:
+        data = bytes(data)
         if not isinstance(signature_algorithm, ec.ECDSA):
             raise TypeError("only ECDSA is supported")
         algo = signature_algorithm.algorithm
@@ -456,8 +458,8 @@ class Pkcs11Ed448Key(ed448.Ed448PrivateKey):
     def public_key(self) -> ed448.Ed448PublicKey:
         return self._pub
 
-    def sign(self, data: bytes) -> bytes:
-        return self._store.sign_raw(self._label, data, Mechanism.EDDSA)
+    def sign(self, data: bytes | bytearray | memoryview) -> bytes:
+        return self._store.sign_raw(self._label, bytes(data), Mechanism.EDDSA)
 
     def private_bytes(
         self,

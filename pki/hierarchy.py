@@ -130,7 +130,7 @@ def ensure_ocsp_signer(engine: Engine, h: Hierarchy, ca_name: str) -> Issued | N
     if service_cert_exists(engine, ca_name, prof, engine.keystore.uri(label)):
         return None
     return issue_service_cert(engine, issuer=ca_name, profile_name=prof, label=label,
-                              cn=f"OCSP {engine.ca(ca_name).cert.subject.get_attributes_for_oid(_CN)[0].value}",
+                              cn=f"OCSP {engine.ca(ca_name).cert.subject.get_attributes_for_oid(_CN)[0].value!s}",
                               h=h, identifier=f"ocsp-{ca_name}")
 
 
