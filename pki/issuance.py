@@ -183,6 +183,7 @@ class Engine:
         self._cas_lock = threading.Lock()
         self._linted_shapes: set[tuple[object, ...]] = set()
         self.on_revoked: list[Callable[[str, str], None]] = []  # (issuer, serial) after commit
+        self.on_issued: list[Callable[[list[Issued]], None]] = []  # the batch, after commit (OCSP pre-signing)
         # Called INSIDE the issuing / revoking transaction (e.g. to write outbox rows that commit
         # atomically with the change — the transactional-outbox pattern used by workers/).
         self.tx_on_issued: list[Callable[[Session, list[Issued]], None]] = []
@@ -298,7 +299,7 @@ class Engine:
             .not_valid_before(now)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=profile.ca, path_length=profile.path_len), critical=True)
-            .add_extension(_key_usage(profile), critical=True)
+            .add_extension(_key_usage(profile, subj_alg), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(req.public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier(issuer_ski, None, None), critical=False
@@ -435,6 +436,8 @@ class Engine:
             for tx_hook in self.tx_on_issued:
                 tx_hook(s, issued)
             s.commit()
+        for hook in self.on_issued:
+            hook(issued)
         return issued
 
     def _fail_intents(self, intents: list[IssuanceIntent], exc: BaseException) -> None:
@@ -505,10 +508,17 @@ class Engine:
                                         object=f"{cert.issuer}/{serial}",
                                         details={"reason": reason, "identifier": cert.identifier}))
             cert.status, cert.revoked_at, cert.revocation_reason = new_status, now, reason
+            if new_status == "revoked" and self.profiles.get(cert.profile).ca:
+                # A revoked CA certificate takes its CA out of service: it must not issue again.
+                s.execute(update(CertificateAuthority)
+                          .where(CertificateAuthority.serial == cert.serial)  # type: ignore[arg-type]
+                          .where(CertificateAuthority.parent == cert.issuer)  # type: ignore[arg-type]
+                          .values(status="revoked"))
             for tx_hook in self.tx_on_revoked:
                 tx_hook(s, cert)
             s.commit()
-        cert.status, cert.revoked_at, cert.revocation_reason = new_status, now, reason
+        if new_status == "revoked" and self.profiles.get(cert.profile).ca:
+            self.reload_cas()
         for hook in self.on_revoked:
             hook(cert.issuer, serial)
         return cert
@@ -535,8 +545,8 @@ class Engine:
         return cert
 
 
-def _key_usage(p: Profile) -> x509.KeyUsage:
-    ku = set(p.key_usage)
+def _key_usage(p: Profile, subject_alg: KeyAlg) -> x509.KeyUsage:
+    ku = set(p.key_usage_for(subject_alg))
     return x509.KeyUsage(
         digital_signature="digital_signature" in ku,
         content_commitment="content_commitment" in ku,
