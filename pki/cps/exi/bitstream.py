@@ -1,0 +1,126 @@
+"""Bit-packed EXI streams (EXI 1.0 §6.2, §7.1.6, §7.1.9): alignment ``bit-packed``, no compression.
+
+Items are packed most significant bit first with no padding between them; the final byte is padded with
+zero bits. The reader never reads past the end of its buffer: running out raises :class:`ExiDecodeError`.
+"""
+
+from __future__ import annotations
+
+from ..errors import ExiDecodeError, ExiLimitExceeded
+
+
+class BitWriter:
+    """Accumulates n-bit unsigned integers, Unsigned Integers and raw octets, MSB first."""
+
+    __slots__ = ("_buf", "_acc", "_nacc")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._acc = 0  # pending bits not yet flushed to _buf (fewer than 8 after each call)
+        self._nacc = 0
+
+    def write_bits(self, value: int, nbits: int) -> None:
+        """n-bit Unsigned Integer (EXI 1.0 §7.1.9), bit-packed."""
+        if nbits == 0:
+            return
+        if value < 0 or value >> nbits:
+            raise ValueError(f"{value} does not fit in {nbits} bits")
+        total = self._nacc + nbits
+        acc = (self._acc << nbits) | value
+        rest = total & 7
+        if total >= 8:
+            self._buf += (acc >> rest).to_bytes(total >> 3, "big")
+            acc &= (1 << rest) - 1
+        self._acc = acc
+        self._nacc = rest
+
+    def write_uint(self, value: int) -> None:
+        """Unsigned Integer (EXI 1.0 §7.1.6): 7-bit groups, least significant group first, MSB = 'more'."""
+        if value < 0:
+            raise ValueError("Unsigned Integer must not be negative")
+        while True:
+            group = value & 0x7F
+            value >>= 7
+            if value:
+                self.write_bits(group | 0x80, 8)
+            else:
+                self.write_bits(group, 8)
+                return
+
+    def write_octets(self, data: bytes) -> None:
+        """Raw octets at the current (possibly unaligned) bit position."""
+        if not data:
+            return
+        if self._nacc == 0:
+            self._buf += data
+        else:
+            self.write_bits(int.from_bytes(data, "big"), 8 * len(data))
+
+    @property
+    def bit_length(self) -> int:
+        return 8 * len(self._buf) + self._nacc
+
+    def getvalue(self) -> bytes:
+        """The stream so far, the last byte padded with zero bits."""
+        if self._nacc:
+            return bytes(self._buf) + bytes([(self._acc << (8 - self._nacc)) & 0xFF])
+        return bytes(self._buf)
+
+
+class BitReader:
+    """Reads what :class:`BitWriter` writes, bounds-checked against the end of the buffer."""
+
+    __slots__ = ("_data", "_pos", "_end")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = bytes(data)
+        self._pos = 0
+        self._end = 8 * len(self._data)
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    @property
+    def remaining_bits(self) -> int:
+        return self._end - self._pos
+
+    def read_bits(self, nbits: int) -> int:
+        if nbits == 0:
+            return 0
+        pos = self._pos
+        stop = pos + nbits
+        if stop > self._end:
+            raise ExiDecodeError("truncated EXI stream", bit_offset=pos)
+        first = pos >> 3
+        last = (stop + 7) >> 3
+        chunk = int.from_bytes(self._data[first:last], "big")
+        self._pos = stop
+        return (chunk >> (8 * last - stop)) & ((1 << nbits) - 1)
+
+    def read_uint(self, max_octets: int) -> int:
+        """Unsigned Integer (EXI 1.0 §7.1.6) of at most ``max_octets`` 7-bit groups."""
+        value = 0
+        shift = 0
+        for i in range(max_octets):
+            octet = self.read_bits(8)
+            value |= (octet & 0x7F) << shift
+            if not octet & 0x80:
+                if octet == 0 and i:
+                    # a trailing zero group: valid EXI, but never what an encoder writes; refusing it keeps
+                    # decode → encode exact, which signature checks rely on (canonical EXI)
+                    raise ExiDecodeError("non-minimal Unsigned Integer", bit_offset=self._pos)
+                return value
+            shift += 7
+        raise ExiLimitExceeded("Unsigned Integer longer than allowed", max_octets=max_octets, bit_offset=self._pos)
+
+    def read_octets(self, count: int) -> bytes:
+        if count == 0:
+            return b""
+        if 8 * count > self.remaining_bits:
+            raise ExiDecodeError("truncated EXI stream: octets announced beyond its end", bit_offset=self._pos)
+        if self._pos & 7 == 0:
+            start = self._pos >> 3
+            self._pos += 8 * count
+            return self._data[start : start + count]
+        return self.read_bits(8 * count).to_bytes(count, "big")

@@ -1,0 +1,148 @@
+"""Developer tool: regenerate ``_names.py`` from a local copy of the ISO 15118-2 XSD files.
+
+The ISO schema files are not part of this repository (their header names ISO as the source and grants no
+licence), so the codec carries only the *names* the EXI grammars need, extracted by this script:
+
+* every element qname declared in the schema set (global and local), sorted by local-name then uri —
+  the F0..Fn-1 of the schema-informed fragment grammar (EXI 1.0 §8.5.2) and element fragment grammar
+  (§8.5.3);
+* every attribute qname declared (A0..An-1 of §8.5.3);
+* every global element qname (G0..Gn-1 of the document grammar, §8.5.1);
+* the members of the ``BodyElement`` substitution group (§8.5.4.1.6);
+* the qnames declared more than once with different type names or {nillable} (these use the relaxed
+  element fragment grammar inside fragments, §8.5.3 — in ISO 15118-2 that is ``eMAID``).
+
+Usage: ``python pki/cps/exi/derive_names.py DIR > pki/cps/exi/_names.py`` (run as a script: it needs only
+the standard library and must not import the package whose _names.py it rewrites), where DIR holds
+V2G_CI_MsgDef.xsd, V2G_CI_MsgHeader.xsd, V2G_CI_MsgBody.xsd, V2G_CI_MsgDataTypes.xsd and
+xmldsig-core-schema.xsd. No network access; standard library only.
+"""
+
+from __future__ import annotations
+
+import sys
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+
+XS = "{http://www.w3.org/2001/XMLSchema}"
+MSGDEF_FILES = (
+    "V2G_CI_MsgDef.xsd",
+    "V2G_CI_MsgHeader.xsd",
+    "V2G_CI_MsgBody.xsd",
+    "V2G_CI_MsgDataTypes.xsd",
+    "xmldsig-core-schema.xsd",
+)
+XMLDSIG_FILES = ("xmldsig-core-schema.xsd",)
+
+NS_ALIASES = {
+    "urn:iso:15118:2:2013:MsgDef": "NS_DEF",
+    "urn:iso:15118:2:2013:MsgHeader": "NS_HEADER",
+    "urn:iso:15118:2:2013:MsgBody": "NS_BODY",
+    "urn:iso:15118:2:2013:MsgDataTypes": "NS_TYPES",
+    "http://www.w3.org/2000/09/xmldsig#": "NS_DSIG",
+    "": "NS_NONE",
+}
+
+Name = tuple[str, str]
+
+
+def _prefixes(path: Path) -> dict[str, str]:
+    return {prefix: uri for _event, (prefix, uri) in ET.iterparse(path, events=["start-ns"])}
+
+
+def collect(paths: list[Path]) -> dict[str, object]:
+    decls: dict[Name, set[tuple[object, str]]] = defaultdict(set)
+    attributes: set[Name] = set()
+    global_elements: list[Name] = []
+    substitution: dict[Name, list[Name]] = defaultdict(list)
+    for path in paths:
+        prefixes = _prefixes(path)
+        root = ET.parse(path).getroot()
+        tns = root.get("targetNamespace", "")
+        element_form = root.get("elementFormDefault", "unqualified")
+        attribute_form = root.get("attributeFormDefault", "unqualified")
+
+        def resolve(value: str, prefixes: dict[str, str] = prefixes) -> Name:
+            prefix, _, local = value.rpartition(":")
+            return (local, prefixes.get(prefix, ""))
+
+        for parent in root.iter():
+            for child in parent:
+                name = child.get("name")
+                if not name:
+                    continue
+                is_global = parent is root
+                if child.tag == XS + "element":
+                    form = child.get("form") or element_form
+                    qname = (name, tns if is_global or form == "qualified" else "")
+                    type_name: object = resolve(child.get("type", "")) if child.get("type") else ("#anon", id(child))
+                    decls[qname].add((type_name, child.get("nillable", "false")))
+                    if is_global:
+                        global_elements.append(qname)
+                    if child.get("substitutionGroup"):
+                        substitution[resolve(child.get("substitutionGroup", ""))].append(qname)
+                elif child.tag == XS + "attribute":
+                    form = child.get("form") or attribute_form
+                    attributes.add((name, tns if is_global or form == "qualified" else ""))
+    return {
+        "elements": sorted(decls),
+        "attributes": sorted(attributes),
+        "globals": sorted(global_elements),
+        "ambiguous": sorted(q for q, d in decls.items() if len(d) > 1),
+        "substitution": {head: sorted(members) for head, members in substitution.items()},
+    }
+
+
+def _tuple(names: list[Name]) -> str:
+    """A tuple literal laid out the way ``ruff format`` lays it out (so the output needs no reformatting)."""
+    items = [f'("{local}", {NS_ALIASES[uri]})' for local, uri in names]
+    if len(items) <= 1:
+        return f"({items[0]},)" if items else "()"
+    return "(\n" + "".join(f"    {item},\n" for item in items) + ")"
+
+
+def render(xsd_dir: Path) -> str:
+    msgdef = collect([xsd_dir / f for f in MSGDEF_FILES])
+    dsig = collect([xsd_dir / f for f in XMLDSIG_FILES])
+    body_head = ("BodyElement", "urn:iso:15118:2:2013:MsgBody")
+    body = sorted([body_head, *msgdef["substitution"][body_head]])  # type: ignore[index]
+    out = [
+        '"""GENERATED by pki/cps/exi/derive_names.py from the ISO 15118-2 (2013) and W3C xmldsig XSDs: do not edit.',
+        "",
+        "Qname lists the EXI grammars need (see derive_names.py for what each one is). Each tuple is",
+        "(local-name, namespace uri), sorted by local-name then uri as EXI 1.0 §8.5 requires.",
+        '"""',
+        "",
+        'NS_DEF = "urn:iso:15118:2:2013:MsgDef"',
+        'NS_HEADER = "urn:iso:15118:2:2013:MsgHeader"',
+        'NS_BODY = "urn:iso:15118:2:2013:MsgBody"',
+        'NS_TYPES = "urn:iso:15118:2:2013:MsgDataTypes"',
+        'NS_DSIG = "http://www.w3.org/2000/09/xmldsig#"',
+        'NS_NONE = ""',
+        "",
+    ]
+    for label, data in (("MSGDEF", msgdef), ("XMLDSIG", dsig)):
+        for key, suffix in (
+            ("elements", "ELEMENTS"),
+            ("attributes", "ATTRIBUTES"),
+            ("globals", "GLOBAL_ELEMENTS"),
+            ("ambiguous", "AMBIGUOUS_ELEMENTS"),
+        ):
+            out.append(f"{label}_{suffix}: tuple[tuple[str, str], ...] = {_tuple(data[key])}")  # type: ignore[arg-type]
+            out.append("")
+    out.append(f"BODY_ELEMENTS: tuple[tuple[str, str], ...] = {_tuple(body)}")
+    out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    sys.stdout.write(render(Path(argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
