@@ -12,6 +12,7 @@ command -v openssl >/dev/null || need_apt+=(openssl)
   ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_apt+=(postgresql)
   command -v cfssl >/dev/null || need_apt+=(golang-cfssl)
   command -v ab >/dev/null || need_apt+=(apache2-utils)
+  command -v chromium >/dev/null || need_apt+=(chromium)
 }
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
