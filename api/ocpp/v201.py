@@ -94,3 +94,11 @@ def sign_certificate(body: SignCertificateIn, ctx: CtxDep, p: PrincipalDep) -> A
 
 def setup(app: FastAPI) -> None:
     app.include_router(router)
+
+
+def _action_matches(action: str, delivery: object) -> bool:
+    """OCPP action Install ↔ CertificateInstallationReq, Update ↔ CertificateUpdateReq."""
+    from pki.cps.exi import CertificateUpdateRes
+
+    body = getattr(getattr(delivery, "message", None), "body", None)
+    return (action == "Update") == isinstance(body, CertificateUpdateRes)

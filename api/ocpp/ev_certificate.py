@@ -1,0 +1,176 @@
+"""OCPP 2.0.1 Get15118EVCertificate and the JSON contract-installation API (CPS).
+
+POST /ocpp/v201/get-15118-ev-certificate {iso15118SchemaVersion, action: Install|Update, exiRequest}
+  → {status: Accepted|Failed, exiResponse}: the whole EXI V2G_Message, base64, SessionID copied from the
+  request. exiResponse is present even when the answer is Failed (then a FAILED_* V2G_Message), within
+  OCPP's limits (exiRequest ≤ 5600, exiResponse ≤ 7500 characters).
+POST /v1/contract-installations, /v1/contract-updates: the same with JSON around it.
+POST /v1/contract-data {pcid}: signed contract data prepared ahead of time for a registered vehicle,
+  GET /v1/contract-data?pcid=|emaid= to look it up (the pool shape of the hosted platforms).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any, Literal
+
+from cryptography import x509
+from fastapi import APIRouter, FastAPI, Query
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlmodel import col, select
+
+from api.auth import PrincipalDep
+from api.deps import CtxDep
+from api.problems import PROBLEM, TYPE_BASE
+from pki.contracts import default_contract_for, lookup_vehicle
+from pki.cps.exi.messages import ResponseCode
+from pki.cps.service import EXI_REQUEST_MAX_B64, EXI_RESPONSE_MAX_B64, Delivery, build_delivery, deliver
+from pki.errors import Forbidden, NotFound, PKIError
+from pki.names import normalise_pcid
+from pki.store.db import utcnow
+from pki.store.models import SignedContractData
+
+router = APIRouter(tags=["cps"])
+
+ISO2 = "urn:iso:15118:2:2013:MsgDef"
+ISO20 = "urn:iso:std:iso:15118:-20:CommonMessages"
+
+
+class EvCertificateIn(BaseModel):
+    iso15118SchemaVersion: str = Field(max_length=50)  # noqa: N815 - OCPP field names
+    action: Literal["Install", "Update"]
+    exiRequest: str = Field(max_length=EXI_REQUEST_MAX_B64)  # noqa: N815
+
+
+def _failed(status: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse({"type": TYPE_BASE + code, "title": "Failed", "status": status, "detail": detail,
+                         "ocppStatus": "Failed"}, status_code=status, media_type=PROBLEM)
+
+
+def _decode(b64: str) -> bytes:
+    try:
+        return base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise PKIError("exiRequest is not base64") from None
+
+
+def _run(ctx: CtxDep, p: PrincipalDep, body: EvCertificateIn) -> Delivery:
+    p.require("cpo", "admin")
+    if body.iso15118SchemaVersion != ISO2:
+        raise PKIError(f"iso15118SchemaVersion {body.iso15118SchemaVersion!r} is not supported "
+                       f"(this CPS speaks {ISO2})")
+    return deliver(ctx, _decode(body.exiRequest), actor=p.credential)
+
+
+@router.post("/ocpp/v201/get-15118-ev-certificate", response_model=None)
+def get_15118_ev_certificate(body: EvCertificateIn, ctx: CtxDep, p: PrincipalDep) -> Any:
+    try:
+        d = _run(ctx, p, body)
+    except Forbidden:
+        raise
+    except PKIError as exc:
+        if exc.status >= 500:
+            raise
+        # No V2G_Message could be decoded, so there is no SessionID to answer under: OCPP Failed.
+        return _failed(400, exc.code, exc.message)
+    from api.ocpp.v201 import _action_matches
+
+    if not _action_matches(body.action, d):
+        return _failed(400, "action-mismatch", "action does not match the EXI request type")
+    b64 = base64.b64encode(d.exi).decode()
+    if len(b64) > EXI_RESPONSE_MAX_B64:
+        return _failed(422, "response-too-large", f"exiResponse would be {len(b64)} characters (> 7500)")
+    ok = d.response_code == ResponseCode.OK
+    out: dict[str, Any] = {"status": "Accepted" if ok else "Failed", "exiResponse": b64}
+    if not ok:
+        out["statusInfo"] = {"reasonCode": str(d.response_code)[:20], "additionalInfo": "; ".join(d.notes)[:512]}
+    return out
+
+
+class ContractInstallIn(BaseModel):
+    exiRequest: str = Field(max_length=EXI_REQUEST_MAX_B64)  # noqa: N815
+
+
+def _elements(d: Delivery) -> dict[str, Any]:
+    from cryptography.hazmat.primitives import serialization
+
+    body = d.message.body
+    out: dict[str, Any] = {"responseCode": str(d.response_code), "exiResponse": base64.b64encode(d.exi).decode(),
+                           "emaid": d.emaid, "contractSerial": d.contract_serial.upper() if d.contract_serial else None}
+    if d.response_code == ResponseCode.OK and body is not None:
+        def pems(chain: Any) -> list[str]:
+            return [x509.load_der_x509_certificate(c).public_bytes(serialization.Encoding.PEM).decode()
+                    for c in (chain.certificate, *chain.sub_certificates)]
+
+        out.update(
+            contractSignatureCertChain=pems(body.contract_signature_cert_chain),  # type: ignore[union-attr]
+            saProvisioningCertificateChain=pems(body.sa_provisioning_certificate_chain),  # type: ignore[union-attr]
+            contractSignatureEncryptedPrivateKey=base64.b64encode(
+                body.contract_signature_encrypted_private_key.value).decode(),  # type: ignore[union-attr]
+            dhPublicKey=base64.b64encode(body.dh_public_key.value).decode(),  # type: ignore[union-attr]
+        )
+    else:
+        out["problems"] = d.notes
+    return out
+
+
+@router.post("/v1/contract-installations")
+def contract_installation(body: ContractInstallIn, ctx: CtxDep, p: PrincipalDep) -> dict[str, Any]:
+    p.require("cpo", "emsp", "admin")
+    return _elements(deliver(ctx, _decode(body.exiRequest), actor=p.credential))
+
+
+@router.post("/v1/contract-updates")
+def contract_update(body: ContractInstallIn, ctx: CtxDep, p: PrincipalDep) -> dict[str, Any]:
+    p.require("cpo", "emsp", "admin")
+    return _elements(deliver(ctx, _decode(body.exiRequest), actor=p.credential))
+
+
+class ContractDataIn(BaseModel):
+    pcid: str = Field(max_length=18)
+
+
+@router.post("/v1/contract-data", status_code=201)
+def prepare_contract_data(body: ContractDataIn, ctx: CtxDep, p: PrincipalDep) -> dict[str, Any]:
+    """Sign contract data ahead of time for a vehicle whose provisioning certificate is in the pool."""
+    p.require("emsp", "admin")
+    contract = default_contract_for(ctx, body.pcid)
+    if contract is None or (p.role != "admin" and contract.emsp != p.org):
+        raise NotFound(f"no active contract of yours for PCID {normalise_pcid(body.pcid)}")
+    pool = lookup_vehicle(ctx, p, body.pcid)
+    if not pool:
+        raise NotFound("no provisioning certificate registered for this PCID (/v1/provisioning-certificates)")
+    vehicle_cert = x509.load_der_x509_certificate(pool[0].der)
+    d = build_delivery(ctx, contract, vehicle_cert, None, b"\x00", update=False, actor=p.credential)
+    data = _elements(d)
+    with ctx.db.session() as s:
+        s.add(SignedContractData(contract_id=contract.id or 0, pcid=contract.pcid, emaid=contract.emaid,
+                                 cert_serial=d.contract_serial or "", payload=data, created_at=utcnow()))
+        s.commit()
+    return data
+
+
+@router.get("/v1/contract-data")
+def get_contract_data(ctx: CtxDep, p: PrincipalDep, pcid: Annotated[str | None, Query(max_length=18)] = None,
+                      emaid: Annotated[str | None, Query(max_length=40)] = None) -> list[dict[str, Any]]:
+    from pki.names import normalise_emaid
+    from pki.store.models import Contract
+
+    if not pcid and not emaid:
+        raise PKIError("give pcid or emaid")
+    with ctx.db.session() as s:
+        stmt = select(SignedContractData, Contract).where(col(SignedContractData.contract_id) == col(Contract.id))
+        if pcid:
+            stmt = stmt.where(SignedContractData.pcid == normalise_pcid(pcid))
+        if emaid:
+            stmt = stmt.where(SignedContractData.emaid == normalise_emaid(emaid))
+        if not p.sees_all:
+            stmt = stmt.where(Contract.emsp == p.org)
+        rows = list(s.exec(stmt.order_by(col(SignedContractData.id).desc())))
+    return [{**r.payload, "created_at": r.created_at} for r, _ in rows]
+
+
+def setup(app: FastAPI) -> None:
+    app.include_router(router)

@@ -1,0 +1,314 @@
+"""Certificate provisioning service (CPS): ISO 15118-2 CertificateInstallation and CertificateUpdate.
+
+Installation (shared profiles doc §4):
+  1. decode the vehicle's EXI V2G_Message; take its OEM provisioning certificate (sent alone);
+  2. check that certificate chains to one of our OEM CAs and is valid and not revoked, and verify the
+     request's header signature with its key;
+  3. find the default contract for its PCID (CN);
+  4. generate the contract key (P-256, software: the one key the service ever holds, and only on its way
+     to the vehicle), issue the contract certificate (CN = EMAID) from MO Sub-CA 2 in the HSM;
+  5. encrypt the contract key for the vehicle [V2G2-818..820] (ECDH with the provisioning key; for an
+     update with the current contract certificate's key [V2G2-821]);
+  6. sign ContractSignatureCertChain, ContractSignatureEncryptedPrivateKey, DHpublickey and eMAID with the
+     CPS leaf key (HSM) as the standard's EXI XML signature, SessionID copied from the request.
+
+Failures are answered inside the protocol where the standard says so: a V2G_Message whose ResponseCode
+is FAILED_* (with the mandatory elements present but empty, unsigned), so the charger always has an
+exiResponse to forward.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlmodel import col, select
+
+from pki.context import Context
+from pki.contracts import chain_status, default_contract_for
+from pki.cps.errors import CPSError, ExiError, KeyWrapError, SignatureVerificationFailed, XmlDsigError
+from pki.cps.exi import (
+    EMAID,
+    CertificateChain,
+    CertificateInstallationReq,
+    CertificateInstallationRes,
+    CertificateUpdateReq,
+    CertificateUpdateRes,
+    DHPublicKey,
+    EncryptedPrivateKey,
+    MessageHeader,
+    V2GMessage,
+    encode_message,
+)
+from pki.cps.exi.messages import ResponseCode, X509IssuerSerial
+from pki.cps.keywrap import wrap_contract_key
+from pki.cps.xmldsig import sign_contract_response, verify_request
+from pki.csr import SubjectFields
+from pki.errors import PKIError
+from pki.issuance import CAHandle, IssueRequest, der
+from pki.names import normalise_emaid
+from pki.store.db import utcnow
+from pki.store.models import Certificate, Contract
+
+EXI_REQUEST_MAX_B64 = 5600  # OCPP 2.0.1 Get15118EVCertificateRequest.exiRequest maxLength
+EXI_RESPONSE_MAX_B64 = 7500  # Get15118EVCertificateResponse.exiResponse maxLength
+MAX_ROOT_IDS = 20  # ListOfRootCertificateIDs maxOccurs
+
+
+class CPSFailure(CPSError):
+    """A failure the standard reports inside CertificateInstallationRes/UpdateRes."""
+
+    def __init__(self, response_code: ResponseCode, message: str) -> None:
+        super().__init__(message)
+        self.response_code = response_code
+
+
+@dataclass
+class Delivery:
+    message: V2GMessage
+    exi: bytes
+    response_code: ResponseCode
+    emaid: str | None = None
+    contract_serial: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _norm_name(s: str) -> frozenset[str]:
+    """Issuer names arrive in different renderings (RFC 2253/4514, Python str(Name), OpenSSL one-line):
+    compare as a set of normalised 'type=value' pairs."""
+    parts = re.split(r"\s*[,/]\s*", s.strip().strip("/"))
+    aliases = {"commonname": "cn", "organizationname": "o", "countryname": "c", "domaincomponent": "dc",
+               "0.9.2342.19200300.100.1.25": "dc", "2.5.4.3": "cn", "2.5.4.10": "o", "2.5.4.6": "c"}
+    out = set()
+    for p in parts:
+        if "=" not in p:
+            continue
+        k, v = p.split("=", 1)
+        k = k.strip().lower()
+        out.add(f"{aliases.get(k, k)}={v.strip().lower()}")
+    return frozenset(out)
+
+
+def _matches_root(root: CAHandle, ids: tuple[X509IssuerSerial, ...]) -> bool:
+    want = _norm_name(root.cert.subject.rfc4514_string())
+    for rid in ids:
+        if rid.serial_number == root.cert.serial_number and (
+            _norm_name(rid.issuer_name) == want or not rid.issuer_name
+        ):
+            return True
+    return False
+
+
+def _root_name(ctx: Context, name: str) -> str:
+    cur = ctx.engine.ca(name)
+    while cur.row.parent is not None:
+        cur = ctx.engine.ca(cur.row.parent)
+    return cur.name
+
+
+def _pick_ca(ctx: Context, profile_names: set[str], ids: tuple[X509IssuerSerial, ...]) -> CAHandle | None:
+    """An active CA of the wanted profile whose root the vehicle trusts (ListOfRootCertificateIDs)."""
+    cands = [h for h in ctx.engine.cas() if h.row.profile in profile_names and h.row.status == "active"
+             and h.alg.value == "p256"]
+    cands.sort(key=lambda h: -h.row.not_after.timestamp())
+    for h in cands:
+        if _matches_root(ctx.engine.ca(_root_name(ctx, h.name)), ids):
+            return h
+    return None
+
+
+def _cps_signer(ctx: Context, ids: tuple[X509IssuerSerial, ...]) -> tuple[Certificate, list[bytes]]:
+    """The newest valid CPS leaf (key held in the HSM) whose V2G root the vehicle trusts."""
+    now = utcnow()
+    with ctx.db.session() as s:
+        rows = list(s.exec(select(Certificate).where(
+            Certificate.profile == "cps-leaf", Certificate.status == "valid", col(Certificate.key_uri).is_not(None),
+            col(Certificate.not_after) > now).order_by(col(Certificate.not_after).desc())))
+    for row in rows:
+        root = ctx.engine.ca(_root_name(ctx, row.issuer))
+        if _matches_root(root, ids):
+            chain = [c.public_bytes(serialization.Encoding.DER) for c in ctx.engine.chain(row.issuer)[:-1]]
+            return row, chain
+    raise CPSFailure(ResponseCode.FAILED_NoCertificateAvailable,
+                     "no CPS certificate chains to a V2G root the vehicle trusts")
+
+
+def _key_label(uri: str) -> str:
+    from hsm.uri import Pkcs11Uri
+
+    if uri.startswith("pkcs11:"):
+        return Pkcs11Uri.parse(uri).object
+    return uri.split(":", 1)[1]
+
+
+def _failed(session_id: bytes, code: ResponseCode, update: bool) -> V2GMessage:
+    empty_chain = CertificateChain(b"", (), "id1")
+    args = dict(
+        response_code=code,
+        sa_provisioning_certificate_chain=CertificateChain(b""),
+        contract_signature_cert_chain=empty_chain,
+        # The schema requires these elements even in a FAILED_* response and constrains their lengths
+        # (48-octet key, 65-octet point, 14–15 character eMAID): schema-valid placeholders, not signed.
+        contract_signature_encrypted_private_key=EncryptedPrivateKey(bytes(48), "id2"),
+        dh_public_key=DHPublicKey(b"\x04" + bytes(64), "id3"),
+        emaid=EMAID("0" * 14, "id4"),
+    )
+    body: CertificateInstallationRes | CertificateUpdateRes = (
+        CertificateUpdateRes(**args) if update else CertificateInstallationRes(**args)  # type: ignore[arg-type]
+    )
+    return V2GMessage(MessageHeader(session_id), body)
+
+
+def _contract_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def deliver(ctx: Context, exi_request: bytes, *, actor: str = "cps") -> Delivery:
+    """Answer a CertificateInstallationReq or CertificateUpdateReq V2G_Message (EXI in, EXI out)."""
+    from pki.cps.exi import decode_message
+
+    try:
+        request = decode_message(exi_request)
+    except ExiError as exc:
+        raise CPSError(f"exiRequest is not a valid ISO 15118-2 EXI V2G_Message: {exc.message}") from None
+    body = request.body
+    session_id = request.header.session_id
+    update = isinstance(body, CertificateUpdateReq)
+    if not isinstance(body, CertificateInstallationReq | CertificateUpdateReq):
+        raise CPSError("exiRequest is neither a CertificateInstallationReq nor a CertificateUpdateReq")
+    try:
+        return _deliver(ctx, exi_request, body, session_id, actor)
+    except CPSFailure as f:
+        msg = _failed(session_id, f.response_code, update)
+        return Delivery(msg, encode_message(msg), f.response_code, notes=[f.message])
+
+
+def _deliver(ctx: Context, raw: bytes, body: CertificateInstallationReq | CertificateUpdateReq, session_id: bytes,
+             actor: str) -> Delivery:
+    ids = body.root_certificate_ids[:MAX_ROOT_IDS]
+    if isinstance(body, CertificateInstallationReq):
+        try:
+            vehicle_cert = x509.load_der_x509_certificate(body.oem_provisioning_cert)
+        except ValueError:
+            raise CPSFailure(ResponseCode.FAILED_CertChainError, "OEM provisioning certificate is not DER") from None
+        status, _ = chain_status(ctx, vehicle_cert, "oem")
+        _status_failure(status, "OEM provisioning certificate")
+        cn = vehicle_cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        pcid = str(cn[0].value).upper() if cn else ""
+        dcs = vehicle_cert.subject.get_attributes_for_oid(x509.NameOID.DOMAIN_COMPONENT)
+        if not dcs or str(dcs[0].value).upper() != "OEM":
+            # The provisioning service checks DC=OEM (shared profiles doc §2).
+            raise CPSFailure(ResponseCode.FAILED_CertChainError, "provisioning certificate lacks DC=OEM")
+        _verify(raw, vehicle_cert)
+        try:
+            contract = default_contract_for(ctx, pcid)
+        except PKIError:
+            contract = None
+        if contract is None:
+            raise CPSFailure(ResponseCode.FAILED_NoCertificateAvailable, f"no active contract for PCID {pcid}")
+    else:
+        try:
+            vehicle_cert = x509.load_der_x509_certificate(body.contract_signature_cert_chain.certificate)
+        except ValueError:
+            raise CPSFailure(ResponseCode.FAILED_CertChainError, "contract certificate is not DER") from None
+        status, _ = chain_status(ctx, vehicle_cert, "mo")
+        if status != "CertificateExpired":  # an update may renew an expired contract certificate
+            _status_failure(status, "current contract certificate")
+        _verify(raw, vehicle_cert)
+        try:
+            emaid = normalise_emaid(body.emaid)
+        except PKIError:
+            raise CPSFailure(ResponseCode.FAILED_NoCertificateAvailable, "eMAID is not a valid EMAID") from None
+        cn = vehicle_cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        if not cn or normalise_emaid(str(cn[0].value)) != emaid:
+            raise CPSFailure(ResponseCode.FAILED_CertChainError, "eMAID does not match the contract certificate")
+        with ctx.db.session() as s:
+            contract = s.exec(select(Contract).where(Contract.emaid == emaid)).first()
+        if contract is None:
+            raise CPSFailure(ResponseCode.FAILED_NoCertificateAvailable, f"no contract {emaid}")
+        if contract.status != "active" or contract.valid_until <= utcnow():
+            raise CPSFailure(ResponseCode.FAILED_ContractCanceled, f"contract {emaid} is terminated or expired")
+    return build_delivery(ctx, contract, vehicle_cert, ids, session_id,
+                          update=isinstance(body, CertificateUpdateReq), actor=actor)
+
+
+def build_delivery(ctx: Context, contract: Contract, vehicle_cert: x509.Certificate,
+                   ids: tuple[X509IssuerSerial, ...] | None, session_id: bytes, *, update: bool,
+                   actor: str) -> Delivery:
+    """Issue the contract certificate, encrypt its key for ``vehicle_cert`` and sign the response.
+
+    ``ids`` None means "any of our roots" (contract data prepared ahead of time, before the vehicle says
+    which roots it trusts)."""
+    if ids is None:
+        ids = tuple(X509IssuerSerial(h.cert.subject.rfc4514_string(), h.cert.serial_number)
+                    for h in ctx.engine.cas() if h.row.parent is None)
+    mo_ca = _pick_ca(ctx, {"mo-sub2"}, ids)
+    if mo_ca is None:
+        raise CPSFailure(ResponseCode.FAILED_NoCertificateAvailable, "no MO chain to a root the vehicle trusts")
+    cps_row, cps_subs = _cps_signer(ctx, ids)
+
+    # The contract key: generated here, used once to issue and once to wrap, never stored or logged.
+    key = _contract_key()
+    try:
+        with ctx.db.session() as s:
+            from pki.store.models import Organization
+
+            org = s.exec(select(Organization).where(Organization.name == contract.emsp)).first()
+        o_name = str((org.settings or {}).get("organization_name") or contract.emsp) if org else contract.emsp
+        subject = SubjectFields(cn=contract.emaid, o=o_name[:64], c=contract.emaid[:2], dc="MO")
+        issued = ctx.engine.issue(IssueRequest(
+            profile="contract", public_key=key.public_key(), subject=subject, identifier=contract.emaid,
+            ca=mo_ca.name, tenant=contract.emsp, not_after=contract.valid_until, actor=actor,
+        ))
+        try:
+            wrapped = wrap_contract_key(key, vehicle_cert)
+        except KeyWrapError as exc:
+            raise CPSFailure(ResponseCode.FAILED, f"contract key could not be encrypted: {exc.message}") from None
+    finally:
+        del key
+    contract_chain = CertificateChain(issued.der, tuple(der(c) for c in issued.chain[:-1]), "id1")
+    cps_cert = x509.load_der_x509_certificate(cps_row.der)
+    sa_chain = CertificateChain(cps_row.der, tuple(cps_subs))
+    args = dict(
+        response_code=ResponseCode.OK,
+        sa_provisioning_certificate_chain=sa_chain,
+        contract_signature_cert_chain=contract_chain,
+        contract_signature_encrypted_private_key=EncryptedPrivateKey(wrapped.encrypted_private_key, "id2"),
+        dh_public_key=DHPublicKey(wrapped.dh_public_key, "id3"),
+        emaid=EMAID(contract.emaid, "id4"),
+    )
+    res: CertificateInstallationRes | CertificateUpdateRes = (
+        CertificateUpdateRes(**args) if update  # type: ignore[arg-type]
+        else CertificateInstallationRes(**args)  # type: ignore[arg-type]
+    )
+    assert cps_row.key_uri is not None
+    signer = ctx.keystore.signer(_key_label(cps_row.key_uri))
+    if not isinstance(signer, ec.EllipticCurvePrivateKey):
+        raise CPSFailure(ResponseCode.FAILED, "CPS key is not an EC key")
+    try:
+        message = sign_contract_response(session_id, res, signer)
+    except XmlDsigError as exc:
+        raise CPSError(f"CPS signature failed: {exc.message}") from None
+    del cps_cert
+    return Delivery(message, encode_message(message), ResponseCode.OK, emaid=contract.emaid,
+                    contract_serial=issued.serial)
+
+
+def _status_failure(status: str, what: str) -> None:
+    codes = {"CertificateRevoked": ResponseCode.FAILED_CertificateRevoked,
+             "CertificateExpired": ResponseCode.FAILED_CertificateExpired,
+             "CertChainError": ResponseCode.FAILED_CertChainError}
+    if status != "Accepted":
+        raise CPSFailure(codes.get(status, ResponseCode.FAILED_CertChainError), f"{what}: {status}")
+
+
+def _verify(raw: bytes, cert: x509.Certificate) -> None:
+    try:
+        verify_request(raw, cert)
+    except SignatureVerificationFailed as exc:
+        raise CPSFailure(ResponseCode.FAILED_SignatureError, f"request signature: {exc.message}") from None
+    except (XmlDsigError, ExiError) as exc:
+        raise CPSFailure(ResponseCode.FAILED_SignatureError, f"request signature: {exc.message}") from None
