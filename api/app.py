@@ -25,6 +25,7 @@ ROUTERS = [
     "api.responders",      # OCSP (RFC 6960/5019) and CRL distribution
     "api.v1.routes",       # /v1 enrollment, certificates, CAs, trust stores, orgs, audit
     "api.v1.contracts",    # /v1 contracts, provisioning pool; OCPP authorize
+    "api.v1.subscriptions",  # /v1 lifecycle subscriptions, trust-store versions (+ outbox dispatcher)
     "api.ocpp.v201",       # OCPP 2.0.1-shaped endpoints
     "api.ocpp.ev_certificate",  # ISO 15118-2 CPS: Get15118EVCertificate, contract installations
     "api.ocpp.status",     # OCPP 2.0.1 GetCertificateStatus (OCSP for the station's own chain)
@@ -55,6 +56,9 @@ def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
     from api.limits import BodyLimit
 
     app.add_middleware(BodyLimit)
+    from api import observability
+
+    observability.setup(app)  # request IDs, JSON logs, /metrics, /readyz — on lean apps (OCSP) too
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

@@ -11,6 +11,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hsm.errors import HSMConfigError, HSMError, HSMUnavailable
@@ -56,6 +57,14 @@ def install(app: FastAPI) -> None:
         errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
         return problem(422, "invalid-request", "Invalid request", "the request body or parameters are invalid",
                        errors=errors)
+
+    @app.exception_handler(DataError)
+    async def _data(_: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value the client sent (PostgreSQL: a NUL byte in text, an integer out of
+        # range): the request is invalid, not the server. Logged, since a server-made value would be a bug.
+        log.warning("database refused a request value: %s", type(exc.orig).__name__ if exc.orig else exc)
+        return problem(400, "invalid-request", "Invalid request",
+                       "a value in the request cannot be stored or searched (NUL character or number out of range)")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

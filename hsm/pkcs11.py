@@ -48,6 +48,11 @@ T = TypeVar("T")
 _LOCK = threading.RLock()
 _FORK_GENERATION = 0
 _LIB_GENERATION: dict[str, int] = {}  # module path -> fork generation it was initialised in
+# Bumped on every C_Finalize + C_Initialize this module performs. Session and object handles die with a
+# finalize, and SoftHSM hands the same numbers out again afterwards: a handle cached before can then name
+# another store's session and another key (seen: a stale key handle resolving to a public key of another
+# token, CKR_KEY_FUNCTION_NOT_PERMITTED). Every store whose handles predate the current epoch reopens.
+_LIB_EPOCH = 0
 
 
 def _after_fork_in_child() -> None:
@@ -76,6 +81,13 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     p11e.FunctionFailed,
     p11e.NoSuchToken,
 )
+
+
+def _reinitialize(lib: Any) -> None:
+    """C_Finalize + C_Initialize, marking every handle of this process stale (see _LIB_EPOCH)."""
+    global _LIB_EPOCH
+    _LIB_EPOCH += 1
+    lib.reinitialize()
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -149,6 +161,7 @@ class Pkcs11KeyStore:
         self._lib: Any = None
         self._session: Any = None
         self._generation = -1
+        self._epoch = -1
         self._keys: dict[str, tuple[Any, PublicKey, KeyAlg]] = {}
 
     def __repr__(self) -> str:  # never show the PIN
@@ -160,11 +173,16 @@ class Pkcs11KeyStore:
         try:
             lib = pkcs11.lib(self.module)
         except p11e.PKCS11Error as exc:
+            if _is_transient(exc):
+                # C_Initialize can fail with CKR_GENERAL_ERROR while another process rewrites a token file
+                # (SoftHSM rewrites token.object at every C_Login): an outage for _run to retry, not a bad
+                # module path. A persistently bad SOFTHSM2_CONF ends as HSMUnavailable after the retries.
+                raise
             raise HSMConfigError(f"cannot load PKCS#11 module {self.module}") from exc
         if _LIB_GENERATION.get(self.module, _FORK_GENERATION) != _FORK_GENERATION:
             # Loaded before a fork: SoftHSM's state is the parent's, so C_Finalize + C_Initialize.
             try:
-                lib.reinitialize()
+                _reinitialize(lib)
             except p11e.PKCS11Error:
                 pass
         _LIB_GENERATION[self.module] = _FORK_GENERATION
@@ -174,7 +192,7 @@ class Pkcs11KeyStore:
             # SoftHSM reads its token directory at C_Initialize: a token created since (by
             # `v2gpki hsm init` in another process) appears only after re-initialisation.
             try:
-                lib.reinitialize()
+                _reinitialize(lib)
                 token = lib.get_token(token_label=self.token_label)
             except (p11e.NoSuchToken, p11e.MultipleTokensReturned) as exc:
                 raise HSMConfigError(f"PKCS#11 token {self.token_label!r} not found") from exc
@@ -190,6 +208,7 @@ class Pkcs11KeyStore:
             self._session = token.open(rw=True)
         self._lib = lib
         self._generation = _FORK_GENERATION
+        self._epoch = _LIB_EPOCH
         self._keys.clear()
 
     def _drop_session(self) -> None:
@@ -203,9 +222,10 @@ class Pkcs11KeyStore:
             last: BaseException | None = None
             for attempt in range(self.retries + 1):
                 try:
-                    if self._session is None or self._generation != _FORK_GENERATION:
-                        if self._generation != _FORK_GENERATION:
-                            self._drop_session()
+                    if (self._session is None or self._generation != _FORK_GENERATION
+                            or self._epoch != _LIB_EPOCH):
+                        # Handles from before a fork or a re-initialisation are dead or, worse, reused.
+                        self._drop_session()
                         self._open()
                     result = fn(self._session)
                     self._breaker.success()
@@ -220,7 +240,7 @@ class Pkcs11KeyStore:
                     self._drop_session()
                     if self._lib is not None:
                         try:
-                            self._lib.reinitialize()
+                            _reinitialize(self._lib)
                         except p11e.PKCS11Error:
                             pass
                     time.sleep(min(0.05 * (2**attempt), 0.5))

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     ocsp_validity_hours: int = Field(default=24 * 9, ge=1)  # chargers refresh weekly: 9 days of margin
     crl_validity_hours: int = Field(default=24 * 7, ge=1)
 
+    # Celery broker (workers: OCSP pre-signing, CRL refresh, expiry alerts, renewals); required in production.
+    broker_url: str | None = None
+    # Where TLS for the API ends: "proxy" (load balancer / nginx in front), "uvicorn" (`serve --tls-cert`),
+    # or "none". Production refuses a plain-http public URL with "none" (docs/operations.md).
+    tls_termination: Literal["none", "proxy", "uvicorn"] = "none"
+
     @cached_property
     def home_dir(self) -> Path:
         return self.home.resolve()
@@ -75,6 +81,67 @@ class Settings(BaseSettings):
 
     def public_base(self) -> str:
         return self.public_url.rstrip("/")
+
+    def production_problems(self) -> list[str]:
+        """Insecure defaults that V2GPKI_ENV=production refuses, each saying what to set instead."""
+        return production_problems(self)
+
+    def validate_production(self) -> None:
+        """Raise ConfigError listing every problem when V2GPKI_ENV=production (no-op in development)."""
+        if self.env != "production":
+            return
+        problems = self.production_problems()
+        if problems:
+            raise ConfigError("refusing to start with V2GPKI_ENV=production: " + "; ".join(problems))
+
+
+_LOOPBACK_HOSTS = {"localhost", "0.0.0.0", "::", "::1", ""}
+
+
+def production_problems(s: Settings) -> list[str]:
+    from urllib.parse import urlsplit
+
+    out: list[str] = []
+    if s.db_url.startswith("sqlite"):
+        out.append("the database is SQLite (single host, single writer, no online dump for the other hosts): "
+                   "set V2GPKI_DATABASE_URL=postgresql://USER:PASSWORD@HOST:5432/DB")
+    if s.keystore == "soft":
+        out.append("V2GPKI_KEYSTORE=soft keeps CA keys in process memory: set V2GPKI_KEYSTORE=pkcs11 and "
+                   "V2GPKI_PKCS11_MODULE to your HSM's PKCS#11 library")
+    else:
+        if s.hsm_pin is not None:
+            out.append("V2GPKI_HSM_PIN puts the token PIN in the process environment (readable in /proc, "
+                       "`docker inspect`, crash reports, child processes): unset it and set V2GPKI_HSM_PIN_FILE "
+                       "to a secret file (Docker/Kubernetes secret, systemd credential)")
+        if s.hsm_pin_file is None:
+            if s.hsm_pin is None:
+                out.append(f"no V2GPKI_HSM_PIN_FILE: the PIN would come from {s.softhsm_dir / 'user.pin'}, "
+                           "stored beside the token it unlocks; set V2GPKI_HSM_PIN_FILE to a secret file "
+                           "outside V2GPKI_HOME")
+        else:
+            pin_file = s.hsm_pin_file.resolve()
+            if pin_file.is_relative_to(s.home_dir):
+                out.append(f"V2GPKI_HSM_PIN_FILE={s.hsm_pin_file} lies under V2GPKI_HOME ({s.home_dir}), "
+                           "beside the token and in its backups: mount the PIN as a secret outside the data "
+                           "directory (e.g. /run/secrets/v2gpki_hsm_pin)")
+    url = urlsplit(s.public_url)
+    host = (url.hostname or "").lower()
+    if url.scheme not in ("http", "https"):
+        out.append(f"V2GPKI_PUBLIC_URL={s.public_url!r} is not an http(s) URL: set the base URL chargers "
+                   "and vehicles reach (it is written into AIA/CRLDP of every certificate)")
+    elif host in _LOOPBACK_HOSTS or host.startswith("127."):
+        out.append(f"V2GPKI_PUBLIC_URL={s.public_url} is a loopback address, yet it is written into the "
+                   "AIA/CRLDP of every certificate: set the externally reachable base URL, e.g. "
+                   "http://pki.example.com")
+    elif url.scheme == "http" and s.tls_termination == "none":
+        out.append("V2GPKI_PUBLIC_URL is plain http and no TLS termination is declared, so API keys and "
+                   "enrollments would cross the network in clear: terminate TLS at a proxy and set "
+                   "V2GPKI_TLS_TERMINATION=proxy, or run `v2gpki serve --tls-cert ... --tls-key ...` and set "
+                   "V2GPKI_TLS_TERMINATION=uvicorn (the AIA/CRL URLs themselves may stay http)")
+    if not s.broker_url:
+        out.append("no V2GPKI_BROKER_URL: OCSP pre-signing, CRL refresh, expiry alerts and renewals run in "
+                   "Celery workers; set V2GPKI_BROKER_URL=redis://HOST:6379/0")
+    return out
 
 
 def load_settings() -> Settings:

@@ -42,6 +42,7 @@ class Context:
 def build_context(settings: Settings | None = None, *, keystore: KeyStore | None = None,
                   migrate: bool = True) -> Context:
     settings = settings or Settings()
+    settings.validate_production()  # V2GPKI_ENV=production refuses insecure defaults, before touching anything
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     profiles = load_profiles(settings.policies_dir)  # fail fast on bad policies
     db = Database(settings.db_url)
@@ -49,4 +50,11 @@ def build_context(settings: Settings | None = None, *, keystore: KeyStore | None
         db.migrate()
     ks = keystore if keystore is not None else open_keystore(settings)
     engine = Engine(db, ks, profiles, settings.public_base(), pkilint_mode=settings.pkilint)
-    return Context(settings, db, ks, profiles, engine)
+    ctx = Context(settings, db, ks, profiles, engine)
+    from pki.ocsp import install_hooks  # OCSP pre-signing and CRL regeneration, after commit
+
+    install_hooks(ctx)
+    from pki.lifecycle import install_hooks as lifecycle_hooks  # outbox rows in the issuing transaction
+
+    lifecycle_hooks(ctx)  # also validates policies/lifecycle.yaml (fail fast)
+    return ctx

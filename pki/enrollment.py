@@ -97,10 +97,14 @@ def register_station(ctx: Context, p: Principal, identity: str) -> Station:
     with ctx.db.session() as s:
         st = Station(org=p.org, identity=identity, created_at=utcnow())
         s.add(st)
-        audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="station.register", object=identity))
         try:
+            # Flush the INSERT before the audit append queries the chain head: otherwise autoflush raises
+            # the duplicate inside audit.append, outside this handler (a 500 instead of 409).
+            s.flush()
+            audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="station.register", object=identity))
             s.commit()
         except IntegrityError:
+            s.rollback()
             raise Conflict(f"station {identity!r} already registered") from None
         s.refresh(st)
         return st

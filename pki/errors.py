@@ -96,3 +96,23 @@ class Forbidden(PKIError):
 class Conflict(PKIError):
     code = "conflict"
     status = 409
+
+
+class MalformedOCSPRequest(PKIError):
+    """Not a DER OCSPRequest (RFC 6960 §4.1.1). The OCSP routes answer it with the OCSP
+    ``malformedRequest`` response (RFC 6960 §2.3), never with a problem document."""
+
+    code = "malformed-ocsp-request"
+
+
+class BadStatusRequest(PKIError):
+    """An OCPP GetCertificateStatus OCSPRequestData that cannot be decoded (hash or serial encoding)."""
+
+    code = "bad-status-request"
+
+
+class CRLUnavailable(PKIError):
+    """No CRL has been generated for this CA yet, and this process may not generate one."""
+
+    code = "crl-unavailable"
+    status = 503

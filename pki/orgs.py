@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy import event
 from sqlmodel import Session, select
 
 from pki import audit
@@ -147,12 +150,63 @@ def revoke_api_key(db: Database, key_id: str, *, actor: str = "cli") -> None:
             s.commit()
 
 
+# -- API key cache -------------------------------------------------------------------------------------
+#
+# A valid key's principal is kept for V2GPKI_AUTH_CACHE_TTL seconds (default 5; 0 turns the cache off), so
+# a busy client does not cost two queries per request. Revocation and expiry stay honest:
+#   * a change to any API key or organization row made through this process (revoke_api_key, the API, a
+#     test editing the row) empties the cache at once (SQLAlchemy mapper events below);
+#   * a revocation made by another process (`v2gpki apikey revoke`, another uvicorn worker) takes effect
+#     here within the TTL;
+#   * the key's own expiry time is checked on every hit; failures are never cached.
+
+_CACHE: dict[str, tuple[float, datetime | None, Principal]] = {}
+_CACHE_MAX = 10_000
+_GENERATION = [0]  # bumped by every invalidation: a lookup that raced one does not cache its answer
+
+
+def _cache_ttl() -> float:
+    try:
+        return float(os.environ.get("V2GPKI_AUTH_CACHE_TTL", "5"))
+    except ValueError:
+        return 5.0
+
+
+def clear_auth_cache(*_: object) -> None:
+    _GENERATION[0] += 1
+    _CACHE.clear()
+
+
+for _model in (ApiKey, Organization):
+    for _ev in ("after_insert", "after_update", "after_delete"):
+        event.listen(_model, _ev, clear_auth_cache)
+
+
 def authenticate_api_key(db: Database, presented: str, now: datetime | None = None) -> Principal:
     parts = presented.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX:
         raise Unauthenticated("malformed API key")
     _, key_id, secret = parts
     now = now or utcnow()
+    ttl = _cache_ttl()
+    ck = _hash_secret(f"{db.url}\0{presented}") if ttl > 0 else ""  # one process may open several databases
+    hit = _CACHE.get(ck) if ttl > 0 else None
+    if hit is not None:
+        until, expires_at, principal = hit
+        if time.monotonic() < until and (expires_at is None or now < expires_at):
+            return principal
+        _CACHE.pop(ck, None)
+    gen = _GENERATION[0]
+    p = _authenticate_api_key_db(db, key_id, secret, now)
+    if ttl > 0 and gen == _GENERATION[0]:
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.clear()
+        _CACHE[ck] = (time.monotonic() + ttl, p[1], p[0])
+    return p[0]
+
+
+def _authenticate_api_key_db(db: Database, key_id: str, secret: str,
+                             now: datetime) -> tuple[Principal, datetime | None]:
     with db.session() as s:
         row = s.exec(select(ApiKey).where(ApiKey.key_id == key_id)).first()
         # Compare in constant time even when the key id is unknown, so timing does not reveal ids.
@@ -164,7 +218,7 @@ def authenticate_api_key(db: Database, presented: str, now: datetime | None = No
         if row.expires_at is not None and row.expires_at <= now:
             raise Unauthenticated("API key expired")
         org = get_org(s, row.org)
-        return principal_of(org, f"apikey:{key_id}")
+        return principal_of(org, f"apikey:{key_id}"), row.expires_at
 
 
 def check_owns(p: Principal, kind: str, identifier: str) -> None:

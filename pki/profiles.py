@@ -25,6 +25,7 @@ KeyUsageName = Literal[
     "crl_sign",
 ]
 EkuName = Literal["clientAuth", "serverAuth", "OCSPSigning"]
+_EDDSA_KEY_USAGE = frozenset({"digital_signature", "content_commitment", "key_cert_sign", "crl_sign"})
 CnKind = Literal["fixed", "evseid", "seccid", "evseid_or_seccid", "emaid", "pcid", "station", "fqdn", "any"]
 
 
@@ -81,6 +82,17 @@ class Profile(_Strict):
         if "key_encipherment" in self.key_usage and not self.legacy_key_encipherment:
             raise ValueError("key_encipherment with EC keys needs legacy_key_encipherment: true (RFC 8813)")
         return self
+
+    def key_usage_for(self, alg: KeyAlg) -> list[KeyUsageName]:
+        """The keyUsage bits for a subject key of ``alg``.
+
+        RFC 8410 §5: a certificate for an Ed448 key may only assert digitalSignature, nonRepudiation,
+        keyCertSign and cRLSign. The -2-derived leaf profiles (SECC, OEM provisioning, contract) list
+        keyAgreement for their ECDH-capable P-256/P-521 keys; an Ed448 key of the same profile signs only.
+        """
+        if alg is KeyAlg.ED448:
+            return [u for u in self.key_usage if u in _EDDSA_KEY_USAGE]
+        return list(self.key_usage)
 
 
 class CAEntry(_Strict):

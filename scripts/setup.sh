@@ -13,6 +13,7 @@ command -v openssl >/dev/null || need_apt+=(openssl)
   command -v cfssl >/dev/null || need_apt+=(golang-cfssl)
   command -v ab >/dev/null || need_apt+=(apache2-utils)
   command -v chromium >/dev/null || need_apt+=(chromium)
+  bash scripts/peers.sh  # ISO 15118 peers for the interoperability tests (.peers/, Java)
 }
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive

@@ -12,7 +12,8 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,152 @@ def have(tool: str) -> bool:
 
 def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, **kw)  # type: ignore[call-overload, no-any-return]
+
+
+# -- CLI helpers (test_cli, test_bad_input, test_init_resume) -----------------------------------------
+
+V2GPKI_EXE = str(Path(sys.executable).parent / "v2gpki")
+
+
+def cli_env(ctx: Context, **extra: str) -> dict[str, str]:
+    """Environment that points the real `v2gpki` CLI at an initialised test context (its home, token,
+    database), as an operator would: V2GPKI_HOME, SOFTHSM2_CONF, V2GPKI_TOKEN_LABEL, V2GPKI_HSM_PIN,
+    V2GPKI_DATABASE_URL."""
+    s = ctx.settings
+    env = {k: v for k, v in os.environ.items() if not k.startswith("V2GPKI_")}
+    env.update(
+        V2GPKI_HOME=str(s.home_dir),
+        SOFTHSM2_CONF=os.environ["SOFTHSM2_CONF"],
+        V2GPKI_TOKEN_LABEL=s.token_label,
+        V2GPKI_HSM_PIN=TEST_PIN,
+        V2GPKI_PUBLIC_URL=s.public_url,
+        V2GPKI_PKILINT=s.pkilint,
+    )
+    if s.database_url:
+        env["V2GPKI_DATABASE_URL"] = s.database_url
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `v2gpki ARGS` in a subprocess (real exit code, stdout and stderr)."""
+    return subprocess.run([V2GPKI_EXE, *args], env=env, capture_output=True, text=True, input=stdin, timeout=300)
+
+
+# -- responders (test_ocsp, test_crl, test_ocpp_status) ---------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_in_thread(app: object) -> tuple[str, Callable[[], None]]:
+    """Run an ASGI app under a real uvicorn server on a free loopback port, in a daemon thread.
+    Returns (base URL, stop)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",  # type: ignore[arg-type]
+                                           access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="session")
+def responder_url(ctx: Context) -> Iterator[str]:
+    """A live HTTP server (uvicorn, loopback) with the OCSP/CRL routes and the OCPP status route, over
+    the session's initialised context — what `openssl ocsp -url` and curl talk to."""
+    from api.app import create_app
+
+    url, stop = serve_in_thread(create_app(ctx, routers=["api.responders", "api.ocpp.status"]))
+    yield url
+    stop()
+
+
+# -- lifecycle workers (tests/test_lifecycle.py, tests/test_workers.py) ----------------------------------
+
+LC_HIERARCHY = """\
+organization: Lifecycle Test
+country: DE
+cas:
+  - {name: v2g-root, profile: v2g-root, cn: V2G Root CA}
+  - {name: cpo-sub1, profile: cpo-sub1, parent: v2g-root, cn: CPO Sub-CA 1}
+  - {name: cpo-sub2, profile: cpo-sub2, parent: cpo-sub1, cn: CPO Sub-CA 2}
+  - {name: mo-root, profile: mo-root, cn: MO Root CA}
+  - {name: mo-sub1, profile: mo-sub1, parent: mo-root, cn: MO Sub-CA 1}
+  - {name: mo-sub2, profile: mo-sub2, parent: mo-sub1, cn: MO Sub-CA 2}
+  - {name: csms-root, profile: csms-root, cn: CSMS Root CA}
+  - {name: cps-sub1, profile: cps-sub1, parent: v2g-root, cn: CPS Sub-CA 1, ocsp_signer: false}
+  - {name: cps-sub2, profile: cps-sub2, parent: cps-sub1, cn: CPS Sub-CA 2, ocsp_signer: false}
+service_keys:
+  - {name: cps-leaf, profile: cps-leaf, issuer: cps-sub2, cn: CPS Leaf}
+"""
+
+
+def own_pg_database(tag: str) -> tuple[str, str] | None:
+    """A fresh PostgreSQL database (url, name) for a context of its own, or None without PostgreSQL."""
+    admin = pg_admin_url()
+    if not admin:
+        return None
+    import psycopg
+
+    name = f"v2gpki_{tag}_{secrets.token_hex(4)}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{admin.rsplit('/', 1)[0]}/{name}", name
+
+
+def drop_pg_database(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(pg_admin_url() or "", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def lifecycle_context(tmp_path_factory: pytest.TempPathFactory, token_root: Path, label: str,
+                      db_url: str | None) -> Context:
+    """A small initialised hierarchy (V2G, MO, CSMS, CPS) of its own: lifecycle tests roll roots over
+    and renew service certificates, which must not disturb the shared `ctx`."""
+    make_token(token_root, label)
+    home = tmp_path_factory.mktemp(label)
+    (home / "hierarchy.yaml").write_text(LC_HIERARCHY)
+    c = build_context(make_settings(home, token_root, label, db_url, hierarchy_file=home / "hierarchy.yaml"))
+    init_hierarchy(c.engine, c.hierarchy())
+    return c
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def lc_ctx(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           token_root: Path) -> Iterator[Context]:
+    """An initialised lifecycle context of its own, once per database backend."""
+    db_url, name = None, None
+    if request.param == "postgresql":
+        pg = own_pg_database("lc")
+        if pg is None:
+            if os.environ.get("V2GPKI_TEST_REQUIRE_PG"):
+                pytest.fail("PostgreSQL required (V2GPKI_TEST_PG_ADMIN_URL unset)")
+            pytest.skip("no PostgreSQL (set V2GPKI_TEST_PG_ADMIN_URL or run scripts/test.sh)")
+        db_url, name = pg
+    c = lifecycle_context(tmp_path_factory, token_root, f"t-lc-{request.param}", db_url)
+    yield c
+    c.db.dispose()
+    if name:
+        drop_pg_database(name)

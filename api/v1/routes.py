@@ -36,6 +36,7 @@ from pki.store.models import AuditEvent, Certificate, CertificateAuthority
 router = APIRouter(prefix="/v1")
 
 MAX_CSR_CHARS = 10000
+MAX_DB_INT = 2**31 - 1  # ids and audit sequence numbers are 32-bit INTEGER columns (PostgreSQL rejects more)
 
 
 class EnrollmentIn(BaseModel):
@@ -105,7 +106,7 @@ def _cert_out(r: Certificate) -> CertificateOut:
 @router.post("/enrollments", response_model=EnrollmentOut, status_code=201)
 def post_enrollment(body: EnrollmentIn, ctx: CtxDep, p: PrincipalDep, response: Response,
                     idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
-    digest = request_digest(body.model_dump())
+    digest = request_digest(body.model_dump()) if idempotency_key else ""
     if idempotency_key:
         prior = idempotent_lookup(ctx, p.org, idempotency_key, digest)
         if prior is not None:
@@ -134,7 +135,7 @@ def list_certificates(
     issuer: Annotated[str | None, Query(max_length=64)] = None,
     expiring_before: datetime | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+    cursor: Annotated[int | None, Query(ge=0, le=MAX_DB_INT)] = None,
 ) -> CertificateList:
     with ctx.db.session() as s:
         stmt = select(Certificate).order_by(col(Certificate.id))
@@ -253,7 +254,9 @@ def list_cas(ctx: CtxDep, p: PrincipalDep) -> list[dict[str, Any]]:
 @router.get("/cas/{ca_id}/chain")
 def ca_chain(ca_id: str, ctx: CtxDep, p: PrincipalDep) -> Response:
     name = ca_id
-    if ca_id.isdigit():
+    if ca_id.isascii() and ca_id.isdigit():  # str.isdigit() is true for '²', which int() refuses
+        if int(ca_id) > MAX_DB_INT:
+            raise NotFound(f"no CA {ca_id}")
         with ctx.db.session() as s:
             row = s.get(CertificateAuthority, int(ca_id))
         if row is None:
@@ -289,7 +292,7 @@ def get_stations(ctx: CtxDep, p: PrincipalDep) -> list[dict[str, Any]]:
 
 
 @router.get("/audit")
-def get_audit(ctx: CtxDep, p: PrincipalDep, after: Annotated[int, Query(ge=0, le=2**62)] = 0,
+def get_audit(ctx: CtxDep, p: PrincipalDep, after: Annotated[int, Query(ge=0, le=MAX_DB_INT)] = 0,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
     p.require("auditor", "admin")
     with ctx.db.session() as s:

@@ -40,6 +40,7 @@ from pki.cps.exi import (
     DHPublicKey,
     EncryptedPrivateKey,
     MessageHeader,
+    Node,
     V2GMessage,
     encode_message,
 )
@@ -78,8 +79,12 @@ class Delivery:
 
 def _norm_name(s: str) -> frozenset[str]:
     """Issuer names arrive in different renderings (RFC 2253/4514, Python str(Name), OpenSSL one-line):
-    compare as a set of normalised 'type=value' pairs."""
-    parts = re.split(r"\s*[,/]\s*", s.strip().strip("/"))
+    compare as a set of normalised 'type=value' pairs. Python's str(Name) is repr-like,
+    '<Name(CN=...,O=...)>' (what Josev's EVCC sends, from get_cert_issuer_serial): unwrap it first."""
+    s = s.strip()
+    if s.startswith("<Name(") and s.endswith(")>"):
+        s = s[6:-2]
+    parts = re.split(r"\s*(?<!\\)[,/]\s*", s.strip("/"))
     aliases = {"commonname": "cn", "organizationname": "o", "countryname": "c", "domaincomponent": "dc",
                "0.9.2342.19200300.100.1.25": "dc", "2.5.4.3": "cn", "2.5.4.10": "o", "2.5.4.6": "c"}
     out = set()
@@ -168,10 +173,11 @@ def _contract_key() -> ec.EllipticCurvePrivateKey:
 
 def deliver(ctx: Context, exi_request: bytes, *, actor: str = "cps") -> Delivery:
     """Answer a CertificateInstallationReq or CertificateUpdateReq V2G_Message (EXI in, EXI out)."""
-    from pki.cps.exi import decode_message
+    from pki.cps.exi import decode_message_tree
 
     try:
-        request = decode_message(exi_request)
+        tree = decode_message_tree(exi_request)  # decoded once: the signature check re-encodes this tree
+        request = V2GMessage.from_node(tree)
     except ExiError as exc:
         raise CPSError(f"exiRequest is not a valid ISO 15118-2 EXI V2G_Message: {exc.message}") from None
     body = request.body
@@ -180,13 +186,13 @@ def deliver(ctx: Context, exi_request: bytes, *, actor: str = "cps") -> Delivery
     if not isinstance(body, CertificateInstallationReq | CertificateUpdateReq):
         raise CPSError("exiRequest is neither a CertificateInstallationReq nor a CertificateUpdateReq")
     try:
-        return _deliver(ctx, exi_request, body, session_id, actor)
+        return _deliver(ctx, tree, body, session_id, actor)
     except CPSFailure as f:
         msg = _failed(session_id, f.response_code, update)
         return Delivery(msg, encode_message(msg), f.response_code, notes=[f.message])
 
 
-def _deliver(ctx: Context, raw: bytes, body: CertificateInstallationReq | CertificateUpdateReq, session_id: bytes,
+def _deliver(ctx: Context, raw: Node, body: CertificateInstallationReq | CertificateUpdateReq, session_id: bytes,
              actor: str) -> Delivery:
     ids = body.root_certificate_ids[:MAX_ROOT_IDS]
     if isinstance(body, CertificateInstallationReq):
@@ -305,7 +311,7 @@ def _status_failure(status: str, what: str) -> None:
         raise CPSFailure(codes.get(status, ResponseCode.FAILED_CertChainError), f"{what}: {status}")
 
 
-def _verify(raw: bytes, cert: x509.Certificate) -> None:
+def _verify(raw: Node, cert: x509.Certificate) -> None:
     try:
         verify_request(raw, cert)
     except SignatureVerificationFailed as exc:

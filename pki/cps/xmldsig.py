@@ -204,11 +204,14 @@ def _public_key(key: ec.EllipticCurvePublicKey | x509.Certificate) -> ec.Ellipti
 
 
 def verify_request(
-    exi_request: bytes,
+    exi_request: bytes | Node,
     signer_key: ec.EllipticCurvePublicKey | x509.Certificate,
     limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> VerifiedRequest:
     """Decode a CertificateInstallationReq/UpdateReq V2G_Message and verify its header signature.
+
+    ``exi_request``: the EXI stream, or its tree as ``decode_message_tree`` returned it (a caller that has
+    decoded the message already saves a second decode; the checks are the same).
 
     ``signer_key``: the OEM provisioning certificate (installation) or the current contract certificate
     (update) — validating *that* certificate's chain is the caller's job. Checks that exactly the body
@@ -218,7 +221,7 @@ def verify_request(
     Raises :class:`SignatureVerificationFailed` (or an EXI error for a malformed stream).
     """
     public_key = _public_key(signer_key)
-    tree = decode_message_tree(exi_request, limits)
+    tree = exi_request if isinstance(exi_request, Node) else decode_message_tree(exi_request, limits)
     message = V2GMessage.from_node(tree)
     body = message.body
     if not isinstance(body, CertificateInstallationReq | CertificateUpdateReq):

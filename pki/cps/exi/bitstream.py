@@ -85,6 +85,12 @@ class BitReader:
     def remaining_bits(self) -> int:
         return self._end - self._pos
 
+    def seek(self, position: int) -> None:
+        """Back to a bit position read before (a decoder's look-ahead)."""
+        if not 0 <= position <= self._end:
+            raise ValueError("position outside the stream")
+        self._pos = position
+
     def read_bits(self, nbits: int) -> int:
         if nbits == 0:
             return 0

@@ -9,6 +9,7 @@ still checked on both sides: the encoder never emits a schema-invalid value and 
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -37,6 +38,10 @@ DEFAULT_LIMITS = DecodeLimits()
 def bits_for(count: int) -> int:
     """⌈log2 count⌉, the width of an n-bit code distinguishing ``count`` values (EXI 1.0 §6.2)."""
     return (count - 1).bit_length() if count > 1 else 0
+
+
+_ASCII_NON_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_ASCII_NON_XML_BYTES = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 def _is_xml_char(cp: int) -> bool:
@@ -73,9 +78,14 @@ class StringType(Datatype):
     def check(self, value: object) -> object:
         if not isinstance(value, str):
             raise ExiEncodeError(f"{self.label}: expected a string")
-        for ch in value:
-            if not _is_xml_char(ord(ch)):
-                raise ExiEncodeError(f"{self.label}: character U+{ord(ch):04X} is not allowed in XML")
+        if value.isascii():  # fast path: only the C0 controls other than TAB, LF, CR are not XML characters
+            bad = _ASCII_NON_XML.search(value)
+            if bad is not None:
+                raise ExiEncodeError(f"{self.label}: character U+{ord(bad.group()):04X} is not allowed in XML")
+        else:
+            for ch in value:
+                if not _is_xml_char(ord(ch)):
+                    raise ExiEncodeError(f"{self.label}: character U+{ord(ch):04X} is not allowed in XML")
         self._facets(value, ExiEncodeError)
         return value
 
@@ -88,6 +98,11 @@ class StringType(Datatype):
     def write(self, writer: BitWriter, value: object) -> None:
         assert isinstance(value, str)
         writer.write_uint(len(value) + 2)
+        if value.isascii():
+            # A code point below 128 is an Unsigned Integer of one 7-bit group with the 'more' bit clear:
+            # exactly the ASCII octet. So an ASCII string is its ASCII octets (the usual case in ISO 15118).
+            writer.write_octets(value.encode("ascii"))
+            return
         for ch in value:
             writer.write_uint(ord(ch))
 
@@ -108,6 +123,15 @@ def read_string_literal(reader: BitReader, limits: DecodeLimits, label: str) -> 
         raise ExiLimitExceeded(f"{label}: string longer than {limits.max_string_chars} characters")
     if 8 * length > reader.remaining_bits:
         raise ExiDecodeError(f"{label}: string runs past the end of the stream")
+    start = reader.position
+    octets = reader.read_octets(length)
+    if octets.isascii():
+        # Every octet < 0x80 is a complete one-group Unsigned Integer (EXI 1.0 §7.1.6): the code point itself.
+        bad = _ASCII_NON_XML_BYTES.search(octets)
+        if bad is not None:
+            raise ExiDecodeError(f"{label}: code point {bad.group()[0]:#x} is not an XML character")
+        return octets.decode("ascii")
+    reader.seek(start)  # some code point takes more than one group: decode one by one
     chars = []
     for _ in range(length):
         cp = reader.read_uint(3)

@@ -5,6 +5,7 @@ from sqlalchemy import engine_from_config, pool
 from sqlmodel import SQLModel
 
 import pki.store.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+import pki.store.models_lifecycle  # noqa: F401  (lifecycle workers' tables, migration 0003)
 
 config = context.config
 target_metadata = SQLModel.metadata

@@ -1,0 +1,1333 @@
+"""The lean standalone OCSP/CRL responder: a raw asyncio HTTP/1.1 server over an in-memory table of
+pre-signed OCSP responses. `v2gpki ocsp-serve` runs it (api/ocsp_app.py ``serve_ocsp``).
+
+The hot path is a lookup of pre-signed bytes, not a framework: the RFC 5019 request (one SHA-1 CertID,
+no nonce) is recognised by its DER shape, its CertID bytes are the key of a dict built from the
+``ocsp_response`` table, and the stored DER goes back byte for byte. Everything else is answered by
+pki/ocsp.py's responder, unchanged, in a thread pool: nonces, several CertIDs, hash algorithms that are
+not pre-signed, unknown serials, missing or stale responses (see docs/responders.md).
+
+Processes. The parent migrates, loads the table once, binds one listening socket and forks
+``workers`` children sharing it (pre-fork accept; ``reuse_port=True`` gives each child its own
+SO_REUSEPORT socket instead). Each child inherits the table (copy-on-write) and builds its own Context
+and database connections after the fork; the PKCS#11 token is opened lazily, by the first answer that
+must be signed (OCSP signer keys only: the Context is responder-only, pki/ocsp.py
+``mark_responder_only``). The parent only supervises: it restarts a child that dies, forwards SIGTERM /
+SIGINT, and exits when they are gone; children exit when the parent does.
+
+Freshness. Each child polls the database every ``POLL_SECONDS`` (0.15 s) on a dedicated autocommit
+connection. The poll is gated by a near-free change probe (SQLite ``PRAGMA data_version``, PostgreSQL
+``pg_current_snapshot()``): when nothing committed, nothing is scanned. Otherwise it reads the rows of
+``ocsp_response`` whose ``this_update`` (the signing time) is past a watermark, joined with their
+certificate, and the certificates whose ``revoked_at`` is past it; a stored response whose status does
+not match its certificate's (a revocation whose re-signing hook failed) is dropped, so the fallback
+re-signs it. A revocation is therefore served within about one poll interval of ``revoke()`` returning.
+The watermark trails the newest row by ``OVERLAP_SECONDS`` (responses are signed before their
+transaction commits), and the whole table is re-read every ``RESYNC_SECONDS`` and when an issuer's OCSP
+signer changes. A response is served from memory only while at least half its validity is left (as in
+pki/ocsp.py); after that the fallback re-signs it. If polling fails for ``STALE_AFTER_SECONDS`` the
+memory table is not used at all until it works again.
+
+HTTP. A strict, bounded HTTP/1.1 parser: request line and headers at most 24 KiB and 64 header lines,
+CRLF line ends, no obs-fold, no Transfer-Encoding, Content-Length required for POST, bodies at most
+10 KiB (413 otherwise, with a malformedRequest OCSP body, as api/responders.py), one consistent
+Content-Length, Host required for HTTP/1.1. Keep-alive per HTTP/1.1 (and HTTP/1.0 ``Connection:
+keep-alive``), pipelining with answers in request order, ``Expect: 100-continue``, idle keep-alive and
+slow-request timeouts, back-pressure when the client does not read. Framing errors get 400 / 411 /
+413 / 414 / 431 / 505 and the connection is closed; unknown paths 404, other methods 405. Routes and
+OCSP/CRL HTTP semantics are those of api/responders.py (GET caching headers, ETag / If-None-Match,
+``no-store`` for errors and nonce answers, Content-Type of POST not enforced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import unquote
+
+from pki.errors import MalformedOCSPRequest, PKIError
+from pki.ocsp import (
+    INTERNAL_ERROR_ANSWER,
+    MALFORMED_ANSWER,
+    UNAUTHORIZED_ANSWER,
+    Answer,
+    certid_der,
+    parse_request,
+    read_engine,
+    responder_for,
+)
+
+if TYPE_CHECKING:
+    from pki.config import Settings
+    from pki.context import Context
+
+log = logging.getLogger("v2gpki.ocsp.fast")
+
+OCSP_RESPONSE = b"application/ocsp-response"
+MAX_OCSP_REQUEST = 10 * 1024  # as api/responders.py
+MAX_GET_PATH = (MAX_OCSP_REQUEST * 4) // 3 + 8
+MAX_HEAD = 24 * 1024  # request line + headers (a GET carries up to ~14 KB of base64)
+MAX_HEADER_LINES = 64
+MAX_BUFFERED = 64 * 1024  # unprocessed bytes per connection before reading pauses (pipelining)
+
+_STATUS_OF = {"valid": "good", "revoked": "revoked", "hold": "hold"}
+
+# ---------------------------------------------------------------------------------------------------
+# HTTP/1.1 framing
+# ---------------------------------------------------------------------------------------------------
+
+_REASONS = {100: "Continue", 200: "OK", 304: "Not Modified", 400: "Bad Request", 404: "Not Found",
+            405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+            413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+_STATUS_LINE = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in _REASONS.items()}
+_REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) ([\x21-\x7e]{1,%d}) HTTP/1\.([01])" % MAX_HEAD)
+_ANY_VERSION = re.compile(rb"[A-Z]{1,16} [\x21-\x7e]+ HTTP/[0-9]\.[0-9]")
+# field-name ":" OWS field-value OWS (RFC 9110 §5.1, RFC 9112 §5); no CTLs other than HTAB in values.
+_HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*")
+_WANTED = frozenset((b"content-length", b"transfer-encoding", b"connection", b"host", b"expect",
+                     b"if-none-match"))
+_B64_PATH = re.compile(r"^[A-Za-z0-9+/ _-]*={0,2}$")
+_CRL_NAME = re.compile(r"^([a-z0-9][a-z0-9-]{1,62})\.crl$")
+
+
+class HttpError(Exception):
+    """A request that cannot be framed or is refused before routing: answered, then the connection closes."""
+
+    def __init__(self, status: int, detail: str = "", body: bytes | None = None,
+                 content_type: bytes = b"text/plain; charset=utf-8") -> None:
+        super().__init__(detail)
+        self.status = status
+        self.body = body if body is not None else (detail or _REASONS[status]).encode() + b"\n"
+        self.content_type = content_type
+
+
+class Request:
+    __slots__ = ("method", "target", "v11", "length", "keep_alive", "expect_continue", "if_none_match")
+
+    def __init__(self, method: bytes, target: bytes, v11: bool, length: int, keep_alive: bool,
+                 expect_continue: bool, if_none_match: bytes | None) -> None:
+        self.method = method
+        self.target = target
+        self.v11 = v11
+        self.length = length
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        self.if_none_match = if_none_match
+
+
+def parse_head(head: bytes) -> Request:
+    """Request line and header fields (without the final CRLF CRLF). Raises HttpError."""
+    lines = head.split(b"\r\n")
+    m = _REQUEST_LINE.fullmatch(lines[0])
+    if m is None:
+        if _ANY_VERSION.fullmatch(lines[0]) and not lines[0].endswith((b" HTTP/1.0", b" HTTP/1.1")):
+            raise HttpError(505, "only HTTP/1.0 and HTTP/1.1")
+        raise HttpError(400, "bad request line")
+    if len(lines) > MAX_HEADER_LINES + 1:
+        raise HttpError(431, "too many header fields")
+    method, target, minor = m.groups()
+    v11 = minor == b"1"
+    length = -1
+    conn = b""
+    host = False
+    expect = False
+    inm: bytes | None = None
+    for line in lines[1:]:
+        h = _HEADER_LINE.fullmatch(line)
+        if h is None:  # also obs-fold (a line starting with SP/HTAB), bare CR/LF, NUL, "name :"
+            raise HttpError(400, "bad header field")
+        name = h.group(1).lower()
+        if name not in _WANTED:
+            continue
+        value = h.group(2)
+        if name == b"content-length":
+            if not value.isdigit() or len(value) > 9:
+                raise HttpError(400, "bad Content-Length")
+            n = int(value)
+            if length not in (-1, n):
+                raise HttpError(400, "conflicting Content-Length")
+            length = n
+        elif name == b"transfer-encoding":
+            # Not needed by any OCSP client; refusing it closes the request-smuggling door (RFC 9112 §6.3).
+            raise HttpError(400, "Transfer-Encoding is not supported; send Content-Length")
+        elif name == b"connection":
+            conn = conn + b"," + value.lower() if conn else value.lower()
+        elif name == b"host":
+            if host:
+                raise HttpError(400, "more than one Host")  # RFC 9112 §3.2
+            host = True
+        elif name == b"expect":
+            if value.lower() != b"100-continue":
+                raise HttpError(400, "unsupported Expect")
+            expect = True
+        else:
+            inm = value
+    if v11 and not host:
+        raise HttpError(400, "HTTP/1.1 request without Host")  # RFC 9112 §3.2
+    tokens = {t.strip() for t in conn.split(b",")} if conn else set()
+    keep = b"close" not in tokens if v11 else b"keep-alive" in tokens
+    return Request(method, target, v11, length, keep, expect, inm)
+
+
+_date_cache: list[Any] = [0, b""]
+
+
+def date_header() -> bytes:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+    value: bytes = _date_cache[1]
+    return value
+
+
+def http_response(status: int, headers: list[bytes], body: bytes, *, keep: bool, v11: bool,
+                  head: bool = False) -> bytes:
+    parts = [_STATUS_LINE[status], date_header(), *headers]
+    if status != 304:  # RFC 9110 §8.6: a 304 carries no Content-Length unless it is the 200's
+        parts.append(b"Content-Length: %d\r\n" % len(body))
+    if not keep:
+        parts.append(b"Connection: close\r\n")
+    elif not v11:
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    if not head and status != 304:
+        parts.append(body)
+    return b"".join(parts)
+
+
+def decode_get_path(text: str) -> bytes | None:
+    """RFC 6960 A.1 / RFC 5019 §5 (as api/responders.py): base64 of the DER request, already URL-decoded;
+    the URL-safe alphabet, missing padding and '+' turned into ' ' by a proxy are tolerated."""
+    if not text or len(text) > MAX_GET_PATH or not _B64_PATH.match(text):
+        return None
+    s = text.replace(" ", "+").replace("-", "+").replace("_", "/").rstrip("=")
+    try:
+        return base64.b64decode(s + "=" * (-len(s) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _http_date(dt: datetime) -> bytes:
+    return formatdate(dt.timestamp(), usegmt=True).encode()
+
+
+def _etag_matches(header: bytes, etag: bytes) -> bool:
+    tags = {t.strip().removeprefix(b"W/") for t in header.split(b",")}
+    return b"*" in tags or etag in tags
+
+
+def cache_headers(this_update: datetime, next_update: datetime, etag: bytes) -> list[bytes]:
+    # RFC 5019 §6.2: max-age no later than nextUpdate; public; no-transform; must-revalidate.
+    max_age = max(0, int(next_update.timestamp() - time.time()))
+    return [b"Cache-Control: max-age=%d, public, no-transform, must-revalidate\r\n" % max_age,
+            b"Last-Modified: " + _http_date(this_update) + b"\r\n",
+            b"Expires: " + _http_date(next_update) + b"\r\n",
+            b"ETag: " + etag + b"\r\n"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The in-memory table of pre-signed responses and its poller
+# ---------------------------------------------------------------------------------------------------
+
+
+def _utc(v: Any) -> Any:
+    if isinstance(v, str):  # SQLite stores DATETIME as text
+        v = datetime.fromisoformat(v)
+    if isinstance(v, datetime) and v.tzinfo is None:
+        v = v.replace(tzinfo=UTC)
+    return v
+
+
+@dataclass
+class _IssuerInfo:
+    hashes: dict[str, tuple[bytes, bytes]]  # alg → (issuerNameHash, issuerKeyHash)
+    signer_not_before: datetime
+    signer_der: bytes
+
+
+Entry = tuple[Answer, float]  # (answer, serve until: epoch seconds = nextUpdate - half the validity)
+
+_COLS = ("SELECT o.issuer, o.serial, o.hash_alg, o.status, o.this_update, o.next_update, o.der, "
+         "c.status, c.revoked_at FROM ocsp_response o JOIN certificate c "
+         "ON c.issuer = o.issuer AND c.serial = o.serial")
+
+
+class PresignedCache:
+    """CertID DER (canonical: hash parameters NULL, minimal serial) → pre-signed answer, for every
+    stored response that pki/ocsp.py would serve as it is. Read by the event loop without locks (dict
+    reads and single assignments are atomic in CPython); written only by the poller thread."""
+
+    POLL_SECONDS = 0.15
+    OVERLAP_SECONDS = 6.0  # signing → commit delay tolerated (+1 s: this_update has whole seconds)
+    RESYNC_SECONDS = 300.0
+    ISSUER_RELOAD_SECONDS = 60.0
+    STALE_AFTER_SECONDS = 10.0
+    DERIVED_MAX = 50_000
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.entries: dict[bytes, Entry] = {}
+        # Answers the fallback produced for one-CertID requests (other hash algorithms, unknown serials):
+        # dropped whenever the table changes, so they never outlive a revocation.
+        self.derived: dict[bytes, Entry] = {}
+        self.gen = 0
+        self.issuer_hashes: dict[tuple[str, bytes, bytes], bool] = {}  # → has a delegated signer
+        self.fresh_until = 0.0  # epoch: memory answers are used only until then (poller alive)
+        self._issuers: dict[str, _IssuerInfo] = {}
+        self._margin = responder_for(ctx).margin.total_seconds()
+        self._sqlite = ctx.db.is_sqlite
+        self._conn: Any = None
+        self._gate: Any = None
+        self._since: datetime = datetime.fromtimestamp(0, UTC)
+        self._max_seen: datetime = datetime.fromtimestamp(0, UTC)
+        self._next_resync = 0.0
+        self._next_issuers = 0.0
+        self._issuer_miss_at = -1e9
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_error_log = -1e9
+        self.polls = 0
+        self.scans = 0
+        self.loads = 0
+
+    # -- database ------------------------------------------------------------------------------------
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            fairy = read_engine(self.ctx.db).raw_connection()
+            if not self._sqlite:
+                fairy.driver_connection.autocommit = True  # type: ignore[union-attr]  # each SELECT its snapshot
+            fairy.detach()
+            self._conn = fairy
+        return self._conn
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        cur = self._connection().cursor()
+        try:
+            cur.execute(sql if self._sqlite else sql.replace("?", "%s"), params)
+            return list(cur.fetchall())
+        finally:
+            cur.close()
+
+    def _param(self, dt: datetime) -> Any:
+        naive = dt.astimezone(UTC).replace(tzinfo=None)
+        # SQLAlchemy keeps SQLite DATETIME as 'YYYY-MM-DD HH:MM:SS.ffffff' text: compare like with like.
+        return naive.strftime("%Y-%m-%d %H:%M:%S.%f") if self._sqlite else naive
+
+    def _probe(self) -> Any:
+        """A value that changes whenever anything may have committed (cheap; no table is read)."""
+        if self._sqlite:
+            return self._query("PRAGMA data_version")[0][0]  # per connection: others' commits
+        # Unchanged snapshot (xmin:xmax:xip) ⇒ no transaction started writing or ended in between.
+        return self._query("SELECT pg_current_snapshot()::text")[0][0]
+
+    # -- issuers -----------------------------------------------------------------------------------
+
+    def reload_issuers(self) -> bool:
+        """Issuer hashes (SHA-1/256/384/512, from pki/ocsp.py) and current signers. True if a signer
+        changed (then stored responses made by the old one must not be served: full reload)."""
+        r = responder_for(self.ctx)
+        r.reload()
+        infos: dict[str, _IssuerInfo] = {}
+        hashes: dict[tuple[str, bytes, bytes], bool] = {}
+        for name in r.issuer_names():
+            iss = r.issuer(name)
+            if iss is None:
+                continue
+            for alg, (nh, kh) in iss.hashes.items():
+                hashes[(alg, nh, kh)] = iss.signer is not None
+            if iss.signer is not None:
+                infos[name] = _IssuerInfo(iss.hashes, iss.signer.not_before, iss.signer.cert_der)
+        changed = any(name not in infos or infos[name].signer_der != old.signer_der
+                      for name, old in self._issuers.items())
+        self._issuers, self.issuer_hashes = infos, hashes
+        self._next_issuers = time.time() + self.ISSUER_RELOAD_SECONDS
+        return changed
+
+    # -- rows → entries ----------------------------------------------------------------------------
+
+    def _key(self, issuer: str, alg: str, serial_hex: str) -> bytes | None:
+        info = self._issuers.get(issuer)
+        if info is None or alg not in info.hashes:
+            return None
+        nh, kh = info.hashes[alg]
+        return certid_der(alg, nh, kh, int(serial_hex, 16))
+
+    def _entry(self, row: tuple[Any, ...]) -> tuple[bytes | None, Entry | None]:
+        """(key, entry); entry None when pki/ocsp.py would not serve the stored response as it is."""
+        issuer, serial_hex, alg, o_status, o_this, o_next, der, c_status, c_rev = row
+        key = self._key(issuer, alg or "sha1", serial_hex)
+        if key is None:
+            return None, None
+        info = self._issuers[issuer]
+        o_this, o_next, c_rev = _utc(o_this), _utc(o_next), _utc(c_rev)
+        if o_this > self._max_seen:
+            self._max_seen = o_this
+        want = _STATUS_OF.get(c_status, "revoked")
+        if (der is None or o_status != want or o_this < info.signer_not_before
+                or (want != "good" and (c_rev is None or o_this < c_rev))):
+            return key, None
+        ans = Answer(bytes(der), "successful", "good" if want == "good" else "revoked", o_this, o_next,
+                     cacheable=True)
+        return key, (ans, o_next.timestamp() - self._margin)
+
+    def load(self) -> int:
+        """Read the whole table (at start, every RESYNC_SECONDS, and when a signer changes)."""
+        if not self._issuers or time.time() >= self._next_issuers:
+            self.reload_issuers()
+        t0 = time.time()
+        gate = self._probe()
+        fresh: dict[bytes, Entry] = {}
+        cur = self._connection().cursor()
+        try:
+            cur.execute(_COLS)
+            while True:
+                rows = cur.fetchmany(2000)
+                if not rows:
+                    break
+                for row in rows:
+                    key, entry = self._entry(row)
+                    if key is not None and entry is not None:
+                        fresh[key] = entry
+        finally:
+            cur.close()
+        self.entries = fresh
+        self._changed()
+        self._gate = gate
+        self._advance(t0)
+        self._next_resync = t0 + self.RESYNC_SECONDS
+        self.loads += 1
+        return len(fresh)
+
+    def _changed(self) -> None:
+        self.derived = {}
+        self.gen += 1
+
+    def _advance(self, t0: float) -> None:
+        start = datetime.fromtimestamp(t0, UTC)
+        self._since = min(start, self._max_seen) - timedelta(seconds=self.OVERLAP_SECONDS)
+        self.fresh_until = t0 + self.STALE_AFTER_SECONDS
+
+    def poll_once(self) -> int:
+        """Apply what changed since the last poll. Returns how many entries changed."""
+        self.polls += 1
+        t0 = time.time()
+        if t0 >= self._next_resync:
+            self.load()
+            return 0
+        gate = self._probe()
+        if gate == self._gate:
+            self.fresh_until = t0 + self.STALE_AFTER_SECONDS
+            return 0
+        self.scans += 1
+        since = self._param(self._since)
+        rows = self._query(_COLS + " WHERE o.this_update >= ?", (since,))
+        revoked = self._query("SELECT issuer, serial, status, revoked_at FROM certificate WHERE revoked_at >= ?",
+                              (since,))
+        if any(r[0] not in self._issuers for r in rows) and t0 - self._issuer_miss_at > 5.0:
+            self._issuer_miss_at = t0  # a new CA or signer, maybe
+            if self.reload_issuers():
+                self.load()
+                return 0
+        entries = self.entries
+        n = 0
+        for row in rows:
+            key, entry = self._entry(row)
+            if key is None:
+                continue
+            cur = entries.get(key)
+            if entry is None:
+                if cur is not None:
+                    del entries[key]
+                    n += 1
+            elif cur is None or cur[0].der != entry[0].der:
+                entries[key] = entry
+                n += 1
+        for issuer, serial_hex, c_status, c_rev in revoked:
+            # A revocation whose re-signed response is not (yet) stored: stop serving the old one; the
+            # fallback re-signs it from the certificate's status (pki/ocsp.py heals it).
+            key = self._key(issuer, "sha1", serial_hex)
+            cur = entries.get(key) if key is not None else None
+            if key is None or cur is None:
+                continue
+            c_rev = _utc(c_rev)
+            this = cur[0].this_update
+            if c_status != "valid" and (cur[0].cert_status == "good" or this is None or this < c_rev):
+                del entries[key]
+                n += 1
+        if n:
+            self._changed()
+        self._gate = gate
+        self._advance(t0)
+        return n
+
+    # -- the poller thread ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="ocsp-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.POLL_SECONDS):
+            try:
+                if time.time() >= self._next_issuers and self.reload_issuers():
+                    self.load()
+                else:
+                    self.poll_once()
+            except Exception as exc:  # noqa: BLE001 - keep polling; memory answers stop at fresh_until
+                self.close()
+                now = time.monotonic()
+                if now - self._last_error_log > 30:
+                    self._last_error_log = now
+                    log.warning("OCSP table poll failed (%s); answers come from the database meanwhile",
+                                type(exc).__name__)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Answers
+# ---------------------------------------------------------------------------------------------------
+
+
+_RESPONSE_STATUS_LABEL = {"successful": "successful", "malformedRequest": "malformed_request",
+                          "internalError": "internal_error", "tryLater": "try_later", "sigRequired": "sig_required",
+                          "unauthorized": "unauthorized"}
+
+
+class Metrics:
+    """The Prometheus series of api/observability.py (v2gpki_ocsp_requests_total, ..._duration_seconds,
+    v2gpki_http_requests_total), counted locally per request (a dict increment) and added to the
+    prometheus_client objects at most every 50 ms — with PROMETHEUS_MULTIPROC_DIR each of those writes
+    goes to a memory-mapped file, too dear for the hot path."""
+
+    FLUSH_SECONDS = 0.05
+
+    def __init__(self) -> None:
+        try:
+            from api import observability
+        except ImportError:  # pragma: no cover - a build without the observability module
+            observability = None  # type: ignore[assignment]
+        self.obs: Any = observability
+        self.bounds: tuple[float, ...] = ()
+        if observability is not None:
+            self.bounds = tuple(observability.OCSP_LATENCY._upper_bounds)
+        self.ocsp: dict[tuple[str, str, str], int] = {}
+        self.http: dict[tuple[str, str, str], int] = {}
+        self.buckets = [0] * len(self.bounds)
+        self.latency_sum = 0.0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._scheduled = False
+
+    def count_ocsp(self, method: str, http_status: int, ans: Answer, elapsed: float) -> None:
+        if http_status >= 400:
+            key = (method, f"http_{http_status}", "none")
+        else:
+            key = (method, _RESPONSE_STATUS_LABEL.get(ans.status, ans.status), ans.cert_status or "none")
+        self.ocsp[key] = self.ocsp.get(key, 0) + 1
+        self.latency_sum += elapsed
+        for i, bound in enumerate(self.bounds):
+            if elapsed <= bound:
+                self.buckets[i] += 1
+                break
+        self._schedule()
+
+    def count_http(self, method: str, route: str, status: int) -> None:
+        key = (method, route, str(status))
+        self.http[key] = self.http.get(key, 0) + 1
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled and self.loop is not None and self.obs is not None:
+            self._scheduled = True
+            self.loop.call_later(self.FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        obs = self.obs
+        if obs is None:
+            return
+        ocsp, self.ocsp = self.ocsp, {}
+        http, self.http = self.http, {}
+        buckets, self.buckets = self.buckets, [0] * len(self.bounds)
+        total, self.latency_sum = self.latency_sum, 0.0
+        try:
+            for key, n in ocsp.items():
+                obs.OCSP_REQUESTS.labels(*key).inc(n)
+            for key, n in http.items():
+                obs.HTTP_REQUESTS.labels(*key).inc(n)
+            if any(buckets):
+                # Histogram.observe() one value at a time would cost what we save; its two parts, in bulk.
+                hist = obs.OCSP_LATENCY
+                hist._sum.inc(total)
+                for i, n in enumerate(buckets):
+                    if n:
+                        hist._buckets[i].inc(n)
+        except Exception:  # noqa: BLE001 - metrics never break answers
+            log.warning("metrics flush failed", exc_info=True)
+
+
+class _Pending:
+    """Work for the thread pool; ``finish`` turns its result into the HTTP response bytes."""
+
+    __slots__ = ("fn", "finish")
+
+    def __init__(self, fn: Callable[[], Any], finish: Callable[[Any], bytes]) -> None:
+        self.fn = fn
+        self.finish = finish
+
+
+class FastResponder:
+    """One per worker process: routes requests, answers from the table, defers the rest."""
+
+    MISS_FALLBACK_SECONDS = 5.0  # an unknown issuer may be a new CA: ask pki/ocsp.py at most this often
+
+    def __init__(self, cache: PresignedCache, *, threads: int = 4) -> None:
+        self.cache = cache
+        self.ctx = cache.ctx
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="ocsp-fallback")
+        self._miss_at = -1e9
+        self.fast = 0
+        self.fallback = 0
+        self.started = time.time()
+        self.metrics = Metrics()
+
+    # -- OCSP --------------------------------------------------------------------------------------
+
+    def lookup(self, der: bytes) -> Answer | bytes | None:
+        """The answer from memory; or the derived-cache key (bytes) / None when pki/ocsp.py must answer."""
+        cache = self.cache
+        now = time.time()
+        if now >= cache.fresh_until:
+            return None
+        n = len(der)
+        # RFC 5019 shape: OCSPRequest{TBSRequest{requestList{Request{CertID}}}}, short lengths, nothing
+        # else. Its CertID bytes, if they are a key, are byte-identical to a canonical valid CertID.
+        if (9 < n < 130 and der[0] == 0x30 and der[1] == n - 2 and der[2] == 0x30 and der[3] == n - 4
+                and der[4] == 0x30 and der[5] == n - 6 and der[6] == 0x30 and der[7] == n - 8):
+            e = cache.entries.get(der[8:])
+            if e is not None and now < e[1]:
+                return e[0]
+        try:
+            req = parse_request(der)
+        except MalformedOCSPRequest:
+            return MALFORMED_ANSWER
+        if len(req.cert_ids) != 1 or req.nonce_ext_value is not None:
+            return None
+        cid = req.cert_ids[0]
+        if cid.hash_alg is None:
+            return UNAUTHORIZED_ANSWER  # pki/ocsp.py: no issuer matches an unknown hash algorithm
+        if cid.serial > 0:
+            e = cache.entries.get(certid_der(cid.hash_alg, cid.name_hash, cid.key_hash, cid.serial))
+            if e is not None and now < e[1]:
+                return e[0]
+        e = cache.derived.get(cid.raw)
+        if e is not None and now < e[1]:
+            return e[0]
+        signer = cache.issuer_hashes.get((cid.hash_alg, cid.name_hash, cid.key_hash))
+        if signer is False:
+            return UNAUTHORIZED_ANSWER
+        if signer is None:
+            if now - self._miss_at < self.MISS_FALLBACK_SECONDS:
+                return UNAUTHORIZED_ANSWER
+            self._miss_at = now
+        return cid.raw
+
+    def _fallback(self, der: bytes) -> Answer:
+        try:
+            r = responder_for(self.ctx)
+            ans = r.respond_presigned(der)
+            return ans if ans is not None else r.respond(der)
+        except Exception:  # noqa: BLE001 - respond() maps its own errors; this is the last line
+            log.exception("OCSP fallback failed")
+            return INTERNAL_ERROR_ANSWER
+
+    def ocsp(self, der: bytes | None, req: Request, *, get: bool) -> bytes | _Pending:
+        t0 = time.perf_counter()
+        if not der:
+            return self._ocsp_response(MALFORMED_ANSWER, req, t0, get=get)
+        found = self.lookup(der)
+        if isinstance(found, Answer):
+            self.fast += 1
+            return self._ocsp_response(found, req, t0, get=get)
+        self.fallback += 1
+        key = found
+        gen = self.cache.gen
+
+        def finish(ans: Any) -> bytes:
+            if not isinstance(ans, Answer):
+                ans = INTERNAL_ERROR_ANSWER
+            elif (key is not None and ans.cacheable and ans.successful and ans.next_update is not None
+                  and self.cache.gen == gen):
+                derived = self.cache.derived
+                if len(derived) >= PresignedCache.DERIVED_MAX:
+                    derived.clear()
+                derived[key] = (ans, ans.next_update.timestamp() - self.cache._margin)
+            return self._ocsp_response(ans, req, t0, get=get)
+
+        return _Pending(lambda: self._fallback(der), finish)
+
+    def _ocsp_response(self, ans: Answer, req: Request, t0: float, *, get: bool, status: int = 200) -> bytes:
+        head = req.method == b"HEAD"
+        headers = [b"Content-Type: application/ocsp-response\r\n"]
+        out: bytes | None = None
+        if get:
+            if ans.cacheable and ans.this_update is not None and ans.next_update is not None:
+                etag = b'"' + hashlib.blake2b(ans.der, digest_size=16).hexdigest().encode() + b'"'
+                headers += cache_headers(ans.this_update, ans.next_update, etag)
+                if req.if_none_match is not None and _etag_matches(req.if_none_match, etag):
+                    status = 304
+                    out = http_response(304, headers[1:], b"", keep=req.keep_alive, v11=req.v11)
+            else:
+                headers.append(b"Cache-Control: no-store\r\n")  # errors and nonce answers are one-offs
+        if out is None:
+            out = http_response(status, headers, ans.der, keep=req.keep_alive, v11=req.v11, head=head)
+        method = "POST" if not get else "HEAD" if head else "GET"
+        m = self.metrics
+        m.count_ocsp(method, status, ans, time.perf_counter() - t0)
+        m.count_http(method, "/ocsp" if req.method == b"POST" else "/ocsp/{b64:path}", status)
+        return out
+
+    # -- routing -----------------------------------------------------------------------------------
+
+    def handle(self, req: Request, body: bytes) -> bytes | _Pending:
+        target = req.target
+        if target[:1] != b"/":
+            if target.startswith((b"http://", b"https://")):  # absolute-form (RFC 9112 §3.2.2)
+                slash = target.find(b"/", target.find(b"//") + 2)
+                target = target[slash:] if slash > 0 else b"/"
+            else:
+                raise HttpError(400, "bad request target")
+        path = target.split(b"?", 1)[0]
+        method = req.method
+        if path == b"/ocsp" or path.startswith(b"/ocsp/"):
+            if method == b"POST":
+                return self.ocsp(body, req, get=False)
+            if method not in (b"GET", b"HEAD"):
+                return self._plain(405, req, b"method not allowed\n", [b"Allow: GET, HEAD, POST\r\n"])
+            text = unquote(path[6:].decode("ascii"))
+            if len(text) > MAX_GET_PATH:
+                return self._ocsp_response(MALFORMED_ANSWER, req, time.perf_counter(), get=True, status=414)
+            return self.ocsp(decode_get_path(text), req, get=True)
+        if path.startswith(b"/crl/"):
+            if method not in (b"GET", b"HEAD"):
+                return self._plain(405, req, b"method not allowed\n", [b"Allow: GET, HEAD\r\n"])
+            m = _CRL_NAME.match(path[5:].decode("ascii"))
+            if m is None:
+                return self._problem(404, "not-found", "no such CRL (expected /crl/<ca-name>.crl)", req)
+            return self._crl(m.group(1), req)
+        if path in (b"/healthz", b"/readyz", b"/metrics"):
+            if method not in (b"GET", b"HEAD"):
+                return self._plain(405, req, b"method not allowed\n", [b"Allow: GET, HEAD\r\n"])
+            if path == b"/healthz":
+                return self._plain(200, req, self.health(), [b"Content-Type: application/json\r\n"])
+            if self.metrics.obs is not None:
+                return self._readyz(req) if path == b"/readyz" else self._metrics(req)
+        return self._problem(404, "not-found", "not found", req)
+
+    def _readyz(self, req: Request) -> _Pending:
+        obs = self.metrics.obs
+
+        def check() -> dict[str, str]:
+            return obs.readiness(self.ctx, obs._broker_url(self.ctx))  # type: ignore[no-any-return]
+
+        def finish(checks: Any) -> bytes:
+            if not isinstance(checks, dict):
+                checks = {"context": "failed: error"}
+            ok = all(v == "ok" for v in checks.values())
+            body = json.dumps({"status": "ready" if ok else "not ready", "checks": checks}).encode()
+            return self._plain(200 if ok else 503, req, body, [b"Content-Type: application/json\r\n"])
+
+        return _Pending(check, finish)
+
+    def _metrics(self, req: Request) -> _Pending:
+        obs = self.metrics.obs
+        self.metrics.flush()
+
+        def render() -> bytes:
+            return obs.render_metrics(self.ctx, obs._broker_url(self.ctx))  # type: ignore[no-any-return]
+
+        def finish(text: Any) -> bytes:
+            if not isinstance(text, bytes):
+                return self._plain(503, req, b"metrics unavailable\n")
+            return self._plain(200, req, text, [b"Content-Type: " + obs.CONTENT_TYPE_LATEST.encode() + b"\r\n"])
+
+        return _Pending(render, finish)
+
+    def health(self) -> bytes:
+        c = self.cache
+        return json.dumps({"status": "ok", "pid": os.getpid(), "entries": len(c.entries),
+                           "derived": len(c.derived), "fast": self.fast, "fallback": self.fallback,
+                           "polls": c.polls, "scans": c.scans, "loads": c.loads,
+                           "table_fresh": time.time() < c.fresh_until}).encode()
+
+    def _plain(self, status: int, req: Request, body: bytes, headers: list[bytes] | None = None) -> bytes:
+        hs = headers if headers is not None else [b"Content-Type: text/plain; charset=utf-8\r\n"]
+        if headers is not None and not any(h.startswith(b"Content-Type") for h in hs):
+            hs = [*hs, b"Content-Type: text/plain; charset=utf-8\r\n"]
+        return http_response(status, hs, body, keep=req.keep_alive, v11=req.v11, head=req.method == b"HEAD")
+
+    def _problem(self, status: int, code: str, detail: str, req: Request) -> bytes:
+        body = json.dumps({"type": "https://v2gpki.dev/problems/" + code, "title": _REASONS.get(status, "Error"),
+                           "status": status, "detail": detail}).encode()
+        return http_response(status, [b"Content-Type: application/problem+json\r\n"], body,
+                             keep=req.keep_alive, v11=req.v11, head=req.method == b"HEAD")
+
+    def _crl(self, name: str, req: Request) -> _Pending:
+        def fetch() -> Any:
+            from pki.crl import cache_for
+
+            try:
+                return cache_for(self.ctx).get(name)
+            except PKIError as exc:
+                return exc
+            except Exception as exc:  # noqa: BLE001 - database or HSM trouble: 503, logged
+                log.warning("CRL %s unavailable: %s", name, type(exc).__name__)
+                return exc
+
+        def finish(crl: Any) -> bytes:
+            status = 200
+            if isinstance(crl, PKIError):
+                status = crl.status if crl.status in _REASONS else 503
+            elif isinstance(crl, BaseException) or crl is None:
+                status = 503
+            self.metrics.count_http(req.method.decode(), "/crl/{name}", status)
+            if isinstance(crl, PKIError):
+                return self._problem(status, crl.code, crl.message, req)
+            if status != 200:
+                return self._problem(503, "crl-unavailable", "the CRL is temporarily unavailable", req)
+            etag = f'"{crl.issuer}-{crl.number}"'.encode()
+            headers = cache_headers(crl.this_update, crl.next_update, etag)
+            if req.if_none_match is not None and _etag_matches(req.if_none_match, etag):
+                return http_response(304, headers, b"", keep=req.keep_alive, v11=req.v11)
+            return http_response(200, [b"Content-Type: application/pkix-crl\r\n", *headers], crl.der,
+                                 keep=req.keep_alive, v11=req.v11, head=req.method == b"HEAD")
+
+        return _Pending(fetch, finish)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The asyncio protocol
+# ---------------------------------------------------------------------------------------------------
+
+
+class Server:
+    """Connections of one worker: timeouts swept once a second."""
+
+    KEEPALIVE_SECONDS = 5.0  # idle keep-alive connection (as uvicorn's default)
+    REQUEST_SECONDS = 10.0  # a started request must be complete by then (slow clients)
+    MAX_CONNECTIONS = 8192
+
+    def __init__(self, responder: FastResponder, loop: asyncio.AbstractEventLoop) -> None:
+        self.responder = responder
+        self.loop = loop
+        self.conns: set[HttpConnection] = set()
+        self.clock = loop.time()
+        self.parent_pid = 0  # when set: exit if the parent goes away
+        self.closed = asyncio.Event()
+        self._sweep_handle: asyncio.TimerHandle | None = loop.call_later(1.0, self._sweep)
+        responder.metrics.loop = loop
+        self.servers: list[Any] = []  # asyncio or uvloop Server objects
+
+    def protocol(self) -> HttpConnection:
+        return HttpConnection(self)
+
+    def _sweep(self) -> None:
+        self.clock = now = self.loop.time()
+        for c in list(self.conns):
+            if c.busy or c.transport is None:
+                continue
+            if c.started and now - c.started > self.REQUEST_SECONDS:
+                c.fail(HttpError(408, "request timeout"))
+            elif not c.started and now - c.last > self.KEEPALIVE_SECONDS:
+                c.transport.close()
+        if self.parent_pid and os.getppid() != self.parent_pid:
+            log.warning("supervisor gone: worker %d exits", os.getpid())
+            self.loop.create_task(self.shutdown())
+        self._sweep_handle = self.loop.call_later(1.0, self._sweep)
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        for s in self.servers:
+            s.close()
+        deadline = self.loop.time() + grace
+        while self.loop.time() < deadline:
+            for c in list(self.conns):
+                if not c.busy and not c.started and c.transport is not None:
+                    c.transport.close()  # idle: nothing in flight
+            if not self.conns:
+                break
+            await asyncio.sleep(0.05)
+        for c in list(self.conns):
+            if c.transport is not None:
+                c.transport.abort()
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+        self.closed.set()
+
+
+class HttpConnection(asyncio.Protocol):
+    __slots__ = ("server", "responder", "transport", "buf", "busy", "closing", "last", "started",
+                 "paused", "write_paused", "continued", "eof")
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.responder = server.responder
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.busy = False
+        self.closing = False
+        self.last = server.clock
+        self.started = 0.0  # clock when the pending (incomplete) request began; 0: none
+        self.paused = False
+        self.write_paused = False
+        self.continued = False
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        conns = self.server.conns
+        if len(conns) >= self.server.MAX_CONNECTIONS:
+            self.transport.abort()
+            return
+        conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.conns.discard(self)
+        self.closing = True
+        self.transport = None
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return self.busy  # keep the socket open for an answer in flight, then close
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._resume()
+
+    def _pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if (self.paused and not self.write_paused and not self.busy and len(self.buf) <= MAX_BUFFERED
+                and self.transport is not None and not self.closing):
+            self.paused = False
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.buf = self.buf + data if self.buf else data
+        self.last = self.server.clock
+        if not self.busy:
+            self._process()
+        if len(self.buf) > MAX_BUFFERED:
+            self._pause()
+
+    def fail(self, err: HttpError) -> None:
+        if self.transport is None:
+            return
+        self.transport.write(http_response(err.status, [b"Content-Type: " + err.content_type + b"\r\n"], err.body,
+                                           keep=False, v11=True))
+        self.closing = True
+        self.buf = b""
+        self.transport.close()
+
+    def _process(self) -> None:
+        data = self.buf
+        n = len(data)
+        pos = 0
+        out: list[bytes] = []
+        responder = self.responder
+        try:
+            while pos < n and not self.busy and not self.closing:
+                while data.startswith(b"\r\n", pos):  # RFC 9112 §2.2: tolerate empty lines before a request
+                    pos += 2
+                if pos >= n:
+                    break
+                end = data.find(b"\r\n\r\n", pos, pos + MAX_HEAD + 4)
+                if end < 0:
+                    if n - pos > MAX_HEAD:
+                        raise HttpError(431, "request head too large")
+                    break
+                req = parse_head(data[pos:end])
+                length = req.length
+                if req.method == b"POST":
+                    if length < 0:
+                        raise HttpError(411, "Content-Length required")
+                    if length > MAX_OCSP_REQUEST:
+                        # refused unread (as api/responders.py): 413 with a malformedRequest OCSP body
+                        raise HttpError(413, "request too large", MALFORMED_ANSWER.der, OCSP_RESPONSE)
+                elif length > MAX_OCSP_REQUEST:
+                    raise HttpError(413, "request too large")
+                start = end + 4
+                length = max(length, 0)
+                if n - start < length:
+                    if req.expect_continue and not self.continued:
+                        self.continued = True
+                        out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    break
+                body = data[start : start + length]
+                pos = start + length
+                self.continued = False
+                result = responder.handle(req, body)
+                if isinstance(result, bytes):
+                    out.append(result)
+                    if not req.keep_alive:
+                        self.closing = True
+                else:
+                    self._defer(result, req.keep_alive)
+        except HttpError as err:
+            self.buf = b""
+            if out and self.transport is not None:
+                self.transport.write(b"".join(out))
+            self.fail(err)
+            return
+        except Exception:  # noqa: BLE001 - never let a request kill the worker
+            log.exception("request handling failed")
+            self.buf = b""
+            if out and self.transport is not None:
+                self.transport.write(b"".join(out))
+            self.fail(HttpError(500, "internal error"))
+            return
+        self.buf = data[pos:] if pos < n else b""
+        if self.buf:
+            if not self.started:
+                self.started = self.server.clock or 1e-9
+        else:
+            self.started = 0.0
+        t = self.transport
+        if t is None:
+            return
+        if out:
+            t.write(b"".join(out) if len(out) > 1 else out[0])
+        if self.closing and not self.busy:
+            t.close()
+        elif self.eof and not self.busy:
+            t.close()
+
+    def _defer(self, pending: _Pending, keep: bool) -> None:
+        self.busy = True
+        fut = self.server.loop.run_in_executor(self.responder.executor, pending.fn)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self.busy = False
+            try:
+                result = f.result()
+            except Exception:  # noqa: BLE001
+                log.exception("deferred request failed")
+                result = None
+            try:
+                payload = pending.finish(result)
+            except Exception:  # noqa: BLE001
+                log.exception("building the answer failed")
+                self.fail(HttpError(500, "internal error"))
+                return
+            t = self.transport
+            if t is None:
+                return
+            t.write(payload)
+            if not keep or self.eof:
+                self.closing = True
+                t.close()
+                return
+            self.last = self.server.clock
+            if self.buf:
+                self._process()
+            self._resume()
+
+        fut.add_done_callback(done)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------------------
+
+
+def responder_context(settings: Settings | None = None, *, migrate: bool = False) -> Context:
+    """A responder-only Context (no CA keys; api/ocsp_app.py has the same, without importing FastAPI)."""
+    from pki.config import Settings
+    from pki.context import build_context
+    from pki.ocsp import mark_responder_only
+
+    ctx = build_context(settings or Settings(), migrate=migrate)
+    mark_responder_only(ctx)
+    return ctx
+
+
+def _instrument(ctx: Context) -> None:
+    try:
+        from api.observability import instrument_context
+    except ImportError:  # pragma: no cover
+        return
+    instrument_context(ctx)  # HSM signature latency of the fallback, as in the uvicorn app
+
+
+def _configure_logging(level: str) -> None:
+    try:
+        from api.observability import configure_logging
+
+        configure_logging()  # JSON lines when V2GPKI_LOG_FORMAT=json (production default)
+    except ImportError:  # pragma: no cover
+        pass
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()  # type: ignore[no-any-return]
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio works too
+        return asyncio.new_event_loop()
+
+
+def listen_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int = 2048) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+async def _serve_worker(responder: FastResponder, sock: socket.socket, *, parent_pid: int = 0,
+                        stop: asyncio.Event | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    server = Server(responder, loop)
+    server.parent_pid = parent_pid
+    srv = await loop.create_server(server.protocol, sock=sock, backlog=2048)
+    server.servers.append(srv)
+    stopping = stop or asyncio.Event()
+    if stop is None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+    waiter = loop.create_task(stopping.wait())
+    closed = loop.create_task(server.closed.wait())
+    await asyncio.wait([waiter, closed], return_when=asyncio.FIRST_COMPLETED)
+    if not server.closed.is_set():
+        await server.shutdown()
+    waiter.cancel()
+    closed.cancel()
+
+
+def _child_main(sock: socket.socket | None, cache: PresignedCache | None, settings: Settings | None,
+                host: str, port: int, parent_pid: int, threads: int) -> None:
+    """A forked worker: own Context, own DB connections, the parent's table (copy-on-write)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C and tells us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    code = 0
+    try:
+        if sock is None:  # SO_REUSEPORT: each worker listens on its own socket
+            sock = listen_socket(host, port, reuse_port=True)
+        ctx = responder_context(settings, migrate=False)
+        _instrument(ctx)
+        fresh = PresignedCache(ctx)
+        if cache is not None:  # the parent's snapshot: no reload needed
+            fresh.entries, fresh.issuer_hashes, fresh._issuers = cache.entries, cache.issuer_hashes, cache._issuers
+            fresh._since, fresh._max_seen, fresh._gate = cache._since, cache._max_seen, cache._gate
+            fresh._next_resync, fresh.fresh_until = cache._next_resync, cache.fresh_until
+            fresh._next_issuers = cache._next_issuers
+        else:
+            fresh.load()
+        fresh._gate = None  # this process's probe values are its own (PRAGMA data_version is per connection)
+        fresh.start()
+        responder = FastResponder(fresh, threads=threads)
+        loop = _new_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(_serve_worker(responder, sock, parent_pid=parent_pid))
+        finally:
+            fresh.stop()
+            responder.executor.shutdown(wait=False, cancel_futures=True)
+            loop.close()
+    except BaseException:  # noqa: BLE001 - report, then leave without running the parent's atexit
+        log.exception("OCSP worker %d failed", os.getpid())
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _check_hsm_in_child(settings: Settings | None) -> None:
+    """Open the token and list the keys once — in a throwaway child, so that the parent never loads the
+    PKCS#11 module (workers open it lazily, after the fork) — and fail here with one clear message."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            ctx = responder_context(settings, migrate=False)
+            ctx.keystore.list()
+        except BaseException as exc:  # noqa: BLE001
+            print(f"v2gpki ocsp-serve: the HSM token cannot be used: {exc}", file=sys.stderr)
+            code = 3
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(3)
+
+
+def serve(host: str = "127.0.0.1", port: int = 8001, workers: int = 2, *, settings: Settings | None = None,
+          reuse_port: bool = False, threads: int = 4, check_hsm: bool = True, log_level: str = "warning") -> None:
+    """Supervisor: migrate, load the table, bind, fork ``workers`` workers, restart those that die."""
+    _configure_logging(log_level)
+    workers = max(1, workers)
+    ctx = responder_context(settings, migrate=True)
+    ctx.db.dispose()
+    if check_hsm:
+        _check_hsm_in_child(settings)
+    cache = PresignedCache(ctx)
+    t0 = time.perf_counter()
+    loaded = cache.load()
+    cache.close()
+    read_engine(ctx.db).dispose()
+    ctx.db.dispose()
+    sock: socket.socket | None = None
+    if reuse_port:
+        # Reserve the port (bound, not listening: the kernel gives connections to listening sockets only).
+        holder = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind((host, port))
+        port = holder.getsockname()[1]
+    else:
+        sock = listen_socket(host, port)
+        port = sock.getsockname()[1]
+    print(f"v2gpki OCSP/CRL responder on http://{host}:{port} ({workers} workers, {loaded} pre-signed "
+          f"responses loaded in {time.perf_counter() - t0:.2f} s)", file=sys.stderr, flush=True)
+    parent = os.getpid()
+    children: dict[int, float] = {}
+    stopping: list[int] = []
+
+    def spawn(snapshot: PresignedCache | None) -> None:
+        pid = os.fork()
+        if pid == 0:
+            _child_main(sock, snapshot, settings, host, port, parent, threads)
+        children[pid] = time.monotonic()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for _ in range(workers):
+        spawn(cache)
+    cache.entries = {}  # the children have their copies
+    quick_deaths = 0
+    while children:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        started = children.pop(pid, None)
+        if started is None or stopping:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        log.warning("OCSP worker %d exited (%s); starting another", pid, code)
+        quick_deaths = quick_deaths + 1 if time.monotonic() - started < 2 else 0
+        if quick_deaths > 5:
+            print("v2gpki ocsp-serve: workers keep dying at start; giving up", file=sys.stderr)
+            on_signal(signal.SIGTERM, None)
+            continue
+        time.sleep(min(2.0, 0.1 * 2**quick_deaths))
+        spawn(None)
+    if sock is not None:
+        sock.close()
+    if stopping and stopping[0] == signal.SIGINT:
+        raise SystemExit(130)
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-process (tests, embedding): one worker on a thread
+# ---------------------------------------------------------------------------------------------------
+
+
+def start_in_thread(ctx: Context, host: str = "127.0.0.1", port: int = 0, *,
+                    poll_seconds: float | None = None) -> tuple[str, FastResponder, Callable[[], None]]:
+    """Serve ``ctx`` on a loopback port from a daemon thread (one worker, no fork). Returns
+    (base URL, the responder — for its counters —, stop)."""
+    cache = PresignedCache(ctx)
+    if poll_seconds is not None:
+        cache.POLL_SECONDS = poll_seconds
+    cache.load()
+    cache.start()
+    responder = FastResponder(cache)
+    sock = listen_socket(host, port)
+    bound = sock.getsockname()[1]
+    loop = _new_loop()
+    stop_event: list[asyncio.Event] = []
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+
+        async def main() -> None:
+            stop_event.append(asyncio.Event())
+            ready.set()
+            await _serve_worker(responder, sock, stop=stop_event[0])
+
+        loop.run_until_complete(main())
+        loop.close()
+
+    thread = threading.Thread(target=run, name="ocsp-fast", daemon=True)
+    thread.start()
+    ready.wait(10)
+
+    def stop() -> None:
+        loop.call_soon_threadsafe(stop_event[0].set)
+        thread.join(10)
+        cache.stop()
+        responder.executor.shutdown(wait=False, cancel_futures=True)
+        sock.close()
+
+    return f"http://{host}:{bound}", responder, stop
+
+
+__all__ = ["FastResponder", "HttpError", "PresignedCache", "decode_get_path", "parse_head", "responder_context",
+           "serve", "start_in_thread"]

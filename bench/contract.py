@@ -1,0 +1,491 @@
+"""Contract certificate installations per second, end to end over HTTP (EXI in → EXI out).
+
+    .venv/bin/python bench/contract.py                                   # PostgreSQL, c=1 and c=8, profile
+    .venv/bin/python bench/contract.py --db sqlite --seconds 10 --concurrency 1,4,8 --no-profile
+
+What one installation is here: POST /ocpp/v201/get-15118-ev-certificate {iso15118SchemaVersion, action:
+Install, exiRequest} against a real `v2gpki serve --workers N` (uvicorn, SoftHSM2, PostgreSQL or SQLite):
+API key check, EXI decode of the V2G_Message, OEM provisioning certificate chain/validity/revocation
+check, the vehicle's request signature verified (EXI fragment re-encoded, ECDSA), default contract of the
+PCID looked up, contract key generated (P-256, software), contract certificate issued by MO Sub-CA 2 *in
+the HSM* and persisted (intent, certificate row, audit row; OCSP pre-signing hook), the key wrapped for
+the vehicle (ECDH + concat KDF + AES-CBC), the four elements EXI-encoded and digested, SignedInfo signed
+by the CPS leaf key *in the HSM*, the V2G_Message encoded, base64 JSON back. Every answer must be HTTP 200
+with status Accepted; one answer per run is decoded and fully checked (CPS signature, key unwraps to the
+certificate) so the bench cannot measure a short-cut.
+
+Vehicles and replay: --vehicles distinct vehicles (OEM provisioning certificate from OEM Sub-CA 2 through
+/v1/enrollments, a contract through /v1/contracts, a signed CertificateInstallationReq each) are rotated
+through. The same signed request is replayed many times; the service has no replay protection at this
+layer (the SECC/TLS session is the vehicle's freshness) and every call issues a *new* contract certificate
+for the PCID's default contract — what a load test wants, and the database is counted afterwards to show
+every installation was persisted.
+
+Load generator: Python threads in this process, one keep-alive httpx client each (the CSMS → CPS link is a
+persistent connection), closed loop: concurrency = threads, each sends its next request when the previous
+answer arrived. It shares the machine's cores with the server (and the database), as any generator here
+would; its own CPU time is printed.
+
+Profile (unless --no-profile): py-spy samples one uvicorn worker during an extra run at the highest
+concurrency (--gil: the thread holding the GIL, i.e. the worker's Python CPU), and the samples are grouped
+by phase of the installation (inclusive) and by area (own time). Server CPU per installation (user +
+system time of the worker processes / installations) is printed for every run: on a shared machine it is
+the steadiest figure, and 1000 × cores / (server CPU ms) bounds what the workers alone could do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+V2GPKI = str(Path(sys.executable).parent / "v2gpki")
+PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+WMI = "BEN"  # the bench OEM's PCID prefix
+EMSP = "DEBEN"  # the bench eMSP's EMAID prefix
+CPO = "DE*BEN"
+ISO2 = "urn:iso:15118:2:2013:MsgDef"
+
+
+# -- set-up ------------------------------------------------------------------------------------------------
+
+
+def run(cmd: list[str], env: dict[str, str]) -> str:
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r.stdout
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    env: dict[str, str]
+    keys: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    dbname: str | None = None
+
+
+def prepare(d: Path, db: str, pg_admin: str | None) -> Server:
+    home = d / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("V2GPKI_") and k != "SOFTHSM2_CONF"}
+    env.update(V2GPKI_HOME=str(home), V2GPKI_PKILINT="shape",
+               # the per-organization rate limit would make this a rate-limit test (as in bench/enrollment.py)
+               V2GPKI_RATE_LIMIT="1000000000")
+    dbname = None
+    if db == "postgresql":
+        if not pg_admin:
+            raise SystemExit("PostgreSQL: set V2GPKI_TEST_PG_ADMIN_URL (eval \"$(bash scripts/services.sh)\")")
+        import psycopg
+
+        dbname = f"v2gpki_bench_{secrets.token_hex(3)}"
+        with psycopg.connect(pg_admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{dbname}"')
+        env["V2GPKI_DATABASE_URL"] = f"{pg_admin.rsplit('/', 1)[0]}/{dbname}"
+    t0 = time.monotonic()
+    run([V2GPKI, "hsm", "init"], env)
+    run([V2GPKI, "init"], env)  # the default hierarchy (policies/hierarchy.yaml): -2, -20, OCPP, CPS leaves
+    keys = {}
+    for name, role, prefix in (("bench-oem", "oem", WMI), ("bench-emsp", "emsp", EMSP), ("bench-cpo", "cpo", CPO)):
+        run([V2GPKI, "org", "create", name, "--role", role, "--prefix", prefix], env)
+        keys[role] = run([V2GPKI, "apikey", "create", "--org", name], env).strip().splitlines()[-1]
+    print(f"# initialised ({db}) in {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    return Server("", env, keys, dbname=dbname)
+
+
+def start(srv: Server, d: Path, workers: int) -> None:
+    port = free_port()
+    srv.log = d / f"serve-{workers}.log"
+    with srv.log.open("wb") as fh:
+        srv.proc = subprocess.Popen([V2GPKI, "serve", "--port", str(port), "--workers", str(workers),
+                                     "--log-level", "warning"], env=srv.env, stdout=fh, stderr=subprocess.STDOUT)
+    srv.url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if srv.proc.poll() is not None:
+            raise SystemExit(f"server exited {srv.proc.returncode}:\n{srv.log.read_text()[-3000:]}")
+        try:
+            httpx.get(srv.url + "/healthz", timeout=2)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise SystemExit(f"server did not come up:\n{srv.log.read_text()[-3000:]}")
+
+
+def stop(srv: Server) -> None:
+    if srv.proc is None:
+        return
+    srv.proc.send_signal(signal.SIGINT)
+    try:
+        srv.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        srv.proc.kill()
+        srv.proc.wait()
+    srv.proc = None
+
+
+def _pcid() -> str:
+    return WMI + "".join(secrets.choice("ABCDEFGHJKLMNPRSTUVWXYZ0123456789") for _ in range(14))
+
+
+def make_vehicles(srv: Server, n: int) -> list[dict[str, Any]]:
+    """n vehicles: OEM provisioning certificate (enrolled), contract, signed CertificateInstallationReq body."""
+    from pki.cps.exi import CertificateInstallationReq, MessageHeader, V2GMessage, X509IssuerSerial, encode_message
+    from pki.cps.xmldsig import sign_elements
+    from pki.store.db import utcnow
+
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        roots = []
+        for name in ("v2g-root", "mo-root"):  # the roots the vehicle trusts (ListOfRootCertificateIDs)
+            cert = x509.load_pem_x509_certificate(run([V2GPKI, "chain", name], srv.env).encode())
+            roots.append(X509IssuerSerial(cert.subject.rfc4514_string(), cert.serial_number))
+        out = []
+        for _ in range(n):
+            pcid = _pcid()
+            key = ec.generate_private_key(ec.SECP256R1())
+            csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([
+                x509.NameAttribute(NameOID.COMMON_NAME, pcid), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bench OEM"),
+                x509.NameAttribute(NameOID.COUNTRY_NAME, "DE"), x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "OEM")]))
+                .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
+            r = c.post("/v1/enrollments", json={"csr": csr, "profile": "oem-prov"},
+                       headers={"Authorization": f"Bearer {srv.keys['oem']}"})
+            if r.status_code != 201:
+                raise SystemExit(f"enrollment: {r.status_code} {r.text[:300]}")
+            cert = x509.load_pem_x509_certificate(r.json()["certificate"].encode())
+            emaid = EMSP + "".join(secrets.choice("ABCDEFGHJKLMNPRSTUVWXYZ0123456789") for _ in range(9))
+            r = c.post("/v1/contracts", json={"emaid": emaid, "pcid": pcid,
+                                              "valid_until": (utcnow() + timedelta(days=400)).isoformat()},
+                       headers={"Authorization": f"Bearer {srv.keys['emsp']}"})
+            if r.status_code != 201:
+                raise SystemExit(f"contract: {r.status_code} {r.text[:300]}")
+            body = CertificateInstallationReq("id1", cert.public_bytes(serialization.Encoding.DER), tuple(roots))
+            exi = encode_message(V2GMessage(MessageHeader(secrets.token_bytes(8),
+                                                          signature=sign_elements([body], key)), body))
+            out.append({"pcid": pcid, "emaid": emaid, "key": key, "cert": cert,
+                        "json": json.dumps({"iso15118SchemaVersion": ISO2, "action": "Install",
+                                            "exiRequest": base64.b64encode(exi).decode()}).encode()})
+    return out
+
+
+# -- load ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    concurrency: int
+    seconds: float
+    ok: int = 0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+    client_cpu_s: float = 0.0
+    server_cpu_s: float = 0.0  # user + system time of the uvicorn worker processes during the run
+
+    @property
+    def server_cpu_ms(self) -> float:
+        """Server CPU per installation: the figure a busy machine distorts least."""
+        return 1000 * self.server_cpu_s / self.ok if self.ok else float("nan")
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    def pct(self, p: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] * 1000
+
+
+def server_cpu(srv: Server) -> float:
+    """CPU seconds (user + system) used so far by the server's worker processes."""
+    if srv.proc is None:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in worker_pids(srv.proc.pid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def load(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: float) -> tuple[Result, bytes | None]:
+    res = Result(conc, seconds)
+    lock = threading.Lock()
+    sample: list[bytes] = []
+    headers = {"Authorization": f"Bearer {srv.keys['cpo']}", "Content-Type": "application/json"}
+    start_evt = threading.Event()
+    deadline = [0.0]
+
+    def worker(i: int) -> None:
+        lat: list[float] = []
+        ok = err = 0
+        errs: list[str] = []
+        with httpx.Client(base_url=srv.url, timeout=30, headers=headers) as c:
+            c.get("/healthz")  # open the keep-alive connection before the clock starts
+            start_evt.wait()
+            j = i
+            while time.perf_counter() < deadline[0]:
+                v = vehicles[j % len(vehicles)]
+                j += conc
+                t = time.perf_counter()
+                try:
+                    r = c.post("/ocpp/v201/get-15118-ev-certificate", content=v["json"])
+                    good = r.status_code == 200 and r.json().get("status") == "Accepted"
+                except httpx.HTTPError as exc:
+                    good, r = False, None
+                    errs.append(repr(exc))
+                lat.append(time.perf_counter() - t)
+                if good:
+                    ok += 1
+                    if not sample:
+                        sample.append(r.content)  # type: ignore[union-attr]
+                else:
+                    err += 1
+                    if r is not None and len(errs) < 3:
+                        errs.append(f"{r.status_code} {r.text[:200]}")
+        with lock:
+            res.ok += ok
+            res.errors += err
+            res.latencies.extend(lat)
+            res.error_samples.extend(errs[:3])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(conc)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    cpu0, scpu0 = time.process_time(), server_cpu(srv)
+    t0 = time.perf_counter()
+    deadline[0] = t0 + seconds
+    start_evt.set()
+    for t in threads:
+        t.join()
+    res.seconds = time.perf_counter() - t0
+    res.client_cpu_s = time.process_time() - cpu0
+    res.server_cpu_s = server_cpu(srv) - scpu0
+    return res, (sample[0] if sample else None)
+
+
+def check_sample(raw: bytes, vehicles: list[dict[str, Any]]) -> str:
+    """Decode one answer and check it as a vehicle would: CPS signature, contract key vs certificate."""
+    from pki.cps.exi import CertificateInstallationRes, decode_message
+    from pki.cps.keywrap import unwrap_contract_key
+    from pki.cps.xmldsig import verify_response
+
+    msg = decode_message(base64.b64decode(json.loads(raw)["exiResponse"]))
+    body = msg.body
+    assert isinstance(body, CertificateInstallationRes) and body.response_code == "OK"
+    verify_response(msg, x509.load_der_x509_certificate(body.sa_provisioning_certificate_chain.certificate))
+    v = next(v for v in vehicles if v["emaid"] == body.emaid.value)
+    cert = x509.load_der_x509_certificate(body.contract_signature_cert_chain.certificate)
+    unwrap_contract_key(body.contract_signature_encrypted_private_key.value, body.dh_public_key.value, v["key"], cert)
+    return f"checked: {body.emaid.value}, contract serial {cert.serial_number:x}, signature and key OK"
+
+
+def persisted(srv: Server) -> int:
+    code = ("from sqlmodel import select, func\nfrom pki.config import Settings\nfrom pki.store.db import Database\n"
+            "from pki.store.models import Certificate\ndb = Database(Settings().db_url)\n"
+            "with db.session() as s:\n"
+            "    print(s.exec(select(func.count()).select_from(Certificate)"
+            ".where(Certificate.profile == 'contract')).one())\n")
+    out = subprocess.run([sys.executable, "-c", code], env=srv.env, capture_output=True, text=True, cwd=REPO)
+    return int(out.stdout.strip() or -1)
+
+
+# -- profile ---------------------------------------------------------------------------------------------
+
+# Inclusive phases: a sample counts for the first of these frames found from the top of its stack down.
+PHASES = [
+    ("EXI decode of the request", r"decode_message \(.*pki/cps/exi"),
+    ("request signature (re-encode + ECDSA verify)", r"verify_request \("),
+    ("OEM chain/revocation check", r"chain_status \("),
+    ("contract lookup", r"default_contract_for \("),
+    ("contract key generation", r"_contract_key \("),
+    # the issuing thread (IssueBatcher: intents, HSM signature, rows, audit, OCSP pre-signing) included
+    ("contract certificate issuance (engine, HSM, DB)", r"\bissue \(.*pki/issuance|IssueBatcher\._run|_issue_prepared \("),
+    ("key wrapping (ECDH/KDF/AES)", r"wrap_contract_key \("),
+    ("CPS signature (fragments, SignedInfo, HSM)", r"sign_contract_response \("),
+    ("EXI encode of the response", r"encode_message \(.*pki/cps/exi"),
+    ("CPS signer / CA lookups", r"_cps_signer \(|_pick_ca \("),
+    ("rest of deliver()", r"\bdeliver \(.*pki/cps/service|build_delivery \("),
+    ("API key check", r"api/auth\.py"),
+    ("HTTP, FastAPI, JSON, pydantic", r"uvicorn|starlette|fastapi|h11|pydantic|anyio"),
+]
+AREAS = [
+    ("EXI codec", r"pki/cps/exi/"), ("xmldsig/keywrap", r"pki/cps/(xmldsig|keywrap)"),
+    ("HSM (python-pkcs11, SoftHSM)", r"pkcs11|hsm/"), ("cryptography", r"cryptography"),
+    ("SQLAlchemy/sqlmodel", r"sqlalchemy|sqlmodel"), ("DB driver", r"psycopg|sqlite3"),
+    ("pki engine/lint/audit", r"pki/(issuance|lint|audit|profiles|csr|names|contracts|serials|ocsp)"),
+    ("pkilint", r"pkilint|pyasn1"), ("CPS service", r"pki/cps/service"),
+    ("HTTP/ASGI/FastAPI/pydantic", r"uvicorn|starlette|fastapi|h11|pydantic|anyio|httptools|json"),
+]
+
+
+def worker_pids(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids = (task / "children").read_text().split()
+        out.extend(int(k) for k in kids)
+    return out
+
+
+def profile(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: float, d: Path) -> str:
+    assert srv.proc is not None
+    pids = [p for p in worker_pids(srv.proc.pid)
+            if "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")] \
+        or worker_pids(srv.proc.pid)
+    if not pids:
+        return "no worker process found"
+    raw = d / "py-spy.txt"
+    spy = subprocess.Popen([PY_SPY, "record", "--pid", str(pids[0]), "--format", "raw", "--rate", "200",
+                            "--duration", str(int(seconds)), "--output", str(raw), "--nonblocking", "--gil"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1)
+    load(srv, vehicles, conc, seconds)
+    try:
+        _, err = spy.communicate(timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        return "py-spy did not finish"
+    if not raw.exists():
+        return f"py-spy failed: {err.decode()[-500:]}"
+    phases: Counter[str] = Counter()
+    areas: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(n)
+        total += count
+        frames = stack.split(";")
+        phase = next((name for name, rx in PHASES if any(re.search(rx, f) for f in frames)), "other (idle loop, GC, …)")
+        phases[phase] += count
+        leaf = frames[-1]
+        areas[next((name for name, rx in AREAS if re.search(rx, leaf)), "other")] += count
+        leaves[re.sub(r":\d+\)", ")", leaf)] += count
+    lines = [f"py-spy, worker pid {pids[0]} of {len(pids)}, {total} samples at 200 Hz over {seconds:g}s "
+             f"(c={conc}); --gil: only the thread holding the GIL is sampled, i.e. where the worker's Python CPU "
+             f"goes (waits on PostgreSQL, the HSM's own signing time without the GIL and idle threads are not in it)", "", "| phase (inclusive) | share |", "|---|---|"]
+    lines += [f"| {k} | {v / total:.1%} |" for k, v in phases.most_common()]
+    lines += ["", "| area (own time) | share |", "|---|---|"]
+    lines += [f"| {k} | {v / total:.1%} |" for k, v in areas.most_common()]
+    lines += ["", "top functions (own time):"]
+    lines += [f"  {v / total:6.1%}  {k}" for k, v in leaves.most_common(15)]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
+    ap.add_argument("--workers", type=int, default=int(os.environ.get("V2GPKI_WORKERS", "2")))
+    ap.add_argument("--seconds", type=float, default=15)
+    ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--vehicles", type=int, default=32)
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--keep", help="keep the work directory here")
+    ap.add_argument("--json", help="write the results as JSON to this file")
+    args = ap.parse_args()
+    concs = [int(c) for c in args.concurrency.split(",")]
+    d = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="v2gpki-bench-contract-"))
+    d.mkdir(parents=True, exist_ok=True)
+    pg_admin = os.environ.get("V2GPKI_TEST_PG_ADMIN_URL")
+    print(f"# {os.cpu_count()} CPUs; {args.workers} workers; {args.db}; {args.vehicles} vehicles; "
+          f"{args.seconds:g}s per run; work dir {d}", file=sys.stderr)
+    srv = prepare(d, args.db, pg_admin)
+    results: list[Result] = []
+    prof = ""
+    try:
+        start(srv, d, args.workers)
+        vehicles = make_vehicles(srv, args.vehicles)
+        warm, sample = load(srv, vehicles, max(concs), 3)  # connections, pools, lazy grammars in every worker
+        if warm.errors or sample is None:
+            raise SystemExit(f"warm-up failed: {warm.errors} errors, e.g. {warm.error_samples[:2]}")
+        print(f"# {check_sample(sample, vehicles)}", file=sys.stderr)
+        for conc in concs:
+            r, sample = load(srv, vehicles, conc, args.seconds)
+            results.append(r)
+            print(f"c={conc:<3} {r.rps:7.1f} installations/s  p50 {r.pct(50):6.1f} ms  p99 {r.pct(99):6.1f} ms  "
+                  f"server CPU {r.server_cpu_ms:5.1f} ms/installation  ({r.ok} ok, {r.errors} errors; "
+                  f"load generator CPU {r.client_cpu_s / r.seconds:.0%} of a core; load average "
+                  f"{os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+            if r.error_samples:
+                print(f"   errors: {r.error_samples[:3]}", file=sys.stderr)
+            if sample is not None:
+                check_sample(sample, vehicles)
+        total_ok = warm.ok + sum(r.ok for r in results)
+        stored = persisted(srv)
+        print(f"# persisted: {stored} contract certificates for {total_ok} accepted installations "
+              f"(+ none before the runs)", file=sys.stderr)
+        if not args.no_profile:
+            if Path(PY_SPY).exists():
+                prof = profile(srv, vehicles, max(concs), min(args.seconds, 10), d)
+            else:
+                prof = "py-spy not installed (pip install py-spy)"
+    finally:
+        stop(srv)
+        if srv.dbname and pg_admin:
+            import psycopg
+
+            with psycopg.connect(pg_admin, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{srv.dbname}" WITH (FORCE)')
+        if not args.keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+    print("\n| db | workers | concurrency | installations/s | p50 ms | p99 ms | mean ms | server CPU ms/inst. | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        mean = statistics.fmean(r.latencies) * 1000 if r.latencies else float("nan")
+        print(f"| {args.db} | {args.workers} | {r.concurrency} | {r.rps:.1f} | {r.pct(50):.1f} | {r.pct(99):.1f} | "
+              f"{mean:.1f} | {r.server_cpu_ms:.1f} | {r.errors} |")
+    if prof:
+        print("\n" + prof)
+    if args.json:
+        Path(args.json).write_text(json.dumps([{"db": args.db, "workers": args.workers, "concurrency": r.concurrency,
+                                                "rps": r.rps, "p50_ms": r.pct(50), "p99_ms": r.pct(99),
+                                                "server_cpu_ms": r.server_cpu_ms,
+                                                "ok": r.ok, "errors": r.errors} for r in results], indent=1))
+    return 1 if any(r.errors for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

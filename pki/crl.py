@@ -1,0 +1,377 @@
+"""CRLs (RFC 5280 §5): one full CRL per issuing CA, streamed into DER and signed in the HSM.
+
+Why not cryptography's CertificateRevocationListBuilder: it holds a Python object per entry and copies
+the list on every ``add_revoked_certificate`` (quadratic); a CA with a million revoked certificates
+would take hours and gigabytes. Here the entries are read from the database in batches (server-side
+cursor on PostgreSQL), DER-encoded row by row into a temporary file, and the TBSCertList is assembled
+around them once the total length is known. For ECDSA the TBS is hashed while it is read back and the
+HSM signs the digest (Prehashed); Ed448 (pure EdDSA, RFC 8032) needs the whole message, so it is read
+into memory once. Memory is bounded by the size of the finished CRL (which is stored), not by the
+number of Python objects.
+
+Contents (RFC 5280 §5.1): v2; signature = the CA's algorithm (ecdsa-with-SHA256 for P-256 [V2G2-006],
+ecdsa-with-SHA512 for P-521, Ed448); issuer = the CA's subject; thisUpdate/nextUpdate (UTCTime through
+2049, §5.1.2.4/5); entries with revocationDate and reasonCode (left out for 'unspecified', §5.3.1;
+certificateHold for certificates on hold); crlExtensions AKI (keyIdentifier = the CA's SKI, §5.2.1)
+and cRLNumber (§5.2.3, strictly increasing: ``ca.crl_number`` is bumped with a guarded UPDATE in the
+transaction that stores the CRL, so two generators can never publish the same number).
+
+An entry stays until it has appeared on one regularly scheduled CRL issued after the certificate
+expired (§3.3); after that it is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from sqlalchemy import delete, func, insert, select, update
+
+from hsm.keystore import KeyAlg
+from pki.errors import Conflict, CRLUnavailable
+from pki.ocsp import REASON_CODES, SIG_ALGID, bit_string, der_header, der_int, der_oid, read_engine, seq, tlv
+from pki.store.db import Database, utcnow
+from pki.store.models import Certificate, CertificateAuthority, CrlRecord
+
+if TYPE_CHECKING:
+    from pki.context import Context
+
+log = logging.getLogger("v2gpki.crl")
+
+_CERT = Certificate.__table__  # type: ignore[attr-defined]
+_CA = CertificateAuthority.__table__  # type: ignore[attr-defined]
+_CRL = CrlRecord.__table__  # type: ignore[attr-defined]
+
+_V2 = der_int(1)
+_OID_AKI = der_oid("2.5.29.35")
+_OID_CRL_NUMBER = der_oid("2.5.29.20")
+_OID_REASON = der_oid("2.5.29.21")
+# crlEntryExtensions with a reasonCode (non-critical, RFC 5280 §5.3.1), precomputed per code.
+_REASON_EXT: dict[int, bytes] = {
+    code: seq(seq(_OID_REASON, tlv(0x04, tlv(0x0A, bytes((code,)))))) for code in REASON_CODES.values()
+}
+
+
+def crl_time(dt: datetime) -> bytes:
+    # RFC 5280 §5.1.2.4: UTCTime for dates through 2049, GeneralizedTime from 2050.
+    dt = dt.astimezone(UTC)
+    if dt.year < 2050:
+        return tlv(0x17, dt.strftime("%y%m%d%H%M%SZ").encode())
+    return tlv(0x18, dt.strftime("%Y%m%d%H%M%SZ").encode())
+
+
+def _entry_reason(status: str, reason: str | None) -> int:
+    if status == "hold":
+        return REASON_CODES["certificateHold"]
+    return REASON_CODES.get(reason or "unspecified", 0)
+
+
+@dataclass(frozen=True)
+class CrlInfo:
+    issuer: str
+    number: int
+    this_update: datetime
+    next_update: datetime
+    entries: int
+    size: int
+    seconds: float
+
+
+def generate_crl(ctx: Context, ca_name: str, *, now: datetime | None = None, attempts: int = 5) -> CrlInfo:
+    """Build, sign and store a new CRL for ``ca_name``. Returns its metadata (the DER is in ``crl``)."""
+    engine = ctx.engine
+    h = engine.ca(ca_name)
+    signer = engine.ca_signer(h)
+    validity = timedelta(hours=ctx.settings.crl_validity_hours)
+    reader = read_engine(ctx.db)
+    for _ in range(attempts):
+        t0 = time.perf_counter()
+        this_update = (now or utcnow()).replace(microsecond=0)
+        next_update = this_update + validity
+        with reader.connect() as conn:
+            n0 = conn.execute(select(_CA.c.crl_number).where(_CA.c.name == ca_name)).scalar_one()
+        number = int(n0) + 1
+        with tempfile.TemporaryFile(prefix="v2gpki-crl-") as spool:
+            count, entries_len = _write_entries(ctx.db, ca_name, this_update - validity, spool)
+            sigalg = SIG_ALGID[h.alg]
+            prefix = b"".join((_V2, sigalg, h.cert.subject.public_bytes(), crl_time(this_update),
+                               crl_time(next_update)))
+            # RFC 5280 §5.1.2.6: with no revoked certificates the list is absent, not empty.
+            rev_header = der_header(0x30, entries_len) if count else b""
+            exts = tlv(0xA0, seq(
+                seq(_OID_AKI, tlv(0x04, seq(tlv(0x80, h.ski)))),
+                seq(_OID_CRL_NUMBER, tlv(0x04, der_int(number))),
+            ))
+            tbs_len = len(prefix) + len(rev_header) + entries_len + len(exts)
+            tbs_head = der_header(0x30, tbs_len) + prefix + rev_header
+            sig = _sign_spooled(signer, h.alg, tbs_head, spool, exts)
+            tail = sigalg + bit_string(sig)
+            total_inner = len(tbs_head) + entries_len + len(exts) + len(tail)
+            out = bytearray(der_header(0x30, total_inner))
+            out += tbs_head
+            spool.seek(0)
+            while chunk := spool.read(1 << 20):
+                out += chunk
+            out += exts
+            out += tail
+        with ctx.db.engine.begin() as conn:
+            res = conn.execute(update(_CA).where(_CA.c.name == ca_name, _CA.c.crl_number == n0)
+                               .values(crl_number=number))
+            if res.rowcount != 1:
+                continue  # another generator published n0+1 meanwhile: rebuild with a fresh number
+            conn.execute(insert(_CRL).values(issuer=ca_name, number=number, this_update=this_update,
+                                             next_update=next_update, der=out))
+            # Keep the previous CRL for clients that fetched its URL a moment ago; drop older ones.
+            conn.execute(delete(_CRL).where(_CRL.c.issuer == ca_name, _CRL.c.number < number - 1))
+        size = len(out)
+        del out
+        info = CrlInfo(ca_name, number, this_update, next_update, count, size, time.perf_counter() - t0)
+        log.info("CRL %s #%d: %d entries, %d bytes, %.2fs", ca_name, number, count, size, info.seconds)
+        return info
+    raise Conflict(f"could not publish a CRL for {ca_name!r}: the CRL number kept moving")
+
+
+def _write_entries(db: Database, ca_name: str, expired_before: datetime, spool: Any) -> tuple[int, int]:
+    """Stream revoked entries into ``spool``; return (count, bytes).
+
+    The hot loop touches no datetime objects: the database renders revocationDate as YYYYMMDDHHMMSS
+    (UTC) and each row becomes bytes with a handful of operations (a million rows in seconds)."""
+    if db.is_sqlite:
+        when = func.strftime("%Y%m%d%H%M%S", _CERT.c.revoked_at)  # stored as UTC text
+    else:
+        when = func.to_char(func.timezone("UTC", _CERT.c.revoked_at), "YYYYMMDDHH24MISS")
+    stmt = (
+        select(_CERT.c.serial, when, _CERT.c.status, _CERT.c.revocation_reason)
+        .where(_CERT.c.issuer == ca_name, _CERT.c.status.in_(("revoked", "hold")),
+               # RFC 5280 §3.3: keep an entry until one scheduled CRL after expiry has carried it
+               _CERT.c.not_after > expired_before)
+    )
+    times: dict[str, bytes] = {}
+    exts: dict[tuple[str, str | None], bytes] = {}
+    count = 0
+    written = 0
+    with read_engine(db).connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=20_000).execute(stmt)
+        for part in result.partitions():
+            buf: list[bytes] = []
+            for serial_hex, ts, status, reason in part:
+                raw = bytes.fromhex(serial_hex if len(serial_hex) % 2 == 0 else "0" + serial_hex)
+                if raw[0] & 0x80:
+                    raw = b"\x00" + raw  # positive INTEGER (RFC 5280 §4.1.2.2)
+                t = times.get(ts)
+                if t is None:
+                    if len(times) > 200_000:
+                        times.clear()
+                    # RFC 5280 §5.1.2.4 / §5.1.2.6: UTCTime through 2049, GeneralizedTime after
+                    t = times[ts] = (b"\x17\x0d" + ts[2:].encode() + b"Z" if ts < "2050"
+                                     else b"\x18\x0f" + ts.encode() + b"Z")
+                ext = exts.get((status, reason))
+                if ext is None:
+                    code = _entry_reason(status, reason)
+                    ext = exts[(status, reason)] = _REASON_EXT[code] if code else b""
+                n = len(raw) + 2 + len(t) + len(ext)  # < 128: serial ≤ 17 octets, time 17, reason 12
+                buf.append(bytes((0x30, n, 0x02, len(raw))) + raw + t + ext)
+            chunk = b"".join(buf)
+            spool.write(chunk)
+            written += len(chunk)
+            count += len(buf)
+    return count, written
+
+
+def _sign_spooled(signer: Any, alg: KeyAlg, head: bytes, spool: Any, tail: bytes) -> bytes:
+    spool.seek(0)
+    if alg is KeyAlg.ED448:
+        assert isinstance(signer, ed448.Ed448PrivateKey)
+        msg = bytearray(head)
+        while chunk := spool.read(1 << 20):
+            msg += chunk
+        msg += tail
+        return signer.sign(bytes(msg))
+    h = hashlib.sha512() if alg is KeyAlg.P521 else hashlib.sha256()
+    h.update(head)
+    while chunk := spool.read(1 << 20):
+        h.update(chunk)
+    h.update(tail)
+    algo: hashes.HashAlgorithm = hashes.SHA512() if alg is KeyAlg.P521 else hashes.SHA256()
+    sig: bytes = signer.sign(h.digest(), ec.ECDSA(Prehashed(algo)))
+    return sig
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading and serving
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredCrl:
+    issuer: str
+    number: int
+    this_update: datetime
+    next_update: datetime
+    der: bytes
+
+
+def latest_meta(db: Database, ca_name: str) -> tuple[int, datetime, datetime] | None:
+    with read_engine(db).connect() as conn:
+        row = conn.execute(
+            select(_CRL.c.number, _CRL.c.this_update, _CRL.c.next_update)
+            .where(_CRL.c.issuer == ca_name).order_by(_CRL.c.number.desc()).limit(1)
+        ).first()
+    return None if row is None else (int(row[0]), row[1], row[2])
+
+
+def load_crl(db: Database, ca_name: str, number: int | None = None) -> StoredCrl | None:
+    stmt = select(_CRL.c.number, _CRL.c.this_update, _CRL.c.next_update, _CRL.c.der).where(_CRL.c.issuer == ca_name)
+    stmt = stmt.where(_CRL.c.number == number) if number is not None else stmt.order_by(_CRL.c.number.desc())
+    with read_engine(db).connect() as conn:
+        row = conn.execute(stmt.limit(1)).first()
+    return None if row is None else StoredCrl(ca_name, int(row[0]), row[1], row[2], bytes(row[3]))
+
+
+class CrlCache:
+    """The latest CRL per CA, kept in memory and checked against the database on each request (one
+    indexed query), so a CRL published by another process is served at once."""
+
+    def __init__(self, ctx: Context, *, may_generate: bool) -> None:
+        self.ctx = ctx
+        self.may_generate = may_generate
+        self._cached: dict[str, StoredCrl] = {}
+        self._lock = threading.Lock()
+
+    def get(self, ca_name: str) -> StoredCrl:
+        self.ctx.engine.ca(ca_name)  # UnknownCA → 404
+        meta = latest_meta(self.ctx.db, ca_name)
+        now = utcnow()
+        if self.may_generate and (meta is None or meta[2] <= now):
+            # None yet, or past nextUpdate (a missed refresh): make one now rather than serve nothing.
+            generate_crl(self.ctx, ca_name)
+            meta = latest_meta(self.ctx.db, ca_name)
+        if meta is None:
+            raise CRLUnavailable(f"no CRL has been published for {ca_name!r} yet")
+        hit = self._cached.get(ca_name)
+        if hit is not None and hit.number == meta[0]:
+            return hit
+        crl = load_crl(self.ctx.db, ca_name, meta[0]) or load_crl(self.ctx.db, ca_name)
+        if crl is None:
+            raise CRLUnavailable(f"no CRL has been published for {ca_name!r} yet")
+        with self._lock:
+            self._cached[ca_name] = crl
+        return crl
+
+
+_CACHES: weakref.WeakKeyDictionary[Any, CrlCache] = weakref.WeakKeyDictionary()
+_SCHEDULERS: weakref.WeakKeyDictionary[Any, CrlScheduler] = weakref.WeakKeyDictionary()
+_REG_LOCK = threading.Lock()
+
+
+def cache_for(ctx: Context) -> CrlCache:
+    from pki.ocsp import is_responder_only
+
+    c = _CACHES.get(ctx.engine)
+    if c is None:
+        with _REG_LOCK:
+            c = _CACHES.get(ctx.engine)
+            if c is None:
+                c = CrlCache(ctx, may_generate=not is_responder_only(ctx))
+                _CACHES[ctx.engine] = c
+    return c
+
+
+class CrlScheduler:
+    """Regenerates CRLs after revocations in one background thread, coalescing bursts: a CA marked ten
+    times while its CRL is being built gets one more CRL, not ten. The revocation call itself returns
+    as soon as its OCSP response is re-signed (a million-entry CRL takes seconds)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._dirty: dict[str, int] = {}  # CA → failed attempts so far
+        self._busy = False
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def mark(self, ca_name: str) -> None:
+        with self._cv:
+            self._dirty.setdefault(ca_name, 0)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="v2gpki-crl", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._dirty:
+                    self._cv.wait()
+                ca_name = next(iter(self._dirty))
+                failures = self._dirty.pop(ca_name)
+                self._busy = True
+            try:
+                generate_crl(self.ctx, ca_name)
+            except Exception:  # noqa: BLE001 - retried a few times; the periodic refresh catches the rest
+                log.warning("CRL generation for %s failed (attempt %d)", ca_name, failures + 1, exc_info=True)
+                if failures < 3:
+                    time.sleep(min(0.5 * 2**failures, 5.0))
+                    with self._cv:
+                        self._dirty.setdefault(ca_name, failures + 1)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until every marked CA has its new CRL (tests, orderly shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._dirty or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
+
+
+def _after_fork_in_child() -> None:
+    _SCHEDULERS.clear()  # the parent's thread and condition (and its lock state) stay behind
+    _CACHES.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def scheduler_for(ctx: Context) -> CrlScheduler:
+    s = _SCHEDULERS.get(ctx.engine)
+    if s is None:
+        with _REG_LOCK:
+            s = _SCHEDULERS.get(ctx.engine)
+            if s is None:
+                s = CrlScheduler(ctx)
+                _SCHEDULERS[ctx.engine] = s
+    return s
+
+
+def refresh_crls(ctx: Context, *, margin: timedelta | None = None) -> list[CrlInfo]:
+    """Worker entry point: a new CRL for every CA whose latest one is missing or has less than
+    ``margin`` (default: half the validity) left before nextUpdate (RFC 5280 §5.1.2.5)."""
+    margin = margin if margin is not None else timedelta(hours=ctx.settings.crl_validity_hours) / 2
+    horizon = utcnow() + margin
+    out = []
+    for h in ctx.engine.cas():
+        meta = latest_meta(ctx.db, h.name)
+        if meta is None or meta[2] <= horizon:
+            out.append(generate_crl(ctx, h.name))
+    return out
+
+
+__all__ = ["CrlCache", "CrlInfo", "CrlScheduler", "StoredCrl", "cache_for", "generate_crl", "latest_meta",
+           "load_crl", "refresh_crls", "scheduler_for"]

@@ -1,0 +1,1155 @@
+"""Certificate lifecycle: outbox hooks, expiry alerting, notification delivery, renewal, root rollover.
+
+The domain half of the workers (workers/ holds only thin Celery tasks that call this module):
+
+* **Outbox** — `install_hooks(ctx)` makes the engine write an `outbox` row *in the same transaction* as
+  a revocation or a new CA certificate (transactional outbox: the event exists iff the change
+  committed). workers/outbox.py sends pending rows to the broker after commit and periodically.
+* **Expiry alerts** — one alert per certificate and window (default 60/30/14/7/1 days; sub-CAs and roots
+  get rollover-plan windows, roots 2 years ahead). The unique constraint (cert_id, window_days) is what
+  makes an alert exactly-once, whatever the broker redelivers; alerts and their notifications commit
+  together, grouped per tenant.
+* **Deliveries** — webhook (JSON, HMAC-SHA256 over "timestamp.body", RFC 2104) or e-mail (SMTP);
+  retried with exponential backoff from the database (not from broker countdowns, so a broker restart
+  loses nothing), 'dead' after N attempts. Webhooks are at-least-once: receivers de-duplicate on the
+  X-V2GPKI-Delivery header.
+* **Renewal** — service-held certificates (OCSP signers, CPS leaves, the trust-list signer) are renewed
+  after a configurable fraction of their life with a new key under a fresh HSM label; the old
+  certificate stays valid until it expires. Renewal rows keyed by the old certificate make it idempotent.
+* **Root rollover** — a new root (new key, new label) cross-signed by the old one; the outbox then
+  publishes a new trust-store version (pki/trustlist.py).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import re
+import secrets
+import smtplib
+import socket
+import threading
+import time
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import yaml
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import Select, case, exists, func, insert, or_, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+from sqlmodel import select as sm_select
+
+from pki import audit
+from pki.errors import BadRevocation, ConfigError, Conflict, NotFound, PKIError, PolicyError, UnknownCA
+from pki.profiles import Profile, ProfileSet
+from pki.store.db import utcnow
+from pki.store.models import Certificate, CertificateAuthority, Organization, OutboxEvent
+from pki.store.models_lifecycle import Delivery, ExpiryAlert, Renewal, Subscription
+
+if TYPE_CHECKING:
+    from pki.context import Context
+    from pki.issuance import Engine, Issued
+
+log = logging.getLogger("v2gpki.lifecycle")
+
+EVENTS = ("expiry", "truststore", "revocation", "renewal")
+SUB_KINDS = ("webhook", "email")
+
+# -- settings and policy ---------------------------------------------------------------------------------
+
+
+class LifecycleSettings(BaseSettings):
+    """Worker-side settings (env prefix V2GPKI_, like pki.config.Settings)."""
+
+    model_config = SettingsConfigDict(env_prefix="V2GPKI_", extra="ignore")
+
+    env: str = "development"
+    broker_url: str | None = None  # unset: the embedded filesystem broker under $V2GPKI_HOME/broker
+    queue: str = "v2gpki"
+    lifecycle_file: Path | None = None  # default: <policies_dir>/lifecycle.yaml
+    expiry_windows: str | None = None  # e.g. "60,30,14,7,1": replaces the policy's default windows
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_backoff_seconds: float = Field(default=30.0, gt=0)
+    webhook_backoff_max_seconds: float = Field(default=3600.0, gt=0)
+    webhook_allow_private: bool | None = None  # default: allowed in development only (SSRF guard)
+    delivery_lease_seconds: float = Field(default=60.0, gt=0)
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_from: str = "v2gpki@localhost"
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = False
+
+    def allow_private_targets(self) -> bool:
+        if self.webhook_allow_private is not None:
+            return self.webhook_allow_private
+        return self.env != "production"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_windows(v: list[int]) -> list[int]:
+    if not v:
+        raise ValueError("at least one window")
+    if any(w <= 0 or w > 40 * 366 for w in v):
+        raise ValueError("windows are days, between 1 and 14640")
+    if len(set(v)) != len(v):
+        raise ValueError("duplicate window")
+    return sorted(v, reverse=True)
+
+
+class ExpiryPolicy(_Strict):
+    default_windows: list[int] = [60, 30, 14, 7, 1]
+    sub_ca_windows: list[int] = [365, 180, 90, 60, 30]
+    # Roots: plan the rollover well ahead — new root, cross-signature, trust-store distribution to every
+    # EV and charger — so the first alert comes 2 years before expiry.
+    root_windows: list[int] = [1095, 730, 365, 180, 90]
+    profiles: dict[str, list[int]] = Field(default_factory=dict)
+    exclude_profiles: list[str] = Field(default_factory=list)
+    max_alerts_per_message: int = Field(default=500, ge=1, le=10000)
+
+    @field_validator("default_windows", "sub_ca_windows", "root_windows")
+    @classmethod
+    def _w(cls, v: list[int]) -> list[int]:
+        return _check_windows(v)
+
+    @field_validator("profiles")
+    @classmethod
+    def _pw(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
+        return {k: _check_windows(w) for k, w in v.items()}
+
+
+class RenewalPolicy(_Strict):
+    fraction: float = Field(default=0.67, gt=0.0, lt=1.0)  # renew after this fraction of the lifetime
+    identifiers: list[str] = ["ocsp-*", "cps-leaf*", "truststore-signer"]
+
+
+class TrustStorePolicy(_Strict):
+    validity_days: int = Field(default=30, ge=1, le=400)  # nextUpdate = issue time + this
+    republish_before_days: int = Field(default=7, ge=0)
+    signer_issuer: str = "csms-root"  # not a V2G root: a V2G root never issues a leaf [V2G2-867]
+    signer_profile: str = "truststore-signer"
+    cross_profile: str = "root-cross"
+
+
+class LifecyclePolicy(_Strict):
+    expiry: ExpiryPolicy = ExpiryPolicy()
+    renewal: RenewalPolicy = RenewalPolicy()
+    truststore: TrustStorePolicy = TrustStorePolicy()
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)  # extra profiles (signer, cross)
+
+
+@dataclass
+class Lifecycle:
+    """Validated policy plus the engine that knows the lifecycle profiles (one per Context)."""
+
+    policy: LifecyclePolicy
+    settings: LifecycleSettings
+    engine: Engine
+    extra_profiles: dict[str, Profile]
+    after_commit: list[Callable[[], None]] = field(default_factory=list)  # outbox kickers
+
+    def default_windows(self) -> list[int]:
+        if self.settings.expiry_windows:
+            return _check_windows([int(x) for x in self.settings.expiry_windows.split(",") if x.strip()])
+        return self.policy.expiry.default_windows
+
+    def windows_for(self, profile: Profile) -> list[int]:
+        e = self.policy.expiry
+        if profile.name in e.profiles:
+            return e.profiles[profile.name]
+        if profile.ca:
+            return e.root_windows if profile.self_signed else e.sub_ca_windows
+        return self.default_windows()
+
+
+def load_policy(path: Path, profiles: ProfileSet) -> tuple[LifecyclePolicy, dict[str, Profile]]:
+    """Read and validate policies/lifecycle.yaml (absent file: built-in defaults). Fails fast."""
+    data: object = {}
+    if path.exists():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise PolicyError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        pol = LifecyclePolicy.model_validate(data)
+    except ValidationError as exc:
+        parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise PolicyError(f"{path}: " + "; ".join(parts)) from None
+    extra: dict[str, Profile] = {}
+    for name, body in pol.profiles.items():
+        if name in profiles.profiles:
+            raise PolicyError(f"{path}: profile {name!r} already defined in profiles-*.yaml")
+        try:
+            extra[name] = Profile.model_validate({**body, "name": name})
+        except ValidationError as exc:
+            parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+            raise PolicyError(f"{path}: profile {name!r}: " + "; ".join(parts)) from None
+        for issuer in extra[name].issuers:
+            if issuer not in profiles.profiles or not profiles.profiles[issuer].ca:
+                raise PolicyError(f"{path}: profile {name!r}: issuer {issuer!r} is not a CA profile")
+    for pname in [*pol.expiry.profiles, *pol.expiry.exclude_profiles]:
+        if pname not in profiles.profiles and pname not in extra:
+            raise PolicyError(f"{path}: expiry: unknown profile {pname!r}")
+    for key, pname in (("signer_profile", pol.truststore.signer_profile),
+                       ("cross_profile", pol.truststore.cross_profile)):
+        if pname not in extra and pname not in profiles.profiles:
+            raise PolicyError(f"{path}: truststore.{key}: unknown profile {pname!r}")
+    return pol, extra
+
+
+_LIFECYCLES: weakref.WeakKeyDictionary[Any, Lifecycle] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def lifecycle_of(ctx: Context) -> Lifecycle:
+    lc = _LIFECYCLES.get(ctx.engine)
+    if lc is None:
+        install_hooks(ctx)
+        lc = _LIFECYCLES[ctx.engine]
+    return lc
+
+
+def install_hooks(ctx: Context) -> Lifecycle:
+    """Validate the lifecycle policy (fail fast) and register the outbox hooks on ctx.engine.
+
+    Idempotent per engine. The lifecycle engine shares the hook lists of ctx.engine, so certificates it
+    issues (trust-list signer, cross-certificates, rolled-over roots) get the same outbox and OCSP hooks.
+    """
+    from pki.issuance import Engine
+
+    with _LOCK:
+        existing = _LIFECYCLES.get(ctx.engine)
+        if existing is not None:
+            return existing
+        settings = LifecycleSettings()
+        path = settings.lifecycle_file or (ctx.settings.policies_dir / "lifecycle.yaml")
+        pol, extra = load_policy(path, ctx.profiles)
+        eng = ctx.engine
+        lc_engine = Engine(ctx.db, ctx.keystore, ProfileSet({**ctx.profiles.profiles, **extra}),
+                           ctx.settings.public_base(), pkilint_mode=ctx.settings.pkilint)
+        lc = Lifecycle(pol, settings, lc_engine, extra)
+
+        def tx_issued(s: Session, issued: list[Issued]) -> None:
+            cas = [i for i in issued if _is_ca_cert(i.cert)]
+            if cas:
+                s.add(OutboxEvent(kind="ca.changed", created_at=utcnow(), payload={
+                    "cas": [{"issuer": i.issuer, "serial": i.serial, "profile": i.profile,
+                             "subject": i.cert.subject.rfc4514_string()} for i in cas],
+                    "change": "added"}))
+
+        def tx_revoked(s: Session, cert: Certificate) -> None:
+            s.add(OutboxEvent(kind="revocation", created_at=utcnow(), payload={
+                "issuer": cert.issuer, "serial": cert.serial, "profile": cert.profile, "tenant": cert.tenant,
+                "identifier": cert.identifier, "status": cert.status, "reason": cert.revocation_reason,
+                "revoked_at": cert.revoked_at.isoformat() if cert.revoked_at else None}))
+            if _is_ca_der(cert.der):
+                s.add(OutboxEvent(kind="ca.changed", created_at=utcnow(), payload={
+                    "cas": [{"issuer": cert.issuer, "serial": cert.serial, "profile": cert.profile,
+                             "subject": cert.subject}], "change": "revoked"}))
+
+        def kick_issued(issued: list[Issued]) -> None:
+            if any(_is_ca_cert(i.cert) for i in issued):  # only CA changes wrote an outbox row
+                kick()
+
+        def kick(*_a: object) -> None:
+            for fn in list(lc.after_commit):
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - the outbox row is committed; beat drains it later
+                    log.warning("outbox kick failed", exc_info=True)
+
+        eng.tx_on_issued.append(tx_issued)
+        eng.tx_on_revoked.append(tx_revoked)
+        eng.on_issued.append(kick_issued)
+        eng.on_revoked.append(kick)
+        lc_engine.tx_on_issued = eng.tx_on_issued
+        lc_engine.tx_on_revoked = eng.tx_on_revoked
+        lc_engine.on_issued = eng.on_issued
+        lc_engine.on_revoked = eng.on_revoked
+        _LIFECYCLES[ctx.engine] = lc
+        return lc
+
+
+def _is_ca_cert(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _is_ca_der(der: bytes) -> bool:
+    return _is_ca_cert(x509.load_der_x509_certificate(der))
+
+
+def add_outbox(s: Session, kind: str, payload: dict[str, Any]) -> None:
+    s.add(OutboxEvent(kind=kind, payload=payload, created_at=utcnow()))
+
+
+# -- subscriptions ---------------------------------------------------------------------------------------
+
+_EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9.-]{1,253}$")
+
+
+def check_webhook_url(url: str, settings: LifecycleSettings, *, resolve: bool = False) -> None:
+    """https only in production; no loopback/private/link-local targets unless allowed (SSRF guard)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise PKIError("webhook URL must be an absolute http(s) URL")
+    if parts.scheme != "https" and settings.env == "production":
+        raise PKIError("webhook URL must use https in production")
+    if parts.username or parts.password:
+        raise PKIError("webhook URL must not carry credentials (the HMAC secret authenticates us)")
+    if settings.allow_private_targets():
+        return
+    hosts = [parts.hostname]
+    if resolve:
+        try:
+            hosts = [str(ai[4][0]) for ai in socket.getaddrinfo(parts.hostname, parts.port or 443)]
+        except OSError as exc:
+            raise PKIError(f"webhook host does not resolve: {exc}") from None
+    for h in hosts:
+        try:
+            ip = ipaddress.ip_address(str(h))
+        except ValueError:
+            if str(h).lower() in ("localhost",) or str(h).endswith(".localhost"):
+                raise PKIError("webhook URL points at this host") from None
+            continue
+        if ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_reserved or ip.is_multicast:
+            raise PKIError("webhook URL points at a private or loopback address")
+
+
+@dataclass
+class NewSubscription:
+    row: Subscription
+    secret: str | None  # shown once
+
+
+def add_subscription(ctx: Context, org: str, kind: str, target: str, events: Sequence[str], *,
+                     secret: str | None = None, actor: str = "cli") -> NewSubscription:
+    lc = lifecycle_of(ctx)
+    if kind not in SUB_KINDS:
+        raise PKIError(f"subscription kind must be one of {', '.join(SUB_KINDS)}")
+    evs = sorted(set(events or EVENTS))
+    bad = [e for e in evs if e not in EVENTS]
+    if bad:
+        raise PKIError(f"unknown event(s) {', '.join(bad)} (use {', '.join(EVENTS)})")
+    if kind == "webhook":
+        check_webhook_url(target, lc.settings)
+        if secret is not None and not 16 <= len(secret) <= 128:
+            raise PKIError("the HMAC secret must be 16–128 characters")
+        secret = secret or secrets.token_urlsafe(32)
+    else:
+        if not _EMAIL_RE.match(target):
+            raise PKIError("not an e-mail address")
+        secret = None
+    with ctx.db.session() as s:
+        if s.exec(sm_select(Organization).where(Organization.name == org)).first() is None:
+            raise NotFound(f"no organization {org!r}")
+        row = Subscription(sub_id="sub_" + secrets.token_hex(8), org=org, kind=kind, target=target,
+                           secret=secret, events=evs, created_at=utcnow())
+        s.add(row)
+        # The target is recorded, the secret never (audit details are readable by auditors).
+        audit.append(s, audit.Entry(actor=actor, org=org, action="subscription.create", object=row.sub_id,
+                                    details={"kind": kind, "target": _redact_url(target), "events": evs}))
+        s.commit()
+        s.refresh(row)
+    return NewSubscription(row, secret)
+
+
+def _redact_url(url: str) -> str:
+    p = urlsplit(url)
+    return f"{p.scheme}://{p.hostname}{':' + str(p.port) if p.port else ''}{p.path}" if p.scheme else url
+
+
+def list_subscriptions(ctx: Context, org: str | None) -> list[Subscription]:
+    with ctx.db.session() as s:
+        stmt = sm_select(Subscription).where(Subscription.deleted_at == None)  # noqa: E711
+        if org is not None:
+            stmt = stmt.where(Subscription.org == org)
+        return list(s.exec(stmt.order_by(Subscription.id)))  # type: ignore[arg-type]
+
+
+def remove_subscription(ctx: Context, sub_id: str, org: str | None, *, actor: str = "cli") -> Subscription:
+    with ctx.db.session() as s:
+        stmt = sm_select(Subscription).where(Subscription.sub_id == sub_id,
+                                             Subscription.deleted_at == None)  # noqa: E711
+        if org is not None:
+            stmt = stmt.where(Subscription.org == org)
+        row = s.exec(stmt).first()
+        if row is None:
+            raise NotFound(f"no subscription {sub_id!r}")
+        row.deleted_at = utcnow()
+        s.add(row)
+        audit.append(s, audit.Entry(actor=actor, org=row.org, action="subscription.delete", object=sub_id))
+        s.commit()
+        return row
+
+
+def _subscribers(s: Session, event: str) -> dict[str | None, list[Subscription]]:
+    """Active subscriptions to ``event``, by org; tenant-less events go to the admin organizations."""
+    subs = [r for r in s.exec(sm_select(Subscription).where(Subscription.deleted_at == None))  # noqa: E711
+            if event in (r.events or [])]
+    admins = {o.name for o in s.exec(sm_select(Organization).where(Organization.role == "admin"))}
+    out: dict[str | None, list[Subscription]] = defaultdict(list)
+    for r in subs:
+        out[r.org].append(r)
+        if r.org in admins:
+            out[None].append(r)
+    return out
+
+
+def _new_delivery(sub_id: int, org: str | None, event: str, key: str, payload: dict[str, Any],
+                  now: datetime) -> dict[str, Any]:
+    return {"delivery_id": "dlv_" + secrets.token_hex(12), "subscription_id": sub_id, "org": org,
+            "event": event, "event_key": key, "payload": payload, "state": "pending", "attempts": 0,
+            "next_attempt_at": now, "created_at": now}
+
+
+def _pending_ids(s: Session, keys: Iterable[str]) -> list[int]:
+    keys = list(keys)
+    if not keys:
+        return []
+    d = Delivery.__table__  # type: ignore[attr-defined]
+    return [r[0] for r in s.execute(select(d.c.id).where(d.c.event_key.in_(keys), d.c.state == "pending"))]
+
+
+def queue_event(ctx: Context, event: str, key: str, payload: dict[str, Any], tenant: str | None, *,
+                everyone: bool = False) -> list[int]:
+    """Deliveries of one event to the tenant's subscribers (or to every subscriber), idempotent on
+    (subscription, key): a re-run after a crash creates nothing twice. Returns pending delivery ids."""
+    now = utcnow()
+    d = Delivery.__table__  # type: ignore[attr-defined]
+    with ctx.db.session() as s:
+        by_org = _subscribers(s, event)
+        targets = {r.id: r for rs in by_org.values() for r in rs} if everyone else {
+            r.id: r for r in by_org.get(tenant, [])}
+        have = {r[0] for r in s.execute(select(d.c.subscription_id).where(d.c.event_key == key))}
+        rows = [_new_delivery(int(sid), r.org, event, key, payload, now) for sid, r in targets.items()
+                if sid is not None and sid not in have]
+        if rows:
+            try:
+                s.execute(insert(d), rows)
+                s.commit()
+            except IntegrityError:  # a concurrent run inserted them: fine, they exist once
+                s.rollback()
+        return _pending_ids(s, [key])
+
+
+# -- expiry alerting -------------------------------------------------------------------------------------
+
+_ACTIONS = {
+    "secc": "send OCPP 2.0.1 TriggerMessage(requestedMessage=SignV2GCertificate) to the charging station so "
+            "it sends SignCertificateRequest(certificateType=V2GCertificate) with a fresh CSR",
+    "cs-client": "send OCPP 2.0.1 TriggerMessage(requestedMessage=SignChargingStationCertificate) to the "
+                 "station so it sends SignCertificateRequest(certificateType=ChargingStationCertificate)",
+    "contract": "re-provision the contract: ISO 15118-2 CertificateUpdate (OCPP Get15118EVCertificate "
+                "action=Update) before expiry, or issue a new contract for the EMAID",
+    "oem-prov": "re-provision the vehicle's OEM provisioning certificate through the OEM back end "
+                "(contract installation needs a valid one)",
+    "csms-server": "renew the CSMS server TLS certificate (new CSR) before chargers reject the connection",
+    "api-client": "renew the API client certificate (new CSR) and deploy it to the client",
+}
+
+
+def _family(profile: str) -> str:
+    return re.sub(r"-20$", "", profile)
+
+
+def _identifier_type(profile: Profile | None, ident: str | None) -> str:
+    from pki.names import EVSEID_RE
+
+    if profile is None:
+        return "other"
+    if profile.ca:
+        return "CA"
+    fam = _family(profile.name)
+    if fam == "secc":
+        return "EVSEID" if ident and EVSEID_RE.match(ident) else "SECCID"
+    return {"contract": "EMAID", "oem-prov": "PCID", "cs-client": "station", "csms-server": "FQDN"}.get(
+        fam, "service")
+
+
+def action_for(profile: Profile, identifier: str | None, key_uri: str | None, renewal_ids: Sequence[str]) -> str:
+    if profile.ca:
+        if profile.self_signed:
+            return (f"plan the root rollover now: `v2gpki root rollover {identifier}` creates a new root (new HSM "
+                    "key) cross-signed by this one and publishes a new trust-store version; EVs and chargers "
+                    "must have it installed before this root expires")
+        return (f"issue a successor for sub-CA {identifier} (new key) and move issuance to it before this "
+                "certificate expires; certificates it issued cannot outlive it")
+    if key_uri and any(fnmatch.fnmatch(identifier or "", p) for p in renewal_ids):
+        return ("renewed automatically by the renewal worker (service-held key); if this alert repeats, check "
+                "that `v2gpki worker` and `v2gpki beat` run")
+    return _ACTIONS.get(_family(profile.name), "request a new certificate (new CSR) before expiry")
+
+
+@dataclass
+class Candidate:
+    cert_id: int
+    issuer: str
+    serial: str
+    profile: str
+    identifier: str | None
+    tenant: str | None
+    subject: str
+    not_after: datetime
+    key_uri: str | None
+    window: int
+
+
+@dataclass
+class ScanResult:
+    alerts: int = 0
+    batches: int = 0
+    deliveries: list[int] = field(default_factory=list)
+    conflicts: int = 0
+    candidates: int = 0
+
+
+def _groups(ctx: Context, lc: Lifecycle) -> list[tuple[list[int], list[str] | None, list[str]]]:
+    """(windows, profiles IN list or None, profiles NOT IN list) — one query per distinct window set:
+    CA profiles and per-profile overrides explicitly, every other profile with the default windows."""
+    profiles = {**ctx.profiles.profiles, **lc.extra_profiles}
+    by_windows: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    explicit: set[str] = set(lc.policy.expiry.exclude_profiles)
+    for name, p in profiles.items():
+        if name in lc.policy.expiry.exclude_profiles:
+            continue
+        if p.ca or name in lc.policy.expiry.profiles:
+            by_windows[tuple(lc.windows_for(p))].append(name)
+            explicit.add(name)
+    out: list[tuple[list[int], list[str] | None, list[str]]] = [
+        (list(w), sorted(names), []) for w, names in by_windows.items()]
+    out.append((lc.default_windows(), None, sorted(explicit)))
+    return out
+
+
+def candidate_query(ctx: Context, now: datetime, windows: Sequence[int], include: list[str] | None,
+                    exclude: list[str], tenant: str | None = None) -> Select[Any]:
+    """Certificates of one window group inside a window with no alert for that window yet. The window is
+    computed in SQL (CASE over notAfter), so the anti-join on (cert_id, window_days) uses the unique index."""
+    c = Certificate.__table__  # type: ignore[attr-defined]
+    a = ExpiryAlert.__table__  # type: ignore[attr-defined]
+    n = c.alias("newer")
+    asc = sorted(windows)
+    w = case(*[(c.c.not_after <= now + timedelta(days=d), d) for d in asc], else_=None)
+    # A named-profile group (CAs, service keys) is a handful of rows found by the profile index; its windows
+    # span years, so a notAfter range would walk most of the table. The expression keeps the planner off the
+    # notAfter index for that group (on SQLite too, which has no index hints).
+    na = func.coalesce(c.c.not_after, c.c.not_after) if include is not None else c.c.not_after
+    stmt = (
+        select(c.c.id, c.c.issuer, c.c.serial, c.c.profile, c.c.identifier, c.c.tenant, c.c.subject,
+               c.c.not_after, c.c.key_uri, w.label("w"))
+        .where(na > now, na <= now + timedelta(days=asc[-1]), c.c.status == "valid")
+        .where(~exists().where(a.c.cert_id == c.c.id, a.c.window_days == w))
+        # A certificate already replaced (same identifier and profile, later expiry, valid) needs no alert.
+        .where(~exists().where(n.c.identifier == c.c.identifier, n.c.profile == c.c.profile,
+                               n.c.status == "valid", n.c.not_after > c.c.not_after))
+    )
+    if include is not None:
+        stmt = stmt.where(c.c.profile.in_(include))
+    if exclude:
+        stmt = stmt.where(c.c.profile.not_in(exclude))
+    if tenant is not None:
+        stmt = stmt.where(c.c.tenant == tenant)
+    return stmt
+
+
+def candidates(ctx: Context, now: datetime | None = None, *, chunk: int = 20000,
+               tenant: str | None = None) -> Iterable[list[Candidate]]:
+    """All candidates, in chunks (keyset pagination on (notAfter, id): the (not_after, status) index drives
+    the range scan and memory stays bounded by the chunk, whatever the table size)."""
+    lc = lifecycle_of(ctx)
+    now = now or utcnow()
+    c = Certificate.__table__  # type: ignore[attr-defined]
+    for windows, inc, exc in _groups(ctx, lc):
+        base = candidate_query(ctx, now, windows, inc, exc, tenant)
+        if inc is not None:  # a named-profile group: few rows, no ORDER BY (it would pull in the notAfter index)
+            with ctx.db.engine.connect() as conn:
+                rows = conn.execute(base).all()
+            for i in range(0, len(rows), chunk):
+                yield [Candidate(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], int(r[9]))
+                       for r in rows[i:i + chunk]]
+            continue
+        last: tuple[datetime, int] | None = None
+        while True:
+            stmt = base
+            if last is not None:  # the plain bound lets the index range start at the last row, not at `now`
+                stmt = stmt.where(c.c.not_after >= last[0],
+                                  tuple_(c.c.not_after, c.c.id) > tuple_(last[0], last[1]))
+            stmt = stmt.order_by(c.c.not_after, c.c.id).limit(chunk)
+            with ctx.db.engine.connect() as conn:
+                rows = conn.execute(stmt).all()
+            if not rows:
+                break
+            last = (rows[-1][7], rows[-1][0])
+            yield [Candidate(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], int(r[9])) for r in rows]
+            if len(rows) < chunk:
+                break
+
+
+def _alert_json(profiles: dict[str, Profile], lc: Lifecycle, cand: Candidate, now: datetime) -> dict[str, Any]:
+    prof = profiles.get(cand.profile)
+    is_ca = bool(prof and prof.ca)
+    action = action_for(prof, cand.identifier, cand.key_uri, lc.policy.renewal.identifiers) if prof \
+        else "request a new certificate before expiry"
+    return {
+        "kind": "rollover" if is_ca else "expiry",
+        "window_days": cand.window,
+        "issuer": cand.issuer,
+        "serial": cand.serial.upper(),
+        "profile": cand.profile,
+        "identifier": cand.identifier,
+        "identifier_type": _identifier_type(prof, cand.identifier),
+        "subject": cand.subject,
+        "not_after": cand.not_after.isoformat(),
+        "days_left": max(0, (cand.not_after - now).days),
+        "action": action,
+    }
+
+
+def record_alerts(ctx: Context, cands: Sequence[Candidate], now: datetime | None = None) -> ScanResult:
+    """Insert alerts and their tenant-grouped notifications in ONE transaction. A concurrent scanner that
+    inserted some of the same (cert, window) rows makes this one fail on the unique constraint; we then
+    drop those and try again, so each alert is recorded — and notified — exactly once."""
+    lc = lifecycle_of(ctx)
+    now = now or utcnow()
+    res = ScanResult(candidates=len(cands))
+    a = ExpiryAlert.__table__  # type: ignore[attr-defined]
+    d = Delivery.__table__  # type: ignore[attr-defined]
+    todo = list(cands)
+    for _attempt in range(3):
+        if not todo:
+            return res
+        by_tenant: dict[str | None, list[Candidate]] = defaultdict(list)
+        for cnd in todo:
+            by_tenant[cnd.tenant].append(cnd)
+        alerts: list[dict[str, Any]] = []
+        deliveries: list[dict[str, Any]] = []
+        logs: list[tuple[str | None, int, str]] = []
+        profiles = {**ctx.profiles.profiles, **lc.extra_profiles}
+        with ctx.db.session() as s:
+            subs = _subscribers(s, "expiry")
+            for tenant, items in by_tenant.items():
+                step = lc.policy.expiry.max_alerts_per_message
+                for i in range(0, len(items), step):
+                    part = items[i:i + step]
+                    batch = "exp_" + secrets.token_hex(12)
+                    for cnd in part:
+                        p = profiles.get(cnd.profile)
+                        alerts.append({"cert_id": cnd.cert_id, "window_days": cnd.window,
+                                       "kind": "rollover" if p is not None and p.ca else "expiry",
+                                       "tenant": tenant, "issuer": cnd.issuer, "serial": cnd.serial,
+                                       "not_after": cnd.not_after, "batch": batch, "created_at": now})
+                    targets = subs.get(tenant, [])
+                    payload = {"event": "expiry", "tenant": tenant, "batch": batch,
+                               "generated_at": now.isoformat(),
+                               "alerts": [_alert_json(profiles, lc, cnd, now) for cnd in part]} if targets else {}
+                    for sub in targets:
+                        assert sub.id is not None
+                        deliveries.append(_new_delivery(sub.id, sub.org, "expiry", f"expiry:{batch}", payload, now))
+                    logs.append((tenant, len(part), batch))
+            try:
+                if alerts:
+                    s.execute(insert(a), alerts)
+                if deliveries:
+                    s.execute(insert(d), deliveries)
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                res.conflicts += 1
+                keys = {(cnd.cert_id, cnd.window) for cnd in todo}
+                ids = list({k[0] for k in keys})
+                taken: set[tuple[int, int]] = set()
+                for i in range(0, len(ids), 900):
+                    taken |= {(r[0], r[1]) for r in s.execute(
+                        select(a.c.cert_id, a.c.window_days).where(a.c.cert_id.in_(ids[i:i + 900])))}
+                todo = [cnd for cnd in todo if (cnd.cert_id, cnd.window) not in taken]
+                continue
+            res.alerts += len(alerts)
+            res.batches += len(logs)
+            if deliveries:
+                res.deliveries += _pending_ids(s, [dl["event_key"] for dl in deliveries])
+        for tenant, count, batch in logs:  # the log sink: always on
+            log.info("expiry alert batch %s: tenant %s, %d certificate(s)", batch, tenant or "(operator)", count)
+        return res
+    return res
+
+
+def _is_ca_profile(ctx: Context, lc: Lifecycle, name: str) -> bool:
+    p = ctx.profiles.profiles.get(name) or lc.extra_profiles.get(name)
+    return bool(p and p.ca)
+
+
+def scan_expiring(ctx: Context, now: datetime | None = None, *, tenant: str | None = None) -> ScanResult:
+    """One expiry scan: every certificate inside a window gets its alert (once), grouped per tenant."""
+    now = now or utcnow()
+    total = ScanResult()
+    for chunk in candidates(ctx, now, tenant=tenant):
+        r = record_alerts(ctx, chunk, now)
+        total.alerts += r.alerts
+        total.batches += r.batches
+        total.conflicts += r.conflicts
+        total.candidates += r.candidates
+        total.deliveries += r.deliveries
+    return total
+
+
+# -- deliveries ------------------------------------------------------------------------------------------
+
+SIG_HEADER = "X-V2GPKI-Signature"
+
+
+def sign_webhook(secret: str, timestamp: str, body: bytes) -> str:
+    """HMAC-SHA256 (RFC 2104) over ``timestamp + "." + body``; the timestamp bounds replays."""
+    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def verify_webhook(secret: str, header: str, body: bytes, *, tolerance: float | None = 300,
+                   now: float | None = None) -> bool:
+    """Receiver side (documented in docs/workers.md): constant-time compare, optional replay window."""
+    try:
+        parts = dict(p.split("=", 1) for p in header.split(","))
+        ts, mac = parts["t"], parts["v1"]
+    except (ValueError, KeyError):
+        return False
+    want = sign_webhook(secret, ts, body).split("v1=", 1)[1]
+    if not hmac.compare_digest(want, mac):
+        return False
+    if tolerance is not None and abs((now if now is not None else time.time()) - int(ts)) > tolerance:
+        return False
+    return True
+
+
+@dataclass
+class Attempt:
+    state: str  # delivered | retry | dead | skipped | leased
+    retry_in: float = 0.0
+    error: str | None = None
+
+
+def _body(ctx: Context, row: Delivery) -> dict[str, Any]:
+    body = dict(row.payload)
+    ref = body.pop("truststore_ref", None)
+    if ref is not None:
+        from pki.trustlist import version_document
+
+        body.update(version_document(ctx, ref[0], int(ref[1])))
+    body["delivery_id"] = row.delivery_id
+    return body
+
+
+def attempt_delivery(ctx: Context, delivery_pk: int, now: datetime | None = None) -> Attempt:
+    """One attempt: claim (guarded UPDATE with a lease), send, record the outcome. Safe to run twice."""
+    lc = lifecycle_of(ctx)
+    st = lc.settings
+    now = now or utcnow()
+    d = Delivery.__table__  # type: ignore[attr-defined]
+    lease = now + timedelta(seconds=st.delivery_lease_seconds)
+    with ctx.db.session() as s:
+        res = s.execute(
+            update(d).where(d.c.id == delivery_pk, d.c.state == "pending", d.c.next_attempt_at <= now,
+                            or_(d.c.lease_until.is_(None), d.c.lease_until < now))
+            .values(lease_until=lease, attempts=d.c.attempts + 1))
+        s.commit()
+        row = s.get(Delivery, delivery_pk)
+        if res.rowcount == 0:  # type: ignore[attr-defined]
+            if row is None or row.state != "pending":
+                return Attempt("skipped")
+            if row.lease_until is not None and row.lease_until >= now:
+                return Attempt("leased", (row.lease_until - now).total_seconds() + 1)
+            return Attempt("skipped", max(0.0, (row.next_attempt_at - now).total_seconds()))
+        assert row is not None
+        sub = s.get(Subscription, row.subscription_id)
+    try:
+        if sub is None or sub.deleted_at is not None:
+            return _finish(ctx, row, now, ok=False, error="subscription removed", final=True)
+        body = _body(ctx, row)
+        if sub.kind == "webhook":
+            _send_webhook(sub, row, body, st)
+        else:
+            _send_email(sub, row, body, st)
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried with backoff
+        msg = f"{type(exc).__name__}: {exc}"[:500]
+        return _finish(ctx, row, now, ok=False, error=msg, final=row.attempts >= st.webhook_max_attempts)
+    return _finish(ctx, row, now, ok=True)
+
+
+def _finish(ctx: Context, row: Delivery, now: datetime, *, ok: bool, error: str | None = None,
+            final: bool = False) -> Attempt:
+    st = lifecycle_of(ctx).settings
+    d = Delivery.__table__  # type: ignore[attr-defined]
+    if ok:
+        values: dict[str, Any] = {"state": "delivered", "delivered_at": utcnow(), "lease_until": None,
+                                  "last_error": None}
+        out = Attempt("delivered")
+    elif final:
+        values = {"state": "dead", "lease_until": None, "last_error": error}
+        out = Attempt("dead", error=error)
+        log.warning("delivery %s (%s) is dead after %d attempts: %s", row.delivery_id, row.event, row.attempts,
+                    error)
+    else:
+        delay = min(st.webhook_backoff_seconds * 2 ** max(0, row.attempts - 1), st.webhook_backoff_max_seconds)
+        values = {"lease_until": None, "last_error": error, "next_attempt_at": now + timedelta(seconds=delay)}
+        out = Attempt("retry", delay, error)
+        log.info("delivery %s attempt %d failed (%s); next in %.0fs", row.delivery_id, row.attempts, error, delay)
+    with ctx.db.session() as s:
+        s.execute(update(d).where(d.c.id == row.id, d.c.state == "pending").values(**values))
+        s.commit()
+    return out
+
+
+def _send_webhook(sub: Subscription, row: Delivery, body: dict[str, Any], st: LifecycleSettings) -> None:
+    import httpx
+
+    assert sub.secret is not None
+    check_webhook_url(sub.target, st, resolve=True)
+    raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ts = str(int(time.time()))
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "v2gpki-webhooks/1",
+        "X-V2GPKI-Event": row.event,
+        "X-V2GPKI-Delivery": row.delivery_id,
+        SIG_HEADER: sign_webhook(sub.secret, ts, raw),
+    }
+    # No redirects: a 3xx could point the worker at an internal address (SSRF).
+    r = httpx.post(sub.target, content=raw, headers=headers, timeout=st.webhook_timeout_seconds,
+                   follow_redirects=False)
+    if not 200 <= r.status_code < 300:
+        raise PKIError(f"HTTP {r.status_code}")
+
+
+def _send_email(sub: Subscription, row: Delivery, body: dict[str, Any], st: LifecycleSettings) -> None:
+    if not st.smtp_host:
+        raise ConfigError("no SMTP server configured (V2GPKI_SMTP_HOST)")
+    msg = EmailMessage()
+    msg["From"] = st.smtp_from
+    msg["To"] = sub.target
+    msg["Subject"] = _email_subject(row, body)
+    msg["X-V2GPKI-Delivery"] = row.delivery_id
+    msg.set_content(_email_text(row, body))
+    with smtplib.SMTP(st.smtp_host, st.smtp_port, timeout=st.webhook_timeout_seconds) as smtp:
+        if st.smtp_starttls:
+            smtp.starttls()
+        if st.smtp_user and st.smtp_password:
+            smtp.login(st.smtp_user, st.smtp_password.get_secret_value())
+        smtp.send_message(msg)
+
+
+def _email_subject(row: Delivery, body: dict[str, Any]) -> str:
+    if row.event == "expiry":
+        alerts = body.get("alerts", [])
+        soonest = min((a["days_left"] for a in alerts), default=0)
+        return f"[v2gpki] {len(alerts)} certificate(s) expiring (soonest in {soonest} days)"
+    if row.event == "truststore":
+        return f"[v2gpki] trust store {body.get('store')} version {body.get('version')} published"
+    return f"[v2gpki] {row.event}"
+
+
+def _email_text(row: Delivery, body: dict[str, Any]) -> str:
+    if row.event != "expiry":
+        return json.dumps(body, indent=2, sort_keys=True)
+    lines = [f"Tenant: {body.get('tenant') or '(operator)'}", ""]
+    for a in body.get("alerts", []):
+        lines += [f"- {a['identifier_type']} {a['identifier']} ({a['profile']}), serial {a['serial']} "
+                  f"from {a['issuer']}, expires {a['not_after']} ({a['days_left']} days)",
+                  f"  what to do: {a['action']}"]
+    return "\n".join(lines) + "\n"
+
+
+def due_deliveries(ctx: Context, now: datetime | None = None, limit: int = 1000) -> list[int]:
+    now = now or utcnow()
+    d = Delivery.__table__  # type: ignore[attr-defined]
+    with ctx.db.engine.connect() as conn:
+        return [r[0] for r in conn.execute(
+            select(d.c.id).where(d.c.state == "pending", d.c.next_attempt_at <= now,
+                                 or_(d.c.lease_until.is_(None), d.c.lease_until < now))
+            .order_by(d.c.next_attempt_at).limit(limit))]
+
+
+# -- revocation events -----------------------------------------------------------------------------------
+
+
+def revocation_event(ctx: Context, payload: dict[str, Any]) -> list[int]:
+    key = f"revocation:{payload['issuer']}/{payload['serial']}:{payload.get('status')}"
+    body = {"event": "revocation", **{k: payload.get(k) for k in
+                                      ("issuer", "serial", "profile", "identifier", "tenant", "status", "reason")}}
+    body["serial"] = str(body["serial"]).upper()
+    return queue_event(ctx, "revocation", key, body, payload.get("tenant"))
+
+
+def refresh_crl_after_revocation(ctx: Context, payload: dict[str, Any]) -> bool:
+    """A new CRL for the issuer unless one issued after this revocation exists already (coalesces bursts:
+    a thousand revocations of one CA need one CRL, not a thousand). RFC 5280 §5.1.2.4 (thisUpdate)."""
+    from pki.crl import generate_crl, latest_meta
+
+    revoked_at = payload.get("revoked_at")
+    meta = latest_meta(ctx.db, payload["issuer"])
+    if meta is not None and revoked_at is not None and meta[1] > datetime.fromisoformat(revoked_at):
+        return False
+    try:
+        generate_crl(ctx, payload["issuer"])
+    except UnknownCA:
+        return False
+    return True
+
+
+def pending_truststore_deliveries(ctx: Context, versions: Iterable[tuple[str, int]]) -> list[int]:
+    with ctx.db.session() as s:
+        return _pending_ids(s, [f"truststore:{st}:{v}" for st, v in versions])
+
+
+# -- renewal of service-held certificates ----------------------------------------------------------------
+
+
+@dataclass
+class RenewalResult:
+    identifier: str | None
+    old_serial: str
+    new_serial: str | None
+    new_label: str
+    state: str
+
+
+def label_of(key_uri: str) -> str:
+    """The key label inside a key store URI (RFC 7512 pkcs11: URI, or the software twin's soft:LABEL)."""
+    from hsm.uri import Pkcs11Uri
+
+    if key_uri.startswith("soft:"):
+        return key_uri[len("soft:"):]
+    return Pkcs11Uri.parse(key_uri).object
+
+
+def _subject_fields(cert: x509.Certificate):  # type: ignore[no-untyped-def]
+    from pki.csr import SubjectFields
+
+    def one(oid: x509.ObjectIdentifier) -> str | None:
+        v = cert.subject.get_attributes_for_oid(oid)
+        return str(v[0].value) if v else None
+
+    return SubjectFields(cn=one(NameOID.COMMON_NAME) or "", o=one(NameOID.ORGANIZATION_NAME),
+                         c=one(NameOID.COUNTRY_NAME), dc=one(NameOID.DOMAIN_COMPONENT))
+
+
+def renewal_due(ctx: Context, now: datetime | None = None) -> list[Certificate]:
+    lc = lifecycle_of(ctx)
+    now = now or utcnow()
+    frac = lc.policy.renewal.fraction
+    pats = lc.policy.renewal.identifiers
+    c = Certificate.__table__  # type: ignore[attr-defined]
+    n = c.alias("newer")
+    r = Renewal.__table__  # type: ignore[attr-defined]
+    with ctx.db.session() as s:
+        rows = list(s.exec(
+            sm_select(Certificate).where(
+                Certificate.key_uri != None, Certificate.status == "valid",  # noqa: E711
+                Certificate.not_after > now,
+                ~exists().where(n.c.identifier == c.c.identifier, n.c.profile == c.c.profile,
+                                n.c.status == "valid", n.c.not_after > c.c.not_after),
+                ~exists().where(r.c.old_cert_id == c.c.id, r.c.state == "done"))))
+    out = []
+    for row in rows:
+        if not row.identifier or not any(fnmatch.fnmatch(row.identifier, p) for p in pats):
+            continue
+        if _is_ca_profile(ctx, lc, row.profile):
+            continue
+        life = row.not_after - row.not_before
+        if now >= row.not_before + life * frac:
+            out.append(row)
+    return out
+
+
+def renew(ctx: Context, old: Certificate, now: datetime | None = None) -> RenewalResult:
+    """Renew one service-held certificate: new key under a fresh label, new certificate, same identifier.
+    Re-running after a crash at any point finishes the same renewal (keyed by the old certificate)."""
+    from hsm.errors import KeyNotFoundError
+    from pki.issuance import IssueRequest
+
+    lc = lifecycle_of(ctx)
+    now = now or utcnow()
+    assert old.id is not None and old.key_uri is not None
+    base = re.sub(r"-r\d{14}$", "", label_of(old.key_uri))
+    label = f"{base}-r{now:%Y%m%d%H%M%S}"
+    r = Renewal.__table__  # type: ignore[attr-defined]
+    with ctx.db.session() as s:
+        try:
+            s.execute(insert(r).values(old_cert_id=old.id, identifier=old.identifier, new_label=label,
+                                       state="pending", created_at=now))
+            s.commit()
+        except IntegrityError:
+            s.rollback()
+        rec = s.exec(sm_select(Renewal).where(Renewal.old_cert_id == old.id)).one()
+    if rec.state == "done":
+        return RenewalResult(old.identifier, old.serial, rec.new_serial, rec.new_label, "done")
+    label = rec.new_label
+    ks = ctx.keystore
+    uri = ks.uri(label)
+    with ctx.db.session() as s:  # issued before a crash that hit before 'done'? then only record it
+        prior = s.exec(sm_select(Certificate).where(Certificate.key_uri == uri,
+                                                    Certificate.identifier == old.identifier)).first()
+    if prior is None:
+        old_cert = x509.load_der_x509_certificate(old.der)
+        from pki.issuance import key_alg_of_public
+
+        alg = key_alg_of_public(old_cert.public_key())  # type: ignore[arg-type]
+        try:
+            pub = ks.public_key(label)
+        except KeyNotFoundError:
+            pub = ks.create_key(label, alg)
+        issued = lc.engine.issue(IssueRequest(
+            profile=old.profile, public_key=pub, subject=_subject_fields(old_cert), identifier=old.identifier,
+            ca=old.issuer, tenant=old.tenant, key_uri=uri, actor="renewal"))
+        new_serial = issued.serial
+    else:
+        new_serial = prior.serial
+    with ctx.db.session() as s:
+        s.execute(update(r).where(r.c.old_cert_id == old.id).values(state="done", new_serial=new_serial,
+                                                                     completed_at=utcnow()))
+        audit.append(s, audit.Entry(actor="renewal", action="certificate.renew", object=f"{old.issuer}/{old.serial}",
+                                    details={"identifier": old.identifier, "new_serial": new_serial,
+                                             "new_label": label}))
+        s.commit()
+    log.info("renewed %s: %s -> %s (key %s)", old.identifier, old.serial, new_serial, label)
+    return RenewalResult(old.identifier, old.serial, new_serial, label, "done")
+
+
+def renew_due(ctx: Context, now: datetime | None = None) -> list[RenewalResult]:
+    out = []
+    for row in renewal_due(ctx, now):
+        try:
+            out.append(renew(ctx, row, now))
+        except PKIError as exc:
+            log.error("renewal of %s failed: %s", row.identifier, exc.message)
+            out.append(RenewalResult(row.identifier, row.serial, None, "", "failed"))
+    return out
+
+
+# -- root rollover ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollover:
+    old: str
+    new: str
+    new_serial: str
+    cross_serial: str
+    key_label: str
+
+
+def _next_generation(ctx: Context, name: str, cn: str) -> tuple[str, str]:
+    base = re.sub(r"-g\d+$", "", name)
+    cn_base = re.sub(r" G\d+$", "", cn)
+    with ctx.db.session() as s:
+        names = {r.name for r in s.exec(sm_select(CertificateAuthority))}
+    n = 2
+    while f"{base}-g{n}" in names:
+        n += 1
+    new = f"{base}-g{n}"
+    if len(new) > 63:
+        raise PKIError(f"CA name {new!r} is too long")
+    new_cn = f"{cn_base} G{n}"
+    if len(new_cn) > 64:
+        new_cn = f"{cn_base[:64 - len(f' G{n}')]} G{n}"
+    return new, new_cn
+
+
+def rollover_root(ctx: Context, ca_name: str, *, actor: str = "cli") -> Rollover:
+    """Root rollover: a new root (new key in the HSM under a fresh label) and a cross-certificate of the new
+    root's key and name signed by the old root, so relying parties that trust the old root can verify the
+    new one offline (RFC 4210 §4.4 'root CA key update': NewWithOld). The cross-certificate is issued
+    first, the new root second; the new root's issuance writes the outbox row that publishes the next
+    trust-store version. Both roots stay active: existing chains keep validating until the old expires."""
+    from hsm.errors import KeyNotFoundError
+    from pki.hierarchy import ca_key_label, create_ca, ensure_ocsp_signer
+    from pki.issuance import IssueRequest, key_alg_of_public
+    from pki.profiles import CAEntry, Hierarchy
+
+    lc = lifecycle_of(ctx)
+    eng = lc.engine
+    eng.reload_cas()
+    old = eng.ca(ca_name)
+    if old.row.parent is not None:
+        raise UnknownCA(f"{ca_name!r} is not a root CA (it has a parent): roll over sub-CAs by issuing a successor",
+                        ca=ca_name)
+    if old.row.status != "active":
+        raise BadRevocation(f"root {ca_name!r} is {old.row.status}")
+    old_fields = _subject_fields(old.cert)
+    new_name, new_cn = _next_generation(ctx, ca_name, old_fields.cn)
+    label = ca_key_label(new_name)
+    ks = ctx.keystore
+    try:
+        pub = ks.public_key(label)
+    except KeyNotFoundError:
+        pub = ks.create_key(label, old.alg)
+    if key_alg_of_public(pub) is not old.alg:
+        raise Conflict(f"key {label!r} exists with another algorithm")
+    prof = eng.profiles.get(old.row.profile)
+    from pki.csr import SubjectFields
+
+    subject = SubjectFields(cn=new_cn, o=old_fields.o, c=old_fields.c, dc=prof.subject.dc)
+    cross_id = f"cross:{new_name}"
+    with ctx.db.session() as s:
+        cross = s.exec(sm_select(Certificate).where(Certificate.identifier == cross_id,
+                                                    Certificate.status == "valid")).first()
+    if cross is None:
+        ci = eng.issue(IssueRequest(profile=lc.policy.truststore.cross_profile, public_key=pub, subject=subject,
+                                    identifier=cross_id, ca=ca_name, actor=actor))
+        cross_serial = ci.serial
+    else:
+        cross_serial = cross.serial
+    default_h = ctx.hierarchy()
+    h = Hierarchy(organization=old_fields.o or default_h.organization, country=old_fields.c or default_h.country,
+                  cas=[], ocsp_signer_profile=default_h.ocsp_signer_profile,
+                  ocsp_signer_profile_20=default_h.ocsp_signer_profile_20)
+    entry = CAEntry(name=new_name, profile=old.row.profile, cn=new_cn, key_alg=old.alg)
+    issued = create_ca(eng, entry, h)
+    try:
+        ensure_ocsp_signer(eng, h, new_name)
+    except PKIError as exc:  # the root stands; `v2gpki init`-style repair can add the signer later
+        log.warning("OCSP signer for %s not created: %s", new_name, exc.message)
+    ctx.engine.reload_cas()
+    with ctx.db.session() as s:
+        audit.append(s, audit.Entry(actor=actor, action="ca.rollover", object=ca_name,
+                                    details={"new": new_name, "new_serial": issued.serial,
+                                             "cross_serial": cross_serial, "key_label": label}))
+        s.commit()
+    return Rollover(ca_name, new_name, issued.serial, cross_serial, label)
+
+
+# -- small queries for the API / CLI ---------------------------------------------------------------------
+
+
+def outbox_backlog(ctx: Context) -> int:
+    o = OutboxEvent.__table__  # type: ignore[attr-defined]
+    with ctx.db.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(o).where(o.c.dispatched_at.is_(None))).scalar_one())
+
+
+__all__ = [
+    "EVENTS", "Attempt", "Candidate", "Lifecycle", "LifecyclePolicy", "LifecycleSettings", "Rollover",
+    "ScanResult", "add_outbox", "add_subscription", "attempt_delivery", "candidates", "due_deliveries",
+    "candidate_query", "install_hooks", "lifecycle_of", "list_subscriptions", "queue_event", "record_alerts",
+    "remove_subscription",
+    "renew", "renew_due", "revocation_event", "rollover_root", "scan_expiring", "sign_webhook", "verify_webhook",
+]

@@ -1,0 +1,110 @@
+"""Operations commands: `v2gpki backup`, `v2gpki restore`, `v2gpki config check|show`.
+
+Registered into `v2gpki` by pki/cli.py (EXTRA_CLI_MODULES). Restore is a dry run unless --yes (admin tools
+default to dry-run); `config check` exits 6 when production mode would refuse the configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pki.config import Settings
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from pki.backup import backup
+
+    s = Settings()
+    res = backup(s, Path(args.out), include_token=not args.no_token, progress=_say)
+    m = res.manifest
+    t = m["token"]
+    print(f"backup {res.path}: {m['database']['kind']} database ({m['database']['counts']['certificate']} "
+          f"certificates), token: {t['kind']}, {len(m['keys'])} key labels referenced")
+    if t["kind"] == "softhsm2-directory":
+        _say("note: the token's PINs are NOT in the archive; keep them in your secret store")
+    elif t["kind"] == "external":
+        _say("note: keys stay in the network HSM; back them up with the HSM's own procedure (docs/operations.md)")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from pki.backup import plan_restore, raise_if_missing, restore
+
+    s = Settings()
+    plan = plan_restore(s, Path(args.archive), include_token=not args.no_token)
+    for line in plan.describe():
+        print(line)
+    for problem in plan.problems:
+        print(f"conflict: {problem}" + (" (replaced: --force)" if args.force else ""))
+    if not args.yes:
+        print("dry run: nothing changed; add --yes to restore" + ("" if not plan.problems else " (and --force)"))
+        return 0
+    res = restore(s, plan, force=args.force, progress=_say)
+    for aside in res.moved_aside:
+        print(f"moved aside: {aside}")
+    if res.keys_elsewhere:
+        print(f"keys on another token (not checked here): {', '.join(res.keys_elsewhere)}")
+    raise_if_missing(res)
+    print(f"restored; {res.keys_checked} keys the database needs are present in token {s.token_label!r}")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    s = Settings()
+    problems = s.production_problems()
+    if not problems:
+        print(f"configuration fit for production (V2GPKI_ENV={s.env})")
+        return 0
+    for p in problems:
+        print(f"- {p}")
+    label = "refused" if s.env == "production" else "would be refused with V2GPKI_ENV=production"
+    print(f"v2gpki: error: {len(problems)} problems: {label}", file=sys.stderr)
+    return 6
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Effective settings, secrets masked (the PIN never; a database password never)."""
+    from sqlalchemy.engine import make_url
+
+    s = Settings()
+    out: dict[str, object] = {}
+    for name in type(s).model_fields:
+        value = getattr(s, name)
+        if name == "hsm_pin":
+            value = None if value is None else "[set]"
+        elif name == "database_url" and value:
+            value = make_url(value).render_as_string(hide_password=True)
+        elif name == "broker_url" and value and "@" in str(value):
+            value = make_url(str(value)).render_as_string(hide_password=True)
+        out[f"V2GPKI_{name.upper()}"] = str(value) if value is not None else None
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    b = sub.add_parser("backup", help="archive the database and the SoftHSM2 token (no PINs) into one file")
+    b.add_argument("--out", required=True, help="archive to write (tar.gz, mode 0600)")
+    b.add_argument("--no-token", action="store_true",
+                   help="database only (network HSM, or the token is backed up separately)")
+    b.set_defaults(fn=cmd_backup)
+
+    r = sub.add_parser("restore", help="restore a backup archive (dry run unless --yes)")
+    r.add_argument("archive")
+    r.add_argument("--yes", action="store_true", help="really restore")
+    r.add_argument("--force", action="store_true",
+                   help="replace a non-empty database / token directory (old SQLite file and token are moved aside)")
+    r.add_argument("--no-token", action="store_true", help="restore the database only")
+    r.set_defaults(fn=cmd_restore)
+
+    c = sub.add_parser("config", help="configuration (V2GPKI_* environment)")
+    csub = c.add_subparsers(dest="config_cmd", required=True)
+    csub.add_parser("check", help="list what V2GPKI_ENV=production would refuse (exit 6 if anything)").set_defaults(
+        fn=cmd_config_check)
+    csub.add_parser("show", help="effective settings as JSON, secrets masked").set_defaults(fn=cmd_config_show)

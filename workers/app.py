@@ -1,0 +1,227 @@
+"""The Celery application (``workers.app:app`` — also what Flower and ``celery -A workers.app`` load).
+
+Broker and result backend come from ``V2GPKI_BROKER_URL`` (Redis in production). Unset, the embedded
+single-machine broker is kombu's *filesystem* transport under ``$V2GPKI_HOME/broker`` — no server to
+install, works with one worker and one beat on the same machine (tests/test_workers.py runs it).
+
+Reliability choices (after warehouse's Celery setup):
+* ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only after its task
+  returns, so a worker killed mid-task (SIGKILL, OOM) leaves it to be redelivered; every task is
+  idempotent, keyed by what it produces (unique constraints in the database).
+* The database, not the broker, is the source of truth: outbox rows, alerts, deliveries with their
+  retry schedule. Beat re-drives all of it periodically, so a broker that lost its data loses nothing.
+* The Context (database pool, PKCS#11 library, session, login) is built in each worker *process*
+  (``worker_process_init``) and rebuilt if the PID changes: SoftHSM does not notice fork, so PKCS#11
+  state must never be inherited (shared architecture notes, "Fork").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery, Task
+from celery.signals import beat_init, worker_init, worker_process_init, worker_process_shutdown, worker_ready
+
+from pki.config import Settings
+from pki.lifecycle import LifecycleSettings
+
+if TYPE_CHECKING:
+    from pki.context import Context
+
+log = logging.getLogger("v2gpki.workers")
+
+
+def _int_env(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def broker_config(home: Path | None = None) -> dict[str, Any]:
+    ls = LifecycleSettings()
+    home = home or Settings().home_dir
+    url = ls.broker_url
+    conf: dict[str, Any] = {}
+    if url:
+        conf["broker_url"] = url
+        conf["result_backend"] = os.environ.get("V2GPKI_RESULT_BACKEND", url)
+        if url.startswith(("redis://", "rediss://")):
+            # Redis redelivers an unacknowledged message after the visibility timeout: keep it above the
+            # longest task. Retries are scheduled in the database, never as long broker countdowns.
+            conf["broker_transport_options"] = {
+                "visibility_timeout": _int_env("V2GPKI_BROKER_VISIBILITY_TIMEOUT", 3600),
+                # How often an idle worker looks for messages a dead worker left unacknowledged.
+                "unacked_restore_interval": _int_env("V2GPKI_BROKER_RESTORE_INTERVAL", 10),
+                "unacked_restore_throttle": _int_env("V2GPKI_BROKER_RESTORE_THROTTLE", 10),
+                "socket_connect_timeout": 5, "socket_timeout": 30,
+            }
+            conf["result_backend_transport_options"] = {"socket_connect_timeout": 5}
+            conf["redis_socket_connect_timeout"] = 5
+    else:
+        base = home / "broker"  # folders created by prepare_local_broker() when a process uses them
+        conf["broker_url"] = "filesystem://"
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(base / "queue"), "data_folder_out": str(base / "queue"),
+            "processed_folder": str(base / "processed"), "store_processed": False,
+            "control_folder": str(base / "control"),
+        }
+        conf["result_backend"] = os.environ.get("V2GPKI_RESULT_BACKEND", f"file://{base / 'results'}")
+    return conf
+
+
+def beat_schedule() -> dict[str, dict[str, Any]]:
+    every = _int_env
+    return {
+        "outbox-drain": {"task": "v2gpki.outbox.drain",
+                         "schedule": timedelta(seconds=every("V2GPKI_OUTBOX_DRAIN_SECONDS", 15))},
+        "deliveries-sweep": {"task": "v2gpki.deliveries.sweep",
+                             "schedule": timedelta(seconds=every("V2GPKI_DELIVERY_SWEEP_SECONDS", 30))},
+        "expiry-scan": {"task": "v2gpki.expiry.scan",
+                        "schedule": timedelta(seconds=every("V2GPKI_EXPIRY_SCAN_SECONDS", 3600))},
+        "renewal": {"task": "v2gpki.renewal.run",
+                    "schedule": timedelta(seconds=every("V2GPKI_RENEWAL_SECONDS", 6 * 3600))},
+        "truststore-check": {"task": "v2gpki.truststore.publish",
+                             "schedule": timedelta(seconds=every("V2GPKI_TRUSTSTORE_CHECK_SECONDS", 6 * 3600)),
+                             "kwargs": {"reason": "scheduled check"}},
+        "crl-refresh": {"task": "v2gpki.crl.refresh",
+                        "schedule": timedelta(seconds=every("V2GPKI_CRL_REFRESH_SECONDS", 900))},
+        "ocsp-refresh": {"task": "v2gpki.ocsp.refresh",
+                         "schedule": timedelta(seconds=every("V2GPKI_OCSP_REFRESH_SECONDS", 900))},
+    }
+
+
+def make_app(home: Path | None = None) -> Celery:
+    """The Celery app; ``home`` places the embedded broker (default: $V2GPKI_HOME)."""
+    ls = LifecycleSettings()
+    home = home or Settings().home_dir
+    a = Celery("v2gpki", include=["workers.tasks"])
+    a.conf.update(
+        broker_config(home),
+        task_default_queue=ls.queue,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        task_ignore_result=True,  # state lives in the database tables, not in results
+        task_track_started=False,
+        worker_prefetch_multiplier=1,  # with acks_late: a dying worker strands at most one message
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        timezone="UTC",
+        enable_utc=True,
+        beat_schedule=beat_schedule(),
+        beat_schedule_filename=str(home / "celerybeat-schedule"),
+        task_time_limit=_int_env("V2GPKI_TASK_TIME_LIMIT", 1800),
+        task_soft_time_limit=_int_env("V2GPKI_TASK_SOFT_TIME_LIMIT", 1700),
+    )
+    return a
+
+
+def prepare_local_broker(a: Celery) -> None:
+    """The embedded filesystem broker needs its folders (kombu does not create them)."""
+    if str(a.conf.broker_url).startswith("filesystem"):
+        opts = a.conf.broker_transport_options or {}
+        for key in ("data_folder_in", "data_folder_out", "processed_folder", "control_folder"):
+            if opts.get(key):
+                Path(opts[key]).mkdir(parents=True, exist_ok=True)
+        backend = str(a.conf.result_backend or "")
+        if backend.startswith("file://"):
+            Path(backend[len("file://"):]).mkdir(parents=True, exist_ok=True)
+
+
+app = make_app()
+
+# -- one Context per worker process -------------------------------------------------------------------------
+
+_CTX: Context | None = None
+_CTX_PID: int | None = None
+_CTX_LOCK = threading.Lock()
+
+
+def ctx() -> Context:
+    """This process's Context: built on first use, rebuilt after a fork (never inherited)."""
+    global _CTX, _CTX_PID
+    with _CTX_LOCK:
+        if _CTX is None or _CTX_PID != os.getpid():
+            from pki.context import build_context
+            from workers.outbox import install
+
+            _CTX = build_context(Settings(), migrate=False)
+            _CTX_PID = os.getpid()
+            install(_CTX)
+        return _CTX
+
+
+@beat_init.connect
+def _beat_init(sender: Any = None, **_: Any) -> None:
+    prepare_local_broker(getattr(sender, "app", None) or app)
+
+
+@worker_init.connect
+def _migrate_once(sender: Any = None, **_: Any) -> None:
+    """Main worker process, before the pool forks: bring the schema to head (database only, no HSM)."""
+    from pki.store.db import Database
+
+    prepare_local_broker(getattr(sender, "app", None) or app)
+    db = Database(Settings().db_url)
+    try:
+        db.migrate()
+    finally:
+        db.dispose()
+
+
+@worker_process_init.connect
+def _init_process(**_: Any) -> None:
+    global _CTX
+    _CTX = None  # anything seen before the fork belongs to the parent
+    try:
+        ctx()
+    except Exception:  # noqa: BLE001 - logged; the first task retries building it and reports the cause
+        log.exception("building the worker Context failed")
+
+
+@worker_process_shutdown.connect
+def _close_process(**_: Any) -> None:
+    if _CTX is not None and _CTX_PID == os.getpid():
+        _CTX.db.dispose()
+
+
+@worker_ready.connect
+def _drain_on_start(**_: Any) -> None:
+    # Whatever the API committed while no worker ran (or the broker was down) goes out now.
+    try:
+        app.send_task("v2gpki.outbox.drain")
+    except Exception:  # noqa: BLE001 - beat sends it again within seconds
+        log.warning("could not enqueue the start-up outbox drain", exc_info=True)
+
+
+class LifecycleTask(Task):  # type: ignore[misc]
+    """Base task: late ack, re-queued if the worker process dies, retried on transient errors only."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+    max_retries = 8
+    retry_backoff = True
+    retry_backoff_max = 600
+    retry_jitter = True
+
+    @property
+    def ctx(self) -> Context:
+        return ctx()
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    from hsm.errors import HSMUnavailable
+
+    return (OperationalError, DBAPIError, HSMUnavailable, ConnectionError, TimeoutError)
+
+
+__all__ = ["LifecycleTask", "app", "broker_config", "beat_schedule", "ctx", "transient_errors"]
