@@ -144,9 +144,29 @@ def find_our_issuer(ctx: Context, cert: x509.Certificate) -> CertificateAuthorit
     return None
 
 
+_CA_REFRESH_SECONDS = 5.0
+_last_ca_refresh: dict[int, float] = {}
+
+
+def _fresh_cas(ctx: Context) -> None:
+    """CA rows (status, validity) are cached by the engine; refresh them at most every few seconds so a
+    CA revoked by another process is seen here within that bound without a query per chain level."""
+    import time
+
+    now = time.monotonic()
+    key = id(ctx.engine)
+    if now - _last_ca_refresh.get(key, 0.0) > _CA_REFRESH_SECONDS:
+        ctx.engine.reload_cas()
+        _last_ca_refresh[key] = now
+
+
 def chain_status(ctx: Context, cert: x509.Certificate, hierarchy: str) -> tuple[str, Certificate | None]:
     """Accepted | CertChainError | CertificateExpired | CertificateRevoked for one certificate issued by
-    one of our CAs of the given hierarchy, walking its CA chain (every CA must be valid and not revoked)."""
+    one of our CAs of the given hierarchy, walking its CA chain (every CA must be valid and not revoked).
+
+    One query (the certificate's own row); the CA chain comes from the engine's CA cache, whose status
+    column follows revocations of CA certificates (pki/issuance.py)."""
+    _fresh_cas(ctx)
     ca = find_our_issuer(ctx, cert)
     if ca is None or ca.hierarchy != hierarchy and not (hierarchy == "mo" and ca.hierarchy == "v2g"):
         return "CertChainError", None
@@ -154,25 +174,25 @@ def chain_status(ctx: Context, cert: x509.Certificate, hierarchy: str) -> tuple[
     serial = format(cert.serial_number, "x")
     with ctx.db.session() as s:
         row = s.exec(select(Certificate).where(Certificate.issuer == ca.name, Certificate.serial == serial)).first()
-        if row is None:
-            return "CertChainError", None
-        if row.status != "valid":
+    if row is None:
+        return "CertChainError", None
+    if row.status != "valid":
+        return "CertificateRevoked", row
+    if not (row.not_before <= now < row.not_after):
+        return "CertificateExpired", row
+    cur: str | None = ca.name
+    seen: set[str] = set()
+    while cur is not None and cur not in seen:
+        seen.add(cur)
+        try:
+            h = ctx.engine.ca(cur)
+        except PKIError:
+            return "CertChainError", row
+        if h.row.status == "revoked":
             return "CertificateRevoked", row
-        if not (row.not_before <= now < row.not_after):
+        if not (h.row.not_before <= now < h.row.not_after):
             return "CertificateExpired", row
-        # the CA chain itself
-        cur: str | None = ca.name
-        while cur is not None:
-            ca_row = s.exec(select(CertificateAuthority).where(CertificateAuthority.name == cur)).first()
-            if ca_row is None:
-                return "CertChainError", row
-            ca_cert = s.exec(select(Certificate).where(Certificate.issuer == (ca_row.parent or ca_row.name),
-                                                       Certificate.serial == ca_row.serial)).first()
-            if ca_cert is not None and ca_cert.status != "valid":
-                return "CertificateRevoked", row
-            if not (ca_row.not_before <= now < ca_row.not_after):
-                return "CertificateExpired", row
-            cur = ca_row.parent
+        cur = h.row.parent
     return "Accepted", row
 
 
