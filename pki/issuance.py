@@ -162,6 +162,40 @@ class _Prepared:
     subject: str
     alg: KeyAlg
     signer_label: str | None
+    tbs: bytes = b""  # the linted twin's TBSCertificate: exactly what the HSM signs
+    sig_alg_der: bytes = b""  # its AlgorithmIdentifier (same for twin and real certificate)
+
+
+def _der_len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _tlv_span(data: bytes, off: int) -> int:
+    """End offset of the DER TLV starting at ``off`` (definite lengths only, as DER requires)."""
+    first = data[off + 1]
+    if first < 0x80:
+        return off + 2 + first
+    n = first & 0x7F
+    return off + 2 + n + int.from_bytes(data[off + 2 : off + 2 + n], "big")
+
+
+def _outer_parts(cert_der: bytes) -> tuple[bytes, bytes]:
+    """(tbsCertificate, signatureAlgorithm) of an X.509 Certificate (RFC 5280 §4.1)."""
+    first = cert_der[1]
+    off = 2 + (first & 0x7F if first >= 0x80 else 0)
+    tbs_end = _tlv_span(cert_der, off)
+    alg_end = _tlv_span(cert_der, tbs_end)
+    return cert_der[off:tbs_end], cert_der[tbs_end:alg_end]
+
+
+def assemble_certificate(tbs: bytes, sig_alg_der: bytes, signature: bytes) -> bytes:
+    """Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue BIT STRING }."""
+    bits = b"\x03" + _der_len(len(signature) + 1) + b"\x00" + signature
+    body = tbs + sig_alg_der + bits
+    return b"\x30" + _der_len(len(body)) + body
 
 
 def _batching_enabled() -> bool:
@@ -435,6 +469,7 @@ class Engine:
         # Lint the twin (same TBS, throwaway key).
         twin = b.sign(twin_key(alg), sig_hash(alg))  # type: ignore[arg-type]
         twin_der = der(twin)
+        tbs, sig_alg_der = _outer_parts(twin_der)
         bound = size_bound(twin, len(twin_der), alg.value)
         lint_profile(twin, bound, profile, subj_alg)
         self._pkilint(profile, twin_der, shape_key(profile, issuer_name_str, name, subj_alg))
@@ -448,6 +483,8 @@ class Engine:
             subject=name.rfc4514_string(),
             alg=alg,
             signer_label=signer_label,
+            tbs=tbs,
+            sig_alg_der=sig_alg_der,
         )
 
     def _pkilint(self, profile: Profile, twin_der: bytes, shape: tuple[object, ...]) -> None:
@@ -505,10 +542,15 @@ class Engine:
                     signer = self.keystore.signer(p.signer_label)
                 else:
                     signer = self.ca_signer(self.ca(p.issuer_name))
-                cert = p.builder.sign(signer, sig_hash(p.alg))  # type: ignore[arg-type]
-                if hashlib.sha256(cert.tbs_certificate_bytes).hexdigest() != p.tbs_sha256:
-                    raise LintError("signed TBS differs from the linted twin")
-                cert_der = der(cert)
+                # The HSM signs the linted twin's TBS itself (byte-identical by construction, so the
+                # database's intent names exactly what was signed); we only wrap it (RFC 5280 §4.1.1).
+                if hashlib.sha256(p.tbs).hexdigest() != p.tbs_sha256:
+                    raise LintError("TBS differs from the linted twin")
+                h = sig_hash(p.alg)
+                signature = (signer.sign(p.tbs, ec.ECDSA(h)) if h is not None  # type: ignore[call-arg]
+                             else signer.sign(p.tbs))  # type: ignore[call-arg]
+                cert_der = assemble_certificate(p.tbs, p.sig_alg_der, signature)
+                cert = x509.load_der_x509_certificate(cert_der)
                 if len(cert_der) > p.profile.max_der_size:  # cannot happen given the bound; keep the guard
                     raise LintError(f"signed certificate is {len(cert_der)} bytes")
                 chain: list[x509.Certificate] = []

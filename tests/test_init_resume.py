@@ -65,20 +65,28 @@ print(json.dumps({"objects": objects, "pubs": pubs}))
 # (OCSP pre-signing) sign with the same keys.
 _KILL_AT_CERTIFICATE = """
 import os, signal, sys
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+from asn1crypto import x509 as ax
+import hsm.pkcs11 as hp
+import pki.issuance as iss
 target, when = os.environ["KILL_CN"], os.environ["KILL_WHEN"]
-orig = x509.CertificateBuilder.sign
-def sign(self, key, *args, **kwargs):
-    hit = type(key).__module__ == "hsm.pkcs11" and \\
-        self._subject_name.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == target
-    if hit and when == "before":
-        os.kill(os.getpid(), signal.SIGKILL)
-    cert = orig(self, key, *args, **kwargs)
-    if hit and when == "after":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return cert
-x509.CertificateBuilder.sign = sign
+def subject_cn(tbs):
+    try:
+        return ax.TbsCertificate.load(bytes(tbs))["subject"].native.get("common_name")
+    except Exception:
+        return None  # OCSP/CRL data signed by the same key types is not a TBSCertificate
+orig_sign = hp.Pkcs11ECKey.sign
+def sign(self, data, *args, **kwargs):
+    if when == "before" and subject_cn(data) == target:
+        os.kill(os.getpid(), signal.SIGKILL)  # the HSM is about to sign; the intent is committed
+    return orig_sign(self, data, *args, **kwargs)
+hp.Pkcs11ECKey.sign = sign
+orig_assemble = iss.assemble_certificate
+def assemble(tbs, alg, sig):
+    out = orig_assemble(tbs, alg, sig)
+    if when == "after" and subject_cn(tbs) == target:
+        os.kill(os.getpid(), signal.SIGKILL)  # signed by the HSM, never stored
+    return out
+iss.assemble_certificate = assemble
 from pki.cli import main
 sys.exit(main(sys.argv[1:]))
 """
