@@ -536,10 +536,14 @@ def readiness(ctx: Any, broker_url: str | None) -> dict[str, str]:
     return checks
 
 
-def _broker_url(ctx: Any) -> str | None:
+def broker_url_of(ctx: Any) -> str | None:
+    """The broker a process's readiness and queue-depth gauges look at (its settings, else the env)."""
     settings = getattr(ctx, "settings", None)
     url = getattr(settings, "broker_url", None) if settings is not None else None
     return url or os.environ.get("V2GPKI_BROKER_URL") or None
+
+
+_broker_url = broker_url_of  # the name api/ocsp_fast.py first used
 
 
 # -- mounting ---------------------------------------------------------------------------------------------
@@ -568,5 +572,5 @@ def setup(app: FastAPI) -> None:
         return Response(render_metrics(ctx, _broker_url(ctx)), media_type=CONTENT_TYPE_LATEST)
 
 
-__all__ = ["JsonFormatter", "ObservabilityMiddleware", "configure_logging", "instrument_context", "readiness",
-           "redact", "render_metrics", "setup"]
+__all__ = ["JsonFormatter", "ObservabilityMiddleware", "broker_url_of", "configure_logging", "instrument_context",
+           "readiness", "redact", "render_metrics", "setup"]

@@ -101,8 +101,6 @@ _REASONS = {100: "Continue", 200: "OK", 304: "Not Modified", 400: "Bad Request",
 _STATUS_LINE = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in _REASONS.items()}
 _REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) ([\x21-\x7e]{1,%d}) HTTP/1\.([01])" % MAX_HEAD)
 _ANY_VERSION = re.compile(rb"[A-Z]{1,16} [\x21-\x7e]+ HTTP/[0-9]\.[0-9]")
-# field-name ":" OWS field-value OWS (RFC 9110 §5.1, RFC 9112 §5); no CTLs other than HTAB in values.
-_HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*")
 _WANTED = frozenset((b"content-length", b"transfer-encoding", b"connection", b"host", b"expect",
                      b"if-none-match"))
 _B64_PATH = re.compile(r"^[A-Za-z0-9+/ _-]*={0,2}$")
@@ -134,16 +132,26 @@ class Request:
         self.if_none_match = if_none_match
 
 
+_TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_HEAD_CHARS = bytes([9, 10, 13, *range(0x20, 0x7F), *range(0x80, 0x100)])  # no NUL, no other CTLs
+
+
 def parse_head(head: bytes) -> Request:
     """Request line and header fields (without the final CRLF CRLF). Raises HttpError."""
+    # Whole-block checks in C first: only VCHAR / obs-text / SP / HTAB and CRLF pairs (no bare CR or LF).
+    if head.translate(None, _HEAD_CHARS):
+        raise HttpError(400, "control character in request head")
+    crlf = head.count(b"\r\n")
+    if head.count(b"\r") != crlf or head.count(b"\n") != crlf:
+        raise HttpError(400, "bare CR or LF in request head")
+    if crlf > MAX_HEADER_LINES:
+        raise HttpError(431, "too many header fields")
     lines = head.split(b"\r\n")
     m = _REQUEST_LINE.fullmatch(lines[0])
     if m is None:
         if _ANY_VERSION.fullmatch(lines[0]) and not lines[0].endswith((b" HTTP/1.0", b" HTTP/1.1")):
             raise HttpError(505, "only HTTP/1.0 and HTTP/1.1")
         raise HttpError(400, "bad request line")
-    if len(lines) > MAX_HEADER_LINES + 1:
-        raise HttpError(431, "too many header fields")
     method, target, minor = m.groups()
     v11 = minor == b"1"
     length = -1
@@ -152,13 +160,14 @@ def parse_head(head: bytes) -> Request:
     expect = False
     inm: bytes | None = None
     for line in lines[1:]:
-        h = _HEADER_LINE.fullmatch(line)
-        if h is None:  # also obs-fold (a line starting with SP/HTAB), bare CR/LF, NUL, "name :"
+        name, sep, value = line.partition(b":")
+        # field-name is a token: no whitespace before ':' (RFC 9112 §5.1), no obs-fold line (§5.2)
+        if not sep or not name or name.translate(None, _TOKEN_CHARS):
             raise HttpError(400, "bad header field")
-        name = h.group(1).lower()
+        name = name.lower()
         if name not in _WANTED:
             continue
-        value = h.group(2)
+        value = value.strip(b" \t")
         if name == b"content-length":
             if not value.isdigit() or len(value) > 9:
                 raise HttpError(400, "bad Content-Length")
@@ -183,10 +192,17 @@ def parse_head(head: bytes) -> Request:
             inm = value
     if v11 and not host:
         raise HttpError(400, "HTTP/1.1 request without Host")  # RFC 9112 §3.2
-    tokens = {t.strip() for t in conn.split(b",")} if conn else set()
-    keep = b"close" not in tokens if v11 else b"keep-alive" in tokens
+    if conn:
+        tokens = {t.strip() for t in conn.split(b",")}
+        keep = b"close" not in tokens if v11 else b"keep-alive" in tokens
+    else:
+        keep = v11
     return Request(method, target, v11, length, keep, expect, inm)
 
+
+# Clients repeat themselves: one OCSP client sends the same request head every time (only GET paths
+# differ). Parsing is a pure function of the head bytes, so its results are memoised (bounded).
+_PARSED: dict[bytes, Request] = {}
 
 _date_cache: list[Any] = [0, b""]
 
@@ -296,6 +312,7 @@ class PresignedCache:
         self._issuers: dict[str, _IssuerInfo] = {}
         self._margin = responder_for(ctx).margin.total_seconds()
         self._sqlite = ctx.db.is_sqlite
+        self._pg_probe = True
         self._conn: Any = None
         self._gate: Any = None
         self._since: datetime = datetime.fromtimestamp(0, UTC)
@@ -345,7 +362,14 @@ class PresignedCache:
         if self._sqlite:
             return self._query("PRAGMA data_version")[0][0]  # per connection: others' commits
         # Unchanged snapshot (xmin:xmax:xip) ⇒ no transaction started writing or ended in between.
-        return self._query("SELECT pg_current_snapshot()::text")[0][0]
+        if self._pg_probe:
+            try:
+                return self._query("SELECT pg_current_snapshot()::text")[0][0]
+            except Exception as exc:  # noqa: BLE001 - PostgreSQL < 13: scan on every poll instead
+                if "does not exist" not in str(exc):
+                    raise
+                self._pg_probe = False
+        return object()
 
     # -- issuers -----------------------------------------------------------------------------------
 
@@ -847,6 +871,7 @@ class Server:
 
     KEEPALIVE_SECONDS = 5.0  # idle keep-alive connection (as uvicorn's default)
     REQUEST_SECONDS = 10.0  # a started request must be complete by then (slow clients)
+    LINGER_SECONDS = 2.0  # after an error answer, input is discarded this long before closing
     MAX_CONNECTIONS = 8192
 
     def __init__(self, responder: FastResponder, loop: asyncio.AbstractEventLoop) -> None:
@@ -868,7 +893,10 @@ class Server:
         for c in list(self.conns):
             if c.busy or c.transport is None:
                 continue
-            if c.started and now - c.started > self.REQUEST_SECONDS:
+            if c.draining:
+                if now - c.started > self.LINGER_SECONDS:
+                    c.transport.close()
+            elif c.started and now - c.started > self.REQUEST_SECONDS:
                 c.fail(HttpError(408, "request timeout"))
             elif not c.started and now - c.last > self.KEEPALIVE_SECONDS:
                 c.transport.close()
@@ -898,7 +926,7 @@ class Server:
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = ("server", "responder", "transport", "buf", "busy", "closing", "last", "started",
-                 "paused", "write_paused", "continued", "eof")
+                 "paused", "write_paused", "continued", "eof", "draining")
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -913,6 +941,7 @@ class HttpConnection(asyncio.Protocol):
         self.write_paused = False
         self.continued = False
         self.eof = False
+        self.draining = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
@@ -929,6 +958,8 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.draining:
+            return False
         return self.busy  # keep the socket open for an answer in flight, then close
 
     def pause_writing(self) -> None:
@@ -952,7 +983,7 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
-            return
+            return  # draining after an error, or closed
         self.buf = self.buf + data if self.buf else data
         self.last = self.server.clock
         if not self.busy:
@@ -961,13 +992,28 @@ class HttpConnection(asyncio.Protocol):
             self._pause()
 
     def fail(self, err: HttpError) -> None:
-        if self.transport is None:
+        t = self.transport
+        if t is None:
             return
-        self.transport.write(http_response(err.status, [b"Content-Type: " + err.content_type + b"\r\n"], err.body,
-                                           keep=False, v11=True))
+        t.write(http_response(err.status, [b"Content-Type: " + err.content_type + b"\r\n"], err.body,
+                              keep=False, v11=True))
         self.closing = True
         self.buf = b""
-        self.transport.close()
+        self._linger(t)
+
+    def _linger(self, t: asyncio.Transport) -> None:
+        """Close after an error without losing the answer: closing a socket with unread input (the rest of
+        a refused body) sends RST, which can destroy the answer before the client reads it. So: FIN
+        after the answer, discard input until the client closes or LINGER_SECONDS pass, then close."""
+        if self.eof or not t.can_write_eof():
+            t.close()
+            return
+        self.draining = True
+        self.started = self.server.clock or 1e-9
+        t.write_eof()
+        if self.paused:
+            self.paused = False
+            t.resume_reading()
 
     def _process(self) -> None:
         data = self.buf
@@ -986,7 +1032,13 @@ class HttpConnection(asyncio.Protocol):
                     if n - pos > MAX_HEAD:
                         raise HttpError(431, "request head too large")
                     break
-                req = parse_head(data[pos:end])
+                head = data[pos:end]
+                req = _PARSED.get(head)
+                if req is None:
+                    req = parse_head(head)
+                    if len(_PARSED) >= 1024:
+                        _PARSED.clear()
+                    _PARSED[head] = req
                 length = req.length
                 if req.method == b"POST":
                     if length < 0:
@@ -1037,9 +1089,8 @@ class HttpConnection(asyncio.Protocol):
             return
         if out:
             t.write(b"".join(out) if len(out) > 1 else out[0])
-        if self.closing and not self.busy:
-            t.close()
-        elif self.eof and not self.busy:
+        if (self.closing or self.eof) and not self.busy:
+            self.closing = True
             t.close()
 
     def _defer(self, pending: _Pending, keep: bool) -> None:
@@ -1063,13 +1114,12 @@ class HttpConnection(asyncio.Protocol):
             if t is None:
                 return
             t.write(payload)
-            if not keep or self.eof:
+            if not keep:
                 self.closing = True
                 t.close()
                 return
             self.last = self.server.clock
-            if self.buf:
-                self._process()
+            self._process()  # pipelined requests behind it; closes if the client has sent EOF
             self._resume()
 
         fut.add_done_callback(done)
@@ -1190,14 +1240,13 @@ def _child_main(sock: socket.socket | None, cache: PresignedCache | None, settin
         os._exit(code)
 
 
-def _check_hsm_in_child(settings: Settings | None) -> None:
+def _check_hsm_in_child(ctx: Context) -> None:
     """Open the token and list the keys once — in a throwaway child, so that the parent never loads the
     PKCS#11 module (workers open it lazily, after the fork) — and fail here with one clear message."""
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
-            ctx = responder_context(settings, migrate=False)
             ctx.keystore.list()
         except BaseException as exc:  # noqa: BLE001
             print(f"v2gpki ocsp-serve: the HSM token cannot be used: {exc}", file=sys.stderr)
@@ -1218,7 +1267,7 @@ def serve(host: str = "127.0.0.1", port: int = 8001, workers: int = 2, *, settin
     ctx = responder_context(settings, migrate=True)
     ctx.db.dispose()
     if check_hsm:
-        _check_hsm_in_child(settings)
+        _check_hsm_in_child(ctx)
     cache = PresignedCache(ctx)
     t0 = time.perf_counter()
     loaded = cache.load()
