@@ -283,9 +283,15 @@ class _IssuerInfo:
 
 Entry = tuple[Answer, float]  # (answer, serve until: epoch seconds = nextUpdate - half the validity)
 
-_COLS = ("SELECT o.issuer, o.serial, o.hash_alg, o.status, o.this_update, o.next_update, o.der, "
+_COLS = ("SELECT o.id, o.issuer, o.serial, o.hash_alg, o.status, o.this_update, o.next_update, o.der, "
          "c.status, c.revoked_at FROM ocsp_response o JOIN certificate c "
          "ON c.issuer = o.issuer AND c.serial = o.serial")
+# Revocations and holds since the watermark, with their stored response (if any): index
+# ix_certificate_issuer_status (issuer, status), then the unique (issuer, serial) of ocsp_response.
+_REVOKED = ("SELECT o.id, c.issuer, c.serial, o.hash_alg, o.status, o.this_update, o.next_update, o.der, "
+            "c.status, c.revoked_at FROM certificate c LEFT JOIN ocsp_response o "
+            "ON o.issuer = c.issuer AND o.serial = c.serial "
+            "WHERE c.issuer = ? AND c.status IN ('revoked', 'hold') AND c.revoked_at >= ?")
 
 
 class PresignedCache:
@@ -295,6 +301,8 @@ class PresignedCache:
 
     POLL_SECONDS = 0.15
     OVERLAP_SECONDS = 6.0  # signing → commit delay tolerated (+1 s: this_update has whole seconds)
+    SLOW_SCAN_SECONDS = 5.0  # re-signed rows (refresh, release of a hold): found by this_update, unindexed
+    MAX_HELD_CHECKED = 500  # certificates on hold whose release each poll looks for (unique index)
     RESYNC_SECONDS = 300.0
     ISSUER_RELOAD_SECONDS = 60.0
     STALE_AFTER_SECONDS = 10.0
@@ -315,8 +323,13 @@ class PresignedCache:
         self._pg_probe = True
         self._conn: Any = None
         self._gate: Any = None
-        self._since: datetime = datetime.fromtimestamp(0, UTC)
+        self._since: datetime = datetime.fromtimestamp(0, UTC)  # revocations (revoked_at)
+        self._slow_since: datetime = datetime.fromtimestamp(0, UTC)  # re-signed rows (this_update)
         self._max_seen: datetime = datetime.fromtimestamp(0, UTC)
+        self._max_id = 0  # new rows (primary key)
+        self._held: set[tuple[str, str]] = set()  # (issuer, serial) on hold: their release is looked for each poll
+        self._slow_pending = False
+        self._next_slow = 0.0
         self._next_resync = 0.0
         self._next_issuers = 0.0
         self._issuer_miss_at = -1e9
@@ -325,6 +338,7 @@ class PresignedCache:
         self._last_error_log = -1e9
         self.polls = 0
         self.scans = 0
+        self.slow_scans = 0
         self.loads = 0
 
     # -- database ------------------------------------------------------------------------------------
@@ -405,15 +419,22 @@ class PresignedCache:
 
     def _entry(self, row: tuple[Any, ...]) -> tuple[bytes | None, Entry | None]:
         """(key, entry); entry None when pki/ocsp.py would not serve the stored response as it is."""
-        issuer, serial_hex, alg, o_status, o_this, o_next, der, c_status, c_rev = row
+        oid, issuer, serial_hex, alg, o_status, o_this, o_next, der, c_status, c_rev = row
+        if oid is not None and oid > self._max_id:
+            self._max_id = oid
         key = self._key(issuer, alg or "sha1", serial_hex)
         if key is None:
             return None, None
         info = self._issuers[issuer]
         o_this, o_next, c_rev = _utc(o_this), _utc(o_next), _utc(c_rev)
-        if o_this > self._max_seen:
-            self._max_seen = o_this
+        for t in (o_this, c_rev):
+            if t is not None and t > self._max_seen:
+                self._max_seen = t
         want = _STATUS_OF.get(c_status, "revoked")
+        if want == "hold":
+            self._held.add((issuer, serial_hex))
+        else:
+            self._held.discard((issuer, serial_hex))
         if (der is None or o_status != want or o_this < info.signer_not_before
                 or (want != "good" and (c_rev is None or o_this < c_rev))):
             return key, None
@@ -428,6 +449,7 @@ class PresignedCache:
         t0 = time.time()
         gate = self._probe()
         fresh: dict[bytes, Entry] = {}
+        self._held = set()
         cur = self._connection().cursor()
         try:
             cur.execute(_COLS)
@@ -444,41 +466,30 @@ class PresignedCache:
         self.entries = fresh
         self._changed()
         self._gate = gate
+        self._slow_pending = False
+        self._slow_since = self._watermark(t0)
+        self._next_slow = t0 + self.SLOW_SCAN_SECONDS
         self._advance(t0)
         self._next_resync = t0 + self.RESYNC_SECONDS
         self.loads += 1
         return len(fresh)
 
     def _changed(self) -> None:
-        self.derived = {}
+        # gen first: a thread-pool answer computed before this change is stored only if gen is unchanged
+        # after it took its reference to ``derived`` (FastResponder.ocsp), so it can never land in the new dict.
         self.gen += 1
+        self.derived = {}
+
+    def _watermark(self, t0: float) -> datetime:
+        # Rows are stamped by the writer's clock before it commits: trail both our clock and the newest
+        # stamp seen (a writer whose clock is behind ours) by OVERLAP_SECONDS.
+        return min(datetime.fromtimestamp(t0, UTC), self._max_seen) - timedelta(seconds=self.OVERLAP_SECONDS)
 
     def _advance(self, t0: float) -> None:
-        start = datetime.fromtimestamp(t0, UTC)
-        self._since = min(start, self._max_seen) - timedelta(seconds=self.OVERLAP_SECONDS)
+        self._since = self._watermark(t0)
         self.fresh_until = t0 + self.STALE_AFTER_SECONDS
 
-    def poll_once(self) -> int:
-        """Apply what changed since the last poll. Returns how many entries changed."""
-        self.polls += 1
-        t0 = time.time()
-        if t0 >= self._next_resync:
-            self.load()
-            return 0
-        gate = self._probe()
-        if gate == self._gate:
-            self.fresh_until = t0 + self.STALE_AFTER_SECONDS
-            return 0
-        self.scans += 1
-        since = self._param(self._since)
-        rows = self._query(_COLS + " WHERE o.this_update >= ?", (since,))
-        revoked = self._query("SELECT issuer, serial, status, revoked_at FROM certificate WHERE revoked_at >= ?",
-                              (since,))
-        if any(r[0] not in self._issuers for r in rows) and t0 - self._issuer_miss_at > 5.0:
-            self._issuer_miss_at = t0  # a new CA or signer, maybe
-            if self.reload_issuers():
-                self.load()
-                return 0
+    def _apply(self, rows: list[tuple[Any, ...]]) -> int:
         entries = self.entries
         n = 0
         for row in rows:
@@ -488,24 +499,57 @@ class PresignedCache:
             cur = entries.get(key)
             if entry is None:
                 if cur is not None:
-                    del entries[key]
+                    del entries[key]  # pki/ocsp.py re-signs it (from the certificate's status) on request
                     n += 1
             elif cur is None or cur[0].der != entry[0].der:
                 entries[key] = entry
                 n += 1
-        for issuer, serial_hex, c_status, c_rev in revoked:
-            # A revocation whose re-signed response is not (yet) stored: stop serving the old one; the
-            # fallback re-signs it from the certificate's status (pki/ocsp.py heals it).
-            key = self._key(issuer, "sha1", serial_hex)
-            cur = entries.get(key) if key is not None else None
-            if key is None or cur is None:
-                continue
-            c_rev = _utc(c_rev)
-            this = cur[0].this_update
-            if c_status != "valid" and (cur[0].cert_status == "good" or this is None or this < c_rev):
-                del entries[key]
-                n += 1
-        if n:
+        return n
+
+    def poll_once(self) -> int:
+        """Apply what changed since the last poll. Returns how many entries changed.
+
+        When the probe says something committed: revocations and holds (ix_certificate_issuer_status,
+        per issuer), new rows (primary key) and the rows of certificates on hold (their release; unique
+        key) at once; other rows re-signed in place (refresh) by their this_update — no index, so at most
+        every SLOW_SCAN_SECONDS."""
+        self.polls += 1
+        t0 = time.time()
+        if t0 >= self._next_resync:
+            self.load()
+            return 0
+        gate = self._probe()
+        changed = gate != self._gate
+        n = 0
+        revoked = 0
+        if changed:
+            self.scans += 1
+            self._slow_pending = True
+            since = self._param(self._since)
+            for issuer in list(self._issuers):
+                rows = self._query(_REVOKED, (issuer, since))
+                revoked += len(rows)
+                n += self._apply(rows)
+            rows = self._query(_COLS + " WHERE o.id > ?", (self._max_id,))
+            if (any(r[1] not in self._issuers for r in rows) and t0 - self._issuer_miss_at > 5.0):
+                self._issuer_miss_at = t0  # a new CA or signer, maybe
+                if self.reload_issuers():
+                    self.load()
+                    return 0
+            n += self._apply(rows)
+            held = sorted(self._held)[: self.MAX_HELD_CHECKED]
+            for issuer in {i for i, _ in held}:
+                serials = [sn for i, sn in held if i == issuer]
+                marks = ", ".join("?" * len(serials))
+                n += self._apply(self._query(_COLS + f" WHERE o.issuer = ? AND o.serial IN ({marks})",
+                                             (issuer, *serials)))
+        if self._slow_pending and t0 >= self._next_slow:
+            self.slow_scans += 1
+            n += self._apply(self._query(_COLS + " WHERE o.this_update >= ?", (self._param(self._slow_since),)))
+            self._slow_pending = False
+            self._slow_since = self._watermark(t0)
+            self._next_slow = t0 + self.SLOW_SCAN_SECONDS
+        if n or revoked:  # a revocation also voids derived answers (other hash algorithms) of that certificate
             self._changed()
         self._gate = gate
         self._advance(t0)
@@ -712,12 +756,12 @@ class FastResponder:
         def finish(ans: Any) -> bytes:
             if not isinstance(ans, Answer):
                 ans = INTERNAL_ERROR_ANSWER
-            elif (key is not None and ans.cacheable and ans.successful and ans.next_update is not None
-                  and self.cache.gen == gen):
-                derived = self.cache.derived
-                if len(derived) >= PresignedCache.DERIVED_MAX:
-                    derived.clear()
-                derived[key] = (ans, ans.next_update.timestamp() - self.cache._margin)
+            elif key is not None and ans.cacheable and ans.successful and ans.next_update is not None:
+                derived = self.cache.derived  # the reference first, then the generation (see _changed)
+                if self.cache.gen == gen:
+                    if len(derived) >= PresignedCache.DERIVED_MAX:
+                        derived.clear()
+                    derived[key] = (ans, ans.next_update.timestamp() - self.cache._margin)
             return self._ocsp_response(ans, req, t0, get=get)
 
         return _Pending(lambda: self._fallback(der), finish)
@@ -813,7 +857,7 @@ class FastResponder:
         c = self.cache
         return json.dumps({"status": "ok", "pid": os.getpid(), "entries": len(c.entries),
                            "derived": len(c.derived), "fast": self.fast, "fallback": self.fallback,
-                           "polls": c.polls, "scans": c.scans, "loads": c.loads,
+                           "polls": c.polls, "scans": c.scans, "slow_scans": c.slow_scans, "loads": c.loads,
                            "table_fresh": time.time() < c.fresh_until}).encode()
 
     def _plain(self, status: int, req: Request, body: bytes, headers: list[bytes] | None = None) -> bytes:
@@ -1215,9 +1259,10 @@ def _child_main(sock: socket.socket | None, cache: PresignedCache | None, settin
         fresh = PresignedCache(ctx)
         if cache is not None:  # the parent's snapshot: no reload needed
             fresh.entries, fresh.issuer_hashes, fresh._issuers = cache.entries, cache.issuer_hashes, cache._issuers
-            fresh._since, fresh._max_seen, fresh._gate = cache._since, cache._max_seen, cache._gate
-            fresh._next_resync, fresh.fresh_until = cache._next_resync, cache.fresh_until
-            fresh._next_issuers = cache._next_issuers
+            for attr in ("_since", "_slow_since", "_max_seen", "_max_id", "_next_resync", "_next_slow",
+                         "_next_issuers", "fresh_until"):
+                setattr(fresh, attr, getattr(cache, attr))
+            fresh._slow_pending = True  # whatever committed between the parent's read and now
         else:
             fresh.load()
         fresh._gate = None  # this process's probe values are its own (PRAGMA data_version is per connection)

@@ -1,9 +1,13 @@
 """OCSP responder throughput next to OpenSSL's and CFSSL's responders, on the same certificate set.
 
     .venv/bin/python bench/ocsp.py [--n 10000] [--requests 4000] [--workers 2] [--database-url URL]
+                                   [--servers fast,uvicorn,openssl,cfssl] [--repeat 1]
 
 What runs (loopback only, bounded request counts):
-  * ours     — `serve_ocsp()` (uvicorn, --workers processes), pre-signed responses from the database;
+  * fast     — ours: `serve_ocsp(framework="fast")` (api/ocsp_fast.py: raw asyncio HTTP server, forked
+               --workers processes, pre-signed responses held in memory and refreshed by polling);
+  * uvicorn  — ours: `serve_ocsp(framework="uvicorn")` (api/ocsp_app.py, --workers uvicorn processes),
+               pre-signed responses read from the database per request;
   * openssl  — `openssl ocsp -index index.txt -port … -multi <workers>` (OpenSSL's responder: signs every
                response live, answers HTTP/1.0 and closes; restarted for every run);
   * cfssl    — `cfssl ocspserve -responses file`, the file made by `cfssl ocsprefresh` over a cfssl
@@ -14,7 +18,9 @@ references sign with a software OCSP signer certificate issued by the same CA. L
 a SHA-1 CertID request without nonce (what the pre-signed path serves; OpenSSL signs it anyway), a
 different certificate for every run; concurrency 1, 8, 32; a new connection per request and -k
 keep-alive. Printed: requests/s, p50 and p99 (ms), the responder processes' own CPU time per request
-(from /proc, so it holds even on a busy machine), and ratios against the faster reference.
+(from /proc, so it holds even on a busy machine), the load average, and ratios of each of ours against
+the faster reference. With --repeat N every configuration is run N times, the servers in rotating order,
+and the medians are reported (the machine may be shared: one run alone says little).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +56,11 @@ cas:
   - {name: cpo-sub2, profile: cpo-sub2, parent: cpo-sub1, cn: CPO Sub-CA 2}
 """
 PIN = "bench-pin-1234"
+
+
+ALL_SERVERS = ("fast", "uvicorn", "openssl", "cfssl")
+OURS = ("fast", "uvicorn")
+REFS = ("openssl", "cfssl")
 
 
 def free_port() -> int:
@@ -192,6 +204,22 @@ def request_der(cert: object, issuer: object) -> bytes:
             .build().public_bytes(serialization.Encoding.DER))
 
 
+def wait_healthz(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"no /healthz answer on {port}")
+
+
 def check_answer(url: str, body: bytes, want: str, work: Path) -> None:
     """Sanity: the responder answers, openssl verifies the response against the chain."""
     import httpx
@@ -236,7 +264,13 @@ def main() -> int:
     ap.add_argument("--database-url", default=None, help="default: SQLite in the work directory")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--workdir", type=Path, default=None, help="parent of the work directory (default: $TMPDIR)")
+    ap.add_argument("--servers", default=",".join(ALL_SERVERS), help="which responders (default: all four)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per configuration; medians are reported")
     args = ap.parse_args()
+    names = [x for x in args.servers.split(",") if x]
+    if unknown := set(names) - set(ALL_SERVERS):
+        print(f"bench/ocsp.py: unknown servers {sorted(unknown)}", file=sys.stderr)
+        return 2
     for tool in ("ab", "openssl", "cfssl"):
         if not shutil.which(tool):
             print(f"bench/ocsp.py: {tool} is required", file=sys.stderr)
@@ -264,9 +298,11 @@ def main() -> int:
     rng = random.Random(11)
 
     def servers() -> dict[str, list[str]]:
+        ours = ("import sys; from api.ocsp_app import serve_ocsp; "
+                "serve_ocsp('127.0.0.1', int(sys.argv[1]), int(sys.argv[2]), framework=sys.argv[3])")
         return {
-            "ours": [sys.executable, "-c", "import sys; from api.ocsp_app import serve_ocsp; "
-                     "serve_ocsp('127.0.0.1', int(sys.argv[1]), int(sys.argv[2]))", "{port}", str(args.workers)],
+            "fast": [sys.executable, "-c", ours, "{port}", str(args.workers), "fast"],
+            "uvicorn": [sys.executable, "-c", ours, "{port}", str(args.workers), "uvicorn"],
             "openssl": ["openssl", "ocsp", "-index", str(work / "index.txt"), "-CA", str(work / "ca.pem"),
                         "-rsigner", str(work / "rsigner.pem"), "-rkey", str(work / "rkey.pem"), "-ndays", "9",
                         "-resp_key_id", "-port", "{port}", "-multi", str(args.workers)],
@@ -283,61 +319,84 @@ def main() -> int:
         log.close()
         try:
             wait_port(port, proc)
+            if name in OURS:
+                wait_healthz(port, proc)
         except RuntimeError:
             raise RuntimeError(f"{name} did not start:\n" + (work / f"{name}.log").read_text()[-2000:]) from None
-        time.sleep(0.5 if name == "ours" else 0.1)  # let every uvicorn worker finish its lifespan
+        # let every worker finish starting (uvicorn's lifespan; the fast server's Context) — the warm-up
+        # run below covers the rest
+        time.sleep(1.0 if name in OURS else 0.1)
         return proc, f"http://127.0.0.1:{port}/ocsp"
 
-    # sanity: all three answer good and revoked, verifiably
+    # sanity: all answer good and revoked, verifiably
     k_rev = next(iter(revoked))
-    for name in ("ours", "openssl", "cfssl"):
+    for name in names:
         proc, url = start(name)
         try:
             check_answer(url, request_der(certs[0], issuer), "good", work)
             check_answer(url, request_der(certs[k_rev], issuer), "revoked", work)
         finally:
             stop(proc)
-    print("all three responders answer good/revoked, verified by openssl against the chain\n", flush=True)
+    print(f"{', '.join(names)} answer good/revoked, verified by openssl against the chain\n", flush=True)
 
     results: dict[tuple[str, int, bool], dict[str, float] | None] = {}
     body = work / "req.der"
+    loads: list[float] = []
     for c in [int(x) for x in args.concurrency.split(",")]:
         for keepalive in (False, True):
             k = rng.randrange(len(certs))
             body.write_bytes(request_der(certs[k], issuer))
-            for name in ("ours", "openssl", "cfssl"):
-                proc, url = start(name)  # a fresh process per run (OpenSSL's responder in particular)
-                try:
-                    ab(url, body, min(200, args.requests), c, keepalive, work)  # warm-up
-                    cpu0 = group_cpu(proc.pid)
-                    results[(name, c, keepalive)] = r = ab(url, body, args.requests, c, keepalive, work)
-                    if r is not None:
-                        r["cpu_us"] = (group_cpu(proc.pid) - cpu0) / args.requests * 1e6
-                finally:
-                    stop(proc)
-                conn = "keep-alive" if keepalive else "new conn  "
-                if r is None:
-                    print(f"  {name:8} c={c:<3} {conn} stalled: ab got no answer within 10 s", flush=True)
-                    continue
-                print(f"  {name:8} c={c:<3} {conn} {r['rps']:9.0f} req/s  p50 {r['p50']:7.2f} ms  "
-                      f"p99 {r['p99']:7.2f} ms  server CPU {r['cpu_us']:6.0f} µs/req"
-                      f"{'  ERRORS ' + str(int(r['failed'])) if r['failed'] else ''}", flush=True)
+            runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+            for rep in range(args.repeat):
+                order = names[rep % len(names):] + names[: rep % len(names)]
+                for name in order:
+                    proc, url = start(name)  # a fresh process per run (OpenSSL's responder in particular)
+                    try:
+                        ab(url, body, min(200, args.requests), c, keepalive, work)  # warm-up
+                        cpu0 = group_cpu(proc.pid)
+                        r = ab(url, body, args.requests, c, keepalive, work)
+                        if r is not None:
+                            r["cpu_us"] = (group_cpu(proc.pid) - cpu0) / args.requests * 1e6
+                            r["load"] = os.getloadavg()[0]
+                            loads.append(r["load"])
+                            runs[name].append(r)
+                    finally:
+                        stop(proc)
+                    conn = "keep-alive" if keepalive else "new conn  "
+                    if r is None:
+                        print(f"  {name:8} c={c:<3} {conn} stalled: ab got no answer within 10 s", flush=True)
+                        continue
+                    print(f"  {name:8} c={c:<3} {conn} {r['rps']:9.0f} req/s  p50 {r['p50']:7.2f} ms  "
+                          f"p99 {r['p99']:7.2f} ms  server CPU {r['cpu_us']:6.0f} µs/req  load {r['load']:.1f}"
+                          f"{'  ERRORS ' + str(int(r['failed'])) if r['failed'] else ''}", flush=True)
+            for name, rs in runs.items():
+                results[(name, c, keepalive)] = ({key: statistics.median(x[key] for x in rs) for key in rs[0]}
+                                                 if rs else None)
 
-    print("\nratios: ours / the faster reference (req/s: > 1 is better; p50, p99: < 1 is better)")
-    print(f"{'conc':>4} {'connection':<11} {'faster ref':<10} {'req/s':>7} {'p50':>7} {'p99':>7} {'CPU/req':>8}"
-          f"   {'req/s vs openssl':>16} {'vs cfssl':>9}")
+    if args.repeat > 1:
+        print(f"\nmedians of {args.repeat} runs")
+        for (name, c, keepalive), r in results.items():
+            if r is not None:
+                print(f"  {name:8} c={c:<3} {'keep-alive' if keepalive else 'new conn  '} {r['rps']:9.0f} req/s  "
+                      f"p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms  server CPU {r['cpu_us']:6.0f} µs/req")
+    if loads:
+        print(f"\nload average (1 min) during the runs: {min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} CPUs")
+    refs_run = [x for x in REFS if x in names]
+    print("\nratios: ours / the faster reference (req/s: > 1 is better; p50, p99, CPU: < 1 is better)")
+    print(f"{'ours':<8} {'conc':>4} {'connection':<11} {'faster ref':<10} {'req/s':>7} {'p50':>7} {'p99':>7} "
+          f"{'CPU/req':>8}   {'req/s vs openssl':>16} {'vs cfssl':>9}")
     for (name, c, keepalive), r in results.items():
-        if name != "ours" or r is None:
+        if name not in OURS or r is None or not refs_run:
             continue
-        refs = {ref: results[(ref, c, keepalive)] for ref in ("openssl", "cfssl")}
+        refs = {ref: results.get((ref, c, keepalive)) for ref in REFS}
         avail = {k: v for k, v in refs.items() if v is not None}
         if not avail:
             continue
         ref_name, ref = max(avail.items(), key=lambda kv: kv[1]["rps"])
         vs = {k: (f"{r['rps'] / v['rps']:.2f}" if v is not None else "n/a") for k, v in refs.items()}
-        print(f"{c:>4} {'keep-alive' if keepalive else 'new':<11} {ref_name:<10} {r['rps'] / ref['rps']:7.2f} "
-              f"{r['p50'] / ref['p50']:7.2f} {r['p99'] / ref['p99']:7.2f} {r['cpu_us'] / ref['cpu_us']:8.2f}   "
-              f"{vs['openssl']:>16} {vs['cfssl']:>9}")
+        print(f"{name:<8} {c:>4} {'keep-alive' if keepalive else 'new':<11} {ref_name:<10} "
+              f"{r['rps'] / ref['rps']:7.2f} {r['p50'] / ref['p50']:7.2f} {r['p99'] / ref['p99']:7.2f} "
+              f"{r['cpu_us'] / ref['cpu_us']:8.2f}   {vs['openssl']:>16} {vs['cfssl']:>9}")
     if args.keep:
         print(f"\nkept {work}")
     else:
