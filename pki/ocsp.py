@@ -595,7 +595,11 @@ class OcspResponder:
 
         by_ca: dict[str, _Signer] = {}
         for issuer, der, key_uri, _nb in signers:
-            label = ocsp_key_label(issuer)
+            base = ocsp_key_label(issuer)
+            label = _label_of(key_uri)
+            # The init-time signer key, or one renewed by the workers (pki/lifecycle.py: "<base>-r<time>").
+            if label is None or not (label == base or label.startswith(base + "-r")):
+                continue
             if key_uri != self.keystore.uri(label):
                 continue
             cert = x509.load_der_x509_certificate(der)
@@ -1066,3 +1070,17 @@ __all__ = [
     "Answer", "CertIdReq", "OcspRequest", "OcspResponder", "install_hooks", "mark_responder_only",
     "ocpp_lookup", "parse_request", "refresh", "responder_for",
 ]
+
+
+def _label_of(key_uri: str) -> str | None:
+    """The key label inside a key URI (RFC 7512 pkcs11: URI, or the software twin's soft:LABEL)."""
+    from hsm.uri import Pkcs11Uri
+
+    try:
+        if key_uri.startswith("pkcs11:"):
+            return Pkcs11Uri.parse(key_uri).object
+    except ValueError:
+        return None
+    if key_uri.startswith("soft:"):
+        return key_uri[len("soft:"):]
+    return None
