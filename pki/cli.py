@@ -57,12 +57,29 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(("\r" + line.ljust(100)) if tty else line, file=sys.stderr, end="" if tty else "\n", flush=True)
 
     stats = init_hierarchy(ctx.engine, h, progress)
+    _ensure_trustlist_signer(ctx)
     if tty:
         print(file=sys.stderr)
     print(f"hierarchies ready: {stats['created']} created, {stats['skipped']} already present"
           + (f", {stats['abandoned_intents']} abandoned intents from an interrupted run"
              if stats["abandoned_intents"] else ""))
     return 0
+
+
+def _ensure_trustlist_signer(ctx) -> None:  # type: ignore[no-untyped-def]
+    """Create the trust-list signer key here, in one process: PKCS#11 has no atomic "create if absent",
+    so lazily creating it in several worker processes at once could leave two keys under one label."""
+    try:
+        from pki.lifecycle import lifecycle_of
+        from pki.trustlist import ensure_signer
+    except ImportError:
+        return
+    try:
+        issuer = lifecycle_of(ctx).policy.truststore.signer_issuer
+        ctx.engine.ca(issuer)
+    except PKIError:
+        return  # a hierarchy without the signer's issuing CA: nothing to prepare
+    ensure_signer(ctx)
 
 
 def cmd_issue(args: argparse.Namespace) -> int:

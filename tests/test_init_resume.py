@@ -184,15 +184,22 @@ def assert_complete(home: Home) -> dict[str, Any]:
         assert n == 1, f"OCSP signer of {name}: {n}"
     for sk in svcs:
         assert home.count("SELECT count(*) FROM certificate WHERE identifier = ?", sk["name"]) == 1
+    # `v2gpki init` also prepares the trust-list signer when its issuing CA (csms-root) is in the hierarchy.
+    from pki.trustlist import SIGNER_ID, SIGNER_LABEL
+
+    trustlist = any(c["name"] == "csms-root" for c in cas)
+    if trustlist:
+        assert home.count("SELECT count(*) FROM certificate WHERE identifier = ?", SIGNER_ID) == 1
     n_certs = home.count("SELECT count(*) FROM certificate")
-    assert n_certs == len(cas) + len(ocsp) + len(svcs)
+    assert n_certs == len(cas) + len(ocsp) + len(svcs) + int(trustlist)
     # No intent left pending; every certificate has its issued intent.
     states = dict(home.query("SELECT state, count(*) FROM issuance_intent GROUP BY state"))
     assert states.get("pending", 0) == 0 and states.get("issued") == n_certs
     # The token holds exactly the hierarchy's keys, each once (one private and one public object) ...
     tok = home.token()
     owners = ({ca_key_label(c["name"]): c["name"] for c in cas} | {ocsp_key_label(n): f"ocsp-{n}" for n in ocsp}
-              | {svc_key_label(sk["name"]): sk["name"] for sk in svcs})
+              | {svc_key_label(sk["name"]): sk["name"] for sk in svcs}
+              | ({SIGNER_LABEL: SIGNER_ID} if trustlist else {}))
     objects = sorted(tuple(o) for o in tok["objects"])
     assert objects == sorted([(2, lb) for lb in owners] + [(3, lb) for lb in owners])  # CKO_PUBLIC/PRIVATE_KEY
     # ... and the certificate of each key's owner certifies that key (a re-run reused, not replaced, it).
