@@ -13,7 +13,7 @@ from datetime import datetime
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
@@ -292,7 +292,7 @@ def _serial_candidates(s: str) -> list[str]:
 
 
 def find_by_hash_data(ctx: Context, alg: str, name_hash: str, key_hash: str, serial: str) -> Certificate | None:
-    from asn1crypto import keys
+    from pki.ocsp import spki_key_bits
 
     fn = _HASHES.get(alg.upper())
     if fn is None:
@@ -304,9 +304,7 @@ def find_by_hash_data(ctx: Context, alg: str, name_hash: str, key_hash: str, ser
     for h in ctx.engine.cas():
         if fn(h.cert.subject.public_bytes()).digest() != nh:
             continue
-        spki = h.cert.public_key().public_bytes(serialization.Encoding.DER,
-                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-        if fn(keys.PublicKeyInfo.load(spki)["public_key"].contents[1:]).digest() != kh:
+        if fn(spki_key_bits(h.cert)).digest() != kh:
             continue
         with ctx.db.session() as s:
             for cand in _serial_candidates(serial):
@@ -360,4 +358,4 @@ def authorize(ctx: Context, emaid: str, hash_data: list[dict[str, str]] | None =
     return AuthorizeResult("Accepted", None)
 
 
-__all__ = ["hashes", "AuthorizeResult", "authorize", "create_contract", "terminate_contract"]
+__all__ = ["AuthorizeResult", "authorize", "create_contract", "terminate_contract"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from cryptography.hazmat.primitives import hashes, serialization
 from sqlalchemy import update
 from sqlmodel import Session, select
 
@@ -57,12 +56,9 @@ def _name_hashes(cert_der: bytes) -> tuple[str, str]:
 
     cert = x509.load_der_x509_certificate(cert_der)
     name_hash = hashlib.sha1(cert.subject.public_bytes()).hexdigest()  # noqa: S324 - RFC 6960 CertID
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    # issuerKeyHash is over the BIT STRING contents of subjectPublicKey (RFC 6960 §4.1.1)
-    from asn1crypto import keys
+    from pki.ocsp import spki_key_bits  # issuerKeyHash input (RFC 6960 §4.1.1)
 
-    bits = keys.PublicKeyInfo.load(spki)["public_key"].contents[1:]
-    return name_hash, hashlib.sha1(bits).hexdigest()  # noqa: S324
+    return name_hash, hashlib.sha1(spki_key_bits(cert)).hexdigest()  # noqa: S324
 
 
 def create_ca(engine: Engine, entry: CAEntry, h: Hierarchy) -> Issued:
@@ -182,4 +178,4 @@ def init_hierarchy(engine: Engine, h: Hierarchy, progress: Progress | None = Non
     return stats
 
 
-__all__ = ["hashes", "init_hierarchy", "ca_key_label", "ocsp_key_label", "svc_key_label"]
+__all__ = ["init_hierarchy", "ca_key_label", "ocsp_key_label", "svc_key_label"]

@@ -40,12 +40,3 @@ def parse_serial(text: str) -> str:
     if not t or not _HEX.match(t) or len(t) > 42:
         raise NotFound(f"{text!r} is not a hexadecimal serial number")
     return format(int(t, 16), "x")
-
-
-def parse_serial_any(text: str) -> int:
-    """OCPP serials arrive as hex (EVerest, OCPP 2.1 text) or decimal (Josev). Hex is tried when the
-    string has hex letters; a purely numeric string is ambiguous, so callers try both readings."""
-    t = text.strip().lower().replace(":", "")
-    if t.startswith("0x"):
-        t = t[2:]
-    return int(t, 16)

@@ -7,7 +7,6 @@ Routes are sync `def`: FastAPI runs them in its thread pool, so PKCS#11 never bl
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -321,4 +320,4 @@ def setup(app: FastAPI) -> None:
     app.include_router(router)
 
 
-__all__ = ["router", "setup", "base64"]
+__all__ = ["router", "setup"]
