@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, insert
+from sqlalchemy import Table, insert, update
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
 from pki.store.db import utcnow
+from pki.store.fast import BulkInsert
 from pki.store.models import AuditEvent, AuditHead
 
 GENESIS = "0" * 64
@@ -49,29 +51,38 @@ class Entry:
     details: dict[str, Any] | None = None
 
 
-def _lock_head(session: Session) -> AuditHead:
-    stmt = select(AuditHead).where(AuditHead.id == 1)
-    if session.get_bind().dialect.name == "postgresql":
+_HEAD_TABLE: Table = AuditHead.__table__  # type: ignore[attr-defined]
+_INSERT_EVENTS = BulkInsert(_EVENT_TABLE, ("seq", "ts", "actor", "org", "action", "object", "outcome", "details",
+                                           "prev_hash", "hash"))
+
+
+def _lock_head(conn: Connection) -> tuple[int, str]:
+    """The chain head (seq, hash), locked for the rest of the transaction: SELECT … FOR UPDATE on
+    PostgreSQL; on SQLite the writer already holds the database lock (BEGIN IMMEDIATE, pki/store/db.py)."""
+    stmt = select(_HEAD_TABLE.c.seq, _HEAD_TABLE.c.hash).where(_HEAD_TABLE.c.id == 1)
+    if conn.dialect.name == "postgresql":
         stmt = stmt.with_for_update()
-    head = session.exec(stmt).first()
-    if head is None:
-        head = AuditHead(id=1, seq=0, hash=GENESIS)
-        session.add(head)
-        session.flush()
-    return head
+    row = conn.execute(stmt).first()
+    if row is None:
+        conn.execute(insert(_HEAD_TABLE).values(id=1, seq=0, hash=GENESIS))
+        return 0, GENESIS
+    return int(row[0]), str(row[1])
 
 
 def append(session: Session, *entries: Entry) -> list[dict[str, Any]]:
     """Append events inside the caller's transaction (so the audit record commits with the change).
 
-    The rows go in as one Core multi-row INSERT: building ORM objects for them cost more than the rest of
-    an issuance batch. Returns the inserted column values (seq, hash, ...)."""
+    Core statements on the session's connection (head read/update, one prepared multi-row INSERT): the
+    ORM unit of work for these rows cost more than the rest of an issuance batch. Returns the inserted
+    column values (seq, hash, ...)."""
     if not entries:
         return []
-    head = _lock_head(session)
+    if session.new or session.dirty or session.deleted:
+        session.flush()  # as the ORM query this replaced would have: constraint errors surface here, in order
+    conn = session.connection()
+    seq, prev = _lock_head(conn)
     rows: list[dict[str, Any]] = []
     ts = utcnow()
-    seq, prev = head.seq, head.hash
     for e in entries:
         seq += 1
         row: dict[str, Any] = {"seq": seq, "ts": ts, "actor": e.actor, "org": e.org, "action": e.action,
@@ -79,9 +90,8 @@ def append(session: Session, *entries: Entry) -> list[dict[str, Any]]:
                                "prev_hash": prev}
         row["hash"] = prev = chain_hash(prev, row)
         rows.append(row)
-    session.execute(insert(_EVENT_TABLE), rows)
-    head.seq, head.hash = seq, prev
-    session.add(head)
+    _INSERT_EVENTS.execute(conn, rows)
+    conn.execute(update(_HEAD_TABLE).where(_HEAD_TABLE.c.id == 1).values(seq=seq, hash=prev))
     return rows
 
 

@@ -19,6 +19,7 @@ from hsm.keystore import KeyAlg, PublicKey
 from pki import names
 from pki.errors import BadCSR, BadKey, BadSignature, BadSubject
 from pki.profiles import Profile
+from pki.tbs import csr_subject_fields
 
 MAX_CSR_BYTES = 8192  # OCPP caps csr at 5500 characters; 8 KiB of DER/PEM leaves room for -20 keys
 
@@ -126,8 +127,9 @@ def normalise_identifier(profile: Profile, cn: str) -> tuple[str, str]:
         return names.check_station_id(cn), "station"
     if kind == "fqdn":
         return names.check_fqdn(cn), "fqdn"
-    if len(cn) > 64 or not cn.strip():
-        raise BadSubject("CN must be 1–64 characters (RFC 5280 ub-common-name)")
+    if len(cn.encode()) > 64 or not cn.strip():
+        # RFC 5280 ub-common-name is 64 characters; the X.509 builder counts UTF-8 octets, the stricter reading.
+        raise BadSubject("CN must be 1–64 characters, at most 64 UTF-8 octets (RFC 5280 ub-common-name)")
     return cn.strip(), "name"
 
 
@@ -143,8 +145,8 @@ def check_subject(profile: Profile, fields: SubjectFields) -> tuple[SubjectField
         raise BadSubject(f"profile {profile.name!r} requires an O (organization) in the subject")
     if rule.o == "forbidden":
         o = None
-    if o is not None and len(o) > 64:
-        raise BadSubject("O must be at most 64 characters (RFC 5280 ub-organization-name)")
+    if o is not None and len(o.encode()) > 64:
+        raise BadSubject("O must be at most 64 characters / UTF-8 octets (RFC 5280 ub-organization-name)")
     c = fields.c.strip().upper() if fields.c else None
     if rule.c == "required" and not c:
         raise BadSubject(f"profile {profile.name!r} requires a C (country) in the subject")
@@ -169,6 +171,10 @@ def check_csr(profile: Profile, csr: x509.CertificateSigningRequest) -> CheckedR
         ok = False
     if not ok:
         raise BadSignature("CSR signature does not verify (bad proof of possession)")
-    fields, ident, kind = check_subject(profile, subject_fields(csr.subject))
+    # The subject is read straight from the request's DER when it has the usual shape (building
+    # cryptography Name objects cost as much as the rest of the checks); anything unusual takes the full path.
+    raw = csr_subject_fields(csr.tbs_certrequest_bytes)
+    fields, ident, kind = check_subject(
+        profile, SubjectFields(*raw) if raw is not None else subject_fields(csr.subject))
     assert isinstance(key, ec.EllipticCurvePublicKey | ed448.Ed448PublicKey)
     return CheckedRequest(public_key=key, key_alg=alg, subject=fields, identifier=ident, identifier_kind=kind)

@@ -24,18 +24,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from sqlalchemy import insert, update
+from sqlalchemy import update
 from sqlmodel import Session, select
 
 from hsm.keystore import KeyAlg, KeyStore, PrivateKey, PublicKey
 from pki import audit
 from pki.csr import CheckedRequest, SubjectFields, check_csr, parse_csr
-from pki.errors import AlreadyRevoked, BadKey, BadRevocation, LintError, NotFound, UnknownCA
+from pki.errors import AlreadyRevoked, BadKey, BadRevocation, CertificateTooLarge, LintError, NotFound, UnknownCA
 from pki.lint import MAX_SIG_LEN, lint_profile, pkilinter, shape_key, size_bound
 from pki.profiles import Profile, ProfileSet
 from pki.serials import new_serial, to_hex
 from pki.store.db import Database, utcnow
+from pki.store.fast import BulkInsert
 from pki.store.models import Certificate, CertificateAuthority, IssuanceIntent
+from pki.tbs import TbsTemplate, TemplateInputs, rfc4514
 
 REASONS: dict[str, x509.ReasonFlags] = {
     "unspecified": x509.ReasonFlags.unspecified,
@@ -75,6 +77,11 @@ def sig_hash(alg: KeyAlg) -> hashes.HashAlgorithm | None:
     if alg is KeyAlg.P521:
         return hashes.SHA512()
     return None
+
+
+# One signature-algorithm object per key algorithm (constructing cryptography's ECDSA(...) validates its
+# argument through ABC checks: measurable per certificate). Ed448 is pure EdDSA: no hash, no object.
+_ECDSA: dict[KeyAlg, ec.ECDSA] = {KeyAlg.P256: ec.ECDSA(hashes.SHA256()), KeyAlg.P521: ec.ECDSA(hashes.SHA512())}
 
 
 def key_alg_of_public(key: PublicKey) -> KeyAlg:
@@ -156,7 +163,6 @@ class _Prepared:
     req: IssueRequest
     profile: Profile
     issuer_name: str
-    builder: x509.CertificateBuilder
     serial: int
     tbs_sha256: str
     subject: str
@@ -164,6 +170,16 @@ class _Prepared:
     signer_label: str | None
     tbs: bytes = b""  # the linted twin's TBSCertificate: exactly what the HSM signs
     sig_alg_der: bytes = b""  # its AlgorithmIdentifier (same for twin and real certificate)
+
+
+@dataclass(frozen=True)
+class _Template:
+    tbs: TbsTemplate
+    sig_alg_der: bytes
+
+
+def _spki_der(key: PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _der_len(n: int) -> bytes:
@@ -312,6 +328,7 @@ class Engine:
         self._cas: dict[str, CAHandle] = {}
         self._cas_lock = threading.Lock()
         self._linted_shapes: set[tuple[object, ...]] = set()
+        self._templates: dict[tuple[object, ...], _Template] = {}  # leaf shapes already linted (pki/tbs.py)
         self.on_revoked: list[Callable[[str, str], None]] = []  # (issuer, serial) after commit
         self.on_issued: list[Callable[[list[Issued]], None]] = []  # the batch, after commit (OCSP pre-signing)
         # Called INSIDE the issuing / revoking transaction (e.g. to write outbox rows that commit
@@ -396,11 +413,10 @@ class Engine:
         if subj_alg not in profile.key_algs:
             raise BadKey(f"{subj_alg.value} key not allowed by profile {profile.name!r}")
         now = utcnow()
-        name = build_name(req.subject)
         issuer_handle: CAHandle | None = None
         if profile.self_signed:
             issuer_name_str = req.ca or ""
-            issuer_x509 = name
+            issuer_x509 = build_name(req.subject)
             alg = subj_alg
             issuer_ski = x509.SubjectKeyIdentifier.from_public_key(req.public_key).digest
             not_after_cap = None
@@ -421,6 +437,20 @@ class Engine:
         if not_after <= now:
             raise BadKey("requested validity ends before it starts")
         serial = new_serial()
+        tkey: tuple[object, ...] | None = None
+        if self.pkilint_mode != "every" and not profile.ca and issuer_handle is not None:
+            # What fixes every byte of a leaf's TBS but the variable fields (pki/tbs.py), plus pkilint's
+            # shape buckets, so a template is only ever used for a shape pkilint has passed.
+            subj = req.subject
+            tkey = (profile.name, issuer_name_str, issuer_handle.row.serial, subj_alg, bool(subj.o),
+                    bool(subj.c), subj.dc, len(subj.cn) > 32, len(subj.o or "") > 32,
+                    now.year >= 2050, not_after.year >= 2050)
+            tmpl = self._templates.get(tkey)
+            # ub-common-name / ub-organization-name as cryptography's builder counts them (UTF-8 octets):
+            # longer values take the builder path, which refuses them exactly as before.
+            if tmpl is not None and len(subj.cn.encode()) <= 64 and len((subj.o or "").encode()) <= 64:
+                return self._prepare_from_template(req, profile, issuer_name_str, alg, tmpl, serial, now, not_after)
+        name = build_name(req.subject)
         b = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -473,18 +503,49 @@ class Engine:
         bound = size_bound(twin, len(twin_der), alg.value)
         lint_profile(twin, bound, profile, subj_alg)
         self._pkilint(profile, twin_der, shape_key(profile, issuer_name_str, name, subj_alg))
+        if tkey is not None and tkey not in self._templates:
+            self._learn_template(tkey, tbs, sig_alg_der, req, serial, now, not_after)
         return _Prepared(
             req=req,
             profile=profile,
             issuer_name=issuer_name_str,
-            builder=b,
             serial=serial,
-            tbs_sha256=hashlib.sha256(twin.tbs_certificate_bytes).hexdigest(),
+            tbs_sha256=hashlib.sha256(tbs).hexdigest(),
             subject=name.rfc4514_string(),
             alg=alg,
             signer_label=signer_label,
             tbs=tbs,
             sig_alg_der=sig_alg_der,
+        )
+
+    def _learn_template(self, tkey: tuple[object, ...], tbs: bytes, sig_alg_der: bytes, req: IssueRequest,
+                        serial: int, now: datetime, not_after: datetime) -> None:
+        """Keep a template for this shape only if it rebuilds the linted reference TBS byte for byte."""
+        try:
+            tmpl = TbsTemplate(tbs)
+            again = tmpl.build(TemplateInputs(serial, now, not_after, req.subject, _spki_der(req.public_key)))
+        except (ValueError, UnicodeError):
+            again = None
+        if again != tbs:
+            return  # this shape stays on the builder (e.g. subjectAltName profiles)
+        self._templates[tkey] = _Template(tmpl, sig_alg_der)
+
+    def _prepare_from_template(self, req: IssueRequest, profile: Profile, issuer_name: str, alg: KeyAlg,
+                               t: _Template, serial: int, now: datetime, not_after: datetime) -> _Prepared:
+        tbs = t.tbs.build(TemplateInputs(serial, now, not_after, req.subject, _spki_der(req.public_key)))
+        # The size limit (ISO 15118-2 [V2G2-010]) with the longest signature the issuer's algorithm can give;
+        # every other profile rule holds by construction (the extensions are the linted reference's bytes).
+        bound = len(assemble_certificate(tbs, t.sig_alg_der, bytes(MAX_SIG_LEN[alg.value])))
+        if bound > profile.max_der_size:
+            raise CertificateTooLarge(
+                f"certificate would be up to {bound} bytes; profile {profile.name!r} allows "
+                f"{profile.max_der_size} (ISO 15118-2 [V2G2-010]) — shorten names or URLs",
+                size=bound,
+            )
+        return _Prepared(
+            req=req, profile=profile, issuer_name=issuer_name, serial=serial,
+            tbs_sha256=hashlib.sha256(tbs).hexdigest(), subject=rfc4514(req.subject), alg=alg,
+            signer_label=None, tbs=tbs, sig_alg_der=t.sig_alg_der,
         )
 
     def _pkilint(self, profile: Profile, twin_der: bytes, shape: tuple[object, ...]) -> None:
@@ -531,7 +592,7 @@ class Engine:
             for p in preps
         ]
         with self.db.session() as s:
-            s.execute(insert(_INTENT_TABLE), intents)
+            _INSERT_INTENTS.execute(s.connection(), intents)
             s.commit()
         issued: list[Issued] = []
         chains: dict[str, list[x509.Certificate]] = {}
@@ -546,8 +607,8 @@ class Engine:
                 # database's intent names exactly what was signed); we only wrap it (RFC 5280 §4.1.1).
                 if hashlib.sha256(p.tbs).hexdigest() != p.tbs_sha256:
                     raise LintError("TBS differs from the linted twin")
-                h = sig_hash(p.alg)
-                signature = (signer.sign(p.tbs, ec.ECDSA(h)) if h is not None  # type: ignore[call-arg]
+                ecdsa = _ECDSA.get(p.alg)
+                signature = (signer.sign(p.tbs, ecdsa) if ecdsa is not None  # type: ignore[call-arg]
                              else signer.sign(p.tbs))  # type: ignore[call-arg]
                 cert_der = assemble_certificate(p.tbs, p.sig_alg_der, signature)
                 cert = x509.load_der_x509_certificate(cert_der)
@@ -564,7 +625,7 @@ class Engine:
             raise
         done = utcnow()
         with self.db.session() as s:
-            s.execute(insert(_CERT_TABLE), [
+            _INSERT_CERTS.execute(s.connection(), [
                 {"issuer": i.issuer, "serial": i.serial, "profile": i.profile, "subject": p.subject,
                  "identifier": p.req.identifier, "tenant": p.req.tenant,
                  "not_before": i.cert.not_valid_before_utc, "not_after": i.cert.not_valid_after_utc,
@@ -693,6 +754,11 @@ class Engine:
 
 _INTENT_TABLE = IssuanceIntent.__table__  # type: ignore[attr-defined]
 _CERT_TABLE = Certificate.__table__  # type: ignore[attr-defined]
+_INSERT_INTENTS = BulkInsert(_INTENT_TABLE, ("issuer", "serial", "profile", "subject", "tbs_sha256", "state", "error",
+                                             "created_at", "completed_at"))
+_INSERT_CERTS = BulkInsert(_CERT_TABLE, ("issuer", "serial", "profile", "subject", "identifier", "tenant", "not_before",
+                                         "not_after", "status", "revoked_at", "revocation_reason", "key_uri",
+                                         "fingerprint", "der", "created_at"))
 
 
 def _set_intents(s: Session, intents: list[dict[str, object]], **values: object) -> None:
