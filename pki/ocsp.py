@@ -554,6 +554,82 @@ def _upsert_stmt(db: Database) -> Any:
                                      set_={c: ins.excluded[c] for c in cols})
 
 
+def _insert_new_stmt(db: Database) -> Any:
+    """INSERT … ON CONFLICT DO NOTHING: the first response of a certificate just issued. If a row already
+    exists, a revocation (or a live request) wrote it after the issuance, so it is at least as current
+    as 'good' — a late pre-sign must never overwrite it."""
+    if db.is_sqlite:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(_RESP).on_conflict_do_nothing(index_elements=["issuer", "serial"])
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    return pg_insert(_RESP).on_conflict_do_nothing(index_elements=["issuer", "serial"])
+
+
+class Presigner:
+    """Pre-signs the responses of newly issued certificates in a background thread (RFC 5019 §4:
+    responses produced ahead of requests), so an enrollment or a contract installation answers without
+    waiting for a second HSM signature and another transaction. Requests arriving first are signed live
+    by the responder's fallback. Work queued while a batch is signed is coalesced into the next one."""
+
+    def __init__(self, responder: OcspResponder) -> None:
+        self.responder = responder
+        self._cv = threading.Condition()
+        self._queue: list[tuple[str, str]] = []
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        ref = weakref.ref(self)
+
+        def reset_in_child() -> None:  # threads do not survive fork
+            me = ref()
+            if me is not None:
+                me._cv, me._queue, me._busy, me._thread, me._pid = threading.Condition(), [], False, None, 0
+
+        os.register_at_fork(after_in_child=reset_in_child)
+
+    def submit(self, items: Iterable[tuple[str, str]]) -> None:
+        with self._cv:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="v2gpki-ocsp-presign", daemon=True)
+                self._thread.start()
+            self._queue.extend(items)
+            self._cv.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything submitted so far is stored (tests, orderly shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue:
+                    self._cv.wait()
+                batch, self._queue = self._queue[:2000], self._queue[2000:]
+                self._busy = True
+            try:
+                by_issuer: dict[str, list[str]] = {}
+                for issuer, serial in batch:
+                    by_issuer.setdefault(issuer, []).append(serial)
+                for issuer, serials in by_issuer.items():
+                    self.responder.presign_new(issuer, serials)
+            except Exception:  # noqa: BLE001 - the live fallback or refresh() signs what is missing
+                log.warning("pre-signing OCSP responses after issuance failed", exc_info=True)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+
 class OcspResponder:
     """One per process and Context (see :func:`responder_for`). Thread-safe."""
 
@@ -576,6 +652,8 @@ class OcspResponder:
         self._alt: _LRU[tuple[str, bytes], tuple[bytes, datetime, datetime]] = _LRU(20_000)
         self._unknown: _LRU[tuple[str, bytes], tuple[bytes, datetime, datetime]] = _LRU(10_000)
         self._upsert = _upsert_stmt(self.db)
+        self._insert_new = _insert_new_stmt(self.db)
+        self.presigner = Presigner(self)
         self._reader = read_engine(self.db)
         self._fast = _FastLookup(self._reader)
 
@@ -715,7 +793,16 @@ class OcspResponder:
             done += self._store(iss, [(r[0], _STATUS_OF.get(r[1], "revoked"), r[2], r[3]) for r in rows])
         return done
 
-    def _store(self, iss: _Issuer, rows: Sequence[tuple[str, str, datetime | None, str | None]]) -> int:
+    def presign_new(self, issuer: str, serials: Sequence[str]) -> int:
+        """Sign 'good' for certificates just issued (no status query: they were issued valid) and store
+        them insert-only, so a revocation that got there first is never overwritten (see Presigner)."""
+        iss = self.issuer(issuer)
+        if iss is None or iss.signer is None:
+            return 0
+        return self._store(iss, [(s, "good", None, None) for s in serials], stmt=self._insert_new)
+
+    def _store(self, iss: _Issuer, rows: Sequence[tuple[str, str, datetime | None, str | None]], *,
+               stmt: Any = None) -> int:
         nh, kh = iss.hashes["sha1"]
         values = []
         for serial_hex, status, revoked_at, reason in rows:
@@ -725,7 +812,7 @@ class OcspResponder:
                            "this_update": this, "next_update": nxt, "der": der})
         if values:
             with self.db.engine.begin() as conn:
-                conn.execute(self._upsert, values)
+                conn.execute(self._upsert if stmt is None else stmt, values)
         return len(values)
 
     def refresh(self, *, margin: timedelta | None = None, batch: int = 500) -> int:
@@ -1036,11 +1123,7 @@ def install_hooks(ctx: Context) -> None:
             if any(i.profile.startswith("ocsp-signer") or i.cert.extensions.get_extension_for_class(
                     x509.BasicConstraints).value.ca for i in issued):
                 r.invalidate()  # a new CA or OCSP signer: the issuer table changes
-            by_issuer: dict[str, list[str]] = {}
-            for i in issued:
-                by_issuer.setdefault(i.issuer, []).append(i.serial)
-            for issuer, serials in by_issuer.items():
-                r.presign(issuer, serials)
+            r.presigner.submit((i.issuer, i.serial) for i in issued)
         except Exception:  # noqa: BLE001 - issuance stands; refresh() or the next request re-signs
             log.warning("pre-signing OCSP responses after issuance failed", exc_info=True)
 

@@ -115,7 +115,9 @@ def test_openssl_post_good_with_nonce(pki: Pki, responder_url: str) -> None:
 
 def test_openssl_post_no_nonce_gets_the_presigned_bytes(ctx: Context, pki: Pki, responder_url: str,
                                                          tmp_path: Path) -> None:
-    # Pre-signed at issuance (Engine.on_issued hook): the row exists before any request.
+    # Pre-signed after issuance (Engine.on_issued hook → the background Presigner): the row exists
+    # before any request once the pre-signer has drained its queue.
+    assert responder_for(ctx).presigner.flush()
     with ctx.db.session() as s:
         row = s.exec(select(OcspResponseCache).where(
             OcspResponseCache.issuer == pki.leaves["good2"].issuer,
@@ -491,3 +493,20 @@ def test_ocpp_serial_readings() -> None:
     assert decode_ocpp_serial("ab12") == [0xAB12]
     assert decode_ocpp_serial("0x00AB") == [0xAB]
     assert decode_ocpp_serial("01") == [1]
+
+
+def test_late_presign_never_overwrites_a_revocation(ctx: Context) -> None:
+    """The background pre-signer stores a fresh certificate's 'good' insert-only: a revocation that was
+    signed first (on_revoked hook) stays revoked."""
+    from tests.conftest import csr_pem
+
+    r = responder_for(ctx)
+    assert r.presigner.flush()
+    issued = ctx.engine.issue_from_csr("secc", csr_pem("DE*ICE*E9LATE", o="Test CPO", dc="CPO"), actor="test")
+    assert r.presigner.flush()
+    ctx.engine.revoke(issued.serial, "keyCompromise", issuer=issued.issuer)
+    r.presign_new(issued.issuer, [issued.serial])  # a pre-sign arriving late, after the revocation
+    with ctx.db.session() as s:
+        row = s.exec(select(OcspResponseCache).where(OcspResponseCache.issuer == issued.issuer,
+                                                     OcspResponseCache.serial == issued.serial)).one()
+    assert row.status == "revoked"

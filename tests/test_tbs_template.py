@@ -78,7 +78,7 @@ def test_template_issues_certificates_openssl_accepts(sqlite_ctx: Context) -> No
     assert b.cert.subject.rfc4514_string() == "DC=CPO,C=DE,O=ABC,CN=DE*ABC*E2"
 
 
-_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=64)
+_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=64)  # type: ignore[arg-type]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

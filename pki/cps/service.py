@@ -20,7 +20,14 @@ exiResponse to forward.
 from __future__ import annotations
 
 import re
+import threading
+import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC
+from functools import partial
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -125,20 +132,72 @@ def _pick_ca(ctx: Context, profile_names: set[str], ids: tuple[X509IssuerSerial,
     return None
 
 
+# Per-engine caches of what every installation looks up but rarely changes: the valid CPS leaves and the
+# eMSPs' display names. Kept CACHE_SECONDS at most, and dropped at once when this process revokes a
+# certificate (Engine.on_revoked), so a revoked CPS certificate is never used again by this process and
+# for at most CACHE_SECONDS by another one (the same bound as the engine's CA cache).
+CACHE_SECONDS = 5.0
+_CACHES: weakref.WeakKeyDictionary[Any, dict[str, tuple[float, Any]]] = weakref.WeakKeyDictionary()
+_CACHE_LOCK = threading.Lock()
+
+
+def _cache(ctx: Context) -> dict[str, tuple[float, Any]]:
+    c = _CACHES.get(ctx.engine)
+    if c is None:
+        with _CACHE_LOCK:
+            c = _CACHES.get(ctx.engine)
+            if c is None:
+                c = {}
+                _CACHES[ctx.engine] = c
+                ctx.engine.on_revoked.append(lambda _issuer, _serial: c.clear())
+    return c
+
+
+def _cached(ctx: Context, key: str, load: Callable[[], Any]) -> Any:
+    c = _cache(ctx)
+    hit = c.get(key)
+    now = time.monotonic()
+    if hit is not None and now - hit[0] < CACHE_SECONDS:
+        return hit[1]
+    value = load()
+    c[key] = (now, value)
+    return value
+
+
+def _cps_rows(ctx: Context) -> list[Certificate]:
+    now = utcnow()
+    with ctx.db.session() as s:
+        return list(s.exec(select(Certificate).where(
+            Certificate.profile == "cps-leaf", Certificate.status == "valid", col(Certificate.key_uri).is_not(None),
+            col(Certificate.not_after) > now).order_by(col(Certificate.not_after).desc())))
+
+
 def _cps_signer(ctx: Context, ids: tuple[X509IssuerSerial, ...]) -> tuple[Certificate, list[bytes]]:
     """The newest valid CPS leaf (key held in the HSM) whose V2G root the vehicle trusts."""
     now = utcnow()
-    with ctx.db.session() as s:
-        rows = list(s.exec(select(Certificate).where(
-            Certificate.profile == "cps-leaf", Certificate.status == "valid", col(Certificate.key_uri).is_not(None),
-            col(Certificate.not_after) > now).order_by(col(Certificate.not_after).desc())))
-    for row in rows:
+    for row in _cached(ctx, "cps-rows", lambda: _cps_rows(ctx)):
+        if row.not_after.replace(tzinfo=UTC) <= now:
+            continue
         root = ctx.engine.ca(_root_name(ctx, row.issuer))
         if _matches_root(root, ids):
-            chain = [c.public_bytes(serialization.Encoding.DER) for c in ctx.engine.chain(row.issuer)[:-1]]
-            return row, chain
+            return row, list(_cached(ctx, f"cps-chain:{row.issuer}", partial(_chain_der, ctx, row.issuer)))
     raise CPSFailure(ResponseCode.FAILED_NoCertificateAvailable,
                      "no CPS certificate chains to a V2G root the vehicle trusts")
+
+
+def _chain_der(ctx: Context, issuer: str) -> list[bytes]:
+    return [c.public_bytes(serialization.Encoding.DER) for c in ctx.engine.chain(issuer)[:-1]]
+
+
+def _org_display_name(ctx: Context, emsp: str) -> str:
+    def load() -> str:
+        from pki.store.models import Organization
+
+        with ctx.db.session() as s:
+            org = s.exec(select(Organization).where(Organization.name == emsp)).first()
+        return str((org.settings or {}).get("organization_name") or emsp) if org else emsp
+
+    return str(_cached(ctx, f"org:{emsp}", load))
 
 
 def _key_label(uri: str) -> str:
@@ -259,11 +318,7 @@ def build_delivery(ctx: Context, contract: Contract, vehicle_cert: x509.Certific
     # The contract key: generated here, used once to issue and once to wrap, never stored or logged.
     key = _contract_key()
     try:
-        with ctx.db.session() as s:
-            from pki.store.models import Organization
-
-            org = s.exec(select(Organization).where(Organization.name == contract.emsp)).first()
-        o_name = str((org.settings or {}).get("organization_name") or contract.emsp) if org else contract.emsp
+        o_name = _org_display_name(ctx, contract.emsp)
         subject = SubjectFields(cn=contract.emaid, o=o_name[:64], c=contract.emaid[:2], dc="MO")
         issued = ctx.engine.issue(IssueRequest(
             profile="contract", public_key=key.public_key(), subject=subject, identifier=contract.emaid,
