@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, insert, update
+from sqlalchemy import Table, bindparam, insert, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
 from pki.store.db import utcnow
-from pki.store.fast import BulkInsert
+from pki.store.fast import BulkInsert, Prepared
 from pki.store.models import AuditEvent, AuditHead
 
 GENESIS = "0" * 64
@@ -56,13 +56,17 @@ _INSERT_EVENTS = BulkInsert(_EVENT_TABLE, ("seq", "ts", "actor", "org", "action"
                                            "prev_hash", "hash"))
 
 
+_SET_HEAD = Prepared(update(_HEAD_TABLE).where(_HEAD_TABLE.c.id == 1)
+                     .values(seq=bindparam("b_seq"), hash=bindparam("b_hash")))
+_GET_HEAD = {False: Prepared(select(_HEAD_TABLE.c.seq, _HEAD_TABLE.c.hash).where(_HEAD_TABLE.c.id == 1)),
+             True: Prepared(select(_HEAD_TABLE.c.seq, _HEAD_TABLE.c.hash).where(_HEAD_TABLE.c.id == 1)
+                            .with_for_update())}
+
+
 def _lock_head(conn: Connection) -> tuple[int, str]:
     """The chain head (seq, hash), locked for the rest of the transaction: SELECT … FOR UPDATE on
     PostgreSQL; on SQLite the writer already holds the database lock (BEGIN IMMEDIATE, pki/store/db.py)."""
-    stmt = select(_HEAD_TABLE.c.seq, _HEAD_TABLE.c.hash).where(_HEAD_TABLE.c.id == 1)
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    row = conn.execute(stmt).first()
+    row: Any = _GET_HEAD[conn.dialect.name == "postgresql"].execute(conn, {}).first()
     if row is None:
         conn.execute(insert(_HEAD_TABLE).values(id=1, seq=0, hash=GENESIS))
         return 0, GENESIS
@@ -79,7 +83,13 @@ def append(session: Session, *entries: Entry) -> list[dict[str, Any]]:
         return []
     if session.new or session.dirty or session.deleted:
         session.flush()  # as the ORM query this replaced would have: constraint errors surface here, in order
-    conn = session.connection()
+    return append_conn(session.connection(), *entries)
+
+
+def append_conn(conn: Connection, *entries: Entry) -> list[dict[str, Any]]:
+    """:func:`append` on a plain connection, inside its transaction."""
+    if not entries:
+        return []
     seq, prev = _lock_head(conn)
     rows: list[dict[str, Any]] = []
     ts = utcnow()
@@ -91,7 +101,7 @@ def append(session: Session, *entries: Entry) -> list[dict[str, Any]]:
         row["hash"] = prev = chain_hash(prev, row)
         rows.append(row)
     _INSERT_EVENTS.execute(conn, rows)
-    conn.execute(update(_HEAD_TABLE).where(_HEAD_TABLE.c.id == 1).values(seq=seq, hash=prev))
+    _SET_HEAD.execute(conn, {"b_seq": seq, "b_hash": prev})
     return rows
 
 
