@@ -20,10 +20,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from fastapi import Depends, HTTPException, Request
 from sqlmodel import select
+from starlette.concurrency import run_in_threadpool
 
 from pki import audit
 from pki.context import Context
-from pki.orgs import Principal, Unauthenticated, authenticate_api_key, get_org, principal_of
+from pki.orgs import Principal, Unauthenticated, authenticate_api_key, cached_api_key_principal, get_org, principal_of
 from pki.store.db import utcnow
 from pki.store.models import Certificate
 
@@ -114,10 +115,15 @@ def _fail(ctx: Context, request: Request, reason: str) -> HTTPException:
     return HTTPException(401, reason, headers={"WWW-Authenticate": 'Bearer realm="v2gpki"'})
 
 
-def authenticate(request: Request, ctx: Annotated[Context, Depends(get_ctx)]) -> Principal:
-    cached = getattr(request.state, "principal", None)
-    if cached is not None:
-        return cached  # type: ignore[no-any-return]
+def _admit(request: Request, p: Principal) -> Principal:
+    wait = CLIENT_LIMIT.take(p.org)
+    if wait > 0:
+        raise HTTPException(429, "rate limit exceeded", headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+    request.state.principal = p
+    return p
+
+
+def _authenticate_sync(request: Request, ctx: Context) -> Principal:
     try:
         der = peer_certificate_der(request)
         if der is not None:
@@ -130,11 +136,24 @@ def authenticate(request: Request, ctx: Annotated[Context, Depends(get_ctx)]) ->
             p = authenticate_api_key(ctx.db, token.strip())
     except Unauthenticated as exc:
         raise _fail(ctx, request, exc.message) from None
-    wait = CLIENT_LIMIT.take(p.org)
-    if wait > 0:
-        raise HTTPException(429, "rate limit exceeded", headers={"Retry-After": str(max(1, int(wait + 0.999)))})
-    request.state.principal = p
-    return p
+    return _admit(request, p)
+
+
+async def authenticate(request: Request, ctx: Annotated[Context, Depends(get_ctx)]) -> Principal:
+    """Client certificate or Bearer API key. A key this process verified recently is answered from the
+    in-memory cache on the event loop (pki.orgs: bounded TTL, dropped on any key/org change); anything
+    that needs the database (first use of a key, client certificates, audit of a failure) runs in the
+    thread pool, so the event loop never blocks."""
+    cached = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    if peer_certificate_der(request) is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            p = cached_api_key_principal(ctx.db, token.strip())
+            if p is not None:
+                return _admit(request, p)
+    return await run_in_threadpool(_authenticate_sync, request, ctx)
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]

@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from pki.context import Context
 
 
-def get_ctx(request: Request) -> Context:
+async def get_ctx(request: Request) -> Context:
+    # async: a plain `def` dependency is run in the thread pool, a thread hop per request for an attribute read
     ctx: Context = request.app.state.ctx
     return ctx
 

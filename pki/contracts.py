@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
+from sqlalchemy import select as sa_select
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
@@ -26,6 +28,9 @@ from pki.names import normalise_emaid, normalise_pcid
 from pki.orgs import Principal, check_owns
 from pki.store.db import utcnow
 from pki.store.models import Certificate, CertificateAuthority, Contract, ProvisioningCertificate
+
+_CONTRACT = Contract.__table__  # type: ignore[attr-defined]
+_CERT = Certificate.__table__  # type: ignore[attr-defined]
 
 
 class BadCertificate(PKIError):
@@ -110,11 +115,12 @@ def terminate_contract(ctx: Context, p: Principal, emaid: str) -> tuple[Contract
 def default_contract_for(ctx: Context, pcid: str) -> Contract | None:
     v = normalise_pcid(pcid)
     now = utcnow()
-    with ctx.db.session() as s:
-        rows = list(s.exec(select(Contract).where(Contract.pcid == v, Contract.status == "active",
-                                                  col(Contract.valid_until) > now)
-                           .order_by(col(Contract.is_default).desc(), col(Contract.id).desc())))
-    return rows[0] if rows else None
+    # Core on a plain connection (every installation runs this; the ORM session cost more than the query).
+    with ctx.db.engine.connect() as conn:
+        row = conn.execute(sa_select(_CONTRACT).where(_CONTRACT.c.pcid == v, _CONTRACT.c.status == "active",
+                                                      _CONTRACT.c.valid_until > now)
+                           .order_by(_CONTRACT.c.is_default.desc(), _CONTRACT.c.id.desc()).limit(1)).first()
+    return Contract(**row._mapping) if row is not None else None
 
 
 # -- chain checks ------------------------------------------------------------------------------------
@@ -138,10 +144,49 @@ def verify_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def find_our_issuer(ctx: Context, cert: x509.Certificate) -> CertificateAuthority | None:
+    # Candidates by the issuer Name's DER (RFC 5280 §7.1 name matching is by value; our CAs' names are
+    # ours, byte-stable), then the signature decides. Reading the DER avoids building Name objects per
+    # CA per request; an unparsable TBS falls back to comparing Name objects.
+    want = _issuer_der(cert)
     for h in ctx.engine.cas():
-        if h.cert.subject == cert.issuer and verify_issued_by(cert, h.cert):
+        same = (_subject_der(h.cert) == want) if want is not None else (h.cert.subject == cert.issuer)
+        if same and verify_issued_by(cert, h.cert):
             return h.row
     return None
+
+
+def _name_at(tbs: bytes, index: int) -> bytes | None:
+    """The DER of the index-th field of a TBSCertificate counted after the optional [0] version."""
+    from pki.tbs import children
+
+    try:
+        (_, t0, t1), = children(tbs)
+        fields = children(tbs, t0, t1)
+        if fields and fields[0][0] == 0xA0:
+            fields = fields[1:]
+        tag, c0, c1 = fields[index]
+    except (ValueError, IndexError):
+        return None
+    hdr = 2 if c1 - c0 < 0x80 else 2 + ((c1 - c0).bit_length() + 7) // 8
+    return tbs[c0 - hdr:c1] if tag == 0x30 else None
+
+
+def _issuer_der(cert: x509.Certificate) -> bytes | None:
+    return _name_at(cert.tbs_certificate_bytes, 2)  # serial, signature, issuer (RFC 5280 §4.1)
+
+
+_SUBJECT_DER: dict[bytes, bytes | None] = {}
+
+
+def _subject_der(ca_cert: x509.Certificate) -> bytes | None:
+    key = ca_cert.fingerprint(hashes.SHA256())
+    v = _SUBJECT_DER.get(key, b"")
+    if v == b"":
+        v = _name_at(ca_cert.tbs_certificate_bytes, 4)  # serial, signature, issuer, validity, subject
+        if len(_SUBJECT_DER) > 10_000:
+            _SUBJECT_DER.clear()
+        _SUBJECT_DER[key] = v
+    return v
 
 
 _CA_REFRESH_SECONDS = 5.0
@@ -160,20 +205,22 @@ def _fresh_cas(ctx: Context) -> None:
         _last_ca_refresh[key] = now
 
 
-def chain_status(ctx: Context, cert: x509.Certificate, hierarchy: str) -> tuple[str, Certificate | None]:
+def chain_status(ctx: Context, cert: x509.Certificate, hierarchy: str) -> tuple[str, Any]:
     """Accepted | CertChainError | CertificateExpired | CertificateRevoked for one certificate issued by
     one of our CAs of the given hierarchy, walking its CA chain (every CA must be valid and not revoked).
 
-    One query (the certificate's own row); the CA chain comes from the engine's CA cache, whose status
-    column follows revocations of CA certificates (pki/issuance.py)."""
+    One query (the certificate's own status and validity, returned as the second element, or None); the
+    CA chain comes from the engine's CA cache, whose status column follows revocations of CA certificates
+    (pki/issuance.py)."""
     _fresh_cas(ctx)
     ca = find_our_issuer(ctx, cert)
     if ca is None or ca.hierarchy != hierarchy and not (hierarchy == "mo" and ca.hierarchy == "v2g"):
         return "CertChainError", None
     now = utcnow()
     serial = format(cert.serial_number, "x")
-    with ctx.db.session() as s:
-        row = s.exec(select(Certificate).where(Certificate.issuer == ca.name, Certificate.serial == serial)).first()
+    with ctx.db.engine.connect() as conn:
+        row = conn.execute(sa_select(_CERT.c.status, _CERT.c.not_before, _CERT.c.not_after)
+                           .where(_CERT.c.issuer == ca.name, _CERT.c.serial == serial)).first()
     if row is None:
         return "CertChainError", None
     if row.status != "valid":

@@ -182,6 +182,21 @@ for _model in (ApiKey, Organization):
         event.listen(_model, _ev, clear_auth_cache)
 
 
+def cached_api_key_principal(db: Database, presented: str) -> Principal | None:
+    """The principal of a key verified within the cache TTL, without touching the database; None when the
+    key must be checked (:func:`authenticate_api_key`)."""
+    ttl = _cache_ttl()
+    if ttl <= 0 or not presented.startswith(KEY_PREFIX + "_"):
+        return None
+    hit = _CACHE.get(_hash_secret(f"{db.url}\0{presented}"))
+    if hit is None:
+        return None
+    until, expires_at, principal = hit
+    if time.monotonic() < until and (expires_at is None or utcnow() < expires_at):
+        return principal
+    return None
+
+
 def authenticate_api_key(db: Database, presented: str, now: datetime | None = None) -> Principal:
     parts = presented.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX:

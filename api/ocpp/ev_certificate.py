@@ -86,7 +86,7 @@ def get_15118_ev_certificate(body: EvCertificateIn, ctx: CtxDep, p: PrincipalDep
     out: dict[str, Any] = {"status": "Accepted" if ok else "Failed", "exiResponse": b64}
     if not ok:
         out["statusInfo"] = {"reasonCode": str(d.response_code)[:20], "additionalInfo": "; ".join(d.notes)[:512]}
-    return out
+    return JSONResponse(out)  # plain strings: skip FastAPI's generic re-encoding of the returned value
 
 
 class ContractInstallIn(BaseModel):

@@ -88,8 +88,8 @@ def sign_certificate(body: SignCertificateIn, ctx: CtxDep, p: PrincipalDep) -> A
     if len(chain) > OCPP_CHAIN_MAX:
         # Cannot happen with ≤ 800-byte V2G certificates (3 × ~1.1 kB PEM); guard the schema limit anyway.
         return _rejected(422, CertificateTooLarge(f"certificate chain is {len(chain)} characters (> 10000)"))
-    return {"status": "Accepted", "certificateChain": chain, "certificateType": ctype,
-            "serialNumber": res.issued.serial.upper(), "issuer": res.issued.issuer}
+    return JSONResponse({"status": "Accepted", "certificateChain": chain, "certificateType": ctype,
+                         "serialNumber": res.issued.serial.upper(), "issuer": res.issued.issuer})
 
 
 def setup(app: FastAPI) -> None:
