@@ -52,9 +52,13 @@ def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
     )
     app.state.ctx = ctx
     app.state.startup_hooks = []
+    app.state.mounted_routers = set()  # router modules set up on this app (api/fastlane.py checks it)
     problems.install(app)
+    from api import fastlane
     from api.limits import BodyLimit
 
+    if fastlane.enabled():
+        app.add_middleware(fastlane.FastLane)  # innermost: inside the body limit and observability
     app.add_middleware(BodyLimit)
     from api import observability
 
@@ -75,4 +79,5 @@ def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
             log.warning("router module %s has no setup(app); skipped", modname)
             continue
         setup(app)
+        app.state.mounted_routers.add(modname)
     return app

@@ -7,6 +7,7 @@ pki/ and hsm/ raise typed errors; nothing else in api/ builds error bodies by ha
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,50 +32,72 @@ def problem(status: int, code: str, title: str, detail: str | None = None, **ext
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
+def _pki(exc: PKIError) -> JSONResponse:
+    status = exc.status if exc.status < 500 else 422 if exc.code == "lint-failed" else exc.status
+    return problem(status, exc.code, exc.code.replace("-", " ").capitalize(), exc.message)
+
+
+def _hsm_down(_exc: HSMUnavailable) -> JSONResponse:
+    return problem(503, "hsm-unavailable", "HSM unavailable", "the signing service is temporarily unavailable",
+                   retry_after=5)
+
+
+def _hsm_cfg(exc: HSMConfigError) -> JSONResponse:
+    log.error("HSM configuration error: %s", exc)
+    return problem(503, "hsm-unavailable", "HSM unavailable", "the signing service is misconfigured")
+
+
+def _hsm(exc: HSMError) -> JSONResponse:
+    log.error("HSM error: %s", type(exc).__name__)
+    return problem(503, "hsm-error", "HSM error")
+
+
+def _data(exc: DataError) -> JSONResponse:
+    # The database refused a value the client sent (PostgreSQL: a NUL byte in text, an integer out of
+    # range): the request is invalid, not the server. Logged, since a server-made value would be a bug.
+    log.warning("database refused a request value: %s", type(exc.orig).__name__ if exc.orig else exc)
+    return problem(400, "invalid-request", "Invalid request",
+                   "a value in the request cannot be stored or searched (NUL character or number out of range)")
+
+
+def _http(exc: StarletteHTTPException) -> JSONResponse:
+    code = {401: "unauthorized", 403: "forbidden", 404: "not-found", 405: "method-not-allowed",
+            413: "payload-too-large", 429: "rate-limited"}.get(exc.status_code, "http-error")
+    resp = problem(exc.status_code, code, code.replace("-", " ").capitalize(),
+                   exc.detail if isinstance(exc.detail, str) else None)
+    if exc.headers:
+        resp.headers.update(exc.headers)
+    return resp
+
+
+# Most specific first (HSMUnavailable and HSMConfigError are HSMErrors).
+_TYPED: list[tuple[type[Exception], Any]] = [
+    (PKIError, _pki), (HSMUnavailable, _hsm_down), (HSMConfigError, _hsm_cfg), (HSMError, _hsm),
+    (DataError, _data), (StarletteHTTPException, _http),
+]
+
+
+def response_for(exc: BaseException) -> JSONResponse | None:
+    """The problem response for a typed error, None for anything else (an unexpected error: a 500).
+    Used by the FastAPI exception handlers below and by api/fastlane.py, so both answer alike."""
+    for cls, fn in _TYPED:
+        if isinstance(exc, cls):
+            return fn(exc)  # type: ignore[no-any-return]
+    return None
+
+
 def install(app: FastAPI) -> None:
-    @app.exception_handler(PKIError)
-    async def _pki(_: Request, exc: PKIError) -> JSONResponse:
-        status = exc.status if exc.status < 500 else 422 if exc.code == "lint-failed" else exc.status
-        return problem(status, exc.code, exc.code.replace("-", " ").capitalize(), exc.message)
+    for cls, fn in _TYPED:
+        async def handler(_: Request, exc: Exception, fn: Any = fn) -> JSONResponse:
+            return fn(exc)  # type: ignore[no-any-return]
 
-    @app.exception_handler(HSMUnavailable)
-    async def _hsm_down(_: Request, exc: HSMUnavailable) -> JSONResponse:
-        return problem(503, "hsm-unavailable", "HSM unavailable", "the signing service is temporarily unavailable",
-                       retry_after=5)
-
-    @app.exception_handler(HSMConfigError)
-    async def _hsm_cfg(_: Request, exc: HSMConfigError) -> JSONResponse:
-        log.error("HSM configuration error: %s", exc)
-        return problem(503, "hsm-unavailable", "HSM unavailable", "the signing service is misconfigured")
-
-    @app.exception_handler(HSMError)
-    async def _hsm(_: Request, exc: HSMError) -> JSONResponse:
-        log.error("HSM error: %s", type(exc).__name__)
-        return problem(503, "hsm-error", "HSM error")
+        app.add_exception_handler(cls, handler)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
         return problem(422, "invalid-request", "Invalid request", "the request body or parameters are invalid",
                        errors=errors)
-
-    @app.exception_handler(DataError)
-    async def _data(_: Request, exc: DataError) -> JSONResponse:
-        # The database refused a value the client sent (PostgreSQL: a NUL byte in text, an integer out of
-        # range): the request is invalid, not the server. Logged, since a server-made value would be a bug.
-        log.warning("database refused a request value: %s", type(exc.orig).__name__ if exc.orig else exc)
-        return problem(400, "invalid-request", "Invalid request",
-                       "a value in the request cannot be stored or searched (NUL character or number out of range)")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {401: "unauthorized", 403: "forbidden", 404: "not-found", 405: "method-not-allowed",
-                413: "payload-too-large", 429: "rate-limited"}.get(exc.status_code, "http-error")
-        resp = problem(exc.status_code, code, code.replace("-", " ").capitalize(),
-                       exc.detail if isinstance(exc.detail, str) else None)
-        if exc.headers:
-            resp.headers.update(exc.headers)
-        return resp
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

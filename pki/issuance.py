@@ -626,7 +626,10 @@ class Engine:
             self._fail_intents(intents[len(issued):], exc)
             raise
         done = utcnow()
-        with self.db.engine.begin() as conn:
+        # The certificate transaction runs on an ORM session's connection: its transactional hooks write
+        # ORM rows (outbox) and register after-commit callbacks (metrics), which need the session's commit.
+        with self.db.session() as s:
+            conn = s.connection()
             _INSERT_CERTS.execute(conn, [
                 {"issuer": i.issuer, "serial": i.serial, "profile": i.profile, "subject": p.subject,
                  "identifier": p.req.identifier, "tenant": p.req.tenant,
@@ -642,14 +645,11 @@ class Engine:
                             details={"profile": i.profile, "identifier": p.req.identifier})
                 for p, i in zip(preps, issued, strict=True)
             ])
-            if extra is not None or self.tx_on_issued:
-                # Hooks write ORM rows (outbox events) in this same transaction: a session joined to it.
-                with Session(bind=conn, expire_on_commit=False) as s:
-                    if extra is not None:
-                        extra(s, issued)
-                    for tx_hook in self.tx_on_issued:
-                        tx_hook(s, issued)
-                    s.flush()
+            if extra is not None:
+                extra(s, issued)
+            for tx_hook in self.tx_on_issued:
+                tx_hook(s, issued)
+            s.commit()
         for hook in self.on_issued:
             hook(issued)
         return issued

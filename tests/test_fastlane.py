@@ -1,0 +1,106 @@
+"""The lean ASGI lane (api/fastlane.py) answers exactly as the FastAPI routes do, and hands everything it
+does not own (first use of a key, invalid bodies, idempotent retries) to FastAPI untouched."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from cryptography import x509
+from fastapi.testclient import TestClient
+
+from api import fastlane
+from api.app import create_app
+from pki.context import Context
+from pki.orgs import create_api_key, create_org
+from tests.conftest import csr_pem
+
+
+@dataclass
+class Env:
+    client: TestClient
+    key: str
+    op: str
+
+
+@pytest.fixture(scope="module")
+def env(ctx: Context) -> Iterator[Env]:
+    tag = secrets.token_hex(3)
+    op = "DE*" + "".join(secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(3))
+    create_org(ctx.db, f"lane-{tag}", "cpo", [op])
+    key = create_api_key(ctx.db, f"lane-{tag}")[0]
+    with TestClient(create_app(ctx)) as client:
+        yield Env(client, key, op)
+
+
+def _auth(e: Env) -> dict[str, str]:
+    return {"Authorization": f"Bearer {e.key}"}
+
+
+def _evse(e: Env) -> str:
+    return f"{e.op}*E{secrets.token_hex(3).upper()}"
+
+
+def test_lane_answers_enrollments_like_the_route(env: Env) -> None:
+    first = env.client.post("/v1/enrollments", json={"csr": csr_pem(_evse(env), dc="CPO").decode(),
+                                                     "profile": "secc"}, headers=_auth(env))
+    assert first.status_code == 201, first.text  # first use of the key: FastAPI authenticates and caches
+    before = fastlane.ANSWERED[0]
+    evse = _evse(env)
+    second = env.client.post("/v1/enrollments", json={"csr": csr_pem(evse, dc="CPO").decode(), "profile": "secc"},
+                             headers=_auth(env))
+    assert second.status_code == 201, second.text
+    assert fastlane.ANSWERED[0] == before + 1, "the lane did not answer a cached-key enrollment"
+    assert set(second.json()) == set(first.json())
+    leaf = x509.load_pem_x509_certificate(second.json()["certificate"].encode())
+    assert leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == evse.replace("*", "*")
+    assert second.headers.get("x-request-id")  # observability still wraps the lane
+
+
+def test_lane_errors_are_the_same_problems(env: Env) -> None:
+    env.client.get("/v1/me", headers=_auth(env))  # make sure the key is cached
+    before = fastlane.ANSWERED[0]
+    # Another operator's EVSEID: 403 problem, nothing stored (pki.enrollment raises Forbidden).
+    r = env.client.post("/v1/enrollments", json={"csr": csr_pem("DE*ZZZ*E1", dc="CPO").decode(), "profile": "secc"},
+                        headers=_auth(env))
+    assert r.status_code == 403 and r.headers["content-type"].startswith("application/problem+json"), r.text
+    assert r.json()["type"].endswith("/forbidden")
+    # Garbage CSR: the typed error becomes the same 4xx problem as through FastAPI.
+    bad = env.client.post("/v1/enrollments", json={"csr": "not a csr", "profile": "secc"}, headers=_auth(env))
+    assert bad.status_code == 400 and bad.json()["type"].endswith("/bad-csr"), bad.text
+    assert fastlane.ANSWERED[0] == before  # errors are not counted as answers
+    with_lane_off = env.client.post("/v1/enrollments", json={"csr": "not a csr", "profile": "secc"},
+                                    headers={**_auth(env), "Idempotency-Key": secrets.token_hex(8)})
+    assert with_lane_off.status_code == bad.status_code and with_lane_off.json()["type"] == bad.json()["type"]
+
+
+def test_lane_hands_invalid_bodies_and_idempotent_retries_to_fastapi(env: Env) -> None:
+    env.client.get("/v1/me", headers=_auth(env))
+    before = fastlane.ANSWERED[0]
+    r = env.client.post("/v1/enrollments", json={"csr": "x"}, headers=_auth(env))  # no profile
+    assert r.status_code == 422 and r.json()["errors"], r.text  # FastAPI's validation problem, with details
+    key = secrets.token_hex(8)
+    body = {"csr": csr_pem(_evse(env), dc="CPO").decode(), "profile": "secc"}
+    a = env.client.post("/v1/enrollments", json=body, headers={**_auth(env), "Idempotency-Key": key})
+    b = env.client.post("/v1/enrollments", json=body, headers={**_auth(env), "Idempotency-Key": key})
+    assert a.status_code == 201 and b.status_code == 200 and a.json()["serial"] == b.json()["serial"]
+    assert fastlane.ANSWERED[0] == before
+    unauth = env.client.post("/v1/enrollments", json=body, headers={"Authorization": "Bearer v2k_nope_nope"})
+    assert unauth.status_code == 401
+
+
+def test_lane_answers_ocpp_sign_certificate(env: Env) -> None:
+    env.client.get("/v1/me", headers=_auth(env))
+    before = fastlane.ANSWERED[0]
+    ok = env.client.post("/ocpp/v201/sign-certificate",
+                         json={"csr": csr_pem(_evse(env), dc="CPO").decode(), "certificateType": "V2GCertificate"},
+                         headers=_auth(env))
+    assert ok.status_code == 200 and ok.json()["status"] == "Accepted", ok.text
+    assert ok.json()["certificateChain"].count("BEGIN CERTIFICATE") == 3  # leaf, Sub-CA 2, Sub-CA 1
+    rej = env.client.post("/ocpp/v201/sign-certificate", json={"csr": "garbage", "certificateType": "V2GCertificate"},
+                          headers=_auth(env))
+    assert rej.status_code == 400 and rej.json()["ocppStatus"] == "Rejected", rej.text
+    assert rej.json()["statusInfo"]["reasonCode"] == "InvalidCSR"
+    assert fastlane.ANSWERED[0] >= before + 1
