@@ -249,7 +249,7 @@ def install_hooks(ctx: Context) -> Lifecycle:
         lc = Lifecycle(pol, settings, lc_engine, extra)
 
         def tx_issued(s: Session, issued: list[Issued]) -> None:
-            cas = [i for i in issued if _is_ca_cert(i.cert)]
+            cas = [i for i in issued if _is_ca_issued(i, lc_engine.profiles)]
             if cas:
                 s.add(OutboxEvent(kind="ca.changed", created_at=utcnow(), payload={
                     "cas": [{"issuer": i.issuer, "serial": i.serial, "profile": i.profile,
@@ -267,7 +267,7 @@ def install_hooks(ctx: Context) -> Lifecycle:
                              "subject": cert.subject}], "change": "revoked"}))
 
         def kick_issued(issued: list[Issued]) -> None:
-            if any(_is_ca_cert(i.cert) for i in issued):  # only CA changes wrote an outbox row
+            if any(_is_ca_issued(i, lc_engine.profiles) for i in issued):  # only CA changes wrote an outbox row
                 kick()
 
         def kick(*_a: object) -> None:
@@ -287,6 +287,15 @@ def install_hooks(ctx: Context) -> Lifecycle:
         lc_engine.on_revoked = eng.on_revoked
         _LIFECYCLES[ctx.engine] = lc
         return lc
+
+
+def _is_ca_issued(i: Issued, profiles: ProfileSet) -> bool:
+    """Whether an issued certificate is a CA's: from its profile (the engine built BasicConstraints from
+    it), parsing the extensions only for a profile this engine does not know."""
+    try:
+        return profiles.get(i.profile).ca
+    except PKIError:
+        return _is_ca_cert(i.cert)
 
 
 def _is_ca_cert(cert: x509.Certificate) -> bool:

@@ -19,6 +19,7 @@ exiResponse to forward.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -84,6 +85,7 @@ class Delivery:
     notes: list[str] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=4096)
 def _norm_name(s: str) -> frozenset[str]:
     """Issuer names arrive in different renderings (RFC 2253/4514, Python str(Name), OpenSSL one-line):
     compare as a set of normalised 'type=value' pairs. Python's str(Name) is repr-like,
@@ -104,8 +106,21 @@ def _norm_name(s: str) -> frozenset[str]:
     return frozenset(out)
 
 
+_SUBJECTS: dict[bytes, str] = {}
+
+
+def _subject_text(h: CAHandle) -> str:
+    """The CA's subject as RFC 4514 text, once per CA certificate (every installation compares it)."""
+    text = _SUBJECTS.get(h.row.der)
+    if text is None:
+        if len(_SUBJECTS) > 1000:
+            _SUBJECTS.clear()
+        text = _SUBJECTS[h.row.der] = h.cert.subject.rfc4514_string()
+    return text
+
+
 def _matches_root(root: CAHandle, ids: tuple[X509IssuerSerial, ...]) -> bool:
-    want = _norm_name(root.cert.subject.rfc4514_string())
+    want = _norm_name(_subject_text(root))
     for rid in ids:
         if rid.serial_number == root.cert.serial_number and (
             _norm_name(rid.issuer_name) == want or not rid.issuer_name
