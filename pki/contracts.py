@@ -14,7 +14,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
 from sqlalchemy import select as sa_select
 from sqlalchemy import update
@@ -24,6 +24,7 @@ from sqlmodel import col, select
 from pki import audit
 from pki.context import Context
 from pki.errors import BadSubject, Conflict, NotFound, PKIError
+from pki.issuance import CAHandle
 from pki.names import normalise_emaid, normalise_pcid
 from pki.orgs import Principal, check_owns
 from pki.store.db import utcnow
@@ -116,7 +117,7 @@ def default_contract_for(ctx: Context, pcid: str) -> Contract | None:
     v = normalise_pcid(pcid)
     now = utcnow()
     # Core on a plain connection (every installation runs this; the ORM session cost more than the query).
-    with ctx.db.engine.connect() as conn:
+    with ctx.db.autocommit.connect() as conn:
         row = conn.execute(sa_select(_CONTRACT).where(_CONTRACT.c.pcid == v, _CONTRACT.c.status == "active",
                                                       _CONTRACT.c.valid_until > now)
                            .order_by(_CONTRACT.c.is_default.desc(), _CONTRACT.c.id.desc()).limit(1)).first()
@@ -149,7 +150,7 @@ def find_our_issuer(ctx: Context, cert: x509.Certificate) -> CertificateAuthorit
     # CA per request; an unparsable TBS falls back to comparing Name objects.
     want = _issuer_der(cert)
     for h in ctx.engine.cas():
-        same = (_subject_der(h.cert) == want) if want is not None else (h.cert.subject == cert.issuer)
+        same = (_subject_der(h) == want) if want is not None else (h.cert.subject == cert.issuer)
         if same and verify_issued_by(cert, h.cert):
             return h.row
     return None
@@ -175,17 +176,12 @@ def _issuer_der(cert: x509.Certificate) -> bytes | None:
     return _name_at(cert.tbs_certificate_bytes, 2)  # serial, signature, issuer (RFC 5280 §4.1)
 
 
-_SUBJECT_DER: dict[bytes, bytes | None] = {}
-
-
-def _subject_der(ca_cert: x509.Certificate) -> bytes | None:
-    key = ca_cert.fingerprint(hashes.SHA256())
-    v = _SUBJECT_DER.get(key, b"")
+def _subject_der(h: CAHandle) -> bytes | None:
+    """The CA certificate's subject DER, kept on its (cached) handle."""
+    v: bytes | None = getattr(h, "_v2gpki_subject_der", b"")
     if v == b"":
-        v = _name_at(ca_cert.tbs_certificate_bytes, 4)  # serial, signature, issuer, validity, subject
-        if len(_SUBJECT_DER) > 10_000:
-            _SUBJECT_DER.clear()
-        _SUBJECT_DER[key] = v
+        v = _name_at(h.cert.tbs_certificate_bytes, 4)  # serial, signature, issuer, validity, subject
+        h._v2gpki_subject_der = v  # type: ignore[attr-defined]
     return v
 
 
@@ -218,7 +214,7 @@ def chain_status(ctx: Context, cert: x509.Certificate, hierarchy: str) -> tuple[
         return "CertChainError", None
     now = utcnow()
     serial = format(cert.serial_number, "x")
-    with ctx.db.engine.connect() as conn:
+    with ctx.db.autocommit.connect() as conn:
         row = conn.execute(sa_select(_CERT.c.status, _CERT.c.not_before, _CERT.c.not_after)
                            .where(_CERT.c.issuer == ca.name, _CERT.c.serial == serial)).first()
     if row is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -10,9 +12,11 @@ from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlmodel import Session
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+_READER_LOCK = threading.Lock()
 
 
 def utcnow() -> datetime:
@@ -34,11 +38,37 @@ class Database:
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
-            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+            kwargs.update(pool_size=10, max_overflow=20)
         self.engine: Engine = create_engine(self.url, **kwargs)
+        self._reader: Engine | None = None
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin_immediate)
+        else:
+            event.listen(self.engine, "checkout", _ping_if_idle)
+            event.listen(self.engine, "checkin", _mark_checkin)
+
+    @property
+    def autocommit(self) -> Engine:
+        """An engine whose statements each commit on their own: for single SELECTs (no BEGIN/ROLLBACK round
+        trips around them on PostgreSQL — measured 0.6 vs 1.6–2.1 ms per query here — and no write lock on
+        SQLite, whose service engine opens every transaction with BEGIN IMMEDIATE; WAL readers need none)
+        and for single statements that are atomic by themselves (one multi-row INSERT). Anything that must
+        read and write consistently uses :meth:`session` / ``engine.begin()``."""
+        eng = self._reader
+        if eng is None:
+            with _READER_LOCK:
+                eng = self._reader
+                if eng is None:
+                    if self.is_sqlite:
+                        eng = create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30})
+                        event.listen(eng, "connect", _sqlite_pragmas)
+                    else:
+                        eng = create_engine(self.url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=15)
+                        event.listen(eng, "checkout", _ping_if_idle)
+                        event.listen(eng, "checkin", _mark_checkin)
+                    self._reader = eng
+        return eng
 
     @property
     def is_sqlite(self) -> bool:
@@ -62,10 +92,41 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._reader is not None:
+            self._reader.dispose()
 
     def after_fork(self) -> None:
         """Drop pooled connections inherited from a parent process (never share a socket)."""
         self.engine.dispose(close=False)
+        if self._reader is not None:
+            self._reader.dispose(close=False)
+
+
+# Pessimistic disconnect handling (SQLAlchemy "pool_pre_ping") costs a round trip on every checkout, and a
+# contract installation checks a connection out four or five times. A connection that was used within
+# PING_IDLE_SECONDS is handed out as is; an idle one is pinged first, and a failed ping makes the pool
+# replace it (DisconnectionError: SQLAlchemy's documented custom pre-ping) — so a database restart still
+# costs no request an error once connections have sat idle, while a busy pool skips the ping.
+PING_IDLE_SECONDS = 5.0
+
+
+def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+    last = record.info.get("v2gpki_checkin")
+    if last is None or time.monotonic() - last < PING_IDLE_SECONDS:
+        return  # a new connection, or one in use a moment ago
+    try:
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute("SELECT 1")
+        finally:
+            cur.close()
+        dbapi_conn.rollback()
+    except Exception as exc:  # noqa: BLE001 - any failure means: give me another connection
+        raise DisconnectionError(f"stale pooled connection: {type(exc).__name__}") from exc
+
+
+def _mark_checkin(_dbapi_conn: Any, record: Any) -> None:
+    record.info["v2gpki_checkin"] = time.monotonic()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
