@@ -90,6 +90,17 @@ def append_conn(conn: Connection, *entries: Entry) -> list[dict[str, Any]]:
     """:func:`append` on a plain connection, inside its transaction."""
     if not entries:
         return []
+    rows, statements = prepare_append(conn, *entries)
+    for stmt, params in statements:
+        stmt.execute(conn, params)
+    return rows
+
+
+def prepare_append(conn: Connection, *entries: Entry) -> tuple[list[dict[str, Any]],
+                                                              list[tuple[Prepared, list[dict[str, Any]]]]]:
+    """Lock the chain head now and return the events' rows and the statements that write them (event
+    INSERT, head UPDATE), for a caller that sends them together with its own writes (one PostgreSQL
+    pipeline, pki/issuance.py). They must run in this same transaction."""
     seq, prev = _lock_head(conn)
     rows: list[dict[str, Any]] = []
     ts = utcnow()
@@ -100,9 +111,7 @@ def append_conn(conn: Connection, *entries: Entry) -> list[dict[str, Any]]:
                                "prev_hash": prev}
         row["hash"] = prev = chain_hash(prev, row)
         rows.append(row)
-    _INSERT_EVENTS.execute(conn, rows)
-    _SET_HEAD.execute(conn, {"b_seq": seq, "b_hash": prev})
-    return rows
+    return rows, [(_INSERT_EVENTS, rows), (_SET_HEAD, [{"b_seq": seq, "b_hash": prev}])]
 
 
 @dataclass

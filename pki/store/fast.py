@@ -39,6 +39,16 @@ class Prepared:
             self._by_dialect[dialect.name] = p
         return p
 
+    def bind(self, dialect: Dialect, rows: Sequence[dict[str, Any]] | dict[str, Any]) -> tuple[str, list[Any]]:
+        """(SQL in the driver's paramstyle, driver parameters per row) — what :meth:`execute` sends."""
+        sql, positional, names, procs, defaults = self._compiled(dialect)
+        batch: Sequence[dict[str, Any]] = [rows] if isinstance(rows, dict) else rows
+        values = [[r[k] if k in r else d for k, d in zip(names, defaults, strict=True)] for r in batch]
+        if positional:
+            return sql, [tuple(v if f is None else f(v) for f, v in zip(procs, vs, strict=True)) for vs in values]
+        return sql, [{k: (v if f is None else f(v)) for k, f, v in zip(names, procs, vs, strict=True)}
+                     for vs in values]
+
     def execute(self, conn: Connection, rows: Sequence[dict[str, Any]] | dict[str, Any]) -> CursorResult[Any]:
         sql, positional, names, procs, defaults = self._compiled(conn.dialect)
         batch: Sequence[dict[str, Any]] = [rows] if isinstance(rows, dict) else rows
@@ -66,4 +76,21 @@ class BulkInsert(Prepared):
         return super().execute(conn, rows)
 
 
-__all__ = ["BulkInsert", "Prepared"]
+def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence[dict[str, Any]]]]) -> None:
+    """Run write statements (no results needed) in the connection's transaction. On PostgreSQL they go in
+    one psycopg pipeline: one network round trip for all of them instead of one each (libpq pipeline
+    mode; an error aborts the transaction and is raised here, as it would be statement by statement)."""
+    statements = [(p, rows) for p, rows in statements if rows]
+    if conn.dialect.name != "postgresql":
+        for p, rows in statements:
+            p.execute(conn, rows)
+        return
+    raw: Any = conn.connection.driver_connection
+    with raw.pipeline():
+        cur = raw.cursor()
+        for p, rows in statements:
+            sql, params = p.bind(conn.dialect, rows)
+            cur.executemany(sql, params)
+
+
+__all__ = ["BulkInsert", "Prepared", "run_together"]
