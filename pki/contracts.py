@@ -16,8 +16,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
+from sqlalchemy import bindparam, update
 from sqlalchemy import select as sa_select
-from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
@@ -28,10 +28,28 @@ from pki.issuance import CAHandle
 from pki.names import normalise_emaid, normalise_pcid
 from pki.orgs import Principal, check_owns
 from pki.store.db import utcnow
+from pki.store.fast import Prepared
 from pki.store.models import Certificate, CertificateAuthority, Contract, ProvisioningCertificate
 
 _CONTRACT = Contract.__table__  # type: ignore[attr-defined]
 _CERT = Certificate.__table__  # type: ignore[attr-defined]
+_CONTRACT_COLS = tuple(c.name for c in _CONTRACT.columns)
+# The two lookups every contract installation makes, prepared once (pki/store/fast.py).
+_DEFAULT_CONTRACT = Prepared(
+    sa_select(*_CONTRACT.columns)
+    .where(_CONTRACT.c.pcid == bindparam("b_pcid"), _CONTRACT.c.status == "active",
+           _CONTRACT.c.valid_until > bindparam("b_now", type_=_CONTRACT.c.valid_until.type))
+    .order_by(_CONTRACT.c.is_default.desc(), _CONTRACT.c.id.desc()).limit(1))
+_CERT_STATUS = Prepared(
+    sa_select(_CERT.c.status, _CERT.c.not_before, _CERT.c.not_after)
+    .where(_CERT.c.issuer == bindparam("b_issuer"), _CERT.c.serial == bindparam("b_serial")))
+
+
+@dataclass
+class _StatusRow:
+    status: str
+    not_before: datetime
+    not_after: datetime
 
 
 class BadCertificate(PKIError):
@@ -118,10 +136,8 @@ def default_contract_for(ctx: Context, pcid: str) -> Contract | None:
     now = utcnow()
     # Core on a plain connection (every installation runs this; the ORM session cost more than the query).
     with ctx.db.autocommit.connect() as conn:
-        row = conn.execute(sa_select(_CONTRACT).where(_CONTRACT.c.pcid == v, _CONTRACT.c.status == "active",
-                                                      _CONTRACT.c.valid_until > now)
-                           .order_by(_CONTRACT.c.is_default.desc(), _CONTRACT.c.id.desc()).limit(1)).first()
-    return Contract(**row._mapping) if row is not None else None
+        rows = _DEFAULT_CONTRACT.fetch(conn, {"b_pcid": v, "b_now": now})
+    return Contract(**dict(zip(_CONTRACT_COLS, rows[0], strict=True))) if rows else None
 
 
 # -- chain checks ------------------------------------------------------------------------------------
@@ -215,8 +231,8 @@ def chain_status(ctx: Context, cert: x509.Certificate, hierarchy: str) -> tuple[
     now = utcnow()
     serial = format(cert.serial_number, "x")
     with ctx.db.autocommit.connect() as conn:
-        row = conn.execute(sa_select(_CERT.c.status, _CERT.c.not_before, _CERT.c.not_after)
-                           .where(_CERT.c.issuer == ca.name, _CERT.c.serial == serial)).first()
+        found = _CERT_STATUS.fetch(conn, {"b_issuer": ca.name, "b_serial": serial})
+    row = _StatusRow(*found[0]) if found else None
     if row is None:
         return "CertChainError", None
     if row.status != "valid":

@@ -26,6 +26,7 @@ class Prepared:
     def __init__(self, stmt: Executable) -> None:
         self.stmt = stmt
         self._by_dialect: dict[str, _Compiled] = {}
+        self._result_procs: dict[str, tuple[Callable[[Any], Any] | None, ...]] = {}
 
     def _compiled(self, dialect: Dialect) -> _Compiled:
         p = self._by_dialect.get(dialect.name)
@@ -48,6 +49,19 @@ class Prepared:
             return sql, [tuple(v if f is None else f(v) for f, v in zip(procs, vs, strict=True)) for vs in values]
         return sql, [{k: (v if f is None else f(v)) for k, f, v in zip(names, procs, vs, strict=True)}
                      for vs in values]
+
+    def fetch(self, conn: Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Rows of a SELECT, each value through its column type's result processor (as Core would: UTC
+        datetimes, JSON, ...). Building and caching the statement once saves what Core spends per call
+        constructing the expression and its cache key (≈ 1 ms of a contract installation's lookups)."""
+        dialect = conn.dialect
+        rprocs = self._result_procs.get(dialect.name)
+        if rprocs is None:
+            rprocs = tuple(c.type._cached_result_processor(dialect, None)
+                           for c in self.stmt.selected_columns)  # type: ignore[attr-defined]
+            self._result_procs[dialect.name] = rprocs
+        rows = self.execute(conn, params).fetchall()
+        return [tuple(v if f is None else f(v) for f, v in zip(rprocs, r, strict=True)) for r in rows]
 
     def execute(self, conn: Connection, rows: Sequence[dict[str, Any]] | dict[str, Any]) -> CursorResult[Any]:
         sql, positional, names, procs, defaults = self._compiled(conn.dialect)
