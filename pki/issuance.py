@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
@@ -36,7 +36,7 @@ from pki.lint import MAX_SIG_LEN, lint_profile, pkilinter, shape_key, size_bound
 from pki.profiles import Profile, ProfileSet
 from pki.serials import new_serial, to_hex
 from pki.store.db import Database, utcnow
-from pki.store.fast import BulkInsert, Prepared, run_together
+from pki.store.fast import BulkInsert, MultiRowInsert, Prepared, run_together
 from pki.store.models import Certificate, CertificateAuthority, IssuanceIntent
 from pki.tbs import TbsTemplate, TemplateInputs, rfc4514
 
@@ -597,7 +597,7 @@ class Engine:
         # HTTP load, where those round trips were most of its database time).
         with self.db.autocommit.connect() as conn:
             for k in range(0, len(intents), 500):  # bound the statement's parameters (drivers' limits)
-                conn.execute(insert(_INTENT_TABLE).values(intents[k:k + 500]))
+                _INSERT_INTENTS.execute(conn, intents[k:k + 500])
         issued: list[Issued] = []
         chains: dict[str, list[x509.Certificate]] = {}
         try:
@@ -770,6 +770,8 @@ _INSERT_CERTS = BulkInsert(_CERT_TABLE, ("issuer", "serial", "profile", "subject
                                          "fingerprint", "der", "created_at"))
 
 
+_INSERT_INTENTS = MultiRowInsert(_INTENT_TABLE, ("issuer", "serial", "profile", "subject", "tbs_sha256", "state",
+                                                 "error", "created_at", "completed_at"))
 _MARK_INTENTS = Prepared(
     update(_INTENT_TABLE)
     .where(_INTENT_TABLE.c.issuer == bindparam("b_issuer"), _INTENT_TABLE.c.serial == bindparam("b_serial"))

@@ -90,6 +90,30 @@ class BulkInsert(Prepared):
         return super().execute(conn, rows)
 
 
+class MultiRowInsert:
+    """ONE ``INSERT … VALUES (…), (…), …`` statement for n rows (atomic by itself, one round trip), compiled
+    once per row count and dialect: Core's ``insert().values([...])`` re-compiles its n × columns bind
+    parameters on every call (≈ 24 ms for 64 rows here)."""
+
+    def __init__(self, table: Table, columns: Sequence[str]) -> None:
+        self.table = table
+        self.columns = tuple(columns)
+        self._by_n: dict[int, Prepared] = {}
+
+    def execute(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        n = len(rows)
+        if n == 0:
+            return
+        p = self._by_n.get(n)
+        if p is None:
+            t = self.table
+            p = Prepared(insert(t).values([{c: bindparam(f"{c}_{i}", type_=t.c[c].type) for c in self.columns}
+                                           for i in range(n)]))
+            if len(self._by_n) < 600:
+                self._by_n[n] = p
+        p.execute(conn, {f"{c}_{i}": r[c] for i, r in enumerate(rows) for c in self.columns})
+
+
 def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence[dict[str, Any]]]]) -> None:
     """Run write statements (no results needed) in the connection's transaction. On PostgreSQL they go in
     one psycopg pipeline: one network round trip for all of them instead of one each (libpq pipeline
@@ -107,4 +131,4 @@ def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence
             cur.executemany(sql, params)
 
 
-__all__ = ["BulkInsert", "Prepared", "run_together"]
+__all__ = ["BulkInsert", "MultiRowInsert", "Prepared", "run_together"]
