@@ -23,8 +23,8 @@ from sqlmodel import col, select
 
 from pki import audit
 from pki.context import Context
+from pki.der import tbs_field
 from pki.errors import BadSubject, Conflict, NotFound, PKIError
-from pki.issuance import CAHandle
 from pki.names import normalise_emaid, normalise_pcid
 from pki.orgs import Principal, check_owns
 from pki.store.db import utcnow
@@ -166,39 +166,14 @@ def find_our_issuer(ctx: Context, cert: x509.Certificate) -> CertificateAuthorit
     # CA per request; an unparsable TBS falls back to comparing Name objects.
     want = _issuer_der(cert)
     for h in ctx.engine.cas():
-        same = (_subject_der(h) == want) if want is not None else (h.cert.subject == cert.issuer)
+        same = (h.subject_der == want) if want is not None else (h.cert.subject == cert.issuer)
         if same and verify_issued_by(cert, h.cert):
             return h.row
     return None
 
 
-def _name_at(tbs: bytes, index: int) -> bytes | None:
-    """The DER of the index-th field of a TBSCertificate counted after the optional [0] version."""
-    from pki.tbs import children
-
-    try:
-        (_, t0, t1), = children(tbs)
-        fields = children(tbs, t0, t1)
-        if fields and fields[0][0] == 0xA0:
-            fields = fields[1:]
-        tag, c0, c1 = fields[index]
-    except (ValueError, IndexError):
-        return None
-    hdr = 2 if c1 - c0 < 0x80 else 2 + ((c1 - c0).bit_length() + 7) // 8
-    return tbs[c0 - hdr:c1] if tag == 0x30 else None
-
-
 def _issuer_der(cert: x509.Certificate) -> bytes | None:
-    return _name_at(cert.tbs_certificate_bytes, 2)  # serial, signature, issuer (RFC 5280 §4.1)
-
-
-def _subject_der(h: CAHandle) -> bytes | None:
-    """The CA certificate's subject DER, kept on its (cached) handle."""
-    v: bytes | None = getattr(h, "_v2gpki_subject_der", b"")
-    if v == b"":
-        v = _name_at(h.cert.tbs_certificate_bytes, 4)  # serial, signature, issuer, validity, subject
-        h._v2gpki_subject_der = v  # type: ignore[attr-defined]
-    return v
+    return tbs_field(cert.tbs_certificate_bytes, 2)  # serial, signature, issuer (RFC 5280 §4.1)
 
 
 _CA_REFRESH_SECONDS = 5.0

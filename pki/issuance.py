@@ -31,6 +31,7 @@ from sqlmodel import Session, select
 from hsm.keystore import KeyAlg, KeyStore, PrivateKey, PublicKey
 from pki import audit
 from pki.csr import CheckedRequest, SubjectFields, check_csr, parse_csr
+from pki.der import bit_string, elements, tbs_field, tlv
 from pki.errors import AlreadyRevoked, BadKey, BadRevocation, CertificateTooLarge, LintError, NotFound, UnknownCA
 from pki.lint import MAX_SIG_LEN, lint_profile, pkilinter, shape_key, size_bound
 from pki.profiles import Profile, ProfileSet
@@ -82,7 +83,7 @@ def sig_hash(alg: KeyAlg) -> hashes.HashAlgorithm | None:
 
 # One signature-algorithm object per key algorithm (constructing cryptography's ECDSA(...) validates its
 # argument through ABC checks: measurable per certificate). Ed448 is pure EdDSA: no hash, no object.
-_ECDSA: dict[KeyAlg, ec.ECDSA] = {KeyAlg.P256: ec.ECDSA(hashes.SHA256()), KeyAlg.P521: ec.ECDSA(hashes.SHA512())}
+_ECDSA: dict[KeyAlg, ec.ECDSA] = {a: ec.ECDSA(h) for a in KeyAlg if (h := sig_hash(a)) is not None}
 
 
 def key_alg_of_public(key: PublicKey) -> KeyAlg:
@@ -118,6 +119,7 @@ class CAHandle:
     cert: x509.Certificate
     alg: KeyAlg
     ski: bytes
+    subject_der: bytes | None = None  # the certificate's subject Name as encoded (issuer matching)
     _signer: PrivateKey | None = None
 
     @property
@@ -183,36 +185,16 @@ def _spki_der(key: PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _der_len(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(body)]) + body
-
-
-def _tlv_span(data: bytes, off: int) -> int:
-    """End offset of the DER TLV starting at ``off`` (definite lengths only, as DER requires)."""
-    first = data[off + 1]
-    if first < 0x80:
-        return off + 2 + first
-    n = first & 0x7F
-    return off + 2 + n + int.from_bytes(data[off + 2 : off + 2 + n], "big")
-
-
 def _outer_parts(cert_der: bytes) -> tuple[bytes, bytes]:
     """(tbsCertificate, signatureAlgorithm) of an X.509 Certificate (RFC 5280 §4.1)."""
-    first = cert_der[1]
-    off = 2 + (first & 0x7F if first >= 0x80 else 0)
-    tbs_end = _tlv_span(cert_der, off)
-    alg_end = _tlv_span(cert_der, tbs_end)
-    return cert_der[off:tbs_end], cert_der[tbs_end:alg_end]
+    (_, _, c0, c1), = elements(cert_der)
+    tbs, alg = elements(cert_der, c0, c1)[:2]
+    return cert_der[tbs[1]:tbs[3]], cert_der[alg[1]:alg[3]]
 
 
 def assemble_certificate(tbs: bytes, sig_alg_der: bytes, signature: bytes) -> bytes:
     """Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue BIT STRING }."""
-    bits = b"\x03" + _der_len(len(signature) + 1) + b"\x00" + signature
-    body = tbs + sig_alg_der + bits
-    return b"\x30" + _der_len(len(body)) + body
+    return tlv(0x30, tbs + sig_alg_der + bit_string(signature))
 
 
 def _batching_enabled() -> bool:
@@ -353,7 +335,8 @@ class Engine:
                     continue
                 cert = x509.load_der_x509_certificate(row.der)
                 ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-                fresh[row.name] = CAHandle(row=row, cert=cert, alg=KeyAlg(row.key_alg), ski=ski)
+                fresh[row.name] = CAHandle(row=row, cert=cert, alg=KeyAlg(row.key_alg), ski=ski,
+                                           subject_der=tbs_field(cert.tbs_certificate_bytes, 4))
             self._cas = fresh
 
     def ca(self, name: str) -> CAHandle:
@@ -607,10 +590,8 @@ class Engine:
                     signer = self.keystore.signer(p.signer_label)
                 else:
                     signer = self.ca_signer(self.ca(p.issuer_name))
-                # The HSM signs the linted twin's TBS itself (byte-identical by construction, so the
-                # database's intent names exactly what was signed); we only wrap it (RFC 5280 §4.1.1).
-                if hashlib.sha256(p.tbs).hexdigest() != p.tbs_sha256:
-                    raise LintError("TBS differs from the linted twin")
+                # The HSM signs exactly the TBS that was linted and whose digest the intent recorded
+                # (p.tbs_sha256 is computed from these bytes); we only wrap it (RFC 5280 §4.1.1).
                 ecdsa = _ECDSA.get(p.alg)
                 signature = (signer.sign(p.tbs, ecdsa) if ecdsa is not None  # type: ignore[call-arg]
                              else signer.sign(p.tbs))  # type: ignore[call-arg]

@@ -45,12 +45,24 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
-from sqlalchemy import and_, create_engine, delete, event, or_, select
+from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import SQLAlchemyError
 
 from hsm.errors import HSMError
 from hsm.keystore import KeyAlg, PrivateKey
+from pki.der import (  # noqa: F401 - re-exported: pki.crl and the tests build DER through pki.ocsp
+    DerError,
+    bit_string,
+    der_header,
+    der_int,
+    der_oid,
+    generalized_time,
+    read_tlv,
+    seq,
+    spki_bits,
+    tlv,
+)
 from pki.errors import BadStatusRequest, MalformedOCSPRequest
 from pki.store.db import Database, utcnow
 from pki.store.models import Certificate, CertificateAuthority, OcspResponseCache
@@ -61,85 +73,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("v2gpki.ocsp")
 
-# ---------------------------------------------------------------------------------------------------
-# DER: the few primitives OCSP and CRL encoding need (X.690 §8/§10, definite lengths, minimal forms)
-# ---------------------------------------------------------------------------------------------------
-
-
-def der_header(tag: int, length: int) -> bytes:
-    if length < 0x80:
-        return bytes((tag, length))
-    lb = length.to_bytes((length.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(lb))) + lb
-
-
-def tlv(tag: int, content: bytes) -> bytes:
-    return der_header(tag, len(content)) + content
-
-
-def seq(*parts: bytes) -> bytes:
-    return tlv(0x30, b"".join(parts))
-
-
-def der_int(n: int) -> bytes:
-    size = max(1, (n.bit_length() + 8) // 8)  # room for the sign bit (two's complement, minimal)
-    return tlv(0x02, n.to_bytes(size, "big", signed=True))
-
-
-def der_oid(dotted: str) -> bytes:
-    arcs = [int(a) for a in dotted.split(".")]
-    body = bytearray()
-    for arc in [arcs[0] * 40 + arcs[1], *arcs[2:]]:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        body.extend(reversed(chunk))
-    return tlv(0x06, bytes(body))
-
-
-def generalized_time(dt: datetime) -> bytes:
-    # RFC 6960 §4.2.2.1 / RFC 5280 §4.1.2.5.2: GeneralizedTime in UTC, seconds, no fractions.
-    return tlv(0x18, dt.strftime("%Y%m%d%H%M%SZ").encode())
-
-
-class DerError(ValueError):
-    pass
-
-
-def read_tlv(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
-    """(tag, content start, content end) of the element at ``pos``; strict DER (X.690 §10.1)."""
-    if pos + 2 > end:
-        raise DerError("truncated")
-    tag = buf[pos]
-    if tag & 0x1F == 0x1F:
-        raise DerError("multi-byte tags are not used by OCSP")
-    length = buf[pos + 1]
-    p = pos + 2
-    if length & 0x80:
-        n = length & 0x7F
-        if n == 0 or n > 4 or p + n > end:
-            raise DerError("indefinite or oversized length")
-        if buf[p] == 0:
-            raise DerError("non-minimal length")
-        length = int.from_bytes(buf[p : p + n], "big")
-        if length < 0x80:
-            raise DerError("non-minimal length")
-        p += n
-    if p + length > end:
-        raise DerError("truncated")
-    return tag, p, p + length
-
-
 def spki_key_bits(cert: x509.Certificate) -> bytes:
     """The subjectPublicKey BIT STRING value without the unused-bits octet (RFC 6960 §4.1.1 KeyHash)."""
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
-    _, s, e = read_tlv(spki, 0, len(spki))
-    _, _, alg_end = read_tlv(spki, s, e)
-    _, bs, be = read_tlv(spki, alg_end, e)
-    return spki[bs + 1 : be]
+    return spki_bits(cert.public_key().public_bytes(serialization.Encoding.DER,
+                                                    serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,10 +124,6 @@ def sign_bytes(key: PrivateKey, alg: KeyAlg, data: bytes) -> bytes:
     if isinstance(key, ed448.Ed448PrivateKey):
         return key.sign(data)
     return key.sign(data, ec.ECDSA(hashes.SHA512() if alg is KeyAlg.P521 else hashes.SHA256()))
-
-
-def bit_string(data: bytes) -> bytes:
-    return tlv(0x03, b"\x00" + data)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -453,25 +386,11 @@ _CA = CertificateAuthority.__table__  # type: ignore[attr-defined]
 
 _STATUS_OF = {"valid": "good", "revoked": "revoked", "hold": "hold"}
 
-_READ_ENGINES: weakref.WeakKeyDictionary[Database, SAEngine] = weakref.WeakKeyDictionary()
-_READ_LOCK = threading.Lock()
-
-
 def read_engine(db: Database) -> SAEngine:
     """An engine for read-only statements. On SQLite the service's engine opens every transaction with
-    BEGIN IMMEDIATE (one writer at a time); reads need no write lock under WAL, so they go through a twin
-    engine whose connections stay in autocommit mode (each SELECT its own snapshot)."""
-    if not db.is_sqlite:
-        return db.engine
-    with _READ_LOCK:
-        eng = _READ_ENGINES.get(db)
-        if eng is None:
-            from pki.store.db import _sqlite_pragmas
-
-            eng = create_engine(db.url, connect_args={"check_same_thread": False, "timeout": 30})
-            event.listen(eng, "connect", _sqlite_pragmas)
-            _READ_ENGINES[db] = eng
-        return eng
+    BEGIN IMMEDIATE (one writer at a time); reads need no write lock under WAL, so they go through the
+    database's autocommit twin (each SELECT its own snapshot)."""
+    return db.autocommit if db.is_sqlite else db.engine
 
 
 class DatabaseUnavailable(Exception):
@@ -1073,11 +992,8 @@ _REG_LOCK = threading.Lock()
 
 
 def _after_fork_in_child() -> None:
-    # Never share pooled DB connections or possibly-held locks with the parent (Celery prefork,
-    # multiprocessing): the child builds its own responder and read engine on first use.
-    for eng in list(_READ_ENGINES.values()):
-        eng.dispose(close=False)
-    _READ_ENGINES.clear()
+    # Never share possibly-held locks with the parent (Celery prefork, multiprocessing): the child builds
+    # its own responder on first use (pki/store/db.py drops the read engine's pooled connections).
     _RESPONDERS.clear()
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from pki.der import der_int, elements, generalized_time, spki_bits, tlv
+
 if TYPE_CHECKING:  # pki.csr imports this module
     from pki.csr import SubjectFields
 
@@ -41,55 +43,11 @@ _UTF8, _PRINTABLE, _IA5 = 0x0C, 0x13, 0x16
 _PRINTABLE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?")
 
 
-def der_len(n: int) -> bytes:
-    if n < 0x80:
-        return bytes((n,))
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((0x80 | len(body),)) + body
-
-
-def tlv(tag: int, content: bytes) -> bytes:
-    return bytes((tag,)) + der_len(len(content)) + content
-
-
-def children(data: bytes, start: int = 0, end: int | None = None) -> list[tuple[int, int, int]]:
-    """(tag, content start, end) of each DER TLV in data[start:end] (definite lengths, one-byte tags).
-
-    Raises ValueError on anything truncated or malformed, so callers can fall back to a full parser."""
-    end = len(data) if end is None else end
-    out = []
-    off = start
-    while off < end:
-        if off + 2 > end:
-            raise ValueError("truncated TLV")
-        tag = data[off]
-        if tag & 0x1F == 0x1F:
-            raise ValueError("multi-byte tag")
-        first = data[off + 1]
-        if first < 0x80:
-            c0, n = off + 2, first
-        else:
-            k = first & 0x7F
-            if k == 0 or k > 4 or off + 2 + k > end:
-                raise ValueError("bad length")
-            c0, n = off + 2 + k, int.from_bytes(data[off + 2 : off + 2 + k], "big")
-        if c0 + n > end:
-            raise ValueError("truncated value")
-        out.append((tag, c0, c0 + n))
-        off = c0 + n
-    return out
-
-
-def encode_integer(n: int) -> bytes:
-    body = n.to_bytes((n.bit_length() + 8) // 8, "big")  # +8: room for the sign bit (X.690 §8.3.2)
-    return tlv(0x02, body)
-
-
 def encode_time(t: datetime) -> bytes:
     # RFC 5280 §4.1.2.5: UTCTime for dates through 2049, GeneralizedTime from 2050; always Zulu seconds.
     if 1950 <= t.year < 2050:
         return tlv(0x17, t.strftime("%y%m%d%H%M%SZ").encode())
-    return tlv(0x18, t.strftime("%Y%m%d%H%M%SZ").encode())
+    return generalized_time(t)
 
 
 def _atv(oid: bytes, tag: int, value: str) -> bytes:
@@ -135,18 +93,8 @@ def rfc4514(s: SubjectFields) -> str:
     return ",".join(reversed(parts))  # RFC 4514 §2.1: the last RDN first
 
 
-def spki_key_bits(spki: bytes) -> bytes:
-    """subjectPublicKey BIT STRING contents without the unused-bits octet (RFC 5280 §4.2.1.2 (1))."""
-    (_, s0, s1), = children(spki)
-    parts = children(spki, s0, s1)
-    tag, b0, b1 = parts[1]
-    if tag != 0x03:
-        raise ValueError("no BIT STRING in SubjectPublicKeyInfo")
-    return spki[b0 + 1 : b1]
-
-
 def subject_key_id(spki: bytes) -> bytes:
-    return hashlib.sha1(spki_key_bits(spki)).digest()  # noqa: S324 - RFC 5280 §4.2.1.2 method (1)
+    return hashlib.sha1(spki_bits(spki)).digest()  # noqa: S324 - RFC 5280 §4.2.1.2 method (1)
 
 
 @dataclass(frozen=True)
@@ -164,34 +112,29 @@ class TbsTemplate:
     __slots__ = ("_head", "_issuer_sigalg", "_ext_parts")
 
     def __init__(self, reference_tbs: bytes) -> None:
-        (_, t0, t1), = children(reference_tbs)
-        top = children(reference_tbs, t0, t1)
-        tags = [t for t, _, _ in top]
+        (_, _, t0, t1), = elements(reference_tbs)
+        top = elements(reference_tbs, t0, t1)
+        tags = [t for t, _, _, _ in top]
         # version [0], serial, signature, issuer, validity, subject, spki, extensions [3]
         if tags != [0xA0, 0x02, 0x30, 0x30, 0x30, 0x30, 0x30, 0xA3]:
             raise ValueError(f"unexpected TBSCertificate layout {tags}")
 
         def whole(i: int) -> bytes:
-            _, c0, c1 = top[i]
-            hdr = len(der_len(c1 - c0)) + 1
-            return reference_tbs[c0 - hdr : c1]
+            return reference_tbs[top[i][1] : top[i][3]]
 
         self._head = whole(0)
         self._issuer_sigalg = whole(2) + whole(3)
-        _, e0, e1 = top[7]
-        (_, s0, s1), = children(reference_tbs, e0, e1)
+        (_, _, s0, s1), = elements(reference_tbs, top[7][2], top[7][3])
         parts: list[bytes | str] = []
-        for _tag, x0, x1 in children(reference_tbs, s0, s1):
-            ext_children = children(reference_tbs, x0, x1)
-            _, o0, o1 = ext_children[0]
+        for _tag, x_start, x0, x1 in elements(reference_tbs, s0, s1):
+            _, _, o0, o1 = elements(reference_tbs, x0, x1)[0]
             oid = reference_tbs[o0:o1]
             if oid == OID_SKI:
                 parts.append("ski")
             elif oid == OID_SAN:
                 raise ValueError("subjectAltName from the CN: no template (rare profile, kept on the builder)")
             else:
-                hdr = len(der_len(x1 - x0)) + 1
-                parts.append(reference_tbs[x0 - hdr : x1])
+                parts.append(reference_tbs[x_start:x1])
         self._ext_parts = tuple(parts)
 
     def build(self, i: TemplateInputs) -> bytes:
@@ -204,7 +147,7 @@ class TbsTemplate:
                 exts += p
         body = (
             self._head
-            + encode_integer(i.serial)
+            + der_int(i.serial)
             + self._issuer_sigalg
             + tlv(0x30, encode_time(i.not_before) + encode_time(i.not_after))
             + encode_subject(i.subject)
@@ -221,20 +164,18 @@ def csr_subject_fields(tbs_request: bytes) -> tuple[str, str | None, str | None,
     UTF8String/PrintableString/IA5String, repeated attributes, no CN, undecodable text): the caller then
     takes cryptography's full path, which decides and words the error exactly as before."""
     try:
-        (_, r0, r1), = children(tbs_request)
-        info = children(tbs_request, r0, r1)
+        (_, _, r0, r1), = elements(tbs_request)
+        info = elements(tbs_request, r0, r1)
         if len(info) < 2 or info[1][0] != 0x30:
             return None
-        _, n0, n1 = info[1]
         vals: dict[bytes, str] = {}
-        for tag, a0, a1 in children(tbs_request, n0, n1):
+        for tag, _, a0, a1 in elements(tbs_request, info[1][2], info[1][3]):
             if tag != 0x31:
                 return None
-            atvs = children(tbs_request, a0, a1)
+            atvs = elements(tbs_request, a0, a1)
             if len(atvs) != 1:
                 return None
-            _, v0, v1 = atvs[0]
-            (otag, o0, o1), (stag, s0, s1) = children(tbs_request, v0, v1)
+            (otag, _, o0, o1), (stag, _, s0, s1) = elements(tbs_request, atvs[0][2], atvs[0][3])
             if otag != 0x06:
                 return None
             oid = tbs_request[o0:o1]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -17,6 +19,18 @@ from sqlmodel import Session
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _READER_LOCK = threading.Lock()
+_AUTOCOMMIT_DBS: weakref.WeakSet[Database] = weakref.WeakSet()
+
+
+def _autocommit_after_fork_in_child() -> None:
+    # Never share the parent's pooled autocommit connections (forked OCSP workers, Celery prefork): the
+    # child's pool starts empty.
+    for db in list(_AUTOCOMMIT_DBS):
+        if db._reader is not None:
+            db._reader.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_autocommit_after_fork_in_child)
 
 
 def utcnow() -> datetime:
@@ -68,6 +82,7 @@ class Database:
                         event.listen(eng, "checkout", _ping_if_idle)
                         event.listen(eng, "checkin", _mark_checkin)
                     self._reader = eng
+                    _AUTOCOMMIT_DBS.add(self)
         return eng
 
     @property

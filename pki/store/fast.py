@@ -64,15 +64,7 @@ class Prepared:
         return [tuple(v if f is None else f(v) for f, v in zip(rprocs, r, strict=True)) for r in rows]
 
     def execute(self, conn: Connection, rows: Sequence[dict[str, Any]] | dict[str, Any]) -> CursorResult[Any]:
-        sql, positional, names, procs, defaults = self._compiled(conn.dialect)
-        batch: Sequence[dict[str, Any]] = [rows] if isinstance(rows, dict) else rows
-        values = [[r[k] if k in r else d for k, d in zip(names, defaults, strict=True)] for r in batch]
-        if positional:
-            params: list[Any] = [tuple(v if f is None else f(v) for f, v in zip(procs, vs, strict=True))
-                                 for vs in values]
-        else:
-            params = [{k: (v if f is None else f(v)) for k, f, v in zip(names, procs, vs, strict=True)}
-                      for vs in values]
+        sql, params = self.bind(conn.dialect, rows)
         return conn.exec_driver_sql(sql, params[0] if len(params) == 1 else params)
 
 
