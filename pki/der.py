@@ -23,7 +23,8 @@ def seq(*parts: bytes) -> bytes:
 
 
 def der_int(n: int) -> bytes:
-    size = max(1, (n.bit_length() + 8) // 8)  # room for the sign bit (two's complement, minimal)
+    # X.690 §8.3.2 minimal two's complement: room for the sign bit (~n for negatives, so -128 is 0x80)
+    size = ((n if n >= 0 else ~n).bit_length() + 8) // 8
     return tlv(0x02, n.to_bytes(size, "big", signed=True))
 
 

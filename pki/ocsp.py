@@ -275,7 +275,13 @@ def _parse_certid(der: bytes, rs: int, re_: int) -> CertIdReq:
     if alg is not None and (ne - ns != HASH_LEN[alg] or ke - ks != HASH_LEN[alg]):
         raise DerError("hash length does not match hashAlgorithm")
     serial = int.from_bytes(der[ss:se], "big", signed=True)
-    return CertIdReq(der[rs:ce], alg, der[ns:ne], der[ks:ke], serial)
+    raw = der[rs:ce]
+    # X.690 §8.3.2: an INTEGER's first nine bits are never all zeros or all ones. The CertID goes back
+    # in the response (RFC 6960 §4.2.1); echoing a padded serial would make our answer undecodable to
+    # the client's DER parser, so answer for the same CertID with the serial re-encoded minimally.
+    if se - ss > 1 and ((der[ss] == 0 and der[ss + 1] < 0x80) or (der[ss] == 0xFF and der[ss + 1] >= 0x80)):
+        raw = seq(der[cs:ke], der_int(serial))
+    return CertIdReq(raw, alg, der[ns:ne], der[ks:ke], serial)
 
 
 def certid_der(alg: str, name_hash: bytes, key_hash: bytes, serial: int) -> bytes:

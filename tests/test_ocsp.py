@@ -276,6 +276,33 @@ def test_mixed_issuers_foreign_certid_is_unknown(ctx: Context, pki: Pki) -> None
     assert statuses == [ocsp.OCSPCertStatus.GOOD, ocsp.OCSPCertStatus.UNKNOWN]
 
 
+def test_padded_serial_is_answered_with_a_decodable_certid(ctx: Context, pki: Pki) -> None:
+    """A CertID whose serial INTEGER is not minimal (X.690 §8.3.2) is answered for the same serial with
+    the CertID re-encoded: echoing it verbatim made the whole response undecodable (CI, fuzz over
+    keep-alive). Known serial, unknown serial, unknown issuer, with and without a nonce."""
+    from pki.ocsp import der_int, der_oid, seq, tlv
+
+    cid = parse_request(der_request(pki, "good")).cert_ids[0]
+    sha1 = seq(der_oid("1.3.14.3.2.26"), b"\x05\x00")
+    body_of = der_int(cid.serial)[2:]
+    cases = {
+        "known, zero-padded": (cid.name_hash, cid.key_hash, b"\x00" + body_of, cid.serial),
+        "unknown, zero-padded": (cid.name_hash, cid.key_hash, b"\x00\x00\x05", 5),
+        "negative, ff-padded": (cid.name_hash, cid.key_hash, b"\xff\xff\x85", -123),
+        "foreign issuer": (b"\x01" * 20, b"\x02" * 20, b"\x00\x07", 7),
+    }
+    nonce_ext = tlv(0xA2, seq(seq(der_oid("1.3.6.1.5.5.7.48.1.2"), tlv(0x04, tlv(0x04, b"n" * 16)))))
+    for name, (nh, kh, serial_body, serial) in cases.items():
+        certid = seq(sha1, tlv(0x04, nh), tlv(0x04, kh), tlv(0x02, serial_body))
+        for tail in (b"", nonce_ext):
+            ans = responder_for(ctx).respond(seq(seq(seq(seq(certid)), tail)))
+            resp = ocsp.load_der_ocsp_response(ans.der)
+            if resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL:
+                assert [r.serial_number for r in resp.responses] == [serial], name
+            else:
+                assert resp.response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED, name
+
+
 def test_nonce_echo_and_rfc8954_bounds(pki: Pki, responder_url: str) -> None:
     nonce = secrets.token_bytes(32)
     resp = ocsp.load_der_ocsp_response(post(responder_url, der_request(pki, "good", nonce=nonce)).content)
