@@ -382,3 +382,36 @@ def test_committed_names_match_the_xsds() -> None:
     from pki.cps.exi import _names, derive_names
 
     assert derive_names.render(Path(xsd_dir)) == Path(_names.__file__).read_text()
+
+
+_OPS = st.lists(st.one_of(
+    st.integers(0, 70).flatmap(lambda n: st.tuples(st.just("bits"), st.integers(0, (1 << n) - 1), st.just(n))),
+    st.tuples(st.just("uint"), st.integers(0, 1 << 40), st.just(0)),
+    st.tuples(st.just("octets"), st.binary(max_size=40), st.just(0)),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_OPS)
+def test_bitwriter_matches_a_bit_string_reference(ops: list[tuple[str, Any, int]]) -> None:
+    """The writer batches pending bits (flushing every 64) — the stream must still be exactly the items
+    bit-packed MSB first (EXI 1.0 §7.1.9, §7.1.6) and zero-padded, at every length and alignment."""
+    w = BitWriter()
+    ref = ""
+    for kind, value, n in ops:
+        if kind == "bits":
+            w.write_bits(value, n)
+            ref += format(value, f"0{n}b") if n else ""
+        elif kind == "uint":
+            w.write_uint(value)
+            while True:
+                group, value = value & 0x7F, value >> 7
+                ref += format(group | (0x80 if value else 0), "08b")
+                if not value:
+                    break
+        else:
+            w.write_octets(value)
+            ref += "".join(format(b, "08b") for b in value)
+        assert w.bit_length == len(ref)
+    ref += "0" * (-len(ref) % 8)
+    assert w.getvalue() == bytes(int(ref[i:i + 8], 2) for i in range(0, len(ref), 8))

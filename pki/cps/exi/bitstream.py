@@ -14,30 +14,34 @@ class BitWriter:
 
     __slots__ = ("_buf", "_acc", "_nacc")
 
+    FLUSH_BITS = 64  # pending bits are moved to _buf once there are this many (fewer int → bytes conversions)
+
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._acc = 0  # pending bits not yet flushed to _buf (fewer than 8 after each call)
+        self._acc = 0  # pending bits not yet moved to _buf (fewer than FLUSH_BITS after each call)
         self._nacc = 0
 
     def write_bits(self, value: int, nbits: int) -> None:
         """n-bit Unsigned Integer (EXI 1.0 §7.1.9), bit-packed."""
-        if nbits == 0:
-            return
         if value < 0 or value >> nbits:
             raise ValueError(f"{value} does not fit in {nbits} bits")
         total = self._nacc + nbits
         acc = (self._acc << nbits) | value
-        rest = total & 7
-        if total >= 8:
+        if total >= 64:
+            rest = total & 7
             self._buf += (acc >> rest).to_bytes(total >> 3, "big")
             acc &= (1 << rest) - 1
+            total = rest
         self._acc = acc
-        self._nacc = rest
+        self._nacc = total
 
     def write_uint(self, value: int) -> None:
         """Unsigned Integer (EXI 1.0 §7.1.6): 7-bit groups, least significant group first, MSB = 'more'."""
         if value < 0:
             raise ValueError("Unsigned Integer must not be negative")
+        if value < 0x80:
+            self.write_bits(value, 8)
+            return
         while True:
             group = value & 0x7F
             value >>= 7
@@ -51,10 +55,15 @@ class BitWriter:
         """Raw octets at the current (possibly unaligned) bit position."""
         if not data:
             return
-        if self._nacc == 0:
-            self._buf += data
-        else:
+        n = self._nacc
+        if n & 7:
             self.write_bits(int.from_bytes(data, "big"), 8 * len(data))
+            return
+        if n:  # byte-aligned with whole pending octets: move them first
+            self._buf += self._acc.to_bytes(n >> 3, "big")
+            self._acc = 0
+            self._nacc = 0
+        self._buf += data
 
     @property
     def bit_length(self) -> int:
@@ -62,9 +71,11 @@ class BitWriter:
 
     def getvalue(self) -> bytes:
         """The stream so far, the last byte padded with zero bits."""
-        if self._nacc:
-            return bytes(self._buf) + bytes([(self._acc << (8 - self._nacc)) & 0xFF])
-        return bytes(self._buf)
+        n = self._nacc
+        if not n:
+            return bytes(self._buf)
+        pad = -n & 7
+        return bytes(self._buf) + (self._acc << pad).to_bytes((n + pad) >> 3, "big")
 
 
 class BitReader:

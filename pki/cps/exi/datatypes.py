@@ -150,9 +150,12 @@ class BinaryType(Datatype):
     max_length: int | None = None
 
     def check(self, value: object) -> object:
-        if not isinstance(value, bytes | bytearray | memoryview):
+        if type(value) is bytes:  # the usual case, without a copy
+            data = value
+        elif isinstance(value, bytearray | memoryview):
+            data = bytes(value)
+        else:
             raise ExiEncodeError(f"{self.label}: expected bytes")
-        data = bytes(value)
         self._facets(len(data), ExiEncodeError)
         return data
 
