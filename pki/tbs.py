@@ -21,6 +21,7 @@ positive INTEGER (X.690 §8.3).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,6 +44,7 @@ _UTF8, _PRINTABLE, _IA5 = 0x0C, 0x13, 0x16
 _PRINTABLE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?")
 
 
+@functools.lru_cache(maxsize=256)  # a batch's certificates share their validity period
 def encode_time(t: datetime) -> bytes:
     # RFC 5280 §4.1.2.5: UTCTime for dates through 2049, GeneralizedTime from 2050; always Zulu seconds.
     if 1950 <= t.year < 2050:

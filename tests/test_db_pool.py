@@ -3,6 +3,8 @@ checkout ping of pki/store/db.py), and a busy connection is handed out without a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import psycopg
 import pytest
 from sqlalchemy import text
@@ -50,4 +52,45 @@ def test_recently_used_connection_is_handed_out_without_a_ping(pg_url: str,
             _backend_pid(db)  # no ping: the dead connection was used
         assert _backend_pid(db) != pid  # invalidated by SQLAlchemy, replaced
     finally:
+        db.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, tmp_path: Path) -> None:
+    """pki/store/fast.py binds parameters itself (column by column, each distinct datetime converted once
+    per call): the rows it stores must read back exactly as the rows Core's own INSERT stores."""
+    import secrets
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from sqlalchemy import JSON, Column, DateTime, Integer, LargeBinary, MetaData, String, Table, insert, select
+    from sqlmodel.sql.sqltypes import UTCDateTime
+
+    from pki.store.fast import BulkInsert, MultiRowInsert
+
+    url = f"sqlite:///{tmp_path}/p.db" if backend == "sqlite" else pg_url
+    db = Database(url)
+    md = MetaData()
+    t = Table(f"t_prepared_{secrets.token_hex(4)}", md, Column("id", Integer, primary_key=True),
+              Column("s", String), Column("b", LargeBinary), Column("j", JSON),
+              Column("at", UTCDateTime), Column("naive", DateTime), Column("maybe", UTCDateTime, nullable=True))
+    md.create_all(db.engine)
+    t0 = datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
+    cet = timezone(timedelta(hours=1))
+    rows = [{"id": i, "s": f"r{i}", "b": bytes([i]) * 3, "j": {"k": i, "l": [1, None]},
+             "at": t0 if i % 3 else t0.astimezone(cet), "naive": datetime(2030, 1, 1, i),
+             "maybe": None if i % 2 else t0 + timedelta(seconds=i)} for i in range(1, 13)]
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(insert(t), rows[:6])
+            BulkInsert(t, list(rows[0])).execute(conn, rows[6:9])
+            MultiRowInsert(t, list(rows[0])).execute(conn, rows[9:])
+        with db.engine.connect() as conn:
+            got = [r._asdict() for r in conn.execute(select(t).order_by(t.c.id))]
+        assert [{k: v for k, v in g.items()} for g in got[6:]] == \
+            [{**r, "at": r["at"].astimezone(UTC)} for r in rows[6:]]
+        core = got[:6]
+        assert [(g["at"], g["maybe"], g["naive"], g["j"]) for g in core] == \
+            [(r["at"].astimezone(UTC), r["maybe"], r["naive"], r["j"]) for r in rows[:6]]
+    finally:
+        md.drop_all(db.engine)
         db.dispose()

@@ -11,6 +11,7 @@ driver (executemany for several) through the caller's connection, inside the cal
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table, bindparam, insert
@@ -44,11 +45,24 @@ class Prepared:
         """(SQL in the driver's paramstyle, driver parameters per row) — what :meth:`execute` sends."""
         sql, positional, names, procs, defaults = self._compiled(dialect)
         batch: Sequence[dict[str, Any]] = [rows] if isinstance(rows, dict) else rows
+        if not names:
+            return sql, [() if positional else {} for _ in batch]
         values = [[r[k] if k in r else d for k, d in zip(names, defaults, strict=True)] for r in batch]
+        # Column by column: a batch's rows share their timestamps (issued/created/validity), and the
+        # datetime processors (UTC normalisation, then SQLite's text rendering) were the costliest
+        # per-value work, so a datetime column converts each distinct value once.
+        cols: list[Sequence[Any]] = []
+        for f, col in zip(procs, zip(*values, strict=True) if values else [() for _ in names], strict=True):
+            if f is None:
+                cols.append(col)
+            elif col and type(col[0]) is datetime:
+                memo: dict[Any, Any] = {}
+                cols.append([memo[v] if v in memo else memo.setdefault(v, f(v)) for v in col])
+            else:
+                cols.append([f(v) for v in col])
         if positional:
-            return sql, [tuple(v if f is None else f(v) for f, v in zip(procs, vs, strict=True)) for vs in values]
-        return sql, [{k: (v if f is None else f(v)) for k, f, v in zip(names, procs, vs, strict=True)}
-                     for vs in values]
+            return sql, list(zip(*cols, strict=True))
+        return sql, [dict(zip(names, r, strict=True)) for r in zip(*cols, strict=True)]
 
     def fetch(self, conn: Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Rows of a SELECT, each value through its column type's result processor (as Core would: UTC
