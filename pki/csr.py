@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from hsm.keystore import KeyAlg, PublicKey
 from pki import names
@@ -155,6 +155,29 @@ def check_subject(profile: Profile, fields: SubjectFields) -> tuple[SubjectField
     return SubjectFields(cn=cn, o=o, c=c, dc=rule.dc), cn, kind
 
 
+def proof_of_possession(csr: x509.CertificateSigningRequest, key: object) -> bool:
+    """True when the CSR is signed by the key it carries (RFC 2986 §3) — what ``csr.is_signature_valid``
+    answers, with the key check_csr already loaded: that property loads the key again and cost 140 µs
+    against 95 µs here, a tenth of an issuance (bench/issuance.py). The signature algorithm comes from
+    cryptography's own identification of the CSR's AlgorithmIdentifier (which refuses unknown OIDs and
+    unexpected parameters) and must match the key type: ECDSA with SHA-2 for EC keys, Ed448 for Ed448."""
+    try:
+        params = csr.signature_algorithm_parameters
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            if not isinstance(params, ec.ECDSA):
+                return False
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, params)
+            return True
+        if isinstance(key, ed448.Ed448PublicKey):
+            if params is not None or csr.signature_algorithm_oid != SignatureAlgorithmOID.ED448:
+                return False
+            key.verify(csr.signature, csr.tbs_certrequest_bytes)
+            return True
+    except Exception:  # noqa: BLE001 - InvalidSignature, and unsupported algorithms raise various errors
+        return False
+    return False
+
+
 def check_csr(profile: Profile, csr: x509.CertificateSigningRequest) -> CheckedRequest:
     # Proof of possession (RFC 2986 §3): the CSR must be signed by the key it carries.
     try:
@@ -165,11 +188,7 @@ def check_csr(profile: Profile, csr: x509.CertificateSigningRequest) -> CheckedR
     if alg not in profile.key_algs:
         allowed = ", ".join(a.value for a in profile.key_algs)
         raise BadKey(f"{alg.value} key not allowed by profile {profile.name!r} (allowed: {allowed})")
-    try:
-        ok = csr.is_signature_valid
-    except Exception:  # noqa: BLE001 - unsupported signature algorithms raise various errors
-        ok = False
-    if not ok:
+    if not proof_of_possession(csr, key):
         raise BadSignature("CSR signature does not verify (bad proof of possession)")
     # The subject is read straight from the request's DER when it has the usual shape (building
     # cryptography Name objects cost as much as the rest of the checks); anything unusual takes the full path.

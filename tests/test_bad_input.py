@@ -20,6 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, rsa
 from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func
 from sqlmodel import select
 
@@ -286,3 +288,49 @@ def test_token_failure_mid_batch_stores_nothing_and_marks_intents(ctx: Context,
         rows = list(s.exec(select(IssuanceIntent).order_by(IssuanceIntent.id.desc()).limit(3)))  # type: ignore[union-attr]
     assert sorted((r.state, r.error) for r in rows) == [
         ("failed", "HSMUnavailable"), ("failed", "HSMUnavailable"), ("pending", None)]
+
+
+def _pop_reference(csr: x509.CertificateSigningRequest) -> bool:
+    try:
+        return bool(csr.is_signature_valid)
+    except Exception:  # noqa: BLE001 - what check_csr did before: any error is 'does not verify'
+        return False
+
+
+def _signed_csrs() -> list[bytes]:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "DE*ABC*E1234")])
+    out = []
+    for key, algo in ((ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()),
+                      (ec.generate_private_key(ec.SECP521R1()), hashes.SHA512()),
+                      (ec.generate_private_key(ec.SECP256R1()), hashes.SHA384()),
+                      (ed448.Ed448PrivateKey.generate(), None),
+                      (rsa.generate_private_key(public_exponent=65537, key_size=1024), hashes.SHA256())):
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, algo)  # type: ignore[arg-type]
+        out.append(csr.public_bytes(serialization.Encoding.DER))
+    return out
+
+
+_CSRS = _signed_csrs()
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_proof_of_possession_agrees_with_cryptography(data: st.DataObject) -> None:
+    """pki.csr.proof_of_possession verifies with the key already loaded instead of csr.is_signature_valid;
+    on valid CSRs of every key type and on byte-mutated ones (signature, algorithm, key, subject) both
+    must give the same answer."""
+    from pki.csr import proof_of_possession
+
+    der = data.draw(st.sampled_from(_CSRS))
+    if data.draw(st.booleans()):
+        pos = data.draw(st.integers(0, len(der) - 1))
+        der = der[:pos] + bytes([der[pos] ^ data.draw(st.integers(1, 255))]) + der[pos + 1:]
+    try:
+        csr = x509.load_der_x509_csr(der)
+        key = csr.public_key()
+    except Exception:  # noqa: BLE001 - parse_csr / check_csr reject these before any signature check
+        return
+    if isinstance(key, ec.EllipticCurvePublicKey | ed448.Ed448PublicKey):
+        assert proof_of_possession(csr, key) == _pop_reference(csr)
+    else:  # key_alg_of refuses these before the signature is looked at; never 'verified' here either
+        assert proof_of_possession(csr, key) is False
