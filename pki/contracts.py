@@ -135,8 +135,7 @@ def default_contract_for(ctx: Context, pcid: str) -> Contract | None:
     v = normalise_pcid(pcid)
     now = utcnow()
     # Core on a plain connection (every installation runs this; the ORM session cost more than the query).
-    with ctx.db.autocommit.connect() as conn:
-        rows = _DEFAULT_CONTRACT.fetch(conn, {"b_pcid": v, "b_now": now})
+    rows = _DEFAULT_CONTRACT.fetch_on(ctx.db.autocommit, {"b_pcid": v, "b_now": now})
     return Contract(**dict(zip(_CONTRACT_COLS, rows[0], strict=True))) if rows else None
 
 
@@ -205,8 +204,7 @@ def chain_status(ctx: Context, cert: x509.Certificate, hierarchy: str) -> tuple[
         return "CertChainError", None
     now = utcnow()
     serial = format(cert.serial_number, "x")
-    with ctx.db.autocommit.connect() as conn:
-        found = _CERT_STATUS.fetch(conn, {"b_issuer": ca.name, "b_serial": serial})
+    found = _CERT_STATUS.fetch_on(ctx.db.autocommit, {"b_issuer": ca.name, "b_serial": serial})
     row = _StatusRow(*found[0]) if found else None
     if row is None:
         return "CertChainError", None

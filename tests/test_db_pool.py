@@ -62,10 +62,23 @@ def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, t
     import secrets
     from datetime import UTC, datetime, timedelta, timezone
 
-    from sqlalchemy import JSON, Column, DateTime, Integer, LargeBinary, MetaData, String, Table, insert, select
+    from sqlalchemy import (
+        JSON,
+        Column,
+        DateTime,
+        Integer,
+        LargeBinary,
+        MetaData,
+        String,
+        Table,
+        bindparam,
+        insert,
+        select,
+    )
+    from sqlalchemy.exc import DBAPIError
     from sqlmodel.sql.sqltypes import UTCDateTime
 
-    from pki.store.fast import BulkInsert, MultiRowInsert
+    from pki.store.fast import BulkInsert, MultiRowInsert, Prepared
 
     url = f"sqlite:///{tmp_path}/p.db" if backend == "sqlite" else pg_url
     db = Database(url)
@@ -91,6 +104,14 @@ def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, t
         core = got[:6]
         assert [(g["at"], g["maybe"], g["naive"], g["j"]) for g in core] == \
             [(r["at"].astimezone(UTC), r["maybe"], r["naive"], r["j"]) for r in rows[:6]]
+        # reads: fetch_on (driver cursor on a pooled autocommit connection) == fetch (through a Connection)
+        q = Prepared(select(t).where(t.c.at >= bindparam("b_at", type_=t.c.at.type)).order_by(t.c.id))
+        with db.autocommit.connect() as conn:
+            via_conn = q.fetch(conn, {"b_at": t0})
+        assert q.fetch_on(db.autocommit, {"b_at": t0}) == via_conn and len(via_conn) == 12
+        assert [tuple(g.values()) for g in got] == via_conn
     finally:
         md.drop_all(db.engine)
-        db.dispose()
+    with pytest.raises(DBAPIError):  # driver errors come out as SQLAlchemy's, as through a Connection
+        q.fetch_on(db.autocommit, {"b_at": t0})
+    db.dispose()
