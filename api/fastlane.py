@@ -37,17 +37,37 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# path → (module, route function, request model); resolved on first use, only where the app mounts it.
-ROUTES: dict[str, tuple[str, str, str]] = {
-    "/v1/enrollments": ("api.v1.routes", "post_enrollment", "EnrollmentIn"),
-    "/ocpp/v201/sign-certificate": ("api.ocpp.v201", "sign_certificate", "SignCertificateIn"),
+# path → (module, route function, request model, thread pool); resolved on first use, only where the app
+# mounts it.
+ROUTES: dict[str, tuple[str, str, str, str]] = {
+    "/v1/enrollments": ("api.v1.routes", "post_enrollment", "EnrollmentIn", "api"),
+    "/ocpp/v201/sign-certificate": ("api.ocpp.v201", "sign_certificate", "SignCertificateIn", "api"),
     "/ocpp/v201/get-15118-ev-certificate": ("api.ocpp.ev_certificate", "get_15118_ev_certificate",
-                                            "EvCertificateIn"),
+                                            "EvCertificateIn", "cps"),
 }
 
 # The route functions block on the HSM and the database: a pool of their own, sized like anyio's default.
 _POOL = ThreadPoolExecutor(max_workers=int(os.environ.get("V2GPKI_FASTLANE_THREADS", "40")),
                            thread_name_prefix="v2gpki-api")
+# Contract installations on SQLite get a pool of their own: ONE thread per worker process. An
+# installation is ≈ 8 ms of Python (EXI, XML signature, key wrap, chain checks) and SQLite never makes it
+# wait (an in-process library), so several installations interleaving on one GIL only added switching:
+# bench/contract.py at c=8 with 2 workers went from ≈ 170 to ≈ 215 installations/s and from ≈ 9.6 to
+# ≈ 8.2 ms of CPU each (2026-11-23). On PostgreSQL an installation waits for its round trips and the
+# shared pool overlaps them (one thread measured ≈ 127 against ≈ 150/s), so it keeps the shared pool.
+# Enrollments keep the shared pool everywhere: their batches of concurrent issuances
+# (pki.issuance.IssueBatcher) need concurrent callers. V2GPKI_CPS_THREADS=N forces a pool of N threads.
+_CPS_POOL: ThreadPoolExecutor | None = None
+
+
+def _cps_pool(sqlite: bool) -> ThreadPoolExecutor:
+    global _CPS_POOL
+    forced = os.environ.get("V2GPKI_CPS_THREADS", "").strip()
+    if not forced and not sqlite:
+        return _POOL
+    if _CPS_POOL is None:
+        _CPS_POOL = ThreadPoolExecutor(max_workers=int(forced or "1"), thread_name_prefix="v2gpki-cps")
+    return _CPS_POOL
 
 
 @dataclass(frozen=True)
@@ -56,6 +76,7 @@ class _Route:
     fn: Callable[..., Any]
     model: type[BaseModel]
     wants_response: bool  # post_enrollment takes the FastAPI Response (used only for idempotent replays)
+    pool: ThreadPoolExecutor
 
 
 ANSWERED = [0]  # requests this process answered in the lane (tests, diagnostics)
@@ -81,7 +102,8 @@ class FastLane:
         if spec[0] in mounted:
             mod = importlib.import_module(spec[0])
             fn = getattr(mod, spec[1])
-            found = _Route(path, fn, getattr(mod, spec[2]), spec[1] == "post_enrollment")
+            pool = _cps_pool(app.state.ctx.db.is_sqlite) if spec[3] == "cps" else _POOL  # type: ignore[union-attr]
+            found = _Route(path, fn, getattr(mod, spec[2]), spec[1] == "post_enrollment", pool)
         self._routes[path] = found
         return found
 
@@ -129,7 +151,7 @@ class FastLane:
             # copy_context: the request ID and log context follow the call into the pool thread, as they
             # do through Starlette's run_in_threadpool.
             result = await asyncio.get_running_loop().run_in_executor(
-                _POOL, contextvars.copy_context().run, route.fn, *args)
+                route.pool, contextvars.copy_context().run, route.fn, *args)
         except Exception as exc:  # noqa: BLE001 - typed errors become problems; anything else is a 500
             resp = response_for(exc)
             if resp is None:

@@ -495,6 +495,8 @@ def main() -> int:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--keep", help="keep the work directory here")
     ap.add_argument("--json", help="write the results as JSON to this file")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra environment for the server (repeatable), e.g. V2GPKI_FASTLANE_THREADS=2")
     ap.add_argument("--client", choices=["wrk", "python"], default="wrk" if shutil.which("wrk") else "python",
                     help="load generator (default wrk when installed: apt-get install -y wrk)")
     args = ap.parse_args()
@@ -505,6 +507,9 @@ def main() -> int:
     print(f"# {os.cpu_count()} CPUs; {args.workers} workers; {args.db}; {args.vehicles} vehicles; "
           f"{args.seconds:g}s per run; work dir {d}", file=sys.stderr)
     srv = prepare(d, args.db, pg_admin)
+    for item in args.env:
+        name, _, value = item.partition("=")
+        srv.env[name] = value
     results: list[Result] = []
     prof = ""
     try:

@@ -104,3 +104,31 @@ def test_lane_answers_ocpp_sign_certificate(env: Env) -> None:
     assert rej.status_code == 400 and rej.json()["ocppStatus"] == "Rejected", rej.text
     assert rej.json()["statusInfo"]["reasonCode"] == "InvalidCSR"
     assert fastlane.ANSWERED[0] >= before + 1
+
+
+def test_contract_installations_run_on_their_own_pool(ctx: Context, env: Env,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """get-15118-ev-certificate is answered in the lane; on SQLite by the one-thread contract pool (CPU-bound
+    Python that SQLite never makes wait: one installation at a time per process measured faster), on
+    PostgreSQL by the shared pool that overlaps its round trips."""
+    import threading
+
+    from api.ocpp import ev_certificate
+
+    seen: list[str] = []
+    real = ev_certificate.get_15118_ev_certificate
+
+    def spy(*args: object) -> object:
+        seen.append(threading.current_thread().name)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ev_certificate, "get_15118_ev_certificate", spy)
+    body = {"iso15118SchemaVersion": "urn:iso:15118:2:2013:MsgDef", "action": "Install",
+            "exiRequest": "gAAAAA=="}
+    with TestClient(create_app(ctx)) as client:
+        client.get("/v1/me", headers=_auth(env))  # caches the key
+        before = fastlane.ANSWERED[0]
+        r = client.post("/ocpp/v201/get-15118-ev-certificate", json=body, headers=_auth(env))
+    assert r.status_code < 500, r.text
+    assert fastlane.ANSWERED[0] == before + 1 and len(seen) == 1
+    assert seen[0].startswith("v2gpki-cps" if ctx.db.is_sqlite else "v2gpki-api"), seen

@@ -346,7 +346,6 @@ def build_delivery(ctx: Context, contract: Contract, vehicle_cert: x509.Certific
     finally:
         del key
     contract_chain = CertificateChain(issued.der, tuple(der(c) for c in issued.chain[:-1]), "id1")
-    cps_cert = x509.load_der_x509_certificate(cps_row.der)
     sa_chain = CertificateChain(cps_row.der, tuple(cps_subs))
     args = dict(
         response_code=ResponseCode.OK,
@@ -368,7 +367,6 @@ def build_delivery(ctx: Context, contract: Contract, vehicle_cert: x509.Certific
         message = sign_contract_response(session_id, res, signer)
     except XmlDsigError as exc:
         raise CPSError(f"CPS signature failed: {exc.message}") from None
-    del cps_cert
     return Delivery(message, encode_message(message), ResponseCode.OK, emaid=contract.emaid,
                     contract_serial=issued.serial)
 
