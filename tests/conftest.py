@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import settings as hypothesis_settings
 
 from hsm.token import init_softhsm_token
 from pki.config import Settings
@@ -28,6 +29,13 @@ from pki.hierarchy import init_hierarchy
 
 TEST_PIN = "test-user-pin-1234"
 REPO = Path(__file__).resolve().parent.parent
+
+# Property-based tests explore new random examples on every developer run (that is how a padded OCSP
+# serial was found); CI (.ci/run sets V2GPKI_TEST_HYPOTHESIS=ci) runs them derandomized — a fixed seed
+# per test — so that its verdict on a commit is reproducible, and prints the blob to replay a failure.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("V2GPKI_TEST_HYPOTHESIS") == "ci":
+    hypothesis_settings.load_profile("ci")
 
 
 def pytest_configure(config: pytest.Config) -> None:
