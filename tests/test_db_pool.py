@@ -75,10 +75,10 @@ def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, t
         insert,
         select,
     )
-    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import DBAPIError, IntegrityError
     from sqlmodel.sql.sqltypes import UTCDateTime
 
-    from pki.store.fast import BulkInsert, MultiRowInsert, Prepared
+    from pki.store.fast import BulkInsert, MultiRowInsert, Prepared, run_together
 
     url = f"sqlite:///{tmp_path}/p.db" if backend == "sqlite" else pg_url
     db = Database(url)
@@ -110,6 +110,17 @@ def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, t
             via_conn = q.fetch(conn, {"b_at": t0})
         assert q.fetch_on(db.autocommit, {"b_at": t0}) == via_conn and len(via_conn) == 12
         assert [tuple(g.values()) for g in got] == via_conn
+        # run_together (driver cursor on SQLite, one pipeline on PostgreSQL): rows land, and a constraint
+        # violation is SQLAlchemy's IntegrityError that rolls the whole transaction back
+        bulk = BulkInsert(t, list(rows[0]))
+        more = [{**rows[0], "id": 100 + i} for i in range(3)]
+        with db.engine.begin() as conn:
+            run_together(conn, [(bulk, more[:1]), (bulk, more[1:])])
+        with pytest.raises(IntegrityError), db.engine.begin() as conn:
+            run_together(conn, [(bulk, [{**rows[0], "id": 200}]), (bulk, more[:1])])
+        with db.engine.connect() as conn:
+            ids = [r[0] for r in conn.execute(select(t.c.id).where(t.c.id >= 100).order_by(t.c.id))]
+        assert ids == [100, 101, 102]
     finally:
         md.drop_all(db.engine)
     with pytest.raises(DBAPIError):  # driver errors come out as SQLAlchemy's, as through a Connection
