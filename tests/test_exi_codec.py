@@ -415,3 +415,34 @@ def test_bitwriter_matches_a_bit_string_reference(ops: list[tuple[str, Any, int]
         assert w.bit_length == len(ref)
     ref += "0" * (-len(ref) % 8)
     assert w.getvalue() == bytes(int(ref[i:i + 8], 2) for i in range(0, len(ref), 8))
+
+
+def _plain(node: Node) -> Node:
+    """The same tree without memoised encodings (codec.Node.memo)."""
+    return Node(node.qname, dict(node.attributes), [_plain(c) if isinstance(c, Node) else c for c in node.content])
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages)
+def test_memoised_encodings_equal_plain_encodings(message: V2GMessage) -> None:
+    """A response's signed elements and SignedInfo keep their encodings (they are encoded as fragments for
+    the digests, then again inside the document): the document and every fragment must be exactly what
+    the same trees without memos encode to, whatever was encoded first and under whichever grammar."""
+    from pki.cps.exi.codec import encode_document
+    from pki.cps.xmldsig import signed_elements
+
+    def plain_fragment(node: Node, schema: Any = MSGDEF, relaxed: bool = True) -> bytes:
+        return encode_fragment([_plain(node)], schema, relaxed_ambiguous=relaxed)
+
+    body = message.body
+    for _ in range(2):  # the first pass fills the memos, the second reads them
+        if isinstance(body, CertificateInstallationRes | CertificateUpdateRes):
+            for el in signed_elements(body):
+                node = el.to_node("ContractSignatureCertChain") if isinstance(el, CertificateChain) else el.to_node()
+                assert encode_body_fragment(el) == plain_fragment(node)
+                assert encode_body_fragment(el, emaid_libcbv2g_compat=True) == plain_fragment(node, relaxed=False)
+        if message.header.signature is not None:
+            si = message.header.signature.signed_info
+            for schema in (XMLDSIG, MSGDEF):
+                assert encode_signed_info(si, schema) == plain_fragment(si.to_node(), schema)
+        assert encode_message(message) == encode_document(_plain(message.to_node()), MSGDEF)

@@ -69,6 +69,10 @@ class BitWriter:
     def bit_length(self) -> int:
         return 8 * len(self._buf) + self._nacc
 
+    def bits(self) -> tuple[int, int]:
+        """(value, bit count) of everything written so far: what ``write_bits`` takes to write it again."""
+        return (int.from_bytes(self._buf, "big") << self._nacc) | self._acc, 8 * len(self._buf) + self._nacc
+
     def getvalue(self) -> bytes:
         """The stream so far, the last byte padded with zero bits."""
         n = self._nacc

@@ -35,6 +35,10 @@ class Node:
     qname: QName
     attributes: dict[QName, Value] = field(default_factory=dict)
     content: list[Node | Value] = field(default_factory=list)
+    # Set to {} on a node that is encoded more than once and not changed in between (the signed elements
+    # and SignedInfo of a response: once as fragments for the digests, again inside the document): its
+    # encoding under a grammar is kept as (grammar, value, bit count) and written again as one item.
+    memo: dict[int, tuple[Grammar, int, int]] | None = field(default=None, compare=False, repr=False)
 
     @property
     def local(self) -> str:
@@ -57,6 +61,22 @@ def _describe(qname: QName | None) -> str:
 
 
 def _encode_element(writer: BitWriter, node: Node, grammar: Grammar, schema: SchemaSet, depth: int) -> None:
+    memo = node.memo
+    if memo is None:
+        _encode_content(writer, node, grammar, schema, depth)
+        return
+    # An element's content and EE depend only on the node and its grammar (no string tables: value
+    # partitions are empty in ISO 15118-2's EXI options), so the bits are the same wherever it occurs.
+    hit = memo.get(id(grammar))
+    if hit is None or hit[0] is not grammar:
+        sub = BitWriter()
+        _encode_content(sub, node, grammar, schema, depth)
+        hit = (grammar, *sub.bits())
+        memo[id(grammar)] = hit
+    writer.write_bits(hit[1], hit[2])
+
+
+def _encode_content(writer: BitWriter, node: Node, grammar: Grammar, schema: SchemaSet, depth: int) -> None:
     # The hot loop of every installation (≈ 90 elements per response and its signed fragments): event
     # codes are written inline, and the bound method looked up once.
     if depth > DEFAULT_LIMITS.max_depth:

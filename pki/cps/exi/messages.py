@@ -8,7 +8,7 @@ enumerations, occurrence counts) are enforced by that encoder, never silently fi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -167,6 +167,19 @@ def _roots(node: Node) -> tuple[X509IssuerSerial, ...]:
     return tuple(X509IssuerSerial.from_node(n) for n in _req(node, "ListOfRootCertificateIDs").children())
 
 
+def _shared(owner: object, key: str, build: Callable[[], Node]) -> Node:
+    """``owner``'s Node, built once per instance and memoising its own EXI encodings (codec.Node.memo): a
+    response's signed elements and its SignedInfo are encoded as fragments for the digests and again inside
+    the document. The instances are frozen, so the Node never goes stale; callers only read it."""
+    nodes: dict[str, Node] = owner.__dict__.setdefault("_exi_nodes", {})  # frozen: bypass __setattr__
+    node = nodes.get(key)
+    if node is None:
+        node = build()
+        node.memo = {}
+        nodes[key] = node
+    return node
+
+
 @dataclass(frozen=True)
 class CertificateChain:
     """CertificateChainType: leaf certificate (DER) and up to four sub-CA certificates, Sub-CA 2 first."""
@@ -176,6 +189,9 @@ class CertificateChain:
     id: str | None = None
 
     def to_node(self, local: str) -> Node:
+        return _shared(self, local, lambda: self._node(local))
+
+    def _node(self, local: str) -> Node:
         node = Node((local, NS_BODY), content=[_leaf("Certificate", NS_TYPES, self.certificate)])
         if self.id is not None:
             node.attributes[_ID_TYPES] = self.id
@@ -206,7 +222,8 @@ class EncryptedPrivateKey:
     id: str
 
     def to_node(self) -> Node:
-        return Node(("ContractSignatureEncryptedPrivateKey", NS_BODY), {_ID_TYPES: self.id}, _chars(self.value))
+        return _shared(self, "", lambda: Node(("ContractSignatureEncryptedPrivateKey", NS_BODY), {_ID_TYPES: self.id},
+                                              _chars(self.value)))
 
     @classmethod
     def from_node(cls, node: Node) -> EncryptedPrivateKey:
@@ -221,7 +238,7 @@ class DHPublicKey:
     id: str
 
     def to_node(self) -> Node:
-        return Node(("DHpublickey", NS_BODY), {_ID_TYPES: self.id}, _chars(self.value))
+        return _shared(self, "", lambda: Node(("DHpublickey", NS_BODY), {_ID_TYPES: self.id}, _chars(self.value)))
 
     @classmethod
     def from_node(cls, node: Node) -> DHPublicKey:
@@ -236,7 +253,7 @@ class EMAID:
     id: str
 
     def to_node(self) -> Node:
-        return Node(("eMAID", NS_BODY), {_ID_TYPES: self.id}, _chars(self.value))
+        return _shared(self, "", lambda: Node(("eMAID", NS_BODY), {_ID_TYPES: self.id}, _chars(self.value)))
 
     @classmethod
     def from_node(cls, node: Node) -> EMAID:
@@ -430,6 +447,9 @@ class SignedInfo:
     QNAME = ("SignedInfo", NS_DSIG)
 
     def to_node(self) -> Node:
+        return _shared(self, "", self._node)
+
+    def _node(self) -> Node:
         node = Node(
             self.QNAME,
             content=[
