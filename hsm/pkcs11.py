@@ -368,6 +368,30 @@ class Pkcs11KeyStore:
         self._run(go)
         self._keys.pop(label, None)
 
+    def discard_torn_keys(self) -> int:
+        """Destroy public-key objects without a label: what a process killed inside C_GenerateKeyPair
+        leaves in SoftHSM2, which writes a new object's attributes one by one (seen in
+        tests/test_init_resume.py: SIGKILL during `v2gpki init`). This key store never creates an unlabeled
+        object, a public key holds no secret, and its private half was never written (the pair is
+        generated again under its label on resume). Returns how many were destroyed."""
+
+        def go(session: Any) -> int:
+            n = 0
+            for obj in list(session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY})):
+                try:
+                    label = obj[Attribute.LABEL]
+                except Exception:  # noqa: BLE001 - an attribute that was never written reads as an error
+                    label = ""
+                if not label:
+                    obj.destroy()
+                    n += 1
+            return n
+
+        n = self._run(go)
+        if n:
+            log.warning("destroyed %d unlabeled public key object(s) left by an interrupted key generation", n)
+        return n
+
     def list(self) -> list[str]:
         def go(session: Any) -> list[str]:
             return sorted(

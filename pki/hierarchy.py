@@ -13,7 +13,7 @@ from collections.abc import Callable
 from sqlalchemy import update
 from sqlmodel import Session, select
 
-from hsm.errors import KeyNotFoundError
+from hsm.errors import KeyExistsError, KeyNotFoundError
 from hsm.keystore import KeyAlg, KeyStore
 from pki.csr import SubjectFields
 from pki.issuance import Engine, Issued, IssueRequest, key_alg_of_public
@@ -40,6 +40,14 @@ def _ensure_key(ks: KeyStore, label: str, alg: KeyAlg):  # type: ignore[no-untyp
     try:
         return ks.public_key(label)
     except KeyNotFoundError:
+        pass
+    try:
+        return ks.create_key(label, alg)
+    except KeyExistsError:
+        # Half a pair under our label (public without private or the reverse): a run killed inside
+        # C_GenerateKeyPair. Nothing was ever signed with it — the CA or service certificate is made only
+        # after the whole pair exists — so it is replaced rather than left as an orphan.
+        ks.destroy(label)
         return ks.create_key(label, alg)
 
 
@@ -136,6 +144,11 @@ _CN = NameOID.COMMON_NAME
 
 
 def init_hierarchy(engine: Engine, h: Hierarchy, progress: Progress | None = None) -> dict[str, int]:
+    # A run killed inside a key generation can leave a torn, unlabeled public-key object in the token;
+    # resuming removes it so the token holds exactly the hierarchy's keys (no orphan key).
+    discard = getattr(engine.keystore, "discard_torn_keys", None)
+    if discard is not None:
+        discard()
     with engine.db.session() as s:
         abandoned = s.execute(
             update(IssuanceIntent).where(IssuanceIntent.state == "pending")  # type: ignore[arg-type]

@@ -411,3 +411,56 @@ def test_conformance_labels_are_independent(any_store: KeyStore) -> None:
         assert any_store.public_key(b) == pb and not any_store.has_key(a)
     finally:
         any_store.destroy(b)
+
+
+def test_torn_unlabeled_public_key_is_discarded_and_labeled_keys_kept(store: Pkcs11KeyStore,
+                                                                      keys: dict[KeyAlg, str]) -> None:
+    """What SIGKILL inside C_GenerateKeyPair leaves in SoftHSM2 (attributes are written one by one): a
+    public-key object without a label and no private half. `v2gpki init` removes it on resume
+    (pki/hierarchy.py); every labeled key stays."""
+    from pkcs11 import Attribute, KeyType, ObjectClass
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    def torn(session: Any) -> None:
+        params = session.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
+        pub, priv = params.generate_keypair(store=True, public_template={Attribute.TOKEN: True},
+                                            private_template={Attribute.TOKEN: True})
+        priv.destroy()  # the private half was never written
+
+    def unlabeled(session: Any) -> int:
+        return sum(1 for o in session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY}) if not o.label)
+
+    before = store.list()
+    store.session_call(torn)
+    assert store.session_call(unlabeled) == 1
+    assert store.discard_torn_keys() == 1
+    assert store.session_call(unlabeled) == 0 and store.discard_torn_keys() == 0
+    assert store.list() == before
+    for label in keys.values():
+        store.public_key(label)  # still there, public and private
+
+
+def test_half_a_pair_under_our_label_is_replaced_on_resume(store: Pkcs11KeyStore) -> None:
+    """The other torn shape: the public half written under the label, the private half not. Resuming
+    `v2gpki init` (pki.hierarchy._ensure_key) replaces it with a whole pair instead of failing on
+    'key exists' or leaving an orphan."""
+    from pkcs11 import ObjectClass
+
+    from pki.hierarchy import _ensure_key
+
+    label = f"torn-{uuid.uuid4().hex[:8]}"
+    store.create_key(label, KeyAlg.P256)
+    store.session_call(lambda s: [o.destroy() for o in s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                                                                      Attribute.LABEL: label})])
+    store._keys.pop(label, None)  # the store's cache of loaded keys (a fresh process would have none)
+    with pytest.raises(KeyNotFoundError):
+        store.public_key(label)
+    pub = _ensure_key(store, label, KeyAlg.P256)
+    from cryptography.hazmat.primitives import serialization
+
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert store.public_key(label).public_bytes(*spki) == pub.public_bytes(*spki)
+    count = store.session_call(lambda s: sum(1 for _ in s.get_objects({Attribute.LABEL: label})))
+    assert count == 2  # one public, one private
+    store.destroy(label)
