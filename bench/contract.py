@@ -68,6 +68,7 @@ from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
+from enrollment import WRK_LUA as ROTATE_LUA  # noqa: E402 - bench/ is this script's directory
 
 V2GPKI = str(Path(sys.executable).parent / "v2gpki")
 PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -312,20 +313,10 @@ def load(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: float)
     return res, (sample[0] if sample else None)
 
 
-WRK_LUA = """
--- Rotates through the vehicles' requests (one JSON body per line) and counts every answer that is not
--- HTTP 200 with status Accepted: wrk itself only counts non-2xx.
-local bodies = {}
-local i = 0
+# bench/enrollment.py's rotation over one request body per line, plus a check of every answer (wrk itself
+# only counts non-2xx) and a summary line the parser below reads.
+WRK_LUA = ROTATE_LUA + """
 not_accepted = 0
-init = function(args)
-  for line in io.lines(args[1]) do bodies[#bodies + 1] = line end
-  i = tonumber(args[2]) or 0
-end
-request = function()
-  i = i % #bodies + 1
-  return wrk.format("POST", nil, nil, bodies[i])
-end
 response = function(status, headers, body)
   if status ~= 200 or not string.find(body, '"status":"Accepted"', 1, true) then
     not_accepted = not_accepted + 1
