@@ -222,6 +222,7 @@ class Result:
     server_cpu_s: float = 0.0  # user + system time of the uvicorn worker processes during the run
     percentiles: dict[float, float] = field(default_factory=dict)  # ms, when the generator reports them (wrk)
     mean_ms: float | None = None
+    spread: str = ""  # connections per worker a moment into the run (wrk only), e.g. "4/4"
 
     @property
     def server_cpu_ms(self) -> float:
@@ -239,6 +240,19 @@ class Result:
             return float("nan")
         xs = sorted(self.latencies)
         return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] * 1000
+
+
+def connection_spread(srv: Server) -> str:
+    """Established client connections per worker process, e.g. "4/4" — how the kernel's accept race
+    spread the generator's keep-alive connections over the workers (an uneven spread, such as 7/1, leaves
+    one worker idle while the other queues). Empty when `ss` is missing."""
+    if srv.proc is None or shutil.which("ss") is None:
+        return ""
+    port = srv.url.rsplit(":", 1)[1]
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True).stdout
+    per = Counter(re.findall(r"pid=(\d+)", out))
+    return "/".join(str(per.get(str(pid), 0)) for pid in uvicorn_workers(srv.proc.pid))
 
 
 def server_cpu(srv: Server) -> float:
@@ -345,8 +359,13 @@ def load_wrk(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: fl
     children0 = os.times()
     scpu0 = server_cpu(srv)
     t0 = time.perf_counter()
+    spread: list[str] = []
+    sampler = threading.Timer(min(2.0, seconds / 2), lambda: spread.append(connection_spread(srv)))
+    sampler.start()
     out = subprocess.run(cmd, capture_output=True, text=True)
     res = Result(conc, time.perf_counter() - t0)
+    sampler.join()
+    res.spread = spread[0] if spread else ""
     res.server_cpu_s = server_cpu(srv) - scpu0
     children1 = os.times()
     res.client_cpu_s = (children1.children_user - children0.children_user
@@ -429,11 +448,16 @@ def worker_pids(pid: int) -> list[int]:
     return out
 
 
+def uvicorn_workers(pid: int) -> list[int]:
+    """The uvicorn worker processes among the server's children (not e.g. multiprocessing's tracker)."""
+    return [p for p in worker_pids(pid)
+            if "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")] \
+        or worker_pids(pid)
+
+
 def profile(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: float, d: Path) -> str:
     assert srv.proc is not None
-    pids = [p for p in worker_pids(srv.proc.pid)
-            if "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")] \
-        or worker_pids(srv.proc.pid)
+    pids = uvicorn_workers(srv.proc.pid)
     if not pids:
         return "no worker process found"
     raw = d / "py-spy.txt"
@@ -522,7 +546,8 @@ def main() -> int:
             print(f"c={conc:<3} {r.rps:7.1f} installations/s  p50 {r.pct(50):6.1f} ms  p99 {r.pct(99):6.1f} ms  "
                   f"server CPU {r.server_cpu_ms:5.1f} ms/installation  ({r.ok} ok, {r.errors} errors; "
                   f"load generator CPU {r.client_cpu_s / r.seconds:.0%} of a core; load average "
-                  f"{os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+                  f"{os.getloadavg()[0]:.1f}" + (f"; connections per worker {r.spread}" if r.spread else "")
+                  + ")", file=sys.stderr, flush=True)
             if r.error_samples:
                 print(f"   errors: {r.error_samples[:3]}", file=sys.stderr)
             counted[0] += r.ok
