@@ -446,3 +446,25 @@ def test_memoised_encodings_equal_plain_encodings(message: V2GMessage) -> None:
             for schema in (XMLDSIG, MSGDEF):
                 assert encode_signed_info(si, schema) == plain_fragment(si.to_node(), schema)
         assert encode_message(message) == encode_document(_plain(message.to_node()), MSGDEF)
+
+
+def test_shared_sub_certificates_encode_like_fresh_trees() -> None:
+    """A CA's SubCertificates node is shared by every chain that carries the same certificates
+    (messages._sub_certificates), memo and all: under the contract chain's fragment grammar, inside a
+    document as ContractSignatureCertChain and as SAProvisioningCertificateChain, each encoding must be what
+    a fresh tree without memos encodes to, in any order."""
+    from pki.cps.exi.codec import encode_document
+    from pki.cps.exi.messages import _sub_certificates
+
+    subs = (os.urandom(300), os.urandom(420))
+    a = CertificateChain(os.urandom(500), subs, "id1")
+    b = CertificateChain(os.urandom(510), subs)
+    assert _sub_certificates(subs) is _sub_certificates(tuple(subs))
+    node_a = a.to_node("ContractSignatureCertChain")
+    assert node_a.child("SubCertificates") is b.to_node("SAProvisioningCertificateChain").child("SubCertificates")
+    for _ in range(2):
+        assert encode_body_fragment(a) == encode_fragment([_plain(node_a)], MSGDEF)
+        for msg in (_install_res(contract_signature_cert_chain=a, sa_provisioning_certificate_chain=b),
+                    _install_res(contract_signature_cert_chain=dataclasses.replace(b, id="id1"),
+                                 sa_provisioning_certificate_chain=dataclasses.replace(a, id=None))):
+            assert encode_message(msg) == encode_document(_plain(msg.to_node()), MSGDEF)

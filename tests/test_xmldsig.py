@@ -277,3 +277,46 @@ def test_verify_request_wrong_key_unsigned_and_wrong_message() -> None:
     _, vector = EXIFICIENT_MESSAGES["install_req"]
     with pytest.raises(SignatureVerificationFailed):
         verify_request(bytes.fromhex(vector), oem.public_key())
+
+
+def test_self_check_runs_once_per_loaded_key_pair_and_still_catches_a_swapped_key() -> None:
+    """The CPS signature is verified with the signer's public key on the first signature of each loaded
+    key pair (pki/cps/xmldsig._self_check). A later pair whose private key is not its public key's — what
+    a token re-initialised under the same label would give — is still refused, even though the label's
+    previous pair had passed."""
+    from pki.cps import xmldsig
+
+    class Swappable:
+        def __init__(self) -> None:
+            self.key = ec.generate_private_key(ec.SECP256R1())
+            self.pub = self.key.public_key()
+            self.verifies = 0
+
+        def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+            return self.key.sign(data, signature_algorithm)
+
+        def public_key(self) -> ec.EllipticCurvePublicKey:
+            return self.pub
+
+    oem, contract = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    signer = Swappable()
+    calls: list[object] = []
+    real = xmldsig._self_check
+
+    def counting(pub: object, der: bytes, data: bytes) -> None:
+        calls.append(xmldsig._CHECKED.get(id(pub)) is pub)  # True: skipped as already checked
+        real(pub, der, data)
+
+    xmldsig._self_check = counting  # type: ignore[assignment]
+    try:
+        for _ in range(3):
+            message = sign_contract_response(b"\x01", _response(oem, contract), signer)
+            verify_response(decode_message(encode_message(message)), signer.pub)
+        assert calls == [False, True, True]
+        # The token's key under the label replaced, the store reloads a new pair: a mismatched one fails.
+        signer.key = ec.generate_private_key(ec.SECP256R1())
+        signer.pub = ec.generate_private_key(ec.SECP256R1()).public_key()
+        with pytest.raises(XmlDsigError):
+            sign_contract_response(b"\x01", _response(oem, contract), signer)
+    finally:
+        xmldsig._self_check = real  # type: ignore[assignment]

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import col, select
 
 from pki.context import Context
-from pki.contracts import chain_status, default_contract_for
+from pki.contracts import ContractRow, chain_status, default_contract_for
 from pki.cps.errors import CPSError, ExiError, KeyWrapError, SignatureVerificationFailed, XmlDsigError
 from pki.cps.exi import (
     EMAID,
@@ -215,6 +215,7 @@ def _org_display_name(ctx: Context, emsp: str) -> str:
     return str(_cached(ctx, f"org:{emsp}", load))
 
 
+@functools.lru_cache(maxsize=64)
 def _key_label(uri: str) -> str:
     from hsm.uri import Pkcs11Uri
 
@@ -283,6 +284,7 @@ def _deliver(ctx: Context, raw: Node, body: CertificateInstallationReq | Certifi
             # The provisioning service checks DC=OEM (shared profiles doc §2).
             raise CPSFailure(ResponseCode.FAILED_CertChainError, "provisioning certificate lacks DC=OEM")
         _verify(raw, vehicle_cert)
+        contract: Contract | ContractRow | None
         try:
             contract = default_contract_for(ctx, pcid)
         except PKIError:
@@ -315,7 +317,7 @@ def _deliver(ctx: Context, raw: Node, body: CertificateInstallationReq | Certifi
                           update=isinstance(body, CertificateUpdateReq), actor=actor)
 
 
-def build_delivery(ctx: Context, contract: Contract, vehicle_cert: x509.Certificate,
+def build_delivery(ctx: Context, contract: Contract | ContractRow, vehicle_cert: x509.Certificate,
                    ids: tuple[X509IssuerSerial, ...] | None, session_id: bytes, *, update: bool,
                    actor: str) -> Delivery:
     """Issue the contract certificate, encrypt its key for ``vehicle_cert`` and sign the response.
@@ -346,7 +348,10 @@ def build_delivery(ctx: Context, contract: Contract, vehicle_cert: x509.Certific
     finally:
         del key
     contract_chain = CertificateChain(issued.der, tuple(der(c) for c in issued.chain[:-1]), "id1")
-    sa_chain = CertificateChain(cps_row.der, tuple(cps_subs))
+    # The CPS chain is the same for every response this signer makes: one instance, so its EXI encoding is
+    # kept with it (messages._shared, codec.Node.memo) and written as one piece.
+    sa_chain: CertificateChain = _cached(ctx, f"sa-chain:{cps_row.issuer}/{cps_row.serial}",
+                                         lambda: CertificateChain(cps_row.der, tuple(cps_subs)))
     args = dict(
         response_code=ResponseCode.OK,
         sa_provisioning_certificate_chain=sa_chain,

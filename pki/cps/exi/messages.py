@@ -180,6 +180,25 @@ def _shared(owner: object, key: str, build: Callable[[], Node]) -> Node:
     return node
 
 
+# SubCertificates nodes by their certificates. A CA's chain is the same in every response it issues for,
+# so its node, and with it its memoised EXI bits (codec.Node.memo), is shared by all of them: the
+# contract chain's sub-CAs (in the signed fragment and the document) are encoded once per process, not
+# twice per response. Nodes are only read once built; the memo is filled idempotently.
+_SUBS: dict[tuple[bytes, ...], Node] = {}
+_SUBS_MAX = 32
+
+
+def _sub_certificates(certs: tuple[bytes, ...]) -> Node:
+    node = _SUBS.get(certs)
+    if node is None:
+        node = Node(("SubCertificates", NS_TYPES), content=[_leaf("Certificate", NS_TYPES, c) for c in certs])
+        node.memo = {}
+        if len(_SUBS) >= _SUBS_MAX:
+            _SUBS.clear()
+        _SUBS[certs] = node
+    return node
+
+
 @dataclass(frozen=True)
 class CertificateChain:
     """CertificateChainType: leaf certificate (DER) and up to four sub-CA certificates, Sub-CA 2 first."""
@@ -196,12 +215,7 @@ class CertificateChain:
         if self.id is not None:
             node.attributes[_ID_TYPES] = self.id
         if self.sub_certificates:
-            node.content.append(
-                Node(
-                    ("SubCertificates", NS_TYPES),
-                    content=[_leaf("Certificate", NS_TYPES, c) for c in self.sub_certificates],
-                )
-            )
+            node.content.append(_sub_certificates(self.sub_certificates))
         return node
 
     @classmethod
