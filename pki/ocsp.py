@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import and_, bindparam, delete, or_, select
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -65,6 +65,7 @@ from pki.der import (  # noqa: F401 - re-exported: pki.crl and the tests build D
 )
 from pki.errors import BadStatusRequest, MalformedOCSPRequest
 from pki.store.db import Database, utcnow
+from pki.store.fast import Prepared
 from pki.store.models import Certificate, CertificateAuthority, OcspResponseCache
 
 if TYPE_CHECKING:
@@ -465,7 +466,13 @@ class _FastLookup:
         return st, _as_utc(rev), reason, ost, _as_utc(oth), _as_utc(onx), oder
 
 
-def _upsert_stmt(db: Database) -> Any:
+_RESP_WRITE_COLS = ("issuer", "serial", "hash_alg", "status", "this_update", "next_update", "der")
+
+
+def _resp_insert(db: Database) -> Any:
+    """INSERT of a stored response with named bindparams, so it can be compiled once (pki/store/fast.py):
+    the pre-signer writes after every issuance batch, and Core's per-call compilation and parameter
+    processing showed in the contract-installation profile."""
     if db.is_sqlite:
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -474,22 +481,21 @@ def _upsert_stmt(db: Database) -> Any:
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
         ins = pg_insert(_RESP)
+    return ins.values({c: bindparam(c, type_=_RESP.c[c].type) for c in _RESP_WRITE_COLS})
+
+
+def _upsert_stmt(db: Database) -> Prepared:
+    ins = _resp_insert(db)
     cols = ("hash_alg", "status", "this_update", "next_update", "der")
-    return ins.on_conflict_do_update(index_elements=["issuer", "serial"],
-                                     set_={c: ins.excluded[c] for c in cols})
+    return Prepared(ins.on_conflict_do_update(index_elements=["issuer", "serial"],
+                                              set_={c: ins.excluded[c] for c in cols}))
 
 
-def _insert_new_stmt(db: Database) -> Any:
+def _insert_new_stmt(db: Database) -> Prepared:
     """INSERT … ON CONFLICT DO NOTHING: the first response of a certificate just issued. If a row already
     exists, a revocation (or a live request) wrote it after the issuance, so it is at least as current
     as 'good' — a late pre-sign must never overwrite it."""
-    if db.is_sqlite:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        return sqlite_insert(_RESP).on_conflict_do_nothing(index_elements=["issuer", "serial"])
-    from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-    return pg_insert(_RESP).on_conflict_do_nothing(index_elements=["issuer", "serial"])
+    return Prepared(_resp_insert(db).on_conflict_do_nothing(index_elements=["issuer", "serial"]))
 
 
 class Presigner:
@@ -735,7 +741,7 @@ class OcspResponder:
         return self._store(iss, [(s, "good", None, None) for s in serials], stmt=self._insert_new)
 
     def _store(self, iss: _Issuer, rows: Sequence[tuple[str, str, datetime | None, str | None]], *,
-               stmt: Any = None) -> int:
+               stmt: Prepared | None = None) -> int:
         nh, kh = iss.hashes["sha1"]
         values = []
         for serial_hex, status, revoked_at, reason in rows:
@@ -745,7 +751,7 @@ class OcspResponder:
                            "this_update": this, "next_update": nxt, "der": der})
         if values:
             with self.db.engine.begin() as conn:
-                conn.execute(self._upsert if stmt is None else stmt, values)
+                (self._upsert if stmt is None else stmt).execute(conn, values)
         return len(values)
 
     def refresh(self, *, margin: timedelta | None = None, batch: int = 500) -> int:
@@ -901,9 +907,9 @@ class OcspResponder:
             der1, this, nxt = self._sign_one(iss, certid_der("sha1", nh, kh, serial), want, revoked_at, reason)
             try:
                 with self.db.engine.begin() as conn:
-                    conn.execute(self._upsert, [{"issuer": iss.name, "serial": serial_hex, "hash_alg": "sha1",
-                                                 "status": want, "this_update": this, "next_update": nxt,
-                                                 "der": der1}])
+                    self._upsert.execute(conn, {"issuer": iss.name, "serial": serial_hex, "hash_alg": "sha1",
+                                                "status": want, "this_update": this, "next_update": nxt,
+                                                "der": der1})
             except SQLAlchemyError as exc:  # the answer is right; storing it is an optimisation
                 log.warning("could not store a pre-signed OCSP response: %s", type(exc).__name__)
         cert_status = "good" if want == "good" else "revoked"
