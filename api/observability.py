@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -280,13 +281,45 @@ def instrument_context(ctx: Any) -> None:
         instrument_keystore(ks)
 
 
-def _after_commit(session: Any, fn: Callable[[], None]) -> None:
-    from sqlalchemy import event
+# Callbacks to run once the session's transaction has committed, kept in Session.info. Two listeners on
+# the Session class, installed once, run or drop them. (A listener registered per session and commit,
+# `event.listen(session, ..., once=True)`, cost ≈ 2 % of a contract installation: SQLAlchemy builds an
+# event registry and weak references for each.)
+_PENDING = "v2gpki.after_commit"
+_HOOKS_INSTALLED = False
+_HOOKS_LOCK = threading.Lock()
 
-    def go(_s: Any) -> None:
+
+def _after_commit(session: Any, fn: Callable[[], None]) -> None:
+    _install_session_hooks()
+    session.info.setdefault(_PENDING, []).append(fn)
+
+
+def _install_session_hooks() -> None:
+    global _HOOKS_INSTALLED
+    if _HOOKS_INSTALLED:
+        return
+    with _HOOKS_LOCK:
+        if _HOOKS_INSTALLED:
+            return
+        from sqlalchemy import event
+        from sqlalchemy.orm import Session
+
+        event.listen(Session, "after_commit", _run_pending)
+        event.listen(Session, "after_transaction_end", _drop_pending)
+        _HOOKS_INSTALLED = True
+
+
+def _run_pending(session: Any) -> None:
+    for fn in session.info.pop(_PENDING, ()):
         fn()
 
-    event.listen(session, "after_commit", go, once=True)
+
+def _drop_pending(session: Any, transaction: Any) -> None:
+    # The root transaction ended without committing (rolled back, or the session closed): its counts
+    # never happened. After a commit the list is already gone.
+    if transaction.parent is None:
+        session.info.pop(_PENDING, None)
 
 
 def _count_issued(session: Any, issued: list[Any]) -> None:

@@ -297,3 +297,38 @@ def test_readyz_checks_database_hsm_and_broker(ctx: Context) -> None:
     code, body = _ready(dataclasses.replace(ctx, settings=broken))
     assert code == 503 and body["checks"]["broker"].startswith("failed: ")  # type: ignore[index]
     assert "hunter2" not in json.dumps(body) and "127.0.0.1" not in json.dumps(body)
+
+
+def test_after_commit_callbacks_run_once_on_commit_and_never_after_a_rollback() -> None:
+    """Metrics count what committed (api.observability._after_commit): a callback runs after its
+    transaction commits, exactly once, and is dropped when the transaction rolls back or the session
+    closes without committing — so an issuance that failed to store is never counted."""
+    from sqlalchemy import create_engine
+    from sqlmodel import Session
+
+    from api.observability import _after_commit
+
+    eng = create_engine("sqlite://")
+    ran: list[str] = []
+    with Session(eng) as s:
+        s.connection()
+        _after_commit(s, lambda: ran.append("rolled back"))
+        s.rollback()
+        s.connection()
+        s.commit()
+        assert ran == []
+        s.connection()
+        _after_commit(s, lambda: ran.append("a"))
+        _after_commit(s, lambda: ran.append("b"))
+        s.commit()
+        assert ran == ["a", "b"]
+        s.connection()
+        s.commit()
+        assert ran == ["a", "b"]
+    with Session(eng) as s:
+        s.connection()
+        _after_commit(s, lambda: ran.append("closed"))
+    with Session(eng) as s:
+        s.connection()
+        s.commit()
+    assert ran == ["a", "b"]
