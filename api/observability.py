@@ -24,12 +24,12 @@ Mounted on every app built by api.app.create_app (the full API and the lean stan
 from __future__ import annotations
 
 import contextvars
+import functools
 import json
 import logging
 import os
 import re
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -286,8 +286,6 @@ def instrument_context(ctx: Any) -> None:
 # `event.listen(session, ..., once=True)`, cost ≈ 2 % of a contract installation: SQLAlchemy builds an
 # event registry and weak references for each.)
 _PENDING = "v2gpki.after_commit"
-_HOOKS_INSTALLED = False
-_HOOKS_LOCK = threading.Lock()
 
 
 def _after_commit(session: Any, fn: Callable[[], None]) -> None:
@@ -295,19 +293,13 @@ def _after_commit(session: Any, fn: Callable[[], None]) -> None:
     session.info.setdefault(_PENDING, []).append(fn)
 
 
-def _install_session_hooks() -> None:
-    global _HOOKS_INSTALLED
-    if _HOOKS_INSTALLED:
-        return
-    with _HOOKS_LOCK:
-        if _HOOKS_INSTALLED:
-            return
-        from sqlalchemy import event
-        from sqlalchemy.orm import Session
+@functools.cache  # once per process (a racing second call only re-registers the same listeners; each
+def _install_session_hooks() -> None:  # pops the list it runs, so callbacks still run once)
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
 
-        event.listen(Session, "after_commit", _run_pending)
-        event.listen(Session, "after_transaction_end", _drop_pending)
-        _HOOKS_INSTALLED = True
+    event.listen(Session, "after_commit", _run_pending)
+    event.listen(Session, "after_transaction_end", _drop_pending)
 
 
 def _run_pending(session: Any) -> None:

@@ -531,7 +531,7 @@ def main() -> int:
         start(srv, d, args.workers)
         vehicles = make_vehicles(srv, args.vehicles)
         warm, sample = load(srv, vehicles, max(concs), 3)  # connections, pools, lazy grammars in every worker
-        counted = [warm.ok]
+        counted = warm.ok
         if warm.errors or sample is None:
             raise SystemExit(f"warm-up failed: {warm.errors} errors, e.g. {warm.error_samples[:2]}")
         print(f"# {check_sample(sample, vehicles)}", file=sys.stderr)
@@ -539,7 +539,7 @@ def main() -> int:
             if args.client == "wrk":
                 r = load_wrk(srv, vehicles, conc, args.seconds, d)
                 extra, sample = load(srv, vehicles, 1, 0.1)  # and one answer to decode and check
-                counted[0] += extra.ok
+                counted += extra.ok
             else:
                 r, sample = load(srv, vehicles, conc, args.seconds)
             results.append(r)
@@ -550,16 +550,16 @@ def main() -> int:
                   + ")", file=sys.stderr, flush=True)
             if r.error_samples:
                 print(f"   errors: {r.error_samples[:3]}", file=sys.stderr)
-            counted[0] += r.ok
+            counted += r.ok
             if sample is not None:
                 check_sample(sample, vehicles)
         stored = persisted(srv)
         if args.client == "wrk":
             # wrk stops at its deadline with up to c requests in flight, which the server still completes
             print(f"# persisted: {stored} contract certificates; accepted and counted by the generators: "
-                  f"{counted[0]} (+ at most {sum(concs)} in flight when wrk stopped)", file=sys.stderr)
+                  f"{counted} (+ at most {sum(concs)} in flight when wrk stopped)", file=sys.stderr)
         else:
-            print(f"# persisted: {stored} contract certificates for {counted[0]} accepted installations "
+            print(f"# persisted: {stored} contract certificates for {counted} accepted installations "
                   f"(+ none before the runs)", file=sys.stderr)
         if not args.no_profile:
             if Path(PY_SPY).exists():

@@ -147,7 +147,7 @@ class ContractRow:
     terminated_at: datetime | None
 
 
-assert tuple(f for f in ContractRow.__slots__) == _CONTRACT_COLS, "ContractRow must mirror the contract table"
+assert ContractRow.__slots__ == _CONTRACT_COLS, "ContractRow must mirror the contract table"
 
 
 def default_contract_for(ctx: Context, pcid: str) -> ContractRow | None:

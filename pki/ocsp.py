@@ -486,9 +486,9 @@ def _resp_insert(db: Database) -> Any:
 
 def _upsert_stmt(db: Database) -> Prepared:
     ins = _resp_insert(db)
-    cols = ("hash_alg", "status", "this_update", "next_update", "der")
-    return Prepared(ins.on_conflict_do_update(index_elements=["issuer", "serial"],
-                                              set_={c: ins.excluded[c] for c in cols}))
+    key = ("issuer", "serial")
+    return Prepared(ins.on_conflict_do_update(index_elements=list(key),
+                                              set_={c: ins.excluded[c] for c in _RESP_WRITE_COLS if c not in key}))
 
 
 def _insert_new_stmt(db: Database) -> Prepared:

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Table, bindparam, insert
 from sqlalchemy.engine import Connection, CursorResult, Dialect, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql.expression import Executable
 
 _Compiled = tuple[str, bool, tuple[str, ...], tuple[Callable[[Any], Any] | None, ...], tuple[Any, ...]]
@@ -96,7 +96,7 @@ class Prepared:
             finally:
                 cur.close()
         except dialect.loaded_dbapi.Error as exc:
-            raise DBAPIError.instance(sql, bound[0], exc, dialect.loaded_dbapi.Error) from exc
+            raise _as_sqlalchemy(dialect, sql, bound[0], exc) from exc
         finally:
             raw.close()  # back to the pool
         return self._processed(dialect, rows)
@@ -144,6 +144,12 @@ class MultiRowInsert:
         p.execute(conn, {f"{c}_{i}": r[c] for i, r in enumerate(rows) for c in self.columns})
 
 
+def _as_sqlalchemy(dialect: Dialect, sql: str, params: Any, exc: Exception) -> StatementError:
+    """A driver error raised on the driver's cursor, as SQLAlchemy raises it through a Connection
+    (IntegrityError, OperationalError, ...), so callers catch one family of errors on every path."""
+    return DBAPIError.instance(sql, params, exc, dialect.loaded_dbapi.Error)
+
+
 def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence[dict[str, Any]]]]) -> None:
     """Run write statements (no results needed) in the connection's transaction. On PostgreSQL they go in
     one psycopg pipeline: one network round trip for all of them instead of one each (libpq pipeline
@@ -164,7 +170,7 @@ def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence
                     else:
                         cur.executemany(sql, params)
                 except dialect.loaded_dbapi.Error as exc:
-                    raise DBAPIError.instance(sql, params, exc, dialect.loaded_dbapi.Error) from exc
+                    raise _as_sqlalchemy(dialect, sql, params, exc) from exc
         finally:
             cur.close()
         return
@@ -176,8 +182,8 @@ def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence
             for p, rows in statements:
                 sql, params = p.bind(conn.dialect, rows)
                 cur.executemany(sql, params)
-    except conn.dialect.loaded_dbapi.Error as exc:  # as through a Connection: IntegrityError, ...
-        raise DBAPIError.instance(sql, params, exc, conn.dialect.loaded_dbapi.Error) from exc
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise _as_sqlalchemy(conn.dialect, sql, params, exc) from exc
 
 
 __all__ = ["BulkInsert", "MultiRowInsert", "Prepared", "run_together"]
