@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -31,17 +31,28 @@ from pki.store.db import utcnow
 from pki.store.fast import Prepared
 from pki.store.models import Certificate, CertificateAuthority, Contract, ProvisioningCertificate
 
+if TYPE_CHECKING:
+    from pki.issuance import CAHandle
+
 _CONTRACT = Contract.__table__  # type: ignore[attr-defined]
 _CERT = Certificate.__table__  # type: ignore[attr-defined]
 _CONTRACT_COLS = tuple(c.name for c in _CONTRACT.columns)
 # The two lookups every contract installation makes, prepared once (pki/store/fast.py).
-_DEFAULT_CONTRACT = Prepared(
+_DEFAULT_CONTRACT_Q = (
     sa_select(*_CONTRACT.columns)
     .where(_CONTRACT.c.pcid == bindparam("b_pcid"), _CONTRACT.c.status == "active",
            _CONTRACT.c.valid_until > bindparam("b_now", type_=_CONTRACT.c.valid_until.type))
     .order_by(_CONTRACT.c.is_default.desc(), _CONTRACT.c.id.desc()).limit(1))
+_DEFAULT_CONTRACT = Prepared(_DEFAULT_CONTRACT_Q)
 _CERT_STATUS = Prepared(
     sa_select(_CERT.c.status, _CERT.c.not_before, _CERT.c.not_after)
+    .where(_CERT.c.issuer == bindparam("b_issuer"), _CERT.c.serial == bindparam("b_serial")))
+# Both in one statement: the certificate's row, outer-joined to the PCID's default contract (an
+# uncorrelated scalar subquery, evaluated once): no certificate row, no result; no contract, NULLs.
+_STATUS_AND_CONTRACT = Prepared(
+    sa_select(_CERT.c.status, _CERT.c.not_before, _CERT.c.not_after, *_CONTRACT.columns)
+    .select_from(_CERT.outerjoin(_CONTRACT, _CONTRACT.c.id == _DEFAULT_CONTRACT_Q.with_only_columns(
+        _CONTRACT.c.id).scalar_subquery()))
     .where(_CERT.c.issuer == bindparam("b_issuer"), _CERT.c.serial == bindparam("b_serial")))
 
 
@@ -178,7 +189,24 @@ def verify_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+# Certificates already matched to the CA whose key signed them, by their DER: a vehicle's provisioning
+# certificate is presented at every installation, and its ECDSA verification (≈ 110 µs) was the largest
+# single cost of the chain check. Whether a signature verifies under a key never changes, so the result
+# may be kept; it is only used while that CA's handle is still the engine's (a re-keyed or removed CA
+# gets a new handle, and the certificate is verified again). Bounded; cleared when full.
+_ISSUER_OF: dict[bytes, CAHandle] = {}
+_ISSUER_OF_MAX = 4096
+
+
 def find_our_issuer(ctx: Context, cert: x509.Certificate) -> CertificateAuthority | None:
+    der = cert.public_bytes(serialization.Encoding.DER)
+    known = _ISSUER_OF.get(der)
+    if known is not None:
+        try:
+            if ctx.engine.ca(known.name) is known:
+                return known.row
+        except PKIError:
+            pass
     # Candidates by the issuer Name's DER (RFC 5280 §7.1 name matching is by value; our CAs' names are
     # ours, byte-stable), then the signature decides. Reading the DER avoids building Name objects per
     # CA per request; an unparsable TBS falls back to comparing Name objects.
@@ -186,6 +214,9 @@ def find_our_issuer(ctx: Context, cert: x509.Certificate) -> CertificateAuthorit
     for h in ctx.engine.cas():
         same = (h.subject_der == want) if want is not None else (h.cert.subject == cert.issuer)
         if same and verify_issued_by(cert, h.cert):
+            if len(_ISSUER_OF) >= _ISSUER_OF_MAX:
+                _ISSUER_OF.clear()
+            _ISSUER_OF[der] = h
             return h.row
     return None
 
@@ -217,20 +248,61 @@ def chain_status(ctx: Context, cert: x509.Certificate, hierarchy: str) -> tuple[
     One query (the certificate's own status and validity, returned as the second element, or None); the
     CA chain comes from the engine's CA cache, whose status column follows revocations of CA certificates
     (pki/issuance.py)."""
+    ca = _our_issuer_in(ctx, cert, hierarchy)
+    if ca is None:
+        return "CertChainError", None
+    found = _CERT_STATUS.fetch_on(ctx.db.autocommit, _status_params(ca, cert))
+    row = _StatusRow(*found[0]) if found else None
+    return _judge(ctx, ca, row), row
+
+
+def provisioning_status_and_contract(ctx: Context, cert: x509.Certificate,
+                                     pcid: str) -> tuple[str, _StatusRow | None, ContractRow | None]:
+    """What a contract installation looks up before it issues: :func:`chain_status` of the vehicle's OEM
+    provisioning certificate and :func:`default_contract_for` its PCID — in ONE query (a round trip, a pool
+    checkout and a statement fewer per installation; on PostgreSQL the round trip is most of a lookup's
+    cost). The contract is None when the status is not Accepted or the PCID has no active contract."""
+    ca = _our_issuer_in(ctx, cert, "oem")
+    if ca is None:
+        return "CertChainError", None, None
+    try:
+        v = normalise_pcid(pcid)
+    except PKIError:  # not a PCID: no contract can match; the status still decides first
+        status, row = chain_status(ctx, cert, "oem")
+        return status, row, None
+    params = _status_params(ca, cert)
+    params.update(b_pcid=v, b_now=utcnow())
+    found = _STATUS_AND_CONTRACT.fetch_on(ctx.db.autocommit, params)
+    if not found:
+        return "CertChainError", None, None
+    row = _StatusRow(*found[0][:3])
+    status = _judge(ctx, ca, row)
+    contract = found[0][3:]
+    return status, row, (ContractRow(*contract) if status == "Accepted" and contract[0] is not None else None)
+
+
+def _our_issuer_in(ctx: Context, cert: x509.Certificate, hierarchy: str) -> CertificateAuthority | None:
     _fresh_cas(ctx)
     ca = find_our_issuer(ctx, cert)
     if ca is None or ca.hierarchy != hierarchy and not (hierarchy == "mo" and ca.hierarchy == "v2g"):
-        return "CertChainError", None
-    now = utcnow()
-    serial = format(cert.serial_number, "x")
-    found = _CERT_STATUS.fetch_on(ctx.db.autocommit, {"b_issuer": ca.name, "b_serial": serial})
-    row = _StatusRow(*found[0]) if found else None
+        return None
+    return ca
+
+
+def _status_params(ca: CertificateAuthority, cert: x509.Certificate) -> dict[str, Any]:
+    return {"b_issuer": ca.name, "b_serial": format(cert.serial_number, "x")}
+
+
+def _judge(ctx: Context, ca: CertificateAuthority, row: _StatusRow | None) -> str:
+    """The certificate's own row (None: not ours), then every CA up to its root (RFC 5280 §6.1: each
+    certificate of the path within its validity and not revoked)."""
     if row is None:
-        return "CertChainError", None
+        return "CertChainError"
     if row.status != "valid":
-        return "CertificateRevoked", row
+        return "CertificateRevoked"
+    now = utcnow()
     if not (row.not_before <= now < row.not_after):
-        return "CertificateExpired", row
+        return "CertificateExpired"
     cur: str | None = ca.name
     seen: set[str] = set()
     while cur is not None and cur not in seen:
@@ -238,13 +310,13 @@ def chain_status(ctx: Context, cert: x509.Certificate, hierarchy: str) -> tuple[
         try:
             h = ctx.engine.ca(cur)
         except PKIError:
-            return "CertChainError", row
+            return "CertChainError"
         if h.row.status == "revoked":
-            return "CertificateRevoked", row
+            return "CertificateRevoked"
         if not (h.row.not_before <= now < h.row.not_after):
-            return "CertificateExpired", row
+            return "CertificateExpired"
         cur = h.row.parent
-    return "Accepted", row
+    return "Accepted"
 
 
 # -- provisioning certificate pool --------------------------------------------------------------------

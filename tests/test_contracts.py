@@ -130,3 +130,87 @@ def test_provisioning_pool(env: dict) -> None:  # type: ignore[type-arg]
     r = client.post("/v1/enrollments", json={"csr": csr_pem("DE*ABC*E1", dc="CPO").decode(), "profile": "secc"},
                     headers={"Authorization": h["oem"]["Authorization"]})
     assert r.status_code == 403
+
+
+def test_one_query_installation_lookup_agrees_with_the_separate_ones(env: dict) -> None:  # type: ignore[type-arg]
+    """provisioning_status_and_contract (the installation's single lookup) gives what chain_status and
+    default_contract_for give separately, in every state a vehicle can be in."""
+    from pki.contracts import chain_status, default_contract_for, provisioning_status_and_contract
+
+    client, ctx, prov, h = env["client"], env["ctx"], env["prov"], env["h"]
+    pcid = prov["oem"] + _a(14)
+    r = client.post("/v1/enrollments", json={"csr": csr_pem(pcid, dc="OEM").decode(), "profile": "oem-prov"},
+                    headers=h["oem"])
+    assert r.status_code == 201, r.text
+    cert = x509.load_pem_x509_certificates(r.json()["chain"].encode())[0]
+    issuer = r.json()["issuer"]
+
+    def both() -> tuple[str, object, object]:
+        status, row, contract = provisioning_status_and_contract(ctx, cert, pcid)
+        assert (status, row) == chain_status(ctx, cert, "oem")
+        return status, row, contract
+
+    # no contract yet
+    status, row, contract = both()
+    assert status == "Accepted" and row is not None and contract is None
+    assert default_contract_for(ctx, pcid) is None
+    # one contract, then a second one made the default: the default is the one returned
+    until = (utcnow() + timedelta(days=30)).isoformat()
+    first, second = (f"{prov['emsp1'].replace('-', '')}{_a(9)}" for _ in range(2))
+    for emaid in (first, second):
+        assert client.post("/v1/contracts", json={"emaid": emaid, "pcid": pcid, "valid_until": until},
+                           headers=h["emsp1"]).status_code == 201
+    status, _, contract = both()
+    assert status == "Accepted" and contract == default_contract_for(ctx, pcid)
+    assert contract is not None and contract.emaid == second and contract.is_default
+    # a terminated default: the other contract is what remains
+    assert client.post(f"/v1/contracts/{second}/terminate", headers=h["emsp1"]).status_code == 200
+    assert both()[2] == default_contract_for(ctx, pcid) and default_contract_for(ctx, pcid).emaid == first  # type: ignore[union-attr]
+    # not a PCID: no contract can match, the status is still given
+    assert provisioning_status_and_contract(ctx, cert, "not a pcid")[::2] == ("Accepted", None)
+    # a certificate of another hierarchy, and one we never issued
+    r = client.post("/v1/enrollments", json={"csr": csr_pem(f"{prov['emsp1']}-{_a(9)}", dc="MO").decode(),
+                                              "profile": "contract"}, headers=h["emsp1"])
+    mo_cert = x509.load_pem_x509_certificates(r.json()["chain"].encode())[0]
+    assert provisioning_status_and_contract(ctx, mo_cert, pcid) == ("CertChainError", None, None)
+    # revoked: the contract is not handed out
+    ctx.engine.revoke(format(cert.serial_number, "x"), "keyCompromise", issuer=issuer)
+    status, row, contract = both()
+    assert status == "CertificateRevoked" and row is not None and row.status == "revoked" and contract is None
+
+
+def test_issuer_of_a_certificate_is_remembered_only_for_the_same_certificate_and_ca(
+        env: dict, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[type-arg]
+    """find_our_issuer keeps which CA verified a certificate's signature: the second lookup verifies
+    nothing, a certificate with one bit of its signature changed is still verified (and refused), and an
+    entry naming a CA handle the engine no longer has is verified again."""
+    from pki import contracts
+
+    client, ctx, prov, h = env["client"], env["ctx"], env["prov"], env["h"]
+    r = client.post("/v1/enrollments", json={"csr": csr_pem(prov["oem"] + _a(14), dc="OEM").decode(),
+                                              "profile": "oem-prov"}, headers=h["oem"])
+    cert = x509.load_pem_x509_certificates(r.json()["chain"].encode())[0]
+    calls: list[int] = []
+    real = contracts.verify_issued_by
+
+    def counting(c: x509.Certificate, i: x509.Certificate) -> bool:
+        calls.append(1)
+        return real(c, i)
+
+    monkeypatch.setattr(contracts, "verify_issued_by", counting)
+    first = contracts.find_our_issuer(ctx, cert)
+    assert first is not None and first.name == r.json()["issuer"] and calls
+    calls.clear()
+    assert contracts.find_our_issuer(ctx, cert) is first and not calls
+    # the same certificate with its signature's last octet changed: a different DER, verified, refused
+    der = bytearray(cert.public_bytes(serialization.Encoding.DER))
+    der[-1] ^= 0x01
+    forged = x509.load_der_x509_certificate(bytes(der))
+    assert contracts.find_our_issuer(ctx, forged) is None and calls
+    # a remembered handle that is not the engine's any more (CA re-keyed or reloaded): verified again
+    from dataclasses import replace
+
+    der_key = cert.public_bytes(serialization.Encoding.DER)
+    contracts._ISSUER_OF[der_key] = replace(contracts._ISSUER_OF[der_key])
+    calls.clear()
+    assert contracts.find_our_issuer(ctx, cert) is not None and calls

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import col, select
 
 from pki.context import Context
-from pki.contracts import ContractRow, chain_status, default_contract_for
+from pki.contracts import ContractRow, chain_status, provisioning_status_and_contract
 from pki.cps.errors import CPSError, ExiError, KeyWrapError, SignatureVerificationFailed, XmlDsigError
 from pki.cps.exi import (
     EMAID,
@@ -270,25 +270,23 @@ def deliver(ctx: Context, exi_request: bytes, *, actor: str = "cps") -> Delivery
 def _deliver(ctx: Context, raw: Node, body: CertificateInstallationReq | CertificateUpdateReq, session_id: bytes,
              actor: str) -> Delivery:
     ids = body.root_certificate_ids[:MAX_ROOT_IDS]
+    contract: Contract | ContractRow | None
     if isinstance(body, CertificateInstallationReq):
         try:
             vehicle_cert = x509.load_der_x509_certificate(body.oem_provisioning_cert)
         except ValueError:
             raise CPSFailure(ResponseCode.FAILED_CertChainError, "OEM provisioning certificate is not DER") from None
-        status, _ = chain_status(ctx, vehicle_cert, "oem")
-        _status_failure(status, "OEM provisioning certificate")
         cn = vehicle_cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         pcid = str(cn[0].value).upper() if cn else ""
+        # The certificate's status and the PCID's default contract in one query; judged in this order:
+        # chain, DC=OEM, request signature, contract.
+        status, _, contract = provisioning_status_and_contract(ctx, vehicle_cert, pcid)
+        _status_failure(status, "OEM provisioning certificate")
         dcs = vehicle_cert.subject.get_attributes_for_oid(x509.NameOID.DOMAIN_COMPONENT)
         if not dcs or str(dcs[0].value).upper() != "OEM":
             # The provisioning service checks DC=OEM (shared profiles doc §2).
             raise CPSFailure(ResponseCode.FAILED_CertChainError, "provisioning certificate lacks DC=OEM")
         _verify(raw, vehicle_cert)
-        contract: Contract | ContractRow | None
-        try:
-            contract = default_contract_for(ctx, pcid)
-        except PKIError:
-            contract = None
         if contract is None:
             raise CPSFailure(ResponseCode.FAILED_NoCertificateAvailable, f"no active contract for PCID {pcid}")
     else:
