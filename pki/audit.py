@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
 from pki.store.db import utcnow
-from pki.store.fast import BulkInsert, Prepared
+from pki.store.fast import BulkInsert, Prepared, first_row
 from pki.store.models import AuditEvent, AuditHead
 
 GENESIS = "0" * 64
@@ -66,7 +66,8 @@ _GET_HEAD = {False: Prepared(select(_HEAD_TABLE.c.seq, _HEAD_TABLE.c.hash).where
 def _lock_head(conn: Connection) -> tuple[int, str]:
     """The chain head (seq, hash), locked for the rest of the transaction: SELECT … FOR UPDATE on
     PostgreSQL; on SQLite the writer already holds the database lock (BEGIN IMMEDIATE, pki/store/db.py)."""
-    row: Any = _GET_HEAD[conn.dialect.name == "postgresql"].execute(conn, {}).first()
+    # first_row: on PostgreSQL the driver's BEGIN and this SELECT share one round trip.
+    row: Any = first_row(conn, _GET_HEAD[conn.dialect.name == "postgresql"], {})
     if row is None:
         conn.execute(insert(_HEAD_TABLE).values(id=1, seq=0, hash=GENESIS))
         return 0, GENESIS

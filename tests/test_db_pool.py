@@ -78,7 +78,7 @@ def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, t
     from sqlalchemy.exc import DBAPIError, IntegrityError
     from sqlmodel.sql.sqltypes import UTCDateTime
 
-    from pki.store.fast import BulkInsert, MultiRowInsert, Prepared, run_together
+    from pki.store.fast import BulkInsert, MultiRowInsert, Prepared, first_row, run_together
 
     url = f"sqlite:///{tmp_path}/p.db" if backend == "sqlite" else pg_url
     db = Database(url)
@@ -121,6 +121,24 @@ def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, t
         with db.engine.connect() as conn:
             ids = [r[0] for r in conn.execute(select(t.c.id).where(t.c.id >= 100).order_by(t.c.id))]
         assert ids == [100, 101, 102]
+        # on PostgreSQL the values are merged into the SQL by psycopg: quotes, backslashes, placeholders
+        # and binary of every octet value, JSON, time zones and NULLs come back exactly
+        odd = [{**rows[i], "id": 300 + i, "s": ["O'Brien \\ %s %(s)s ;--", "\u00e9\u20ac\U0001f697", ""][i % 3],
+                "b": bytes(range(256)) if i % 2 else b"'\\\x00", "j": {"q": "it's", "n": [None, 1.5, "%s"]}}
+               for i in range(3)]
+        with db.engine.begin() as conn:
+            run_together(conn, [(bulk, odd[:2]), (bulk, odd[2:])])
+        with db.engine.connect() as conn:
+            back = [r._asdict() for r in conn.execute(select(t).where(t.c.id >= 300).order_by(t.c.id))]
+        assert back == [{**r, "at": r["at"].astimezone(UTC)} for r in odd]
+        # first_row: the transaction's first SELECT (on PostgreSQL with the driver's BEGIN in the same
+        # round trip) reads what fetch reads, and the transaction then goes on as usual
+        with db.engine.begin() as conn:
+            assert first_row(conn, q, {"b_at": t0}) == via_conn[0]
+            assert first_row(conn, q, {"b_at": t0 + timedelta(days=3650)}) is None
+            run_together(conn, [(bulk, [{**rows[0], "id": 400}])])
+        with db.engine.connect() as conn:
+            assert conn.execute(select(t.c.id).where(t.c.id == 400)).scalar() == 400
     finally:
         md.drop_all(db.engine)
     with pytest.raises(DBAPIError):  # driver errors come out as SQLAlchemy's, as through a Connection
