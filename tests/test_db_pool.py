@@ -139,6 +139,18 @@ def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, t
             run_together(conn, [(bulk, [{**rows[0], "id": 400}])])
         with db.engine.connect() as conn:
             assert conn.execute(select(t.c.id).where(t.c.id == 400)).scalar() == 400
+        # commit=True: on PostgreSQL the COMMIT goes with the writes, so another connection sees them before
+        # the caller's own commit (which then has nothing to do); a failing batch commits nothing
+        with db.engine.begin() as conn:
+            first_row(conn, q, {"b_at": t0})
+            run_together(conn, [(bulk, [{**rows[0], "id": 500}])], commit=True)
+            if backend == "postgresql":
+                with db.engine.connect() as other:
+                    assert other.execute(select(t.c.id).where(t.c.id == 500)).scalar() == 500
+        with pytest.raises(IntegrityError), db.engine.begin() as conn:
+            run_together(conn, [(bulk, [{**rows[0], "id": 501}]), (bulk, [{**rows[0], "id": 500}])], commit=True)
+        with db.engine.connect() as conn:
+            assert [r[0] for r in conn.execute(select(t.c.id).where(t.c.id >= 500))] == [500]
     finally:
         md.drop_all(db.engine)
     with pytest.raises(DBAPIError):  # driver errors come out as SQLAlchemy's, as through a Connection

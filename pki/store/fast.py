@@ -151,10 +151,15 @@ def _as_sqlalchemy(dialect: Dialect, sql: str, params: Any, exc: Exception) -> S
     return DBAPIError.instance(sql, params, exc, dialect.loaded_dbapi.Error)
 
 
-def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence[dict[str, Any]]]]) -> None:
-    """Run write statements (no results needed) in the connection's transaction. On PostgreSQL they go in
-    one psycopg pipeline: one network round trip for all of them instead of one each (libpq pipeline
-    mode; an error aborts the transaction and is raised here, as it would be statement by statement)."""
+def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence[dict[str, Any]]]], *,
+                 commit: bool = False) -> None:
+    """Run write statements (no results needed) in the connection's transaction. On PostgreSQL they go as
+    one query: one network round trip for all of them instead of one each (an error aborts the
+    transaction and is raised here, as it would be statement by statement).
+
+    ``commit``: on PostgreSQL, COMMIT is sent in the same query, so the transaction ends with the writes
+    (the caller's commit then finds nothing to do: psycopg skips COMMIT on an idle connection). Only for
+    a caller that has nothing else to write in this transaction. Ignored on SQLite (no round trips)."""
     statements = [(p, rows) for p, rows in statements if rows]
     if conn.dialect.name != "postgresql":
         # SQLite: the statements on the transaction's own driver cursor — SQLAlchemy's execution context
@@ -192,6 +197,10 @@ def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence
             for p, rows in statements:
                 sql, params = p.bind(dialect, rows)
                 parts.extend(cur.mogrify(sql, r) for r in params)
+            if commit:
+                parts.append("COMMIT")
+            if not parts:
+                return
             sql = ";\n".join(parts)
             cur.execute(sql.encode())
     except dialect.loaded_dbapi.Error as exc:
