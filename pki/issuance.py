@@ -587,9 +587,8 @@ class Engine:
         # The intents go in as ONE multi-row INSERT in autocommit: atomic by itself (all rows or none), and
         # committed in one round trip instead of BEGIN, INSERT, COMMIT (a batch is often one request under
         # HTTP load, where those round trips were most of its database time).
-        with self.db.autocommit.connect() as conn:
-            for k in range(0, len(intents), 500):  # bound the statement's parameters (drivers' limits)
-                _INSERT_INTENTS.execute(conn, intents[k:k + 500])
+        for k in range(0, len(intents), 500):  # bound the statement's parameters (drivers' limits)
+            _INSERT_INTENTS.execute_on(self.db.autocommit, intents[k:k + 500])
         issued: list[Issued] = []
         chains: dict[str, list[x509.Certificate]] = {}
         try:

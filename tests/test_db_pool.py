@@ -139,6 +139,14 @@ def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, t
             run_together(conn, [(bulk, [{**rows[0], "id": 400}])])
         with db.engine.connect() as conn:
             assert conn.execute(select(t.c.id).where(t.c.id == 400)).scalar() == 400
+        # execute_on: a multi-row INSERT committed on its own through the autocommit engine's driver
+        # cursor; a duplicate in it raises IntegrityError and writes none of its rows
+        multi = MultiRowInsert(t, list(rows[0]))
+        multi.execute_on(db.autocommit, [{**rows[0], "id": 600}, {**rows[1], "id": 601}])
+        with pytest.raises(IntegrityError):
+            multi.execute_on(db.autocommit, [{**rows[0], "id": 602}, {**rows[1], "id": 601}])
+        with db.engine.connect() as conn:
+            assert [r[0] for r in conn.execute(select(t.c.id).where(t.c.id >= 600).order_by(t.c.id))] == [600, 601]
         # commit=True: on PostgreSQL the COMMIT goes with the writes, so another connection sees them before
         # the caller's own commit (which then has nothing to do); a failing batch commits nothing
         with db.engine.begin() as conn:
@@ -150,7 +158,7 @@ def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, t
         with pytest.raises(IntegrityError), db.engine.begin() as conn:
             run_together(conn, [(bulk, [{**rows[0], "id": 501}]), (bulk, [{**rows[0], "id": 500}])], commit=True)
         with db.engine.connect() as conn:
-            assert [r[0] for r in conn.execute(select(t.c.id).where(t.c.id >= 500))] == [500]
+            assert [r[0] for r in conn.execute(select(t.c.id).where(t.c.id >= 500, t.c.id < 600))] == [500]
     finally:
         md.drop_all(db.engine)
     with pytest.raises(DBAPIError):  # driver errors come out as SQLAlchemy's, as through a Connection

@@ -106,6 +106,28 @@ class Prepared:
         sql, params = self.bind(conn.dialect, rows)
         return conn.exec_driver_sql(sql, params[0] if len(params) == 1 else params)
 
+    def execute_on(self, engine: Engine, rows: Sequence[dict[str, Any]] | dict[str, Any]) -> None:
+        """A write that is atomic by itself, on a pooled connection of an autocommit ``engine``
+        (Database.autocommit) with the driver's cursor, as :meth:`fetch_on` reads: it commits on its own,
+        without SQLAlchemy's Connection and execution context around it (the issuance intent, written
+        before every HSM signature). Driver errors are raised as SQLAlchemy's DBAPIError."""
+        dialect = engine.dialect
+        sql, params = self.bind(dialect, rows)
+        raw = engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            try:
+                if len(params) == 1:
+                    cur.execute(sql, params[0])
+                else:
+                    cur.executemany(sql, params)
+            finally:
+                cur.close()
+        except dialect.loaded_dbapi.Error as exc:
+            raise _as_sqlalchemy(dialect, sql, params, exc) from exc
+        finally:
+            raw.close()  # back to the pool
+
 
 class BulkInsert(Prepared):
     """INSERT INTO table (columns...) VALUES (...) for rows whose dicts carry exactly ``columns``."""
@@ -132,9 +154,10 @@ class MultiRowInsert:
         self._by_n: dict[int, Prepared] = {}
 
     def execute(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-        n = len(rows)
-        if n == 0:
-            return
+        if rows:
+            self._for(len(rows)).execute(conn, self._flat(rows))
+
+    def _for(self, n: int) -> Prepared:
         p = self._by_n.get(n)
         if p is None:
             t = self.table
@@ -142,7 +165,15 @@ class MultiRowInsert:
                                            for i in range(n)]))
             if len(self._by_n) < 600:
                 self._by_n[n] = p
-        p.execute(conn, {f"{c}_{i}": r[c] for i, r in enumerate(rows) for c in self.columns})
+        return p
+
+    def execute_on(self, engine: Engine, rows: Sequence[dict[str, Any]]) -> None:
+        """:meth:`execute` as :meth:`Prepared.execute_on`: committed on its own, on an autocommit engine."""
+        if rows:
+            self._for(len(rows)).execute_on(engine, self._flat(rows))
+
+    def _flat(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return {f"{c}_{i}": r[c] for i, r in enumerate(rows) for c in self.columns}
 
 
 def _as_sqlalchemy(dialect: Dialect, sql: str, params: Any, exc: Exception) -> StatementError:
