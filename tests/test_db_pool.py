@@ -78,7 +78,7 @@ def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, t
     from sqlalchemy.exc import DBAPIError, IntegrityError
     from sqlmodel.sql.sqltypes import UTCDateTime
 
-    from pki.store.fast import BulkInsert, MultiRowInsert, Prepared, first_row, run_together
+    from pki.store.fast import SIMPLE_QUERY_MAX_ROWS, BulkInsert, MultiRowInsert, Prepared, first_row, run_together
 
     url = f"sqlite:///{tmp_path}/p.db" if backend == "sqlite" else pg_url
     db = Database(url)
@@ -139,6 +139,16 @@ def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, t
             run_together(conn, [(bulk, [{**rows[0], "id": 400}])])
         with db.engine.connect() as conn:
             assert conn.execute(select(t.c.id).where(t.c.id == 400)).scalar() == 400
+        # a batch over SIMPLE_QUERY_MAX_ROWS goes as a pipeline of executemany calls on PostgreSQL: the same
+        # rows land (commit=True is then left to the caller's commit), and a duplicate fails the whole batch
+        big = [{**rows[i % 12], "id": 700 + i} for i in range(SIMPLE_QUERY_MAX_ROWS + 4)]
+        with db.engine.begin() as conn:
+            run_together(conn, [(bulk, big[:10]), (bulk, big[10:])], commit=True)
+        with pytest.raises(IntegrityError), db.engine.begin() as conn:
+            run_together(conn, [(bulk, [{**r, "id": r["id"] + 100} for r in big]), (bulk, big[:1])])
+        with db.engine.connect() as conn:
+            back = [r._asdict() for r in conn.execute(select(t).where(t.c.id >= 700).order_by(t.c.id))]
+        assert back == [{**r, "at": r["at"].astimezone(UTC)} for r in big]
         # execute_on: a multi-row INSERT committed on its own through the autocommit engine's driver
         # cursor; a duplicate in it raises IntegrityError and writes none of its rows
         multi = MultiRowInsert(t, list(rows[0]))
@@ -146,7 +156,8 @@ def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, t
         with pytest.raises(IntegrityError):
             multi.execute_on(db.autocommit, [{**rows[0], "id": 602}, {**rows[1], "id": 601}])
         with db.engine.connect() as conn:
-            assert [r[0] for r in conn.execute(select(t.c.id).where(t.c.id >= 600).order_by(t.c.id))] == [600, 601]
+            assert [r[0] for r in conn.execute(select(t.c.id).where(t.c.id >= 600, t.c.id < 700)
+                                               .order_by(t.c.id))] == [600, 601]
         # commit=True: on PostgreSQL the COMMIT goes with the writes, so another connection sees them before
         # the caller's own commit (which then has nothing to do); a failing batch commits nothing
         with db.engine.begin() as conn:

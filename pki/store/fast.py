@@ -182,15 +182,18 @@ def _as_sqlalchemy(dialect: Dialect, sql: str, params: Any, exc: Exception) -> S
     return DBAPIError.instance(sql, params, exc, dialect.loaded_dbapi.Error)
 
 
+SIMPLE_QUERY_MAX_ROWS = 16  # rows up to which run_together sends one simple query on PostgreSQL
+
+
 def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence[dict[str, Any]]]], *,
                  commit: bool = False) -> None:
     """Run write statements (no results needed) in the connection's transaction. On PostgreSQL they go as
     one query: one network round trip for all of them instead of one each (an error aborts the
     transaction and is raised here, as it would be statement by statement).
 
-    ``commit``: on PostgreSQL, COMMIT is sent in the same query, so the transaction ends with the writes
-    (the caller's commit then finds nothing to do: psycopg skips COMMIT on an idle connection). Only for
-    a caller that has nothing else to write in this transaction. Ignored on SQLite (no round trips)."""
+    ``commit``: on PostgreSQL, for a small batch, COMMIT is sent in the same query, so the transaction
+    ends with the writes (the caller's commit then finds nothing to do: psycopg skips COMMIT on an idle
+    connection). Only for a caller with nothing else to write in this transaction. Ignored otherwise."""
     statements = [(p, rows) for p, rows in statements if rows]
     if conn.dialect.name != "postgresql":
         # SQLite: the statements on the transaction's own driver cursor — SQLAlchemy's execution context
@@ -211,15 +214,26 @@ def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence
         finally:
             cur.close()
         return
-    # PostgreSQL: every row's statement with its parameters merged client-side by psycopg (its own
-    # literal adaptation, the same as a ClientCursor's execute: no SQL is built from values here), sent
-    # as ONE simple-protocol query. Against a pipeline of executemany calls this is one send and one read
-    # instead of one per statement: on this VM a round trip costs ≈ 120 µs of client CPU, and the
-    # pipeline's bookkeeping cost more than the writes (py-spy of a contract installation). In a
-    # transaction the statements run in it; the first error aborts it and is raised here, as it would be
-    # statement by statement.
+    # PostgreSQL, a small batch (an HTTP request's issuance): each row's statement with its parameters
+    # merged client-side by psycopg (its own literal adaptation, as a ClientCursor's execute; no SQL is
+    # built from values here), sent as ONE simple-protocol query: one send and one read instead of a
+    # pipeline's per-statement bookkeeping (on this VM a round trip costs ≈ 120 µs of client CPU). In a
+    # transaction the statements run in it; the first error aborts it and is raised here, as it would
+    # be statement by statement.
     raw: Any = conn.connection.driver_connection
     dialect = conn.dialect
+    if sum(len(rows) for _, rows in statements) > SIMPLE_QUERY_MAX_ROWS:
+        # Big batches (bench/issuance.py, batch 64): a pipeline of executemany calls on prepared
+        # statements, where the server parses each statement once instead of once per row.
+        try:
+            with raw.pipeline():
+                pcur = raw.cursor()
+                for p, rows in statements:
+                    sql, params = p.bind(dialect, rows)
+                    pcur.executemany(sql, params)
+        except dialect.loaded_dbapi.Error as exc:
+            raise _as_sqlalchemy(dialect, sql, params, exc) from exc
+        return  # the caller's commit ends the transaction
     cur = psycopg.ClientCursor(raw)
     parts: list[str] = []
     sql = ""
