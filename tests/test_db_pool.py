@@ -73,6 +73,7 @@ def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, t
         Table,
         bindparam,
         insert,
+        literal,
         select,
     )
     from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -174,4 +175,8 @@ def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, t
         md.drop_all(db.engine)
     with pytest.raises(DBAPIError):  # driver errors come out as SQLAlchemy's, as through a Connection
         q.fetch_on(db.autocommit, {"b_at": t0})
+    with pytest.raises(DBAPIError), db.engine.begin() as conn:  # also from BEGIN + SELECT in one query
+        first_row(conn, q, {"b_at": t0})
+    with db.engine.connect() as conn:  # and the pooled connection is usable after the rollback
+        assert conn.execute(select(literal(1))).scalar() == 1
     db.dispose()
