@@ -320,3 +320,30 @@ def test_self_check_runs_once_per_loaded_key_pair_and_still_catches_a_swapped_ke
             sign_contract_response(b"\x01", _response(oem, contract), signer)
     finally:
         xmldsig._self_check = real  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("shape", ["cps", "one", "ids", "sha512"])
+def test_signed_info_template_encodes_what_the_codec_encodes(shape: str) -> None:
+    """encode_signed_info fills a per-shape template with the digests; for many random digests the bytes
+    equal the codec's own encoding of the same SignedInfo, for the CPS's four references and other shapes."""
+    import os
+
+    from pki.cps.exi import codec, messages
+    from pki.cps.exi.messages import Reference, SignedInfo
+    from pki.cps.exi.schema import MSGDEF, XMLDSIG
+
+    n = 64 if shape == "sha512" else 32
+    refs = {"cps": [Reference(f"#id{i}", b"") for i in range(1, 5)],
+            "one": [Reference("#id1", b"")],
+            "ids": [Reference(f"#r{i}", b"", id=f"ref{i}") for i in range(3)],
+            "sha512": [Reference("#a", b"", digest_method="http://www.w3.org/2001/04/xmlenc#sha512")] * 2}[shape]
+    for schema in (XMLDSIG, MSGDEF):
+        for _ in range(25):
+            si = SignedInfo(tuple(dataclasses.replace(r, digest_value=os.urandom(n)) for r in refs),
+                            id="sig" if shape == "ids" else None)
+            expect = codec.encode_fragment([si.to_node()], schema)
+            assert messages.encode_signed_info(si, schema) == expect
+    assert any(t is not None for t in messages._TEMPLATES.values())
+    # a digest of another length than the shape's: a shape of its own, still the codec's bytes
+    si = SignedInfo((Reference("#id1", os.urandom(20)),))
+    assert messages.encode_signed_info(si) == codec.encode_fragment([si.to_node()], XMLDSIG)
