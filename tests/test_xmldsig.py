@@ -347,3 +347,37 @@ def test_signed_info_template_encodes_what_the_codec_encodes(shape: str) -> None
     # a digest of another length than the shape's: a shape of its own, still the codec's bytes
     si = SignedInfo((Reference("#id1", os.urandom(20)),))
     assert messages.encode_signed_info(si) == codec.encode_fragment([si.to_node()], XMLDSIG)
+
+
+def test_request_body_bits_kept_by_the_decoder_are_what_the_signature_covers() -> None:
+    """decode_message_tree(for_verify=True) keeps the request body's encoded bits with its Node; the body
+    fragment re-encoded from them equals the codec's encoding of the same tree without them, the request
+    verifies, and a stream whose body differs from what was signed is refused."""
+    import os
+
+    from pki.cps.exi import codec
+    from pki.cps.exi.messages import decode_message_tree
+    from pki.cps.exi.schema import MSGDEF as MSGDEF_SCHEMA
+    from pki.cps.xmldsig import verify_request
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    for n_ids in (1, 2, 5):
+        ids = tuple(X509IssuerSerial(f"CN=Root {i},O=Test é,C=DE", int.from_bytes(os.urandom(9), "big"))
+                    for i in range(n_ids))
+        body = CertificateInstallationReq("id1", os.urandom(500), ids)
+        exi = encode_message(V2GMessage(MessageHeader(b"\x01" * 8, signature=sign_elements([body], key)), body))
+        tree = decode_message_tree(exi, for_verify=True)
+        node = tree.child("Body").child("CertificateInstallationReq")  # type: ignore[union-attr]
+        assert node is not None and node.memo
+        grammar = codec.grammar_for(MSGDEF_SCHEMA.fragment_decl(node.qname), MSGDEF_SCHEMA)
+        assert id(grammar) in node.memo  # the fragment encoder will use the kept bits
+        fresh = decode_message_tree(exi)
+        plain = fresh.child("Body").child("CertificateInstallationReq")  # type: ignore[union-attr]
+        assert plain is not None and plain.memo is None
+        assert codec.encode_fragment([node], MSGDEF_SCHEMA) == codec.encode_fragment([plain], MSGDEF_SCHEMA)
+        verify_request(tree, key.public_key())
+        # the same signature over another body: the digest of the bits received does not match
+        other = CertificateInstallationReq("id1", os.urandom(500), ids)
+        forged = encode_message(V2GMessage(MessageHeader(b"\x01" * 8, signature=sign_elements([body], key)), other))
+        with pytest.raises(SignatureVerificationFailed):
+            verify_request(decode_message_tree(forged, for_verify=True), key.public_key())

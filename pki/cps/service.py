@@ -251,7 +251,8 @@ def deliver(ctx: Context, exi_request: bytes, *, actor: str = "cps") -> Delivery
     from pki.cps.exi import decode_message_tree
 
     try:
-        tree = decode_message_tree(exi_request)  # decoded once: the signature check re-encodes this tree
+        # decoded once: the signature check re-encodes the body from this tree (its bits kept, for_verify)
+        tree = decode_message_tree(exi_request, for_verify=True)
         request = V2GMessage.from_node(tree)
     except ExiError as exc:
         raise CPSError(f"exiRequest is not a valid ISO 15118-2 EXI V2G_Message: {exc.message}") from None

@@ -119,6 +119,17 @@ class BitReader:
         self._pos = stop
         return (chunk >> (8 * last - stop)) & ((1 << nbits) - 1)
 
+    def bits_between(self, start: int, stop: int) -> int:
+        """The bits from position ``start`` to ``stop`` (both already read) as an integer, MSB first."""
+        if not 0 <= start <= stop <= self._end:
+            raise ValueError("positions outside the stream")
+        if start == stop:
+            return 0
+        first = start >> 3
+        last = (stop + 7) >> 3
+        chunk = int.from_bytes(self._data[first:last], "big")
+        return (chunk >> (8 * last - stop)) & ((1 << (stop - start)) - 1)
+
     def read_uint(self, max_octets: int) -> int:
         """Unsigned Integer (EXI 1.0 §7.1.6) of at most ``max_octets`` 7-bit groups."""
         value = 0

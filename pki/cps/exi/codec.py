@@ -184,13 +184,15 @@ def encode_fragment(elements: Sequence[Node], schema: SchemaSet, *, relaxed_ambi
 
 
 class _Decoder:
-    def __init__(self, data: bytes, schema: SchemaSet, limits: DecodeLimits) -> None:
+    def __init__(self, data: bytes, schema: SchemaSet, limits: DecodeLimits,
+                 keep_bits: frozenset[QName] = frozenset()) -> None:
         if len(data) > limits.max_stream_octets:
             raise ExiLimitExceeded(f"EXI stream larger than {limits.max_stream_octets} octets")
         self.reader = BitReader(data)
         self.schema = schema
         self.limits = limits
         self.events = 0
+        self.keep_bits = keep_bits
 
     def header(self) -> None:
         if self.reader.remaining_bits < 8:
@@ -241,6 +243,19 @@ class _Decoder:
             raise ExiUnsupported(f"element {decl.qname[0]} is outside the supported ISO 15118-2 subset")
         grammar = grammar_for(decl, self.schema)
         node = Node(decl.qname)
+        if decl.qname in self.keep_bits:
+            # The content bits as read (content and EE depend only on the node and its grammar, and the
+            # decoder accepts only what the encoder writes), kept as the encoder's memo: re-encoding this
+            # element (the request body's digest) then copies them instead of encoding it again.
+            start = self.reader.position
+            self._content(node, grammar, depth)
+            node.memo = {id(grammar): (grammar, self.reader.bits_between(start, self.reader.position),
+                                       self.reader.position - start)}
+            return node
+        self._content(node, grammar, depth)
+        return node
+
+    def _content(self, node: Node, grammar: Grammar, depth: int) -> None:
         state = grammar.states[0]
         while True:
             code = self.state_code(state, node.local)
@@ -248,10 +263,10 @@ class _Decoder:
                 datatype = state.productions[state.ch].datatype if state.ch is not None else None
                 if isinstance(datatype, StringType | BinaryType) and datatype.min_length > 0:
                     raise ExiDecodeError(f"{node.local}: empty value violates {datatype.label} minLength")
-                return node
+                return
             prod = state.productions[code]
             if prod.kind is Kind.EE:
-                return node
+                return
             if prod.kind is Kind.AT:
                 assert prod.qname is not None and prod.datatype is not None
                 if prod.qname in node.attributes:
@@ -275,8 +290,11 @@ class _Decoder:
             raise ExiDecodeError("non-zero padding after the end of the EXI body")
 
 
-def decode_document(data: bytes, schema: SchemaSet, limits: DecodeLimits = DEFAULT_LIMITS) -> Node:
-    decoder = _Decoder(data, schema, limits)
+def decode_document(data: bytes, schema: SchemaSet, limits: DecodeLimits = DEFAULT_LIMITS, *,
+                    keep_bits: frozenset[QName] = frozenset()) -> Node:
+    """``keep_bits``: elements whose encoded content is kept with their Node (``Node.memo``), for a caller
+    that re-encodes them unchanged (a signature check); such a Node must not be modified afterwards."""
+    decoder = _Decoder(data, schema, limits, keep_bits)
     decoder.header()
     count = len(schema.global_elements)
     code = decoder.code(bits_for(count + 1), count + 1, False, "document")

@@ -599,12 +599,18 @@ def encode_message(message: V2GMessage) -> bytes:
     return encode_document(message.to_node(), MSGDEF)
 
 
-def decode_message_tree(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Node:
-    """Decode a V2G_Message EXI document to its element tree (what signature checks re-encode from)."""
-    root = decode_document(data, MSGDEF, limits)
+def decode_message_tree(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, *, for_verify: bool = False) -> Node:
+    """Decode a V2G_Message EXI document to its element tree (what signature checks re-encode from).
+
+    ``for_verify``: the request bodies keep their encoded bits (codec ``keep_bits``), so the signature
+    check's re-encoding of the body copies them; the tree must then not be modified."""
+    root = decode_document(data, MSGDEF, limits, keep_bits=_SIGNED_BODIES if for_verify else frozenset())
     if root.qname != V2G_MESSAGE:
         raise ExiUnsupported(f"document element {root.local} is not V2G_Message")
     return root
+
+
+_SIGNED_BODIES = frozenset({("CertificateInstallationReq", NS_BODY), ("CertificateUpdateReq", NS_BODY)})
 
 
 def decode_message(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> V2GMessage:
