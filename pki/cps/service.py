@@ -262,14 +262,14 @@ def deliver(ctx: Context, exi_request: bytes, *, actor: str = "cps") -> Delivery
     if not isinstance(body, CertificateInstallationReq | CertificateUpdateReq):
         raise CPSError("exiRequest is neither a CertificateInstallationReq nor a CertificateUpdateReq")
     try:
-        return _deliver(ctx, tree, body, session_id, actor)
+        return _deliver(ctx, tree, request, body, session_id, actor)
     except CPSFailure as f:
         msg = _failed(session_id, f.response_code, update)
         return Delivery(msg, encode_message(msg), f.response_code, notes=[f.message])
 
 
-def _deliver(ctx: Context, raw: Node, body: CertificateInstallationReq | CertificateUpdateReq, session_id: bytes,
-             actor: str) -> Delivery:
+def _deliver(ctx: Context, raw: Node, request: V2GMessage, body: CertificateInstallationReq | CertificateUpdateReq,
+             session_id: bytes, actor: str) -> Delivery:
     ids = body.root_certificate_ids[:MAX_ROOT_IDS]
     contract: Contract | ContractRow | None
     if isinstance(body, CertificateInstallationReq):
@@ -287,7 +287,7 @@ def _deliver(ctx: Context, raw: Node, body: CertificateInstallationReq | Certifi
         if not dcs or str(dcs[0].value).upper() != "OEM":
             # The provisioning service checks DC=OEM (shared profiles doc §2).
             raise CPSFailure(ResponseCode.FAILED_CertChainError, "provisioning certificate lacks DC=OEM")
-        _verify(raw, vehicle_cert)
+        _verify(raw, vehicle_cert, request)
         if contract is None:
             raise CPSFailure(ResponseCode.FAILED_NoCertificateAvailable, f"no active contract for PCID {pcid}")
     else:
@@ -298,7 +298,7 @@ def _deliver(ctx: Context, raw: Node, body: CertificateInstallationReq | Certifi
         status, _ = chain_status(ctx, vehicle_cert, "mo")
         if status != "CertificateExpired":  # an update may renew an expired contract certificate
             _status_failure(status, "current contract certificate")
-        _verify(raw, vehicle_cert)
+        _verify(raw, vehicle_cert, request)
         try:
             emaid = normalise_emaid(body.emaid)
         except PKIError:
@@ -383,9 +383,9 @@ def _status_failure(status: str, what: str) -> None:
         raise CPSFailure(codes.get(status, ResponseCode.FAILED_CertChainError), f"{what}: {status}")
 
 
-def _verify(raw: Node, cert: x509.Certificate) -> None:
+def _verify(raw: Node, cert: x509.Certificate, message: V2GMessage) -> None:
     try:
-        verify_request(raw, cert)
+        verify_request(raw, cert, message=message)
     except SignatureVerificationFailed as exc:
         raise CPSFailure(ResponseCode.FAILED_SignatureError, f"request signature: {exc.message}") from None
     except (XmlDsigError, ExiError) as exc:

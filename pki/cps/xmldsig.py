@@ -229,6 +229,7 @@ def verify_request(
     exi_request: bytes | Node,
     signer_key: ec.EllipticCurvePublicKey | x509.Certificate,
     limits: DecodeLimits = DEFAULT_LIMITS,
+    message: V2GMessage | None = None,
 ) -> VerifiedRequest:
     """Decode a CertificateInstallationReq/UpdateReq V2G_Message and verify its header signature.
 
@@ -244,7 +245,8 @@ def verify_request(
     """
     public_key = _public_key(signer_key)
     tree = exi_request if isinstance(exi_request, Node) else decode_message_tree(exi_request, limits)
-    message = V2GMessage.from_node(tree)
+    if message is None or not isinstance(exi_request, Node):  # ``message``: the caller's from_node(tree)
+        message = V2GMessage.from_node(tree)
     body = message.body
     if not isinstance(body, CertificateInstallationReq | CertificateUpdateReq):
         raise XmlDsigError("not a CertificateInstallationReq or CertificateUpdateReq")
