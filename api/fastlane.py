@@ -49,24 +49,31 @@ ROUTES: dict[str, tuple[str, str, str, str]] = {
 # The route functions block on the HSM and the database: a pool of their own, sized like anyio's default.
 _POOL = ThreadPoolExecutor(max_workers=int(os.environ.get("V2GPKI_FASTLANE_THREADS", "40")),
                            thread_name_prefix="v2gpki-api")
-# Contract installations on SQLite get a pool of their own: ONE thread per worker process. An
-# installation is ≈ 8 ms of Python (EXI, XML signature, key wrap, chain checks) and SQLite never makes it
-# wait (an in-process library), so several installations interleaving on one GIL only added switching:
-# bench/contract.py at c=8 with 2 workers went from ≈ 170 to ≈ 215 installations/s and from ≈ 9.6 to
-# ≈ 8.2 ms of CPU each (2026-11-23). On PostgreSQL an installation waits for its round trips and the
-# shared pool overlaps them (one thread measured ≈ 127 against ≈ 150/s), so it keeps the shared pool.
-# Enrollments keep the shared pool everywhere: their batches of concurrent issuances
-# (pki.issuance.IssueBatcher) need concurrent callers. V2GPKI_CPS_THREADS=N forces a pool of N threads.
+# Contract installations on SQLite run on the event loop itself, one at a time per worker process. An
+# installation is ≈ 6 ms of Python (EXI, XML signature, key wrap, chain checks) and SQLite never makes it
+# wait (an in-process library): several installations interleaving on one GIL only added switching, and
+# even one pool thread cost a hand-off per request (future, self-pipe wake-up, GIL transfer). bench/contract.py
+# at c=8, 2 workers (2026-11-23): 4 threads ≈ 170/s at 9.6 ms CPU each; one thread ≈ 215–250/s at 6.9–8.2 ms;
+# on the loop 266–332/s at 5.3–6.6 ms. The price: while one runs, that worker's other requests wait for it
+# (≈ 6 ms each), and a write lock held by another process (SQLite's busy timeout) stalls the worker, not
+# just its installations — the embedded default's trade; PostgreSQL deployments keep the pool. On
+# PostgreSQL an installation waits for its round trips and the shared pool overlaps them (one thread
+# measured ≈ 127 against ≈ 150/s; on the loop no better), so it keeps the shared pool. Enrollments keep
+# the shared pool everywhere: their batches of concurrent issuances (pki.issuance.IssueBatcher) need
+# concurrent callers. V2GPKI_CPS_THREADS=N forces a pool of N threads for installations, 0 the loop.
 _CPS_POOL: ThreadPoolExecutor | None = None
 
 
-def _cps_pool(sqlite: bool) -> ThreadPoolExecutor:
+def _cps_pool(sqlite: bool) -> ThreadPoolExecutor | None:
+    """The pool installations run in; None: on the event loop."""
     global _CPS_POOL
     forced = os.environ.get("V2GPKI_CPS_THREADS", "").strip()
-    if not forced and not sqlite:
+    if forced == "0" or (not forced and sqlite):
+        return None
+    if not forced:
         return _POOL
     if _CPS_POOL is None:
-        _CPS_POOL = ThreadPoolExecutor(max_workers=int(forced or "1"), thread_name_prefix="v2gpki-cps")
+        _CPS_POOL = ThreadPoolExecutor(max_workers=int(forced), thread_name_prefix="v2gpki-cps")
     return _CPS_POOL
 
 
@@ -76,7 +83,7 @@ class _Route:
     fn: Callable[..., Any]
     model: type[BaseModel]
     wants_response: bool  # post_enrollment takes the FastAPI Response (used only for idempotent replays)
-    pool: ThreadPoolExecutor
+    pool: ThreadPoolExecutor | None  # None: called on the event loop (installations on SQLite)
 
 
 ANSWERED = [0]  # requests this process answered in the lane (tests, diagnostics)
@@ -150,8 +157,11 @@ class FastLane:
             args: tuple[Any, ...] = (model, ctx, principal) + ((Response(),) if route.wants_response else ())
             # copy_context: the request ID and log context follow the call into the pool thread, as they
             # do through Starlette's run_in_threadpool.
-            result = await asyncio.get_running_loop().run_in_executor(
-                route.pool, contextvars.copy_context().run, route.fn, *args)
+            if route.pool is None:
+                result = contextvars.copy_context().run(route.fn, *args)
+            else:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    route.pool, contextvars.copy_context().run, route.fn, *args)
         except Exception as exc:  # noqa: BLE001 - typed errors become problems; anything else is a 500
             resp = response_for(exc)
             if resp is None:

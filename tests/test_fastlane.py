@@ -106,20 +106,28 @@ def test_lane_answers_ocpp_sign_certificate(env: Env) -> None:
     assert fastlane.ANSWERED[0] >= before + 1
 
 
-def test_contract_installations_run_on_their_own_pool(ctx: Context, env: Env,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """get-15118-ev-certificate is answered in the lane; on SQLite by the one-thread contract pool (CPU-bound
-    Python that SQLite never makes wait: one installation at a time per process measured faster), on
-    PostgreSQL by the shared pool that overlaps its round trips."""
+@pytest.mark.parametrize("threads", ["", "2"])
+def test_contract_installations_run_on_the_loop_or_their_pool(ctx: Context, env: Env, threads: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """get-15118-ev-certificate is answered in the lane; on SQLite on the event loop itself (CPU-bound
+    Python that SQLite never makes wait: no thread hand-off per request measured fastest), on PostgreSQL by
+    the shared pool that overlaps its round trips; V2GPKI_CPS_THREADS=N gives installations a pool of N."""
+    import asyncio
     import threading
 
     from api.ocpp import ev_certificate
 
-    seen: list[str] = []
+    monkeypatch.setenv("V2GPKI_CPS_THREADS", threads)
+    seen: list[tuple[str, bool]] = []
     real = ev_certificate.get_15118_ev_certificate
 
     def spy(*args: object) -> object:
-        seen.append(threading.current_thread().name)
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        seen.append((threading.current_thread().name, on_loop))
         return real(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(ev_certificate, "get_15118_ev_certificate", spy)
@@ -131,4 +139,10 @@ def test_contract_installations_run_on_their_own_pool(ctx: Context, env: Env,
         r = client.post("/ocpp/v201/get-15118-ev-certificate", json=body, headers=_auth(env))
     assert r.status_code < 500, r.text
     assert fastlane.ANSWERED[0] == before + 1 and len(seen) == 1
-    assert seen[0].startswith("v2gpki-cps" if ctx.db.is_sqlite else "v2gpki-api"), seen
+    name, on_loop = seen[0]
+    if threads:
+        assert name.startswith("v2gpki-cps") and not on_loop, seen
+    elif ctx.db.is_sqlite:
+        assert on_loop, seen
+    else:
+        assert name.startswith("v2gpki-api") and not on_loop, seen
