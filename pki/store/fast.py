@@ -88,21 +88,9 @@ class Prepared:
         with the driver's cursor directly: a single read then skips SQLAlchemy's Connection and execution
         context, which cost more than the query itself for the lookups every installation makes. Driver
         errors are raised as SQLAlchemy's DBAPIError, as through a Connection."""
-        dialect = engine.dialect
-        sql, bound = self.bind(dialect, params)
-        raw = engine.raw_connection()
-        try:
-            cur = raw.cursor()
-            try:
-                cur.execute(sql, bound[0])
-                rows = cur.fetchall()
-            finally:
-                cur.close()
-        except dialect.loaded_dbapi.Error as exc:
-            raise _as_sqlalchemy(dialect, sql, bound[0], exc) from exc
-        finally:
-            raw.close()  # back to the pool
-        return self._processed(dialect, rows)
+        sql, bound = self.bind(engine.dialect, params)
+        rows = _on_driver_cursor(engine, sql, bound, fetch=True)
+        return self._processed(engine.dialect, rows)
 
     def execute(self, conn: Connection, rows: Sequence[dict[str, Any]] | dict[str, Any]) -> CursorResult[Any]:
         sql, params = self.bind(conn.dialect, rows)
@@ -113,22 +101,29 @@ class Prepared:
         (Database.autocommit) with the driver's cursor, as :meth:`fetch_on` reads: it commits on its own,
         without SQLAlchemy's Connection and execution context around it (the issuance intent, written
         before every HSM signature). Driver errors are raised as SQLAlchemy's DBAPIError."""
-        dialect = engine.dialect
-        sql, params = self.bind(dialect, rows)
-        raw = engine.raw_connection()
+        sql, params = self.bind(engine.dialect, rows)
+        _on_driver_cursor(engine, sql, params, fetch=False)
+
+
+def _on_driver_cursor(engine: Engine, sql: str, params: list[Any], *, fetch: bool) -> list[Any]:
+    """One statement (executemany for several parameter rows) on a pooled connection of ``engine``, with
+    the driver's cursor; the rows when ``fetch``. Driver errors are raised as SQLAlchemy's DBAPIError."""
+    dialect = engine.dialect
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
         try:
-            cur = raw.cursor()
-            try:
-                if len(params) == 1:
-                    cur.execute(sql, params[0])
-                else:
-                    cur.executemany(sql, params)
-            finally:
-                cur.close()
-        except dialect.loaded_dbapi.Error as exc:
-            raise _as_sqlalchemy(dialect, sql, params, exc) from exc
+            if len(params) == 1:
+                cur.execute(sql, params[0])
+            else:
+                cur.executemany(sql, params)
+            return list(cur.fetchall()) if fetch else []
         finally:
-            raw.close()  # back to the pool
+            cur.close()
+    except dialect.loaded_dbapi.Error as exc:
+        raise _as_sqlalchemy(dialect, sql, params[0] if len(params) == 1 else params, exc) from exc
+    finally:
+        raw.close()  # back to the pool
 
 
 class BulkInsert(Prepared):
