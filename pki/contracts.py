@@ -268,8 +268,9 @@ def provisioning_status_and_contract(ctx: Context, cert: x509.Certificate,
     try:
         v = normalise_pcid(pcid)
     except PKIError:  # not a PCID: no contract can match; the status still decides first
-        status, row = chain_status(ctx, cert, "oem")
-        return status, row, None
+        found = _CERT_STATUS.fetch_on(ctx.db.autocommit, _status_params(ca, cert))
+        row = _StatusRow(*found[0]) if found else None
+        return _judge(ctx, ca, row), row, None
     params = _status_params(ca, cert)
     params.update(b_pcid=v, b_now=utcnow())
     found = _STATUS_AND_CONTRACT.fetch_on(ctx.db.autocommit, params)

@@ -211,13 +211,9 @@ def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence
         finally:
             cur.close()
         return
-    # PostgreSQL, a small batch (an HTTP request's issuance): each row's statement with its parameters
-    # merged client-side by psycopg (its own literal adaptation, as a ClientCursor's execute; no SQL is
-    # built from values here), sent as ONE simple-protocol query (_pg_exec): one send and one read
-    # instead of a pipeline's per-statement bookkeeping. In a transaction the statements run in it; the
-    # first error aborts it and is raised here, as it would be statement by statement.
     raw: Any = conn.connection.driver_connection
     dialect = conn.dialect
+    sql, params = "", []
     if sum(len(rows) for _, rows in statements) > SIMPLE_QUERY_MAX_ROWS:
         # Big batches (bench/issuance.py, batch 64): a pipeline of executemany calls on prepared
         # statements, where the server parses each statement once instead of once per row.
@@ -230,6 +226,11 @@ def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence
         except dialect.loaded_dbapi.Error as exc:
             raise _as_sqlalchemy(dialect, sql, params, exc) from exc
         return  # the caller's commit ends the transaction
+    # PostgreSQL, a small batch (an HTTP request's issuance): each row's statement with its parameters
+    # merged client-side by psycopg (its own literal adaptation, as a ClientCursor's execute; no SQL is
+    # built from values here), sent as ONE simple-protocol query (_pg_exec): one send and one read
+    # instead of a pipeline's per-statement bookkeeping. In a transaction the statements run in it; the
+    # first error aborts it and is raised here, as it would be statement by statement.
     parts: list[str] = []
     mogrify = psycopg.ClientCursor(raw).mogrify
     for p, rows in statements:

@@ -685,9 +685,8 @@ def _signed_info_template(si: SignedInfo, schema: SchemaSet) -> _Template | None
         return None
     key = (id(schema), si.canonicalization_method, si.signature_method, si.id, n,
            tuple((r.uri, r.digest_method, r.transforms, r.id, r.type) for r in refs))
-    if key in _TEMPLATES:
-        t = _TEMPLATES[key]
-        return t if t is not None and t.digest_octets == n else None
+    if key in _TEMPLATES:  # the digest length is part of the key
+        return _TEMPLATES[key]
     t = _derive_template(si, schema, n)
     if len(_TEMPLATES) < 64:
         _TEMPLATES[key] = t
