@@ -251,6 +251,11 @@ def chain_status(ctx: Context, cert: x509.Certificate, hierarchy: str) -> tuple[
     ca = _our_issuer_in(ctx, cert, hierarchy)
     if ca is None:
         return "CertChainError", None
+    return _status_of(ctx, ca, cert)
+
+
+def _status_of(ctx: Context, ca: CertificateAuthority, cert: x509.Certificate) -> tuple[str, _StatusRow | None]:
+    """The certificate's own row (one query) judged with its issuer's CA chain."""
     found = _CERT_STATUS.fetch_on(ctx.db.autocommit, _status_params(ca, cert))
     row = _StatusRow(*found[0]) if found else None
     return _judge(ctx, ca, row), row
@@ -268,9 +273,7 @@ def provisioning_status_and_contract(ctx: Context, cert: x509.Certificate,
     try:
         v = normalise_pcid(pcid)
     except PKIError:  # not a PCID: no contract can match; the status still decides first
-        found = _CERT_STATUS.fetch_on(ctx.db.autocommit, _status_params(ca, cert))
-        row = _StatusRow(*found[0]) if found else None
-        return _judge(ctx, ca, row), row, None
+        return (*_status_of(ctx, ca, cert), None)
     params = _status_params(ca, cert)
     params.update(b_pcid=v, b_now=utcnow())
     found = _STATUS_AND_CONTRACT.fetch_on(ctx.db.autocommit, params)
