@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, insert, update
+from sqlalchemy import Table, bindparam, insert, text, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
 from pki.store.db import utcnow
-from pki.store.fast import BulkInsert, Prepared, first_row
+from pki.store.fast import BulkInsert, Prepared
 from pki.store.models import AuditEvent, AuditHead
 
 GENESIS = "0" * 64
@@ -58,61 +58,101 @@ _INSERT_EVENTS = BulkInsert(_EVENT_TABLE, ("seq", "ts", "actor", "org", "action"
 
 _SET_HEAD = Prepared(update(_HEAD_TABLE).where(_HEAD_TABLE.c.id == 1)
                      .values(seq=bindparam("b_seq"), hash=bindparam("b_hash")))
-_GET_HEAD = {False: Prepared(select(_HEAD_TABLE.c.seq, _HEAD_TABLE.c.hash).where(_HEAD_TABLE.c.id == 1)),
-             True: Prepared(select(_HEAD_TABLE.c.seq, _HEAD_TABLE.c.hash).where(_HEAD_TABLE.c.id == 1)
-                            .with_for_update())}
+_GET_HEAD = Prepared(select(_HEAD_TABLE.c.seq, _HEAD_TABLE.c.hash).where(_HEAD_TABLE.c.id == 1))
 
 
 def _lock_head(conn: Connection) -> tuple[int, str]:
-    """The chain head (seq, hash), locked for the rest of the transaction: SELECT … FOR UPDATE on
-    PostgreSQL; on SQLite the writer already holds the database lock (BEGIN IMMEDIATE, pki/store/db.py)."""
-    # first_row: on PostgreSQL the driver's BEGIN and this SELECT share one round trip.
-    row: Any = first_row(conn, _GET_HEAD[conn.dialect.name == "postgresql"], {})
-    if row is None:
+    """The chain head (seq, hash) on SQLite, where the writer already holds the database lock for the rest
+    of the transaction (BEGIN IMMEDIATE, pki/store/db.py). PostgreSQL locks it in v2gpki_audit_append."""
+    rows: Any = _GET_HEAD.fetch(conn, {})
+    if not rows:
         conn.execute(insert(_HEAD_TABLE).values(id=1, seq=0, hash=GENESIS))
         return 0, GENESIS
-    return int(row[0]), str(row[1])
+    return int(rows[0][0]), str(rows[0][1])
 
 
-def append(session: Session, *entries: Entry) -> list[dict[str, Any]]:
+def append(session: Session, *entries: Entry) -> None:
     """Append events inside the caller's transaction (so the audit record commits with the change).
 
-    Core statements on the session's connection (head read/update, one prepared multi-row INSERT): the
-    ORM unit of work for these rows cost more than the rest of an issuance batch. Returns the inserted
-    column values (seq, hash, ...)."""
+    Core statements on the session's connection (see :func:`append_statements`): the ORM unit of work
+    for these rows cost more than the rest of an issuance batch."""
     if not entries:
-        return []
+        return
     if session.new or session.dirty or session.deleted:
         session.flush()  # as the ORM query this replaced would have: constraint errors surface here, in order
-    return append_conn(session.connection(), *entries)
+    append_conn(session.connection(), *entries)
 
 
-def append_conn(conn: Connection, *entries: Entry) -> list[dict[str, Any]]:
+def append_conn(conn: Connection, *entries: Entry) -> None:
     """:func:`append` on a plain connection, inside its transaction."""
+    for stmt, params in append_statements(conn, *entries):
+        stmt.execute(conn, params)
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """An event's columns and its canonical JSON split around ``seq`` — the one value that needs the
+    chain head: canonical = prefix + str(seq) + suffix."""
+
+    entry: Entry
+    details: dict[str, Any]
+    prefix: str
+    suffix: str
+
+
+def _stage(entries: tuple[Entry, ...], ts: datetime) -> list[_Staged]:
+    """Everything about the events that does not depend on the chain head, computed before the head is
+    locked so the lock is held for as little as possible. The canonical form sorts its keys, and "seq"
+    and "ts" sort after every other hashed field, so the JSON of the other fields, opened up, is the
+    prefix, and "ts" the suffix — byte for byte what :func:`canonical` gives (tests/test_audit_tamper.py
+    checks the two agree)."""
+    suffix = ',"ts":' + json.dumps(ts.isoformat()) + "}"
+    staged: list[_Staged] = []
+    for e in entries:
+        details = e.details or {}
+        head = json.dumps({"action": e.action, "actor": e.actor, "details": details, "object": e.object,
+                           "org": e.org, "outcome": e.outcome}, sort_keys=True, separators=(",", ":"), default=str)
+        staged.append(_Staged(e, details, head[:-1] + ',"seq":', suffix))
+    return staged
+
+
+# PostgreSQL: the chain is extended by the server (v2gpki_audit_append, migration 0004) in the same query
+# as the caller's other writes, so the head's row lock is held only while the server runs the function —
+# never across a network round trip and the client's Python, where concurrent appenders queued behind it
+# (pg_stat_activity during bench/contract.py: ≈ 0.55 backends "idle in transaction" on average).
+_PG_APPEND = Prepared(text(
+    "SELECT v2gpki_audit_append(CAST(:ts AS timestamptz), CAST(:actor AS text[]), CAST(:org AS text[]), "
+    "CAST(:action AS text[]), CAST(:object AS text[]), CAST(:outcome AS text[]), CAST(:details AS text[]), "
+    "CAST(:prefix AS text[]), CAST(:suffix AS text[]))"))
+
+
+def append_statements(conn: Connection, *entries: Entry) -> list[tuple[Prepared, list[dict[str, Any]]]]:
+    """The statements that append ``entries`` to the chain, for a caller that sends them together with its
+    own writes in this same transaction (one PostgreSQL query, pki/store/fast.run_together).
+
+    On PostgreSQL nothing is locked yet: the server function locks the head when the statement runs. On
+    SQLite the head is read now; the writer already holds the database lock (BEGIN IMMEDIATE)."""
     if not entries:
         return []
-    rows, statements = prepare_append(conn, *entries)
-    for stmt, params in statements:
-        stmt.execute(conn, params)
-    return rows
-
-
-def prepare_append(conn: Connection, *entries: Entry) -> tuple[list[dict[str, Any]],
-                                                              list[tuple[Prepared, list[dict[str, Any]]]]]:
-    """Lock the chain head now and return the events' rows and the statements that write them (event
-    INSERT, head UPDATE), for a caller that sends them together with its own writes (one PostgreSQL
-    pipeline, pki/issuance.py). They must run in this same transaction."""
+    ts = utcnow()
+    staged = _stage(entries, ts)
+    if conn.dialect.name == "postgresql":
+        return [(_PG_APPEND, [{
+            "ts": ts, "actor": [x.entry.actor for x in staged], "org": [x.entry.org for x in staged],
+            "action": [x.entry.action for x in staged], "object": [x.entry.object for x in staged],
+            "outcome": [x.entry.outcome for x in staged],
+            "details": [json.dumps(x.details, default=str) for x in staged],
+            "prefix": [x.prefix for x in staged], "suffix": [x.suffix for x in staged]}])]
     seq, prev = _lock_head(conn)
     rows: list[dict[str, Any]] = []
-    ts = utcnow()
-    for e in entries:
+    for x in staged:
         seq += 1
-        row: dict[str, Any] = {"seq": seq, "ts": ts, "actor": e.actor, "org": e.org, "action": e.action,
-                               "object": e.object, "outcome": e.outcome, "details": e.details or {},
-                               "prev_hash": prev}
-        row["hash"] = prev = chain_hash(prev, row)
-        rows.append(row)
-    return rows, [(_INSERT_EVENTS, rows), (_SET_HEAD, [{"b_seq": seq, "b_hash": prev}])]
+        e = x.entry
+        h = hashlib.sha256(f"{prev}{x.prefix}{seq}{x.suffix}".encode()).hexdigest()
+        rows.append({"seq": seq, "ts": ts, "actor": e.actor, "org": e.org, "action": e.action, "object": e.object,
+                     "outcome": e.outcome, "details": x.details, "prev_hash": prev, "hash": h})
+        prev = h
+    return [(_INSERT_EVENTS, rows), (_SET_HEAD, [{"b_seq": seq, "b_hash": prev}])]
 
 
 @dataclass
