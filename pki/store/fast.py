@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-import psycopg.adapt
 from psycopg import pq
 from sqlalchemy import Table, bindparam, insert
 from sqlalchemy.engine import Connection, CursorResult, Dialect, Engine
@@ -242,23 +241,6 @@ def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence
         _pg_exec(raw, ";\n".join(parts).encode(), dialect)
 
 
-def first_row(conn: Connection, p: Prepared, params: dict[str, Any]) -> tuple[Any, ...] | None:
-    """The first row of a SELECT in the connection's transaction, processed as :meth:`Prepared.fetch`.
-    On PostgreSQL, when it is the transaction's first statement, BEGIN and the SELECT go as one
-    simple-protocol query (one round trip instead of the driver's two)."""
-    dialect = conn.dialect
-    raw: Any = conn.connection.driver_connection
-    if dialect.name != "postgresql" or raw.autocommit or raw.pgconn.transaction_status != pq.TransactionStatus.IDLE:
-        rows = p.fetch(conn, params)
-        return rows[0] if rows else None
-    sql, bound = p.bind(dialect, params)
-    res = _pg_exec(raw, psycopg.ClientCursor(raw).mogrify(sql, bound[0]).encode(), dialect)
-    tx = psycopg.adapt.Transformer(raw)
-    tx.set_pgresult(res)
-    rows = p._processed(dialect, [tx.load_row(i, tuple) for i in range(res.ntuples)])
-    return rows[0] if rows else None
-
-
 def _pg_exec(raw: Any, query: bytes, dialect: Dialect) -> Any:
     """One simple-protocol query (one or more statements, values already merged) in ONE round trip, on
     libpq directly (PQexec; psycopg releases the GIL while it waits). Measured on this VM for BEGIN +
@@ -278,4 +260,4 @@ def _pg_exec(raw: Any, query: bytes, dialect: Dialect) -> Any:
     return res
 
 
-__all__ = ["BulkInsert", "MultiRowInsert", "Prepared", "first_row", "run_together"]
+__all__ = ["BulkInsert", "MultiRowInsert", "Prepared", "run_together"]
