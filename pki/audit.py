@@ -104,7 +104,7 @@ def _stage(entries: tuple[Entry, ...], ts: datetime) -> list[_Staged]:
     """Everything about the events that does not depend on the chain head, computed before the head is
     locked so the lock is held for as little as possible. The canonical form sorts its keys, and "seq"
     and "ts" sort after every other hashed field, so the JSON of the other fields, opened up, is the
-    prefix, and "ts" the suffix — byte for byte what :func:`canonical` gives (tests/test_audit_tamper.py
+    prefix, and "ts" the suffix — byte for byte what :func:`canonical` gives (tests/test_audit_chain.py
     checks the two agree)."""
     suffix = ',"ts":' + json.dumps(ts.isoformat()) + "}"
     staged: list[_Staged] = []

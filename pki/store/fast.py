@@ -243,12 +243,13 @@ def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence
 
 def _pg_exec(raw: Any, query: bytes, dialect: Dialect) -> Any:
     """One simple-protocol query (one or more statements, values already merged) in ONE round trip, on
-    libpq directly (PQexec; psycopg releases the GIL while it waits). Measured on this VM for BEGIN +
-    SELECT … FOR UPDATE: ≈ 210 µs of client CPU, against ≈ 320 µs for psycopg's BEGIN then execute and
-    ≈ 470 µs in a psycopg pipeline. Opens the transaction as psycopg would (BEGIN first when the
-    connection is idle and not in autocommit); psycopg reads the transaction status from libpq, so its
-    own commit and rollback then see what this did. Errors come out as SQLAlchemy's, as through a
-    Connection (the statement text is cut: it carries the values)."""
+    libpq directly (PQexec; psycopg releases the GIL while it waits). Measured on this VM when BEGIN +
+    the audit head's SELECT … FOR UPDATE went this way (pki/audit.py now has the server lock it):
+    ≈ 210 µs of client CPU, against ≈ 320 µs for psycopg's BEGIN then execute and ≈ 470 µs in a psycopg
+    pipeline. Opens the transaction as psycopg would (BEGIN first when the connection is idle and not in
+    autocommit); psycopg reads the transaction status from libpq, so its own commit and rollback then see
+    what this did. Errors come out as SQLAlchemy's, as through a Connection (the statement text is cut:
+    it carries the values)."""
     if not raw.autocommit and raw.pgconn.transaction_status == pq.TransactionStatus.IDLE:
         query = b"BEGIN;\n" + query
     try:
