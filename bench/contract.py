@@ -35,6 +35,13 @@ concurrency (--gil: the thread holding the GIL, i.e. the worker's Python CPU), a
 by phase of the installation (inclusive) and by area (own time). Server CPU per installation (user +
 system time of the worker processes / installations) is printed for every run: on a shared machine it is
 the steadiest figure, and 1000 × cores / (server CPU ms) bounds what the workers alone could do.
+
+Machine accounting (every run): the local PostgreSQL server's CPU per installation (all processes named
+``postgres``: backends, WAL writer, checkpointer), the machine's idle and *steal* shares from /proc/stat
+(steal: CPU time the hypervisor gave to another guest), and a CPU ceiling, cores × (1 − steal) / (server +
+database + generator CPU per installation): the rate this machine could give if none of its CPU went
+idle. A run near its ceiling is CPU-bound, and a target above the ceiling needs less CPU per installation,
+not more workers or threads.
 """
 
 from __future__ import annotations
@@ -223,6 +230,22 @@ class Result:
     percentiles: dict[float, float] = field(default_factory=dict)  # ms, when the generator reports them (wrk)
     mean_ms: float | None = None
     spread: str = ""  # connections per worker a moment into the run (wrk only), e.g. "4/4"
+    db_cpu_s: float = 0.0  # user + system time of the local PostgreSQL server's processes (0 on SQLite)
+    machine: dict[str, float] = field(default_factory=dict)  # /proc/stat shares during the run: idle, steal
+
+    @property
+    def db_cpu_ms(self) -> float:
+        return 1000 * self.db_cpu_s / self.ok if self.ok else float("nan")
+
+    @property
+    def ceiling(self) -> float:
+        """Installations/s the machine could give if every CPU second it was not robbed of (steal) went to
+        this work: cores × (1 − steal) / (server + database + generator CPU per installation). A run near
+        its ceiling is CPU-bound; a target above it needs less CPU per installation, not tuning."""
+        per = (self.server_cpu_s + self.db_cpu_s + self.client_cpu_s) / self.ok if self.ok else 0.0
+        if per <= 0:
+            return float("nan")
+        return (os.cpu_count() or 1) * (1 - self.machine.get("steal", 0.0)) / per
 
     @property
     def server_cpu_ms(self) -> float:
@@ -259,15 +282,50 @@ def server_cpu(srv: Server) -> float:
     """CPU seconds (user + system) used so far by the server's worker processes."""
     if srv.proc is None:
         return 0.0
+    return _proc_cpu(worker_pids(srv.proc.pid))
+
+
+def _proc_cpu(pids: list[int]) -> float:
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    for pid in worker_pids(srv.proc.pid):
+    for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
     return total
+
+
+def db_cpu(srv: Server) -> float:
+    """CPU seconds used so far by the local PostgreSQL server: every process named ``postgres`` (backends,
+    WAL writer, checkpointer — the commits' fsyncs are theirs too). 0 for SQLite, which runs inside the
+    workers and is already in their CPU. On a machine that runs other PostgreSQL clusters this over-counts;
+    the bench's is the only one on the CI machines."""
+    if srv.dbname is None:
+        return 0.0
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "postgres":
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return _proc_cpu(pids)
+
+
+def machine_ticks() -> list[int]:
+    """The aggregate line of /proc/stat: user nice system idle iowait irq softirq steal ..."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+def machine_shares(before: list[int], after: list[int]) -> dict[str, float]:
+    """Idle and steal as shares of the machine's CPU time between two :func:`machine_ticks` (steal: time a
+    virtual CPU wanted to run and the hypervisor ran something else — CPU this machine did not have)."""
+    d = [b - a for a, b in zip(before, after, strict=False)]
+    total = sum(d[:8]) or 1
+    return {"idle": (d[3] + d[4]) / total, "steal": (d[7] if len(d) > 7 else 0) / total}
 
 
 def load(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: float) -> tuple[Result, bytes | None]:
@@ -315,7 +373,7 @@ def load(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: float)
     for t in threads:
         t.start()
     time.sleep(0.5)
-    cpu0, scpu0 = time.process_time(), server_cpu(srv)
+    cpu0, scpu0, dcpu0, m0 = time.process_time(), server_cpu(srv), db_cpu(srv), machine_ticks()
     t0 = time.perf_counter()
     deadline[0] = t0 + seconds
     start_evt.set()
@@ -324,6 +382,8 @@ def load(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: float)
     res.seconds = time.perf_counter() - t0
     res.client_cpu_s = time.process_time() - cpu0
     res.server_cpu_s = server_cpu(srv) - scpu0
+    res.db_cpu_s = db_cpu(srv) - dcpu0
+    res.machine = machine_shares(m0, machine_ticks())
     return res, (sample[0] if sample else None)
 
 
@@ -357,7 +417,7 @@ def load_wrk(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: fl
            "-s", str(lua), "-H", f"Authorization: Bearer {srv.keys['cpo']}", "-H", "Content-Type: application/json",
            f"{srv.url}/ocpp/v201/get-15118-ev-certificate", "--", str(bodies), str(secrets.randbelow(len(vehicles)))]
     children0 = os.times()
-    scpu0 = server_cpu(srv)
+    scpu0, dcpu0, m0 = server_cpu(srv), db_cpu(srv), machine_ticks()
     t0 = time.perf_counter()
     spread: list[str] = []
     sampler = threading.Timer(min(2.0, seconds / 2), lambda: spread.append(connection_spread(srv)))
@@ -367,6 +427,8 @@ def load_wrk(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: fl
     sampler.join()
     res.spread = spread[0] if spread else ""
     res.server_cpu_s = server_cpu(srv) - scpu0
+    res.db_cpu_s = db_cpu(srv) - dcpu0
+    res.machine = machine_shares(m0, machine_ticks())
     children1 = os.times()
     res.client_cpu_s = (children1.children_user - children0.children_user
                         + children1.children_system - children0.children_system)
@@ -548,6 +610,10 @@ def main() -> int:
                   f"load generator CPU {r.client_cpu_s / r.seconds:.0%} of a core; load average "
                   f"{os.getloadavg()[0]:.1f}" + (f"; connections per worker {r.spread}" if r.spread else "")
                   + ")", file=sys.stderr, flush=True)
+            print(f"      machine: {r.machine.get('idle', 0):.0%} idle, {r.machine.get('steal', 0):.0%} stolen by the "
+                  f"hypervisor; database CPU {r.db_cpu_ms:.1f} ms/installation; CPU ceiling ≈ {r.ceiling:.0f}/s "
+                  f"(cores × (1 − steal) / CPU per installation of server + database + generator)",
+                  file=sys.stderr, flush=True)
             if r.error_samples:
                 print(f"   errors: {r.error_samples[:3]}", file=sys.stderr)
             counted += r.ok
@@ -576,19 +642,23 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(d, ignore_errors=True)
 
-    print("\n| db | workers | concurrency | installations/s | p50 ms | p99 ms | mean ms | server CPU ms/inst. | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| db | workers | concurrency | installations/s | p50 ms | p99 ms | mean ms | server CPU ms/inst. "
+          "| database CPU ms/inst. | steal | CPU ceiling /s | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         mean = (r.mean_ms if r.mean_ms is not None
                 else statistics.fmean(r.latencies) * 1000 if r.latencies else float("nan"))
         print(f"| {args.db} | {args.workers} | {r.concurrency} | {r.rps:.1f} | {r.pct(50):.1f} | {r.pct(99):.1f} | "
-              f"{mean:.1f} | {r.server_cpu_ms:.1f} | {r.errors} |")
+              f"{mean:.1f} | {r.server_cpu_ms:.1f} | {r.db_cpu_ms:.1f} | {r.machine.get('steal', 0):.0%} | "
+              f"{r.ceiling:.0f} | {r.errors} |")
     if prof:
         print("\n" + prof)
     if args.json:
         Path(args.json).write_text(json.dumps([{"db": args.db, "workers": args.workers, "concurrency": r.concurrency,
                                                 "rps": r.rps, "p50_ms": r.pct(50), "p99_ms": r.pct(99),
-                                                "server_cpu_ms": r.server_cpu_ms,
+                                                "server_cpu_ms": r.server_cpu_ms, "db_cpu_ms": r.db_cpu_ms,
+                                                "steal": r.machine.get("steal"), "idle": r.machine.get("idle"),
+                                                "ceiling_per_s": r.ceiling,
                                                 "ok": r.ok, "errors": r.errors} for r in results], indent=1))
     return 1 if any(r.errors for r in results) else 0
 
