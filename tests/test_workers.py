@@ -28,7 +28,7 @@ from pki import lifecycle, trustlist
 from pki.context import Context
 from pki.issuance import pem
 from pki.store.models_lifecycle import Delivery, ExpiryAlert
-from tests.conftest import REPO, cli_env, drop_pg_database, free_port, lifecycle_context, own_pg_database
+from tests.conftest import REPO, V2GPKI_EXE, cli_env, drop_pg_database, free_port, lifecycle_context, own_pg_database
 from tests.test_lifecycle import WebhookServer, _issue_secc, cpo_org, insert_cert, start_webhook_server
 
 pytestmark = pytest.mark.slow
@@ -366,3 +366,36 @@ def test_embedded_broker_worker_and_beat(wk_ctx: Context, hooks: WebhookServer, 
     assert len(got) == 1, log.read_text()[-2000:] + w.log.read_text()[-3000:]
     assert json.loads(got[0].body)["alerts"][0]["serial"] == cert.serial.upper()
     assert (wk_ctx.settings.home_dir / "broker" / "queue").is_dir()
+
+
+@pytest.mark.parametrize("entry", ["v2gpki", "celery"])
+def test_beat_first_on_a_fresh_data_directory(tmp_path: Path, entry: str) -> None:
+    """`bash scripts/run.sh` starts the worker and beat at the same moment on a fresh data directory. Beat
+    builds its scheduler — and with it the embedded broker's file:// result backend, which refuses a
+    missing folder — before it sends any beat signal, so beat died whenever it won that race against the
+    worker. Started alone here, through both entry points, it must stay up and publish its schedule into
+    the embedded broker's queue folder."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("V2GPKI_", "CELERY_"))} | {
+        "V2GPKI_HOME": str(home), "V2GPKI_QUEUE": f"v2gpki-test-{secrets.token_hex(4)}",
+        "V2GPKI_OUTBOX_DRAIN_SECONDS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = ([V2GPKI_EXE, "beat"] if entry == "v2gpki"
+           else [sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--loglevel=INFO"])
+    log = tmp_path / "beat.log"
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    queue = home / "broker" / "queue"
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if queue.is_dir() and any(queue.iterdir()):
+                break
+            time.sleep(0.3)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert queue.is_dir() and any(queue.iterdir()), log.read_text()[-3000:]  # a scheduled task was sent
+        assert "ImproperlyConfigured" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
-from celery.signals import beat_init, worker_init, worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import import_modules, worker_init, worker_process_init, worker_process_shutdown, worker_ready
 
 from pki.config import Settings
 from pki.lifecycle import LifecycleSettings
@@ -157,9 +157,13 @@ def ctx() -> Context:
         return _CTX
 
 
-@beat_init.connect
-def _beat_init(sender: Any = None, **_: Any) -> None:
-    prepare_local_broker(getattr(sender, "app", None) or app)
+@import_modules.connect
+def _broker_folders(sender: Any = None, **_: Any) -> None:
+    """Beat and worker, as their loader starts (``loader.init_worker``): the embedded broker's folders.
+    ``beat_init`` was too late — beat builds its scheduler, and with it the file:// result backend, which
+    refuses a missing folder, *before* sending beat_init — so on a fresh data directory beat died unless
+    the worker happened to create the folders first (found by tests/test_readme_run.py)."""
+    prepare_local_broker(sender if isinstance(sender, Celery) else app)
 
 
 @worker_init.connect
