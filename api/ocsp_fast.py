@@ -1294,7 +1294,8 @@ def _check_hsm_in_child(ctx: Context) -> None:
         try:
             ctx.keystore.list()
         except BaseException as exc:  # noqa: BLE001
-            print(f"v2gpki ocsp-serve: the HSM token cannot be used: {exc}", file=sys.stderr)
+            print(f"v2gpki ocsp-serve: the HSM token cannot be used: {str(exc) or type(exc).__name__}",
+                  file=sys.stderr)
             code = 3
         finally:
             sys.stderr.flush()

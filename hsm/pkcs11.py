@@ -191,11 +191,15 @@ class Pkcs11KeyStore:
         except p11e.NoSuchToken:
             # SoftHSM reads its token directory at C_Initialize: a token created since (by
             # `v2gpki hsm init` in another process) appears only after re-initialisation.
+            # Still missing: raised as it is (transient), because SoftHSM also reports a token that exists
+            # as missing while another process rewrites its token.object (six processes logging in at
+            # once saw NoSuchToken on most C_GetSlotList/C_GetTokenInfo calls); _run retries with back-off
+            # and calls it a configuration error only when every attempt said so.
+            _reinitialize(lib)
             try:
-                _reinitialize(lib)
                 token = lib.get_token(token_label=self.token_label)
-            except (p11e.NoSuchToken, p11e.MultipleTokensReturned) as exc:
-                raise HSMConfigError(f"PKCS#11 token {self.token_label!r} not found") from exc
+            except p11e.MultipleTokensReturned as exc:
+                raise HSMConfigError(f"PKCS#11 token label {self.token_label!r} is ambiguous") from exc
         except p11e.MultipleTokensReturned as exc:
             raise HSMConfigError(f"PKCS#11 token label {self.token_label!r} is ambiguous") from exc
         try:
@@ -221,19 +225,27 @@ class Pkcs11KeyStore:
             self._breaker.check()
             last: BaseException | None = None
             for attempt in range(self.retries + 1):
+                opening = False
                 try:
                     if (self._session is None or self._generation != _FORK_GENERATION
                             or self._epoch != _LIB_EPOCH):
                         # Handles from before a fork or a re-initialisation are dead or, worse, reused.
                         self._drop_session()
+                        opening = True
                         self._open()
+                        opening = False
                     result = fn(self._session)
                     self._breaker.success()
                     return result
                 except HSMError:
                     raise
                 except BaseException as exc:
-                    if not _is_transient(exc):
+                    # While a session is being opened, any PKCS#11 error is retried: SoftHSM reads its
+                    # token files at C_Initialize/C_GetTokenInfo/C_Login while other processes rewrite
+                    # them (every C_Login rewrites token.object), and answers with assorted codes. The
+                    # configuration errors (wrong or locked PIN, ambiguous label) are HSMConfigError by
+                    # then and are never retried.
+                    if not (_is_transient(exc) or (opening and isinstance(exc, p11e.PKCS11Error))):
                         raise
                     last = exc
                     log.warning("transient PKCS#11 error (%s), attempt %d", type(exc).__name__, attempt + 1)
@@ -241,9 +253,11 @@ class Pkcs11KeyStore:
                     if self._lib is not None:
                         try:
                             _reinitialize(self._lib)
-                        except p11e.PKCS11Error:
+                        except Exception:  # noqa: BLE001 - the next attempt opens afresh or fails clearly
                             pass
                     time.sleep(min(0.05 * (2**attempt), 0.5))
+            if isinstance(last, p11e.NoSuchToken):  # every attempt: a configuration error, not an outage
+                raise HSMConfigError(f"PKCS#11 token {self.token_label!r} not found") from last
             self._breaker.failure()
             raise HSMUnavailable(
                 f"HSM unavailable: token {self.token_label!r} failed {self.retries + 1} times "

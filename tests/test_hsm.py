@@ -195,6 +195,39 @@ def test_two_processes_use_the_token_at_once(store: Pkcs11KeyStore, keys: dict[K
         _verify(store.public_key(label), b"parent after", _sign(store.signer(label), b"parent after"))
 
 
+def _open_child(params: tuple[str, str, str], barrier: Any, queue: Any, idx: int) -> None:
+    try:
+        barrier.wait(timeout=60)
+        ks = Pkcs11KeyStore(*params)
+        for _ in range(6):
+            ks.list()
+            ks._drop_session()  # the next call opens again: C_GetTokenInfo and C_Login once more
+        queue.put((idx, None))
+    except BaseException as exc:  # noqa: BLE001 - sent to the parent
+        queue.put((idx, f"{type(exc).__name__}: {exc}"))
+
+
+def test_processes_starting_at_once_all_open_the_token(store: Pkcs11KeyStore, keys: dict[KeyAlg, str]) -> None:
+    """`bash scripts/run.sh` and deploy's stack start the API and its workers, the OCSP responder and the
+    Celery worker at the same moment, each loading SoftHSM and logging in. SoftHSM rewrites token.object
+    at every C_Login, and a process reading it meanwhile gets CKR_GENERAL_ERROR, a missing token, or other
+    codes (a stack start once failed with "the HSM token cannot be used"). Eight fresh processes open the
+    token at once, six times each: every open must succeed within the retry bound."""
+    mpctx: Any = mp.get_context("spawn")
+    n = 8
+    barrier = mpctx.Barrier(n)
+    queue = mpctx.Queue()
+    params = (store.module, store.token_label, TEST_PIN)
+    procs = [mpctx.Process(target=_open_child, args=(params, barrier, queue, i)) for i in range(n)]
+    for p in procs:
+        p.start()
+    got = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [err for _, err in got if err is not None] == []
+    assert [p.exitcode for p in procs] == [0] * n
+
+
 def test_reinitialisation_by_another_store_makes_this_one_reopen(
         store: Pkcs11KeyStore, keys: dict[KeyAlg, str], token_root: Any, caplog: pytest.LogCaptureFixture) -> None:
     """A token created after the library was loaded makes the next store that opens it re-initialise the
