@@ -6,7 +6,8 @@ class HSMError(Exception):
 
 
 class HSMConfigError(HSMError):
-    """Misconfiguration: wrong PIN, missing module, unknown token. Never retried."""
+    """Misconfiguration: wrong PIN, missing module, unknown token. Never retried (an unknown token is
+    reported after the bounded retries: SoftHSM hides a token while another process rewrites its files)."""
 
 
 class HSMUnavailable(HSMError):

@@ -17,12 +17,16 @@ docs/architecture.md of the shared docs):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
+import random
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pkcs11
@@ -81,6 +85,42 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     p11e.FunctionFailed,
     p11e.NoSuchToken,
 )
+
+
+# Attempts when the failure happens while a session is being opened (see _run): up to ≈ 1–2 s of jittered
+# back-off, enough for eight processes logging in at once (test_processes_starting_at_once_...).
+OPEN_ATTEMPTS = 8
+
+
+@contextlib.contextmanager
+def _open_lock(module: str) -> Iterator[None]:
+    """Serialise, across the processes of this host, what reads the token's files: C_Initialize and
+    C_Login (which makes SoftHSM rewrite token.object). Without it, processes starting together read a
+    token.object another is rewriting and see CKR_GENERAL_ERROR, no token, or CKR_USER_PIN_NOT_INITIALIZED —
+    and a re-initialisation that read such a file keeps that view for the next attempts. An advisory
+    flock(2) next to SoftHSM's configuration (the temporary directory for another module); the kernel
+    drops it when its holder exits, and a holder stuck for 10 s is not waited for."""
+    conf = os.environ.get("SOFTHSM2_CONF")
+    base = os.path.dirname(os.path.abspath(conf)) if conf else tempfile.gettempdir()
+    name = hashlib.sha256(module.encode()).hexdigest()[:12]
+    try:
+        fd = os.open(os.path.join(base, f".v2gpki-pkcs11-{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield  # a read-only directory: no lock, the retries still apply
+        return
+    try:
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.002)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _reinitialize(lib: Any) -> None:
@@ -170,6 +210,10 @@ class Pkcs11KeyStore:
     # -- session management -------------------------------------------------------------------------
 
     def _open(self) -> None:
+        with _open_lock(self.module):
+            self._open_locked()
+
+    def _open_locked(self) -> None:
         try:
             lib = pkcs11.lib(self.module)
         except p11e.PKCS11Error as exc:
@@ -224,7 +268,10 @@ class Pkcs11KeyStore:
         with _LOCK:
             self._breaker.check()
             last: BaseException | None = None
-            for attempt in range(self.retries + 1):
+            attempts = self.retries + 1
+            attempt = -1
+            while attempt + 1 < attempts:
+                attempt += 1
                 opening = False
                 try:
                     if (self._session is None or self._generation != _FORK_GENERATION
@@ -247,20 +294,24 @@ class Pkcs11KeyStore:
                     # then and are never retried.
                     if not (_is_transient(exc) or (opening and isinstance(exc, p11e.PKCS11Error))):
                         raise
+                    if opening:  # several processes starting together: give the token files time to settle
+                        attempts = max(attempts, OPEN_ATTEMPTS)
                     last = exc
                     log.warning("transient PKCS#11 error (%s), attempt %d", type(exc).__name__, attempt + 1)
                     self._drop_session()
                     if self._lib is not None:
                         try:
-                            _reinitialize(self._lib)
+                            with _open_lock(self.module):
+                                _reinitialize(self._lib)
                         except Exception:  # noqa: BLE001 - the next attempt opens afresh or fails clearly
                             pass
-                    time.sleep(min(0.05 * (2**attempt), 0.5))
+                    # Jittered: processes that collided at C_Login would otherwise retry in step.
+                    time.sleep(random.uniform(0.5, 1.0) * min(0.05 * (2**attempt), 0.5))
             if isinstance(last, p11e.NoSuchToken):  # every attempt: a configuration error, not an outage
                 raise HSMConfigError(f"PKCS#11 token {self.token_label!r} not found") from last
             self._breaker.failure()
             raise HSMUnavailable(
-                f"HSM unavailable: token {self.token_label!r} failed {self.retries + 1} times "
+                f"HSM unavailable: token {self.token_label!r} failed {attempts} times "
                 f"({type(last).__name__})"
             ) from last
 
