@@ -179,6 +179,18 @@ def run_cli(args: list[str], env: dict[str, str], stdin: str | None = None) -> s
 # -- responders (test_ocsp, test_crl, test_ocpp_status) ---------------------------------------------
 
 
+def openssl_ocsp(work: Path, url: str) -> str:
+    """`openssl ocsp` for ``work``/leaf.pem (issuer.pem, untrusted.pem, root.pem beside it) against the
+    responder at ``url``: the response must verify with openssl itself; returns openssl's status text."""
+    res = subprocess.run(
+        ["openssl", "ocsp", "-issuer", str(work / "issuer.pem"), "-cert", str(work / "leaf.pem"),
+         "-url", url, "-CAfile", str(work / "root.pem"), "-verify_other", str(work / "untrusted.pem")],
+        capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "Response verify OK" in res.stderr + res.stdout
+    return res.stdout
+
+
 def free_port() -> int:
     import socket
 

@@ -31,7 +31,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import V2GPKI_EXE, csr_pem, free_port, pg_admin_url
+from tests.conftest import V2GPKI_EXE, csr_pem, free_port, openssl_ocsp, pg_admin_url
 
 REPO = Path(__file__).resolve().parent.parent
 STACK = REPO / "scripts" / "stack.sh"
@@ -183,14 +183,9 @@ def test_stack_end_to_end(stack: Stack, tmp_path: Path) -> None:
         assert r.json()["status"] == "revoked"
 
         # -- OCSP: the standalone responder, asked by openssl ---------------------------------------------
-        ocsp = subprocess.run(
-            ["openssl", "ocsp", "-issuer", str(tmp_path / "issuer.pem"), "-cert", str(tmp_path / "leaf.pem"),
-             "-url", f"{stack.ocsp}/ocsp", "-CAfile", str(tmp_path / "root.pem"),
-             "-verify_other", str(tmp_path / "untrusted.pem")], capture_output=True, text=True, timeout=60)
-        assert ocsp.returncode == 0, ocsp.stderr
-        assert "Response verify OK" in ocsp.stderr + ocsp.stdout
-        assert f"{tmp_path / 'leaf.pem'}: revoked" in ocsp.stdout
-        assert "keyCompromise" in ocsp.stdout
+        ocsp = openssl_ocsp(tmp_path, f"{stack.ocsp}/ocsp")
+        assert f"{tmp_path / 'leaf.pem'}: revoked" in ocsp
+        assert "keyCompromise" in ocsp
 
         # -- CRL: published by the CA process, served by the responder, read by openssl -------------------
         def crl_lists_serial() -> bool:
