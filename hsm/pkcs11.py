@@ -231,19 +231,16 @@ class Pkcs11KeyStore:
                 pass
         _LIB_GENERATION[self.module] = _FORK_GENERATION
         try:
-            token = lib.get_token(token_label=self.token_label)
-        except p11e.NoSuchToken:
-            # SoftHSM reads its token directory at C_Initialize: a token created since (by
-            # `v2gpki hsm init` in another process) appears only after re-initialisation.
-            # Still missing: raised as it is (transient), because SoftHSM also reports a token that exists
-            # as missing while another process rewrites its token.object (six processes logging in at
-            # once saw NoSuchToken on most C_GetSlotList/C_GetTokenInfo calls); _run retries with back-off
-            # and calls it a configuration error only when every attempt said so.
-            _reinitialize(lib)
             try:
                 token = lib.get_token(token_label=self.token_label)
-            except p11e.MultipleTokensReturned as exc:
-                raise HSMConfigError(f"PKCS#11 token label {self.token_label!r} is ambiguous") from exc
+            except p11e.NoSuchToken:
+                # SoftHSM reads its token directory at C_Initialize: a token created since (by
+                # `v2gpki hsm init` in another process) appears only after re-initialisation.
+                # Still missing: raised as it is (transient), because SoftHSM also reports a token that
+                # exists as missing while another process rewrites its token.object; _run retries with
+                # back-off and calls it a configuration error only when every attempt said so.
+                _reinitialize(lib)
+                token = lib.get_token(token_label=self.token_label)
         except p11e.MultipleTokensReturned as exc:
             raise HSMConfigError(f"PKCS#11 token label {self.token_label!r} is ambiguous") from exc
         try:
@@ -269,9 +266,8 @@ class Pkcs11KeyStore:
             self._breaker.check()
             last: BaseException | None = None
             attempts = self.retries + 1
-            attempt = -1
-            while attempt + 1 < attempts:
-                attempt += 1
+            attempt = 0
+            while attempt < attempts:
                 opening = False
                 try:
                     if (self._session is None or self._generation != _FORK_GENERATION
@@ -307,6 +303,7 @@ class Pkcs11KeyStore:
                             pass
                     # Jittered: processes that collided at C_Login would otherwise retry in step.
                     time.sleep(random.uniform(0.5, 1.0) * min(0.05 * (2**attempt), 0.5))
+                attempt += 1
             if isinstance(last, p11e.NoSuchToken):  # every attempt: a configuration error, not an outage
                 raise HSMConfigError(f"PKCS#11 token {self.token_label!r} not found") from last
             self._breaker.failure()

@@ -159,7 +159,8 @@ def ctx() -> Context:
 
 @import_modules.connect
 def _broker_folders(sender: Any = None, **_: Any) -> None:
-    """Beat and worker, as their loader starts (``loader.init_worker``): the embedded broker's folders.
+    """Beat and worker, `v2gpki` or `celery` (both start the loader, ``loader.init_worker``, before they
+    touch the broker or the result backend): the embedded broker's folders.
     ``beat_init`` was too late — beat builds its scheduler, and with it the file:// result backend, which
     refuses a missing folder, *before* sending beat_init — so on a fresh data directory beat died unless
     the worker happened to create the folders first (found by tests/test_readme_run.py)."""
@@ -171,7 +172,6 @@ def _migrate_once(sender: Any = None, **_: Any) -> None:
     """Main worker process, before the pool forks: bring the schema to head (database only, no HSM)."""
     from pki.store.db import Database
 
-    prepare_local_broker(getattr(sender, "app", None) or app)
     db = Database(Settings().db_url)
     try:
         db.migrate()

@@ -30,17 +30,15 @@ def _celery_argv(kind: str, args: argparse.Namespace) -> list[str]:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.app import app, prepare_local_broker
+    from workers.app import app
 
-    prepare_local_broker(app)  # before Celery reads the embedded broker (also on import_modules, for `celery`)
     app.worker_main(_celery_argv("worker", args))
     return 0
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
-    from workers.app import app, prepare_local_broker
+    from workers.app import app
 
-    prepare_local_broker(app)  # beat's scheduler opens the result backend before any beat signal
     app.start(_celery_argv("beat", args))
     return 0
 
