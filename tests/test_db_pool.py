@@ -173,3 +173,43 @@ def test_prepared_statements_store_what_core_stores(backend: str, pg_url: str, t
     with db.engine.connect() as conn:  # and the pooled connection is usable after the rollback
         assert conn.execute(select(literal(1))).scalar() == 1
     db.dispose()
+
+
+def test_merged_literals_are_what_postgresql_reads_back(pg_url: str) -> None:
+    """run_together merges values into its one simple-protocol query itself (pki/store/fast._merge_literals):
+    whatever the strings hold — quotes, backslashes, braces, commas, NULL elements, any Unicode — and
+    whatever the bytes and timestamps, PostgreSQL must read back exactly the values given, and the text
+    must equal psycopg's own ClientCursor.mogrify wherever no array of strings is involved."""
+    from datetime import UTC, datetime
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from psycopg.adapt import Transformer
+
+    from pki.store.fast import _merge_literals
+
+    no_nul = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=40)
+    sql = ("SELECT CAST(%(arr)s AS text[]), CAST(%(s)s AS text), CAST(%(b)s AS bytea), "
+           "CAST(%(t)s AS timestamptz), CAST(%(n)s AS bigint), '100%%' AS pct")
+    conn = psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+    try:
+        tx = Transformer(conn)
+
+        @settings(max_examples=200, deadline=None)
+        @given(arr=st.lists(st.one_of(no_nul, st.none()), min_size=1, max_size=4), s=no_nul,
+               b=st.binary(max_size=40), n=st.integers(-(2**63), 2**63 - 1),
+               t=st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2200, 1, 1),
+                              timezones=st.just(UTC)))
+        def check(arr: list[str | None], s: str, b: bytes, n: int, t: datetime) -> None:
+            params = {"arr": arr, "s": s, "b": b, "t": t, "n": n}
+            query = _merge_literals(tx, sql, params)
+            row = conn.execute(query).fetchone()
+            assert row is not None
+            assert (list(row[0]), row[1], bytes(row[2]), row[3], row[4], row[5]) == (arr, s, b, t, n, "100%")
+            no_array = sql.replace("%(arr)s", "NULL")
+            assert _merge_literals(tx, no_array, params) == psycopg.ClientCursor(conn).mogrify(
+                no_array, params).encode()
+
+        check()
+    finally:
+        conn.close()

@@ -10,12 +10,15 @@ driver (executemany for several) through the caller's connection, inside the cal
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg import pq
+from psycopg import abc as pg_abc
+from psycopg.adapt import Transformer
 from sqlalchemy import Table, bindparam, insert
 from sqlalchemy.engine import Connection, CursorResult, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, StatementError
@@ -226,19 +229,63 @@ def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence
             raise _as_sqlalchemy(dialect, sql, params, exc) from exc
         return  # the caller's commit ends the transaction
     # PostgreSQL, a small batch (an HTTP request's issuance): each row's statement with its parameters
-    # merged client-side by psycopg (its own literal adaptation, as a ClientCursor's execute; no SQL is
-    # built from values here), sent as ONE simple-protocol query (_pg_exec): one send and one read
+    # merged client-side with psycopg's literal adaptation (_merge_literals: what a ClientCursor would
+    # send; no SQL is built from values here), sent as ONE simple-protocol query (_pg_exec): one send and one read
     # instead of a pipeline's per-statement bookkeeping. In a transaction the statements run in it; the
     # first error aborts it and is raised here, as it would be statement by statement.
-    parts: list[str] = []
-    mogrify = psycopg.ClientCursor(raw).mogrify
+    parts: list[bytes] = []
+    tx: pg_abc.Transformer = Transformer(raw)
     for p, rows in statements:
         sql, params = p.bind(dialect, rows)
-        parts.extend(mogrify(sql, r) for r in params)
+        parts.extend(_merge_literals(tx, sql, r) for r in params)
     if commit:
-        parts.append("COMMIT")
+        parts.append(b"COMMIT")
     if parts:
-        _pg_exec(raw, ";\n".join(parts).encode(), dialect)
+        _pg_exec(raw, b";\n".join(parts), dialect)
+
+
+# %(name)s placeholders as SQLAlchemy's psycopg dialect compiles them (pyformat), and %% for a literal %.
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%")
+_SPLIT: dict[str, tuple[tuple[bytes, ...], tuple[str, ...]]] = {}
+
+
+def _split_placeholders(sql: str) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
+    """The statement's text around its placeholders (once per statement) and the placeholders' names."""
+    found = _SPLIT.get(sql)
+    if found is None:
+        texts, names, pos = [], [], 0
+        for m in _PLACEHOLDER.finditer(sql):
+            if m.group(1) is None:  # %% → %, part of the surrounding text
+                continue
+            texts.append(sql[pos:m.start()].replace("%%", "%").encode())
+            names.append(m.group(1))
+            pos = m.end()
+        texts.append(sql[pos:].replace("%%", "%").encode())
+        found = (tuple(texts), tuple(names))
+        if len(_SPLIT) < 512:
+            _SPLIT[sql] = found
+    return found
+
+
+def _merge_literals(tx: pg_abc.Transformer, sql: str, params: dict[str, Any]) -> bytes:
+    """``sql`` with each placeholder replaced by its value as a literal — what ``ClientCursor.mogrify``
+    returns, for this module's statements, in a fraction of its time. Every value is quoted by psycopg's
+    own adaptation (``Transformer.as_literal``: escaping, bytea, timestamps, NULL); no SQL is built from
+    values here. Only a list of strings is assembled differently: ``ARRAY[lit, …]`` of psycopg's string
+    literals instead of psycopg's ``'{…}'`` array literal, whose element escaping is Python code and cost
+    ≈ 150 µs for the audit chain's eight one-element arrays (the statements cast them: CAST(… AS text[])).
+    """
+    texts, names = _split_placeholders(sql)
+    out = [texts[0]]
+    lit = tx.as_literal
+    for name, text in zip(names, texts[1:], strict=True):
+        v = params[name]
+        if type(v) is list and v and all(type(x) is str or x is None for x in v):
+            out.append(b"ARRAY[" + b",".join([lit(x) for x in v]) + b"]")
+        else:
+            out.append(lit(v))
+        out.append(text)
+    return b"".join(out)
 
 
 def _pg_exec(raw: Any, query: bytes, dialect: Dialect) -> Any:
