@@ -16,8 +16,8 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg import pq
 from psycopg import abc as pg_abc
+from psycopg import pq
 from psycopg.adapt import Transformer
 from sqlalchemy import Table, bindparam, insert
 from sqlalchemy.engine import Connection, CursorResult, Dialect, Engine
