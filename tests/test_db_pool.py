@@ -213,3 +213,67 @@ def test_merged_literals_are_what_postgresql_reads_back(pg_url: str) -> None:
         check()
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("prepare", ["1", "0"])
+def test_run_together_prepares_once_per_connection(prepare: str, pg_url: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """On PostgreSQL run_together PREPAREs each statement once per connection and then sends EXECUTE with
+    literals (no parse or plan per call). The rows are the same either way; a server that lost them (a
+    restart, a proxy's DISCARD) fails that one transaction and the next one prepares again; a statement the
+    server cannot prepare keeps the literal path; V2GPKI_PG_PREPARE=0 sends no PREPARE and turns psycopg's
+    own preparation off."""
+    import secrets
+
+    from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, literal_column, select
+    from sqlalchemy.exc import DBAPIError
+
+    from pki.store.fast import BulkInsert, Prepared, run_together
+
+    monkeypatch.setenv("V2GPKI_PG_PREPARE", prepare)
+    db = Database(pg_url)
+    md = MetaData()
+    t = Table(f"t_prep_{secrets.token_hex(4)}", md, Column("id", Integer, primary_key=True), Column("s", String))
+    md.create_all(db.engine)
+    bulk = BulkInsert(t, ["id", "s"])
+    # an untyped parameter: PostgreSQL cannot infer $1's type, so PREPARE fails and the literal path is used
+    untyped = Prepared(select(literal_column("1")).where(bindparam("x").is_(None)))
+
+    def ours(conn: object) -> list[str]:
+        rows = conn.exec_driver_sql(  # type: ignore[attr-defined]
+            "SELECT name FROM pg_prepared_statements WHERE starts_with(name, 'v2gpki_')").all()
+        return sorted(r[0] for r in rows)
+
+    try:
+        with db.engine.connect() as conn:
+            assert conn.connection.driver_connection.prepare_threshold == (5 if prepare == "1" else None)
+            for i in range(3):
+                with conn.begin():
+                    run_together(conn, [(bulk, [{"id": i, "s": f"it's {i}"}]), (untyped, [{"x": "a"}])],
+                                 commit=i == 2)
+            names = ours(conn)
+            conn.commit()
+            assert len(names) == (1 if prepare == "1" else 0)  # the INSERT; never the untyped SELECT
+            # psycopg prepares a query run often enough and, at the next rollback, sends DEALLOCATE ALL: the
+            # server forgets ours too. The next run_together finds out, rolls back and prepares again.
+            raw = conn.connection.driver_connection
+            for _ in range(7):
+                raw.execute("SELECT %s::int", (1,))
+            raw.commit()
+            with pytest.raises(DBAPIError), conn.begin():
+                run_together(conn, [(bulk, [{"id": 1, "s": "duplicate"}])])
+            assert ours(conn) == []
+            conn.commit()
+            with conn.begin():
+                run_together(conn, [(bulk, [{"id": 10, "s": "after a rollback"}])])
+            conn.exec_driver_sql("DEALLOCATE ALL")  # or anyone else (a proxy's DISCARD ALL)
+            conn.commit()
+            with conn.begin():
+                run_together(conn, [(bulk, [{"id": 11, "s": "again"}])])
+            assert ours(conn) == names
+            got = conn.execute(select(t.c.id, t.c.s).order_by(t.c.id)).all()
+        assert [tuple(r) for r in got] == [(0, "it's 0"), (1, "it's 1"), (2, "it's 2"), (10, "after a rollback"),
+                                           (11, "again")]
+    finally:
+        md.drop_all(db.engine)
+        db.dispose()

@@ -45,6 +45,16 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def _pg_connect_args() -> dict[str, Any]:
+    """psycopg prepares a statement on the server after its 5th execution on a connection; with
+    V2GPKI_PG_PREPARE=0 (behind a transaction-pooling proxy such as PgBouncer in transaction mode, where a
+    session's prepared statements do not follow the client) it never does (prepare_threshold None), and
+    pki/store/fast.py sends no PREPARE either."""
+    from pki.store.fast import pg_prepare_enabled
+
+    return {} if pg_prepare_enabled() else {"prepare_threshold": None}
+
+
 class Database:
     def __init__(self, url: str, *, echo: bool = False) -> None:
         self.url = normalise_url(url)
@@ -52,7 +62,7 @@ class Database:
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
-            kwargs.update(pool_size=10, max_overflow=20)
+            kwargs.update(pool_size=10, max_overflow=20, connect_args=_pg_connect_args())
         self.engine: Engine = create_engine(self.url, **kwargs)
         self._reader: Engine | None = None
         if self.is_sqlite:
@@ -78,7 +88,8 @@ class Database:
                         eng = create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30})
                         event.listen(eng, "connect", _sqlite_pragmas)
                     else:
-                        eng = create_engine(self.url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=15)
+                        eng = create_engine(self.url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=15,
+                                            connect_args=_pg_connect_args())
                         event.listen(eng, "checkout", _ping_if_idle)
                         event.listen(eng, "checkin", _mark_checkin)
                     self._reader = eng
