@@ -287,7 +287,7 @@ def _deliver(ctx: Context, raw: Node, request: V2GMessage, body: CertificateInst
         if not dcs or str(dcs[0].value).upper() != "OEM":
             # The provisioning service checks DC=OEM (shared profiles doc §2).
             raise CPSFailure(ResponseCode.FAILED_CertChainError, "provisioning certificate lacks DC=OEM")
-        _verify(raw, vehicle_cert, request)
+        vehicle_key = _verify(raw, vehicle_cert, request)
         if contract is None:
             raise CPSFailure(ResponseCode.FAILED_NoCertificateAvailable, f"no active contract for PCID {pcid}")
     else:
@@ -298,7 +298,7 @@ def _deliver(ctx: Context, raw: Node, request: V2GMessage, body: CertificateInst
         status, _ = chain_status(ctx, vehicle_cert, "mo")
         if status != "CertificateExpired":  # an update may renew an expired contract certificate
             _status_failure(status, "current contract certificate")
-        _verify(raw, vehicle_cert, request)
+        vehicle_key = _verify(raw, vehicle_cert, request)
         try:
             emaid = normalise_emaid(body.emaid)
         except PKIError:
@@ -312,14 +312,16 @@ def _deliver(ctx: Context, raw: Node, request: V2GMessage, body: CertificateInst
             raise CPSFailure(ResponseCode.FAILED_NoCertificateAvailable, f"no contract {emaid}")
         if contract.status != "active" or contract.valid_until <= utcnow():
             raise CPSFailure(ResponseCode.FAILED_ContractCanceled, f"contract {emaid} is terminated or expired")
-    return build_delivery(ctx, contract, vehicle_cert, ids, session_id,
+    return build_delivery(ctx, contract, vehicle_key, ids, session_id,
                           update=isinstance(body, CertificateUpdateReq), actor=actor)
 
 
-def build_delivery(ctx: Context, contract: Contract | ContractRow, vehicle_cert: x509.Certificate,
+def build_delivery(ctx: Context, contract: Contract | ContractRow,
+                   vehicle_key: ec.EllipticCurvePublicKey | x509.Certificate,
                    ids: tuple[X509IssuerSerial, ...] | None, session_id: bytes, *, update: bool,
                    actor: str) -> Delivery:
-    """Issue the contract certificate, encrypt its key for ``vehicle_cert`` and sign the response.
+    """Issue the contract certificate, encrypt its key for ``vehicle_key`` (the OEM provisioning or current
+    contract certificate, or its public key) and sign the response.
 
     ``ids`` None means "any of our roots" (contract data prepared ahead of time, before the vehicle says
     which roots it trusts)."""
@@ -341,7 +343,7 @@ def build_delivery(ctx: Context, contract: Contract | ContractRow, vehicle_cert:
             ca=mo_ca.name, tenant=contract.emsp, not_after=contract.valid_until, actor=actor,
         ))
         try:
-            wrapped = wrap_contract_key(key, vehicle_cert)
+            wrapped = wrap_contract_key(key, vehicle_key)
         except KeyWrapError as exc:
             raise CPSFailure(ResponseCode.FAILED, f"contract key could not be encrypted: {exc.message}") from None
     finally:
@@ -383,10 +385,16 @@ def _status_failure(status: str, what: str) -> None:
         raise CPSFailure(codes.get(status, ResponseCode.FAILED_CertChainError), f"{what}: {status}")
 
 
-def _verify(raw: Node, cert: x509.Certificate, message: V2GMessage) -> None:
+def _verify(raw: Node, cert: x509.Certificate, message: V2GMessage) -> ec.EllipticCurvePublicKey:
+    """Check the request's signature with ``cert``'s key; that key, parsed once for the key wrap too."""
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise CPSFailure(ResponseCode.FAILED_SignatureError,
+                         "request signature: the signer's key must be an EC secp256r1 key")
     try:
-        verify_request(raw, cert, message=message)
+        verify_request(raw, key, message=message)
     except SignatureVerificationFailed as exc:
         raise CPSFailure(ResponseCode.FAILED_SignatureError, f"request signature: {exc.message}") from None
     except (XmlDsigError, ExiError) as exc:
         raise CPSFailure(ResponseCode.FAILED_SignatureError, f"request signature: {exc.message}") from None
+    return key
