@@ -274,6 +274,23 @@ def test_run_together_prepares_once_per_connection(prepare: str, pg_url: str,
             got = conn.execute(select(t.c.id, t.c.s).order_by(t.c.id)).all()
         assert [tuple(r) for r in got] == [(0, "it's 0"), (1, "it's 1"), (2, "it's 2"), (10, "after a rollback"),
                                            (11, "again")]
+        # single statements on the autocommit engine (fetch_on, execute_on: the lookups and the intent) take
+        # the same path, and recover the same way from a server that forgot them
+        one = Prepared(select(t.c.s).where(t.c.id == bindparam("b_id", type_=Integer)))
+        add = BulkInsert(t, ["id", "s"])
+        assert one.fetch_on(db.autocommit, {"b_id": 11}) == [("again",)]
+        add.execute_on(db.autocommit, {"id": 12, "s": "d'autocommit"})
+        raw = db.autocommit.raw_connection()  # the pool's one connection, which both just used
+        try:
+            assert len([n for n in raw.driver_connection.execute(
+                "SELECT name FROM pg_prepared_statements").fetchall() if n[0].startswith("v2gpki_")]) == \
+                (2 if prepare == "1" else 0)
+            raw.driver_connection.execute("DEALLOCATE ALL")
+        finally:
+            raw.close()
+        assert one.fetch_on(db.autocommit, {"b_id": 12}) == [("d'autocommit",)]
+        add.execute_on(db.autocommit, {"id": 13, "s": "again"})
+        assert one.fetch_on(db.autocommit, {"b_id": 13}) == [("again",)]
     finally:
         md.drop_all(db.engine)
         db.dispose()

@@ -116,6 +116,9 @@ def _on_driver_cursor(engine: Engine, sql: str, params: list[Any], *, fetch: boo
     dialect = engine.dialect
     raw = engine.raw_connection()
     try:
+        driver: Any = raw.driver_connection
+        if dialect.name == "postgresql" and len(params) == 1 and driver.autocommit:
+            return _pg_single(driver, sql, params[0], fetch, dialect)
         cur = raw.cursor()
         try:
             if len(params) == 1:
@@ -320,6 +323,37 @@ def _prepared_on(raw: Any, sqls: Sequence[str]) -> set[bytes]:
             else:
                 _UNPREPARABLE.add(name)
     return ready
+
+
+def _pg_single(raw: Any, sql: str, params: dict[str, Any], fetch: bool, dialect: Dialect) -> list[Any]:
+    """One statement on an autocommit PostgreSQL connection as one simple query: EXECUTE of the statement
+    prepared on this connection (or the statement with its literals), rows loaded by psycopg's own loaders
+    (what its cursor returns). psycopg's cursor spent ≈ 110 µs of client CPU around each of the two such
+    statements of a contract installation (the lookup and the intent), against ≈ 80 µs for libpq's round
+    trip itself. A statement the server has forgot (DEALLOCATE ALL) failed without effect (autocommit):
+    prepared again and sent once more."""
+    tx: pg_abc.Transformer = Transformer(raw)
+    ready = _prepared_on(raw, [sql])
+    form = _SERVER_FORMS.get(sql)
+    prepared = form is not None and form[0] in ready
+
+    def query() -> bytes:
+        if form is not None and form[0] in ready:
+            return _execute_literal(tx, form, params)
+        return _merge_literals(tx, sql, params)
+
+    try:
+        res = _pg_exec(raw, query(), dialect)
+    except StatementError as exc:
+        _PREPARED.pop(raw, None)
+        if not (prepared and isinstance(exc.orig, psycopg.errors.InvalidSqlStatementName)):
+            raise
+        ready = _prepared_on(raw, [sql])
+        res = _pg_exec(raw, query(), dialect)
+    if not fetch:
+        return []
+    tx.set_pgresult(res)
+    return tx.load_rows(0, res.ntuples, tuple)
 
 
 def _execute_literal(tx: pg_abc.Transformer, form: tuple[bytes, bytes, tuple[str, ...]],
