@@ -320,8 +320,9 @@ def _prepared_on(raw: Any, sqls: Sequence[str]) -> set[bytes]:
                 ready.add(name)
             elif res.error_field(pq.DiagnosticField.SQLSTATE) == b"42P05":  # already there (ours)
                 ready.add(name)
-            else:
-                _UNPREPARABLE.add(name)
+            elif (res.error_field(pq.DiagnosticField.SQLSTATE) or b"").startswith(b"42"):
+                _UNPREPARABLE.add(name)  # the statement itself (class 42: e.g. an untyped parameter)
+            # anything else (a broken connection, a lock timeout): the literal path now, PREPARE next time
     return ready
 
 
@@ -359,15 +360,7 @@ def _pg_single(raw: Any, sql: str, params: dict[str, Any], fetch: bool, dialect:
 def _execute_literal(tx: pg_abc.Transformer, form: tuple[bytes, bytes, tuple[str, ...]],
                      params: dict[str, Any]) -> bytes:
     """EXECUTE name(v1, …, vn): each value a literal as in :func:`_merge_literals` (psycopg's quoting)."""
-    lit = tx.as_literal
-    args = []
-    for n in form[2]:
-        v = params[n]
-        if type(v) is list and v and all(type(x) is str or x is None for x in v):
-            args.append(b"ARRAY[" + b",".join([lit(x) for x in v]) + b"]")
-        else:
-            args.append(lit(v))
-    return b"EXECUTE " + form[0] + b"(" + b",".join(args) + b")"
+    return b"EXECUTE " + form[0] + b"(" + b",".join([_literal(tx, params[n]) for n in form[2]]) + b")"
 
 
 # %(name)s placeholders as SQLAlchemy's psycopg dialect compiles them (pyformat), and %% for a literal %.
@@ -403,15 +396,16 @@ def _merge_literals(tx: pg_abc.Transformer, sql: str, params: dict[str, Any]) ->
     """
     texts, names = _split_placeholders(sql)
     out = [texts[0]]
-    lit = tx.as_literal
     for name, text in zip(names, texts[1:], strict=True):
-        v = params[name]
-        if type(v) is list and v and all(type(x) is str or x is None for x in v):
-            out.append(b"ARRAY[" + b",".join([lit(x) for x in v]) + b"]")
-        else:
-            out.append(lit(v))
+        out.append(_literal(tx, params[name]))
         out.append(text)
     return b"".join(out)
+
+
+def _literal(tx: pg_abc.Transformer, v: Any) -> bytes:
+    if type(v) is list and v and all(type(x) is str or x is None for x in v):
+        return b"ARRAY[" + b",".join([tx.as_literal(x) for x in v]) + b"]"
+    return tx.as_literal(v)
 
 
 def _pg_exec(raw: Any, query: bytes, dialect: Dialect) -> Any:
