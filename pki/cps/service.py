@@ -54,7 +54,7 @@ from pki.cps.exi import (
 )
 from pki.cps.exi.messages import ResponseCode, X509IssuerSerial
 from pki.cps.keywrap import wrap_contract_key
-from pki.cps.xmldsig import sign_contract_response, verify_request
+from pki.cps.xmldsig import sign_contract_response, signer_public_key, verify_request
 from pki.csr import SubjectFields
 from pki.errors import PKIError
 from pki.issuance import CAHandle, IssueRequest, der
@@ -387,11 +387,8 @@ def _status_failure(status: str, what: str) -> None:
 
 def _verify(raw: Node, cert: x509.Certificate, message: V2GMessage) -> ec.EllipticCurvePublicKey:
     """Check the request's signature with ``cert``'s key; that key, parsed once for the key wrap too."""
-    key = cert.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise CPSFailure(ResponseCode.FAILED_SignatureError,
-                         "request signature: the signer's key must be an EC secp256r1 key")
     try:
+        key = signer_public_key(cert)  # EC secp256r1 only
         verify_request(raw, key, message=message)
     except SignatureVerificationFailed as exc:
         raise CPSFailure(ResponseCode.FAILED_SignatureError, f"request signature: {exc.message}") from None

@@ -218,7 +218,7 @@ def _verify_ecdsa(public_key: ec.EllipticCurvePublicKey, signature: bytes, data:
     return True
 
 
-def _public_key(key: ec.EllipticCurvePublicKey | x509.Certificate) -> ec.EllipticCurvePublicKey:
+def signer_public_key(key: ec.EllipticCurvePublicKey | x509.Certificate) -> ec.EllipticCurvePublicKey:
     public = key.public_key() if isinstance(key, x509.Certificate) else key
     if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
         raise SignatureVerificationFailed("the signer's key must be an EC secp256r1 key")
@@ -243,7 +243,7 @@ def verify_request(
     V2G_CI_MsgDef schema (implementations differ; both are EXI fragments of a schema that declares it).
     Raises :class:`SignatureVerificationFailed` (or an EXI error for a malformed stream).
     """
-    public_key = _public_key(signer_key)
+    public_key = signer_public_key(signer_key)
     tree = exi_request if isinstance(exi_request, Node) else decode_message_tree(exi_request, limits)
     if message is None or not isinstance(exi_request, Node):  # ``message``: the caller's from_node(tree)
         message = V2GMessage.from_node(tree)
@@ -300,5 +300,5 @@ def verify_response(message: V2GMessage, cps_key: ec.EllipticCurvePublicKey | x5
         if not hmac.compare_digest(digest, reference.digest_value):
             raise SignatureVerificationFailed(f"DigestValue mismatch for {reference.uri}")
     data = encode_signed_info(signature.signed_info)
-    if not _verify_ecdsa(_public_key(cps_key), raw_to_der(signature.signature_value), data):
+    if not _verify_ecdsa(signer_public_key(cps_key), raw_to_der(signature.signature_value), data):
         raise SignatureVerificationFailed("the ECDSA signature over SignedInfo does not verify")

@@ -234,43 +234,43 @@ def run_together(conn: Connection, statements: Sequence[tuple[Prepared, Sequence
         except dialect.loaded_dbapi.Error as exc:
             raise _as_sqlalchemy(dialect, sql, params, exc) from exc
         return  # the caller's commit ends the transaction
-    # PostgreSQL, a small batch (an HTTP request's issuance): each row's statement with its parameters
-    # merged client-side with psycopg's literal adaptation (_merge_literals: what a ClientCursor would
-    # send; no SQL is built from values here), sent as ONE simple-protocol query (_pg_exec): one send and one read
-    # instead of a pipeline's per-statement bookkeeping. In a transaction the statements run in it; the
-    # first error aborts it and is raised here, as it would be statement by statement.
-    if not statements and not commit:
-        return
-    tx: pg_abc.Transformer = Transformer(raw)
-    bound = [p.bind(dialect, rows) for p, rows in statements]
-    # Prepared statements only when this query starts the transaction: then, if the server has lost them,
-    # the whole transaction is ours to roll back and send again (below).
-    ours = raw.pgconn.transaction_status == pq.TransactionStatus.IDLE
-    ready = _prepared_on(raw, [sql for sql, _ in bound]) if ours else set()
+    # PostgreSQL, a small batch (an HTTP request's issuance): each row's statement, as an EXECUTE of the
+    # statement prepared on this connection or with its literals (values quoted by psycopg; no SQL is built
+    # from values here), sent as ONE simple-protocol query (_send): one send and one read instead of a
+    # pipeline's per-statement bookkeeping. In a transaction the statements run in it; the first error
+    # aborts it and is raised here, as it would be statement by statement.
+    if statements or commit:
+        _send(raw, Transformer(raw), [p.bind(dialect, rows) for p, rows in statements], dialect, commit=commit)
+
+
+def _send(raw: Any, tx: pg_abc.Transformer, bound: Sequence[tuple[str, Sequence[dict[str, Any]]]],
+          dialect: Dialect, *, commit: bool = False) -> Any:
+    """The bound statements as ONE simple-protocol query, each row's statement an EXECUTE of the statement
+    prepared on this connection or the statement with its literals; COMMIT last when ``commit``.
+
+    Statements are prepared only when this query opens the transaction (or runs in autocommit): a failed
+    PREPARE then aborts nothing of the caller's, and if the server has lost what we prepared — psycopg
+    sends DEALLOCATE ALL after a rollback once it has prepared statements of its own, a proxy may DISCARD
+    ALL — the failed transaction held nothing but this query: it is rolled back, the statements prepared
+    again, and the query sent once more."""
+    sqls = [sql for sql, _ in bound]
+    ready = _prepared_on(raw, sqls) if raw.pgconn.transaction_status == pq.TransactionStatus.IDLE else set()
 
     def query(ready: set[bytes]) -> bytes:
-        parts: list[bytes] = []
-        for sql, params in bound:
-            form = _SERVER_FORMS.get(sql)
-            if form is not None and form[0] in ready:
-                parts.extend(_execute_literal(tx, form, r) for r in params)
-            else:
-                parts.extend(_merge_literals(tx, sql, r) for r in params)
+        parts = [_statement(tx, sql, row, ready) for sql, rows in bound for row in rows]
         if commit:
             parts.append(b"COMMIT")
         return b";\n".join(parts)
 
     try:
-        _pg_exec(raw, query(ready), dialect)
+        return _pg_exec(raw, query(ready), dialect)
     except StatementError as exc:
         _PREPARED.pop(raw, None)  # whatever failed, prepare again on the next use
-        if not (ours and ready and isinstance(exc.orig, psycopg.errors.InvalidSqlStatementName)):
+        if not isinstance(exc.orig, psycopg.errors.InvalidSqlStatementName):  # only our EXECUTEs raise it
             raise
-        # The server forgot what we prepared on this connection: psycopg sends DEALLOCATE ALL after a
-        # rollback when it had prepared statements of its own, and a proxy may DISCARD ALL. The failed
-        # transaction held nothing but this query: roll it back, prepare again, send it once more.
-        raw.pgconn.exec_(b"ROLLBACK")
-        _pg_exec(raw, query(_prepared_on(raw, [sql for sql, _ in bound])), dialect)
+        if raw.pgconn.transaction_status == pq.TransactionStatus.INERROR:
+            raw.pgconn.exec_(b"ROLLBACK")
+        return _pg_exec(raw, query(_prepared_on(raw, sqls)), dialect)
 
 
 # Server-side prepared statements for run_together (PREPARE once per connection, then EXECUTE name(literals)
@@ -283,7 +283,7 @@ def pg_prepare_enabled() -> bool:
     return os.environ.get("V2GPKI_PG_PREPARE", "1").lower() not in ("0", "false", "no", "off")
 
 
-_SERVER_FORMS: dict[str, tuple[bytes, bytes, tuple[str, ...]] | None] = {}
+_SERVER_FORMS: dict[str, tuple[bytes, bytes, tuple[str, ...]]] = {}
 _PREPARED: weakref.WeakKeyDictionary[Any, set[bytes]] = weakref.WeakKeyDictionary()
 _UNPREPARABLE: set[bytes] = set()
 
@@ -309,18 +309,15 @@ def _prepared_on(raw: Any, sqls: Sequence[str]) -> set[bytes]:
     (a parameter whose type it cannot infer) is remembered and keeps the literal path."""
     if not pg_prepare_enabled():
         return set()
-    ready = _PREPARED.get(raw)
-    if ready is None:
-        ready = _PREPARED.setdefault(raw, set())
+    ready = _PREPARED.setdefault(raw, set())
     missing = [f for f in (_server_form(q) for q in sqls) if f[0] not in ready and f[0] not in _UNPREPARABLE]
     if missing and raw.pgconn.transaction_status == pq.TransactionStatus.IDLE:
         for name, text, _ in missing:
             res = raw.pgconn.exec_(text)
-            if res.status == pq.ExecStatus.COMMAND_OK:
+            state = res.error_field(pq.DiagnosticField.SQLSTATE) or b""
+            if res.status == pq.ExecStatus.COMMAND_OK or state == b"42P05":  # prepared (42P05: already, by us)
                 ready.add(name)
-            elif res.error_field(pq.DiagnosticField.SQLSTATE) == b"42P05":  # already there (ours)
-                ready.add(name)
-            elif (res.error_field(pq.DiagnosticField.SQLSTATE) or b"").startswith(b"42"):
+            elif state.startswith(b"42"):
                 _UNPREPARABLE.add(name)  # the statement itself (class 42: e.g. an untyped parameter)
             # anything else (a broken connection, a lock timeout): the literal path now, PREPARE next time
     return ready
@@ -334,33 +331,20 @@ def _pg_single(raw: Any, sql: str, params: dict[str, Any], fetch: bool, dialect:
     trip itself. A statement the server has forgot (DEALLOCATE ALL) failed without effect (autocommit):
     prepared again and sent once more."""
     tx: pg_abc.Transformer = Transformer(raw)
-    ready = _prepared_on(raw, [sql])
-    form = _SERVER_FORMS.get(sql)
-    prepared = form is not None and form[0] in ready
-
-    def query() -> bytes:
-        if form is not None and form[0] in ready:
-            return _execute_literal(tx, form, params)
-        return _merge_literals(tx, sql, params)
-
-    try:
-        res = _pg_exec(raw, query(), dialect)
-    except StatementError as exc:
-        _PREPARED.pop(raw, None)
-        if not (prepared and isinstance(exc.orig, psycopg.errors.InvalidSqlStatementName)):
-            raise
-        ready = _prepared_on(raw, [sql])
-        res = _pg_exec(raw, query(), dialect)
+    res = _send(raw, tx, [(sql, [params])], dialect)
     if not fetch:
         return []
     tx.set_pgresult(res)
     return tx.load_rows(0, res.ntuples, tuple)
 
 
-def _execute_literal(tx: pg_abc.Transformer, form: tuple[bytes, bytes, tuple[str, ...]],
-                     params: dict[str, Any]) -> bytes:
-    """EXECUTE name(v1, …, vn): each value a literal as in :func:`_merge_literals` (psycopg's quoting)."""
-    return b"EXECUTE " + form[0] + b"(" + b",".join([_literal(tx, params[n]) for n in form[2]]) + b")"
+def _statement(tx: pg_abc.Transformer, sql: str, params: dict[str, Any], ready: set[bytes]) -> bytes:
+    """EXECUTE name(v1, …, vn) when ``sql`` is prepared on the connection (``ready``), else ``sql`` with its
+    literals (:func:`_merge_literals`); every value quoted by psycopg."""
+    form = _SERVER_FORMS.get(sql)
+    if form is not None and form[0] in ready:
+        return b"EXECUTE " + form[0] + b"(" + b",".join([_literal(tx, params[n]) for n in form[2]]) + b")"
+    return _merge_literals(tx, sql, params)
 
 
 # %(name)s placeholders as SQLAlchemy's psycopg dialect compiles them (pyformat), and %% for a literal %.
