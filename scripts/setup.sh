@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v softhsm2-util >/dev/null || need_apt+=(softhsm2)
 command -v openssl >/dev/null || need_apt+=(openssl)
+# a C compiler for the EXI codec's C half (pki/cps/exi/_native.c; without one the Python codec runs alone)
+command -v cc >/dev/null || need_apt+=(gcc)
 [ -n "${V2GPKI_SKIP_SERVERS:-}" ] || {
   command -v redis-server >/dev/null || need_apt+=(redis-server)
   ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_apt+=(postgresql)
@@ -22,11 +24,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
+"$PY" -c 'import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null \
+  || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q python3-dev >/dev/null 2>&1 || true; }
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if ! .venv/bin/python -c "import pki, hsm, pkcs11, pkilint, fastapi, pytest" 2>/dev/null \
-   || [ pyproject.toml -nt .venv/.installed ]; then
+   || [ pyproject.toml -nt .venv/.installed ] || [ setup.py -nt .venv/.installed ] \
+   || [ pki/cps/exi/_native.c -nt .venv/.installed ]; then
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
   .venv/bin/pip install -q -e ".[dev]"
   touch .venv/.installed

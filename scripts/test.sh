@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 eval "$(bash scripts/services.sh)"
 export V2GPKI_TEST_REQUIRE_PG=1
+export V2GPKI_TEST_REQUIRE_NATIVE=1  # the EXI codec's C half must be built and used (tests/test_exi_native.py)
 exec .venv/bin/python -m pytest -q "$@"

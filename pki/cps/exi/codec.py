@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ExiDecodeError, ExiEncodeError, ExiLimitExceeded, ExiUnsupported
+from . import native
 from .bitstream import BitReader, BitWriter
 from .datatypes import DEFAULT_LIMITS, BinaryType, DecodeLimits, StringType, bits_for
 from .grammar import Grammar, Kind, State, grammar_for
@@ -145,6 +146,14 @@ def _write_header(writer: BitWriter) -> None:
 
 def encode_document(root: Node, schema: SchemaSet) -> bytes:
     """An EXI document (EXI 1.0 §8.5.1): SD, SE(G_i) from the sorted global elements, content, ED."""
+    if native.available():
+        out = native.encode_document(root, schema)
+        if out is not None:
+            return out
+    return _encode_document(root, schema)
+
+
+def _encode_document(root: Node, schema: SchemaSet) -> bytes:
     writer = BitWriter()
     _write_header(writer)
     try:
@@ -163,6 +172,14 @@ def encode_fragment(elements: Sequence[Node], schema: SchemaSet, *, relaxed_ambi
     declaration's own type instead of the relaxed element fragment grammar §8.5.3 prescribes: the
     non-conformant behaviour of libcbv2g/cbexigen (EVerest), offered only to interoperate with it.
     """
+    if native.available():
+        out = native.encode_fragment(elements, schema, relaxed_ambiguous)
+        if out is not None:
+            return out
+    return _encode_fragment(elements, schema, relaxed_ambiguous=relaxed_ambiguous)
+
+
+def _encode_fragment(elements: Sequence[Node], schema: SchemaSet, *, relaxed_ambiguous: bool = True) -> bytes:
     writer = BitWriter()
     _write_header(writer)
     width = bits_for(len(schema.elements) + 2)  # F_0..F_n-1, SE(*), ED; CM and PI pruned
@@ -294,6 +311,15 @@ def decode_document(data: bytes, schema: SchemaSet, limits: DecodeLimits = DEFAU
                     keep_bits: frozenset[QName] = frozenset()) -> Node:
     """``keep_bits``: elements whose encoded content is kept with their Node (``Node.memo``), for a caller
     that re-encodes them unchanged (a signature check); such a Node must not be modified afterwards."""
+    if native.available():
+        root = native.decode(data, schema, limits, fragment=False, keep_bits=keep_bits)
+        if root is not None:
+            return root  # type: ignore[no-any-return]
+    return _decode_document(data, schema, limits, keep_bits=keep_bits)
+
+
+def _decode_document(data: bytes, schema: SchemaSet, limits: DecodeLimits = DEFAULT_LIMITS, *,
+                     keep_bits: frozenset[QName] = frozenset()) -> Node:
     decoder = _Decoder(data, schema, limits, keep_bits)
     decoder.header()
     count = len(schema.global_elements)
@@ -308,6 +334,14 @@ def decode_document(data: bytes, schema: SchemaSet, limits: DecodeLimits = DEFAU
 
 
 def decode_fragment(data: bytes, schema: SchemaSet, limits: DecodeLimits = DEFAULT_LIMITS) -> list[Node]:
+    if native.available():
+        nodes = native.decode(data, schema, limits, fragment=True)
+        if nodes is not None:
+            return nodes  # type: ignore[no-any-return]
+    return _decode_fragment(data, schema, limits)
+
+
+def _decode_fragment(data: bytes, schema: SchemaSet, limits: DecodeLimits = DEFAULT_LIMITS) -> list[Node]:
     decoder = _Decoder(data, schema, limits)
     decoder.header()
     count = len(schema.elements)
