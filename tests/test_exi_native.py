@@ -38,8 +38,22 @@ def test_native_codec_is_built_and_used() -> None:
 
 
 def test_turned_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("V2GPKI_EXI_NATIVE", "0")
+    import subprocess
+    import sys
+
+    for value, expected in (("0", "False"), ("off", "False"), ("1", "True")):
+        out = subprocess.run([sys.executable, "-c", "from pki.cps.exi import native; print(native.available())"],
+                             env={**os.environ, "V2GPKI_EXI_NATIVE": value}, capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.strip() == expected, value
+    monkeypatch.setattr(native, "ENABLED", False)
     assert not native.available()
+
+    def not_called(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the C codec was called while turned off")
+
+    for name in ("decode", "encode_document", "encode_fragment"):
+        monkeypatch.setattr(native, name, not_called)
     stream = bytes.fromhex(next(iter(EXIFICIENT_MESSAGES.values()))[1])
     assert codec.encode_document(codec.decode_document(stream, MSGDEF), MSGDEF) == stream
 

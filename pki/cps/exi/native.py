@@ -38,9 +38,13 @@ if _native is not None and getattr(_native, "ABI", None) != ABI:
     _native = None
 
 
+# read once, at import: this is asked several times per installation
+ENABLED = os.environ.get("V2GPKI_EXI_NATIVE", "1").lower() not in ("0", "false", "no", "off")
+
+
 def available() -> bool:
-    """The C codec is built, current, and not turned off with ``V2GPKI_EXI_NATIVE=0``."""
-    return _native is not None and os.environ.get("V2GPKI_EXI_NATIVE", "1") != "0"
+    """The C codec is built, current, and not turned off with ``V2GPKI_EXI_NATIVE=0`` (at start-up)."""
+    return ENABLED and _native is not None
 
 
 _INT64 = (-(2**63), 2**63 - 1)
