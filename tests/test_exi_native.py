@@ -361,3 +361,12 @@ def test_repeated_attribute_is_left_to_python() -> None:
         w.write_bits(s0.ee, s0.width)
 
     _same_decode(_fragment("eMAID", once), MSGDEF, True, must_handle=True)
+
+
+def test_negative_limits_are_left_to_python() -> None:
+    """A limit below zero refuses everything in codec.py; C does not compare it, it falls back."""
+    stream = bytes.fromhex(EXIFICIENT_MESSAGES[sorted(EXIFICIENT_MESSAGES)[0]][1])
+    for field in ("max_binary_octets", "max_string_chars", "max_events", "max_depth", "max_integer_octets"):
+        limits = dataclasses.replace(DEFAULT_LIMITS, **{field: -1})
+        assert native.decode(stream, MSGDEF, limits, fragment=False) is None, field
+        _same_decode(stream, MSGDEF, False, limits=limits)

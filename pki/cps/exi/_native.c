@@ -235,7 +235,7 @@ static int r_uint(Reader *r, int max_octets, uint64_t *out) {
     for (int i = 0; i < max_octets; i++) {
         uint64_t octet;
         if (r_bits(r, 8, &octet)) return PUNT;
-        if (shift >= 63 || (shift > 56 && (octet & 0x7F) >> (63 - shift))) return PUNT;
+        if (shift >= 63) return PUNT; /* a tenth group: beyond 63 bits */
         value |= (octet & 0x7F) << shift;
         if (!(octet & 0x80)) {
             if (octet == 0 && i) return PUNT; /* non-minimal: codec.py refuses it */
@@ -652,7 +652,8 @@ static int decode_content(Decoder *d, PyObject *attrs, PyObject *content, const 
         case K_EE:
             return 0;
         case K_AT:
-            if (PyDict_Contains(attrs, p->qname)) return PUNT;
+            rc = PyDict_Contains(attrs, p->qname);
+            if (rc) return rc < 0 ? FAIL : PUNT; /* repeated: possible only in the relaxed fragment grammar */
             if ((rc = read_value(&d->r, &d->pg->dts[p->dt], &d->lim, &value)) != 0) return rc;
             rc = PyDict_SetItem(attrs, p->qname, value);
             Py_DECREF(value);
@@ -762,7 +763,12 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     PyObject *result = NULL, *nodes = NULL;
     int rc = 0;
     uint64_t v;
-    if (data.len > d.lim.max_stream_octets || d.lim.max_integer_octets > 64) { rc = PUNT; goto done; }
+    if (data.len > d.lim.max_stream_octets || d.lim.max_integer_octets > 64 || d.lim.max_depth < 0 ||
+        d.lim.max_events < 0 || d.lim.max_string_chars < 0 || d.lim.max_binary_octets < 0 ||
+        d.lim.max_integer_octets < 0) {
+        rc = PUNT; /* limits this code does not compare like codec.py would */
+        goto done;
+    }
     if (r_bits(&d.r, 8, &v) || v != 0x80) { rc = PUNT; goto done; } /* header: only 0x80 (EXI 1.0 §5) */
     PyObject *roots = fragment ? pg->frag_roots : pg->doc_roots;
     Py_ssize_t count = PyTuple_GET_SIZE(roots);
@@ -905,6 +911,8 @@ static PyObject *program_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                 if (p->grammar >= pg->ngram) SPEC_ERROR("element grammar");
             }
             /* the code tables must point at productions of the matching kind */
+            if ((st->ch >= 0 && st->prods[st->ch].kind != K_CH) || (st->ee >= 0 && st->prods[st->ee].kind != K_EE))
+                SPEC_ERROR("CH or EE code");
             PyObject *key, *value;
             Py_ssize_t pos = 0;
             while (PyDict_Next(st->elements, &pos, &key, &value)) {
