@@ -50,6 +50,7 @@ from pki.cps.exi import (
     MessageHeader,
     Node,
     V2GMessage,
+    decode_message_tree,
     encode_message,
 )
 from pki.cps.exi.messages import ResponseCode, X509IssuerSerial
@@ -248,8 +249,6 @@ def _contract_key() -> ec.EllipticCurvePrivateKey:
 
 def deliver(ctx: Context, exi_request: bytes, *, actor: str = "cps") -> Delivery:
     """Answer a CertificateInstallationReq or CertificateUpdateReq V2G_Message (EXI in, EXI out)."""
-    from pki.cps.exi import decode_message_tree
-
     try:
         # decoded once: the signature check re-encodes the body from this tree (its bits kept, for_verify)
         tree = decode_message_tree(exi_request, for_verify=True)
