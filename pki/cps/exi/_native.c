@@ -228,6 +228,20 @@ static int r_bits(Reader *r, int n, uint64_t *out) {
     return 0;
 }
 
+/* ``n`` octets at the current, possibly unaligned, position; the caller has checked they are there */
+static void r_octets(Reader *r, uint8_t *dst, Py_ssize_t n) {
+    if ((r->pos & 7) == 0) {
+        memcpy(dst, r->data + (r->pos >> 3), (size_t)n);
+        r->pos += 8 * n;
+        return;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t b;
+        r_bits(r, 8, &b);
+        dst[i] = (uint8_t)b;
+    }
+}
+
 /* Unsigned Integer of at most max_octets groups that fits 63 bits; PUNT otherwise (codec.py decides) */
 static int r_uint(Reader *r, int max_octets, uint64_t *out) {
     uint64_t value = 0;
@@ -361,20 +375,11 @@ static int read_value(Reader *r, const Dtype *dt, const Limits *lim, PyObject **
         if (marker < 2) return PUNT;
         uint64_t n = marker - 2;
         if (n > (uint64_t)lim->max_string_chars || (Py_ssize_t)(8 * n) > r->end - r->pos) return PUNT;
-        if ((Py_ssize_t)n < dt->min_len || (dt->max_len >= 0 && (Py_ssize_t)n > dt->max_len)) return PUNT;
+        if (!length_ok(dt, (Py_ssize_t)n)) return PUNT;
         PyObject *s = PyUnicode_New((Py_ssize_t)n, 127);
         if (!s) return FAIL;
         uint8_t *p = PyUnicode_1BYTE_DATA(s);
-        if ((r->pos & 7) == 0) {
-            memcpy(p, r->data + (r->pos >> 3), n);
-            r->pos += 8 * n;
-        } else {
-            for (uint64_t i = 0; i < n; i++) {
-                uint64_t b;
-                r_bits(r, 8, &b); /* in range: checked above */
-                p[i] = (uint8_t)b;
-            }
-        }
+        r_octets(r, p, (Py_ssize_t)n);
         if (!ascii_ok(p, (Py_ssize_t)n)) { Py_DECREF(s); return PUNT; } /* multi-group code points too */
         *out = s;
         return 0;
@@ -386,17 +391,7 @@ static int read_value(Reader *r, const Dtype *dt, const Limits *lim, PyObject **
         if ((Py_ssize_t)(8 * n) > r->end - r->pos) return PUNT;
         PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
         if (!b) return FAIL;
-        uint8_t *p = (uint8_t *)PyBytes_AS_STRING(b);
-        if ((r->pos & 7) == 0) {
-            memcpy(p, r->data + (r->pos >> 3), n);
-            r->pos += 8 * n;
-        } else {
-            for (uint64_t i = 0; i < n; i++) {
-                uint64_t v;
-                r_bits(r, 8, &v);
-                p[i] = (uint8_t)v;
-            }
-        }
+        r_octets(r, (uint8_t *)PyBytes_AS_STRING(b), (Py_ssize_t)n);
         *out = b;
         return 0;
     }
