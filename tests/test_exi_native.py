@@ -370,3 +370,16 @@ def test_negative_limits_are_left_to_python() -> None:
         limits = dataclasses.replace(DEFAULT_LIMITS, **{field: -1})
         assert native.decode(stream, MSGDEF, limits, fragment=False) is None, field
         _same_decode(stream, MSGDEF, False, limits=limits)
+
+
+def test_fuzz_script_runs_and_agrees() -> None:
+    """scripts/fuzz_exi.py, the long-run version of these comparisons, keeps working (a short run)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "fuzz_exi.py"
+    out = subprocess.run([sys.executable, str(script), "--streams", "3000", "--seed", "5"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "all agreed with Python" in out.stdout
