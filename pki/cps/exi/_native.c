@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define NATIVE_ABI 1
+#define NATIVE_ABI 2
 
 enum { K_AT = 0, K_AT_ANY = 1, K_SE = 2, K_SE_ANY = 3, K_EE = 4, K_CH = 5 };
 /* D_BOOLEAN (3) is left to codec.py: the ISO 15118-2 subset has no xs:boolean */
@@ -32,7 +32,7 @@ typedef struct {
 } Prod;
 
 typedef struct {
-    int nprod, width, width2, ee, ch, ee2, escape, empty_ok;
+    int nprod, width, width2, ee, ch, ee2, empty_ok;
     Prod *prods;
     PyObject *elements;   /* dict qname -> first-level code, borrowed */
     PyObject *attributes; /* dict qname -> first-level code, borrowed */
@@ -101,7 +101,7 @@ static int w_reserve(Writer *w, Py_ssize_t extra) {
 static int w_bits(Writer *w, uint64_t value, int n) {
     if (n == 0) return 0;
     if (w_reserve(w, 5) < 0) return FAIL;
-    w->acc = (w->acc << n) | (value & ((n == 64) ? ~0ULL : ((1ULL << n) - 1)));
+    w->acc = (w->acc << n) | (value & ((1ULL << n) - 1));
     w->nacc += n;
     while (w->nacc >= 8) {
         w->nacc -= 8;
@@ -836,7 +836,7 @@ static int get_int(PyObject *t, Py_ssize_t i, int *out) {
 
 /* Program(spec), spec = (node_type, grammars, datatypes, doc_roots, frag_roots) as native.py builds it:
  *   grammars[i]  = (grammar, id(grammar), states)
- *   states[j]    = (width, width2, ee, ch, ee2, escape, empty_ok, elements, attributes, productions)
+ *   states[j]    = (width, width2, ee, ch, ee2, empty_ok, elements, attributes, productions)
  *   productions  = ((kind, next, qname, datatype, grammar), ...)
  *   datatypes[m] = (kind, min_len, max_len, has_min, min, has_max, max, nbit, values, index)
  *   roots        = ((qname, grammar), ...)  — -1: an element outside the subset
@@ -883,8 +883,8 @@ static PyObject *program_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         for (int j = 0; j < gram->nstates; j++) {
             State *st = &gram->states[j];
             PyObject *prods;
-            if (!PyArg_ParseTuple(PyTuple_GET_ITEM(states, j), "iiiiiiiO!O!O!", &st->width, &st->width2, &st->ee,
-                                  &st->ch, &st->ee2, &st->escape, &st->empty_ok, &PyDict_Type, &st->elements,
+            if (!PyArg_ParseTuple(PyTuple_GET_ITEM(states, j), "iiiiiiO!O!O!", &st->width, &st->width2, &st->ee,
+                                  &st->ch, &st->ee2, &st->empty_ok, &PyDict_Type, &st->elements,
                                   &PyDict_Type, &st->attributes, &PyTuple_Type, &prods))
                 goto fail;
             st->nprod = (int)PyTuple_GET_SIZE(prods);

@@ -28,7 +28,7 @@ from .schema import ElementDecl, QName, SchemaSet
 if TYPE_CHECKING:
     from .codec import Node
 
-ABI = 1  # what _native.c's tables and calls look like; a stale build with another ABI is not used
+ABI = 2  # what _native.c's tables and calls look like; a stale build with another ABI is not used
 
 try:
     from . import _native  # type: ignore[attr-defined]
@@ -60,11 +60,9 @@ def _datatype_spec(dt: Datatype) -> tuple[Any, ...]:
         for bound in (dt.minimum, dt.maximum):
             if bound is not None and not _INT64[0] <= bound <= _INT64[1]:
                 raise ValueError(f"{dt.label}: bound outside 64 bits")
-        nbit = -1
-        if dt.minimum is not None and dt.maximum is not None and dt.maximum - dt.minimum + 1 <= 4096:
-            nbit = bits_for(dt.maximum - dt.minimum + 1)  # EXI 1.0 §7.1.5, as IntegerType._nbit
+        nbit = dt._nbit  # EXI 1.0 §7.1.5: the n-bit form of a bounded range, as the Python codec decides
         return (2, 0, -1, dt.minimum is not None, dt.minimum or 0, dt.maximum is not None, dt.maximum or 0,
-                nbit, None, None)
+                -1 if nbit is None else nbit, None, None)
     if isinstance(dt, BooleanType):
         return (3, 0, -1, *none)
     if isinstance(dt, EnumType):
@@ -91,7 +89,7 @@ class _Program:
 @cache
 def _program(schema: SchemaSet) -> _Program | None:
     """Every grammar reachable from ``schema``'s global and fragment elements, as _native.c's tables."""
-    from .codec import Node
+    from .codec import Node, _empty_value_allowed
 
     grammars: list[Grammar] = []
     index: dict[int, int] = {}
@@ -131,18 +129,16 @@ def _program(schema: SchemaSet) -> _Program | None:
                  g_of(p.element) if p.kind is Kind.SE and p.element is not None else -1)
                 for p in st.productions
             )
-            ch_dt = st.productions[st.ch].datatype if st.ch is not None else None
-            empty_ok = isinstance(ch_dt, StringType | BinaryType)  # codec._empty_value_allowed
             states.append((st.width, st.width2, -1 if st.ee is None else st.ee, -1 if st.ch is None else st.ch,
-                           -1 if st.ee2 is None else st.ee2, int(st.escape), int(empty_ok),
+                           -1 if st.ee2 is None else st.ee2, int(_empty_value_allowed(st)),
                            dict(st.elements), dict(st.attributes), prods))
         specs.append((grammar, id(grammar), tuple(states)))
-    try:
-        dt_specs = tuple(_datatype_spec(dt) for dt in datatypes)
-    except ValueError:
-        return None
     assert _native is not None
-    c = _native.Program((Node, tuple(specs), dt_specs, doc_roots, frag_roots))
+    try:  # a datatype without a C form, or tables _native.c refuses: the Python codec alone for this schema
+        c = _native.Program((Node, tuple(specs), tuple(_datatype_spec(dt) for dt in datatypes), doc_roots,
+                             frag_roots))
+    except (ValueError, TypeError):
+        return None
     return _Program(
         c=c,
         doc_index={q: i for i, q in enumerate(schema.global_elements)},
