@@ -128,10 +128,18 @@ static int w_octets(Writer *w, const uint8_t *data, Py_ssize_t n) {
         w->len += n;
         return 0;
     }
+    /* Unaligned: each output byte is the pending bits followed by the top of the next input byte, whose low
+     * bits become the pending ones (what w_bits(data[i], 8) does, without a call and a bound per byte). */
     if (w_reserve(w, n + 1) < 0) return FAIL;
+    const int keep = w->nacc, shift = 8 - w->nacc;
+    unsigned acc = (unsigned)w->acc;
+    uint8_t *out = w->buf + w->len;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (w_bits(w, data[i], 8) < 0) return FAIL;
+        out[i] = (uint8_t)((acc << shift) | (data[i] >> keep));
+        acc = data[i] & ((1u << keep) - 1);
     }
+    w->len += n;
+    w->acc = acc;
     return 0;
 }
 
@@ -235,11 +243,12 @@ static void r_octets(Reader *r, uint8_t *dst, Py_ssize_t n) {
         r->pos += 8 * n;
         return;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t b;
-        r_bits(r, 8, &b);
-        dst[i] = (uint8_t)b;
-    }
+    /* Unaligned: each octet is the low bits of one stream byte followed by the top bits of the next. */
+    const int off = (int)(r->pos & 7);
+    const uint8_t *src = r->data + (r->pos >> 3);
+    for (Py_ssize_t i = 0; i < n; i++)
+        dst[i] = (uint8_t)((src[i] << off) | (src[i + 1] >> (8 - off)));
+    r->pos += 8 * n;
 }
 
 /* Unsigned Integer of at most max_octets groups that fits 63 bits; PUNT otherwise (codec.py decides) */
