@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -376,10 +377,27 @@ def test_fuzz_script_runs_and_agrees() -> None:
     """scripts/fuzz_exi.py, the long-run version of these comparisons, keeps working (a short run)."""
     import subprocess
     import sys
-    from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "fuzz_exi.py"
     out = subprocess.run([sys.executable, str(script), "--streams", "3000", "--seed", "5"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all agreed with Python" in out.stdout
+
+
+def test_coverage_guided_fuzz_script_runs(tmp_path: Path) -> None:
+    """scripts/fuzz_exi_cov.py (atheris: libFuzzer keeps inputs that reach new code, then the same C-versus-
+    Python comparison) keeps working: a short run from the published seeds finds new inputs and no
+    disagreement. Long runs, with the C half instrumented and under AddressSanitizer: its docstring."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "fuzz_exi_cov.py"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    out = subprocess.run([sys.executable, str(script), "-runs=3000", "-seed=5", "-print_final_stats=1",
+                          str(corpus)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Done 3000 runs" in out.stderr, out.stderr[-3000:]
+    assert any(corpus.iterdir()), "libFuzzer kept no new input: coverage is not reaching it"
+    assert not list(tmp_path.glob("crash-*"))
