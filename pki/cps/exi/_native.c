@@ -243,7 +243,8 @@ static void r_octets(Reader *r, uint8_t *dst, Py_ssize_t n) {
         r->pos += 8 * n;
         return;
     }
-    /* Unaligned: each octet is the low bits of one stream byte followed by the top bits of the next. */
+    /* Unaligned: each octet is the low bits of one stream byte followed by the top bits of the next. The
+     * last one read, src[n], is inside the stream: the octets' last bit, pos + 8n - 1, is before end. */
     const int off = (int)(r->pos & 7);
     const uint8_t *src = r->data + (r->pos >> 3);
     for (Py_ssize_t i = 0; i < n; i++)
