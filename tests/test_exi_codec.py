@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -371,17 +372,49 @@ def test_bit_writer_reader_agree() -> None:
         w.write_bits(8, 3)
 
 
+def _xsd_dir() -> Path | None:
+    """V2G_XSD_DIR, else the ISO 15118-2 schemas inside the Josev peer (scripts/peers.sh installs PyPI's
+    ``iso15118`` into .peers/josev; its wheel carries them)."""
+    if os.environ.get("V2G_XSD_DIR"):
+        return Path(os.environ["V2G_XSD_DIR"])
+    repo = Path(__file__).resolve().parent.parent
+    found = sorted(repo.glob(".peers/josev/lib/python3*/site-packages/iso15118/shared/schemas/iso15118_2"))
+    return found[-1] if found else None
+
+
 def test_committed_names_match_the_xsds() -> None:
-    """_names.py is generated from the ISO XSDs, which are not in the repository: with a local copy
-    (V2G_XSD_DIR=dir holding V2G_CI_MsgDef.xsd and its imports), check it is current."""
-    xsd_dir = os.environ.get("V2G_XSD_DIR")
-    if not xsd_dir:
-        pytest.skip("V2G_XSD_DIR not set")
-    from pathlib import Path
+    """_names.py is generated from the ISO XSDs, which are not in the repository: with a copy (V2G_XSD_DIR,
+    or the one in the Josev peer's package), check it is exactly what pki/cps/exi/derive_names.py derives
+    from them. Without one the test is skipped, unless CI or V2GPKI_TEST_REQUIRE_PEERS is set."""
+    xsd_dir = _xsd_dir()
+    if xsd_dir is None:
+        msg = "no ISO 15118-2 XSDs: set V2G_XSD_DIR, or install the Josev peer (bash scripts/peers.sh)"
+        if os.environ.get("CI") or os.environ.get("V2GPKI_TEST_REQUIRE_PEERS"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    from pki.cps.exi import _names, derive_names
+
+    assert derive_names.render(xsd_dir) == Path(_names.__file__).read_text()
+
+
+def test_derive_names_reads_a_flat_copy_and_refuses_an_incomplete_one(tmp_path: Path) -> None:
+    """The XSDs in one directory (xmldsig beside the ISO files) give the same names; a missing schema is a
+    clear error naming what was expected, not a partial _names.py."""
+    import shutil
 
     from pki.cps.exi import _names, derive_names
 
-    assert derive_names.render(Path(xsd_dir)) == Path(_names.__file__).read_text()
+    xsd_dir = _xsd_dir()
+    if xsd_dir is None:
+        pytest.skip("no ISO 15118-2 XSDs (see test_committed_names_match_the_xsds)")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name, path in derive_names.schema_files(xsd_dir).items():
+        shutil.copy(path, flat / name)
+    assert derive_names.render(flat) == Path(_names.__file__).read_text()
+    (flat / "V2G_CI_MsgHeader.xsd").unlink()
+    with pytest.raises(SystemExit, match="V2G_CI_MsgHeader.xsd is missing"):
+        derive_names.render(flat)
 
 
 _OPS = st.lists(st.one_of(

@@ -14,8 +14,10 @@ licence), so the codec carries only the *names* the EXI grammars need, extracted
 
 Usage: ``python pki/cps/exi/derive_names.py DIR > pki/cps/exi/_names.py`` (run as a script: it needs only
 the standard library and must not import the package whose _names.py it rewrites), where DIR holds
-V2G_CI_MsgDef.xsd, V2G_CI_MsgHeader.xsd, V2G_CI_MsgBody.xsd, V2G_CI_MsgDataTypes.xsd and
-xmldsig-core-schema.xsd. No network access; standard library only.
+V2G_CI_MsgDef.xsd, V2G_CI_MsgHeader.xsd, V2G_CI_MsgBody.xsd and V2G_CI_MsgDataTypes.xsd, and
+xmldsig-core-schema.xsd is where their imports' schemaLocation says (``../`` in Josev's and RISE-V2G's
+copies) or in DIR too. Josev's PyPI package (``iso15118``, installed by scripts/peers.sh) carries them in
+``iso15118/shared/schemas/iso15118_2``. No network access; standard library only.
 """
 
 from __future__ import annotations
@@ -102,9 +104,35 @@ def _tuple(names: list[Name]) -> str:
     return "(\n" + "".join(f"    {item},\n" for item in items) + ")"
 
 
+def schema_files(xsd_dir: Path) -> dict[str, Path]:
+    """V2G_CI_MsgDef.xsd in ``xsd_dir`` and every schema it imports or includes, transitively, each found by
+    its ``schemaLocation`` relative to the file that names it (XML Schema 1.0 §4.2.3). Josev's and
+    RISE-V2G's copies keep xmldsig-core-schema.xsd one directory up (``../``); a flat directory works too.
+    Raises SystemExit when the set is not the five files this script expects."""
+    found: dict[str, Path] = {}
+    todo = [xsd_dir / MSGDEF_FILES[0]]
+    while todo:
+        path = todo.pop()
+        if not path.exists() and (xsd_dir / path.name).exists():
+            path = xsd_dir / path.name  # a flat copy: every file beside V2G_CI_MsgDef.xsd
+        if path.name in found:
+            continue
+        if not path.exists():
+            raise SystemExit(f"{xsd_dir}: {path.name} is missing (looked for {path})")
+        found[path.name] = path
+        for el in ET.parse(path).getroot():
+            location = el.get("schemaLocation")
+            if el.tag in (XS + "import", XS + "include") and location:
+                todo.append(path.parent / location)
+    if set(found) != set(MSGDEF_FILES):
+        raise SystemExit(f"{xsd_dir}: expected the schema set {sorted(MSGDEF_FILES)}, found {sorted(found)}")
+    return found
+
+
 def render(xsd_dir: Path) -> str:
-    msgdef = collect([xsd_dir / f for f in MSGDEF_FILES])
-    dsig = collect([xsd_dir / f for f in XMLDSIG_FILES])
+    files = schema_files(xsd_dir)
+    msgdef = collect([files[f] for f in MSGDEF_FILES])
+    dsig = collect([files[f] for f in XMLDSIG_FILES])
     body_head = ("BodyElement", "urn:iso:15118:2:2013:MsgBody")
     body = sorted([body_head, *msgdef["substitution"][body_head]])  # type: ignore[index]
     out = [
