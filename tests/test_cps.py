@@ -8,8 +8,10 @@ signature and both chains (openssl), decrypts the contract key and checks it mat
 from __future__ import annotations
 
 import base64
+import os
 import secrets
 import subprocess
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,8 +33,10 @@ from pki.cps.exi import (
     CertificateUpdateReq,
     CertificateUpdateRes,
     MessageHeader,
+    Node,
     V2GMessage,
     decode_message,
+    decode_message_tree,
     encode_message,
 )
 from pki.cps.exi.messages import X509IssuerSerial
@@ -254,3 +258,74 @@ def test_contract_data_ahead_of_time_and_tenancy(env: Env) -> None:
     cert = x509.load_pem_x509_certificate(data["contractSignatureCertChain"][0].encode())
     unwrap_contract_key(base64.b64decode(data["contractSignatureEncryptedPrivateKey"]),
                         base64.b64decode(data["dhPublicKey"]), v.key, cert)
+
+
+def _as_xml(node: Node) -> ET.Element:
+    """The element tree as XML, for an XML Schema validator: bytes as xs:hexBinary for SessionID (the only
+    hexBinary of the subset, sessionIDType) and xs:base64Binary elsewhere."""
+    local, ns = node.qname
+    e = ET.Element(f"{{{ns}}}{local}" if ns else local)
+    for (a_local, a_ns), value in node.attributes.items():
+        e.set(f"{{{a_ns}}}{a_local}" if a_ns else a_local, str(value))
+    text = []
+    for item in node.content:
+        if isinstance(item, Node):
+            e.append(_as_xml(item))
+        elif isinstance(item, bytes):
+            text.append(item.hex().upper() if local == "SessionID" else base64.b64encode(item).decode())
+        else:
+            text.append(str(item))
+    if text:
+        e.text = "".join(text)
+    return e
+
+
+def test_messages_are_valid_against_the_iso_xsds(env: Env) -> None:
+    """Requests and responses, accepted and failed, as XML valid against V2G_CI_MsgDef.xsd (ISO 15118-2)
+    with an independent validator (xmlschema): every facet and bound of the schema, e.g. certificates of
+    at most 800 octets, at most 4 SubCertificates, eMAID of 14–15 characters, the Id attributes."""
+    import xmlschema
+
+    from .test_exi_codec import _xsd_dir
+
+    xsd_dir = _xsd_dir()
+    if xsd_dir is None:
+        msg = "no ISO 15118-2 XSDs: set V2G_XSD_DIR, or install the Josev peer (bash scripts/peers.sh)"
+        if os.environ.get("CI") or os.environ.get("V2GPKI_TEST_REQUIRE_PEERS"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    xsd = xmlschema.XMLSchema(str(xsd_dir / "V2G_CI_MsgDef.xsd"))
+
+    def valid(exi: bytes) -> None:
+        xsd.validate(ET.ElementTree(_as_xml(decode_message_tree(exi))))
+
+    v = new_vehicle(env)
+    emaid = new_contract(env, v.pcid)
+    req = install_request(v, roots(env))
+    valid(req)
+    out = call(env, req)
+    assert out["status"] == "Accepted", out
+    valid(base64.b64decode(out["exiResponse"]))
+    res = decode_message(base64.b64decode(out["exiResponse"])).body
+    assert isinstance(res, CertificateInstallationRes)
+    key = unwrap_contract_key(res.contract_signature_encrypted_private_key.value, res.dh_public_key.value, v.key,
+                              x509.load_der_x509_certificate(res.contract_signature_cert_chain.certificate))
+    body = CertificateUpdateReq("id1", CertificateChain(res.contract_signature_cert_chain.certificate,
+                                                        res.contract_signature_cert_chain.sub_certificates, "id2"),
+                                emaid, roots(env))
+    upd = encode_message(V2GMessage(MessageHeader(b"\x01" * 8, signature=sign_elements([body], key)), body))
+    valid(upd)
+    out = call(env, upd, action="Update")
+    assert out["status"] == "Accepted", out
+    valid(base64.b64decode(out["exiResponse"]))
+    # a FAILED_* answer is a schema-valid message too (no contract for this PCID)
+    out = call(env, install_request(new_vehicle(env), roots(env)))
+    assert _failed_code(out) == "FAILED_NoCertificateAvailable"
+    valid(base64.b64decode(out["exiResponse"]))
+    # and the validator is not blind: a 15-character eMAID limit broken by hand is refused
+    tree = _as_xml(decode_message_tree(upd))
+    emaid_el = tree.find(".//{urn:iso:15118:2:2013:MsgBody}eMAID")
+    assert emaid_el is not None
+    emaid_el.text = "X" * 16
+    with pytest.raises(xmlschema.XMLSchemaValidationError):
+        xsd.validate(ET.ElementTree(tree))
