@@ -8,7 +8,6 @@ signature and both chains (openssl), decrypts the contract key and checks it mat
 from __future__ import annotations
 
 import base64
-import os
 import secrets
 import subprocess
 import xml.etree.ElementTree as ET
@@ -286,14 +285,9 @@ def test_messages_are_valid_against_the_iso_xsds(env: Env) -> None:
     at most 800 octets, at most 4 SubCertificates, eMAID of 14–15 characters, the Id attributes."""
     import xmlschema
 
-    from .test_exi_codec import _xsd_dir
+    from .test_exi_codec import xsd_dir_or_skip
 
-    xsd_dir = _xsd_dir()
-    if xsd_dir is None:
-        msg = "no ISO 15118-2 XSDs: set V2G_XSD_DIR, or install the Josev peer (bash scripts/peers.sh)"
-        if os.environ.get("CI") or os.environ.get("V2GPKI_TEST_REQUIRE_PEERS"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    xsd_dir = xsd_dir_or_skip()
     xsd = xmlschema.XMLSchema(str(xsd_dir / "V2G_CI_MsgDef.xsd"))
 
     def valid(exi: bytes) -> None:

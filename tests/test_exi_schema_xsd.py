@@ -11,7 +11,6 @@ substitution groups, mixed) and simple types' facets (length bounds, enumeration
 
 from __future__ import annotations
 
-import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pytest
 from pki.cps.exi import derive_names, schema
 from pki.cps.exi.datatypes import BinaryType, Datatype, EnumType, IntegerType, StringType
 
-from .test_exi_codec import _xsd_dir
+from .test_exi_codec import xsd_dir_or_skip
 
 XS = "{http://www.w3.org/2001/XMLSchema}"
 XS_NS = "http://www.w3.org/2001/XMLSchema"
@@ -143,12 +142,7 @@ def _ours_complex(t: schema.ComplexType) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def xsd() -> Xsd:
-    xsd_dir = _xsd_dir()
-    if xsd_dir is None:
-        msg = "no ISO 15118-2 XSDs: set V2G_XSD_DIR, or install the Josev peer (bash scripts/peers.sh)"
-        if os.environ.get("CI") or os.environ.get("V2GPKI_TEST_REQUIRE_PEERS"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    xsd_dir = xsd_dir_or_skip()
     return Xsd(derive_names.schema_files(xsd_dir))
 
 
