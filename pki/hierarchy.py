@@ -150,9 +150,13 @@ def init_hierarchy(engine: Engine, h: Hierarchy, progress: Progress | None = Non
     if discard is not None:
         discard()
     with engine.db.session() as s:
+        # Every intent still pending when init starts was left by an interrupted run (this run has made
+        # none yet). No time filter: created_at has whole seconds, and a run killed and resumed within the
+        # same second (a fast machine) left its intent pending behind a `created_at < now` filter. An intent
+        # of an API issuance in flight at this moment is overwritten by that issuance's own completion
+        # (issued or failed), which does not look at the previous state.
         abandoned = s.execute(
             update(IssuanceIntent).where(IssuanceIntent.state == "pending")  # type: ignore[arg-type]
-            .where(IssuanceIntent.created_at < utcnow())  # type: ignore[arg-type]
             .values(state="abandoned", completed_at=utcnow())
         ).rowcount  # type: ignore[attr-defined]
         s.commit()
