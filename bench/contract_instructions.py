@@ -57,7 +57,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
     ap.add_argument("--n", type=int, default=100)
-    ap.add_argument("--keep", type=Path, help="copy callgrind's output file here (for callgrind_annotate)")
+    ap.add_argument("--keep", type=Path, help="copy callgrind's output file into this directory (callgrind_annotate)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -89,8 +89,9 @@ def main() -> int:
         if not total:
             raise SystemExit(f"callgrind counted nothing:\n{r.stderr[-3000:]}")
         if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
             for f in d.glob("callgrind.out*"):
-                shutil.copy(f, args.keep if args.keep.is_dir() else args.keep.with_name(args.keep.name + f.suffix))
+                shutil.copy(f, args.keep)
         print(f"{args.db}: {total / args.n / 1e6:.2f} M instructions per installation "
               f"(in process, {args.n} installations, callgrind)")
     finally:

@@ -46,6 +46,7 @@ from pki.cps.exi.bitstream import BitReader, BitWriter
 from pki.cps.exi.datatypes import DEFAULT_LIMITS, BinaryType, StringType
 from pki.cps.exi.grammar import type_grammar
 from pki.cps.exi.schema import RESPONSE_CODES
+from tests.conftest import REPO, need_peer
 
 # --- grammar shape: the numbers EXIficient and the generated C codecs (libcbv2g) use -------------------------
 
@@ -377,20 +378,15 @@ def _xsd_dir() -> Path | None:
     ``iso15118`` into .peers/josev; its wheel carries them)."""
     if os.environ.get("V2G_XSD_DIR"):
         return Path(os.environ["V2G_XSD_DIR"])
-    repo = Path(__file__).resolve().parent.parent
-    found = sorted(repo.glob(".peers/josev/lib/python3*/site-packages/iso15118/shared/schemas/iso15118_2"))
+    found = sorted(REPO.glob(".peers/josev/lib/python3*/site-packages/iso15118/shared/schemas/iso15118_2"))
     return found[-1] if found else None
 
 
 def xsd_dir_or_skip() -> Path:
-    """The XSDs (:func:`_xsd_dir`); without them the calling test is skipped, or fails under CI or
-    V2GPKI_TEST_REQUIRE_PEERS (.ci/run sets it: scripts/setup.sh installs the peer)."""
+    """The XSDs (:func:`_xsd_dir`), or the calling test is skipped (failed in CI: :func:`need_peer`)."""
     xsd_dir = _xsd_dir()
     if xsd_dir is None:
-        msg = "no ISO 15118-2 XSDs: set V2G_XSD_DIR, or install the Josev peer (bash scripts/peers.sh)"
-        if os.environ.get("CI") or os.environ.get("V2GPKI_TEST_REQUIRE_PEERS"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        need_peer("no ISO 15118-2 XSDs: set V2G_XSD_DIR, or install the Josev peer (bash scripts/peers.sh)")
     return xsd_dir
 
 

@@ -22,8 +22,8 @@ from pki.cps.exi.datatypes import BinaryType, Datatype, EnumType, IntegerType, S
 
 from .test_exi_codec import xsd_dir_or_skip
 
-XS = "{http://www.w3.org/2001/XMLSchema}"
-XS_NS = "http://www.w3.org/2001/XMLSchema"
+XS = derive_names.XS
+XS_NS = XS[1:-1]
 
 
 class Xsd:
@@ -32,10 +32,12 @@ class Xsd:
     def __init__(self, files: dict[str, Path]) -> None:
         self.types: dict[str, tuple[ET.Element, dict[str, Any]]] = {}
         self.elements: dict[tuple[str, str], tuple[ET.Element, dict[str, Any]]] = {}
+        # head -> members, as derive_names finds them for _names.BODY_ELEMENTS
+        self.substitution: dict[tuple[str, str], list[tuple[str, str]]] = \
+            derive_names.collect(list(files.values()))["substitution"]  # type: ignore[assignment]
         for path in files.values():
-            nsmap = dict(node for _, node in ET.iterparse(path, events=["start-ns"]))
             root = ET.parse(path).getroot()
-            ctx = {"tns": root.get("targetNamespace", ""), "ns": nsmap,
+            ctx = {"tns": root.get("targetNamespace", ""), "ns": derive_names.namespace_prefixes(path),
                    "attr_qualified": root.get("attributeFormDefault") == "qualified",
                    "el_qualified": root.get("elementFormDefault") == "qualified"}
             for node in root:
@@ -76,8 +78,7 @@ class Xsd:
         if node.get("ref"):
             ref = self.qname(node.get("ref", ""), ctx)
             decl, dctx = self.elements[ref]
-            members = [q for q, (e, ectx) in self.elements.items()
-                       if e.get("substitutionGroup") and self.qname(e.get("substitutionGroup", ""), ectx) == ref]
+            members = self.substitution.get(ref, [])
             if members:  # the head of a substitution group: SE for the head and each member (EXI 1.0
                 # §8.5.4.1.6), the abstract head BodyElement included, as EXIficient's vectors encode it
                 return ("subst", lo, hi, tuple(sorted([ref, *members])))

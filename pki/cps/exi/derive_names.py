@@ -49,7 +49,7 @@ NS_ALIASES = {
 Name = tuple[str, str]
 
 
-def _prefixes(path: Path) -> dict[str, str]:
+def namespace_prefixes(path: Path) -> dict[str, str]:
     return {prefix: uri for _event, (prefix, uri) in ET.iterparse(path, events=["start-ns"])}
 
 
@@ -59,7 +59,7 @@ def collect(paths: list[Path]) -> dict[str, object]:
     global_elements: list[Name] = []
     substitution: dict[Name, list[Name]] = defaultdict(list)
     for path in paths:
-        prefixes = _prefixes(path)
+        prefixes = namespace_prefixes(path)
         root = ET.parse(path).getroot()
         tns = root.get("targetNamespace", "")
         element_form = root.get("elementFormDefault", "unqualified")
