@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ from pki.profiles import Profile
 from pki.store.models import Certificate, IssuanceIntent
 from tests.conftest import csr_pem
 
-VENV_BIN = Path("/work/venv/bin")
+# pkilint's console scripts sit beside the interpreter running the suite (the clone's .venv): never a
+# path outside the clone (issue #29).
+VENV_BIN = Path(sys.executable).parent
 # The one pkilint finding we accept: single-label DCs such as DC=V2G, which the ISO 15118 profiles
 # require, are not valid DNS names for pkilint. Exactly this code, nothing broader.
 ALLOWED_PKILINT = "pkix.name_domain_components_invalid_domain_name"
@@ -349,8 +352,8 @@ def test_leaves_are_stored(ctx: Context, items: list[Item]) -> None:
 
 # -- pkilint CLI ---------------------------------------------------------------------------------------
 
-# Runs the `main(argv)` of each pkilint command-line tool — exactly what the /work/venv/bin console
-# scripts call — once per argv in ONE interpreter: starting the interpreter and importing pkilint costs
+# Runs the `main(argv)` of each pkilint command-line tool — exactly what the console scripts beside
+# sys.executable call — once per argv in ONE interpreter: starting the interpreter and importing pkilint costs
 # ~0.4 s per run, which for ~160 runs would dominate the suite. test_pkilint_batch_matches_console_scripts
 # checks that this driver and the console scripts report the same thing.
 _DRIVER = """
