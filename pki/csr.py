@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -51,19 +52,26 @@ class CheckedRequest:
 
 
 def parse_csr(data: bytes | str) -> x509.CertificateSigningRequest:
+    """PEM, base64 DER (with or without line breaks) or raw DER.
+
+    The encoding is decided on the raw bytes: a DER CertificationRequest always starts with a SEQUENCE
+    tag (0x30; a base64 or PEM text never does, its first character is 'M' or '-'). Only text is
+    stripped: raw DER ends in the signature's last octet, which is 0x09-0x0d or 0x20 for about one CSR
+    in forty, and stripping it made those CSRs undecodable (issue #30).
+    """
     raw = data.encode() if isinstance(data, str) else data
     if len(raw) > MAX_CSR_BYTES:
         raise BadCSR(f"CSR is too large ({len(raw)} bytes; at most {MAX_CSR_BYTES})")
-    stripped = raw.strip()
     try:
-        if stripped.startswith(b"-----BEGIN"):
-            if b"CERTIFICATE REQUEST" not in stripped.split(b"\n", 1)[0]:
+        if raw[:1] == b"\x30":
+            return x509.load_der_x509_csr(raw)
+        text = raw.strip()
+        if text.startswith(b"-----BEGIN"):
+            if b"CERTIFICATE REQUEST" not in text.split(b"\n", 1)[0]:
                 raise BadCSR("PEM block is not a CERTIFICATE REQUEST")
-            return x509.load_pem_x509_csr(stripped)
-        if stripped[:1] == b"\x30":
-            return x509.load_der_x509_csr(stripped)
+            return x509.load_pem_x509_csr(text)
         try:
-            der = base64.b64decode(b"".join(stripped.split()), validate=True)
+            der = base64.b64decode(b"".join(text.split()), validate=True)
         except (binascii.Error, ValueError):
             raise BadCSR("CSR is neither PEM, DER nor base64 DER") from None
         return x509.load_der_x509_csr(der)
@@ -133,13 +141,37 @@ def normalise_identifier(profile: Profile, cn: str) -> tuple[str, str]:
     return cn.strip(), "name"
 
 
+# C0 controls, DEL and C1 controls (U+0000–U+001F, U+007F–U+009F)
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def check_no_control_chars(fields: SubjectFields) -> None:
+    """Refuse control characters in every subject attribute the CA could sign (CN, O, C, DC).
+
+    None of the V2G / OCPP name forms contains one (ISO 15118-2 Annex H identifiers, OCPP CiString
+    identities, organization names, ISO 3166 codes); RFC 5280 §4.1.2.6 / §7.1 leaves DirectoryString
+    content to the CA, and a NUL or LF in O or CN is how a forged name hides from a log line or a C
+    string comparison. Checked on the value as sent, before any stripping: 'CPO Alpha\n' is refused, not
+    quietly trimmed into 'CPO Alpha'."""
+    for key, value in (("CN", fields.cn), ("O", fields.o), ("C", fields.c), ("DC", fields.dc)):
+        if value is None:
+            continue
+        m = _CONTROL_RE.search(value)
+        if m is not None:
+            raise BadSubject(f"subject {key} contains the control character U+{ord(m.group()):04X}")
+
+
 def check_subject(profile: Profile, fields: SubjectFields) -> tuple[SubjectFields, str, str]:
     rule = profile.subject
+    check_no_control_chars(fields)
     cn, kind = normalise_identifier(profile, fields.cn)
-    # DC is the profile's, set by the CA. A CSR that asks for another DC contradicts the profile
-    # (e.g. DC=MO in a SECC request) and is refused rather than silently "corrected".
-    if fields.dc is not None and (rule.dc is None or fields.dc.upper() != rule.dc.upper()):
-        raise BadSubject(f"subject DC={fields.dc} contradicts profile {profile.name!r} (DC={rule.dc or 'none'})")
+    # DC is the profile's, set by the CA. A CSR that asks for another DC than the profile sets contradicts
+    # it (e.g. DC=MO in a SECC request) and is refused rather than silently "corrected". A DC in a request
+    # for a profile that sets none is ignored like OU or L (the certificate carries no DC): EVerest's
+    # evse_security puts DC=CPO into every CSR it makes, the OCPP ChargingStationCertificate ones too
+    # (issue #21 item 14; OCPP 2.0.1 Part 2 A00 "Certificate Properties" names no DC for that certificate).
+    if fields.dc is not None and rule.dc is not None and fields.dc.upper() != rule.dc.upper():
+        raise BadSubject(f"subject DC={fields.dc} contradicts profile {profile.name!r} (DC={rule.dc})")
     o = fields.o.strip() if fields.o else None
     if rule.o == "required" and not o:
         raise BadSubject(f"profile {profile.name!r} requires an O (organization) in the subject")
