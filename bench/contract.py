@@ -131,7 +131,7 @@ def prepare(d: Path, db: str, pg_admin: str | None) -> Server:
         env["V2GPKI_DATABASE_URL"] = f"{pg_admin.rsplit('/', 1)[0]}/{dbname}"
     t0 = time.monotonic()
     run([V2GPKI, "hsm", "init"], env)
-    run([V2GPKI, "init"], env)  # the default hierarchy (policies/hierarchy.yaml): -2, -20, OCPP, CPS leaves
+    run([V2GPKI, "init"], env)  # the default hierarchy (pki/policies/hierarchy.yaml): -2, -20, OCPP, CPS leaves
     keys = {}
     for name, role, prefix in (("bench-oem", "oem", WMI), ("bench-emsp", "emsp", EMSP), ("bench-cpo", "cpo", CPO)):
         run([V2GPKI, "org", "create", name, "--role", role, "--prefix", prefix], env)

@@ -103,14 +103,14 @@ def prepare(work: Path, db_url: str, token: str) -> Setup:
     paths = init_softhsm_token(work.parent / "softhsm", token, pin=PIN)  # also sets SOFTHSM2_CONF
     (work / "hierarchy.yaml").write_text(HIERARCHY)
     ks = Pkcs11KeyStore(DEFAULT_MODULE, token, PIN)
-    profiles = load_profiles(REPO / "policies")
+    profiles = load_profiles(REPO / "pki" / "policies")
     db = Database(db_url)
     db.migrate()
     engine = Engine(db, ks, profiles, "http://127.0.0.1:8000")
     init_hierarchy(engine, load_hierarchy(work / "hierarchy.yaml", profiles))
     ks.create_key(RAW_LABEL, KeyAlg.P256)
     db.dispose()
-    return Setup(str(paths.conf), token, db_url, str(REPO / "policies"), str(work))
+    return Setup(str(paths.conf), token, db_url, str(REPO / "pki" / "policies"), str(work))
 
 
 class Worker:

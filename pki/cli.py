@@ -206,6 +206,20 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policies_export(args: argparse.Namespace) -> int:
+    from pki.config import export_policies
+
+    dest = Path(args.dir)
+    try:
+        written = export_policies(dest, overwrite=args.force)
+    except FileExistsError as exc:
+        return _err(str(exc), 5)
+    for f in written:
+        print(f"wrote {f}")
+    print(f"edit them, then point the service at them: V2GPKI_POLICIES_DIR={dest.resolve()}")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from pki.audit_sign import verify_all
 
@@ -227,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     hsub.add_parser("init", help="create the SoftHSM2 token under $V2GPKI_HOME/softhsm").set_defaults(fn=cmd_hsm_init)
 
     i = sub.add_parser("init", help="build the configured V2G/OEM/MO/CSMS hierarchies (idempotent)")
-    i.add_argument("--config", help="hierarchy YAML (default policies/hierarchy.yaml)")
+    i.add_argument("--config", help="hierarchy YAML (default $V2GPKI_HIERARCHY_FILE, else hierarchy.yaml of the "
+                   "policies directory)")
     i.set_defaults(fn=cmd_init)
 
     iss = sub.add_parser("issue", help="issue a certificate from a CSR; prints the PEM chain, leaf first")
@@ -259,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("cas", help="list CAs").set_defaults(fn=cmd_cas)
     sub.add_parser("profiles", help="list certificate profiles").set_defaults(fn=cmd_profiles)
+
+    pol = sub.add_parser("policies", help="the default profiles, hierarchy and lifecycle policy")
+    polsub = pol.add_subparsers(dest="policies_cmd", required=True)
+    pe = polsub.add_parser("export", help="write the packaged default policies into DIR, for editing "
+                           "(then set V2GPKI_POLICIES_DIR=DIR)")
+    pe.add_argument("dir", metavar="DIR")
+    pe.add_argument("--force", action="store_true", help="overwrite files that already exist in DIR")
+    pe.set_defaults(fn=cmd_policies_export)
 
     rv = sub.add_parser("revoke", help="revoke a certificate (dry run unless --yes)")
     rv.add_argument("serial")

@@ -7,7 +7,9 @@ V2GPKI_PUBLIC_URL (base of the AIA/CRLDP URLs, default http://127.0.0.1:8000) in
 from __future__ import annotations
 
 import os
-from functools import cached_property
+from functools import cached_property, lru_cache
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +18,42 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pki.errors import ConfigError
 
-REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+
+def packaged_policies() -> Traversable:
+    """The default profiles, hierarchy and lifecycle policy: package data of ``pki`` (pki/policies/*.yaml)."""
+    return resources.files("pki").joinpath("policies")
+
+
+@lru_cache(maxsize=1)
+def default_policies_dir() -> Path:
+    """The packaged defaults as a directory. An ordinary install (wheel or checkout) keeps them as files;
+    a package imported from a zip gets them exported once into a temporary directory."""
+    pkg = packaged_policies()
+    if isinstance(pkg, Path):
+        return pkg
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="v2gpki-policies-"))
+    export_policies(out)
+    return out
+
+
+def export_policies(dest: Path, *, overwrite: bool = False) -> list[Path]:
+    """Write the packaged default policies into ``dest`` (created if absent) for an operator to edit.
+    Raises FileExistsError rather than replace an existing file unless ``overwrite``; returns the files written."""
+    files = sorted((f for f in packaged_policies().iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
+    if not files:
+        raise ConfigError("the installed package carries no default policies (pki/policies/*.yaml)")
+    existing = [f.name for f in files if (dest / f.name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{dest} already holds {', '.join(existing)}: choose another directory or pass "
+                              "--force to overwrite them")
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in files:
+        (dest / f.name).write_bytes(f.read_bytes())
+        written.append(dest / f.name)
+    return written
 
 
 class Settings(BaseSettings):
@@ -26,7 +63,8 @@ class Settings(BaseSettings):
     home: Path = Path("./var")
     public_url: str = "http://127.0.0.1:8000"
     database_url: str | None = None
-    policies_dir: Path = REPO_POLICIES
+    # profiles-*.yaml, hierarchy.yaml and lifecycle.yaml; default: the copies shipped in the package
+    policies_dir: Path = Field(default_factory=default_policies_dir)
     hierarchy_file: Path | None = None
 
     keystore: Literal["pkcs11", "soft"] = "pkcs11"

@@ -1,4 +1,5 @@
-"""Certificate profiles and the default hierarchy, loaded from policies/*.yaml and validated at start-up.
+"""Certificate profiles and the default hierarchy, loaded from the policies directory (default:
+pki/policies/*.yaml, shipped in the package) and validated at start-up.
 
 Profiles are data (Boulder's approach): unknown fields, unknown profile names and bad values fail fast
 with a message naming the file and the field.

@@ -210,7 +210,7 @@ def test_profile_with_tiny_size_limit_refuses_before_signing(ctx: Context) -> No
 def _tiny_policies(tmp: Path) -> Path:
     """A copy of policies/ whose SECC profile allows 400 bytes (an operator's policy file)."""
     d = tmp / "policies"
-    shutil.copytree(REPO / "policies", d)
+    shutil.copytree(REPO / "pki" / "policies", d)
     f = d / "profiles-iso15118-2.yaml"
     data = yaml.safe_load(f.read_text())
     data["profiles"]["secc"]["max_der_size"] = 400

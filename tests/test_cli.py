@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -211,3 +212,45 @@ def test_revoke_unknown_reason_exits_nonzero(ctx: Context, issued: CliIssued) ->
     assert res.returncode == 3 and res.stdout == ""
     assert "unknown reason 'keyCompromised'" in _one_error_line(res)
     assert _status(ctx, serial) == ("valid", None)
+
+
+# -- policies: shipped in the package, exported for editing, overridden by V2GPKI_POLICIES_DIR (#22) -------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_default_policies_are_package_data() -> None:
+    from importlib import resources
+
+    from pki.config import Settings
+
+    packaged = resources.files("pki").joinpath("policies")
+    assert Settings().policies_dir == packaged == REPO / "pki" / "policies"
+    assert {f.name for f in packaged.iterdir()} >= {"hierarchy.yaml", "lifecycle.yaml", "profiles-ocpp.yaml"}
+
+
+def test_policies_export_then_override(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("V2GPKI_")}  # the packaged defaults
+    dest = tmp_path / "etc" / "policies"
+    done = run_cli(["policies", "export", str(dest)], env)
+    assert done.returncode == 0, done.stderr
+    shipped = {f.name: f.read_bytes() for f in (REPO / "pki" / "policies").glob("*.yaml")}
+    assert {f.name: f.read_bytes() for f in dest.iterdir()} == shipped
+    assert f"V2GPKI_POLICIES_DIR={dest}" in done.stdout
+
+    # an operator's edits are never overwritten by accident (exit 5, conflict), only with --force
+    profiles = dest / "profiles-ocpp.yaml"
+    edited = profiles.read_text().replace("description: ", "description: EDITED ", 1)
+    profiles.write_text(edited)
+    again = run_cli(["policies", "export", str(dest)], env)
+    assert again.returncode == 5 and "--force" in again.stderr and profiles.read_text() == edited
+
+    # the service reads the edited copy once V2GPKI_POLICIES_DIR names it
+    listed = run_cli(["profiles"], env | {"V2GPKI_POLICIES_DIR": str(dest)})
+    assert listed.returncode == 0, listed.stderr
+    assert "EDITED " in listed.stdout
+    assert "EDITED " not in run_cli(["profiles"], env).stdout
+
+    forced = run_cli(["policies", "export", "--force", str(dest)], env)
+    assert forced.returncode == 0, forced.stderr
+    assert profiles.read_bytes() == shipped["profiles-ocpp.yaml"]

@@ -143,7 +143,7 @@ def _home(tmp_path: Path, hierarchy: dict[str, Any] | None) -> Home:
 
 
 def _hierarchy(home: Home) -> dict[str, Any]:
-    path = home.config or REPO / "policies" / "hierarchy.yaml"
+    path = home.config or REPO / "pki" / "policies" / "hierarchy.yaml"
     data: dict[str, Any] = yaml.safe_load(path.read_text())
     return data
 

@@ -540,7 +540,7 @@ def test_lifecycle_policy_is_validated(lc_ctx: Context, tmp_path: Path, body: st
     with pytest.raises(PolicyError) as e:
         lifecycle.load_policy(p, lc_ctx.profiles)
     assert field in e.value.message and str(p) in e.value.message
-    pol, extra = lifecycle.load_policy(REPO / "policies/lifecycle.yaml", lc_ctx.profiles)
+    pol, extra = lifecycle.load_policy(REPO / "pki" / "policies" / "lifecycle.yaml", lc_ctx.profiles)
     assert pol.expiry.default_windows == [60, 30, 14, 7, 1] and {"truststore-signer", "root-cross"} <= set(extra)
 
 
