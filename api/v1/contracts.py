@@ -95,7 +95,11 @@ class AuthorizeIn(BaseModel):
 
 @ocpp.post("/authorize")
 def authorize(body: AuthorizeIn, ctx: CtxDep, p: PrincipalDep) -> dict[str, Any]:
-    """OCPP 2.0.1 AuthorizeRequest for a contract (idToken type eMAID) → idTokenInfo + certificateStatus."""
+    """OCPP 2.0.1 AuthorizeRequest for a contract (idToken type eMAID) → idTokenInfo + certificateStatus.
+
+    The CSMS's call (OCPP 2.0.1 §C07, Authorization using contract certificates): answered for cpo and
+    admin keys only. Any other role would get an oracle on every eMSP's contracts (issue #21 item 3)."""
+    p.require("cpo", "admin")
     hd = [h.model_dump() for h in body.iso15118CertificateHashData] if body.iso15118CertificateHashData else None
     res = c.authorize(ctx, body.idToken.idToken, hd, body.certificate)
     out: dict[str, Any] = {"idTokenInfo": {"status": res.id_token_status}}
