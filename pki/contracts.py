@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
-from sqlalchemy import bindparam, update
+from sqlalchemy import Select, bindparam, func, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
@@ -24,7 +24,7 @@ from sqlmodel import col, select
 from pki import audit
 from pki.context import Context
 from pki.der import tbs_field
-from pki.errors import BadSubject, Conflict, NotFound, PKIError
+from pki.errors import AlreadyRevoked, BadSubject, Conflict, NotFound, PKIError
 from pki.names import normalise_emaid, normalise_pcid
 from pki.orgs import Principal, check_owns
 from pki.store.db import utcnow
@@ -37,23 +37,60 @@ if TYPE_CHECKING:
 _CONTRACT = Contract.__table__  # type: ignore[attr-defined]
 _CERT = Certificate.__table__  # type: ignore[attr-defined]
 _CONTRACT_COLS = tuple(c.name for c in _CONTRACT.columns)
+
+
+def _default_contract_query(*, scoped: bool) -> Select[Any]:
+    """The PCID's contract an ISO 15118-2 installation delivers (docs/cps.md, "Which contract").
+
+    A CertificateInstallationReq names no eMSP (ISO 15118-2 §8.4.3.11.2 has no PrioritizedEMAIDs; -20
+    added them), and each eMSP keeps its own default per PCID (#21 item 1), so among eMSPs the one that
+    has served the vehicle longest wins: the eMSP whose oldest still active, unexpired contract for this
+    PCID is the oldest, then that eMSP's default, then its newest contract. A later eMSP's registration
+    never changes what an earlier eMSP's vehicle receives. ``scoped``: only the eMSP ``b_emsp``'s own
+    contracts (an eMSP asking for itself: /v1/contract-data, /v1/contract-installations)."""
+    dc = _CONTRACT.alias("dc")
+    tenure = _CONTRACT.alias("tenure")
+    now = bindparam("b_now", type_=_CONTRACT.c.valid_until.type)
+    first_of_emsp = (sa_select(func.min(tenure.c.id))
+                     .where(tenure.c.pcid == dc.c.pcid, tenure.c.emsp == dc.c.emsp, tenure.c.status == "active",
+                            tenure.c.valid_until > now)
+                     .correlate(dc).scalar_subquery())
+    q = (sa_select(*dc.columns)
+         .where(dc.c.pcid == bindparam("b_pcid"), dc.c.status == "active", dc.c.valid_until > now))
+    if scoped:
+        q = q.where(dc.c.emsp == bindparam("b_emsp"))
+    return q.order_by(first_of_emsp.asc(), dc.c.is_default.desc(), dc.c.id.desc()).limit(1)
+
+
 # The two lookups every contract installation makes, prepared once (pki/store/fast.py).
-_DEFAULT_CONTRACT_Q = (
-    sa_select(*_CONTRACT.columns)
-    .where(_CONTRACT.c.pcid == bindparam("b_pcid"), _CONTRACT.c.status == "active",
-           _CONTRACT.c.valid_until > bindparam("b_now", type_=_CONTRACT.c.valid_until.type))
-    .order_by(_CONTRACT.c.is_default.desc(), _CONTRACT.c.id.desc()).limit(1))
-_DEFAULT_CONTRACT = Prepared(_DEFAULT_CONTRACT_Q)
+_DEFAULT_CONTRACT_Q = {scoped: _default_contract_query(scoped=scoped) for scoped in (False, True)}
+_DEFAULT_CONTRACT = {scoped: Prepared(q) for scoped, q in _DEFAULT_CONTRACT_Q.items()}
 _CERT_STATUS = Prepared(
     sa_select(_CERT.c.status, _CERT.c.not_before, _CERT.c.not_after)
     .where(_CERT.c.issuer == bindparam("b_issuer"), _CERT.c.serial == bindparam("b_serial")))
-# Both in one statement: the certificate's row, outer-joined to the PCID's default contract (an
-# uncorrelated scalar subquery, evaluated once): no certificate row, no result; no contract, NULLs.
-_STATUS_AND_CONTRACT = Prepared(
-    sa_select(_CERT.c.status, _CERT.c.not_before, _CERT.c.not_after, *_CONTRACT.columns)
-    .select_from(_CERT.outerjoin(_CONTRACT, _CONTRACT.c.id == _DEFAULT_CONTRACT_Q.with_only_columns(
-        _CONTRACT.c.id).scalar_subquery()))
-    .where(_CERT.c.issuer == bindparam("b_issuer"), _CERT.c.serial == bindparam("b_serial")))
+# The profile of the contract certificates the CPS issues (and supersedes, #21 item 2).
+CONTRACT_PROFILE = "contract"
+_PREV = _CERT.alias("prev")
+
+
+def _status_and_contract(*, scoped: bool) -> Prepared:
+    """Both in one statement: the certificate's row, outer-joined to the PCID's default contract (an
+    uncorrelated scalar subquery, evaluated once): no certificate row, no result; no contract, NULLs. The
+    last column says whether that contract already has a valid contract certificate (one index lookup,
+    NULL almost always): only then does an installation look for certificates to supersede."""
+    default_id = _DEFAULT_CONTRACT_Q[scoped].with_only_columns(
+        _DEFAULT_CONTRACT_Q[scoped].selected_columns.id).scalar_subquery()
+    has_valid = (sa_select(_PREV.c.id)
+                 .where(_PREV.c.identifier == _CONTRACT.c.emaid, _PREV.c.profile == CONTRACT_PROFILE,
+                        _PREV.c.status == "valid")
+                 .correlate(_CONTRACT).limit(1).scalar_subquery())
+    return Prepared(
+        sa_select(_CERT.c.status, _CERT.c.not_before, _CERT.c.not_after, *_CONTRACT.columns, has_valid)
+        .select_from(_CERT.outerjoin(_CONTRACT, _CONTRACT.c.id == default_id))
+        .where(_CERT.c.issuer == bindparam("b_issuer"), _CERT.c.serial == bindparam("b_serial")))
+
+
+_STATUS_AND_CONTRACT = {scoped: _status_and_contract(scoped=scoped) for scoped in (False, True)}
 
 
 @dataclass
@@ -76,14 +113,21 @@ def create_contract(ctx: Context, p: Principal, emaid: str, pcid: str, valid_unt
     if valid_until <= utcnow():
         raise BadSubject("valid_until must be in the future")
     with ctx.db.session() as s:
+        replaced: list[str] = []
         if is_default:
-            s.execute(update(Contract).where(col(Contract.pcid) == v, col(Contract.status) == "active")
-                      .values(is_default=False))
+            # One default per (PCID, eMSP) (#21 item 1): only the caller's own contracts lose the flag;
+            # another eMSP's contracts for the same vehicle are never touched.
+            mine = (col(Contract.pcid) == v, col(Contract.status) == "active", col(Contract.emsp) == p.org,
+                    col(Contract.is_default).is_(True))
+            replaced = list(s.exec(select(Contract.emaid).where(*mine)))
+            if replaced:
+                s.execute(update(Contract).where(*mine).values(is_default=False))
         c = Contract(emaid=e, pcid=v, emsp=p.org, valid_until=valid_until, is_default=is_default,
                      status="active", created_at=utcnow())
         s.add(c)
         audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="contract.create", object=e,
-                                    details={"pcid": v}))
+                                    details={"pcid": v, "is_default": is_default,
+                                             **({"replaced_default": replaced} if replaced else {})}))
         try:
             s.commit()
         except IntegrityError:
@@ -161,12 +205,44 @@ class ContractRow:
 assert ContractRow.__slots__ == _CONTRACT_COLS, "ContractRow must mirror the contract table"
 
 
-def default_contract_for(ctx: Context, pcid: str) -> ContractRow | None:
+def default_contract_for(ctx: Context, pcid: str, emsp: str | None = None) -> ContractRow | None:
+    """The contract an installation for ``pcid`` delivers (the rule in :func:`_default_contract_query`);
+    with ``emsp``, that eMSP's own default for the PCID (None when it has no active contract for it)."""
     v = normalise_pcid(pcid)
     now = utcnow()
+    params: dict[str, Any] = {"b_pcid": v, "b_now": now}
+    if emsp is not None:
+        params["b_emsp"] = emsp
     # Core on a plain connection (every installation runs this; the ORM session cost more than the query).
-    rows = _DEFAULT_CONTRACT.fetch_on(ctx.db.autocommit, {"b_pcid": v, "b_now": now})
+    rows = _DEFAULT_CONTRACT[emsp is not None].fetch_on(ctx.db.autocommit, params)
     return ContractRow(*rows[0]) if rows else None
+
+
+def supersede_contract_certificates(ctx: Context, emaid: str, new: tuple[str, str],
+                                    keep: tuple[str, str] | None = None, *, actor: str) -> list[str]:
+    """Revoke, with RFC 5280 reason ``superseded``, the contract's other valid contract certificates
+    issued before ``new`` (issuer, serial), except ``keep`` (an update's current certificate, which the
+    vehicle still holds until it has the new one). #21 item 2: a replayed CertificateInstallationReq
+    (same vehicle, same contract) must not leave two valid contract certificates for one EMAID and PCID.
+
+    "Before ``new``" (a smaller row id): of two installations racing for one contract, the later one
+    supersedes the earlier, never both each other. Returns the revoked certificates as issuer/serial."""
+    with ctx.db.session() as s:
+        rows = list(s.exec(select(Certificate.id, Certificate.issuer, Certificate.serial, Certificate.tenant)
+                           .where(Certificate.identifier == emaid,
+                                  Certificate.profile == CONTRACT_PROFILE,
+                                  col(Certificate.status).in_(["valid", "hold"]))))
+    new_id = next((r[0] for r in rows if (r[1], r[2]) == new), None)
+    revoked = []
+    for row_id, issuer, serial, tenant in rows:
+        if (issuer, serial) in (new, keep) or (new_id is not None and row_id is not None and row_id > new_id):
+            continue
+        try:
+            ctx.engine.revoke(serial, "superseded", issuer=issuer, actor=actor, org=tenant)
+        except AlreadyRevoked:  # a concurrent installation of the same contract got there first
+            continue
+        revoked.append(f"{issuer}/{serial}")
+    return revoked
 
 
 # -- chain checks ------------------------------------------------------------------------------------
@@ -267,22 +343,33 @@ def provisioning_status_and_contract(ctx: Context, cert: x509.Certificate,
     provisioning certificate and :func:`default_contract_for` its PCID — in ONE query (a round trip, a pool
     checkout and a statement fewer per installation; on PostgreSQL the round trip is most of a lookup's
     cost). The contract is None when the status is not Accepted or the PCID has no active contract."""
+    return installation_lookup(ctx, cert, pcid)[:3]
+
+
+def installation_lookup(ctx: Context, cert: x509.Certificate, pcid: str, emsp: str | None = None
+                        ) -> tuple[str, _StatusRow | None, ContractRow | None, bool]:
+    """:func:`provisioning_status_and_contract`, scoped to ``emsp``'s own contracts when given, plus
+    whether the contract already has a valid contract certificate (then the installation supersedes it)."""
     ca = _our_issuer_in(ctx, cert, "oem")
     if ca is None:
-        return "CertChainError", None, None
+        return "CertChainError", None, None, False
     try:
         v = normalise_pcid(pcid)
     except PKIError:  # not a PCID: no contract can match; the status still decides first
-        return (*_status_of(ctx, ca, cert), None)
+        return (*_status_of(ctx, ca, cert), None, False)
     params = _status_params(ca, cert)
     params.update(b_pcid=v, b_now=utcnow())
-    found = _STATUS_AND_CONTRACT.fetch_on(ctx.db.autocommit, params)
+    if emsp is not None:
+        params["b_emsp"] = emsp
+    found = _STATUS_AND_CONTRACT[emsp is not None].fetch_on(ctx.db.autocommit, params)
     if not found:
-        return "CertChainError", None, None
+        return "CertChainError", None, None, False
     row = _StatusRow(*found[0][:3])
     status = _judge(ctx, ca, row)
-    contract = found[0][3:]
-    return status, row, (ContractRow(*contract) if status == "Accepted" and contract[0] is not None else None)
+    contract, has_valid = found[0][3:-1], found[0][-1] is not None
+    if status != "Accepted" or contract[0] is None:
+        return status, row, None, False
+    return status, row, ContractRow(*contract), has_valid
 
 
 def _our_issuer_in(ctx: Context, cert: x509.Certificate, hierarchy: str) -> CertificateAuthority | None:

@@ -25,10 +25,12 @@ from api.auth import PrincipalDep
 from api.deps import CtxDep
 from api.problems import PROBLEM, TYPE_BASE
 from pki.contracts import default_contract_for, lookup_vehicle
+from pki.cps.errors import ResponseTooLarge
 from pki.cps.exi.messages import ResponseCode
 from pki.cps.service import EXI_REQUEST_MAX_B64, EXI_RESPONSE_MAX_B64, Delivery, build_delivery, deliver
 from pki.errors import Forbidden, NotFound, PKIError
 from pki.names import normalise_pcid
+from pki.orgs import Principal
 from pki.store.db import utcnow
 from pki.store.models import SignedContractData
 
@@ -61,7 +63,9 @@ def _run(ctx: CtxDep, p: PrincipalDep, body: EvCertificateIn) -> Delivery:
     if body.iso15118SchemaVersion != ISO2:
         raise PKIError(f"iso15118SchemaVersion {body.iso15118SchemaVersion!r} is not supported "
                        f"(this CPS speaks {ISO2})")
-    return deliver(ctx, _decode(body.exiRequest), actor=p.credential)
+    # action checked against the EXI body inside deliver(), before anything is issued (#21 item 16)
+    return deliver(ctx, _decode(body.exiRequest), actor=p.credential,
+                   expect="update" if body.action == "Update" else "install")
 
 
 @router.post("/ocpp/v201/get-15118-ev-certificate", response_model=None)
@@ -70,17 +74,16 @@ def get_15118_ev_certificate(body: EvCertificateIn, ctx: CtxDep, p: PrincipalDep
         d = _run(ctx, p, body)
     except Forbidden:
         raise
+    except ResponseTooLarge as exc:  # judged from the chain lengths before issuing: nothing was stored
+        return _failed(422, exc.code, exc.message)
     except PKIError as exc:
         if exc.status >= 500:
             raise
-        # No V2G_Message could be decoded, so there is no SessionID to answer under: OCPP Failed.
+        # No V2G_Message could be decoded (or its kind contradicts `action`), so no answer under its
+        # SessionID: OCPP Failed.
         return _failed(400, exc.code, exc.message)
-    from api.ocpp.v201 import _action_matches
-
-    if not _action_matches(body.action, d):
-        return _failed(400, "action-mismatch", "action does not match the EXI request type")
     b64 = base64.b64encode(d.exi).decode()
-    if len(b64) > EXI_RESPONSE_MAX_B64:
+    if len(b64) > EXI_RESPONSE_MAX_B64:  # a guard: deliver() refuses before issuing what could exceed it
         return _failed(422, "response-too-large", f"exiResponse would be {len(b64)} characters (> 7500)")
     ok = d.response_code == ResponseCode.OK
     out: dict[str, Any] = {"status": "Accepted" if ok else "Failed", "exiResponse": b64}
@@ -116,16 +119,24 @@ def _elements(d: Delivery) -> dict[str, Any]:
     return out
 
 
+def _own_scope(p: Principal) -> str | None:
+    """An eMSP gets only its own contracts, as from /v1/contract-data (#21 item 2); a CPO forwards for
+    any vehicle (the Get15118EVCertificate role), an admin sees all."""
+    return p.org if p.role == "emsp" else None
+
+
 @router.post("/v1/contract-installations")
 def contract_installation(body: ContractInstallIn, ctx: CtxDep, p: PrincipalDep) -> dict[str, Any]:
     p.require("cpo", "emsp", "admin")
-    return _elements(deliver(ctx, _decode(body.exiRequest), actor=p.credential))
+    return _elements(deliver(ctx, _decode(body.exiRequest), actor=p.credential, expect="install",
+                             emsp=_own_scope(p)))
 
 
 @router.post("/v1/contract-updates")
 def contract_update(body: ContractInstallIn, ctx: CtxDep, p: PrincipalDep) -> dict[str, Any]:
     p.require("cpo", "emsp", "admin")
-    return _elements(deliver(ctx, _decode(body.exiRequest), actor=p.credential))
+    return _elements(deliver(ctx, _decode(body.exiRequest), actor=p.credential, expect="update",
+                             emsp=_own_scope(p)))
 
 
 class ContractDataIn(BaseModel):
@@ -136,7 +147,8 @@ class ContractDataIn(BaseModel):
 def prepare_contract_data(body: ContractDataIn, ctx: CtxDep, p: PrincipalDep) -> dict[str, Any]:
     """Sign contract data ahead of time for a vehicle whose provisioning certificate is in the pool."""
     p.require("emsp", "admin")
-    contract = default_contract_for(ctx, body.pcid)
+    # An eMSP prepares its own default contract for the PCID (one default per PCID and eMSP, #21 item 1).
+    contract = default_contract_for(ctx, body.pcid, _own_scope(p))
     if contract is None or (p.role != "admin" and contract.emsp != p.org):
         raise NotFound(f"no active contract of yours for PCID {normalise_pcid(body.pcid)}")
     pool = lookup_vehicle(ctx, p, body.pcid)

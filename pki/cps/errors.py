@@ -67,3 +67,19 @@ class SignatureVerificationFailed(XmlDsigError):
     """A received signature (digest or ECDSA value) does not verify."""
 
     code = "xmldsig-verification-failed"
+
+
+class ActionMismatch(CPSError):
+    """OCPP 2.0.1 Get15118EVCertificate's ``action`` (Install | Update), or the endpoint's kind, does not
+    match the EXI request's body (CertificateInstallationReq | CertificateUpdateReq). Refused before any
+    lookup or issuance."""
+
+    code = "action-mismatch"
+
+
+class ResponseTooLarge(CPSError):
+    """The answer would exceed OCPP 2.0.1's exiResponse limit (7500 base64 characters), judged from the
+    chain lengths before the contract certificate is issued."""
+
+    code = "response-too-large"
+    status = 422

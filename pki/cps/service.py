@@ -20,6 +20,7 @@ exiResponse to forward.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import threading
 import time
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -36,8 +37,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import col, select
 
 from pki.context import Context
-from pki.contracts import ContractRow, chain_status, provisioning_status_and_contract
-from pki.cps.errors import CPSError, ExiError, KeyWrapError, SignatureVerificationFailed, XmlDsigError
+from pki.contracts import (
+    ContractRow,
+    chain_status,
+    find_our_issuer,
+    installation_lookup,
+    supersede_contract_certificates,
+)
+from pki.cps.errors import (
+    ActionMismatch,
+    CPSError,
+    ExiError,
+    KeyWrapError,
+    ResponseTooLarge,
+    SignatureVerificationFailed,
+    XmlDsigError,
+)
 from pki.cps.exi import (
     EMAID,
     CertificateChain,
@@ -57,7 +72,7 @@ from pki.cps.exi.messages import ResponseCode, X509IssuerSerial
 from pki.cps.keywrap import wrap_contract_key
 from pki.cps.xmldsig import sign_contract_response, signer_public_key, verify_request
 from pki.csr import SubjectFields
-from pki.errors import PKIError
+from pki.errors import NotFound, PKIError
 from pki.issuance import CAHandle, IssueRequest, der
 from pki.names import normalise_emaid
 from pki.store.db import utcnow
@@ -66,6 +81,10 @@ from pki.store.models import Certificate, Contract
 EXI_REQUEST_MAX_B64 = 5600  # OCPP 2.0.1 Get15118EVCertificateRequest.exiRequest maxLength
 EXI_RESPONSE_MAX_B64 = 7500  # Get15118EVCertificateResponse.exiResponse maxLength
 MAX_ROOT_IDS = 20  # ListOfRootCertificateIDs maxOccurs
+MAX_CERTIFICATE_OCTETS = 800  # [V2G2-010]; the engine refuses a larger certificate (CertificateTooLarge)
+
+log = logging.getLogger(__name__)
+Kind = Literal["install", "update"]
 
 
 class CPSFailure(CPSError):
@@ -138,14 +157,23 @@ def _root_name(ctx: Context, name: str) -> str:
 
 
 def _pick_ca(ctx: Context, profile_names: set[str], ids: tuple[X509IssuerSerial, ...]) -> CAHandle | None:
-    """An active CA of the wanted profile whose root the vehicle trusts (ListOfRootCertificateIDs)."""
+    """The contract's issuing CA: an active P-256 MO Sub-CA 2, preferring one whose root the vehicle lists
+    in ListOfRootCertificateIDs, else the newest (#21 item 15).
+
+    ISO 15118-2 §8.4.3.11.2 (ListOfRootCertificateIDs) lets the SECC/CPS pick a *CPS* chain the vehicle
+    can verify; the contract chain is the eMSP's (MO root, or an MO Sub-CA under a V2G root), which the
+    vehicle stores and presents to the SECC, it does not verify it against its own roots at installation
+    (V2G2-823 checks only that the decrypted key matches the certificate). Real EVCCs (Josev) list only
+    their V2G root(s), so requiring the MO root to be listed refused every such vehicle."""
     cands = [h for h in ctx.engine.cas() if h.row.profile in profile_names and h.row.status == "active"
              and h.alg.value == "p256"]
+    if not cands:
+        return None
     cands.sort(key=lambda h: -h.row.not_after.timestamp())
     for h in cands:
         if _matches_root(ctx.engine.ca(_root_name(ctx, h.name)), ids):
             return h
-    return None
+    return cands[0]
 
 
 # Per-engine caches of what every installation looks up but rarely changes: the valid CPS leaves and the
@@ -165,8 +193,19 @@ def _cache(ctx: Context) -> dict[str, tuple[float, Any]]:
             if c is None:
                 c = {}
                 _CACHES[ctx.engine] = c
-                ctx.engine.on_revoked.append(lambda _issuer, _serial: c.clear())
+                ctx.engine.on_revoked.append(partial(_on_revoked, ctx.engine, c))
     return c
+
+
+def _on_revoked(engine: Any, c: dict[str, tuple[float, Any]], issuer: str, _serial: str) -> None:
+    """Drop the cached CPS leaves and chains when a certificate is revoked — unless an MO CA issued it (a
+    contract certificate, e.g. one an installation supersedes): nothing cached here comes from those."""
+    try:
+        if engine.ca(issuer).row.hierarchy == "mo":
+            return
+    except PKIError:
+        pass
+    c.clear()
 
 
 def _cached(ctx: Context, key: str, load: Callable[[], Any]) -> Any:
@@ -247,8 +286,15 @@ def _contract_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def deliver(ctx: Context, exi_request: bytes, *, actor: str = "cps") -> Delivery:
-    """Answer a CertificateInstallationReq or CertificateUpdateReq V2G_Message (EXI in, EXI out)."""
+def deliver(ctx: Context, exi_request: bytes, *, actor: str = "cps", expect: Kind | None = None,
+            emsp: str | None = None) -> Delivery:
+    """Answer a CertificateInstallationReq or CertificateUpdateReq V2G_Message (EXI in, EXI out).
+
+    ``expect``: the kind the caller asked for (OCPP ``action`` Install | Update, or the endpoint); a body
+    of the other kind raises :class:`ActionMismatch` before anything is looked up or issued (#21 item 16).
+    ``emsp``: an eMSP asking for itself — only its own contract is delivered (its default for the PCID,
+    or the update's contract if it is the eMSP's), else :class:`NotFound`, like /v1/contract-data
+    (#21 item 2)."""
     try:
         # decoded once: the signature check re-encodes the body from this tree (its bits kept, for_verify)
         tree = decode_message_tree(exi_request, for_verify=True)
@@ -260,17 +306,22 @@ def deliver(ctx: Context, exi_request: bytes, *, actor: str = "cps") -> Delivery
     update = isinstance(body, CertificateUpdateReq)
     if not isinstance(body, CertificateInstallationReq | CertificateUpdateReq):
         raise CPSError("exiRequest is neither a CertificateInstallationReq nor a CertificateUpdateReq")
+    if expect is not None and (expect == "update") != update:
+        raise ActionMismatch(f"action {'Update' if expect == 'update' else 'Install'} does not match the EXI "
+                             f"request ({type(body).__name__})")
     try:
-        return _deliver(ctx, tree, request, body, session_id, actor)
+        return _deliver(ctx, tree, request, body, session_id, actor, emsp)
     except CPSFailure as f:
         msg = _failed(session_id, f.response_code, update)
         return Delivery(msg, encode_message(msg), f.response_code, notes=[f.message])
 
 
 def _deliver(ctx: Context, raw: Node, request: V2GMessage, body: CertificateInstallationReq | CertificateUpdateReq,
-             session_id: bytes, actor: str) -> Delivery:
+             session_id: bytes, actor: str, emsp: str | None) -> Delivery:
     ids = body.root_certificate_ids[:MAX_ROOT_IDS]
     contract: Contract | ContractRow | None
+    keep: tuple[str, str] | None = None  # an update's current certificate: not superseded
+    supersede = True
     if isinstance(body, CertificateInstallationReq):
         try:
             vehicle_cert = x509.load_der_x509_certificate(body.oem_provisioning_cert)
@@ -280,7 +331,7 @@ def _deliver(ctx: Context, raw: Node, request: V2GMessage, body: CertificateInst
         pcid = str(cn[0].value).upper() if cn else ""
         # The certificate's status and the PCID's default contract in one query; judged in this order:
         # chain, DC=OEM, request signature, contract.
-        status, _, contract = provisioning_status_and_contract(ctx, vehicle_cert, pcid)
+        status, _, contract, supersede = installation_lookup(ctx, vehicle_cert, pcid, emsp)
         _status_failure(status, "OEM provisioning certificate")
         dcs = vehicle_cert.subject.get_attributes_for_oid(x509.NameOID.DOMAIN_COMPONENT)
         if not dcs or str(dcs[0].value).upper() != "OEM":
@@ -288,6 +339,8 @@ def _deliver(ctx: Context, raw: Node, request: V2GMessage, body: CertificateInst
             raise CPSFailure(ResponseCode.FAILED_CertChainError, "provisioning certificate lacks DC=OEM")
         vehicle_key = _verify(raw, vehicle_cert, request)
         if contract is None:
+            if emsp is not None:  # the same answer whether the PCID has no contract or another eMSP's
+                raise NotFound(f"no active contract of yours for PCID {pcid}")
             raise CPSFailure(ResponseCode.FAILED_NoCertificateAvailable, f"no active contract for PCID {pcid}")
     else:
         try:
@@ -307,30 +360,50 @@ def _deliver(ctx: Context, raw: Node, request: V2GMessage, body: CertificateInst
             raise CPSFailure(ResponseCode.FAILED_CertChainError, "eMAID does not match the contract certificate")
         with ctx.db.session() as s:
             contract = s.exec(select(Contract).where(Contract.emaid == emaid)).first()
+        if emsp is not None and (contract is None or contract.emsp != emsp):
+            raise NotFound(f"no contract of yours {emaid}")
         if contract is None:
             raise CPSFailure(ResponseCode.FAILED_NoCertificateAvailable, f"no contract {emaid}")
         if contract.status != "active" or contract.valid_until <= utcnow():
             raise CPSFailure(ResponseCode.FAILED_ContractCanceled, f"contract {emaid} is terminated or expired")
+        current = find_our_issuer(ctx, vehicle_cert)
+        if current is not None:
+            keep = (current.name, format(vehicle_cert.serial_number, "x"))
     return build_delivery(ctx, contract, vehicle_key, ids, session_id,
-                          update=isinstance(body, CertificateUpdateReq), actor=actor)
+                          update=isinstance(body, CertificateUpdateReq), actor=actor,
+                          supersede=supersede, keep=keep)
 
 
 def build_delivery(ctx: Context, contract: Contract | ContractRow,
                    vehicle_key: ec.EllipticCurvePublicKey | x509.Certificate,
                    ids: tuple[X509IssuerSerial, ...] | None, session_id: bytes, *, update: bool,
-                   actor: str) -> Delivery:
+                   actor: str, supersede: bool = False, keep: tuple[str, str] | None = None) -> Delivery:
     """Issue the contract certificate, encrypt its key for ``vehicle_key`` (the OEM provisioning or current
     contract certificate, or its public key) and sign the response.
 
     ``ids`` None means "any of our roots" (contract data prepared ahead of time, before the vehicle says
-    which roots it trusts)."""
+    which roots it trusts). ``supersede``: the contract may already have valid contract certificates
+    (a replayed or repeated request); once the new one is issued and signed for, they are revoked with
+    reason superseded, except ``keep`` (#21 item 2). Everything that can refuse is checked before the
+    certificate is issued (#21 item 16)."""
     if ids is None:
         ids = tuple(X509IssuerSerial(h.cert.subject.rfc4514_string(), h.cert.serial_number)
                     for h in ctx.engine.cas() if h.row.parent is None)
+    # The CPS chain must lead to a V2G root the vehicle lists (ISO 15118-2 §8.4.3.11.2, V2G2-818: the
+    # vehicle verifies the CPS signature with it); the contract chain is the eMSP's (#21 item 15).
+    cps_row, cps_subs = _cps_signer(ctx, ids)
     mo_ca = _pick_ca(ctx, {"mo-sub2"}, ids)
     if mo_ca is None:
-        raise CPSFailure(ResponseCode.FAILED_NoCertificateAvailable, "no MO chain to a root the vehicle trusts")
-    cps_row, cps_subs = _cps_signer(ctx, ids)
+        raise CPSFailure(ResponseCode.FAILED_NoCertificateAvailable, "no active MO Sub-CA 2 to issue the contract")
+    # The CPS chain is the same for every response this signer makes: one instance, so its EXI encoding is
+    # kept with it (messages._shared, codec.Node.memo) and written as one piece.
+    sa_chain: CertificateChain = _cached(ctx, f"sa-chain:{cps_row.issuer}/{cps_row.serial}",
+                                         lambda: CertificateChain(cps_row.der, tuple(cps_subs)))
+    bound = _cached(ctx, f"max-b64:{cps_row.issuer}/{cps_row.serial}:{mo_ca.name}:{update}",
+                    partial(_max_response_b64, ctx, sa_chain, mo_ca, update))
+    if bound > EXI_RESPONSE_MAX_B64:
+        raise ResponseTooLarge(f"exiResponse could be {bound} characters (> {EXI_RESPONSE_MAX_B64}): the CPS and "
+                               "contract chains are too long for OCPP 2.0.1; nothing was issued")
 
     # The contract key: generated here, used once to issue and once to wrap, never stored or logged.
     key = _contract_key()
@@ -348,10 +421,6 @@ def build_delivery(ctx: Context, contract: Contract | ContractRow,
     finally:
         del key
     contract_chain = CertificateChain(issued.der, tuple(der(c) for c in issued.chain[:-1]), "id1")
-    # The CPS chain is the same for every response this signer makes: one instance, so its EXI encoding is
-    # kept with it (messages._shared, codec.Node.memo) and written as one piece.
-    sa_chain: CertificateChain = _cached(ctx, f"sa-chain:{cps_row.issuer}/{cps_row.serial}",
-                                         lambda: CertificateChain(cps_row.der, tuple(cps_subs)))
     args = dict(
         response_code=ResponseCode.OK,
         sa_provisioning_certificate_chain=sa_chain,
@@ -372,8 +441,40 @@ def build_delivery(ctx: Context, contract: Contract | ContractRow,
         message = sign_contract_response(session_id, res, signer)
     except XmlDsigError as exc:
         raise CPSError(f"CPS signature failed: {exc.message}") from None
-    return Delivery(message, encode_message(message), ResponseCode.OK, emaid=contract.emaid,
-                    contract_serial=issued.serial)
+    delivery = Delivery(message, encode_message(message), ResponseCode.OK, emaid=contract.emaid,
+                        contract_serial=issued.serial)
+    if supersede:
+        try:
+            gone = supersede_contract_certificates(ctx, contract.emaid, (issued.issuer, issued.serial), keep,
+                                                   actor=actor)
+        except PKIError:  # the answer stands; the older certificate stays until it expires or is revoked
+            log.warning("superseding earlier contract certificates of %s failed", contract.emaid, exc_info=True)
+        else:
+            if gone:
+                delivery.notes.append(f"superseded {', '.join(gone)}")
+    return delivery
+
+
+def _max_response_b64(ctx: Context, sa_chain: CertificateChain, mo_ca: CAHandle, update: bool) -> int:
+    """The most base64 characters an answer with these chains can take: the response encoded once with a
+    contract certificate of the most octets allowed ([V2G2-010]: 800), the issuing CA's real sub-CA
+    certificates, the longest eMAID (15) and SessionID (8 octets), signed with a throwaway software key (a
+    SignatureValue is always 64 octets). Computed before issuing (#21 item 16); cached like the CPS chain."""
+    subs = tuple(der(c) for c in ctx.engine.chain(mo_ca.name)[:-1])
+    args = dict(
+        response_code=ResponseCode.OK,
+        sa_provisioning_certificate_chain=CertificateChain(sa_chain.certificate, sa_chain.sub_certificates),
+        contract_signature_cert_chain=CertificateChain(bytes(MAX_CERTIFICATE_OCTETS), subs, "id1"),
+        contract_signature_encrypted_private_key=EncryptedPrivateKey(bytes(48), "id2"),
+        dh_public_key=DHPublicKey(b"\x04" + bytes(64), "id3"),
+        emaid=EMAID("0" * 15, "id4"),
+    )
+    res: CertificateInstallationRes | CertificateUpdateRes = (
+        CertificateUpdateRes(**args) if update  # type: ignore[arg-type]
+        else CertificateInstallationRes(**args)  # type: ignore[arg-type]
+    )
+    message = sign_contract_response(bytes(8), res, _contract_key())
+    return 4 * -(-len(encode_message(message)) // 3)
 
 
 def _status_failure(status: str, what: str) -> None:
