@@ -56,6 +56,7 @@ def cmd_ocsp_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_org_create(args: argparse.Namespace) -> int:
+    from pki.errors import Conflict
     from pki.orgs import create_org
 
     ctx = _ctx()
@@ -64,7 +65,12 @@ def cmd_org_create(args: argparse.Namespace) -> int:
         settings["organization_name"] = args.organization_name
     if args.allow_any_station:
         settings["allow_any_station"] = True
-    org = create_org(ctx.db, args.name, args.role, args.prefix or [], settings=settings)
+    try:
+        org = create_org(ctx.db, args.name, args.role, args.prefix or [], settings=settings)
+    except Conflict as exc:
+        # exit 5 = conflict (pki/cli.py): the name exists, or a prefix overlaps another organization's
+        print(f"v2gpki: error: {exc.message}", file=sys.stderr)
+        return 5
     print(f"organization {org.name!r} ({org.role}) created; prefixes: {', '.join(org.prefixes) or '-'}")
     return 0
 

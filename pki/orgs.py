@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlmodel import Session, select
 
 from pki import audit
@@ -93,10 +93,15 @@ def create_org(db: Database, name: str, role: str, prefixes: list[str], *, actor
         if not rx.match(p):
             raise BadOrganization(f"prefix {p!r} is not a valid {role} prefix "
                                   f"(cpo: DE*ABC, emsp: DE-8AA, oem: a 3-character WMI)")
+        for q in norm:
+            if _overlaps(p, q):
+                raise BadOrganization(f"prefixes {q!r} and {p!r} overlap (the same identifiers)")
         norm.append(p.upper())
     with db.session() as s:
+        _serialise_org_creation(s)
         if s.exec(select(Organization).where(Organization.name == name)).first() is not None:
             raise Conflict(f"organization {name!r} already exists")
+        _check_prefixes_free(s, role, norm)
         org = Organization(name=name, role=role, prefixes=norm, settings=settings or {}, created_at=utcnow())
         s.add(org)
         audit.append(s, audit.Entry(actor=actor, action="org.create", object=name,
@@ -104,6 +109,43 @@ def create_org(db: Database, name: str, role: str, prefixes: list[str], *, actor
         s.commit()
         s.refresh(org)
         return org
+
+
+def flat_prefix(prefix: str) -> str:
+    """A prefix as identifiers are compared with it (pki.names.owns_identifier): separators '*' and '-'
+    dropped, letters upper-cased — 'de-aaa', 'DE*AAA' and 'DEAAA' are one operator ID."""
+    return prefix.replace("*", "").replace("-", "").upper()
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Would some identifier fall under both prefixes? Onto (equal), inside or around (one a prefix of
+    the other) once normalised."""
+    fa, fb = flat_prefix(a), flat_prefix(b)
+    return fa.startswith(fb) or fb.startswith(fa)
+
+
+def _serialise_org_creation(s: Session) -> None:
+    """On PostgreSQL, one organization creation at a time (a transaction-scoped advisory lock), so two
+    concurrent creations cannot both pass the overlap check. SQLite has one writer at a time anyway; the
+    window between its check and its write is left to the operator running one CLI at a time."""
+    bind = s.get_bind()
+    if bind.dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(152117)"))  # an arbitrary constant key for orgs
+
+
+def _check_prefixes_free(s: Session, role: str, prefixes: list[str]) -> None:
+    """Identifier prefixes are exclusive per kind (issue #21 item 4): a CPO's operator ID, an eMSP's
+    provider ID, an OEM's WMI belongs to one organization. A prefix that normalises onto, inside or around
+    another organization's prefix of the same role would let two tenants enroll the same EVSEIDs / EMAIDs /
+    PCIDs (ISO 15118-2 Annex H: the operator / provider ID identifies one party)."""
+    if not prefixes:
+        return
+    for other in s.exec(select(Organization).where(Organization.role == role)):
+        for theirs in other.prefixes or []:
+            for mine in prefixes:
+                if _overlaps(mine, theirs):
+                    raise Conflict(f"prefix {mine!r} overlaps {theirs!r} of organization {other.name!r} "
+                                   f"({role} prefixes are exclusive)")
 
 
 def get_org(session: Session, name: str) -> Organization:

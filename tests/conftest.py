@@ -314,3 +314,30 @@ def lc_ctx(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     c.db.dispose()
     if name:
         drop_pg_database(name)
+
+
+# -- tenants with exclusive prefixes (issue #21 item 4) --------------------------------------------------
+
+_PREFIX_SHAPE = {"cpo": "{cc}*{x}", "emsp": "{cc}-{x}", "oem": "{x}"}
+_PREFIX_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ0123456789"
+
+
+def org_with_fresh_prefix(ctx: Context, name: str, role: str, *, country: str = "DE",
+                          settings: dict[str, object] | None = None) -> str:
+    """Create organization ``name`` with a random identifier prefix of its role that no organization of
+    the session's database holds yet (prefixes are exclusive per role since issue #21 item 4: a random
+    prefix that happens to collide with another module's tenant is refused); returns the prefix."""
+    from pki.errors import Conflict
+    from pki.orgs import create_org
+
+    for _ in range(50):
+        x = "".join(secrets.choice(_PREFIX_ALPHABET) for _ in range(3))
+        prefix = _PREFIX_SHAPE[role].format(cc=country, x=x)
+        try:
+            create_org(ctx.db, name, role, [prefix], settings=settings)
+        except Conflict as exc:
+            if "overlaps" in exc.message:
+                continue
+            raise
+        return prefix
+    raise RuntimeError("no free prefix after 50 tries")

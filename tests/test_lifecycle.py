@@ -35,7 +35,7 @@ from pki.orgs import create_api_key, create_org
 from pki.store.db import utcnow
 from pki.store.models import Certificate, OutboxEvent
 from pki.store.models_lifecycle import Delivery, ExpiryAlert, Renewal
-from tests.conftest import REPO
+from tests.conftest import REPO, org_with_fresh_prefix
 
 # -- helpers shared with tests/test_workers.py --------------------------------------------------------------
 
@@ -132,7 +132,7 @@ def insert_cert(ctx: Context, *, tenant: str | None, identifier: str, days: floa
 
 
 def cpo_org(ctx: Context, name: str) -> str:
-    create_org(ctx.db, name, "cpo", [f"DE*{secrets.choice('ABCDEFGHJK')}{secrets.token_hex(1).upper()}"])
+    org_with_fresh_prefix(ctx, name, "cpo")  # prefixes are exclusive per role (#21 item 4)
     return name
 
 
