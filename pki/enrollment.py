@@ -13,8 +13,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from pki import audit
 from pki.context import Context
@@ -23,7 +24,7 @@ from pki.errors import BadSubject, Conflict, Forbidden
 from pki.issuance import Issued, IssueRequest
 from pki.orgs import ROLE_PROFILES, Principal, check_owns
 from pki.store.db import utcnow
-from pki.store.models import Certificate, IdempotencyRecord, Station
+from pki.store.models import Certificate, IdempotencyRecord, Organization, Station
 
 
 @dataclass
@@ -41,6 +42,54 @@ def organization_name(p: Principal) -> str:
     return v if isinstance(v, str) and v else p.org
 
 
+def check_organization_name(p: Principal, profile_name: str, checked: CheckedRequest) -> None:
+    """A CPO's certificates name the CPO: O must be the organization's registered name (its
+    ``organization_name`` setting, else its name). OCPP 2.0.1 Part 2 A00 (Certificate Properties): the
+    ChargingStationCertificate's O is the CSO's organization name; ISO 15118-2 Annex F (SECC leaf): O is
+    the CPO operating the SECC. Without it CPO Beta gets a certificate reading O=CPO Alpha (issue #21
+    item 6). Admins enroll on anyone's behalf and are not bound."""
+    if p.role == "admin" or checked.subject.o is None:
+        return  # a profile without O (rule o: forbidden/optional and none sent) names nobody
+    if checked.subject.o != organization_name(p):
+        raise Forbidden(f"O={checked.subject.o!r} must be the CPO's organization {organization_name(p)!r} "
+                        f"(profile {profile_name!r})")
+
+
+def station_claim_of_other(s: Session, p: Principal, identity: str) -> str | None:
+    """Why a charging-station identity belongs to an organization other than the caller's, or None.
+
+    A station identity is exclusive to one organization (issue #21 item 5): OCPP 2.0.1 identifies the
+    station to the CSMS by it (Part 2 A00: the ChargingStationCertificate's CN is the station's serial
+    number / identity, and the CSMS maps the TLS client to that identity under one CSMS root). Claimed
+    elsewhere when
+      * another organization registered it (compared case-insensitively: OCPP identities are CiString);
+      * it is an EVSEID / SECCID under another CPO's operator ID (ISO 15118-2 Annex H);
+      * another organization holds a valid ChargingStationCertificate for it (orgs allowed to enroll
+        unregistered stations leave no registration behind)."""
+    from pki.names import normalise_evseid, normalise_seccid, owns_identifier
+
+    reg = s.exec(select(Station).where(func.upper(Station.identity) == identity.upper(),
+                                       Station.org != p.org)).first()
+    if reg is not None:
+        return "registered by another organization"
+    for kind, norm in (("evseid", normalise_evseid), ("seccid", normalise_seccid)):
+        try:
+            ident = norm(identity)
+        except BadSubject:
+            continue
+        for org in s.exec(select(Organization).where(Organization.role == "cpo", Organization.name != p.org)):
+            if owns_identifier(list(org.prefixes or []), kind, ident):
+                return "an identifier under another organization's operator ID"
+    variants = {identity, identity.upper(), identity.lower()}  # indexed lookups; the registry is the full check
+    cert = s.exec(select(Certificate.serial).where(
+        Certificate.identifier.in_(variants),  # type: ignore[union-attr]
+        Certificate.profile == "cs-client", Certificate.status == "valid",
+        Certificate.tenant != p.org)).first()
+    if cert is not None:
+        return "certified for another organization"
+    return None
+
+
 def authorize_request(ctx: Context, p: Principal, profile_name: str, checked: CheckedRequest) -> None:
     allowed = allowed_profiles(p)
     if allowed is not None and profile_name not in allowed:
@@ -48,15 +97,21 @@ def authorize_request(ctx: Context, p: Principal, profile_name: str, checked: Ch
     kind = checked.identifier_kind
     if kind in ("evseid", "seccid", "emaid", "pcid"):
         check_owns(p, kind, checked.identifier)
+        if kind in ("evseid", "seccid"):
+            check_organization_name(p, profile_name, checked)  # the SECC certificate names its CPO
     elif kind == "station" and p.role != "admin":
-        if (checked.subject.o or "") != organization_name(p):
-            raise Forbidden(f"O={checked.subject.o!r} must be the CPO's organization {organization_name(p)!r}")
-        if not p.settings.get("allow_any_station"):
-            with ctx.db.session() as s:
+        check_organization_name(p, profile_name, checked)
+        if checked.subject.o is None:
+            raise Forbidden(f"O must be the CPO's organization {organization_name(p)!r}")
+        with ctx.db.session() as s:
+            other = station_claim_of_other(s, p, checked.identifier)
+            if other is not None:
+                raise Forbidden(f"station {checked.identifier!r} belongs to another organization ({other})")
+            if not p.settings.get("allow_any_station"):
                 st = s.exec(select(Station).where(Station.org == p.org,
                                                   Station.identity == checked.identifier)).first()
-            if st is None:
-                raise Forbidden(f"station {checked.identifier!r} is not registered for {p.org!r} (/v1/stations)")
+                if st is None:
+                    raise Forbidden(f"station {checked.identifier!r} is not registered for {p.org!r} (/v1/stations)")
     elif p.role != "admin":
         raise Forbidden(f"profile {profile_name!r} is not enrollable by {p.role}")
 
@@ -95,6 +150,10 @@ def register_station(ctx: Context, p: Principal, identity: str) -> Station:
     p.require("cpo", "admin")
     check_station_id(identity)
     with ctx.db.session() as s:
+        # exclusive to one organization (issue #21 item 5); the caller learns that, not whose it is
+        other = station_claim_of_other(s, p, identity)
+        if other is not None:
+            raise Conflict(f"station {identity!r} belongs to another organization ({other})")
         st = Station(org=p.org, identity=identity, created_at=utcnow())
         s.add(st)
         try:

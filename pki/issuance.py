@@ -32,7 +32,7 @@ from sqlmodel import Session, select
 
 from hsm.keystore import KeyAlg, KeyStore, PrivateKey, PublicKey
 from pki import audit
-from pki.csr import CheckedRequest, SubjectFields, check_csr, parse_csr
+from pki.csr import CheckedRequest, SubjectFields, check_csr, check_no_control_chars, parse_csr
 from pki.der import bit_string, elements, tbs_field, tlv
 from pki.errors import AlreadyRevoked, BadKey, BadRevocation, CertificateTooLarge, LintError, NotFound, UnknownCA
 from pki.lint import MAX_SIG_LEN, lint_profile, pkilinter, shape_key, size_bound
@@ -405,6 +405,9 @@ class Engine:
         subj_alg = key_alg_of_public(req.public_key)
         if subj_alg not in profile.key_algs:
             raise BadKey(f"{subj_alg.value} key not allowed by profile {profile.name!r}")
+        # Every subject the engine signs, CA or leaf, whatever path built it (CSR, renewal, CPS, init):
+        # no control characters in any DN attribute (issue #21 item 6).
+        check_no_control_chars(req.subject)
         now = utcnow()
         issuer_handle: CAHandle | None = None
         if profile.self_signed:

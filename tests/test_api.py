@@ -25,7 +25,7 @@ from api.app import create_app
 from pki.context import Context
 from pki.orgs import create_api_key, create_org
 from pki.store.models import ApiKey, Certificate
-from tests.conftest import csr_pem
+from tests.conftest import csr_pem, org_with_fresh_prefix
 
 
 @dataclass
@@ -39,6 +39,10 @@ class Tenants:
     def h(self, who: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[who]}"}
 
+    def o(self, who: str) -> str:
+        """The organization's registered name: the O a CPO's SECC CSR must carry (#21 item 6)."""
+        return f"{who}-{self.tag}"
+
 
 def _alnum(n: int) -> str:
     return "".join(secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(n))
@@ -47,14 +51,13 @@ def _alnum(n: int) -> str:
 @pytest.fixture(scope="module")
 def t(ctx: Context) -> Iterator[Tenants]:
     tag = secrets.token_hex(3)
-    ops = {"cpo1": f"DE*{_alnum(3)}", "cpo2": f"DE*{_alnum(3)}", "emsp": f"DE-{_alnum(3)}", "oem": _alnum(3)}
-    orgs = {
-        "cpo1": ("cpo", [ops["cpo1"]]), "cpo2": ("cpo", [ops["cpo2"]]), "emsp": ("emsp", [ops["emsp"]]),
-        "oem": ("oem", [ops["oem"]]), "admin": ("admin", []), "auditor": ("auditor", []),
-    }
+    # prefixes are exclusive per role (#21 item 4): drawn among those no other test's tenant holds
+    ops = {who: org_with_fresh_prefix(ctx, f"{who}-{tag}", who.rstrip("12"))
+           for who in ("cpo1", "cpo2", "emsp", "oem")}
     keys = {}
-    for who, (role, prefixes) in orgs.items():
-        create_org(ctx.db, f"{who}-{tag}", role, prefixes)
+    for who in ("admin", "auditor"):
+        create_org(ctx.db, f"{who}-{tag}", who, [])
+    for who in (*ops, "admin", "auditor"):
         keys[who] = create_api_key(ctx.db, f"{who}-{tag}")[0]
     with TestClient(create_app(ctx)) as client:
         yield Tenants(client, ctx, tag, keys, ops)
@@ -75,7 +78,7 @@ def enroll(t: Tenants, who: str, profile: str, csr: bytes, **extra: object) -> t
 
 
 def test_cpo_enrolls_secc_and_sees_only_its_own(t: Tenants) -> None:
-    code, body = enroll(t, "cpo1", "secc", csr_pem(evseid(t.ops["cpo1"]), dc="CPO"))
+    code, body = enroll(t, "cpo1", "secc", csr_pem(evseid(t.ops["cpo1"]), o=t.o("cpo1"), dc="CPO"))
     assert code == 201, body
     chain = x509.load_pem_x509_certificates(body["chain"].encode())
     assert len(chain) == 3 and chain[-1].subject != chain[-1].issuer  # leaf, Sub-CA 2, Sub-CA 1: no root
@@ -128,7 +131,7 @@ def test_real_charger_csr_gets_profile_not_csr_extensions(t: Tenants) -> None:
     ev = evseid(t.ops["cpo1"])
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ev),
-                                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Pionix Charging"),
+                                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, t.o("cpo1")),
                                     x509.NameAttribute(NameOID.COUNTRY_NAME, "DE"),
                                     x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "CPO")]))
            .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=False)
@@ -222,16 +225,16 @@ def test_client_certificate_via_trusted_proxy(t: Tenants, monkeypatch: pytest.Mo
 
 def test_idempotency_key_and_supersede(t: Tenants) -> None:
     ev = evseid(t.ops["cpo1"])
-    csr = csr_pem(ev, dc="CPO").decode()
+    csr = csr_pem(ev, o=t.o("cpo1"), dc="CPO").decode()
     h = {**t.h("cpo1"), "Idempotency-Key": secrets.token_hex(8)}
     r1 = t.client.post("/v1/enrollments", json={"csr": csr, "profile": "secc"}, headers=h)
     r2 = t.client.post("/v1/enrollments", json={"csr": csr, "profile": "secc"}, headers=h)
     assert r1.status_code == 201 and r2.status_code == 200
     assert r1.json()["serial"] == r2.json()["serial"]
-    r3 = t.client.post("/v1/enrollments", json={"csr": csr_pem(ev, dc="CPO").decode(), "profile": "secc"}, headers=h)
+    r3 = t.client.post("/v1/enrollments", json={"csr": csr_pem(ev, o=t.o("cpo1"), dc="CPO").decode(), "profile": "secc"}, headers=h)
     assert r3.status_code == 409
     # renewal superseding the old certificate
-    r4 = t.client.post("/v1/enrollments", json={"csr": csr_pem(ev, dc="CPO").decode(), "profile": "secc",
+    r4 = t.client.post("/v1/enrollments", json={"csr": csr_pem(ev, o=t.o("cpo1"), dc="CPO").decode(), "profile": "secc",
                                                 "supersede": True}, headers=t.h("cpo1"))
     assert r4.status_code == 201
     assert f"{r1.json()['issuer']}/{r1.json()['serial'].lower()}" in r4.json()["superseded"]
@@ -241,7 +244,7 @@ def test_idempotency_key_and_supersede(t: Tenants) -> None:
 
 def test_ocpp_sign_certificate(t: Tenants) -> None:
     ev = evseid(t.ops["cpo1"])
-    r = t.client.post("/ocpp/v201/sign-certificate", json={"csr": csr_pem(ev, dc="CPO").decode(),
+    r = t.client.post("/ocpp/v201/sign-certificate", json={"csr": csr_pem(ev, o=t.o("cpo1"), dc="CPO").decode(),
                                                            "certificateType": "V2GCertificate"}, headers=t.h("cpo1"))
     assert r.status_code == 200, r.text
     body = r.json()
@@ -249,7 +252,7 @@ def test_ocpp_sign_certificate(t: Tenants) -> None:
     certs = x509.load_pem_x509_certificates(body["certificateChain"].encode())
     assert len(certs) == 3 and all(c.subject != c.issuer for c in certs)
     # no certificateType: inferred from the CSR (EVSEID → V2GCertificate)
-    r = t.client.post("/ocpp/v201/sign-certificate", json={"csr": csr_pem(ev, dc="CPO").decode()}, headers=t.h("cpo1"))
+    r = t.client.post("/ocpp/v201/sign-certificate", json={"csr": csr_pem(ev, o=t.o("cpo1"), dc="CPO").decode()}, headers=t.h("cpo1"))
     assert r.json()["certificateType"] == "V2GCertificate"
     # invalid CSR → Rejected with OCPP reasonCode
     r = t.client.post("/ocpp/v201/sign-certificate", json={"csr": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n",
@@ -294,7 +297,7 @@ def test_est_with_openssl(t: Tenants, tmp_path: Path) -> None:
     out = subprocess.run(["openssl", "pkcs7", "-inform", "DER", "-in", str(tmp_path / "ca.p7"), "-print_certs",
                           "-noout"], capture_output=True, text=True)
     assert out.returncode == 0 and "CPO Sub-CA 2" in out.stdout
-    csr = x509.load_pem_x509_csr(csr_pem(evseid(t.ops["cpo1"]), dc="CPO"))
+    csr = x509.load_pem_x509_csr(csr_pem(evseid(t.ops["cpo1"]), o=t.o("cpo1"), dc="CPO"))
     body = base64.b64encode(csr.public_bytes(serialization.Encoding.DER))
     r = t.client.post("/.well-known/est/cpo/simpleenroll/ISO15118-2", content=body,
                       headers={**t.h("cpo1"), "content-type": "application/pkcs10"})
@@ -331,7 +334,7 @@ def test_audit_visible_to_auditor_only(t: Tenants) -> None:
 def test_bulk_revocation_dry_run_then_real(t: Tenants) -> None:
     ev = evseid(t.ops["cpo2"])
     for _ in range(2):
-        assert enroll(t, "cpo2", "secc", csr_pem(ev, dc="CPO"))[0] == 201
+        assert enroll(t, "cpo2", "secc", csr_pem(ev, o=t.o("cpo2"), dc="CPO"))[0] == 201
     assert t.client.post("/v1/revocations/bulk", json={"reason": "cessationOfOperation", "identifier": ev},
                          headers=t.h("cpo2")).status_code == 403
     r = t.client.post("/v1/revocations/bulk", json={"reason": "cessationOfOperation", "identifier": ev},

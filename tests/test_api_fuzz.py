@@ -127,7 +127,9 @@ def fuzz_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     tag = secrets.token_hex(3)
     prefix = "DE*" + "".join(secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(3))
     create_org(ctx.db, f"admin-{tag}", "admin", [])
-    create_org(ctx.db, f"cpo-{tag}", "cpo", [prefix], settings={"allow_any_station": True})
+    # csr_pem's O is the CPO's registered certificate name (#21 item 6)
+    create_org(ctx.db, f"cpo-{tag}", "cpo", [prefix],
+               settings={"allow_any_station": True, "organization_name": "Test Org"})
     admin_key = create_api_key(ctx.db, f"admin-{tag}")[0]
     cpo_key = create_api_key(ctx.db, f"cpo-{tag}")[0]
     app = create_app(ctx, routers=ROUTERS)

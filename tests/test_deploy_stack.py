@@ -148,7 +148,7 @@ def test_stack_end_to_end(stack: Stack, tmp_path: Path) -> None:
         auth = {"Authorization": f"Bearer {key}", "X-Request-ID": f"stack-e2e-{tag}"}
         evse = f"{prefix}*E{tag}1"
         r = httpx.post(f"{stack.api}/v1/enrollments", headers=auth, timeout=60,
-                       json={"csr": csr_pem(evse, dc="CPO").decode(), "profile": "secc"})
+                       json={"csr": csr_pem(evse, o=org, dc="CPO").decode(), "profile": "secc"})
         assert r.status_code == 201, r.text
         assert r.headers["x-request-id"] == f"stack-e2e-{tag}"
         cert = r.json()

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from api import fastlane
 from api.app import create_app
 from pki.context import Context
-from pki.orgs import create_api_key, create_org
-from tests.conftest import csr_pem
+from pki.orgs import create_api_key
+from tests.conftest import csr_pem, org_with_fresh_prefix
 
 
 @dataclass
@@ -28,8 +28,9 @@ class Env:
 @pytest.fixture(scope="module")
 def env(ctx: Context) -> Iterator[Env]:
     tag = secrets.token_hex(3)
-    op = "DE*" + "".join(secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(3))
-    create_org(ctx.db, f"lane-{tag}", "cpo", [op])
+    # a prefix no other tenant holds (#21 item 4); the O its SECC CSRs carry (csr_pem's) is its registered
+    # certificate name (#21 item 6)
+    op = org_with_fresh_prefix(ctx, f"lane-{tag}", "cpo", settings={"organization_name": "Test Org"})
     key = create_api_key(ctx.db, f"lane-{tag}")[0]
     with TestClient(create_app(ctx)) as client:
         yield Env(client, key, op)

@@ -26,10 +26,10 @@ from sqlmodel import select
 from api import observability
 from api.app import create_app
 from pki.context import Context
-from pki.orgs import create_api_key, create_org
+from pki.orgs import create_api_key
 from pki.store.db import Database, utcnow
 from pki.store.models import Certificate, OutboxEvent
-from tests.conftest import csr_pem
+from tests.conftest import csr_pem, org_with_fresh_prefix
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,8 +60,8 @@ class Env:
 @pytest.fixture(scope="module")
 def env(ctx: Context) -> Iterator[Env]:
     tag = secrets.token_hex(3)
-    op = "DE*" + "".join(secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(3))
-    create_org(ctx.db, f"obs-{tag}", "cpo", [op])
+    # a prefix no other tenant holds (#21 item 4); csr_pem's O is its registered certificate name (item 6)
+    op = org_with_fresh_prefix(ctx, f"obs-{tag}", "cpo", settings={"organization_name": "Test Org"})
     key = create_api_key(ctx.db, f"obs-{tag}")[0]
     with TestClient(create_app(ctx)) as client:
         yield Env(client, ctx, key, op)
