@@ -30,13 +30,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ctx = _ctx()
     ctx.keystore.list()
     ctx.db.dispose()
-    kw: dict[str, object] = {}
+    # Bounded request heads (api/http_limits.py): size (V2GPKI_HTTP_MAX_HEAD_BYTES) and time from the first
+    # byte (V2GPKI_HTTP_HEAD_TIMEOUT); idle keep-alive V2GPKI_HTTP_KEEPALIVE_TIMEOUT.
+    kw: dict[str, object] = {"http": "api.http_limits:BoundedHttpToolsProtocol",
+                             "h11_max_incomplete_event_size": s.http_max_head_bytes,
+                             "timeout_keep_alive": s.http_keepalive_timeout}
     if args.tls_cert:
         kw.update(ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
         if args.client_ca:
             kw.update(ssl_ca_certs=args.client_ca,
                       ssl_cert_reqs=ssl.CERT_REQUIRED if args.require_client_cert else ssl.CERT_OPTIONAL)
-        kw["http"] = "api.tls:TLSH11Protocol"
+        kw["http"] = "api.http_limits:BoundedTLSH11Protocol"
     print(f"v2gpki serving on {'https' if args.tls_cert else 'http'}://{args.host}:{args.port} "
           f"({args.workers} workers, public URL {s.public_base()})", file=sys.stderr)
     uvicorn.run("api.main:create_default_app", factory=True, host=args.host, port=args.port,

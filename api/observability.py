@@ -506,6 +506,11 @@ def hsm_check(ks: Any) -> None:
     Pkcs11KeyStore.list() would read the label of every key under the process-wide PKCS#11 lock — tens of
     milliseconds with the default hierarchy, far more on a production token — and every probe would
     stall signing that long; the same search stopped at the first private key proves the same login."""
+    probe = getattr(ks, "probe", None)
+    if probe is not None:  # Pkcs11KeyStore: the same search, and it re-reads a token that came back
+        if not probe():
+            raise NoPrivateKeyVisible()
+        return
     call = getattr(ks, "session_call", None)
     if call is None:
         ks.list()

@@ -67,6 +67,7 @@ from pki.errors import MalformedOCSPRequest, PKIError
 from pki.ocsp import (
     INTERNAL_ERROR_ANSWER,
     MALFORMED_ANSWER,
+    TRY_LATER_ANSWER,
     UNAUTHORIZED_ANSWER,
     Answer,
     certid_der,
@@ -732,16 +733,17 @@ class FastResponder:
             self._miss_at = now
         return cid.raw
 
-    def _fallback(self, der: bytes) -> Answer:
+    def _fallback(self, der: bytes, client: str) -> Answer:
         try:
             r = responder_for(self.ctx)
             ans = r.respond_presigned(der)
-            return ans if ans is not None else r.respond(der)
+            # Live signatures are charged to the client's address (pki/ocsp.py SignBudget).
+            return ans if ans is not None else r.respond(der, client)
         except Exception:  # noqa: BLE001 - respond() maps its own errors; this is the last line
             log.exception("OCSP fallback failed")
             return INTERNAL_ERROR_ANSWER
 
-    def ocsp(self, der: bytes | None, req: Request, *, get: bool) -> bytes | _Pending:
+    def ocsp(self, der: bytes | None, req: Request, *, get: bool, client: str = "?") -> bytes | _Pending:
         t0 = time.perf_counter()
         if not der:
             return self._ocsp_response(MALFORMED_ANSWER, req, t0, get=get)
@@ -764,11 +766,13 @@ class FastResponder:
                     derived[key] = (ans, ans.next_update.timestamp() - self.cache._margin)
             return self._ocsp_response(ans, req, t0, get=get)
 
-        return _Pending(lambda: self._fallback(der), finish)
+        return _Pending(lambda: self._fallback(der, client), finish)
 
     def _ocsp_response(self, ans: Answer, req: Request, t0: float, *, get: bool, status: int = 200) -> bytes:
         head = req.method == b"HEAD"
         headers = [b"Content-Type: application/ocsp-response\r\n"]
+        if ans is TRY_LATER_ANSWER:  # HSM or database away, or the client's live-signing budget spent
+            headers.append(b"Retry-After: 5\r\n")
         out: bytes | None = None
         if get:
             if ans.cacheable and ans.this_update is not None and ans.next_update is not None:
@@ -789,7 +793,7 @@ class FastResponder:
 
     # -- routing -----------------------------------------------------------------------------------
 
-    def handle(self, req: Request, body: bytes) -> bytes | _Pending:
+    def handle(self, req: Request, body: bytes, client: str = "?") -> bytes | _Pending:
         target = req.target
         if target[:1] != b"/":
             if target.startswith((b"http://", b"https://")):  # absolute-form (RFC 9112 §3.2.2)
@@ -801,13 +805,13 @@ class FastResponder:
         method = req.method
         if path == b"/ocsp" or path.startswith(b"/ocsp/"):
             if method == b"POST":
-                return self.ocsp(body, req, get=False)
+                return self.ocsp(body, req, get=False, client=client)
             if method not in (b"GET", b"HEAD"):
                 return self._plain(405, req, b"method not allowed\n", [b"Allow: GET, HEAD, POST\r\n"])
             text = unquote(path[6:].decode("ascii"))
             if len(text) > MAX_GET_PATH:
                 return self._ocsp_response(MALFORMED_ANSWER, req, time.perf_counter(), get=True, status=414)
-            return self.ocsp(decode_get_path(text), req, get=True)
+            return self.ocsp(decode_get_path(text), req, get=True, client=client)
         if path.startswith(b"/crl/"):
             if method not in (b"GET", b"HEAD"):
                 return self._plain(405, req, b"method not allowed\n", [b"Allow: GET, HEAD\r\n"])
@@ -922,6 +926,11 @@ class Server:
         self.responder = responder
         self.loop = loop
         self.conns: set[HttpConnection] = set()
+        # Open connections per client address (V2GPKI_OCSP_MAX_CONNECTIONS_PER_CLIENT; 0 = no cap): one
+        # address cannot hold the worker's connection slots (slowloris).
+        self.per_client: dict[str, int] = {}
+        self.max_per_client = int(getattr(responder.ctx.settings, "ocsp_max_connections_per_client", 0))
+        self.refused_per_client = 0
         self.clock = loop.time()
         self.parent_pid = 0  # when set: exit if the parent goes away
         self.closed = asyncio.Event()
@@ -970,7 +979,7 @@ class Server:
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = ("server", "responder", "transport", "buf", "busy", "closing", "last", "started",
-                 "paused", "write_paused", "continued", "eof", "draining")
+                 "paused", "write_paused", "continued", "eof", "draining", "client")
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -986,17 +995,37 @@ class HttpConnection(asyncio.Protocol):
         self.continued = False
         self.eof = False
         self.draining = False
+        self.client = ""  # peer address, counted in server.per_client while open ("" = not counted)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
-        conns = self.server.conns
-        if len(conns) >= self.server.MAX_CONNECTIONS:
+        server = self.server
+        conns = server.conns
+        if len(conns) >= server.MAX_CONNECTIONS:
             self.transport.abort()
             return
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if server.max_per_client:
+            n = server.per_client.get(client, 0)
+            if n >= server.max_per_client:
+                server.refused_per_client += 1
+                self.transport.abort()
+                return
+            server.per_client[client] = n + 1
+        self.client = client
         conns.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.conns.discard(self)
+        server = self.server
+        if self in server.conns:
+            server.conns.discard(self)
+            if self.client and server.max_per_client:
+                n = server.per_client.get(self.client, 0) - 1
+                if n > 0:
+                    server.per_client[self.client] = n
+                else:
+                    server.per_client.pop(self.client, None)
         self.closing = True
         self.transport = None
 
@@ -1065,11 +1094,17 @@ class HttpConnection(asyncio.Protocol):
         pos = 0
         out: list[bytes] = []
         responder = self.responder
+        client = self.client
         try:
             while pos < n and not self.busy and not self.closing:
                 while data.startswith(b"\r\n", pos):  # RFC 9112 §2.2: tolerate empty lines before a request
                     pos += 2
                 if pos >= n:
+                    # Only empty lines so far: they start the request (its timeout runs from the first one,
+                    # and further empty lines do not restart it), but are not kept in the buffer.
+                    if not self.started:
+                        self.started = self.server.clock or 1e-9
+                    self.buf = b""
                     break
                 end = data.find(b"\r\n\r\n", pos, pos + MAX_HEAD + 4)
                 if end < 0:
@@ -1102,7 +1137,8 @@ class HttpConnection(asyncio.Protocol):
                 body = data[start : start + length]
                 pos = start + length
                 self.continued = False
-                result = responder.handle(req, body)
+                self.started = 0.0  # a whole request: the next one's timeout starts with its first byte
+                result = responder.handle(req, body, client)
                 if isinstance(result, bytes):
                     out.append(result)
                     if not req.keep_alive:
@@ -1123,11 +1159,8 @@ class HttpConnection(asyncio.Protocol):
             self.fail(HttpError(500, "internal error"))
             return
         self.buf = data[pos:] if pos < n else b""
-        if self.buf:
-            if not self.started:
-                self.started = self.server.clock or 1e-9
-        else:
-            self.started = 0.0
+        if self.buf and not self.started:
+            self.started = self.server.clock or 1e-9
         t = self.transport
         if t is None:
             return

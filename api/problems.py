@@ -37,19 +37,25 @@ def _pki(exc: PKIError) -> JSONResponse:
     return problem(status, exc.code, exc.code.replace("-", " ").capitalize(), exc.message)
 
 
+# Seconds a client is told to wait after an HSM outage answer: the key store's circuit breaker stays open
+# this long (hsm/pkcs11.py), and every 503 says when to come back (RFC 9110 §10.2.3).
+HSM_RETRY_AFTER = 5
+
+
 def _hsm_down(_exc: HSMUnavailable) -> JSONResponse:
     return problem(503, "hsm-unavailable", "HSM unavailable", "the signing service is temporarily unavailable",
-                   retry_after=5)
+                   retry_after=HSM_RETRY_AFTER)
 
 
 def _hsm_cfg(exc: HSMConfigError) -> JSONResponse:
     log.error("HSM configuration error: %s", exc)
-    return problem(503, "hsm-unavailable", "HSM unavailable", "the signing service is misconfigured")
+    return problem(503, "hsm-unavailable", "HSM unavailable", "the signing service is misconfigured",
+                   retry_after=HSM_RETRY_AFTER)
 
 
 def _hsm(exc: HSMError) -> JSONResponse:
     log.error("HSM error: %s", type(exc).__name__)
-    return problem(503, "hsm-error", "HSM error")
+    return problem(503, "hsm-error", "HSM error", retry_after=HSM_RETRY_AFTER)
 
 
 def _data(exc: DataError) -> JSONResponse:

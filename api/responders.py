@@ -48,6 +48,7 @@ from pki.ocsp import MALFORMED_ANSWER, Answer, responder_for
 OCSP_RESPONSE = "application/ocsp-response"
 PKIX_CRL = "application/pkix-crl"
 MAX_OCSP_REQUEST = 10 * 1024
+TRY_LATER_RETRY_AFTER = b"5"  # seconds, on tryLater answers (the key store's breaker cool-down)
 _MAX_GET_PATH = (MAX_OCSP_REQUEST * 4) // 3 + 8
 _B64_PATH = re.compile(r"^[A-Za-z0-9+/ _-]*={0,2}$")
 _CRL_NAME = re.compile(r"^([a-z0-9][a-z0-9-]{1,62})\.crl$")
@@ -148,7 +149,9 @@ class OcspEndpoint:
         # must be signed (nonce, several CertIDs, a stale or missing response) goes to the thread pool.
         ans = responder.respond_presigned(der)
         if ans is None:
-            ans = await run_in_threadpool(responder.respond, der)
+            # Live signing is charged to the peer address (pki/ocsp.py SignBudget).
+            peer = scope.get("client")
+            ans = await run_in_threadpool(responder.respond, der, peer[0] if peer else "?")
         await self._answer(send, scope, ans, req_headers, get=get)
 
     @staticmethod
@@ -160,6 +163,8 @@ class OcspEndpoint:
         if override == 304:
             await _send(send, 304, b"", headers)
             return
+        if ans.status == "tryLater":  # HSM or database away, or the client's live-signing budget spent
+            headers.append((b"retry-after", TRY_LATER_RETRY_AFTER))
         headers.append((b"content-type", OCSP_RESPONSE.encode()))
         await _send(send, status, ans.der, headers)
 

@@ -130,8 +130,16 @@ def _reinitialize(lib: Any) -> None:
     lib.reinitialize()
 
 
+class _KeyVanished(Exception):
+    """A key this store found before is not visible any more (or the token shows no private key at all
+    after it showed some): the token's files were moved away and brought back, or are being restored
+    (SoftHSM2 keeps the view of the token it read at C_Initialize; a session opened on a half-restored
+    directory sees no keys until the library is re-initialised). Transient: re-initialise and look again;
+    still missing after the retries, an outage (HSMUnavailable, the breaker), never KeyNotFoundError."""
+
+
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, _TRANSIENT):
+    if isinstance(exc, (*_TRANSIENT, _KeyVanished)):
         return True
     # python-pkcs11 maps CKR_CRYPTOKI_NOT_INITIALIZED to a bare PKCS11Error with this text.
     return type(exc) is p11e.PKCS11Error and "not initialized" in str(exc)
@@ -203,6 +211,13 @@ class Pkcs11KeyStore:
         self._generation = -1
         self._epoch = -1
         self._keys: dict[str, tuple[Any, PublicKey, KeyAlg]] = {}
+        # Labels found in this token by this store: a later "no such key" for one of them is the token
+        # going away or coming back (_KeyVanished), not a missing key.
+        self._seen: set[str] = set()
+        self._opened_once = False  # the token was there: "no such token" later is an outage
+        self._refreshed_at = -1e9  # last re-initialisation caused by a key never seen here being missing
+
+    REFRESH_SECONDS = 5.0  # a missing key never seen here re-initialises the library at most this often
 
     def __repr__(self) -> str:  # never show the PIN
         return f"Pkcs11KeyStore(module={self.module!r}, token={self.token_label!r})"
@@ -255,6 +270,7 @@ class Pkcs11KeyStore:
         self._generation = _FORK_GENERATION
         self._epoch = _LIB_EPOCH
         self._keys.clear()
+        self._opened_once = True
 
     def _drop_session(self) -> None:
         self._session = None
@@ -304,9 +320,12 @@ class Pkcs11KeyStore:
                     # Jittered: processes that collided at C_Login would otherwise retry in step.
                     time.sleep(random.uniform(0.5, 1.0) * min(0.05 * (2**attempt), 0.5))
                 attempt += 1
-            if isinstance(last, p11e.NoSuchToken):  # every attempt: a configuration error, not an outage
+            self._breaker.failure()  # also for a missing token: later calls fail fast, not after the retries
+            if isinstance(last, p11e.NoSuchToken) and not self._opened_once:
+                # every attempt, and this store never saw the token: a configuration error. A token that
+                # was there and is gone (its files moved away, a network HSM partition offline) is an
+                # outage: HSMUnavailable, and the store finds it again when it is back.
                 raise HSMConfigError(f"PKCS#11 token {self.token_label!r} not found") from last
-            self._breaker.failure()
             raise HSMUnavailable(
                 f"HSM unavailable: token {self.token_label!r} failed {attempts} times "
                 f"({type(last).__name__})"
@@ -318,7 +337,26 @@ class Pkcs11KeyStore:
         try:
             return session.get_key(object_class=cls, label=label)
         except p11e.NoSuchKey as exc:
+            if label in self._seen:
+                raise _KeyVanished(label) from exc
             raise KeyNotFoundError(f"no key {label!r} in token {self.token_label!r}") from exc
+
+    def _refresh(self) -> bool:
+        """Re-initialise the library so that the next call reads the token afresh — at most every
+        REFRESH_SECONDS (a key asked for but never seen here may exist in a token whose files changed
+        under this process). True if it did."""
+        with _LOCK:
+            now = time.monotonic()
+            if now - self._refreshed_at < self.REFRESH_SECONDS or self._lib is None:
+                return False
+            self._refreshed_at = now
+            self._drop_session()
+            try:
+                with _open_lock(self.module):
+                    _reinitialize(self._lib)
+            except Exception:  # noqa: BLE001 - the next call opens afresh or fails clearly
+                pass
+            return True
 
     def _load(self, label: str) -> tuple[Any, PublicKey, KeyAlg]:
         cached = self._keys.get(label)
@@ -339,9 +377,30 @@ class Pkcs11KeyStore:
                 alg = KeyAlg.P256 if len(point) == 65 else KeyAlg.P521
             entry = (priv, pk, alg)
             self._keys[label] = entry
+            self._seen.add(label)
             return entry
 
-        return self._run(go)
+        try:
+            return self._run(go)
+        except KeyNotFoundError:
+            if not self._refresh():
+                raise
+            return self._run(go)
+
+    def probe(self) -> bool:
+        """A logged-in session that sees at least one private key (readiness): C_FindObjects stopped at
+        the first hit, so it does not stall signing on a large token. A token that showed keys to this
+        store and shows none now is treated like a vanished key (re-initialised, retried, then
+        HSMUnavailable); otherwise an empty view is refreshed once (rate-limited) before False."""
+
+        def go(session: Any) -> bool:
+            for _obj in session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}):
+                return True
+            if self._seen:
+                raise _KeyVanished("*")
+            return False
+
+        return self._run(go) or (self._refresh() and self._run(go))
 
     # -- KeyStore protocol ---------------------------------------------------------------------------
 
@@ -427,6 +486,7 @@ class Pkcs11KeyStore:
             if not found:
                 raise KeyNotFoundError(f"no key {label!r} in token {self.token_label!r}")
 
+        self._seen.discard(label)
         self._run(go)
         self._keys.pop(label, None)
 

@@ -86,6 +86,20 @@ class Settings(BaseSettings):
     # or "none". Production refuses a plain-http public URL with "none" (docs/operations.md).
     tls_termination: Literal["none", "proxy", "uvicorn"] = "none"
 
+    # Availability bounds (docs/operations.md, docs/responders.md). Live OCSP signatures an unauthenticated client can
+    # cause (nonces, unknown serials, several CertIDs), per client address and process: rate per second and
+    # burst; and per process in all (0 = no process-wide bound).
+    ocsp_live_sign_rate: float = Field(default=10.0, ge=0)
+    ocsp_live_sign_burst: int = Field(default=50, ge=1)
+    ocsp_live_sign_total_rate: float = Field(default=500.0, ge=0)
+    # `v2gpki ocsp-serve`: open connections per client address and worker process (0 = no cap).
+    ocsp_max_connections_per_client: int = Field(default=64, ge=0)
+    # `v2gpki serve`: request line + headers at most this many bytes (431 beyond), and complete within
+    # this many seconds of their first byte (connection closed otherwise); idle keep-alive seconds.
+    http_max_head_bytes: int = Field(default=64 * 1024, ge=1024)
+    http_head_timeout: float = Field(default=10.0, gt=0)
+    http_keepalive_timeout: int = Field(default=5, ge=1)
+
     @cached_property
     def home_dir(self) -> Path:
         return self.home.resolve()

@@ -561,12 +561,66 @@ class Presigner:
                     by_issuer.setdefault(issuer, []).append(serial)
                 for issuer, serials in by_issuer.items():
                     self.responder.presign_new(issuer, serials)
+            except HSMError as exc:  # an outage, already logged by the key store: no traceback
+                log.warning("pre-signing OCSP responses after issuance failed: %s", type(exc).__name__)
             except Exception:  # noqa: BLE001 - the live fallback or refresh() signs what is missing
                 log.warning("pre-signing OCSP responses after issuance failed", exc_info=True)
             finally:
                 with self._cv:
                     self._busy = False
                     self._cv.notify_all()
+
+
+class SignBudget:
+    """How many live OCSP signatures requests may cause: a token bucket per client address (``rate`` per
+    second, ``burst``) and one for the whole process (``total_rate``, burst one second's worth; 0 = no
+    process-wide bound). Requests with a nonce, several CertIDs, an unknown serial or a CertID hash
+    algorithm not signed yet draw on it; re-signing a stored response that went stale does not (bounded by
+    the number of certificates: it is stored and served afterwards). Thread-safe; bounded memory."""
+
+    MAX_CLIENTS = 20_000  # buckets kept; beyond that the full ones (idle clients) are dropped first
+
+    def __init__(self, rate: float, burst: int, total_rate: float) -> None:
+        self.rate = rate
+        self.burst = float(max(1, burst))
+        self.total_rate = total_rate
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, at)
+        self._total = (max(1.0, total_rate), time.monotonic())
+        self.refused = 0
+
+    def take(self, client: str | None) -> bool:
+        """One live signature for ``client`` (None: an internal or authenticated caller, never limited)."""
+        if client is None or self.rate <= 0:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            tokens, at = self._buckets.get(client, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            t_tokens, t_at = self._total
+            if self.total_rate > 0:
+                t_tokens = min(max(1.0, self.total_rate), t_tokens + (now - t_at) * self.total_rate)
+            if tokens < 1.0 or (self.total_rate > 0 and t_tokens < 1.0):
+                self._buckets[client] = (tokens, now)
+                self._total = (t_tokens, now)
+                self.refused += 1
+                return False
+            if len(self._buckets) >= self.MAX_CLIENTS and client not in self._buckets:
+                self._prune(now)
+            self._buckets[client] = (tokens - 1.0, now)
+            self._total = (t_tokens - 1.0, now)
+            return True
+
+    def _prune(self, now: float) -> None:
+        full = [c for c, (t, at) in self._buckets.items() if t + (now - at) * self.rate >= self.burst]
+        for c in full:
+            del self._buckets[c]
+        if len(self._buckets) >= self.MAX_CLIENTS:
+            self._buckets.clear()  # a flood of addresses: forget them all (the process-wide bound stays)
+
+
+class _OverBudget(Exception):
+    """A live signature the client's budget does not allow (SignBudget)."""
 
 
 class OcspResponder:
@@ -595,6 +649,9 @@ class OcspResponder:
         self.presigner = Presigner(self)
         self._reader = read_engine(self.db)
         self._fast = _FastLookup(self._reader)
+        st = ctx.settings
+        self.budget = SignBudget(st.ocsp_live_sign_rate, st.ocsp_live_sign_burst, st.ocsp_live_sign_total_rate)
+        self._client = threading.local()  # the address the current request's live signatures are charged to
 
     # -- issuers -----------------------------------------------------------------------------------
 
@@ -790,13 +847,27 @@ class OcspResponder:
 
     # -- answering ---------------------------------------------------------------------------------
 
-    def respond(self, der: bytes) -> Answer:
-        """Answer a DER OCSPRequest. Never raises: every failure is an OCSP error response."""
+    def respond(self, der: bytes, client: str | None = None) -> Answer:
+        """Answer a DER OCSPRequest. Never raises: every failure is an OCSP error response.
+
+        ``client`` (the peer address of an unauthenticated HTTP request) is charged for the live
+        signatures the answer needs (:class:`SignBudget`). Over its budget, a request with a nonce gets the
+        pre-signed answer without the nonce (RFC 8954 §2.1 / RFC 5019 §2.1 let a responder ignore the
+        nonce) and anything else that would need a new signature gets tryLater."""
         try:
             req = parse_request(der)
         except MalformedOCSPRequest:
             return MALFORMED_ANSWER
-        return self._guarded(lambda: self._respond(req))
+        self._client.value = client
+        try:
+            return self._guarded(lambda: self._respond(req))
+        finally:
+            self._client.value = None
+
+    def _spend(self) -> None:
+        """Charge one live signature to the current request's client; _OverBudget when it has none left."""
+        if not self.budget.take(getattr(self._client, "value", None)):
+            raise _OverBudget()
 
     def respond_presigned(self, der: bytes) -> Answer | None:
         """The answer when it needs no signature: a pre-signed response (or a cached one), or an error
@@ -826,6 +897,8 @@ class OcspResponder:
         try:
             ans: Answer = fn()
             return ans
+        except _OverBudget:
+            return TRY_LATER_ANSWER
         except (HSMError, SQLAlchemyError, DatabaseUnavailable) as exc:
             # RFC 6960 §2.3 tryLater: the responder is temporarily unable to answer.
             log.warning("OCSP answer deferred: %s", type(exc).__name__)
@@ -840,6 +913,18 @@ class OcspResponder:
         if primary is None:
             return UNAUTHORIZED_ANSWER
         if len(resolved) == 1 and req.nonce_ext_value is None:
+            cid = req.cert_ids[0]
+            assert cid.hash_alg is not None
+            ans = self._cached(primary, cid.hash_alg, cid.raw, cid.serial)
+            assert ans is not None
+            return ans
+        try:
+            self._spend()
+        except _OverBudget:
+            if len(resolved) != 1 or resolved[0][1] is not primary:
+                raise
+            # One CertID with a nonce, over budget: the answer without the nonce, pre-signed (or a signature
+            # the budget would allow anyway: a stale stored response), never a new live signature.
             cid = req.cert_ids[0]
             assert cid.hash_alg is not None
             ans = self._cached(primary, cid.hash_alg, cid.raw, cid.serial)
@@ -893,6 +978,7 @@ class OcspResponder:
             if hit is None or hit[2] - now < self.margin:
                 if not sign:
                     return None
+                self._spend()  # any serial can be asked for: each new one is a signature
                 hit = self._sign_one(iss, raw_certid, "unknown", None, None)
                 self._unknown.put((iss.name, raw_certid), hit)
             return Answer(hit[0], "successful", "unknown", hit[1], hit[2], cacheable=True)
@@ -924,6 +1010,7 @@ class OcspResponder:
         if hit is None or hit[2] - now < self.margin:
             if not sign:
                 return None
+            self._spend()
             nh, kh = iss.hashes[alg]
             hit = self._sign_one(iss, certid_der(alg, nh, kh, serial), want, revoked_at, reason)
             self._alt.put(key, hit)
