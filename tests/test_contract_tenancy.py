@@ -45,6 +45,7 @@ from pki.issuance import pem
 from pki.orgs import create_api_key, create_org
 from pki.store.db import utcnow
 from pki.store.models import AuditEvent, Certificate, IssuanceIntent, OcspResponseCache
+from tests.conftest import org_with_fresh_prefix
 from tests.test_cps import Vehicle, install_request, new_vehicle
 from tests.test_cps_josev import Peer, assert_accepted_by_josev, check, josev  # noqa: F401 - josev: fixture
 from tests.test_cps_josev import new_vehicle as josev_vehicle
@@ -68,13 +69,16 @@ class Env:
 @pytest.fixture(scope="module")
 def env(ctx: Context) -> Iterator[Env]:
     tag = secrets.token_hex(3)
-    # "emsp" is eMSP One (tests/test_cps's helpers create its contracts), "emsp2" eMSP Two.
-    prov = {"emsp": f"DE{_a(3)}", "emsp2": f"DE{_a(3)}", "oem": _a(3)}
+    # "emsp" is eMSP One (tests/test_cps's helpers create its contracts), "emsp2" eMSP Two. Prefixes are
+    # exclusive per role (#21 item 4): drawn where no other tenant of the session's database has one.
+    prov: dict[str, str] = {}
     h, org = {}, {}
-    for who, role, pre in (("emsp", "emsp", [prov["emsp"]]), ("emsp2", "emsp", [prov["emsp2"]]),
-                           ("oem", "oem", [prov["oem"]]), ("cpo", "cpo", ["DE*" + _a(3)]), ("admin", "admin", [])):
+    for who, role in (("emsp", "emsp"), ("emsp2", "emsp"), ("oem", "oem"), ("cpo", "cpo"), ("admin", "admin")):
         org[who] = f"tenancy-{who}-{tag}"
-        create_org(ctx.db, org[who], role, pre)
+        if role == "admin":
+            create_org(ctx.db, org[who], role, [])
+        else:
+            prov[who] = org_with_fresh_prefix(ctx, org[who], role).replace("-", "")
         h[who] = {"Authorization": f"Bearer {create_api_key(ctx.db, org[who])[0]}"}
     with TestClient(create_app(ctx)) as client:
         yield Env(client, ctx, h, prov, org)
