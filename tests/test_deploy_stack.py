@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -45,9 +46,12 @@ class Stack:
     api: str
     ocsp: str
     env: dict[str, str]  # the services' environment (from the stack's v2gpki.env), for the CLI
+    exe: str = V2GPKI_EXE  # the `v2gpki` the services run (the checkout's .venv, or an installed wheel's)
+    cwd: Path | None = None  # where the CLI runs (None: the caller's directory)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([V2GPKI_EXE, *args], env=self.env, capture_output=True, text=True, timeout=120)
+        return subprocess.run([self.exe, *args], env=self.env, capture_output=True, text=True, timeout=120,
+                              cwd=self.cwd)
 
 
 def _caller_env() -> dict[str, str]:
@@ -61,14 +65,16 @@ def _read_env_file(path: Path) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in out.split("\0") if kv.startswith("V2GPKI_"))
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@contextmanager
+def running_stack(d: Path, venv: Path | None = None, cwd: Path | None = None) -> Iterator[Stack]:
+    """scripts/stack.sh start in ``d`` (its own database, Celery queue and ports), stopped and cleaned on exit.
+    ``venv``: the virtual environment whose `v2gpki` the services run (default: the checkout's .venv);
+    ``cwd``: the directory stack.sh, and so `hsm init` and `init`, run from."""
     if not pg_admin_url() and not shutil.which("pg_ctlcluster"):
         pytest.skip("no PostgreSQL on this machine (scripts/setup.sh installs it)")
     for tool in ("openssl", "curl", "redis-server", "setsid"):
         if not shutil.which(tool):
             pytest.skip(f"{tool} not installed (scripts/setup.sh installs it)")
-    d = tmp_path_factory.mktemp("stack")
     tag = secrets.token_hex(4)
     api_port, ocsp_port = free_port(), free_port()
     env = _caller_env() | {
@@ -79,13 +85,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "V2GPKI_QUEUE": f"v2gpki-stack-{tag}", "V2GPKI_EXPIRY_SCAN_SECONDS": "3",
         "V2GPKI_DELIVERY_SWEEP_SECONDS": "2", "V2GPKI_EXPIRY_WINDOWS": "14000", "V2GPKI_PKILINT": "shape",
     }
-    started = subprocess.run(["bash", str(STACK), "start"], env=env, capture_output=True, text=True, timeout=280)
+    exe = V2GPKI_EXE
+    if venv is not None:
+        env["STACK_VENV"] = str(venv)
+        exe = str(venv / "bin" / "v2gpki")
+    started = subprocess.run(["bash", str(STACK), "start"], env=env, capture_output=True, text=True, timeout=280,
+                             cwd=cwd)
     try:
         assert started.returncode == 0, started.stderr[-4000:]
         svc_env = _caller_env() | _read_env_file(d / "v2gpki.env")
-        yield Stack(d, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{ocsp_port}", svc_env)
+        yield Stack(d, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{ocsp_port}", svc_env, exe, cwd)
     finally:
-        subprocess.run(["bash", str(STACK), "clean"], env=env, capture_output=True, text=True, timeout=120)
+        subprocess.run(["bash", str(STACK), "clean"], env=env, capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("stack")) as s:
+        yield s
 
 
 def until(what: str, fn: Callable[[], Any], timeout: float = 90.0) -> Any:
@@ -119,7 +136,17 @@ def metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for f in text_string_to_metric_families(text) for s in f.samples}
 
 
-def test_stack_end_to_end(stack: Stack, tmp_path: Path) -> None:
+@dataclass
+class RoundTrip:
+    key: str  # the tenant's API key
+    tag: str  # in the request ID: stack-e2e-<tag>
+    serial: str
+    issuer: str
+
+
+def round_trip(stack: Stack, tmp_path: Path) -> RoundTrip:
+    """Over real HTTP and the CLI: readiness → tenant, API key, webhook subscription → enroll → expiry alert
+    at the webhook → revoke → `openssl ocsp` says revoked → `openssl crl` lists the serial (module docstring)."""
     # -- every process answers, readiness checked its dependencies ---------------------------------------
     for base in (stack.api, stack.ocsp):
         ready = httpx.get(f"{base}/readyz", timeout=10)
@@ -202,6 +229,12 @@ def test_stack_end_to_end(stack: Stack, tmp_path: Path) -> None:
         until("the CRL to list the revoked serial", crl_lists_serial)
     finally:
         hook_srv.shutdown()
+    return RoundTrip(key, tag, serial, issuer)
+
+
+def test_stack_end_to_end(stack: Stack, tmp_path: Path) -> None:
+    rt = round_trip(stack, tmp_path)
+    key, tag = rt.key, rt.tag
 
     # -- metrics count exactly what happened; the responder counted the revoked answer --------------------
     m = metrics(stack.api)
