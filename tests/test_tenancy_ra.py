@@ -222,7 +222,7 @@ CONTROL = ["\x00", "\n", "\r", "\t", "\x1b", "\x7f", "\x85", "\x9b"]
 
 
 def _subject_for(profile: str, w: World) -> dict[str, str | None]:
-    return {
+    subjects: dict[str, dict[str, str | None]] = {
         "secc": {"cn": _evseid(w.prefixes["alpha"]), "o": w.names["alpha"], "c": "DE", "dc": "CPO"},
         "cs-client": {"cn": f"CS-{_rand(6)}", "o": w.names["alpha"], "c": "DE", "dc": None},
         "contract": {"cn": f"{w.prefixes['emsp'].replace('-', '')}{_rand(9)}", "o": w.names["emsp"], "c": "DE",
@@ -230,7 +230,8 @@ def _subject_for(profile: str, w: World) -> dict[str, str | None]:
         "oem-prov": {"cn": f"{w.prefixes['oem']}{_rand(14)}", "o": w.names["oem"], "c": "DE", "dc": "OEM"},
         "csms-server": {"cn": "csms.example.com", "o": w.names["alpha"], "c": "DE", "dc": None},
         "api-client": {"cn": "client", "o": w.names["alpha"], "c": "DE", "dc": None},
-    }[profile]
+    }
+    return subjects[profile]
 
 
 @pytest.mark.parametrize("profile", ["secc", "cs-client", "contract", "oem-prov", "csms-server", "api-client"])
