@@ -36,8 +36,9 @@ from pki.context import Context
 from pki.contracts import register_provisioning_certificate
 from pki.csr import parse_csr
 from pki.ocsp import parse_request
-from pki.orgs import create_api_key, create_org, principal_of
+from pki.orgs import create_api_key, principal_of
 from pki.store.models import Organization
+from tests.conftest import org_with_fresh_prefix
 
 WHITESPACE = (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20)  # what bytes.strip() removes
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
@@ -47,8 +48,9 @@ def _alnum(n: int) -> str:
     return "".join(secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(n))
 
 
-def csr_der(cn: str, key: ec.EllipticCurvePrivateKey | ed448.Ed448PrivateKey, dc: str | None = "CPO") -> bytes:
-    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Test Org"),
+def csr_der(cn: str, key: ec.EllipticCurvePrivateKey | ed448.Ed448PrivateKey, dc: str | None = "CPO",
+            o: str = "Test Org") -> bytes:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn), x509.NameAttribute(NameOID.ORGANIZATION_NAME, o),
              x509.NameAttribute(NameOID.COUNTRY_NAME, "DE")]
     if dc:
         attrs.append(x509.NameAttribute(NameOID.DOMAIN_COMPONENT, dc))
@@ -64,10 +66,11 @@ def _new_key(kind: str) -> ec.EllipticCurvePrivateKey | ed448.Ed448PrivateKey:
     return ec.generate_private_key(ec.SECP521R1() if kind == "p521" else ec.SECP256R1())
 
 
-def csr_ending_in(last: int, cn: str | Callable[[], str], kind: str = "p256", dc: str | None = "CPO") -> bytes:
+def csr_ending_in(last: int, cn: str | Callable[[], str], kind: str = "p256", dc: str | None = "CPO",
+                  o: str = "Test Org") -> bytes:
     """A CSR (fresh key each draw; the CN may be drawn too) whose DER ends in the octet ``last``."""
     for _ in range(20_000):
-        der = csr_der(cn() if callable(cn) else cn, _new_key(kind), dc)
+        der = csr_der(cn() if callable(cn) else cn, _new_key(kind), dc, o)
         if der[-1] == last:
             return der
     raise AssertionError(f"no CSR ending in {last:#04x} in 20000 draws")
@@ -165,11 +168,10 @@ class Env:
 @pytest.fixture(scope="module")
 def env(ctx: Context) -> Iterator[Env]:
     tag = secrets.token_hex(3)
-    prefix = {"cpo": f"DE*{_alnum(3)}", "oem": _alnum(3)}
-    h, org = {}, {}
+    h, org, prefix = {}, {}, {}
     for who in ("cpo", "oem"):
         org[who] = f"bin-{who}-{tag}"
-        create_org(ctx.db, org[who], who, [prefix[who]])
+        prefix[who] = org_with_fresh_prefix(ctx, org[who], who)
         h[who] = {"Authorization": f"Bearer {create_api_key(ctx.db, org[who])[0]}"}
     with TestClient(create_app(ctx)) as client:
         yield Env(client, ctx, h, prefix, org)
@@ -185,20 +187,20 @@ def test_every_csr_entry_point_accepts_der_ending_in_whitespace(env: Env, last: 
     OCPP SignCertificate (PEM, base64) and the engine's raw-DER path (`v2gpki issue --csr file.der`)."""
     h = {**env.h["cpo"], "content-type": "application/json"}
     for enc in ("pem", "b64", "b64-lines-76"):
-        der = csr_ending_in(last, _evseid(env))
+        der = csr_ending_in(last, _evseid(env), o=env.org["cpo"])
         r = env.client.post("/v1/enrollments", json={"csr": encodings(der)[enc], "profile": "secc"}, headers=h)
         assert r.status_code == 201, (enc, r.text)
     for body in (lambda d: base64.b64encode(d), base64.encodebytes):
-        der = csr_ending_in(last, _evseid(env))
+        der = csr_ending_in(last, _evseid(env), o=env.org["cpo"])
         r = env.client.post("/.well-known/est/cpo/simpleenroll/ISO15118-2", content=body(der),
                             headers={**env.h["cpo"], "content-type": "application/pkcs10"})
         assert r.status_code == 200, r.text
     for enc in ("pem", "b64"):
-        der = csr_ending_in(last, _evseid(env))
+        der = csr_ending_in(last, _evseid(env), o=env.org["cpo"])
         r = env.client.post("/ocpp/v201/sign-certificate", headers=h,
                             json={"csr": encodings(der)[enc], "certificateType": "V2GCertificate"})
         assert r.status_code == 200 and r.json()["status"] == "Accepted", (enc, r.text)
-    der = csr_ending_in(last, _evseid(env))
+    der = csr_ending_in(last, _evseid(env), o=env.org["cpo"])
     issued = env.ctx.engine.issue_from_csr("secc", der, tenant=env.org["cpo"])
     assert issued.cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.
                                                  SubjectPublicKeyInfo) == x509.load_der_x509_csr(der).public_key(
@@ -210,7 +212,7 @@ def test_a_thousand_est_enrollments_with_fresh_keys(env: Env) -> None:
     codes: dict[int, int] = {}
     ending_in_whitespace = 0
     for _ in range(1000):
-        der = csr_der(_evseid(env)(), _new_key("p256"))
+        der = csr_der(_evseid(env)(), _new_key("p256"), o=env.org["cpo"])
         ending_in_whitespace += der[-1] in WHITESPACE
         r = env.client.post("/.well-known/est/cpo/simpleenroll/ISO15118-2", content=base64.b64encode(der),
                             headers={**env.h["cpo"], "content-type": "application/pkcs10"})
