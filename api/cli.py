@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import ssl
 import sys
 from pathlib import Path
@@ -43,10 +44,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kw["http"] = "api.http_limits:BoundedTLSH11Protocol"
     print(f"v2gpki serving on {'https' if args.tls_cert else 'http'}://{args.host}:{args.port} "
           f"({args.workers} workers, public URL {s.public_base()})", file=sys.stderr)
-    uvicorn.run("api.main:create_default_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level=args.log_level, access_log=args.access_log,
-                proxy_headers=False, **kw)  # type: ignore[arg-type]
+    # One worker runs in this process, and uvicorn re-raises the signal that stopped it once it has shut
+    # down cleanly: with this handler that ends uvicorn.run() instead of the process, so the shutdown
+    # checkpoint below runs (several workers: the supervisor returns by itself).
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        uvicorn.run("api.main:create_default_app", factory=True, host=args.host, port=args.port,
+                    workers=args.workers, log_level=args.log_level, access_log=args.access_log,
+                    proxy_headers=False, **kw)  # type: ignore[arg-type]
+    except (_Stopped, KeyboardInterrupt):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _shutdown_checkpoint(ctx)
     return 0
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise _Stopped
+
+
+def _shutdown_checkpoint(ctx) -> None:  # type: ignore[no-untyped-def]
+    """#21 item 7: sign the audit chain head and record it outside the database when serving ends cleanly.
+    A failure is reported and does not turn a clean stop into an error (the beat checkpoints too)."""
+    from pki.audit_sign import checkpoint
+
+    try:
+        cp = checkpoint(ctx)
+    except Exception as exc:  # noqa: BLE001 - reported, type and message only (never a secret in them)
+        print(f"v2gpki: warning: audit checkpoint at shutdown failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return
+    finally:
+        ctx.db.dispose()
+    if cp is not None:
+        print(f"audit checkpoint at seq {cp.seq} signed at shutdown", file=sys.stderr)
 
 
 def cmd_ocsp_serve(args: argparse.Namespace) -> int:
@@ -90,7 +125,16 @@ def cmd_org_list(args: argparse.Namespace) -> int:
 def cmd_apikey_create(args: argparse.Namespace) -> int:
     from pki.orgs import create_api_key
 
-    full, row = create_api_key(_ctx().db, args.org, days=args.days)
+    if args.no_expiry:
+        days = None
+    elif args.days <= 0:
+        # #21 item 12: a key that never expires only when asked for by name
+        print("v2gpki: error: --days must be at least 1; a key that never expires needs --no-expiry",
+              file=sys.stderr)
+        return 3
+    else:
+        days = args.days
+    full, row = create_api_key(_ctx().db, args.org, days=days)
     print(f"API key {row.key_id} for {args.org} (expires {row.expires_at or 'never'}); shown once:")
     print(full)
     return 0
@@ -183,7 +227,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     asub = ak.add_subparsers(dest="apikey_cmd", required=True)
     akc = asub.add_parser("create")
     akc.add_argument("--org", required=True)
-    akc.add_argument("--days", type=int, default=365)
+    akd = akc.add_mutually_exclusive_group()
+    akd.add_argument("--days", type=int, default=365, help="lifetime in days (at least 1; default 365)")
+    akd.add_argument("--no-expiry", action="store_true", help="a key that never expires (not recommended)")
     akc.set_defaults(fn=cmd_apikey_create)
     akr = asub.add_parser("revoke")
     akr.add_argument("key_id")

@@ -64,11 +64,10 @@ def init_softhsm_token(root: Path, label: str, pin: str | None = None, so_pin: s
     paths = TokenPaths(root)
     paths.tokendir.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o700)
+    os.chmod(paths.tokendir, 0o700)
     if not paths.conf.exists():
-        paths.conf.write_text(
-            f"directories.tokendir = {paths.tokendir}\nobjectstore.backend = file\nlog.level = ERROR\n"
-            "slots.removable = false\n"
-        )
+        _write_secret(paths.conf, f"directories.tokendir = {paths.tokendir}\nobjectstore.backend = file\n"
+                      "log.level = ERROR\nslots.removable = false")
     os.environ["SOFTHSM2_CONF"] = str(paths.conf)
     if token_exists(paths, label):
         return paths

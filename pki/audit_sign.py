@@ -1,22 +1,39 @@
 """Signed audit checkpoints: the chain head (seq, hash) signed by an audit key held in the HSM.
 
 A checkpoint makes truncation detectable even by someone who can rewrite the whole table: they could
-recompute the hash chain, but not the HSM signature over an earlier head.
+recompute the hash chain, but not the HSM signature over an earlier head. Because the checkpoints in the
+database can be deleted as easily as the events, every checkpoint is also appended to a record outside the
+database — ``audit-checkpoints.jsonl`` under $V2GPKI_HOME or V2GPKI_AUDIT_CHECKPOINT_DIR, one JSON object
+per line, and optionally POSTed to V2GPKI_AUDIT_CHECKPOINT_WEBHOOK — before its row commits.
+``verify_all`` checks every signature (database and external) against the HSM's public key and against
+the chain, and fails when the database falls short of the external record: a signed checkpoint whose
+event is gone or has another hash (truncation, a re-hashed chain), or whose row was deleted (#21 item 7).
+
+Checkpoints are taken by `v2gpki audit checkpoint`, by the beat every V2GPKI_AUDIT_CHECKPOINT_SECONDS
+(task ``v2gpki.audit.checkpoint``) and by `v2gpki serve` when it shuts down cleanly.
 """
 
 from __future__ import annotations
 
+import base64
+import fcntl
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import text
 from sqlmodel import col, select
 
 from hsm.errors import KeyNotFoundError
 from hsm.keystore import KeyAlg
 from pki.audit import verify_chain
 from pki.context import Context
+from pki.errors import ConfigError
 from pki.store.db import utcnow
 from pki.store.models import AuditCheckpoint, AuditEvent, AuditHead
 
@@ -34,21 +51,138 @@ def ensure_audit_key(ctx: Context) -> None:
         ctx.keystore.create_key(AUDIT_KEY, KeyAlg.P256)
 
 
+_PG_CHECKPOINT_LOCK = 0x76326770  # pg_advisory_xact_lock key: one checkpointer at a time
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def record_of(cp: AuditCheckpoint) -> dict[str, Any]:
+    """The external form of a checkpoint (one JSON line, the webhook's body)."""
+    return {"v": 1, "seq": cp.seq, "hash": cp.hash, "ts": cp.ts.isoformat(), "key_label": cp.key_label,
+            "alg": "ecdsa-p256-sha256", "signature": _b64(cp.signature)}
+
+
+def append_external(path: Path, rec: dict[str, Any]) -> None:
+    """Append one line to the record (created 0600 in a 0700 directory), locked and fsynced."""
+    from pki.hardening import ensure_private_dir
+
+    ensure_private_dir(path.parent)
+    line = (json.dumps(rec, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class ExternalRecord:
+    path: Path
+    exists: bool
+    records: list[dict[str, Any]]
+    problems: list[str]
+
+
+def read_external(path: Path) -> ExternalRecord:
+    if not path.exists():
+        return ExternalRecord(path, False, [], [])
+    recs: list[dict[str, Any]] = []
+    problems: list[str] = []
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+                rec["seq"] = int(rec["seq"])
+                rec["signature_bytes"] = base64.b64decode(rec["signature"], validate=True)
+                if not isinstance(rec["hash"], str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                problems.append(f"external checkpoint record {path} line {n} is not a checkpoint (edited)")
+                continue
+            recs.append(rec)
+    return ExternalRecord(path, True, recs, problems)
+
+
+def _post_webhook(url: str, rec: dict[str, Any]) -> None:
+    import httpx
+
+    try:
+        r = httpx.post(url, json=rec, timeout=10.0, follow_redirects=False,
+                       headers={"User-Agent": "v2gpki-audit/1"})
+    except httpx.HTTPError as exc:
+        raise ConfigError(f"the audit checkpoint webhook (V2GPKI_AUDIT_CHECKPOINT_WEBHOOK) failed: "
+                          f"{type(exc).__name__}") from None
+    if not 200 <= r.status_code < 300:
+        raise ConfigError(f"the audit checkpoint webhook (V2GPKI_AUDIT_CHECKPOINT_WEBHOOK) answered HTTP "
+                          f"{r.status_code}")
+
+
+def _publish(ctx: Context, rec: dict[str, Any]) -> None:
+    """Outside the database: the webhook (if configured), then the append-only file."""
+    if ctx.settings.audit_checkpoint_webhook:
+        _post_webhook(ctx.settings.audit_checkpoint_webhook, rec)
+    append_external(ctx.settings.audit_checkpoint_file, rec)
+
+
+def _head(ctx: Context) -> tuple[int, str] | None:
+    with ctx.db.autocommit.connect() as conn:
+        row = conn.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)).first()  # type: ignore[call-overload]
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
+def _last_checkpoint(ctx: Context) -> AuditCheckpoint | None:
+    """Read without a transaction (on SQLite a session would take the write lock at BEGIN IMMEDIATE)."""
+    t = AuditCheckpoint.__table__  # type: ignore[attr-defined]
+    with ctx.db.autocommit.connect() as conn:
+        row = conn.execute(t.select().order_by(t.c.seq.desc()).limit(1)).mappings().first()
+    return None if row is None else AuditCheckpoint(**dict(row))
+
+
 def checkpoint(ctx: Context) -> AuditCheckpoint | None:
+    """Sign the chain head with the HSM audit key, publish it outside the database, then commit its row.
+
+    The head is read and signed without holding the database's write lock; the row is inserted under a
+    lock that serialises checkpointers (PostgreSQL: an advisory lock; SQLite: BEGIN IMMEDIATE), and its
+    external record is written before the row commits, so a failure leaves no row that the external
+    record lacks. A head that already has a checkpoint is not signed again (its record is re-published if
+    the external file lacks it, e.g. the first checkpoint after an upgrade)."""
     ensure_audit_key(ctx)
+    head = _head(ctx)
+    if head is None or head[0] == 0:
+        return None
+    seq, h = head
+    path = ctx.settings.audit_checkpoint_file
+    last = _last_checkpoint(ctx)
+    if last is not None and last.seq >= seq:
+        if not any(r["seq"] == last.seq and r["hash"] == last.hash for r in read_external(path).records):
+            _publish(ctx, record_of(last))
+        return last
+    sig = ctx.keystore.signer(AUDIT_KEY).sign(_message(seq, h), ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
+    cp = AuditCheckpoint(seq=seq, hash=h, ts=utcnow(), key_label=AUDIT_KEY, signature=sig)
+    rec = record_of(cp)
+    if ctx.settings.audit_checkpoint_webhook:  # a network call: never under the database lock
+        _post_webhook(ctx.settings.audit_checkpoint_webhook, rec)
     with ctx.db.session() as s:
-        head = s.get(AuditHead, 1)
-        if head is None or head.seq == 0:
-            return None
-        last = s.exec(select(AuditCheckpoint).order_by(col(AuditCheckpoint.seq).desc())).first()
-        if last is not None and last.seq == head.seq:
-            return last
-        sig = ctx.keystore.signer(AUDIT_KEY).sign(_message(head.seq, head.hash), ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
-        cp = AuditCheckpoint(seq=head.seq, hash=head.hash, ts=utcnow(), key_label=AUDIT_KEY, signature=sig)
+        if not ctx.db.is_sqlite:
+            s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CHECKPOINT_LOCK})
+        newer = s.exec(select(AuditCheckpoint).where(col(AuditCheckpoint.seq) >= seq)
+                       .order_by(col(AuditCheckpoint.seq).desc())).first()
+        if newer is not None:  # another checkpointer got there first
+            s.expunge(newer)
+            s.rollback()
+            return newer
         s.add(cp)
+        s.flush()
+        append_external(path, rec)
         s.commit()
         s.refresh(cp)
-        return cp
+    return cp
 
 
 @dataclass
@@ -57,31 +191,75 @@ class FullResult:
     events: int
     checkpoints: int
     problems: list[str]
+    external: int = 0
+
+
+def _verify_sig(pub: ec.EllipticCurvePublicKey | None, signature: bytes, seq: int, h: str) -> bool:
+    if pub is None:
+        return True  # reported once as "audit key missing"
+    try:
+        pub.verify(signature, _message(seq, h), ec.ECDSA(hashes.SHA256()))
+        return True
+    except InvalidSignature:
+        return False
 
 
 def verify_all(ctx: Context) -> FullResult:
+    ext = read_external(ctx.settings.audit_checkpoint_file)
     with ctx.db.session() as s:
         res = verify_chain(s)
         problems = list(res.problems)
         cps = list(s.exec(select(AuditCheckpoint).order_by(col(AuditCheckpoint.seq))))
-        hashes_at = {}
-        if cps:
-            seqs = [c.seq for c in cps]
-            for ev in s.exec(select(AuditEvent).where(col(AuditEvent.seq).in_(seqs))):
+        head = s.get(AuditHead, 1)
+        seqs = sorted({c.seq for c in cps} | {int(r["seq"]) for r in ext.records})
+        hashes_at: dict[int, str] = {}
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i:i + 500]
+            for ev in s.exec(select(AuditEvent).where(col(AuditEvent.seq).in_(chunk))):
                 hashes_at[ev.seq] = ev.hash
-    pub = None
-    if cps:
+    head_seq = head.seq if head is not None else 0
+    pub: ec.EllipticCurvePublicKey | None = None
+    if cps or ext.records:
         try:
-            pub = ctx.keystore.public_key(AUDIT_KEY)
+            key = ctx.keystore.public_key(AUDIT_KEY)
+            if isinstance(key, ec.EllipticCurvePublicKey):
+                pub = key
+            else:
+                problems.append("the audit key in the token is not an EC key: checkpoints cannot be verified")
         except KeyNotFoundError:
             problems.append("audit key missing from the token: checkpoints cannot be verified")
     for c in cps:
-        if pub is not None:
-            try:
-                assert isinstance(pub, ec.EllipticCurvePublicKey)
-                pub.verify(c.signature, _message(c.seq, c.hash), ec.ECDSA(hashes.SHA256()))
-            except (InvalidSignature, AssertionError):
-                problems.append(f"checkpoint at seq {c.seq}: bad signature")
+        if not _verify_sig(pub, c.signature, c.seq, c.hash):
+            problems.append(f"checkpoint at seq {c.seq}: bad signature")
         if hashes_at.get(c.seq) != c.hash:
             problems.append(f"checkpoint at seq {c.seq}: the log no longer has that event/hash")
-    return FullResult(ok=not problems, events=res.events, checkpoints=len(cps), problems=problems)
+    # The record outside the database: what the database must still hold.
+    problems.extend(ext.problems)
+    if not ext.exists and cps:
+        problems.append(f"external checkpoint record {ext.path} is missing although the database has "
+                        f"{len(cps)} checkpoints (deleted, or V2GPKI_AUDIT_CHECKPOINT_DIR changed)")
+    db_cps = {(c.seq, c.hash, bytes(c.signature)) for c in cps}
+    good_ext: set[tuple[int, str]] = set()
+    for r in ext.records:
+        seq, h = int(r["seq"]), str(r["hash"])
+        if not _verify_sig(pub, r["signature_bytes"], seq, h):
+            problems.append(f"external checkpoint at seq {seq}: bad signature (the record was edited)")
+            continue
+        good_ext.add((seq, h))
+        if seq > head_seq:
+            problems.append(f"external checkpoint at seq {seq}: the database's chain ends at seq {head_seq} "
+                            "(events deleted and the head moved back)")
+        elif seq not in hashes_at:
+            problems.append(f"external checkpoint at seq {seq}: the database has no event {seq} (deleted)")
+        elif hashes_at[seq] != h:
+            problems.append(f"external checkpoint at seq {seq}: event {seq} no longer has the signed hash "
+                            "(the chain was rewritten)")
+        if (seq, h, bytes(r["signature_bytes"])) not in db_cps:
+            problems.append(f"external checkpoint at seq {seq}: no such checkpoint row in the database (deleted)")
+    if ext.records:
+        first = min(int(r["seq"]) for r in ext.records)
+        for c in cps:
+            if c.seq >= first and (c.seq, c.hash) not in good_ext:
+                problems.append(f"checkpoint at seq {c.seq} is not in the external record {ext.path}")
+    return FullResult(ok=not problems, events=res.events, checkpoints=len(cps), problems=problems,
+                      external=len(ext.records))

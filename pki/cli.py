@@ -30,9 +30,10 @@ def _ctx(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def cmd_hsm_init(args: argparse.Namespace) -> int:
     from hsm.token import init_softhsm_token
+    from pki.hardening import ensure_private_dir
 
     s = Settings()
-    s.home_dir.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(s.home_dir)
     pin = s.hsm_pin.get_secret_value() if s.hsm_pin else None
     paths = init_softhsm_token(s.softhsm_dir, s.token_label, pin=pin)
     print(f"SoftHSM2 token {s.token_label!r} ready under {paths.tokendir}")
@@ -58,6 +59,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     stats = init_hierarchy(ctx.engine, h, progress)
     _ensure_trustlist_signer(ctx)
+    _seal_webhook_secrets(ctx)
     if tty:
         print(file=sys.stderr)
     print(f"hierarchies ready: {stats['created']} created, {stats['skipped']} already present"
@@ -80,6 +82,18 @@ def _ensure_trustlist_signer(ctx) -> None:  # type: ignore[no-untyped-def]
     except PKIError:
         return  # a hierarchy without the signer's issuing CA: nothing to prepare
     ensure_signer(ctx)
+
+
+def _seal_webhook_secrets(ctx) -> None:  # type: ignore[no-untyped-def]
+    """The token's key that seals webhook secrets (created here, in one process, like the trust-list signer),
+    and the sealing of secrets stored in clear by an earlier version (#21 item 11)."""
+    try:
+        from pki.lifecycle import seal_stored_secrets
+    except ImportError:
+        return
+    n = seal_stored_secrets(ctx)
+    if n:
+        print(f"sealed {n} webhook secret(s) stored in clear by an earlier version", file=sys.stderr)
 
 
 def cmd_issue(args: argparse.Namespace) -> int:
@@ -225,7 +239,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
     res = verify_all(_ctx(args))
     if res.ok:
-        print(f"audit chain OK: {res.events} events, {res.checkpoints} signed checkpoints")
+        print(f"audit chain OK: {res.events} events, {res.checkpoints} signed checkpoints "
+              f"({res.external} in the external record)")
         return 0
     for p in res.problems:
         print(f"audit: {p}", file=sys.stderr)
@@ -318,6 +333,9 @@ def _register_extra(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pki.hardening import private_umask
+
+    private_umask()  # everything this process creates under V2GPKI_HOME: 0600 files, 0700 directories
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

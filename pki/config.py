@@ -86,6 +86,17 @@ class Settings(BaseSettings):
     # or "none". Production refuses a plain-http public URL with "none" (docs/operations.md).
     tls_termination: Literal["none", "proxy", "uvicorn"] = "none"
 
+    # Audit checkpoints (pki/audit_sign.py, #21 item 7): the chain head signed by the HSM audit key every
+    # this many seconds by the beat (0: only `v2gpki audit checkpoint` and `v2gpki serve`'s clean shutdown),
+    # each one also appended to <dir>/audit-checkpoints.jsonl outside the database (default dir:
+    # V2GPKI_HOME) and, when set, POSTed to a webhook (an append-only store elsewhere).
+    audit_checkpoint_seconds: int = Field(default=300, ge=0)
+    audit_checkpoint_dir: Path | None = None
+    audit_checkpoint_webhook: str | None = None
+    # Development switches production refuses (pki/hardening.py); the console and the workers read them too.
+    console_insecure_cookies: str | None = None
+    webhook_allow_private: str | None = None
+
     # Availability bounds (docs/operations.md, docs/responders.md). Live OCSP signatures an unauthenticated client can
     # cause (nonces, unknown serials, several CertIDs), per client address and process: rate per second and
     # burst; and per process in all (0 = no process-wide bound).
@@ -103,6 +114,12 @@ class Settings(BaseSettings):
     @cached_property
     def home_dir(self) -> Path:
         return self.home.resolve()
+
+    @property
+    def audit_checkpoint_file(self) -> Path:
+        """The checkpoint record outside the database (append-only JSON lines)."""
+        return (self.audit_checkpoint_dir.resolve() if self.audit_checkpoint_dir else self.home_dir) / \
+            "audit-checkpoints.jsonl"
 
     @property
     def softhsm_dir(self) -> Path:
@@ -193,6 +210,9 @@ def production_problems(s: Settings) -> list[str]:
     if not s.broker_url:
         out.append("no V2GPKI_BROKER_URL: OCSP pre-signing, CRL refresh, expiry alerts and renewals run in "
                    "Celery workers; set V2GPKI_BROKER_URL=redis://HOST:6379/0")
+    from pki.hardening import hardening_problems
+
+    out.extend(hardening_problems(s))
     return out
 
 

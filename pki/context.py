@@ -43,7 +43,9 @@ def build_context(settings: Settings | None = None, *, keystore: KeyStore | None
                   migrate: bool = True) -> Context:
     settings = settings or Settings()
     settings.validate_production()  # V2GPKI_ENV=production refuses insecure defaults, before touching anything
-    settings.home_dir.mkdir(parents=True, exist_ok=True)
+    from pki.hardening import ensure_private_dir
+
+    ensure_private_dir(settings.home_dir)  # 0700 (#21 item 11)
     profiles = load_profiles(settings.policies_dir)  # fail fast on bad policies
     db = Database(settings.db_url)
     if migrate:

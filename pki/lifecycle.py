@@ -54,6 +54,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 from sqlmodel import select as sm_select
 
+from hsm import sealing
 from pki import audit
 from pki.errors import BadRevocation, ConfigError, Conflict, NotFound, PKIError, PolicyError, UnknownCA
 from pki.profiles import Profile, ProfileSet
@@ -373,8 +374,11 @@ def add_subscription(ctx: Context, org: str, kind: str, target: str, events: Seq
     with ctx.db.session() as s:
         if s.exec(sm_select(Organization).where(Organization.name == org)).first() is None:
             raise NotFound(f"no organization {org!r}")
-        row = Subscription(sub_id="sub_" + secrets.token_hex(8), org=org, kind=kind, target=target,
-                           secret=secret, events=evs, created_at=utcnow())
+        sub_id = "sub_" + secrets.token_hex(8)
+        # Sealed in the token (hsm/sealing.py): a database read alone does not reveal it (#21 item 11).
+        row = Subscription(sub_id=sub_id, org=org, kind=kind, target=target,
+                           secret=None if secret is None else sealing.seal(ctx.keystore, secret, sub_id),
+                           events=evs, created_at=utcnow())
         s.add(row)
         # The target is recorded, the secret never (audit details are readable by auditors).
         audit.append(s, audit.Entry(actor=actor, org=org, action="subscription.create", object=row.sub_id,
@@ -382,6 +386,21 @@ def add_subscription(ctx: Context, org: str, kind: str, target: str, events: Seq
         s.commit()
         s.refresh(row)
     return NewSubscription(row, secret)
+
+
+def seal_stored_secrets(ctx: Context) -> int:
+    """Create the token's sealing key if absent and seal every webhook secret an earlier version stored in
+    clear (run by `v2gpki init`, after upgrades). Returns how many were sealed."""
+    sealing.ensure_key(ctx.keystore)
+    n = 0
+    with ctx.db.session() as s:
+        for row in s.exec(sm_select(Subscription).where(Subscription.secret != None)):  # noqa: E711
+            if row.secret is not None and not sealing.is_sealed(row.secret):
+                row.secret = sealing.seal(ctx.keystore, row.secret, row.sub_id)
+                s.add(row)
+                n += 1
+        s.commit()
+    return n
 
 
 def _redact_url(url: str) -> str:
@@ -795,7 +814,8 @@ def attempt_delivery(ctx: Context, delivery_pk: int, now: datetime | None = None
             return _finish(ctx, row, now, ok=False, error="subscription removed", final=True)
         body = _body(ctx, row)
         if sub.kind == "webhook":
-            _send_webhook(sub, row, body, st)
+            assert sub.secret is not None
+            _send_webhook(sub, row, body, st, sealing.unseal(ctx.keystore, sub.secret, sub.sub_id))
         else:
             _send_email(sub, row, body, st)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried with backoff
@@ -828,10 +848,10 @@ def _finish(ctx: Context, row: Delivery, now: datetime, *, ok: bool, error: str 
     return out
 
 
-def _send_webhook(sub: Subscription, row: Delivery, body: dict[str, Any], st: LifecycleSettings) -> None:
+def _send_webhook(sub: Subscription, row: Delivery, body: dict[str, Any], st: LifecycleSettings,
+                  secret: str) -> None:
     import httpx
 
-    assert sub.secret is not None
     check_webhook_url(sub.target, st, resolve=True)
     raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     ts = str(int(time.time()))
@@ -840,7 +860,7 @@ def _send_webhook(sub: Subscription, row: Delivery, body: dict[str, Any], st: Li
         "User-Agent": "v2gpki-webhooks/1",
         "X-V2GPKI-Event": row.event,
         "X-V2GPKI-Delivery": row.delivery_id,
-        SIG_HEADER: sign_webhook(sub.secret, ts, raw),
+        SIG_HEADER: sign_webhook(secret, ts, raw),
     }
     # No redirects: a 3xx could point the worker at an internal address (SSRF).
     r = httpx.post(sub.target, content=raw, headers=headers, timeout=st.webhook_timeout_seconds,

@@ -81,6 +81,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
             value = None if value is None else "[set]"
         elif name == "database_url" and value:
             value = make_url(value).render_as_string(hide_password=True)
+        elif name == "audit_checkpoint_webhook" and value:
+            value = "[set]"  # its URL may carry a token
         elif name == "broker_url" and value and "@" in str(value):
             value = make_url(str(value)).render_as_string(hide_password=True)
         out[f"V2GPKI_{name.upper()}"] = str(value) if value is not None else None

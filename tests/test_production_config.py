@@ -62,8 +62,10 @@ def test_each_insecure_default_is_refused_with_what_to_set(tmp_path: Path, overr
 
 def test_pin_file_inside_the_data_directory_is_refused(tmp_path: Path) -> None:
     home = tmp_path / "data"
-    (home / "softhsm").mkdir(parents=True)
+    (home / "softhsm").mkdir(parents=True, mode=0o700)
+    home.chmod(0o700)  # as the service creates it (#21 item 11): only the PIN's location is at issue here
     (home / "softhsm" / "user.pin").write_text("1234\n")
+    (home / "softhsm" / "user.pin").chmod(0o600)
     s = good(tmp_path, hsm_pin_file=home / "softhsm" / "user.pin")
     [problem] = s.production_problems()
     assert "lies under V2GPKI_HOME" in problem and "/run/secrets" in problem

@@ -74,7 +74,7 @@ def broker_config(home: Path | None = None) -> dict[str, Any]:
 
 def beat_schedule() -> dict[str, dict[str, Any]]:
     every = _int_env
-    return {
+    out: dict[str, dict[str, Any]] = {
         "outbox-drain": {"task": "v2gpki.outbox.drain",
                          "schedule": timedelta(seconds=every("V2GPKI_OUTBOX_DRAIN_SECONDS", 15))},
         "deliveries-sweep": {"task": "v2gpki.deliveries.sweep",
@@ -91,6 +91,11 @@ def beat_schedule() -> dict[str, dict[str, Any]]:
         "ocsp-refresh": {"task": "v2gpki.ocsp.refresh",
                          "schedule": timedelta(seconds=every("V2GPKI_OCSP_REFRESH_SECONDS", 900))},
     }
+    # #21 item 7: the audit chain head signed by the HSM and recorded outside the database periodically
+    cp = Settings().audit_checkpoint_seconds
+    if cp > 0:
+        out["audit-checkpoint"] = {"task": "v2gpki.audit.checkpoint", "schedule": timedelta(seconds=cp)}
+    return out
 
 
 def make_app(home: Path | None = None) -> Celery:
@@ -163,7 +168,11 @@ def _broker_folders(sender: Any = None, **_: Any) -> None:
     touch the broker or the result backend): the embedded broker's folders.
     ``beat_init`` was too late — beat builds its scheduler, and with it the file:// result backend, which
     refuses a missing folder, *before* sending beat_init — so on a fresh data directory beat died unless
-    the worker happened to create the folders first (found by tests/test_readme_run.py)."""
+    the worker happened to create the folders first (found by tests/test_readme_run.py).
+    Also `celery -A workers.app` started without `v2gpki`: files it creates are 0600 (#21 item 11)."""
+    from pki.hardening import private_umask
+
+    private_umask()
     prepare_local_broker(sender if isinstance(sender, Celery) else app)
 
 

@@ -109,5 +109,14 @@ def ocsp_refresh(self: LifecycleTask) -> int:
     return refresh(self.ctx)
 
 
-__all__ = ["crl_refresh", "deliver", "deliveries_sweep", "expiry_scan", "ocsp_refresh", "outbox_drain",
-           "renewal", "revocation", "truststore_publish"]
+@app.task(base=LifecycleTask, bind=True, name="v2gpki.audit.checkpoint", autoretry_for=_T)
+def audit_checkpoint(self: LifecycleTask) -> int:
+    # pki/audit_sign.py: the chain head signed by the HSM audit key, recorded outside the database (#21 item 7)
+    from pki.audit_sign import checkpoint
+
+    cp = checkpoint(self.ctx)
+    return 0 if cp is None else cp.seq
+
+
+__all__ = ["audit_checkpoint", "crl_refresh", "deliver", "deliveries_sweep", "expiry_scan", "ocsp_refresh",
+           "outbox_drain", "renewal", "revocation", "truststore_publish"]

@@ -61,6 +61,7 @@ class Database:
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            _create_private_sqlite_file(self.url)
         else:
             kwargs.update(pool_size=10, max_overflow=20, connect_args=_pg_connect_args())
         self.engine: Engine = create_engine(self.url, **kwargs)
@@ -153,6 +154,23 @@ def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
 
 def _mark_checkin(_dbapi_conn: Any, record: Any) -> None:
     record.info["v2gpki_checkin"] = time.monotonic()
+
+
+def _create_private_sqlite_file(url: str) -> None:
+    """Create the SQLite database file 0600 before SQLite does (it would apply the umask, typically giving
+    0644); SQLite gives its -wal and -shm files the database file's mode (#21 item 11)."""
+    from sqlalchemy.engine import make_url
+
+    name = make_url(url).database
+    if not name or name == ":memory:" or name.startswith("file:"):
+        return
+    path = Path(name)
+    if path.exists() or not path.parent.is_dir():
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

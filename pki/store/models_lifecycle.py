@@ -24,9 +24,10 @@ class Subscription(SQLModel, table=True):
     org: str = Field(index=True, max_length=128)
     kind: str = Field(max_length=16)  # webhook | email
     target: str = Field(max_length=512)  # URL or e-mail address
-    # The HMAC key must be usable to sign, so it is stored (not hashed); it is shown once at creation,
-    # never listed, never logged. Protect the database as you protect the API keys' hashes and more.
-    secret: str | None = Field(default=None, max_length=128)
+    # The HMAC key must be usable to sign, so it cannot be hashed: it is sealed with an AES key generated in
+    # the token (hsm/sealing.py, "v2s1:..."), so a database read alone does not reveal it; shown once at
+    # creation, never listed, never logged. (Migration 0005 widened the column for the sealed form.)
+    secret: str | None = Field(default=None, max_length=512)
     events: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     created_at: datetime
     deleted_at: datetime | None = None
