@@ -29,6 +29,8 @@ ROUTERS = [
     "api.ocpp.v201",       # OCPP 2.0.1-shaped endpoints
     "api.ocpp.ev_certificate",  # ISO 15118-2 CPS: Get15118EVCertificate, contract installations
     "api.ocpp.status",     # OCPP 2.0.1 GetCertificateStatus (OCSP for the station's own chain)
+    "api.ocpp.v21",        # OCPP 2.1 certificate messages (api/ocpp/core.py shapes every version)
+    "api.ocpp.v16",        # OCPP 1.6 Plug & Charge over DataTransfer
     "api.est",             # RFC 7030 EST
     "api.console",         # operator console
 ]

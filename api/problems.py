@@ -100,7 +100,17 @@ def install(app: FastAPI) -> None:
         app.add_exception_handler(cls, handler)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith("/ocpp/"):
+            # A CSMS forwards /ocpp/* answers to the station: a malformed request gets its message's own
+            # OCPP rejection (api/ocpp/core.py), never a problem body the station's schema check refuses.
+            from api.ocpp.core import invalid_request
+
+            first = exc.errors()[0] if exc.errors() else {}
+            where = ".".join(str(x) for x in first.get("loc", ())[1:])
+            ocpp = invalid_request(request.url.path, f"{where}: {first.get('msg', 'invalid')}")
+            if ocpp is not None:
+                return ocpp
         errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
         return problem(422, "invalid-request", "Invalid request", "the request body or parameters are invalid",
                        errors=errors)

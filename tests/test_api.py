@@ -25,6 +25,7 @@ from api.app import create_app
 from pki.context import Context
 from pki.orgs import create_api_key, create_org
 from pki.store.models import ApiKey, Certificate
+from tests import ocpp_schemas
 from tests.conftest import csr_pem, org_with_fresh_prefix
 
 
@@ -247,8 +248,8 @@ def test_ocpp_sign_certificate(t: Tenants) -> None:
     r = t.client.post("/ocpp/v201/sign-certificate", json={"csr": csr_pem(ev, o=t.o("cpo1"), dc="CPO").decode(),
                                                            "certificateType": "V2GCertificate"}, headers=t.h("cpo1"))
     assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["certificateType"] == "V2GCertificate" and len(body["certificateChain"]) <= 10000
+    body = ocpp_schemas.check("2.0.1", "CertificateSignedRequest", r.json())  # forwarded to the station as is
+    assert body["certificateType"] == "V2GCertificate" and r.headers["X-V2GPKI-Serial"]
     certs = x509.load_pem_x509_certificates(body["certificateChain"].encode())
     assert len(certs) == 3 and all(c.subject != c.issuer for c in certs)
     # no certificateType: inferred from the CSR (EVSEID → V2GCertificate)
@@ -258,9 +259,10 @@ def test_ocpp_sign_certificate(t: Tenants) -> None:
     r = t.client.post("/ocpp/v201/sign-certificate", json={"csr": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n",
                                                            "certificateType": "V2GCertificate"}, headers=t.h("cpo1"))
     assert r.status_code == 400 and r.json()["statusInfo"]["reasonCode"] == "InvalidCSR"
-    # over OCPP's 5500-character CSR limit
+    ocpp_schemas.check("2.0.1", "SignCertificateResponse", r.json())
+    # over OCPP's 5500-character CSR limit: the message's own rejection, not a problem body
     r = t.client.post("/ocpp/v201/sign-certificate", json={"csr": "A" * 5501}, headers=t.h("cpo1"))
-    assert r.status_code == 422
+    assert r.status_code == 400 and ocpp_schemas.check("2.0.1", "SignCertificateResponse", r.json())["status"] == "Rejected"
 
 
 def test_station_certificate_needs_registered_station(t: Tenants) -> None:

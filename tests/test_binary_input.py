@@ -199,7 +199,7 @@ def test_every_csr_entry_point_accepts_der_ending_in_whitespace(env: Env, last: 
         der = csr_ending_in(last, _evseid(env), o=env.org["cpo"])
         r = env.client.post("/ocpp/v201/sign-certificate", headers=h,
                             json={"csr": encodings(der)[enc], "certificateType": "V2GCertificate"})
-        assert r.status_code == 200 and r.json()["status"] == "Accepted", (enc, r.text)
+        assert r.status_code == 200 and "BEGIN CERTIFICATE" in r.json()["certificateChain"], (enc, r.text)
     der = csr_ending_in(last, _evseid(env), o=env.org["cpo"])
     issued = env.ctx.engine.issue_from_csr("secc", der, tenant=env.org["cpo"])
     assert issued.cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.

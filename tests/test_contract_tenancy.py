@@ -45,6 +45,7 @@ from pki.issuance import pem
 from pki.orgs import create_api_key, create_org
 from pki.store.db import utcnow
 from pki.store.models import AuditEvent, Certificate, IssuanceIntent, OcspResponseCache
+from tests import ocpp_schemas
 from tests.conftest import org_with_fresh_prefix
 from tests.test_cps import Vehicle, install_request, new_vehicle
 from tests.test_cps_josev import Peer, assert_accepted_by_josev, check, josev  # noqa: F401 - josev: fixture
@@ -327,16 +328,15 @@ def test_action_mismatch_is_refused_before_issuing(env: Env) -> None:
     req = install_request(v, both_roots(env))
     before = counts(env.ctx)
     r = ocpp(env, req, "Update")
-    assert r.status_code == 400 and r.json()["ocppStatus"] == "Failed", r.text
-    assert r.json()["type"].endswith("action-mismatch")
-    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.status_code == 400 and r.json()["status"] == "Failed", r.text
+    assert r.headers["X-V2GPKI-Problem"] == "action-mismatch"
+    ocpp_schemas.check("2.0.1", "Get15118EVCertificateResponse", r.json())
     assert counts(env.ctx) == before
     # the same request with the right action is installed
     assert ocpp(env, req).json()["status"] == "Accepted"
 
 
 def test_answer_too_large_is_refused_before_issuing(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    import api.ocpp.ev_certificate as api_ev
     import pki.cps.service as svc
 
     v = new_vehicle(env)  # type: ignore[arg-type]
@@ -346,13 +346,12 @@ def test_answer_too_large_is_refused_before_issuing(env: Env, monkeypatch: pytes
     assert r.status_code == 200 and r.json()["status"] == "Accepted", r.text
     actual = len(r.json()["exiResponse"])
     # a limit this answer exceeds: 422, OCPP-shaped, and nothing issued, no intent, no OCSP row
-    for mod in (svc, api_ev):
-        monkeypatch.setattr(mod, "EXI_RESPONSE_MAX_B64", actual - 1)
+    monkeypatch.setattr(svc, "EXI_RESPONSE_MAX_B64", actual - 1)
     before = counts(env.ctx)
     r = ocpp(env, req)
-    assert r.status_code == 422 and r.json()["ocppStatus"] == "Failed", r.text
-    assert r.json()["type"].endswith("response-too-large")
-    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.status_code == 422 and r.json()["status"] == "Failed", r.text
+    assert r.headers["X-V2GPKI-Problem"] == "response-too-large"
+    ocpp_schemas.check("2.0.1", "Get15118EVCertificateResponse", r.json())
     assert counts(env.ctx) == before
     # the bound computed from the chain lengths is never below a real answer's length, and close to it
     cps_row, subs = svc._cps_signer(env.ctx, both_roots(env))

@@ -45,6 +45,7 @@ from pki.issuance import pem
 from pki.orgs import create_api_key, create_org
 from pki.store.db import utcnow
 from pki.store.models import Certificate
+from tests import ocpp_schemas
 from tests.conftest import csr_pem
 
 
@@ -118,7 +119,7 @@ def call(env: Env, exi: bytes, action: str = "Install") -> dict:  # type: ignore
                         json={"iso15118SchemaVersion": "urn:iso:15118:2:2013:MsgDef", "action": action,
                               "exiRequest": base64.b64encode(exi).decode()}, headers=env.h["cpo"])
     assert r.status_code == 200, r.text
-    body = r.json()
+    body = ocpp_schemas.check("2.0.1", "Get15118EVCertificateResponse", r.json())
     assert len(body["exiResponse"]) <= 7500
     return body  # type: ignore[no-any-return]
 
@@ -228,12 +229,14 @@ def test_negative_cases(env: Env) -> None:
     r = env.client.post("/ocpp/v201/get-15118-ev-certificate",
                         json={"iso15118SchemaVersion": "urn:iso:15118:2:2013:MsgDef", "action": "Install",
                               "exiRequest": base64.b64encode(b"\x80\xff\x00garbage").decode()}, headers=env.h["cpo"])
-    assert r.status_code == 400 and r.json()["ocppStatus"] == "Failed"
-    # over OCPP's exiRequest limit
+    assert r.status_code == 400 and r.json()["status"] == "Failed"
+    ocpp_schemas.check("2.0.1", "Get15118EVCertificateResponse", r.json())
+    # over OCPP's exiRequest limit: the message's own Failed answer
     r = env.client.post("/ocpp/v201/get-15118-ev-certificate",
                         json={"iso15118SchemaVersion": "urn:iso:15118:2:2013:MsgDef", "action": "Install",
                               "exiRequest": "A" * 5601}, headers=env.h["cpo"])
-    assert r.status_code == 422
+    assert r.status_code == 400 and r.json()["status"] == "Failed"
+    ocpp_schemas.check("2.0.1", "Get15118EVCertificateResponse", r.json())
 
 
 def test_contract_data_ahead_of_time_and_tenancy(env: Env) -> None:

@@ -15,6 +15,7 @@ from api import fastlane
 from api.app import create_app
 from pki.context import Context
 from pki.orgs import create_api_key
+from tests import ocpp_schemas
 from tests.conftest import csr_pem, org_with_fresh_prefix
 
 
@@ -98,11 +99,13 @@ def test_lane_answers_ocpp_sign_certificate(env: Env) -> None:
     ok = env.client.post("/ocpp/v201/sign-certificate",
                          json={"csr": csr_pem(_evse(env), dc="CPO").decode(), "certificateType": "V2GCertificate"},
                          headers=_auth(env))
-    assert ok.status_code == 200 and ok.json()["status"] == "Accepted", ok.text
+    assert ok.status_code == 200, ok.text
+    ocpp_schemas.check("2.0.1", "CertificateSignedRequest", ok.json())
     assert ok.json()["certificateChain"].count("BEGIN CERTIFICATE") == 3  # leaf, Sub-CA 2, Sub-CA 1
     rej = env.client.post("/ocpp/v201/sign-certificate", json={"csr": "garbage", "certificateType": "V2GCertificate"},
                           headers=_auth(env))
-    assert rej.status_code == 400 and rej.json()["ocppStatus"] == "Rejected", rej.text
+    assert rej.status_code == 400 and rej.json()["status"] == "Rejected", rej.text
+    ocpp_schemas.check("2.0.1", "SignCertificateResponse", rej.json())
     assert rej.json()["statusInfo"]["reasonCode"] == "InvalidCSR"
     assert fastlane.ANSWERED[0] >= before + 1
 

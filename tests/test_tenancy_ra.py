@@ -33,6 +33,7 @@ from pki.errors import BadSubject, Conflict
 from pki.issuance import IssueRequest
 from pki.orgs import BadOrganization, create_api_key, create_org
 from pki.store.models import Certificate, Organization, Station
+from tests import ocpp_schemas
 from tests.conftest import cli_env, csr_pem, org_with_fresh_prefix, run_cli
 
 PROBLEM = "application/problem+json"
@@ -83,6 +84,11 @@ def _count(ctx: Context, model: Any) -> int:  # noqa: ANN401 - a SQLModel table 
 
 def _is_problem(r: Any, status: int) -> None:  # noqa: ANN401 - httpx.Response
     assert r.status_code == status, r.text
+    if r.request.url.path == "/ocpp/v201/sign-certificate":
+        # what the CSMS forwards to the station: the OCPP rejection, the problem code in a header (#24)
+        assert ocpp_schemas.check("2.0.1", "SignCertificateResponse", r.json())["status"] == "Rejected"
+        assert r.headers["X-V2GPKI-Problem"]
+        return
     assert r.headers["content-type"].startswith(PROBLEM), r.headers["content-type"]
 
 

@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from cryptography import x509
 from fastapi import APIRouter, FastAPI, Query
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
 from api.auth import PrincipalDep
 from api.deps import CtxDep
-from api.problems import PROBLEM, TYPE_BASE
+from api.ocpp import core
 from pki.contracts import default_contract_for, lookup_vehicle
-from pki.cps.errors import ResponseTooLarge
 from pki.cps.exi.messages import ResponseCode
-from pki.cps.service import EXI_REQUEST_MAX_B64, EXI_RESPONSE_MAX_B64, Delivery, build_delivery, deliver
-from pki.errors import Forbidden, NotFound, PKIError
+from pki.cps.service import EXI_REQUEST_MAX_B64, Delivery, build_delivery, deliver
+from pki.errors import NotFound, PKIError
 from pki.names import normalise_pcid
 from pki.orgs import Principal
 from pki.store.db import utcnow
@@ -36,19 +34,11 @@ from pki.store.models import SignedContractData
 
 router = APIRouter(tags=["cps"])
 
-ISO2 = "urn:iso:15118:2:2013:MsgDef"
-ISO20 = "urn:iso:std:iso:15118:-20:CommonMessages"
+ISO2 = core.ISO2
 
 
-class EvCertificateIn(BaseModel):
-    iso15118SchemaVersion: str = Field(max_length=50)  # noqa: N815 - OCPP field names
-    action: Literal["Install", "Update"]
-    exiRequest: str = Field(max_length=EXI_REQUEST_MAX_B64)  # noqa: N815
-
-
-def _failed(status: int, code: str, detail: str) -> JSONResponse:
-    return JSONResponse({"type": TYPE_BASE + code, "title": "Failed", "status": status, "detail": detail,
-                         "ocppStatus": "Failed"}, status_code=status, media_type=PROBLEM)
+# The OCPP 2.0.1 request model (api/fastlane.py looks it up by this name).
+EvCertificateIn = core.Get15118EVCertificate201
 
 
 def _decode(b64: str) -> bytes:
@@ -58,38 +48,12 @@ def _decode(b64: str) -> bytes:
         raise PKIError("exiRequest is not base64") from None
 
 
-def _run(ctx: CtxDep, p: PrincipalDep, body: EvCertificateIn) -> Delivery:
-    p.require("cpo", "admin")
-    if body.iso15118SchemaVersion != ISO2:
-        raise PKIError(f"iso15118SchemaVersion {body.iso15118SchemaVersion!r} is not supported "
-                       f"(this CPS speaks {ISO2})")
-    # action checked against the EXI body inside deliver(), before anything is issued (#21 item 16)
-    return deliver(ctx, _decode(body.exiRequest), actor=p.credential,
-                   expect="update" if body.action == "Update" else "install")
-
-
 @router.post("/ocpp/v201/get-15118-ev-certificate", response_model=None)
 def get_15118_ev_certificate(body: EvCertificateIn, ctx: CtxDep, p: PrincipalDep) -> Any:
-    try:
-        d = _run(ctx, p, body)
-    except Forbidden:
-        raise
-    except ResponseTooLarge as exc:  # judged from the chain lengths before issuing: nothing was stored
-        return _failed(422, exc.code, exc.message)
-    except PKIError as exc:
-        if exc.status >= 500:
-            raise
-        # No V2G_Message could be decoded (or its kind contradicts `action`), so no answer under its
-        # SessionID: OCPP Failed.
-        return _failed(400, exc.code, exc.message)
-    b64 = base64.b64encode(d.exi).decode()
-    if len(b64) > EXI_RESPONSE_MAX_B64:  # a guard: deliver() refuses before issuing what could exceed it
-        return _failed(422, "response-too-large", f"exiResponse would be {len(b64)} characters (> 7500)")
-    ok = d.response_code == ResponseCode.OK
-    out: dict[str, Any] = {"status": "Accepted" if ok else "Failed", "exiResponse": b64}
-    if not ok:
-        out["statusInfo"] = {"reasonCode": str(d.response_code)[:20], "additionalInfo": "; ".join(d.notes)[:512]}
-    return JSONResponse(out)  # plain strings: skip FastAPI's generic re-encoding of the returned value
+    """Get15118EVCertificateResponse {status, exiResponse[, statusInfo]}, exactly (api/ocpp/core.py): the
+    action is checked against the EXI body and the answer's size bounded before anything is issued."""
+    return core.get_15118_ev_certificate(ctx, p, body.iso15118SchemaVersion, body.action, body.exiRequest,
+                                         "2.0.1").response()
 
 
 class ContractInstallIn(BaseModel):

@@ -16,50 +16,22 @@ serve, or the signer temporarily unavailable); statusInfo says which.
 
 from __future__ import annotations
 
-import base64
-from typing import Any
-
 from fastapi import APIRouter, FastAPI
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse
 
 from api.auth import PrincipalDep
 from api.deps import CtxDep
-from pki.ocsp import ocpp_lookup
+from api.ocpp import core
 
 router = APIRouter(prefix="/ocpp/v201", tags=["ocpp"])
 
-OCSP_RESULT_MAX = 5500  # GetCertificateStatusResponse.ocspResult maxLength (OCPP 2.0.1)
-
-
-class OCSPRequestData(BaseModel):
-    hashAlgorithm: str = Field(max_length=16)  # noqa: N815 - OCPP field names
-    issuerNameHash: str = Field(min_length=1, max_length=128)  # noqa: N815
-    issuerKeyHash: str = Field(min_length=1, max_length=128)  # noqa: N815
-    serialNumber: str = Field(min_length=1, max_length=40)  # noqa: N815
-    responderURL: str = Field(default="", max_length=512)  # noqa: N815 - never fetched
-
-
-class GetCertificateStatusIn(BaseModel):
-    ocspRequestData: OCSPRequestData  # noqa: N815
-
-
-_REASONS = {"unauthorized": "UnknownIssuer", "tryLater": "TryLater", "internalError": "InternalError",
-            "malformedRequest": "InvalidRequest"}
+GetCertificateStatusIn = core.GetCertificateStatus
 
 
 @router.post("/get-certificate-status", response_model=None)
-def get_certificate_status(body: GetCertificateStatusIn, ctx: CtxDep, p: PrincipalDep) -> dict[str, Any]:
-    d = body.ocspRequestData
-    ans = ocpp_lookup(ctx, d.hashAlgorithm, d.issuerNameHash, d.issuerKeyHash, d.serialNumber)
-    if not ans.successful:
-        return {"status": "Failed",
-                "statusInfo": {"reasonCode": _REASONS.get(ans.status, "InternalError"),
-                               "additionalInfo": f"OCSP responder answered {ans.status}"}}
-    result = base64.b64encode(ans.der).decode()
-    if len(result) > OCSP_RESULT_MAX:  # a single response with one ≤ 1600-byte signer cert: cannot happen
-        return {"status": "Failed", "statusInfo": {"reasonCode": "ResponseTooLarge"}}
+def get_certificate_status(body: GetCertificateStatusIn, ctx: CtxDep, p: PrincipalDep) -> JSONResponse:
     # Exactly the OCPP fields (its schemas forbid additional properties), so the CSMS can relay it as is.
-    return {"status": "Accepted", "ocspResult": result}
+    return core.get_certificate_status(ctx, body.ocspRequestData, "2.0.1").response()
 
 
 def setup(app: FastAPI) -> None:

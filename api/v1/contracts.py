@@ -7,10 +7,12 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from api.auth import PrincipalDep
 from api.deps import CtxDep
+from api.ocpp import core
 from pki import contracts as c
 from pki.issuance import pem
 from pki.store.models import Contract
@@ -74,38 +76,17 @@ def lookupvehicle(pcid: str, ctx: CtxDep, p: PrincipalDep) -> dict[str, Any]:
          "certificate": pem(x509.load_der_x509_certificate(r.der))} for r in rows]}
 
 
-class HashData(BaseModel):
-    hashAlgorithm: str = Field(max_length=8)  # noqa: N815 - OCPP field names
-    issuerNameHash: str = Field(max_length=128)  # noqa: N815
-    issuerKeyHash: str = Field(max_length=128)  # noqa: N815
-    serialNumber: str = Field(max_length=40)  # noqa: N815
-    responderURL: str | None = Field(default=None, max_length=512)  # noqa: N815 - never fetched (SSRF)
+AuthorizeIn = core.Authorize201
 
 
-class IdToken(BaseModel):
-    idToken: str = Field(max_length=36)  # noqa: N815
-    type: str = Field(default="eMAID", max_length=20)
-
-
-class AuthorizeIn(BaseModel):
-    idToken: IdToken  # noqa: N815
-    iso15118CertificateHashData: list[HashData] | None = Field(default=None, max_length=4)  # noqa: N815
-    certificate: str | None = Field(default=None, max_length=5500)
-
-
-@ocpp.post("/authorize")
-def authorize(body: AuthorizeIn, ctx: CtxDep, p: PrincipalDep) -> dict[str, Any]:
-    """OCPP 2.0.1 AuthorizeRequest for a contract (idToken type eMAID) → idTokenInfo + certificateStatus.
+@ocpp.post("/authorize", response_model=None)
+def authorize(body: AuthorizeIn, ctx: CtxDep, p: PrincipalDep) -> JSONResponse:
+    """OCPP 2.0.1 AuthorizeRequest for a contract (idToken type eMAID) → AuthorizeResponse {idTokenInfo,
+    certificateStatus}, exactly (api/ocpp/core.py).
 
     The CSMS's call (OCPP 2.0.1 §C07, Authorization using contract certificates): answered for cpo and
     admin keys only. Any other role would get an oracle on every eMSP's contracts (issue #21 item 3)."""
-    p.require("cpo", "admin")
-    hd = [h.model_dump() for h in body.iso15118CertificateHashData] if body.iso15118CertificateHashData else None
-    res = c.authorize(ctx, body.idToken.idToken, hd, body.certificate)
-    out: dict[str, Any] = {"idTokenInfo": {"status": res.id_token_status}}
-    if res.certificate_status is not None:
-        out["certificateStatus"] = res.certificate_status
-    return out
+    return core.authorize(ctx, p, body).response()
 
 
 def setup(app: FastAPI) -> None:

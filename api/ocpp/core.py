@@ -1,0 +1,457 @@
+"""The OCPP certificate messages, once for every OCPP version.
+
+A CSMS hands this service the payload a charging station sent and forwards what comes back, unchanged, to
+the station. So every answer here is exactly an OCPP message of the caller's version, valid against that
+version's JSON schema (the schemas have `additionalProperties: false`; libocpp validates what it
+receives): anything else the service has to say travels in `customData` (OCPP CustomDataType, with our
+`vendorId`) or in response headers.
+
+The table of every OCPP message per version and the endpoint that serves it is in docs/api.md.
+
+Request models forbid fields their version does not define (a 2.1 field in a 2.0.1 message is a wrong
+version, refused), and allow `customData` everywhere, as the schemas do.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from cryptography.x509 import ocsp as x509_ocsp
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from pki.context import Context
+from pki.contracts import authorize as authorize_contract
+from pki.contracts import find_by_hash_data
+from pki.cps.errors import ResponseTooLarge
+from pki.cps.exi.messages import ResponseCode
+from pki.cps.service import deliver
+from pki.crl import latest_meta
+from pki.csr import key_alg_of, parse_csr, subject_fields
+from pki.enrollment import enroll
+from pki.errors import BadCSR, BadKey, BadSignature, BadSubject, CertificateTooLarge, Forbidden, PKIError
+from pki.issuance import CAHandle
+from pki.names import EVSEID_RE, SECCID_RE
+from pki.ocsp import ocpp_lookup
+from pki.orgs import Principal
+from pki.roots import CertHashData, UnknownRoot, ca_under_root
+
+Version = Literal["1.6", "2.0.1", "2.1"]
+VENDOR_ID = "org.v2gpki"  # our customData.vendorId (OCPP CustomDataType: identifies who added the data)
+ISO2 = "urn:iso:15118:2:2013:MsgDef"
+ISO20 = ("urn:iso:std:iso:15118:-20:CommonMessages", "urn:iso:15118:20:2020:MsgDef")  # OCPP/Josev, OPCP/OPNC
+
+
+@dataclass(frozen=True)
+class VersionLimits:
+    """maxLength of the fields this service reads or writes, per version's JSON schemas."""
+
+    csr: int = 5500
+    chain: int = 10000  # CertificateSignedRequest.certificateChain
+    exi_request: int = 5600
+    exi_response: int = 7500
+    ocsp_result: int = 5500
+    additional_info: int = 512  # StatusInfoType.additionalInfo
+    authorize_certificate: int = 5500
+    id_token: int = 36
+
+
+LIMITS: dict[Version, VersionLimits] = {
+    "1.6": VersionLimits(),  # the 2.0.1 payloads, carried as JSON strings
+    "2.0.1": VersionLimits(),
+    "2.1": VersionLimits(exi_request=11000, exi_response=17000, ocsp_result=18000, additional_info=1024,
+                         authorize_certificate=10000, id_token=255),
+}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One OCPP payload to forward, the HTTP status that says whether it was a success, extra headers."""
+
+    payload: dict[str, Any]
+    http_status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.payload, status_code=self.http_status, headers=self.headers)
+
+
+def status_info(reason: str, detail: str, version: Version) -> dict[str, str]:
+    """StatusInfoType: reasonCode is a CiString20, additionalInfo 512 (2.0.1) or 1024 (2.1) characters."""
+    return {"reasonCode": reason[:20], "additionalInfo": detail[:LIMITS[version].additional_info]}
+
+
+def http_status_of(exc: PKIError) -> int:
+    return 403 if isinstance(exc, Forbidden) else exc.status if 400 <= exc.status < 500 else 400
+
+
+# -- request models -------------------------------------------------------------------------------------
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    customData: dict[str, Any] | None = None  # noqa: N815 - OCPP field names throughout
+
+
+class CertificateHashData(_Msg):
+    hashAlgorithm: Literal["SHA256", "SHA384", "SHA512"]  # noqa: N815
+    issuerNameHash: str = Field(min_length=1, max_length=128)  # noqa: N815
+    issuerKeyHash: str = Field(min_length=1, max_length=128)  # noqa: N815
+    serialNumber: str = Field(min_length=1, max_length=40)  # noqa: N815
+
+    def data(self) -> CertHashData:
+        return CertHashData(self.hashAlgorithm, self.issuerNameHash, self.issuerKeyHash, self.serialNumber)
+
+
+class SignCertificate201(_Msg):
+    csr: str = Field(max_length=5500)
+    certificateType: Literal["V2GCertificate", "ChargingStationCertificate"] | None = None  # noqa: N815
+
+
+class SignCertificate21(_Msg):
+    csr: str = Field(max_length=5500)
+    certificateType: Literal["V2GCertificate", "ChargingStationCertificate", "V2G20Certificate"] | None = None  # noqa: N815
+    hashRootCertificate: CertificateHashData | None = None  # noqa: N815
+    requestId: int | None = None  # noqa: N815
+
+
+class Get15118EVCertificate201(_Msg):
+    iso15118SchemaVersion: str = Field(max_length=50)  # noqa: N815
+    action: Literal["Install", "Update"]
+    exiRequest: str = Field(max_length=5600)  # noqa: N815
+
+
+class Get15118EVCertificate21(_Msg):
+    iso15118SchemaVersion: str = Field(max_length=50)  # noqa: N815
+    action: Literal["Install", "Update"]
+    exiRequest: str = Field(max_length=11000)  # noqa: N815
+    maximumContractCertificateChains: int | None = Field(default=None, ge=0)  # noqa: N815
+    prioritizedEMAIDs: list[str] | None = Field(default=None, min_length=1, max_length=8)  # noqa: N815
+
+
+class OCSPRequestData(_Msg):
+    # Lenient where chargers differ (any case; validated by pki.ocsp with a clear answer) and where a
+    # missing value harms nobody (responderURL, never fetched anyway).
+    hashAlgorithm: str = Field(max_length=16)  # noqa: N815
+    issuerNameHash: str = Field(min_length=1, max_length=128)  # noqa: N815
+    issuerKeyHash: str = Field(min_length=1, max_length=128)  # noqa: N815
+    serialNumber: str = Field(min_length=1, max_length=40)  # noqa: N815
+    responderURL: str = Field(default="", max_length=2000)  # noqa: N815 - never fetched (no SSRF)
+
+
+class GetCertificateStatus(_Msg):
+    ocspRequestData: OCSPRequestData  # noqa: N815
+
+
+class IdToken201(_Msg):
+    idToken: str = Field(max_length=36)  # noqa: N815
+    type: str = Field(default="eMAID", max_length=20)
+    additionalInfo: list[dict[str, Any]] | None = None  # noqa: N815
+
+
+class IdToken21(IdToken201):
+    idToken: str = Field(max_length=255)  # noqa: N815
+
+
+class Authorize201(_Msg):
+    idToken: IdToken201  # noqa: N815
+    certificate: str | None = Field(default=None, max_length=5500)
+    iso15118CertificateHashData: list[OCSPRequestData] | None = Field(default=None, min_length=1,  # noqa: N815
+                                                                      max_length=4)
+
+
+class Authorize21(_Msg):
+    idToken: IdToken21  # noqa: N815
+    certificate: str | None = Field(default=None, max_length=10000)
+    iso15118CertificateHashData: list[OCSPRequestData] | None = Field(default=None, min_length=1,  # noqa: N815
+                                                                      max_length=4)
+
+
+class CertificateStatusRequestInfo(_Msg):
+    certificateHashData: CertificateHashData  # noqa: N815
+    source: Literal["CRL", "OCSP"]
+    urls: list[str] = Field(min_length=1, max_length=5)
+
+
+class GetCertificateChainStatus21(_Msg):
+    certificateStatusRequests: list[CertificateStatusRequestInfo] = Field(min_length=1, max_length=4)  # noqa: N815
+
+
+# -- SignCertificate -------------------------------------------------------------------------------------
+
+CertType = Literal["V2GCertificate", "ChargingStationCertificate", "V2G20Certificate"]
+
+
+def infer_type(csr_text: str) -> CertType:
+    """certificateType absent (the OCPP schemas: "used for both"; after TriggerMessage
+    SignCombinedCertificate a station sends none): V2GPKI_OCPP_DEFAULT_CERT_TYPE decides; `infer` reads
+    the CSR — an EVSEID/SECCID CN or DC=CPO makes it a V2G certificate."""
+    rule = os.environ.get("V2GPKI_OCPP_DEFAULT_CERT_TYPE", "infer")
+    if rule in ("V2GCertificate", "ChargingStationCertificate"):
+        return rule  # type: ignore[return-value]
+    fields = subject_fields(parse_csr(csr_text).subject)
+    cn = fields.cn.upper()
+    if (fields.dc or "").upper() == "CPO" or EVSEID_RE.match(cn) or SECCID_RE.match(cn):
+        return "V2GCertificate"
+    return "ChargingStationCertificate"
+
+
+def _sign_reason(exc: PKIError) -> str:
+    if isinstance(exc, BadSignature | BadCSR | BadKey | BadSubject | CertificateTooLarge):
+        return "InvalidCSR"
+    if isinstance(exc, Forbidden):
+        return "NotAuthorized"  # reasonCode is free text (CiString20); OCPP names no code for this
+    if isinstance(exc, UnknownRoot):
+        return "UnknownRoot"
+    return "InvalidRequest"
+
+
+@dataclass(frozen=True)
+class SignOutcome:
+    """SignCertificateResponse for the station, and, when accepted, the CertificateSignedRequest the CSMS
+    sends it next."""
+
+    response: Reply
+    certificate_signed: dict[str, Any] | None
+
+
+def sign_certificate(ctx: Context, p: Principal, csr: str, cert_type: str | None, version: Version, *,
+                     request_id: int | None = None, hash_root: CertHashData | None = None) -> SignOutcome:
+    try:
+        ctype: CertType = cert_type or infer_type(csr)  # type: ignore[assignment]
+        ca = None
+        if ctype == "ChargingStationCertificate":
+            profile = "cs-client"
+        else:
+            alg = key_alg_of(parse_csr(csr).public_key())
+            if ctype == "V2G20Certificate" and alg.value == "p256":
+                # OCPP 2.1 CertificateSigningUseEnumType V2G20Certificate: an ISO 15118-20 SECC certificate,
+                # whose keys are secp521r1 or Ed448 (ISO 15118-20 §7.9.1 / Table 3 of the shared profiles doc)
+                raise BadKey("a V2G20Certificate CSR must carry a P-521 or Ed448 key (ISO 15118-20)")
+            profile = "secc" if alg.value == "p256" else "secc-20"
+        if hash_root is not None:
+            alg = key_alg_of(parse_csr(csr).public_key())
+            ca = ca_under_root(ctx.engine, profile, alg, hash_root)
+        res = enroll(ctx, p, profile, csr, ca=ca)
+    except PKIError as exc:
+        if exc.status >= 500:
+            raise
+        reject = {"status": "Rejected", "statusInfo": status_info(_sign_reason(exc), exc.message, version)}
+        return SignOutcome(Reply(reject, http_status_of(exc), {"X-V2GPKI-Problem": exc.code}), None)
+    chain = res.issued.pem_chain(include_root=False)  # leaf, Sub-CA 2, Sub-CA 1: no root, as stations expect
+    if len(chain) > LIMITS[version].chain:
+        # Cannot happen with ≤ 800-byte (-2) or ≤ 1600-byte (-20) certificates; the schema's bound anyway.
+        reject = {"status": "Rejected", "statusInfo": status_info("InvalidCSR", "certificate chain too long", version)}
+        return SignOutcome(Reply(reject, 422, {"X-V2GPKI-Problem": "certificate-too-large"}), None)
+    signed: dict[str, Any] = {"certificateChain": chain, "certificateType": ctype}
+    if request_id is not None:
+        signed["requestId"] = request_id  # OCPP 2.1: correlates CertificateSigned with SignCertificate
+    signed["customData"] = {"vendorId": VENDOR_ID, "serialNumber": res.issued.serial.upper(),
+                            "issuer": res.issued.issuer}
+    headers = {"X-V2GPKI-Serial": res.issued.serial.upper(), "X-V2GPKI-Issuer": res.issued.issuer}
+    return SignOutcome(Reply({"status": "Accepted"}, 200, headers), signed)
+
+
+# -- Get15118EVCertificate -------------------------------------------------------------------------------
+
+
+def get_15118_ev_certificate(ctx: Context, p: Principal, schema_version: str, action: str | None, exi_b64: str,
+                             version: Version) -> Reply:
+    """The EXI V2G_Message in, the EXI answer out (ISO 15118-2 §8.4.3.11/12 via pki.cps). ``action`` None:
+    the 1.6 bridge variant without one; the EXI body says which."""
+    def failed(http: int, reason: str, detail: str, code: str) -> Reply:
+        # exiResponse is required even when Failed; no V2G_Message could be answered, so it is empty.
+        return Reply({"status": "Failed", "exiResponse": "", "statusInfo": status_info(reason, detail, version)},
+                     http, {"X-V2GPKI-Problem": code})
+
+    p.require("cpo", "admin")
+    if schema_version in ISO20:
+        return failed(400, "UnsupportedSchema", "ISO 15118-20 contract installation is not served yet "
+                      f"(this CPS speaks {ISO2})", "unsupported-schema")
+    if schema_version != ISO2:
+        return failed(400, "UnsupportedSchema", f"iso15118SchemaVersion {schema_version!r} is not supported "
+                      f"(this CPS speaks {ISO2})", "unsupported-schema")
+    try:
+        exi = base64.b64decode(exi_b64, validate=True)
+    except (binascii.Error, ValueError):
+        return failed(400, "InvalidRequest", "exiRequest is not base64", "bad-request")
+    try:
+        d = deliver(ctx, exi, actor=p.credential,
+                    expect=None if action is None else "update" if action == "Update" else "install")
+    except ResponseTooLarge as exc:
+        return failed(422, "ResponseTooLarge", exc.message, exc.code)
+    except Forbidden:
+        raise
+    except PKIError as exc:
+        if exc.status >= 500:
+            raise
+        return failed(400, "InvalidRequest", exc.message, exc.code)
+    b64 = base64.b64encode(d.exi).decode()
+    if len(b64) > LIMITS[version].exi_response:
+        return failed(422, "ResponseTooLarge", f"exiResponse would be {len(b64)} characters", "response-too-large")
+    out: dict[str, Any] = {"status": "Accepted" if d.response_code == ResponseCode.OK else "Failed",
+                           "exiResponse": b64}
+    if d.response_code != ResponseCode.OK:
+        out["statusInfo"] = status_info(str(d.response_code), "; ".join(d.notes), version)
+    if version == "2.1":
+        out["remainingContracts"] = 0  # ISO 15118-2 delivers one contract per exchange
+    return Reply(out)
+
+
+# -- GetCertificateStatus, Authorize, GetCertificateChainStatus -------------------------------------------
+
+_OCSP_REASONS = {"unauthorized": "UnknownIssuer", "tryLater": "TryLater", "internalError": "InternalError",
+                 "malformedRequest": "InvalidRequest"}
+
+
+def get_certificate_status(ctx: Context, data: OCSPRequestData, version: Version) -> Reply:
+    """An OCSP answer for a certificate of the station's own chain, from our records; responderURL is
+    never fetched (server-side request forgery)."""
+    try:
+        ans = ocpp_lookup(ctx, data.hashAlgorithm, data.issuerNameHash, data.issuerKeyHash, data.serialNumber)
+    except PKIError as exc:
+        return Reply({"status": "Failed", "statusInfo": status_info("InvalidRequest", exc.message, version)}, 400,
+                     {"X-V2GPKI-Problem": exc.code})
+    if not ans.successful:
+        return Reply({"status": "Failed", "statusInfo": status_info(_OCSP_REASONS.get(ans.status, "InternalError"),
+                                                                    f"OCSP responder answered {ans.status}",
+                                                                    version)})
+    result = base64.b64encode(ans.der).decode()
+    if len(result) > LIMITS[version].ocsp_result:
+        return Reply({"status": "Failed", "statusInfo": status_info("ResponseTooLarge", "", version)})
+    return Reply({"status": "Accepted", "ocspResult": result})
+
+
+def authorize(ctx: Context, p: Principal, body: Authorize201 | Authorize21) -> Reply:
+    """AuthorizeRequest for a contract (idToken type eMAID) → idTokenInfo + certificateStatus (OCPP 2.0.1
+    §C07). cpo and admin only: any other role would get an oracle on every eMSP's contracts."""
+    p.require("cpo", "admin")
+    hd = [h.model_dump(exclude={"customData"}) for h in body.iso15118CertificateHashData or []] or None
+    res = authorize_contract(ctx, body.idToken.idToken, hd, body.certificate)
+    out: dict[str, Any] = {"idTokenInfo": {"status": res.id_token_status}}
+    if res.certificate_status is not None:
+        out["certificateStatus"] = res.certificate_status
+    return Reply(out)
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _ca_matching(ctx: Context, hd: CertificateHashData) -> CAHandle | None:
+    """The CA certificate the hash data names (a station's chain holds its Sub-CAs too), or None."""
+    from pki.roots import cert_id_matches
+
+    for h in ctx.engine.cas():
+        issuer = ctx.engine.ca(h.row.parent).cert if h.row.parent else h.cert
+        if cert_id_matches(h.cert, issuer, hd.data()):
+            return h
+    return None
+
+
+def get_certificate_chain_status(ctx: Context, body: GetCertificateChainStatus21, *,
+                                 now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> Reply:
+    """OCPP 2.1 GetCertificateChainStatus: Good / Revoked / Unknown / Failed with nextUpdate for up to four
+    certificates (a station's leaf and Sub-CAs), answered from this service's own records — its OCSP
+    responses for a leaf, its CA records for a Sub-CA, its published CRLs' nextUpdate for source CRL. The
+    URLs the station supplies are never fetched (no server-side request forgery). A certificate this PKI
+    did not issue is Unknown, to be asked again at any time (nextUpdate now)."""
+    out = []
+    for r in body.certificateStatusRequests:
+        hd = r.certificateHashData
+        status, next_update = "Unknown", now()
+        try:
+            row = find_by_hash_data(ctx, hd.hashAlgorithm, hd.issuerNameHash, hd.issuerKeyHash, hd.serialNumber)
+            ca = None if row is not None else _ca_matching(ctx, hd)
+        except PKIError:  # hashes or serial in no encoding we read: nothing of ours, ask again any time
+            row, ca = None, None
+        if row is not None and r.source == "OCSP":
+            try:
+                ans = ocpp_lookup(ctx, hd.hashAlgorithm, hd.issuerNameHash, hd.issuerKeyHash, hd.serialNumber)
+            except PKIError:
+                ans = None
+            if ans is None or not ans.successful:
+                status = "Failed"
+            else:
+                single = x509_ocsp.load_der_ocsp_response(ans.der)
+                status = {x509_ocsp.OCSPCertStatus.GOOD: "Good",
+                          x509_ocsp.OCSPCertStatus.REVOKED: "Revoked"}.get(single.certificate_status, "Unknown")
+                next_update = single.next_update_utc or next_update
+        elif row is not None or ca is not None:
+            # CRL source, or a CA: the status our records hold (what the next CRL of its issuer carries),
+            # good until that issuer's current CRL's nextUpdate (RFC 5280 §5.1.2.5)
+            if row is not None:
+                issuer, good = row.issuer, row.status == "valid"
+            else:
+                assert ca is not None
+                issuer, good = ca.row.parent or ca.name, ca.row.status != "revoked"
+            meta = latest_meta(ctx.db, issuer)
+            if meta is None:
+                status = "Failed"  # no CRL published yet for that issuer
+            else:
+                status = "Good" if good else "Revoked"
+                next_update = meta[2]
+        out.append({"certificateHashData": hd.model_dump(exclude_none=True), "source": r.source,
+                    "status": status, "nextUpdate": _iso(next_update)})
+    return Reply({"certificateStatus": out})
+
+
+# -- refusing a request that is not a valid message of its version ------------------------------------------
+
+
+def _reason_data(info: dict[str, str]) -> dict[str, str]:
+    return {"vendorId": VENDOR_ID, "reasonCode": info["reasonCode"], "detail": info["additionalInfo"]}
+
+
+def rejection(message: str, reason: str, detail: str, version: Version) -> dict[str, Any]:
+    """The answer of ``message`` that refuses the request, valid against that message's response schema
+    (what a CSMS can forward when the request itself was malformed: wrong version, oversize field)."""
+    info = status_info(reason, detail, version)
+    if message == "SignCertificate":
+        return {"status": "Rejected", "statusInfo": info}
+    if message == "Get15118EVCertificate":
+        return {"status": "Failed", "exiResponse": "", "statusInfo": info}
+    if message == "GetCertificateStatus":
+        return {"status": "Failed", "statusInfo": info}
+    if message == "Authorize":  # AuthorizeResponse has no statusInfo: the reason goes in customData
+        return {"idTokenInfo": {"status": "Invalid"}, "customData": _reason_data(info)}
+    if message == "GetCertificateChainStatus":
+        # certificateStatus needs ≥ 1 entry and the request could not be read: one Failed entry with empty
+        # hash data (the schema's strings have no minimum length), the reason in customData.
+        empty = {"hashAlgorithm": "SHA256", "issuerNameHash": "", "issuerKeyHash": "", "serialNumber": ""}
+        return {"certificateStatus": [{"certificateHashData": empty, "source": "OCSP", "status": "Failed",
+                                       "nextUpdate": _iso(datetime.now(UTC))}],
+                "customData": _reason_data(info)}
+    raise KeyError(message)
+
+
+# path → (message, version): the OCPP endpoints whose malformed requests get their message's rejection
+OCPP_PATHS: dict[str, tuple[str, Version]] = {
+    "/ocpp/v201/sign-certificate": ("SignCertificate", "2.0.1"),
+    "/ocpp/v201/get-15118-ev-certificate": ("Get15118EVCertificate", "2.0.1"),
+    "/ocpp/v201/get-certificate-status": ("GetCertificateStatus", "2.0.1"),
+    "/ocpp/v201/authorize": ("Authorize", "2.0.1"),
+    "/ocpp/v21/sign-certificate": ("SignCertificate", "2.1"),
+    "/ocpp/v21/get-15118-ev-certificate": ("Get15118EVCertificate", "2.1"),
+    "/ocpp/v21/get-certificate-status": ("GetCertificateStatus", "2.1"),
+    "/ocpp/v21/authorize": ("Authorize", "2.1"),
+    "/ocpp/v21/get-certificate-chain-status": ("GetCertificateChainStatus", "2.1"),
+}
+
+
+def invalid_request(path: str, detail: str) -> JSONResponse | None:
+    """A request body that fails its model on an OCPP path: that message's rejection, HTTP 400."""
+    if path == "/ocpp/v16/data-transfer":
+        body = {"conf": {"status": "Rejected"}, "next": []}
+        return JSONResponse(body, status_code=400, headers={"X-V2GPKI-Problem": "invalid-request"})
+    hit = OCPP_PATHS.get(path)
+    if hit is None:
+        return None
+    return JSONResponse(rejection(hit[0], "InvalidRequest", detail, hit[1]), status_code=400,
+                        headers={"X-V2GPKI-Problem": "invalid-request"})
