@@ -34,11 +34,31 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
 
     s = Settings()
     ensure_private_dir(s.home_dir)
-    pin = s.hsm_pin.get_secret_value() if s.hsm_pin else None
+    from_file = s.hsm_pin is None and s.hsm_pin_file is not None
+    pin = s.hsm_pin.get_secret_value() if s.hsm_pin else _read_pin_file(s.hsm_pin_file) if from_file else None
     paths = init_softhsm_token(s.softhsm_dir, s.token_label, pin=pin)
+    if from_file and s.hsm_pin_file is not None and paths.pin_file.resolve() != s.hsm_pin_file.resolve():
+        # the PIN lives in the operator's secret; no copy beside the token it unlocks
+        paths.pin_file.unlink(missing_ok=True)
     print(f"SoftHSM2 token {s.token_label!r} ready under {paths.tokendir}")
     print(f"SOFTHSM2_CONF={paths.conf}")
     return 0
+
+
+def _read_pin_file(path: Path | None) -> str:
+    """The PIN in V2GPKI_HSM_PIN_FILE. A file that is missing, unreadable or empty is an error: never a
+    generated PIN, which would lock the token to a value the other processes do not know (#22 item 3)."""
+    import os
+
+    try:
+        pin = Path(str(path)).read_text().strip()
+    except OSError as exc:
+        raise HSMConfigError(
+            f"V2GPKI_HSM_PIN_FILE={path} cannot be read ({exc.strerror or exc}): the PIN secret must exist and be "
+            f"readable by this process (uid {os.getuid()}); no token was created") from None
+    if not pin:
+        raise HSMConfigError(f"V2GPKI_HSM_PIN_FILE={path} is empty: put the token user PIN in it; no token was created")
+    return pin
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -60,12 +80,24 @@ def cmd_init(args: argparse.Namespace) -> int:
     stats = init_hierarchy(ctx.engine, h, progress)
     _ensure_trustlist_signer(ctx)
     _seal_webhook_secrets(ctx)
+    crls = _publish_first_crls(ctx)
     if tty:
         print(file=sys.stderr)
     print(f"hierarchies ready: {stats['created']} created, {stats['skipped']} already present"
           + (f", {stats['abandoned_intents']} abandoned intents from an interrupted run"
              if stats["abandoned_intents"] else ""))
+    if crls:
+        print(f"CRLs published: {crls}")
     return 0
+
+
+def _publish_first_crls(ctx) -> int:  # type: ignore[no-untyped-def]
+    """A CRL for every CA that has none (or one close to its nextUpdate), so /crl/<ca>.crl answers as soon as
+    the services start rather than after beat's first refresh (#22 item 3). Idempotent: a re-run publishes
+    only for CAs that need it."""
+    from pki.crl import refresh_crls
+
+    return len(refresh_crls(ctx))
 
 
 def _ensure_trustlist_signer(ctx) -> None:  # type: ignore[no-untyped-def]

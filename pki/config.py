@@ -135,11 +135,20 @@ class Settings(BaseSettings):
         """The token user PIN: env var, then a file, then the embedded default's generated PIN file."""
         if self.hsm_pin is not None:
             return self.hsm_pin.get_secret_value()
-        candidates = [self.hsm_pin_file] if self.hsm_pin_file else []
-        candidates.append(self.softhsm_dir / "user.pin")
-        for path in candidates:
-            if path and path.exists():
-                return path.read_text().strip()
+        if self.hsm_pin_file is not None:
+            # the operator's secret: missing, unreadable or empty is an error, with no fallback (#22 item 3)
+            try:
+                pin = self.hsm_pin_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"V2GPKI_HSM_PIN_FILE={self.hsm_pin_file} cannot be read "
+                                  f"({exc.strerror or exc}): the PIN secret must exist and be readable by "
+                                  f"this process (uid {os.getuid()})") from None
+            if not pin:
+                raise ConfigError(f"V2GPKI_HSM_PIN_FILE={self.hsm_pin_file} is empty")
+            return pin
+        path = self.softhsm_dir / "user.pin"
+        if path.exists():
+            return path.read_text().strip()
         raise ConfigError("no HSM PIN: set V2GPKI_HSM_PIN or V2GPKI_HSM_PIN_FILE, or run `v2gpki hsm init`")
 
     def apply_softhsm_env(self) -> None:
@@ -213,7 +222,32 @@ def production_problems(s: Settings) -> list[str]:
     from pki.hardening import hardening_problems
 
     out.extend(hardening_problems(s))
+    out.extend(placeholder_problems(s))
     return out
+
+
+# Secret values committed in the repository's examples (deploy/k8s/examples/secret.yaml, deploy/compose/
+# env.example): anyone can read them, so production refuses any setting or secret file that contains one
+# (tests/test_image.py keeps this list in step with the files).
+KNOWN_PLACEHOLDERS = ("REPLACE_ME", "change-me-to-a-long-random-string")
+
+
+def placeholder_problems(s: Settings) -> list[str]:
+    """Settings and secret files that still hold an example's placeholder (#22 item 3). Never echoes a value."""
+    candidates: list[tuple[str, str]] = [("V2GPKI_DATABASE_URL", s.database_url or ""),
+                                         ("V2GPKI_BROKER_URL", s.broker_url or "")]
+    if s.hsm_pin is not None:
+        candidates.append(("V2GPKI_HSM_PIN", s.hsm_pin.get_secret_value()))
+    files = [("V2GPKI_HSM_PIN_FILE", s.hsm_pin_file),
+             ("V2GPKI_CONSOLE_SESSION_KEY_FILE", os.environ.get("V2GPKI_CONSOLE_SESSION_KEY_FILE"))]
+    for name, path in files:
+        if path:
+            try:
+                candidates.append((name, Path(path).read_bytes().decode("utf-8", "replace")))
+            except OSError:
+                continue  # reported where the file is used
+    return [f"{name} holds a placeholder published in the repository's examples: set a secret of your own"
+            for name, value in candidates if any(p in value for p in KNOWN_PLACEHOLDERS)]
 
 
 def load_settings() -> Settings:

@@ -15,6 +15,8 @@ command -v cc >/dev/null || need_apt+=(gcc)
   command -v cfssl >/dev/null || need_apt+=(golang-cfssl)
   command -v ab >/dev/null || need_apt+=(apache2-utils)
   command -v chromium >/dev/null || need_apt+=(chromium)
+  # the container image test (tests/test_image.py): Podman with runc, and debootstrap for its base image
+  for tool in podman buildah runc debootstrap; do command -v "$tool" >/dev/null || need_apt+=("$tool"); done
   bash scripts/peers.sh  # ISO 15118 peers for the interoperability tests (.peers/, Java)
 }
 if [ ${#need_apt[@]} -gt 0 ]; then

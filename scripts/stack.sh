@@ -94,8 +94,7 @@ EOF
     load_env
     unset V2GPKI_HSM_PIN
     if [ ! -f "$V2GPKI_HOME/softhsm/softhsm2.conf" ]; then
-      V2GPKI_HSM_PIN="$(cat "$V2GPKI_HSM_PIN_FILE")" "$V" hsm init >/dev/null
-      rm -f "$V2GPKI_HOME/softhsm/user.pin"
+      "$V" hsm init >/dev/null  # reads V2GPKI_HSM_PIN_FILE (an unreadable one is an error)
     fi
     "$V" init >"$DIR/log/init.log" 2>&1 || { cat "$DIR/log/init.log" >&2; exit 1; }
   ) || die "init failed (see $DIR/log/init.log)"

@@ -75,27 +75,6 @@ def yaml_docs(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
 
 
-def k8s_objects() -> list[dict[str, Any]]:
-    objs = []
-    for f in sorted(K8S.glob("*.yaml")):
-        if f.name == "kustomization.yaml":
-            continue
-        for d in yaml_docs(f):
-            d["_file"] = f.name
-            objs.append(d)
-    return objs
-
-
-def by_kind(kind: str) -> dict[str, dict[str, Any]]:
-    return {o["metadata"]["name"]: o for o in k8s_objects() if o["kind"] == kind}
-
-
-def pod_specs() -> Iterator[tuple[str, dict[str, Any]]]:
-    for o in k8s_objects():
-        if o["kind"] in ("Deployment", "Job"):
-            yield o["metadata"]["name"], o["spec"]["template"]["spec"]
-
-
 def unit_settings(path: Path) -> dict[str, list[str]]:
     """key -> values (systemd allows repeated keys), all sections merged."""
     out: dict[str, list[str]] = {}
@@ -195,6 +174,15 @@ def test_compose_services_and_references() -> None:
     init_script = services["init"]["command"][-1]
     cmds = shell_v2gpki_commands(init_script)
     assert ["hsm", "init"] in cmds and ["init"] in cmds
+    # `hsm init` reads V2GPKI_HSM_PIN_FILE itself: no `$(cat ...)` whose failure the shell would ignore
+    assert "cat " not in init_script and "V2GPKI_HSM_PIN=" not in init_script
+    for name, svc in services.items():
+        # Podman refuses tmpfs `uid=`; `mode=` works with both
+        assert not any("uid=" in m for m in svc.get("tmpfs", [])), name
+        # `--scale` needs a host port range (or no published port), never one fixed host port
+        for port in svc.get("ports", []):
+            host = str(port).rsplit(":", 1)[0]
+            assert name in ("api", "ocsp") and re.fullmatch(r"\d+-\d+", host), (name, port)
     for c in cmds:
         assert subcommand_path_exists(c), c
     assert services["beat"].get("deploy", {}).get("replicas") == 1
@@ -220,6 +208,11 @@ def _interpolate(value: str, env: dict[str, str]) -> str:
 def test_compose_environment_passes_production_checks(tmp_path: Path) -> None:
     doc = yaml.safe_load(COMPOSE.read_text())
     dotenv = env_example(COMPOSE.parent / "env.example")
+    # production refuses the example's published password; the operator's own value passes
+    env = {k: _interpolate(str(v), dotenv) for k, v in doc["services"]["api"]["environment"].items()}
+    s = production_settings({k: v for k, v in env.items() if k.startswith("V2GPKI_")}, tmp_path)
+    assert [p for p in s.production_problems() if "V2GPKI_DATABASE_URL" in p and "placeholder" in p]
+    dotenv["POSTGRES_PASSWORD"] = "an-operators-own-password"
     env = {k: _interpolate(str(v), dotenv) for k, v in doc["services"]["api"]["environment"].items()}
     assert env["V2GPKI_ENV"] == "production"
     s = production_settings({k: v for k, v in env.items() if k.startswith("V2GPKI_")}, tmp_path)
@@ -227,24 +220,198 @@ def test_compose_environment_passes_production_checks(tmp_path: Path) -> None:
 
 
 # -- Kubernetes ----------------------------------------------------------------------------------------------
+#
+# The kustomizations are rendered in Python (below: the subset of kustomize they use — resources, patches
+# by strategic merge or `$patch: delete`, images), so CI needs no kubectl; where kubectl is installed its
+# `kubectl kustomize` must give the same objects. Every rendered object is validated against the
+# Kubernetes OpenAPI schemas with kubernetes-validate --strict (bundled schemas, offline).
+
+# strategic-merge keys of the lists the patches touch (k8s.io/api patchMergeKey)
+_MERGE_KEYS = {"containers": "name", "initContainers": "name", "volumes": "name", "env": "name",
+               "volumeMounts": "mountPath", "ports": "containerPort"}
+
+
+def _smp(base: Any, patch: Any, field: str = "") -> Any:
+    """Strategic merge patch (the part kustomize applies here): maps merge, null deletes a key, lists of
+    the known fields merge by their key, other lists are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            if v is None:
+                out.pop(k, None)
+            elif k in out:
+                out[k] = _smp(out[k], v, k)
+            else:
+                out[k] = _smp({}, v, k) if isinstance(v, dict) else v
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and field in _MERGE_KEYS:
+        key = _MERGE_KEYS[field]
+        out_list = [copy.deepcopy(x) for x in base]
+        for item in patch:
+            idx = next((i for i, x in enumerate(out_list) if x.get(key) == item.get(key)), None)
+            if item.get("$patch") == "delete":
+                if idx is not None:
+                    del out_list[idx]
+            elif idx is None:
+                out_list.append(item)
+            else:
+                out_list[idx] = _smp(out_list[idx], item, "")
+        return out_list
+    return copy.deepcopy(patch)
+
+
+def _ident(o: dict[str, Any]) -> tuple[str, str, str]:
+    return o["kind"], o["metadata"]["name"], o["metadata"].get("namespace", "")
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize DIR`, for the features deploy/k8s* use (anything else fails loudly)."""
+    k = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unknown = set(k) - {"apiVersion", "kind", "resources", "patches", "images"}
+    assert not unknown, f"{directory}: the Python renderer does not implement {sorted(unknown)}"
+    objs: list[dict[str, Any]] = []
+    for r in k.get("resources", []):
+        path = (directory / r).resolve()
+        objs += kustomize(path) if path.is_dir() else yaml_docs(path)
+    for p in k.get("patches", []):
+        assert set(p) == {"path"}, p
+        for patch in yaml_docs(directory / p["path"]):
+            hits = [i for i, o in enumerate(objs) if _ident(o) == _ident(patch)]
+            assert len(hits) == 1, (p, _ident(patch))
+            if patch.get("$patch") == "delete":
+                del objs[hits[0]]
+            else:
+                objs[hits[0]] = _smp(objs[hits[0]], patch)
+    for img in k.get("images", []):
+        for o in objs:
+            spec = o.get("spec", {}).get("template", {}).get("spec", {})
+            for c in spec.get("containers", []) + spec.get("initContainers", []):
+                name, _, tag = c["image"].partition(":")
+                if name == img["name"]:
+                    c["image"] = f"{img.get('newName', name)}:{img.get('newTag', tag)}"
+    return objs
+
+
+K8S_HSM = DEPLOY / "k8s-network-hsm"
+K8S_SECRETS = K8S / "examples" / "secret.yaml"
+
+
+def k8s_objects(directory: Path = K8S) -> list[dict[str, Any]]:
+    return kustomize(directory)
+
+
+def by_kind(kind: str, directory: Path = K8S) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in k8s_objects(directory) if o["kind"] == kind}
+
+
+def example_secrets() -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in yaml_docs(K8S_SECRETS)}
+
+
+def pod_specs(directory: Path = K8S) -> Iterator[tuple[str, dict[str, Any]]]:
+    for o in k8s_objects(directory):
+        if o["kind"] in ("Deployment", "Job"):
+            yield o["metadata"]["name"], o["spec"]["template"]["spec"]
+
+
+def kubernetes_validate_errors(objs: list[dict[str, Any]]) -> list[str]:
+    import kubernetes_validate  # dev extra (pyproject.toml); bundles the Kubernetes schemas
+
+    out = []
+    for o in objs:
+        try:
+            kubernetes_validate.validate(o, kubernetes_validate.latest_version(), strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            out.append(f"{_ident(o)}: {exc.message[:300]}")
+    return out
 
 
 def test_k8s_manifests_parse_and_kustomization_lists_them_all() -> None:
     listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
     on_disk = sorted(f.name for f in K8S.glob("*.yaml") if f.name != "kustomization.yaml")
     assert sorted(listed) == on_disk
-    for o in k8s_objects():
-        assert o.get("apiVersion") and o.get("kind") and o["metadata"].get("name"), o["_file"]
-        if o["kind"] != "Namespace":
-            assert o["metadata"].get("namespace") == "v2gpki", o["_file"]
+    for d in (K8S, K8S_HSM):
+        for o in k8s_objects(d):
+            assert o.get("apiVersion") and o.get("kind") and o["metadata"].get("name"), _ident(o)
+            if o["kind"] != "Namespace":
+                assert o["metadata"].get("namespace") == "v2gpki", _ident(o)
+            # secrets are created by the operator, never applied with placeholder values
+            assert o["kind"] != "Secret", (d.name, _ident(o))
+    assert set(example_secrets()) == {"v2gpki-db", "v2gpki-hsm-pin", "v2gpki-console"}
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
-def test_kubectl_kustomize_builds_offline() -> None:
-    res = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    kinds = [d["kind"] for d in yaml.safe_load_all(res.stdout) if d]
-    assert kinds.count("Deployment") == 4 and kinds.count("HorizontalPodAutoscaler") == 2
+def test_k8s_manifests_validate_against_the_kubernetes_schemas() -> None:
+    if not (os.environ.get("CI") or os.environ.get("V2GPKI_TEST_REQUIRE_PEERS")):
+        pytest.importorskip("kubernetes_validate")
+    for d in (K8S, K8S_HSM):
+        objs = k8s_objects(d)
+        assert len(objs) >= 11, d.name
+        assert kubernetes_validate_errors(objs) == [], d.name
+    assert kubernetes_validate_errors(yaml_docs(K8S_SECRETS)) == []
+    # the validator is live and strict: an unknown field and a wrong type are caught
+    broken = copy.deepcopy(by_kind("Deployment")["v2gpki-api"])
+    broken["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    assert kubernetes_validate_errors([broken])
+    broken = copy.deepcopy(by_kind("Deployment")["v2gpki-api"])
+    broken["spec"]["replicas"] = "two"
+    assert kubernetes_validate_errors([broken])
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (the Python renderer is used)")
+def test_kubectl_kustomize_agrees_with_the_python_renderer() -> None:
+    for d in (K8S, K8S_HSM):
+        res = subprocess.run(["kubectl", "kustomize", str(d)], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        theirs = sorted((_unordered(d) for d in yaml.safe_load_all(res.stdout) if d), key=_ident)
+        assert theirs == sorted((_unordered(o) for o in k8s_objects(d)), key=_ident), d.name
+
+
+def _unordered(value: Any, field: str = "") -> Any:
+    """Merge-keyed lists sorted by their key (kustomize moves patched items to the front; order is moot)."""
+    if isinstance(value, dict):
+        return {k: _unordered(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [_unordered(v) for v in value]
+        return sorted(items, key=lambda x: str(x.get(_MERGE_KEYS[field]))) if field in _MERGE_KEYS else items
+    return value
+
+
+def _mounts_softhsm_pvc(spec: dict[str, Any]) -> bool:
+    return any(v.get("persistentVolumeClaim", {}).get("claimName") == "v2gpki-softhsm" for v in spec["volumes"])
+
+
+def test_k8s_never_scales_pods_that_mount_the_softhsm_volume() -> None:
+    """SoftHSM2 is a file store on a ReadWriteOnce volume: one node. The base runs one pod per role on that
+    node (required pod affinity); HPAs, PDBs and replicas > 1 exist only in the network-HSM overlay, where
+    no pod mounts the volume."""
+    for d in (K8S, K8S_HSM):
+        objs = k8s_objects(d)
+        deps = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Deployment"}
+        pvcs = [o for o in objs if o["kind"] == "PersistentVolumeClaim"]
+        for p in pvcs:
+            assert p["spec"]["accessModes"] == ["ReadWriteOnce"], d.name
+        scaled = {o["spec"]["scaleTargetRef"]["name"] for o in objs if o["kind"] == "HorizontalPodAutoscaler"}
+        for name, dep in deps.items():
+            spec = dep["spec"]["template"]["spec"]
+            if _mounts_softhsm_pvc(spec):
+                assert dep["spec"]["replicas"] == 1 and name not in scaled, (d.name, name)
+                aff = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+                assert aff["topologyKey"] == "kubernetes.io/hostname"
+                assert aff["labelSelector"]["matchLabels"].items() <= \
+                    dep["spec"]["template"]["metadata"]["labels"].items()
+            else:
+                assert "affinity" not in spec, (d.name, name)
+        if d == K8S:
+            assert pvcs and not scaled
+            assert all(_mounts_softhsm_pvc(s) for _, s in pod_specs(d))
+        else:
+            assert not pvcs and scaled == {"v2gpki-api", "v2gpki-ocsp"}
+            assert not any(_mounts_softhsm_pvc(s) for _, s in pod_specs(d))
+            assert {n for n, o in deps.items() if o["spec"]["replicas"] >= 2} == \
+                {"v2gpki-api", "v2gpki-ocsp", "v2gpki-worker"}
+            env = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "v2gpki-env")
+            assert "softhsm" not in env["data"]["V2GPKI_PKCS11_MODULE"]
+        assert deps["v2gpki-beat"]["spec"]["replicas"] == 1
 
 
 def test_k8s_workloads_probes_resources_and_commands() -> None:
@@ -270,57 +437,71 @@ def test_k8s_workloads_probes_resources_and_commands() -> None:
         "cmd_serve"
     assert parse_cli(deps["v2gpki-ocsp"]["spec"]["template"]["spec"]["containers"][0]["args"]).fn.__name__ == \
         "cmd_ocsp_serve"
-    hpas = by_kind("HorizontalPodAutoscaler")
-    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas.values()} == {"v2gpki-api", "v2gpki-ocsp"}
     services = by_kind("Service")
     for s in services.values():
         target = [d for d in deps.values() if s["spec"]["selector"].items() <=
                   d["spec"]["template"]["metadata"]["labels"].items()]
         assert len(target) == 1, s["metadata"]["name"]
+    for pdb in by_kind("PodDisruptionBudget", K8S_HSM).values():
+        target = [d for d in by_kind("Deployment", K8S_HSM).values() if pdb["spec"]["selector"]["matchLabels"].items()
+                  <= d["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(target) == 1 and target[0]["spec"]["replicas"] > pdb["spec"]["minAvailable"]
     job = by_kind("Job")["v2gpki-init"]
     script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
-    for c in shell_v2gpki_commands(script):
+    cmds = shell_v2gpki_commands(script)
+    assert ["hsm", "init"] in cmds and ["init"] in cmds
+    for c in cmds:
         assert subcommand_path_exists(c), c
+    # `hsm init` reads V2GPKI_HSM_PIN_FILE itself: no `$(cat ...)` whose failure the shell would ignore
+    assert "cat " not in script and "V2GPKI_HSM_PIN=" not in script
 
 
 def test_k8s_references_resolve_and_the_pin_is_a_file() -> None:
-    secrets = {n: set(o.get("stringData", {})) | set(o.get("data", {})) for n, o in by_kind("Secret").items()}
-    configmaps = by_kind("ConfigMap")
-    pvcs = by_kind("PersistentVolumeClaim")
-    env_cm = configmaps["v2gpki-env"]["data"]
-    for name, spec in pod_specs():
-        volumes = {v["name"]: v for v in spec["volumes"]}
-        for v in volumes.values():
-            if "secret" in v:
-                assert v["secret"]["secretName"] in secrets, (name, v)
-            if "configMap" in v:
-                assert v["configMap"]["name"] in configmaps, (name, v)
-            if "persistentVolumeClaim" in v:
-                assert v["persistentVolumeClaim"]["claimName"] in pvcs, (name, v)
-        for c in spec["containers"]:
-            mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-            assert set(mounts) <= set(volumes), name
-            for ref in c.get("envFrom", []):
-                assert ref["configMapRef"]["name"] in configmaps
-            for e in c.get("env", []):
-                assert e["name"] != "V2GPKI_HSM_PIN", "the PIN must be a mounted file"
-                ref = e.get("valueFrom", {}).get("secretKeyRef")
-                if ref:
-                    assert ref["key"] in secrets[ref["name"]], (name, ref)
-            # the PIN file lies inside a mounted Secret volume
-            pin = env_cm["V2GPKI_HSM_PIN_FILE"]
-            holders = [n for n, p in mounts.items() if pin.startswith(p + "/") and "secret" in volumes[n]]
-            assert holders, (name, pin)
-            assert env_cm["PROMETHEUS_MULTIPROC_DIR"] in mounts.values(), name
-            assert env_cm["V2GPKI_POLICIES_DIR"] in mounts.values(), name
+    secrets = {n: set(o.get("stringData", {})) | set(o.get("data", {})) for n, o in example_secrets().items()}
+    for d in (K8S, K8S_HSM):
+        configmaps = by_kind("ConfigMap", d)
+        pvcs = by_kind("PersistentVolumeClaim", d)
+        env_cm = configmaps["v2gpki-env"]["data"]
+        for name, spec in pod_specs(d):
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            for v in volumes.values():
+                if "secret" in v:
+                    assert v["secret"]["secretName"] in secrets, (name, v)
+                if "configMap" in v:
+                    assert v["configMap"]["name"] in configmaps, (name, v)
+                if "persistentVolumeClaim" in v:
+                    assert v["persistentVolumeClaim"]["claimName"] in pvcs, (name, v)
+            for c in spec["containers"]:
+                mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+                assert set(mounts) <= set(volumes), name
+                for ref in c.get("envFrom", []):
+                    assert ref["configMapRef"]["name"] in configmaps
+                for e in c.get("env", []):
+                    assert e["name"] != "V2GPKI_HSM_PIN", "the PIN must be a mounted file"
+                    ref = e.get("valueFrom", {}).get("secretKeyRef")
+                    if ref:
+                        assert ref["key"] in secrets[ref["name"]], (name, ref)
+                # the PIN file lies inside a mounted Secret volume
+                pin = env_cm["V2GPKI_HSM_PIN_FILE"]
+                holders = [n for n, p in mounts.items() if pin.startswith(p + "/") and "secret" in volumes[n]]
+                assert holders, (name, pin)
+                assert env_cm["PROMETHEUS_MULTIPROC_DIR"] in mounts.values(), name
+                assert env_cm["V2GPKI_POLICIES_DIR"] in mounts.values(), name
 
 
 def test_k8s_environment_passes_production_checks(tmp_path: Path) -> None:
-    env = dict(by_kind("ConfigMap")["v2gpki-env"]["data"])
-    db = by_kind("Secret")["v2gpki-db"]["stringData"]
-    env["V2GPKI_DATABASE_URL"], env["V2GPKI_BROKER_URL"] = db["database-url"], db["broker-url"]
-    s = production_settings({k: v for k, v in env.items() if k.startswith("V2GPKI_")}, tmp_path)
-    assert s.production_problems() == []
+    for d in (K8S, K8S_HSM):
+        env = dict(by_kind("ConfigMap", d)["v2gpki-env"]["data"])
+        db = example_secrets()["v2gpki-db"]["stringData"]
+        # the operator's values replace the example's placeholders
+        env["V2GPKI_DATABASE_URL"], env["V2GPKI_BROKER_URL"] = (
+            db["database-url"].replace("REPLACE_ME", "s3cret-from-the-vault"),
+            db["broker-url"].replace("REPLACE_ME", "s3cret-from-the-vault"))
+        s = production_settings({k: v for k, v in env.items() if k.startswith("V2GPKI_")}, tmp_path)
+        assert s.production_problems() == [], d.name
+        env["V2GPKI_DATABASE_URL"] = db["database-url"]  # the example's placeholder itself is refused
+        s = production_settings({k: v for k, v in env.items() if k.startswith("V2GPKI_")}, tmp_path)
+        assert [p for p in s.production_problems() if "placeholder" in p], d.name
 
 
 def test_k8s_policies_configmap_is_in_sync_with_policies() -> None:
@@ -386,7 +567,11 @@ def test_systemd_environment_passes_production_checks(tmp_path: Path) -> None:
 
 def test_containerfile_copies_existing_paths_and_runs_v2gpki() -> None:
     text = CONTAINERFILE.read_text()
-    assert re.search(r"^FROM python:3\.11-slim", text, flags=re.M)
+    # the production base by default, overridable (CI builds on a debootstrap base: tests/test_image.py)
+    assert re.search(r"^ARG BASE=python:3\.11-slim-bookworm$", text, flags=re.M)
+    assert re.findall(r"^FROM (\S+)", text, flags=re.M) == ["${BASE}", "${BASE}"]
+    # installed into a venv (PEP 668) with the pinned runtime dependency set
+    assert "-c deploy/constraints.txt" in text and "ENV PATH=/opt/v2gpki/venv/bin:$PATH" in text
     assert "softhsm2" in text and "postgresql-client" in text
     for m in re.finditer(r"^COPY (?!--from)(.+)$", text, flags=re.M):
         *srcs, _dst = m.group(1).split()
