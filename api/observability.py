@@ -150,6 +150,12 @@ def configure_logging(fmt: str | None = None, level: str | None = None) -> None:
     root.setLevel((level or os.environ.get("V2GPKI_LOG_LEVEL") or "INFO").upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         lg = logging.getLogger(name)
+        if name == "uvicorn.access" and not lg.handlers and not lg.propagate:
+            # `serve` without --access-log: uvicorn switched its access log off (no handlers, no propagation).
+            # Propagating it to the root would turn it back on — uvicorn logs a request whenever that logger
+            # has any handler up the tree — and every request, /readyz and /ocsp included, would be logged a
+            # second time beside v2gpki.access, which already logs each request once (#22).
+            continue
         lg.handlers.clear()
         lg.propagate = True
 

@@ -9,6 +9,7 @@ loops are bounded in count and time; the only time bounds are timeouts with gene
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -547,3 +548,27 @@ def test_api_closes_a_half_open_head_after_the_timeout(api: Proc) -> None:
         for s in socks:
             s.close()
     assert httpx.get(f"{api.url}/healthz", timeout=10).status_code == 200
+
+
+# -- #22: one access-log line per request, none for successful probes and OCSP -----------------------------
+
+
+def test_serve_logs_each_request_once_and_quiet_successes_not_at_all(av: Avail, tmp_path: Path) -> None:
+    """With JSON logs (the image's default), `v2gpki serve` logged every request twice — uvicorn's access
+    log, switched back on by routing uvicorn's loggers to the root, beside v2gpki.access — and so also the
+    successful /readyz and /ocsp requests docs/operations.md says are not logged."""
+    key = create_api_key(av.ctx.db, ORG)[0]
+    with process(av, ["serve"], tmp_path, V2GPKI_LOG_FORMAT="json") as p:
+        for _ in range(3):
+            assert httpx.get(f"{p.url}/readyz", timeout=60).status_code == 200
+        assert _status(_ocsp(p.url, ocsp_request(av))) == ocsp.OCSPResponseStatus.SUCCESSFUL
+        assert _enroll(p, key).status_code == 201
+        assert httpx.get(f"{p.url}/v1/nowhere", timeout=60).status_code == 404
+        time.sleep(0.5)
+    lines = [json.loads(x) for x in p.log.read_text().splitlines() if x.startswith("{")]
+    access = [x for x in lines if x.get("logger") in ("v2gpki.access", "uvicorn.access")]
+    assert not [x for x in access if x["logger"] == "uvicorn.access"], access
+    routes = [(x["method"], x["route"], x["status"]) for x in access]
+    assert routes.count(("POST", "/v1/enrollments", 201)) == 1, routes
+    assert ("GET", "/v1/nowhere", 404) in routes or any(r[2] == 404 for r in routes), routes
+    assert not [r for r in routes if r[1] in ("/readyz", "/ocsp")], routes
