@@ -17,6 +17,10 @@ command -v cc >/dev/null || need_apt+=(gcc)
   command -v chromium >/dev/null || need_apt+=(chromium)
   # the container image test (tests/test_image.py): Podman with runc, and debootstrap for its base image
   for tool in podman buildah runc debootstrap; do command -v "$tool" >/dev/null || need_apt+=("$tool"); done
+  # p11-kit's PKCS#11 remoting, the stand-in network HSM (tests/test_network_hsm.py): the server and the
+  # client module (p11-kit-client.so, in p11-kit-modules)
+  command -v p11-kit >/dev/null || need_apt+=(p11-kit)
+  dpkg -s p11-kit-modules >/dev/null 2>&1 || need_apt+=(p11-kit-modules)
   bash scripts/peers.sh  # ISO 15118 peers for the interoperability tests (.peers/, Java)
 }
 if [ ${#need_apt[@]} -gt 0 ]; then
