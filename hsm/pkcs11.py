@@ -90,6 +90,21 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 # Attempts when the failure happens while a session is being opened (see _run): up to ≈ 1–2 s of jittered
 # back-off, enough for eight processes logging in at once (test_processes_starting_at_once_...).
 OPEN_ATTEMPTS = 8
+# Attempts of the breaker's half-open trial: the token was just found gone; one re-initialisation and one
+# more look, then the breaker opens again for its cool-down (requests meanwhile fail in milliseconds).
+HALF_OPEN_ATTEMPTS = 2
+
+# What a token that went away looks like once every attempt failed: SoftHSM2's directory moved, a network
+# HSM (or p11-kit's remoting socket, or the vendor client's connection) gone — the slot or its token
+# disappears (p11-kit's client: CKR_DEVICE_ERROR once, then no slot at all). For a store that has reached its
+# token before, that is an outage: the breaker opens at once, not after `threshold` more slow requests.
+# (CKR_DEVICE_ERROR alone is not in the list: SoftHSM2 also answers it transiently, see _TRANSIENT.)
+_GONE: tuple[type[BaseException], ...] = (
+    p11e.NoSuchToken,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+    p11e.DeviceRemoved,
+)
 
 
 @contextlib.contextmanager
@@ -154,12 +169,20 @@ class _CircuitBreaker:
         self.failures = 0
         self.opened_at: float | None = None
 
-    def check(self) -> None:
+    def check(self) -> bool:
+        """Raise HSMUnavailable while open; True when the cool-down is over and this call is the half-open
+        trial (let through with few attempts: a failure opens the breaker again at once)."""
         if self.opened_at is None:
-            return
+            return False
         if time.monotonic() - self.opened_at < self.cooldown:
             raise HSMUnavailable("HSM unavailable: circuit breaker open after repeated token failures")
         self.opened_at = None  # half-open: let one attempt through
+        return True
+
+    def trip(self) -> None:
+        """Open now (the token is known to be gone, or the half-open trial failed)."""
+        self.failures = max(self.failures + 1, self.threshold)
+        self.opened_at = time.monotonic()
 
     def success(self) -> None:
         self.failures = 0
@@ -279,9 +302,9 @@ class Pkcs11KeyStore:
     def _run(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(session)`` under the process lock with bounded retries and the circuit breaker."""
         with _LOCK:
-            self._breaker.check()
+            half_open = self._breaker.check()
             last: BaseException | None = None
-            attempts = self.retries + 1
+            attempts = HALF_OPEN_ATTEMPTS if half_open else self.retries + 1
             attempt = 0
             while attempt < attempts:
                 opening = False
@@ -298,6 +321,12 @@ class Pkcs11KeyStore:
                     return result
                 except HSMError:
                     raise
+                except p11e.MechanismInvalid as exc:
+                    # The token does not offer what this call needs (a network HSM or PKCS#11 remoting with
+                    # fewer mechanisms than SoftHSM2): a configuration error, never retried.
+                    raise HSMConfigError(
+                        f"PKCS#11 token {self.token_label!r} does not offer a mechanism this operation needs "
+                        f"(`v2gpki init` lists what the token lacks)") from exc
                 except BaseException as exc:
                     # While a session is being opened, any PKCS#11 error is retried: SoftHSM reads its
                     # token files at C_Initialize/C_GetTokenInfo/C_Login while other processes rewrite
@@ -306,7 +335,7 @@ class Pkcs11KeyStore:
                     # then and are never retried.
                     if not (_is_transient(exc) or (opening and isinstance(exc, p11e.PKCS11Error))):
                         raise
-                    if opening:  # several processes starting together: give the token files time to settle
+                    if opening and not half_open:  # processes starting together: let the token files settle
                         attempts = max(attempts, OPEN_ATTEMPTS)
                     last = exc
                     log.warning("transient PKCS#11 error (%s), attempt %d", type(exc).__name__, attempt + 1)
@@ -320,12 +349,21 @@ class Pkcs11KeyStore:
                     # Jittered: processes that collided at C_Login would otherwise retry in step.
                     time.sleep(random.uniform(0.5, 1.0) * min(0.05 * (2**attempt), 0.5))
                 attempt += 1
-            self._breaker.failure()  # also for a missing token: later calls fail fast, not after the retries
+            if half_open or (self._opened_once and isinstance(last, _GONE)):
+                # The token this store reached before is gone (its files moved away, a network HSM or its
+                # client's connection down): open the breaker now, so that the requests that follow fail
+                # in milliseconds with HSMUnavailable (503 + Retry-After) instead of each paying the retries.
+                self._breaker.trip()
+            else:
+                self._breaker.failure()  # also for a missing token: later calls fail fast, not after the retries
             if isinstance(last, p11e.NoSuchToken) and not self._opened_once:
-                # every attempt, and this store never saw the token: a configuration error. A token that
-                # was there and is gone (its files moved away, a network HSM partition offline) is an
-                # outage: HSMUnavailable, and the store finds it again when it is back.
-                raise HSMConfigError(f"PKCS#11 token {self.token_label!r} not found") from last
+                # every attempt, and this store never saw the token: a configuration error (a wrong label or
+                # module, or an HSM not reachable at start-up; later calls look again). A token that was
+                # there and is gone (its files moved away, a network HSM partition offline) is an outage:
+                # HSMUnavailable, and the store finds it again when it is back.
+                raise HSMConfigError(
+                    f"PKCS#11 token {self.token_label!r} not found (never reached by this process: check "
+                    f"V2GPKI_TOKEN_LABEL and V2GPKI_PKCS11_MODULE, or that the HSM is reachable)") from last
             raise HSMUnavailable(
                 f"HSM unavailable: token {self.token_label!r} failed {attempts} times "
                 f"({type(last).__name__})"
@@ -401,6 +439,20 @@ class Pkcs11KeyStore:
             return False
 
         return self._run(go) or (self._refresh() and self._run(go))
+
+    def mechanisms(self) -> frozenset[str]:
+        """The mechanisms the token's slot offers (C_GetMechanismList) as CKM_* names (a vendor code
+        python-pkcs11 does not know as CKM_0x...): what `v2gpki init` checks a hierarchy against before
+        creating anything (pki/hierarchy.py token_plan)."""
+
+        def go(session: Any) -> frozenset[str]:
+            out = set()
+            for m in session.token.slot.get_mechanisms():
+                name = getattr(m, "name", None)
+                out.add(f"CKM_{name.lstrip('_')}" if name else f"CKM_0x{int(m):08x}")
+            return frozenset(out)
+
+        return self._run(go)
 
     # -- KeyStore protocol ---------------------------------------------------------------------------
 

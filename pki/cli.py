@@ -70,6 +70,22 @@ def cmd_init(args: argparse.Namespace) -> int:
         cmd_hsm_init(args)
     ctx = _ctx(args)
     h = ctx.hierarchy(Path(args.config) if args.config else None)
+    mechanisms = getattr(ctx.keystore, "mechanisms", None)
+    if mechanisms is not None:  # a PKCS#11 token: can it hold the hierarchy? (#22 item 4)
+        from pki.hierarchy import token_plan
+
+        plan = token_plan(h, ctx.profiles, mechanisms())
+        for warning in plan.warnings:
+            print(f"v2gpki: warning: {warning}", file=sys.stderr)
+        if plan.skipped:
+            what = "; ".join(f"{name} ({why})" for name, why in plan.skipped.items())
+            if not args.skip_unsupported:
+                return _err(f"token {ctx.settings.token_label!r} lacks {', '.join(plan.missing)}: it cannot hold "
+                            f"{len(plan.skipped)} entries of the hierarchy: {what}. Nothing was created. Remove them "
+                            f"from the hierarchy file, or run `v2gpki init --skip-unsupported` to build the others", 6)
+            print(f"v2gpki: skipping {len(plan.skipped)} entries the token cannot hold (it lacks "
+                  f"{', '.join(plan.missing)}): {what}", file=sys.stderr)
+            h = plan.reduced
     tty = sys.stderr.isatty()
 
     def progress(n: int, total: int, name: str, status: str) -> None:
@@ -290,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("init", help="build the configured V2G/OEM/MO/CSMS hierarchies (idempotent)")
     i.add_argument("--config", help="hierarchy YAML (default $V2GPKI_HIERARCHY_FILE, else hierarchy.yaml of the "
                    "policies directory)")
+    i.add_argument("--skip-unsupported", action="store_true",
+                   help="build what the token can hold and skip, naming them, the CAs whose keys need mechanisms "
+                   "it lacks (default: refuse, exit 6, before creating anything)")
     i.set_defaults(fn=cmd_init)
 
     iss = sub.add_parser("issue", help="issue a certificate from a CSR; prints the PEM chain, leaf first")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from sqlalchemy import update
 from sqlmodel import Session, select
@@ -17,7 +18,7 @@ from hsm.errors import KeyExistsError, KeyNotFoundError
 from hsm.keystore import KeyAlg, KeyStore
 from pki.csr import SubjectFields
 from pki.issuance import Engine, Issued, IssueRequest, key_alg_of_public
-from pki.profiles import CAEntry, Hierarchy
+from pki.profiles import CAEntry, Hierarchy, ProfileSet
 from pki.store.db import utcnow
 from pki.store.models import Certificate, CertificateAuthority, IssuanceIntent
 
@@ -138,6 +139,82 @@ def ensure_ocsp_signer(engine: Engine, h: Hierarchy, ca_name: str) -> Issued | N
                               h=h, identifier=f"ocsp-{ca_name}")
 
 
+# -- what the token must offer (#22 item 4) -------------------------------------------------------------
+
+# PKCS#11 mechanisms a key of each algorithm needs in the token: generated there, then signing there.
+# (P-256 and P-521 digests are hashed in software and signed with plain CKM_ECDSA: hsm/pkcs11.py.)
+KEY_MECHANISMS: dict[KeyAlg, tuple[str, ...]] = {
+    KeyAlg.P256: ("CKM_EC_KEY_PAIR_GEN", "CKM_ECDSA"),
+    KeyAlg.P521: ("CKM_EC_KEY_PAIR_GEN", "CKM_ECDSA"),
+    KeyAlg.ED448: ("CKM_EC_EDWARDS_KEY_PAIR_GEN", "CKM_EDDSA"),
+}
+# The webhook-secret sealing key (hsm/sealing.py): not part of a hierarchy, reported as a warning.
+SEALING_MECHANISMS: tuple[str, ...] = ("CKM_AES_KEY_GEN", "CKM_AES_GCM")
+
+
+@dataclass
+class TokenPlan:
+    """What a hierarchy asks of a token that `init` can check before creating anything: ``skipped`` maps
+    every CA or service key the token cannot hold to why (the mechanisms its keys lack, or an issuer that
+    is itself skipped); ``missing`` is the union of the mechanisms lacking; ``reduced`` the hierarchy
+    without what is skipped (what `v2gpki init --skip-unsupported` builds)."""
+
+    skipped: dict[str, str]
+    missing: tuple[str, ...]
+    reduced: Hierarchy
+    warnings: list[str] = field(default_factory=list)
+
+
+def _needs(alg: KeyAlg, mechanisms: frozenset[str]) -> list[str]:
+    return [m for m in KEY_MECHANISMS[alg] if m not in mechanisms]
+
+
+def token_plan(h: Hierarchy, profiles: ProfileSet, mechanisms: frozenset[str]) -> TokenPlan:
+    """Check ``h`` against the mechanisms a token offers (Pkcs11KeyStore.mechanisms()). A CA is skipped
+    when its key or its delegated OCSP signer's key needs a mechanism the token lacks, or when its parent
+    is skipped; a service key when its issuer is skipped or its key cannot be made."""
+    skipped: dict[str, str] = {}
+    missing: set[str] = set()
+    algs: dict[str, KeyAlg] = {}
+    for ca in h.cas:
+        if ca.parent is not None and ca.parent in skipped:
+            skipped[ca.name] = f"its parent {ca.parent} is skipped"
+            continue
+        profile = profiles.get(ca.profile)
+        alg = ca.key_alg or profile.key_algs[0]
+        lack = _needs(alg, mechanisms)
+        if not lack and ca.ocsp_signer:
+            p20 = profiles.get(h.ocsp_signer_profile_20)
+            sp = p20 if ca.profile in p20.issuers else profiles.get(h.ocsp_signer_profile)
+            lack = _needs(alg if alg in sp.key_algs else sp.key_algs[0], mechanisms)
+        if lack:
+            skipped[ca.name] = f"{alg.value} keys need {', '.join(lack)}"
+            missing.update(lack)
+            continue
+        algs[ca.name] = alg
+    keys = []
+    for sk in h.service_keys:
+        if sk.issuer in skipped:
+            skipped[sk.name] = f"its issuer {sk.issuer} is skipped"
+            continue
+        profile = profiles.get(sk.profile)
+        ca_alg = algs.get(sk.issuer)
+        alg = ca_alg if ca_alg in profile.key_algs else profile.key_algs[0]
+        lack = _needs(alg, mechanisms)
+        if lack:
+            skipped[sk.name] = f"{alg.value} keys need {', '.join(lack)}"
+            missing.update(lack)
+            continue
+        keys.append(sk)
+    reduced = h.model_copy(update={"cas": [c for c in h.cas if c.name not in skipped], "service_keys": keys})
+    warnings = []
+    lack_sealing = [m for m in SEALING_MECHANISMS if m not in mechanisms]
+    if lack_sealing:
+        warnings.append(f"the token lacks {', '.join(lack_sealing)}: webhook subscriptions with a secret cannot "
+                        "be sealed (hsm/sealing.py): adding one fails as an HSM configuration error")
+    return TokenPlan(skipped, tuple(sorted(missing)), reduced, warnings)
+
+
 from cryptography.x509.oid import NameOID  # noqa: E402
 
 _CN = NameOID.COMMON_NAME
@@ -195,4 +272,4 @@ def init_hierarchy(engine: Engine, h: Hierarchy, progress: Progress | None = Non
     return stats
 
 
-__all__ = ["init_hierarchy", "ca_key_label", "ocsp_key_label", "svc_key_label"]
+__all__ = ["init_hierarchy", "ca_key_label", "ocsp_key_label", "svc_key_label", "token_plan", "TokenPlan"]
