@@ -57,11 +57,16 @@ def _datatype_spec(dt: Datatype) -> tuple[Any, ...]:
         kind = 0 if isinstance(dt, StringType) else 1
         return (kind, dt.min_length, -1 if dt.max_length is None else dt.max_length, *none)
     if isinstance(dt, IntegerType):
-        for bound in (dt.minimum, dt.maximum):
+        maximum = dt.maximum
+        if maximum is not None and maximum > _INT64[1] and dt.minimum is not None and dt.minimum >= 0:
+            # xs:unsignedLong (ISO 15118-20 TimeStamp): C takes values up to 2^63 - 1 and, having a lower
+            # bound, leaves every larger one to Python (it punts on 64-bit overflow), which checks the maximum.
+            maximum = None
+        for bound in (dt.minimum, maximum):
             if bound is not None and not _INT64[0] <= bound <= _INT64[1]:
                 raise ValueError(f"{dt.label}: bound outside 64 bits")
         nbit = dt._nbit  # EXI 1.0 §7.1.5: the n-bit form of a bounded range, as the Python codec decides
-        return (2, 0, -1, dt.minimum is not None, dt.minimum or 0, dt.maximum is not None, dt.maximum or 0,
+        return (2, 0, -1, dt.minimum is not None, dt.minimum or 0, maximum is not None, maximum or 0,
                 -1 if nbit is None else nbit, None, None)
     if isinstance(dt, BooleanType):
         return (3, 0, -1, *none)
