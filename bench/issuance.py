@@ -1,6 +1,14 @@
 """Certificate issuance throughput next to the raw SoftHSM2 signing rate, measured in the same run.
 
     .venv/bin/python bench/issuance.py [--n 2000] [--db sqlite|postgresql|both] [--batch 64] [--no-profile]
+    .venv/bin/python bench/issuance.py --p11-kit --compare --db sqlite [--module PATH]   # a "network HSM"
+
+--module PATH signs through another PKCS#11 module than SoftHSM2's (V2GPKI_PKCS11_MODULE). With --p11-kit the
+bench exports its own SoftHSM2 token with `p11-kit server` on a unix socket, sets P11_KIT_SERVER_ADDRESS (for
+its spawned processes too) and signs through p11-kit's client module (found at run time unless --module
+names it): every PKCS#11 call becomes a round trip over the socket, as with a network HSM. --compare runs
+every measurement twice on the same token and database, SoftHSM2 directly and through the module, and
+prints the ratios (through / direct).
 
 What is measured, per database (SQLite file in a temp dir; PostgreSQL: a scratch database created from
 $V2GPKI_TEST_PG_ADMIN_URL or --pg-admin-url, dropped afterwards):
@@ -66,6 +74,7 @@ class Setup:
 
     softhsm_conf: str
     token: str
+    module: str
     db_url: str
     policies: str
     work: str
@@ -89,7 +98,7 @@ def make_csrs(n: int) -> list[bytes]:
     return out
 
 
-def prepare(work: Path, db_url: str, token: str) -> Setup:
+def prepare(work: Path, db_url: str, token: str, module: str) -> Setup:
     """A fresh SoftHSM2 token with a 3-CA hierarchy and one raw P-256 key, and a migrated database."""
     from hsm.keystore import KeyAlg
     from hsm.pkcs11 import DEFAULT_MODULE, Pkcs11KeyStore
@@ -102,7 +111,7 @@ def prepare(work: Path, db_url: str, token: str) -> Setup:
     # One token directory for all runs: SoftHSM reads SOFTHSM2_CONF once per C_Initialize.
     paths = init_softhsm_token(work.parent / "softhsm", token, pin=PIN)  # also sets SOFTHSM2_CONF
     (work / "hierarchy.yaml").write_text(HIERARCHY)
-    ks = Pkcs11KeyStore(DEFAULT_MODULE, token, PIN)
+    ks = Pkcs11KeyStore(DEFAULT_MODULE, token, PIN)  # keys made directly; --module signs with them
     profiles = load_profiles(REPO / "pki" / "policies")
     db = Database(db_url)
     db.migrate()
@@ -110,7 +119,7 @@ def prepare(work: Path, db_url: str, token: str) -> Setup:
     init_hierarchy(engine, load_hierarchy(work / "hierarchy.yaml", profiles))
     ks.create_key(RAW_LABEL, KeyAlg.P256)
     db.dispose()
-    return Setup(str(paths.conf), token, db_url, str(REPO / "pki" / "policies"), str(work))
+    return Setup(str(paths.conf), token, module, db_url, str(REPO / "pki" / "policies"), str(work))
 
 
 class Worker:
@@ -118,12 +127,12 @@ class Worker:
 
     def __init__(self, st: Setup, *, hooks: bool = False) -> None:
         os.environ["SOFTHSM2_CONF"] = st.softhsm_conf
-        from hsm.pkcs11 import DEFAULT_MODULE, Pkcs11KeyStore
+        from hsm.pkcs11 import Pkcs11KeyStore
         from pki.issuance import Engine
         from pki.profiles import load_profiles
         from pki.store.db import Database
 
-        self.ks = Pkcs11KeyStore(DEFAULT_MODULE, st.token, PIN)
+        self.ks = Pkcs11KeyStore(st.module, st.token, PIN)
         self.db = Database(st.db_url)
         self.profiles = load_profiles(Path(st.policies))
         self.engine = Engine(self.db, self.ks, self.profiles, "http://127.0.0.1:8000")
@@ -241,7 +250,7 @@ def count_rows(db_url: str) -> tuple[int, int, int]:
 
 @dataclass
 class Result:
-    db: str
+    db: str  # database, and " via <module>" when not SoftHSM2 directly
     what: str
     procs: int
     batch: int | None
@@ -397,14 +406,34 @@ def main() -> int:
     ap.add_argument("--no-hooks", action="store_true", help="skip the engine+hooks line")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--module", help="PKCS#11 module to sign through (default: SoftHSM2's, directly)")
+    ap.add_argument("--p11-kit", action="store_true",
+                    help="export the bench's token with `p11-kit server` and sign through p11-kit-client.so")
+    ap.add_argument("--compare", action="store_true",
+                    help="measure SoftHSM2 directly and through --module / --p11-kit, side by side")
     args = ap.parse_args()
+    from hsm.pkcs11 import DEFAULT_MODULE
+
+    module = args.module
+    if args.p11_kit and module is None:
+        from hsm import p11kit
+
+        why = p11kit.available()
+        if why:
+            ap.error(why)
+        module = p11kit.client_module()
+    module = module or DEFAULT_MODULE
+    if args.compare and module == DEFAULT_MODULE:
+        ap.error("--compare needs --module or --p11-kit")
+    paths = ([("direct", DEFAULT_MODULE)] if args.compare or module == DEFAULT_MODULE else []) + (
+        [("p11-kit" if args.p11_kit else "module", module)] if module != DEFAULT_MODULE else [])
     args.n1 = args.n1 or max(args.batch, args.n // 4)
     args.raw_n = args.raw_n or 4 * args.n
     dbs = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     if "postgresql" in dbs and not args.pg_admin_url:
         ap.error("PostgreSQL needs --pg-admin-url or V2GPKI_TEST_PG_ADMIN_URL (see scripts/services.sh)")
 
-    per_db = args.batch + args.n + args.n1 + (args.batch + args.n1) + 2 * (args.batch + args.n // 2)
+    per_db = (args.batch + args.n + args.n1 + (args.batch + args.n1) + 2 * (args.batch + args.n // 2)) * len(paths)
     print(f"generating {per_db * len(dbs)} P-256 CSRs ...", file=sys.stderr)
     all_csrs = make_csrs(per_db * len(dbs))
     results: list[Result] = []
@@ -419,15 +448,30 @@ def main() -> int:
                 url = f"sqlite:///{work / 'bench.db'}"
             else:
                 url, drop = pg_scratch(args.pg_admin_url)
+            server: Any = None
             try:
-                st = prepare(work, url, f"bench-{name}")
-                csrs = all_csrs[k * per_db:(k + 1) * per_db]
-                print(f"[{name}] measuring ...", file=sys.stderr)
-                results += run_db(name, url, st, csrs, args)
-                if not args.no_profile:
-                    pcsrs = make_csrs(args.batch + min(args.n, 1024))
-                    profiles.append(f"[{name}]\n" + profile_run(st, pcsrs, args.batch, args.top))
+                st = prepare(work, url, f"bench-{name}", DEFAULT_MODULE)
+                if args.p11_kit:  # the token exists and holds the keys: export it (one server per token)
+                    from hsm.p11kit import P11KitServer
+
+                    server = P11KitServer(Path(tempfile.mkdtemp(prefix="v2p11-")) / "bench.sock", st.token,
+                                          Path(st.softhsm_conf))
+                    server.start()
+                    os.environ["P11_KIT_SERVER_ADDRESS"] = server.address  # inherited by spawned processes
+                csrs_db = all_csrs[k * per_db:(k + 1) * per_db]
+                share = len(csrs_db) // len(paths)
+                for j, (tag, mod) in enumerate(paths):
+                    stm = Setup(st.softhsm_conf, st.token, mod, st.db_url, st.policies, st.work)
+                    label = name if mod == DEFAULT_MODULE else f"{name} via {tag}"
+                    print(f"[{label}] measuring ...", file=sys.stderr)
+                    results += run_db(label, url, stm, csrs_db[j * share:(j + 1) * share], args)
+                    if not args.no_profile:
+                        pcsrs = make_csrs(args.batch + min(args.n, 1024))
+                        profiles.append(f"[{label}]\n" + profile_run(stm, pcsrs, args.batch, args.top))
             finally:
+                if server is not None:
+                    server.kill()
+                    shutil.rmtree(server.socket.parent, ignore_errors=True)
                 if drop is not None:
                     drop()
     finally:
@@ -436,10 +480,11 @@ def main() -> int:
     import pkcs11
 
     print(f"\nissuance: SECC leaves from P-256 CSRs, SoftHSM2 token, python-pkcs11 {_version('python-pkcs11')}, "
-          f"cryptography {_version('cryptography')}, {os.cpu_count()} CPUs; pkcs11 module {pkcs11.__name__}")
+          f"cryptography {_version('cryptography')}, {os.cpu_count()} CPUs; pkcs11 module {pkcs11.__name__}; "
+          f"through: {', '.join(f'{t} ({m})' for t, m in paths)}")
     print("ratio = rate / raw rate with the same number of processes; cpu: the same from CPU time of the "
           "process (1 process only)")
-    print(f"{'database':<11} {'what':<30} {'procs':>5} {'batch':>5} {'n':>6} {'per s':>8} {'ratio':>6} "
+    print(f"{'database':<19} {'what':<30} {'procs':>5} {'batch':>5} {'n':>6} {'per s':>8} {'ratio':>6} "
           f"{'cpu/s':>8} {'ratio':>6}")
     for r in results:
         raw = next(x for x in results if x.db == r.db and x.what.startswith("raw") and x.procs == r.procs)
@@ -448,12 +493,21 @@ def main() -> int:
         if r.cpu_rate and raw.cpu_rate:
             cpu = f"{r.cpu_rate:8.0f}"
             cpu_ratio = "" if r is raw else f"{r.cpu_rate / raw.cpu_rate:6.2f}"
-        print(f"{r.db:<11} {r.what:<30} {r.procs:>5} {r.batch or '-':>5} {r.n:>6} {r.rate:8.0f} {ratio:>6} "
+        print(f"{r.db:<19} {r.what:<30} {r.procs:>5} {r.batch or '-':>5} {r.n:>6} {r.rate:8.0f} {ratio:>6} "
               f"{cpu:>8} {cpu_ratio:>6}")
-    for name in dbs:
+    for name in sorted({r.db for r in results}, key=[r.db for r in results].index):
         raw1 = next(x for x in results if x.db == name and x.what.startswith("raw") and x.procs == 1)
         eng2 = next(x for x in results if x.db == name and x.what == "engine" and x.procs == 2)
         print(f"{name}: engine with 2 processes / raw single-core = {eng2.rate / raw1.rate:.2f}")
+    if len(paths) == 2:  # --compare: through the module / directly, the same measurement
+        print(f"\nthrough {paths[1][0]} / SoftHSM2 directly (rate ratio):")
+        for r in results:
+            if " via " not in r.db:
+                continue
+            d = next(x for x in results if x.db == r.db.split(" via ")[0] and x.what == r.what
+                     and x.procs == r.procs and x.batch == r.batch)
+            print(f"  {d.db:<11} {r.what:<30} procs {r.procs} batch {r.batch or '-':>3}: "
+                  f"{r.rate:8.0f}/s vs {d.rate:8.0f}/s = {r.rate / d.rate:5.2f}")
     for p in profiles:
         print("\n" + p, end="")
     return 0
