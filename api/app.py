@@ -32,6 +32,10 @@ ROUTERS = [
     "api.ocpp.v21",        # OCPP 2.1 certificate messages (api/ocpp/core.py shapes every version)
     "api.ocpp.v16",        # OCPP 1.6 Plug & Charge over DataTransfer
     "api.est",             # RFC 7030 EST
+    "api.oauth",           # OAuth 2.0 client credentials: /oauth/token (OPCP accessToken)
+    "api.opcp.est",        # OPCP EST shapes beyond api.est: cacerts per curve, CitrineOS' /.well-known/{ca}/
+    "api.opcp.rcp",        # OPCP root certificate pool and CTL: /v1/root/…
+    "api.opnc.pki",        # OPNC PKI: /opnc/v1/pki/…
     "api.console",         # operator console
 ]
 

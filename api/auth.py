@@ -4,7 +4,9 @@ Client certificates are preferred over static secrets (background reading, SR2):
 `api-client` certificates from its own CSMS root. They arrive either from uvicorn's own TLS (see
 api/tls.py, which exposes the peer certificate as the ASGI TLS extension) or, behind a TLS proxy, in the
 `X-SSL-Client-Cert` header (URL-encoded PEM, as nginx's $ssl_client_escaped_cert) — trusted only when
-the request comes from an address in V2GPKI_TRUSTED_PROXIES. Bearer API keys are the fallback.
+the request comes from an address in V2GPKI_TRUSTED_PROXIES. Bearer API keys are the fallback, and the
+short-lived OAuth access tokens traded for them at /oauth/token (api/oauth.py, pki/oauth.py), as
+`Authorization: Bearer` or `X-API-Key` (what clients of hosted Plug & Charge PKIs send).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pki import audit
 from pki.context import Context
+from pki.oauth import authenticate_token, looks_like_token
 from pki.orgs import Principal, Unauthenticated, authenticate_api_key, cached_api_key_principal, get_org, principal_of
 from pki.store.db import utcnow
 from pki.store.models import Certificate
@@ -123,27 +126,40 @@ def _admit(request: Request, p: Principal) -> Principal:
     return p
 
 
+def presented_secret(request: Request) -> str:
+    """The Bearer value (an API key or an OAuth access token, pki/oauth.py), else an ``X-API-Key`` header's:
+    clients of hosted Plug & Charge PKIs send the token there too (MaEVe sends both), some only there."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.headers.get("x-api-key", "").strip()
+
+
 def _authenticate_sync(request: Request, ctx: Context) -> Principal:
     try:
         der = peer_certificate_der(request)
         if der is not None:
             p = _by_certificate(ctx, der)
         else:
-            auth = request.headers.get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise _fail(ctx, request, "authentication required (client certificate or Bearer API key)")
-            p = authenticate_api_key(ctx.db, token.strip())
+            token = presented_secret(request)
+            if not token:
+                raise _fail(ctx, request, "authentication required (client certificate, Bearer API key or "
+                                          "access token)")
+            if looks_like_token(token):
+                p = authenticate_token(ctx, token)
+            else:
+                p = authenticate_api_key(ctx.db, token)
     except Unauthenticated as exc:
         raise _fail(ctx, request, exc.message) from None
     return _admit(request, p)
 
 
 async def authenticate(request: Request, ctx: Annotated[Context, Depends(get_ctx)]) -> Principal:
-    """Client certificate or Bearer API key. A key this process verified recently is answered from the
-    in-memory cache on the event loop (pki.orgs: bounded TTL, dropped on any key/org change); anything
-    that needs the database (first use of a key, client certificates, audit of a failure) runs in the
-    thread pool, so the event loop never blocks."""
+    """Client certificate, Bearer API key or OAuth access token (also as ``X-API-Key``). A key this
+    process verified recently is answered from the in-memory cache on the event loop (pki.orgs: bounded
+    TTL, dropped on any key/org change); anything that needs the database or a signature check (first use
+    of a key, client certificates, access tokens, audit of a failure) runs in the thread pool, so the
+    event loop never blocks."""
     cached = getattr(request.state, "principal", None)
     if cached is not None:
         return cached  # type: ignore[no-any-return]

@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     http_max_head_bytes: int = Field(default=64 * 1024, ge=1024)
     http_head_timeout: float = Field(default=10.0, gt=0)
     http_keepalive_timeout: int = Field(default=5, ge=1)
+    # OAuth 2.0 client credentials (/oauth/token, pki/oauth.py): lifetime of an access token in seconds
+    # (never beyond the API key's own expiry; revoking the key voids its tokens at once).
+    oauth_token_seconds: int = Field(default=3600, ge=60, le=86400)
 
     @cached_property
     def home_dir(self) -> Path:
