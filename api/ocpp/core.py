@@ -183,6 +183,55 @@ class GetCertificateChainStatus21(_Msg):
     certificateStatusRequests: list[CertificateStatusRequestInfo] = Field(min_length=1, max_length=4)  # noqa: N815
 
 
+# GetInstalledCertificateIdsResponse as a station sends it (OCPP 2.0.1 Part 2 M03; 2.1 adds OEMRootCertificate),
+# inside the trust-store plan request (pki/truststore_plan.py, #27 item 1).
+_IdUse201 = Literal["V2GRootCertificate", "MORootCertificate", "CSMSRootCertificate", "V2GCertificateChain",
+                    "ManufacturerRootCertificate"]
+_IdUse21 = Literal["V2GRootCertificate", "MORootCertificate", "CSMSRootCertificate", "V2GCertificateChain",
+                   "ManufacturerRootCertificate", "OEMRootCertificate"]
+
+
+class StatusInfo(_Msg):
+    reasonCode: str = Field(max_length=20)  # noqa: N815
+    additionalInfo: str | None = Field(default=None, max_length=1024)  # noqa: N815
+
+
+class CertificateHashDataChain201(_Msg):
+    certificateType: _IdUse201  # noqa: N815
+    certificateHashData: CertificateHashData  # noqa: N815
+    childCertificateHashData: list[CertificateHashData] | None = Field(default=None, min_length=1,  # noqa: N815
+                                                                       max_length=4)
+
+
+class CertificateHashDataChain21(CertificateHashDataChain201):
+    certificateType: _IdUse21  # type: ignore[assignment]  # noqa: N815
+
+
+class GetInstalledCertificateIds201(_Msg):
+    status: Literal["Accepted", "NotFound"]
+    statusInfo: StatusInfo | None = None  # noqa: N815
+    # the schema sets no upper bound; 256 entries is far beyond any station's store
+    certificateHashDataChain: list[CertificateHashDataChain201] | None = Field(  # noqa: N815
+        default=None, min_length=1, max_length=256)
+
+
+class GetInstalledCertificateIds21(GetInstalledCertificateIds201):
+    certificateHashDataChain: list[CertificateHashDataChain21] | None = Field(  # type: ignore[assignment]  # noqa: N815
+        default=None, min_length=1, max_length=256)
+
+
+class TrustStorePlan201(BaseModel):
+    """POST /ocpp/v201/trust-store-plan: the station and what it reported (OCPP 2.0.1)."""
+
+    model_config = ConfigDict(extra="forbid")
+    stationId: str = Field(min_length=1, max_length=64)  # noqa: N815 - the identity registered via /v1/stations
+    installed: GetInstalledCertificateIds201
+
+
+class TrustStorePlan21(TrustStorePlan201):
+    installed: GetInstalledCertificateIds21  # type: ignore[assignment]
+
+
 # -- SignCertificate -------------------------------------------------------------------------------------
 
 CertType = Literal["V2GCertificate", "ChargingStationCertificate", "V2G20Certificate"]
@@ -402,6 +451,24 @@ def get_certificate_chain_status(ctx: Context, body: GetCertificateChainStatus21
     return Reply({"certificateStatus": out})
 
 
+# -- trust-store plans (#27 item 1) ------------------------------------------------------------------------
+
+
+def trust_store_plan(ctx: Context, p: Principal, station_id: str,
+                     installed: GetInstalledCertificateIds201, version: Version) -> Reply:
+    """What a station reported in GetInstalledCertificateIdsResponse (OCPP 2.0.1 Part 2 M03) in; out, the
+    InstallCertificateRequests (M05) and DeleteCertificateRequests (M04) that bring it to its CPO's trust
+    store, each a valid message of ``version`` for the CSMS to send as they are: installs first, then
+    deletions. cpo and admin only; the station must be the CPO's (pki/truststore_plan.py)."""
+    from pki.truststore_plan import Reported, plan_for_station
+
+    p.require("cpo", "admin")
+    reported = [Reported(e.certificateType, e.certificateHashData.model_dump(exclude={"customData"}))
+                for e in installed.certificateHashDataChain or []] if installed.status == "Accepted" else []
+    plan = plan_for_station(ctx, p, station_id, reported, version)
+    return Reply(plan.payload(), 200, {"X-V2GPKI-Station": plan.station})
+
+
 # -- refusing a request that is not a valid message of its version ------------------------------------------
 
 
@@ -445,8 +512,16 @@ OCPP_PATHS: dict[str, tuple[str, Version]] = {
 }
 
 
+# trust-store plans: a malformed request gets an empty plan (nothing to send), HTTP 400
+PLAN_PATHS = ("/ocpp/v201/trust-store-plan", "/ocpp/v21/trust-store-plan")
+
+
 def invalid_request(path: str, detail: str) -> JSONResponse | None:
     """A request body that fails its model on an OCPP path: that message's rejection, HTTP 400."""
+    if path in PLAN_PATHS:
+        return JSONResponse({"install": [], "delete": []}, status_code=400,
+                            headers={"X-V2GPKI-Problem": "invalid-request",
+                                     "X-V2GPKI-Detail": detail[:200].encode("ascii", "replace").decode()})
     if path == "/ocpp/v16/data-transfer":
         body = {"conf": {"status": "Rejected"}, "next": []}
         return JSONResponse(body, status_code=400, headers={"X-V2GPKI-Problem": "invalid-request"})

@@ -41,5 +41,12 @@ def sign_certificate(body: SignCertificateIn, ctx: CtxDep, p: PrincipalDep) -> A
     return JSONResponse(out.certificate_signed, headers=out.response.headers)
 
 
+@router.post("/trust-store-plan", response_model=None)
+def trust_store_plan(body: core.TrustStorePlan201, ctx: CtxDep, p: PrincipalDep) -> JSONResponse:
+    """{"stationId", "installed": GetInstalledCertificateIdsResponse} → {"install": [InstallCertificateRequest…],
+    "delete": [DeleteCertificateRequest…]} (OCPP 2.0.1 M03 → M05 / M04; pki/truststore_plan.py, #27 item 1)."""
+    return core.trust_store_plan(ctx, p, body.stationId, body.installed, "2.0.1").response()
+
+
 def setup(app: FastAPI) -> None:
     app.include_router(router)

@@ -58,5 +58,12 @@ def get_certificate_chain_status(body: core.GetCertificateChainStatus21, ctx: Ct
     return core.get_certificate_chain_status(ctx, body).response()
 
 
+@router.post("/trust-store-plan", response_model=None)
+def trust_store_plan(body: core.TrustStorePlan21, ctx: CtxDep, p: PrincipalDep) -> JSONResponse:
+    """{"stationId", "installed": GetInstalledCertificateIdsResponse} → {"install": [InstallCertificateRequest…],
+    "delete": [DeleteCertificateRequest…]} (OCPP 2.1 M03 → M05 / M04; pki/truststore_plan.py, #27 item 1)."""
+    return core.trust_store_plan(ctx, p, body.stationId, body.installed, "2.1").response()
+
+
 def setup(app: FastAPI) -> None:
     app.include_router(router)

@@ -6,6 +6,7 @@ from sqlmodel import SQLModel
 
 import pki.store.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 import pki.store.models_lifecycle  # noqa: F401  (lifecycle workers' tables, migration 0003)
+import pki.store.models_truststore  # noqa: F401  (trust-store plans and root campaigns, migration 0006)
 
 config = context.config
 target_metadata = SQLModel.metadata
