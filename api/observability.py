@@ -472,7 +472,44 @@ def render_metrics(ctx: Any, broker_url: str | None = None) -> bytes:
         registry.register(_Forward(REGISTRY))
     if ctx is not None:
         registry.register(StateCollector(ctx, broker_url, celery_queue_names() if broker_url else []))
+        registry.register(RootCoverageCollector(ctx))
     return generate_latest(registry)
+
+
+class RootCoverageCollector(Collector):
+    """Coverage of the new root of every root transition not yet finished (pki/root_campaign.py, #27 item 2):
+    stations whose last trust-store report names it, per CPO, and the fleet-wide ratio the switch compares
+    with V2GPKI_ROOT_SWITCH_MIN_COVERAGE. Grouped COUNTs on scrape, like StateCollector; nothing while no
+    transition runs."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            from pki.root_campaign import coverage, list_campaigns
+
+            covs = [(c, coverage(self.ctx, c.new_root)) for c in list_campaigns(self.ctx) if c.state != "withdrawn"]
+        except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the database is down
+            log.warning("metrics: root coverage collector failed (%s)", type(exc).__name__)
+            return
+        ratio = GaugeMetricFamily("v2gpki_root_coverage_ratio", "Registered stations whose last trust-store report "
+                                  "names the new root of a transition, over all CPOs", labels=["root", "state"])
+        stations = GaugeMetricFamily("v2gpki_root_coverage_stations", "Stations per CPO of a transition's new root: "
+                                     "registered, with a report, reporting the root", labels=["root", "org", "kind"])
+        threshold = GaugeMetricFamily("v2gpki_root_switch_min_coverage",
+                                      "Coverage below which `v2gpki root switch` refuses (unless forced)")
+        threshold.add_metric([], float(self.ctx.settings.root_switch_min_coverage))
+        for camp, cov in covs:
+            if cov.ratio is not None:
+                ratio.add_metric([camp.new_root, camp.state], cov.ratio)
+            for o in cov.per_org:
+                stations.add_metric([camp.new_root, o.org, "registered"], o.stations)
+                stations.add_metric([camp.new_root, o.org, "reporting"], o.reported)
+                stations.add_metric([camp.new_root, o.org, "with_root"], o.with_root)
+        yield ratio
+        yield stations
+        yield threshold
 
 
 class _Forward(Collector):

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # profiles-*.yaml, hierarchy.yaml and lifecycle.yaml; default: the copies shipped in the package
     policies_dir: Path = Field(default_factory=default_policies_dir)
     hierarchy_file: Path | None = None
+    # Root transitions (pki/root_campaign.py, #27 item 2): `v2gpki root switch` refuses to move issuance to a
+    # new root that fewer than this fraction of the registered stations report installed, unless forced.
+    root_switch_min_coverage: float = Field(default=0.95, ge=0.0, le=1.0)
 
     keystore: Literal["pkcs11", "soft"] = "pkcs11"
     pkcs11_module: str = "/usr/lib/softhsm/libsofthsm2.so"

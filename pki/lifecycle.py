@@ -1046,9 +1046,16 @@ def renew(ctx: Context, old: Certificate, now: datetime | None = None) -> Renewa
             pub = ks.public_key(label)
         except KeyNotFoundError:
             pub = ks.create_key(label, alg)
+        issuer = old.issuer
+        if not old.profile.startswith("ocsp-signer"):  # an OCSP signer is its CA's own delegate: it stays
+            from pki.root_campaign import successor_of
+
+            # after a root transition switched issuance (#27 item 2), a service certificate moves to the new
+            # hierarchy at its renewal, so the old root can be withdrawn once the old one expires
+            issuer = successor_of(ctx, old.issuer) or old.issuer
         issued = lc.engine.issue(IssueRequest(
             profile=old.profile, public_key=pub, subject=_subject_fields(old_cert), identifier=old.identifier,
-            ca=old.issuer, tenant=old.tenant, key_uri=uri, actor="renewal"))
+            ca=issuer, tenant=old.tenant, key_uri=uri, actor="renewal"))
         new_serial = issued.serial
     else:
         new_serial = prior.serial
@@ -1108,7 +1115,9 @@ def rollover_root(ctx: Context, ca_name: str, *, actor: str = "cli") -> Rollover
     root's key and name signed by the old root, so relying parties that trust the old root can verify the
     new one offline (RFC 4210 §4.4 'root CA key update': NewWithOld). The cross-certificate is issued
     first, the new root second; the new root's issuance writes the outbox row that publishes the next
-    trust-store version. Both roots stay active: existing chains keep validating until the old expires."""
+    trust-store version. Both roots are trusted: existing chains keep validating. The new root starts
+    ``staged`` — distributed to stations, issuing nothing — until the campaign switches issuance to it
+    (pki/root_campaign.py, #27 item 2)."""
     from hsm.errors import KeyNotFoundError
     from pki.hierarchy import ca_key_label, create_ca, ensure_ocsp_signer
     from pki.issuance import IssueRequest, key_alg_of_public
@@ -1123,6 +1132,12 @@ def rollover_root(ctx: Context, ca_name: str, *, actor: str = "cli") -> Rollover
                         ca=ca_name)
     if old.row.status != "active":
         raise BadRevocation(f"root {ca_name!r} is {old.row.status}")
+    from pki import root_campaign
+
+    running = root_campaign.open_campaign_from(ctx, ca_name)
+    if running is not None:  # one transition at a time (#27 item 2)
+        raise Conflict(f"a transition from {ca_name!r} to {running.new_root!r} is under way ({running.state}): "
+                       f"finish it (`v2gpki root switch`, `v2gpki root withdraw`) before another rollover")
     old_fields = _subject_fields(old.cert)
     new_name, new_cn = _next_generation(ctx, ca_name, old_fields.cn)
     label = ca_key_label(new_name)
@@ -1157,6 +1172,9 @@ def rollover_root(ctx: Context, ca_name: str, *, actor: str = "cli") -> Rollover
         ensure_ocsp_signer(eng, h, new_name)
     except PKIError as exc:  # the root stands; `v2gpki init`-style repair can add the signer later
         log.warning("OCSP signer for %s not created: %s", new_name, exc.message)
+    # The fleet side (#27 item 2): the new root is staged — in the trust lists and the stations' trust-store
+    # plans, issuing nothing — until `v2gpki root switch` (pki/root_campaign.py).
+    root_campaign.start(ctx, ca_name, new_name, actor=actor)
     ctx.engine.reload_cas()
     with ctx.db.session() as s:
         audit.append(s, audit.Entry(actor=actor, action="ca.rollover", object=ca_name,

@@ -200,11 +200,14 @@ def build_content(ctx: Context, store: str, now: datetime | None = None) -> dict
     live: set[str] = set()
     for ca in cas:
         bad = ca.status == "revoked" or (ca.parent or ca.name, ca.serial) in revoked
-        if bad:
+        if bad or ca.status == "retired":
+            # retired: withdrawn at the end of a root transition (pki/root_campaign.py): remove it too
             distrusted.append({"name": ca.name, "subject": ca.subject, "serial": ca.serial.upper(),
-                               "sha256": hashlib.sha256(ca.der).hexdigest(), "reason": "revoked"})
+                               "sha256": hashlib.sha256(ca.der).hexdigest(),
+                               "reason": "revoked" if bad else "withdrawn"})
             continue
-        if ca.status != "active" or ca.not_after <= now:
+        # staged: the new root of a transition, distributed before anything is issued under it
+        if ca.status not in ("active", "staged") or ca.not_after <= now:
             continue
         live.add(ca.name)
         (anchors if ca.parent is None else inter).append(_entry(ca, store))

@@ -1,4 +1,4 @@
-"""`v2gpki worker|beat|outbox|expiry|renewal|truststore|root rollover|subscription` (registered by pki/cli.py).
+"""`v2gpki worker|beat|outbox|expiry|renewal|truststore|root …|subscription` (registered by pki/cli.py).
 
 `v2gpki worker` and `v2gpki beat` are plain Celery on `workers.app:app`, so `celery -A workers.app
 worker|beat|flower` works the same way. Extra arguments after `--` go to Celery unchanged.
@@ -110,6 +110,123 @@ def cmd_root_rollover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _conflict(exc: Exception) -> int:
+    msg = getattr(exc, "message", str(exc))
+    print(f"v2gpki: error: {msg}", file=sys.stderr)
+    return 5
+
+
+def _coverage_lines(cov: Any) -> list[str]:
+    d = cov.as_json()
+    ratio = "n/a (no registered station)" if d["coverage"] is None else f"{d['coverage']:.1%}"
+    out = [f"root {d['root']} ({d['status']}): {d['with_root']} of {d['stations']} stations report it "
+           f"({ratio}); switch threshold {d['threshold']:.1%}"]
+    if d["campaign"]:
+        c = d["campaign"]
+        out.append(f"campaign {c['old_root']} -> {c['new_root']}: {c['state']}")
+    for o in d["per_cpo"]:
+        r = "n/a" if o["coverage"] is None else f"{o['coverage']:.1%}"
+        out.append(f"  {o['org']:<30} {o['with_root']:>7} / {o['stations']:<7} {r:>7}  ({o['reported']} reported)")
+    return out
+
+
+def cmd_root_coverage(args: argparse.Namespace) -> int:
+    from pki.root_campaign import coverage
+
+    cov = coverage(_ctx(), args.ca)
+    if args.json:
+        print(json.dumps(cov.as_json(), indent=1))
+        return 0
+    print("\n".join(_coverage_lines(cov)))
+    return 0
+
+
+def cmd_root_switch(args: argparse.Namespace) -> int:
+    from pki.errors import Conflict
+    from pki.root_campaign import campaign_of, coverage, root_row, switch
+
+    ctx = _ctx()
+    if not args.yes:
+        row = root_row(ctx, args.ca)
+        camp = campaign_of(ctx, row.name)
+        print("\n".join(_coverage_lines(coverage(ctx, camp.new_root if camp else row.name))))
+        print("dry run: would switch issuance to the new root (its sub-CAs created under it, each with an OCSP "
+              "signer); add --yes to do it" + ("" if not args.force else " (forced below the threshold)"))
+        return 0
+    try:
+        res = switch(ctx, args.ca, force=args.force, actor="cli")
+    except Conflict as exc:
+        return _conflict(exc)
+    c = res.campaign
+    cov = "n/a" if res.coverage is None else f"{res.coverage:.1%}"
+    print(f"issuance switched from {c.old_root} to {c.new_root} at coverage {cov}"
+          + (" (forced)" if c.forced else "") + (f"; created {', '.join(res.created)}" if res.created else ""))
+    print("restart `v2gpki serve` and the workers so every process picks the new issuers")
+    return 0
+
+
+def cmd_root_withdraw(args: argparse.Namespace) -> int:
+    from pki.errors import Conflict
+    from pki.root_campaign import blocking_certificates, campaign_of, root_row, withdraw
+
+    ctx = _ctx()
+    if not args.yes:
+        row = root_row(ctx, args.ca)
+        camp = campaign_of(ctx, row.name)
+        old = camp.old_root if camp else row.name
+        n = len(blocking_certificates(ctx, old))
+        print(f"dry run: would withdraw {old} and its sub-CAs ({n} certificate(s) under it still valid and not "
+              "replaced: withdrawal is refused while any remain); add --yes to do it")
+        return 0
+    try:
+        res = withdraw(ctx, args.ca, actor="cli")
+    except Conflict as exc:
+        return _conflict(exc)
+    print(f"withdrawn: {', '.join(res.retired)}; the next trust lists distrust them and the trust-store plans "
+          "delete the root from stations that still report it")
+    return 0
+
+
+def cmd_root_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pki.errors import Conflict
+    from pki.truststore_plan import import_root
+
+    try:
+        row = import_root(_ctx(), args.type, Path(args.file).read_bytes(), org=args.org, actor="cli")
+    except Conflict as exc:
+        return _conflict(exc)
+    print(f"imported {row.certificate_type} {row.subject} (id {row.id}, sha256 {row.sha256}) for "
+          f"{'every CPO' if row.scope == '*' else row.scope}")
+    return 0
+
+
+def cmd_root_imported(args: argparse.Namespace) -> int:
+    from pki.truststore_plan import import_json, list_imports
+
+    rows = [import_json(r) for r in list_imports(_ctx(), args.org)]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'ID':>4} {'TYPE':<28} {'SCOPE':<20} {'STATUS':<10} SUBJECT")
+    for r in rows:
+        print(f"{r['id']:>4} {r['certificateType']:<28} {r['scope']:<20} {r['status']:<10} {r['subject']}")
+    return 0
+
+
+def cmd_root_unimport(args: argparse.Namespace) -> int:
+    from pki.errors import Conflict
+    from pki.truststore_plan import withdraw_import
+
+    try:
+        row = withdraw_import(_ctx(), args.id, actor="cli")
+    except Conflict as exc:
+        return _conflict(exc)
+    print(f"withdrawn imported root {row.id} ({row.subject}): plans delete it from stations that report it")
+    return 0
+
+
 def cmd_sub_add(args: argparse.Namespace) -> int:
     from pki.lifecycle import add_subscription
 
@@ -197,6 +314,35 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ro.add_argument("--yes", action="store_true")
     ro.add_argument("--publish", action="store_true", help="publish the trust stores now instead of via the worker")
     ro.set_defaults(fn=cmd_root_rollover)
+    rc = rts.add_parser("coverage", help="how many of each CPO's stations report a root (from their last reports)")
+    rc.add_argument("ca", help="root CA name or id, e.g. mo-root-g2")
+    rc.add_argument("--json", action="store_true")
+    rc.set_defaults(fn=cmd_root_coverage)
+    rw = rts.add_parser("switch", help="switch issuance to the new root of a rollover (dry run unless --yes); "
+                        "refused below V2GPKI_ROOT_SWITCH_MIN_COVERAGE unless --force")
+    rw.add_argument("ca", help="the new root (or the old one)")
+    rw.add_argument("--force", action="store_true", help="switch below the coverage threshold")
+    rw.add_argument("--yes", action="store_true")
+    rw.set_defaults(fn=cmd_root_switch)
+    rd = rts.add_parser("withdraw", help="withdraw the old root once no valid certificate depends on it "
+                        "(dry run unless --yes)")
+    rd.add_argument("ca", help="the old root (or the new one)")
+    rd.add_argument("--yes", action="store_true")
+    rd.set_defaults(fn=cmd_root_withdraw)
+    ri = rts.add_parser("import", help="import a root of another PKI that CPOs trust (pushed by the trust-store plans)")
+    ri.add_argument("file", help="the root certificate, PEM or DER")
+    ri.add_argument("--type", required=True, choices=["V2GRootCertificate", "MORootCertificate", "CSMSRootCertificate",
+                                                      "ManufacturerRootCertificate", "OEMRootCertificate"],
+                    help="OCPP InstallCertificateUseEnumType (OEMRootCertificate: OCPP 2.1 stations only)")
+    ri.add_argument("--org", help="for this CPO only (default: every CPO)")
+    ri.set_defaults(fn=cmd_root_import)
+    rl = rts.add_parser("imported", help="list imported roots")
+    rl.add_argument("--org", help="those a CPO sees (global and its own)")
+    rl.add_argument("--json", action="store_true")
+    rl.set_defaults(fn=cmd_root_imported)
+    ru = rts.add_parser("unimport", help="withdraw an imported root (plans then delete it from stations)")
+    ru.add_argument("id", type=int)
+    ru.set_defaults(fn=cmd_root_unimport)
 
     sb = sub.add_parser("subscription", help="lifecycle event subscriptions (webhook / e-mail) of an organization")
     sbs = sb.add_subparsers(dest="subscription_cmd", required=True)

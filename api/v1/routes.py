@@ -276,7 +276,8 @@ def truststore(kind: Literal["v2g", "mo", "oem", "csms"], ctx: CtxDep) -> Respon
     with ctx.db.session() as s:
         rows = list(s.exec(select(CertificateAuthority).where(
             CertificateAuthority.hierarchy == TRUSTSTORE_HIERARCHY[kind],
-            col(CertificateAuthority.parent).is_(None), CertificateAuthority.status == "active")))
+            col(CertificateAuthority.parent).is_(None),
+            col(CertificateAuthority.status).in_(["active", "staged"]))))  # staged: a new root being distributed
     body = "".join(pem(x509.load_der_x509_certificate(r.der)) for r in rows)
     return Response(body, media_type="application/x-pem-file",
                     headers={"Cache-Control": "public, max-age=300"})

@@ -33,7 +33,7 @@ class CertificateAuthority(SQLModel, table=True):
     not_after: datetime
     der: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     crl_number: int = 0
-    status: str = Field(default="active", max_length=16)  # active | retired | revoked
+    status: str = Field(default="active", max_length=16)  # active | staged | retired | revoked (pki/root_campaign.py)
     created_at: datetime
 
 

@@ -1,0 +1,125 @@
+"""What the OPCP 1.0 and OPNC v1 pool and CPS routes share: their error shape and the OPNC party headers.
+
+OPCP and OPNC answer errors as ``{"errorMessages": [...], "traceId": uuid}`` (their ``Error`` /
+``ErrorV1`` schema) with ``application/json``; a client written for them (CitrineOS reads
+``errorMessages``) gets that shape here. `ErrorShapeRoute` turns the service's typed errors, request
+validation errors and HTTP errors of these routes into it, with the status the rest of the API gives
+(api/problems.py decides the status and code; the code is also in ``X-V2GPKI-Problem``). Request
+validation errors are 400, as the documents list (never 422).
+
+The routes are not in the service's own OpenAPI document (/openapi.json, whose errors are RFC 9457
+problems): they are described by the published documents in ``../shared/specs/`` they implement.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api import problems
+from api.auth import PrincipalDep
+from pki.errors import Forbidden
+from pki.orgs import Principal
+
+
+def trace_id() -> str:
+    from api.observability import REQUEST_ID
+
+    rid = REQUEST_ID.get()
+    try:
+        return str(uuid.UUID(rid)) if rid else str(uuid.uuid4())
+    except ValueError:
+        return str(uuid.uuid4())
+
+
+def error(status: int, *messages: str, code: str | None = None, headers: dict[str, str] | None = None,
+          **extra: Any) -> JSONResponse:
+    body: dict[str, Any] = {**extra, "errorMessages": list(dict.fromkeys(m for m in messages if m)) or ["error"],
+                            "traceId": trace_id()}
+    h = dict(headers or {})
+    if code:
+        h["X-V2GPKI-Problem"] = code
+    return JSONResponse(body, status_code=status, headers=h)
+
+
+def _from_problem(resp: JSONResponse) -> JSONResponse:
+    """A problem response (api/problems.py) in the documents' error shape, same status and headers."""
+    import json
+
+    body = json.loads(bytes(resp.body))
+    code = str(body.get("type", "")).rsplit("/", 1)[-1] or "error"
+    headers = {k: v for k, v in resp.headers.items() if k.lower() in ("retry-after", "www-authenticate")}
+    return error(resp.status_code, str(body.get("detail") or body.get("title") or code), code=code, headers=headers)
+
+
+class ErrorShapeRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        original = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                return await original(request)
+            except RequestValidationError as exc:
+                msgs = [f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
+                        for e in exc.errors()[:10]]
+                return error(400, *msgs, code="invalid-request")
+            except StarletteHTTPException as exc:
+                return _from_problem(problems.response_for(exc))  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 - typed errors only; anything else re-raised below
+                resp = problems.response_for(exc)
+                if resp is None:
+                    raise
+                return _from_problem(resp)
+
+        return handler
+
+
+def empty(status: int = 200) -> Response:
+    return Response(status_code=status)
+
+
+# -- OPNC party headers -------------------------------------------------------------------------------
+
+PARTY_OF_ROLE = {"cpo": "cpo", "emsp": "emsp", "oem": "oem"}
+
+
+def _norm(identifier: str) -> str:
+    return "".join(ch for ch in identifier.upper() if ch.isalnum())
+
+
+def check_parties(p: Principal, api_party: str, from_type: str | None, from_id: str | None,
+                  to_type: str | None) -> None:
+    """OPNC ``OPNC-from-party-type/-id`` must name the caller: its role's party type and one of its
+    identifier prefixes (ProviderID, OperatorID, WMI; compared without separators, case-insensitively).
+    An admin may name any party. ``OPNC-to-party-type``, when given, must be the component answering
+    (``ccp``, ``pcp``, ``cps``): this service serves them itself and forwards to no other party."""
+    if p.role != "admin":
+        own_type = PARTY_OF_ROLE.get(p.role)
+        if from_type is not None and from_type.lower() != own_type:
+            raise Forbidden(f"OPNC-from-party-type {from_type!r} is not the caller's party type ({own_type or p.role})")
+        if from_id is not None and _norm(from_id) not in {_norm(x) for x in p.prefixes}:
+            raise Forbidden(f"OPNC-from-party-id {from_id!r} is not one of organization {p.org!r}'s identifiers")
+    if to_type is not None and to_type.lower() != api_party:
+        raise Forbidden(f"OPNC-to-party-type {to_type!r}: this is the {api_party} and forwards to no other party")
+
+
+def opnc_party(api_party: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    """A dependency: the authenticated caller, its OPNC party headers checked (403 on a mismatch); use as
+    ``Annotated[Principal, Depends(opnc_party("ccp"))]``."""
+
+    async def dep(p: PrincipalDep,
+            from_type: Annotated[str | None, Header(alias="OPNC-from-party-type", max_length=16)] = None,
+            from_id: Annotated[str | None, Header(alias="OPNC-from-party-id", max_length=64)] = None,
+            to_type: Annotated[str | None, Header(alias="OPNC-to-party-type", max_length=16)] = None,
+            to_id: Annotated[str | None, Header(alias="OPNC-to-party-id", max_length=128)] = None) -> Principal:
+        check_parties(p, api_party, from_type, from_id, to_type)
+        return p
+
+    return dep
