@@ -172,3 +172,219 @@ def test_c_and_python_agree_on_the_20_grammar() -> None:
             exi = encode_message20(message)
             assert _python_only(encode_message20, message) == exi
             assert _python_only(decode_message20, exi) == decode_message20(exi)
+
+
+# -- the service: OCPP 2.1 Get15118EVCertificate with ISO 15118-20 (#26 b, c) ------------------------------
+
+import secrets  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from datetime import timedelta  # noqa: E402
+
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from sqlmodel import col, select  # noqa: E402
+
+from api.app import create_app  # noqa: E402
+from pki.context import Context  # noqa: E402
+from pki.orgs import create_api_key, create_org  # noqa: E402
+from pki.store.db import utcnow  # noqa: E402
+from pki.store.models import Certificate  # noqa: E402
+from tests.conftest import csr_pem  # noqa: E402
+
+NS20 = "urn:iso:std:iso:15118:-20:CommonMessages"
+
+
+def _a(n: int) -> str:
+    return "".join(secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZ0123456789") for _ in range(n))
+
+
+@dataclass
+class Env20:
+    client: TestClient
+    ctx: Context
+    h: dict[str, dict[str, str]]
+    prov: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def env20(ctx: Context) -> Iterator[Env20]:
+    tag = secrets.token_hex(3)
+    prov = {"emsp": f"DE{_a(3)}", "oem": _a(3)}
+    h = {}
+    for who, role, pre in (("emsp", "emsp", prov["emsp"]), ("oem", "oem", prov["oem"]), ("cpo", "cpo", "DE*" + _a(3))):
+        create_org(ctx.db, f"j20-{who}-{tag}", role, [pre])
+        h[who] = {"Authorization": f"Bearer {create_api_key(ctx.db, f'j20-{who}-{tag}')[0]}"}
+    with TestClient(create_app(ctx)) as client:
+        yield Env20(client, ctx, h, prov)
+
+
+def _write_der(path: Path, cert: x509.Certificate) -> str:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    return str(path)
+
+
+def vehicle20(env: Env20, d: Path, curve: ec.EllipticCurve | None = None, profile: str = "oem-prov-20") -> dict[str, Any]:
+    d.mkdir(parents=True, exist_ok=True)
+    pcid = env.prov["oem"] + _a(14)
+    key = ec.generate_private_key(curve or ec.SECP521R1())
+    r = env.client.post("/v1/enrollments", json={"csr": csr_pem(pcid, dc="OEM", key=key).decode(), "profile": profile},
+                        headers=env.h["oem"])
+    assert r.status_code == 201, r.text
+    cert = x509.load_pem_x509_certificate(r.json()["certificate"].encode())
+    (d / "oem.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    issuer = "oem-sub2-20" if profile == "oem-prov-20" else "oem-sub2"
+    subs = [_write_der(d / f"sub{i}.der", c) for i, c in enumerate(env.ctx.engine.chain(issuer)[:-1])]
+    for name in ("v2g-root-20", "mo-root-20", "v2g-root"):
+        _write_der(d / f"{name}.der", env.ctx.engine.ca(name).cert)
+    return {"pcid": pcid, "oem_chain": [_write_der(d / "oem.der", cert), *subs], "oem_key": str(d / "oem.pem"),
+            "roots": [str(d / "v2g-root-20.der")], "dir": d}
+
+
+def contract20(env: Env20, pcid: str, default: bool = True) -> str:
+    emaid = env.prov["emsp"] + _a(9)
+    r = env.client.post("/v1/contracts", json={"emaid": emaid, "pcid": pcid, "is_default": default,
+                                               "valid_until": (utcnow() + timedelta(days=400)).isoformat()},
+                        headers=env.h["emsp"])
+    assert r.status_code == 201, r.text
+    return emaid
+
+
+def ocpp21(env: Env20, exi_b64: str, schema: str = NS20, action: str = "Install") -> tuple[int, dict[str, Any]]:
+    r = env.client.post("/ocpp/v21/get-15118-ev-certificate",
+                        json={"iso15118SchemaVersion": schema, "action": action, "exiRequest": exi_b64},
+                        headers=env.h["cpo"])
+    out: dict[str, Any] = r.json()
+    assert len(out.get("exiResponse", "")) <= 17000
+    return r.status_code, out
+
+
+def _issued(env: Env20, emaid: str) -> int:
+    with env.ctx.db.session() as s:
+        return len(list(s.exec(select(Certificate).where(Certificate.identifier == emaid,
+                                                         col(Certificate.profile).in_(["contract-20", "contract"])))))
+
+
+def _request(josev20: Peer20, v: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    args = {"oem_chain": v["oem_chain"], "oem_key": v["oem_key"], "roots": v["roots"],
+            "session_id": secrets.token_hex(8), "max_chains": 1, "emaids": None, "sign": "ecdsa-sha512"}
+    args.update(kw)
+    return {**josev20("install-request", **args), "session_id": args["session_id"]}
+
+
+def _validate_xsd(josev20: Peer20, exi_b64: str) -> None:
+    import xmlschema
+
+    found = sorted((REPO / ".peers" / "josev").glob("lib/python3*/site-packages/iso15118/shared/schemas"))
+    if not found:
+        _need_peer("no -20 XSDs")
+    xml = josev20("roundtrip", exi=exi_b64, fragment=False, grammar="cm20")["xml"]
+    schema = xmlschema.XMLSchema(str(found[0] / "iso15118_20" / "V2G_CI_CommonMessages.xsd"),
+                                 locations={"http://www.w3.org/2000/09/xmldsig#":
+                                            str(found[0] / "xmldsig-core-schema.xsd")})
+    schema.validate(xml)
+
+
+def test_p521_installation_verified_by_an_independent_ev(josev20: Peer20, env20: Env20, tmp_path: Path) -> None:
+    v = vehicle20(env20, tmp_path / "v")
+    emaid = contract20(env20, v["pcid"])
+    req = _request(josev20, v)
+    # our codec reads Josev's request exactly: decode, re-encode, same octets
+    raw = base64.b64decode(req["exi"])
+    assert encode_message20(decode_message20(raw)) == raw
+    _validate_xsd(josev20, req["exi"])
+    status, out = ocpp21(env20, req["exi"])
+    assert status == 200 and out["status"] == "Accepted", out
+    assert out["remainingContracts"] == 0
+    _validate_xsd(josev20, out["exiResponse"])
+    verdict = josev20("check-response", exi=out["exiResponse"], session_id=req["session_id"], oem_key=v["oem_key"],
+                      pcid=v["pcid"], v2g_root=str(v["dir"] / "v2g-root-20.der"),
+                      mo_root=str(v["dir"] / "mo-root-20.der"))
+    assert verdict["ok"], verdict
+    assert verdict["emaid"] == emaid and verdict["signature_method"].endswith("ecdsa-sha512")
+    # the signed fragment EXIficient encodes is the one we digested
+    res = decode_message20(base64.b64decode(out["exiResponse"]))
+    assert isinstance(res, CertificateInstallationRes20)
+    assert bytes.fromhex(verdict["fragment"]) == encode_fragment20([res.signed_installation_data.to_node()])
+    assert len(res.signed_installation_data.encrypted_private_key) == 94
+
+    # a tampered response is refused by the EV: one bit of the encrypted key, then of the contract chain
+    for field_ in ("encrypted_private_key", "contract_chain"):
+        sd = res.signed_installation_data
+        if field_ == "encrypted_private_key":
+            k = sd.encrypted_private_key
+            sd = SignedInstallationData(sd.id, sd.contract_chain, sd.ecdh_curve, sd.dh_public_key,
+                                        k[:40] + bytes([k[40] ^ 1]) + k[41:], sd.key_kind)
+        else:
+            c = sd.contract_chain
+            sd = SignedInstallationData(sd.id, Chain20(c.certificate[:-1] + bytes([c.certificate[-1] ^ 1]),
+                                                       c.sub_certificates), sd.ecdh_curve, sd.dh_public_key,
+                                        sd.encrypted_private_key, sd.key_kind)
+        bad = CertificateInstallationRes20(res.header, res.response_code, res.evse_processing, res.cps_chain, sd,
+                                           res.remaining_contract_certificate_chains)
+        verdict = josev20("check-response", exi=base64.b64encode(encode_message20(bad)).decode(),
+                          session_id=req["session_id"], oem_key=v["oem_key"], pcid=v["pcid"],
+                          v2g_root=str(v["dir"] / "v2g-root-20.der"), mo_root=str(v["dir"] / "mo-root-20.der"))
+        assert not verdict["ok"] and not verdict["digest_matches"], verdict
+
+
+def test_several_contracts_in_prioritized_order_one_per_exchange(josev20: Peer20, env20: Env20,
+                                                                 tmp_path: Path) -> None:
+    v = vehicle20(env20, tmp_path / "v")
+    e1 = contract20(env20, v["pcid"])
+    e2 = contract20(env20, v["pcid"], default=False)
+    e3 = contract20(env20, v["pcid"], default=False)
+    got = []
+    for expect_remaining in (1, 0):
+        req = _request(josev20, v, max_chains=2, emaids=[e3, e1])
+        status, out = ocpp21(env20, req["exi"], schema="urn:iso:15118:20:2020:MsgDef")
+        assert status == 200 and out["status"] == "Accepted", out
+        assert out["remainingContracts"] == expect_remaining
+        verdict = josev20("check-response", exi=out["exiResponse"], session_id=req["session_id"],
+                          oem_key=v["oem_key"], pcid=v["pcid"], v2g_root=str(v["dir"] / "v2g-root-20.der"),
+                          mo_root=str(v["dir"] / "mo-root-20.der"))
+        assert verdict["ok"], verdict
+        got.append(verdict["emaid"])
+    assert got == [e3, e1]  # PrioritizedEMAIDs order, MaximumContractCertificateChains 2: e2 not served
+    assert _issued(env20, e2) == 0
+
+
+def test_bad_input_is_refused_and_nothing_is_issued(josev20: Peer20, env20: Env20, tmp_path: Path) -> None:
+    v = vehicle20(env20, tmp_path / "v")
+    emaid = contract20(env20, v["pcid"])
+    # a bad request signature
+    status, out = ocpp21(env20, _request(josev20, v, corrupt_signature=True)["exi"])
+    assert out["status"] == "Failed" and out["statusInfo"]["reasonCode"] == "FAILED_SignatureError"[:20], out
+    assert josev20("decode", exi=out["exiResponse"])["response_code"] == "FAILED_SignatureError"
+    # an unsigned request
+    status, out = ocpp21(env20, _request(josev20, v, sign="none")["exi"])
+    assert out["status"] == "Failed" and out["statusInfo"]["reasonCode"] == "FAILED_SignatureError"[:20], out
+    # a root the CPS has no chain to (the -2 V2G root only)
+    status, out = ocpp21(env20, _request(josev20, v, roots=[str(v["dir"] / "v2g-root.der")])["exi"])
+    assert out["status"] == "Failed" and out["statusInfo"]["reasonCode"] == "WARNING_NoCertificateAvailable"[:20], out
+    # a -20 request sent as ISO 15118-2, and an ISO 15118-2 request sent as -20
+    req20 = _request(josev20, v)["exi"]
+    r = env20.client.post("/ocpp/v21/get-15118-ev-certificate",
+                          json={"iso15118SchemaVersion": "urn:iso:15118:2:2013:MsgDef", "action": "Install",
+                                "exiRequest": req20}, headers=env20.h["cpo"])
+    assert r.json()["status"] == "Failed", r.text
+    from pki.cps.exi import CertificateInstallationReq, MessageHeader, V2GMessage, encode_message
+
+    req2 = encode_message(V2GMessage(MessageHeader(bytes(8)), CertificateInstallationReq(
+        "id1", Path(v["oem_chain"][0]).read_bytes()[:800], (X509IssuerSerial("CN=V2G Root CA", 1),))))
+    status, out = ocpp21(env20, base64.b64encode(req2).decode())
+    assert status == 400 and out["status"] == "Failed", out
+    # ISO 15118-20 has no CertificateUpdate
+    status, out = ocpp21(env20, req20, action="Update")
+    assert status == 400 and out["status"] == "Failed"
+    assert _issued(env20, emaid) == 0
+    # a P-256 (-2) provisioning certificate in a -20 request
+    v2 = vehicle20(env20, tmp_path / "p256", ec.SECP256R1(), profile="oem-prov")
+    e2 = contract20(env20, v2["pcid"])
+    v2["oem_chain"] = v2["oem_chain"][:1]
+    status, out = ocpp21(env20, _request(josev20, v2, sign="ecdsa-sha256")["exi"])
+    assert out["status"] == "Failed" and out["statusInfo"]["reasonCode"] == "WARNING_CertificateValidationError"[:20], out
+    assert _issued(env20, e2) == 0
+

@@ -311,7 +311,8 @@ def sign_certificate(ctx: Context, p: Principal, csr: str, cert_type: str | None
 
 
 def get_15118_ev_certificate(ctx: Context, p: Principal, schema_version: str, action: str | None, exi_b64: str,
-                             version: Version) -> Reply:
+                             version: Version, maximum: int | None = None,
+                             prioritized: list[str] | None = None) -> Reply:
     """The EXI V2G_Message in, the EXI answer out (ISO 15118-2 §8.4.3.11/12 via pki.cps). ``action`` None:
     the 1.6 bridge variant without one; the EXI body says which."""
     def failed(http: int, reason: str, detail: str, code: str) -> Reply:
@@ -321,8 +322,7 @@ def get_15118_ev_certificate(ctx: Context, p: Principal, schema_version: str, ac
 
     p.require("cpo", "admin")
     if schema_version in ISO20:
-        return failed(400, "UnsupportedSchema", "ISO 15118-20 contract installation is not served yet "
-                      f"(this CPS speaks {ISO2})", "unsupported-schema")
+        return _get_15118_ev_certificate_20(ctx, p, action, exi_b64, version, failed, maximum, prioritized)
     if schema_version != ISO2:
         return failed(400, "UnsupportedSchema", f"iso15118SchemaVersion {schema_version!r} is not supported "
                       f"(this CPS speaks {ISO2})", "unsupported-schema")
@@ -350,6 +350,38 @@ def get_15118_ev_certificate(ctx: Context, p: Principal, schema_version: str, ac
         out["statusInfo"] = status_info(str(d.response_code), "; ".join(d.notes), version)
     if version == "2.1":
         out["remainingContracts"] = 0  # ISO 15118-2 delivers one contract per exchange
+    return Reply(out)
+
+
+def _get_15118_ev_certificate_20(ctx: Context, p: Principal, action: str | None, exi_b64: str, version: Version,
+                                 failed: Any, maximum: int | None, prioritized: list[str] | None) -> Reply:
+    """ISO 15118-20 CertificateInstallation (#26, pki.cps.service20): Install only (-20 has no
+    CertificateUpdate); remainingContracts = RemainingContractCertificateChains."""
+    from pki.cps.service20 import deliver20
+
+    if action == "Update":
+        return failed(400, "InvalidRequest", "ISO 15118-20 has no CertificateUpdate; use action Install",
+                      "action-mismatch")
+    try:
+        exi = base64.b64decode(exi_b64, validate=True)
+    except (binascii.Error, ValueError):
+        return failed(400, "InvalidRequest", "exiRequest is not base64", "bad-request")
+    try:
+        d = deliver20(ctx, exi, actor=p.credential, maximum=maximum, prioritized=prioritized)
+    except Forbidden:
+        raise
+    except PKIError as exc:
+        if exc.status >= 500:
+            raise
+        return failed(400, "InvalidRequest", exc.message, exc.code)
+    b64 = base64.b64encode(d.exi).decode()
+    if len(b64) > LIMITS[version].exi_response:
+        return failed(422, "ResponseTooLarge", f"exiResponse would be {len(b64)} characters", "response-too-large")
+    out: dict[str, Any] = {"status": "Accepted" if d.response_code == "OK" else "Failed", "exiResponse": b64}
+    if d.response_code != "OK":
+        out["statusInfo"] = status_info(d.response_code, "; ".join(d.notes), version)
+    if version == "2.1":
+        out["remainingContracts"] = d.remaining
     return Reply(out)
 
 

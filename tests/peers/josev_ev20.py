@@ -158,6 +158,29 @@ def _raw_ecdsa(key: ec.EllipticCurvePrivateKey, data: bytes, h: hashes.HashAlgor
     return r.to_bytes(n, "big") + s.to_bytes(n, "big")
 
 
+_TIME = int(time.time())
+
+
+def _request(a: dict[str, Any], oem: SignedCertificateChain, signature: Signature | None) -> Any:
+    emaids = a.get("emaids")
+    return CertificateInstallationReq(
+        header=MessageHeader(session_id=a["session_id"].upper(), timestamp=_TIME, signature=signature),
+        oem_prov_cert_chain=oem,
+        root_cert_id_list=RootCertificateIDList(root_cert_ids=[_issuer_serial(_der(p)) for p in a["roots"]]),
+        max_contract_cert_chains=a.get("max_chains", 1),
+        prioritized_emaids=EMAIDList(emaids=emaids) if emaids else None,
+    )
+
+
+def _signed_info_fragment(message_exi: bytes) -> bytes:
+    """The header's SignedInfo as EXIficient encodes it alone (fragment, xmldsig grammar)."""
+    root = ET.fromstring(_exi_to_xml(message_exi, False, "cm20"))
+    element = root.find(".//{http://www.w3.org/2000/09/xmldsig#}SignedInfo")
+    if element is None:
+        raise ValueError("no SignedInfo")
+    return _xml_to_exi(ET.tostring(element, encoding="unicode"), True, "xmldsig")
+
+
 def install_request(a: dict[str, Any]) -> dict[str, Any]:
     chain = [_der(p) for p in a["oem_chain"]]
     oem = SignedCertificateChain(id="id1", certificate=chain[0],
@@ -175,21 +198,18 @@ def install_request(a: dict[str, Any]) -> dict[str, Any]:
             reference=[Reference(uri="#id1", transforms=Transforms(transform=[Transform(algorithm=CANONICAL_EXI)]),
                                  digest_method=DigestMethod(algorithm=SHA512_URI if sha512 else SHA256_URI),
                                  digest_value=digest)])
-        signed_info_exi = EXI().to_exi(si, Namespace.XML_DSIG)
+        # Josev's to_exi(SignedInfo) goes through its jar's SecurityPayloads, which writes ecdsa-sha256 whatever
+        # the model says: the SignedInfo is cut out of the message as EXIficient decodes it, and encoded by
+        # EXIficient directly (xmldsig grammar, fragment) — what a -20 EV signs.
+        placeholder = Signature(signed_info=si, signature_value=SignatureValue(value=bytes(132)))
+        draft = _request(a, oem, placeholder)
+        signed_info_exi = _signed_info_fragment(EXI().to_exi(draft, NS20))
         key = _load_key(a["oem_key"])
         value = _raw_ecdsa(key, signed_info_exi, hashes.SHA512() if sha512 else hashes.SHA256())
         if a.get("corrupt_signature"):
             value = bytes([value[0] ^ 1]) + value[1:]
         signature = Signature(signed_info=si, signature_value=SignatureValue(value=value))
-    emaids = a.get("emaids")
-    req = CertificateInstallationReq(
-        header=MessageHeader(session_id=a["session_id"].upper(), timestamp=int(time.time()), signature=signature),
-        oem_prov_cert_chain=oem,
-        root_cert_id_list=RootCertificateIDList(root_cert_ids=[_issuer_serial(_der(p)) for p in a["roots"]]),
-        max_contract_cert_chains=a.get("max_chains", 1),
-        prioritized_emaids=EMAIDList(emaids=emaids) if emaids else None,
-    )
-    exi = EXI().to_exi(req, NS20)
+    exi = EXI().to_exi(_request(a, oem, signature), NS20)
     return {"exi": base64.b64encode(exi).decode(), "fragment": fragment.hex(), "signed_info": signed_info_exi.hex()}
 
 
@@ -246,7 +266,7 @@ def check_response(a: dict[str, Any]) -> dict[str, Any]:
     digest_ok = len(refs) == 1 and refs[0].uri == "#" + sid.id and refs[0].digest_method.algorithm == SHA512_URI \
         and refs[0].digest_value == hashlib.sha512(fragment).digest()
     v["digest_matches"] = digest_ok
-    si_exi = EXI().to_exi(sig.signed_info, Namespace.XML_DSIG)
+    si_exi = _signed_info_fragment(exi)  # not Josev's to_exi(SignedInfo): see _request
     cps = res.cps_certificate_chain
     cps_subs = list(cps.sub_certificates.certificates) if cps.sub_certificates else []
     cps_key = x509.load_der_x509_certificate(cps.certificate).public_key()

@@ -1,0 +1,198 @@
+"""ISO 15118-20 contract key encryption and EXI XML signatures (#26), beside the -2 ones (keywrap.py, xmldsig.py).
+
+Key encryption, ISO 15118-20 §7.9.2.5.2 and §7.9.2.5.4, for an EVCC without TPM 2.0:
+
+* ECDHE, ephemeral-static, "One-Pass Diffie-Hellman C(1, 1, ECC CDH)" of NIST SP 800-56A; the CPS/SA is
+  party U, the vehicle party V; the vehicle's static key is its OEM provisioning key [V2G20-2535];
+  secp521r1 (Z = x-coordinate, 66 octets) or X448 (RFC 7748 shared secret, 56 octets) [V2G20-2710];
+* KDF: the SP 800-56A concatenation KDF with SHA-512, AlgorithmID 0x01, PartyUInfo 'U' (0x55), PartyVInfo
+  'V' (0x56), 256-bit output [V2G20-2535] — K = SHA-512(00000001 ‖ Z ‖ 01 55 56)[:32];
+* AES-256-GCM (SP 800-38D), random 96-bit IV, 128-bit tag [V2G20-2494/2497/2500]; AAD = PCID (18 upper-case
+  characters) ‖ the contract certificate's SKI as upper-case hex [V2G20-2492];
+* plaintext: the P-521 scalar as 66 big-endian octets (7 leading zero bits, [V2G20-2497/2498]); the 448-bit
+  key as 56 octets [V2G20-2500/2501];
+* SECP521_EncryptedPrivateKey = IV ‖ ciphertext ‖ tag = 12 + 66 + 16 = 94 octets [V2G20-2499];
+  X448_EncryptedPrivateKey = 12 + 56 + 16 = 84 octets [V2G20-2502];
+* DHPublicKey: the ephemeral public key uncompressed, 0x04 ‖ X ‖ Y, 133 octets for secp521r1 [V2G20-2489].
+
+Signatures: the response's header Signature references SignedInstallationData (its Id); DigestValue =
+SHA-512 of its EXI fragment (CommonMessages grammar); SignedInfo is EXI-encoded with the xmldsig grammar (as
+Josev's -20 EVCC encodes it) and signed with ECDSA-SHA512 (r ‖ s, 66 octets each, [V2G20-1000]) by a P-521
+CPS key, or Ed448 (RFC 8032, 114 octets) by an Ed448 CPS key. Request signatures are accepted with SHA-512 or
+SHA-256 digests and ECDSA-SHA512 or ECDSA-SHA256 (Josev's -20 EVCC still signs like -2).
+
+Doubts (the standard's text was read only in public excerpts): the algorithm URIs (RFC 6931 ecdsa-sha512 /
+xmlenc sha512, RFC 9231 eddsa-ed448) and the SignedInfo grammar are not quoted from ISO 15118-20; the -20 XSD
+published with Josev fixes DHPublicKey at 133 octets, while [V2G20-2495] forbids padding a 57-octet X448 key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, x448
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from .errors import ExiError, KeyWrapError, SignatureVerificationFailed, XmlDsigError
+from .exi._names20 import NS20_CM
+from .exi.codec import Node, encode_fragment
+from .exi.messages import CANONICAL_EXI, DIGEST_SHA256, ECDSA_SHA256, Reference, Signature, SignedInfo
+from .exi.schema import XMLDSIG
+from .exi.schema20 import CM20
+
+DIGEST_SHA512 = "http://www.w3.org/2001/04/xmlenc#sha512"
+ECDSA_SHA512 = "http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha512"
+EDDSA_ED448 = "http://www.w3.org/2021/04/xmldsig-more#eddsa-ed448"
+IV_OCTETS = 12
+TAG_OCTETS = 16
+P521_OCTETS = 66
+X448_OCTETS = 56
+_ID = ("Id", NS20_CM)
+KDF_OTHER_INFO = b"\x01UV"  # AlgorithmID 0x01, PartyUInfo 'U', PartyVInfo 'V' [V2G20-2535]
+
+
+@dataclass(frozen=True)
+class Wrapped20:
+    curve: str  # SECP521 | X448
+    dh_public_key: bytes
+    encrypted_private_key: bytes
+
+    def __repr__(self) -> str:
+        return f"Wrapped20({self.curve}, <{len(self.encrypted_private_key)} octets>)"
+
+
+def kdf(z: bytes) -> bytes:
+    """SP 800-56A §5.8.1 concatenation KDF, SHA-512, 256-bit key, OtherInfo 01 'U' 'V' [V2G20-2535]."""
+    return hashlib.sha512((1).to_bytes(4, "big") + z + KDF_OTHER_INFO).digest()[:32]
+
+
+def aad(pcid: str, contract_cert: x509.Certificate) -> bytes:
+    """[V2G20-2492]: PCID in capitals and digits without separators (18), then the contract certificate's SKI
+    as upper-case hex."""
+    try:
+        ski = contract_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        raise KeyWrapError("the contract certificate has no SubjectKeyIdentifier (needed for the AAD)") from None
+    return pcid.replace("-", "").upper().encode("ascii") + ski.hex().upper().encode("ascii")
+
+
+def wrap_p521(contract_key: ec.EllipticCurvePrivateKey, vehicle: ec.EllipticCurvePublicKey, aad_: bytes) -> Wrapped20:
+    """SECP521: ephemeral P-521 ECDH with the OEM provisioning key, AES-256-GCM over the 66-octet scalar."""
+    if not isinstance(vehicle.curve, ec.SECP521R1) or not isinstance(contract_key.curve, ec.SECP521R1):
+        raise KeyWrapError("SECP521 key encryption needs P-521 keys on both sides")
+    eph = ec.generate_private_key(ec.SECP521R1())
+    key = bytearray(kdf(eph.exchange(ec.ECDH(), vehicle)))
+    scalar = bytearray(contract_key.private_numbers().private_value.to_bytes(P521_OCTETS, "big"))
+    try:
+        iv = secrets.token_bytes(IV_OCTETS)
+        sealed = AESGCM(bytes(key)).encrypt(iv, bytes(scalar), aad_)
+    finally:
+        for buf in (key, scalar):
+            buf[:] = bytes(len(buf))
+    point = eph.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    return Wrapped20("SECP521", point, iv + sealed)
+
+
+def wrap_x448(contract_key: bytes, vehicle: x448.X448PublicKey, aad_: bytes) -> Wrapped20:
+    """X448 [V2G20-2500..2502, 2710]: ephemeral X448 with the vehicle's X448 key, AES-256-GCM over the 56-octet
+    key. DHPublicKey: the 56-octet X448 public key (no padding, [V2G20-2495])."""
+    if len(contract_key) != X448_OCTETS:
+        raise KeyWrapError("an X448 contract key is 56 octets")
+    eph = x448.X448PrivateKey.generate()
+    key = kdf(eph.exchange(vehicle))
+    iv = secrets.token_bytes(IV_OCTETS)
+    sealed = AESGCM(key).encrypt(iv, contract_key, aad_)
+    return Wrapped20("X448", eph.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw), iv + sealed)
+
+
+# --- signatures -------------------------------------------------------------------------------------------
+
+
+def _raw(der: bytes, octets: int) -> bytes:
+    r, s = decode_dss_signature(der)
+    return r.to_bytes(octets, "big") + s.to_bytes(octets, "big")
+
+
+def sign20(element: Node, signer: Any) -> Signature:
+    """The header Signature over one signed element (SignedInstallationData): SHA-512 digest of its CM20
+    fragment, SignedInfo (xmldsig grammar) signed with ECDSA-SHA512 (P-521) or Ed448 (HSM key objects)."""
+    ident = element.attributes.get(_ID)
+    if not isinstance(ident, str) or not ident:
+        raise XmlDsigError("the signed element needs an Id")
+    digest = hashlib.sha512(encode_fragment([element], CM20)).digest()
+    ed = isinstance(signer, ed448.Ed448PrivateKey)
+    si = SignedInfo((Reference(f"#{ident}", digest, DIGEST_SHA512),),
+                    signature_method=EDDSA_ED448 if ed else ECDSA_SHA512)
+    data = encode_fragment([si.to_node()], XMLDSIG)
+    if ed:
+        value = signer.sign(data)
+    else:
+        if not isinstance(getattr(signer, "curve", None), ec.SECP521R1):
+            raise XmlDsigError("a -20 ECDSA CPS key must be P-521")
+        value = _raw(signer.sign(data, ec.ECDSA(hashes.SHA512())), P521_OCTETS)
+    return Signature(si, value)
+
+
+def verify_request20(tree: Node, public_key: Any) -> None:
+    """Verify a -20 CertificateInstallationReq's header signature over OEMProvisioningCertificateChain with
+    the OEM provisioning certificate's key (P-521 ECDSA, or Ed448). Raises SignatureVerificationFailed."""
+    header = tree.child("Header")
+    sig_node = header.child("Signature") if header is not None else None
+    chain = tree.child("OEMProvisioningCertificateChain")
+    if sig_node is None or chain is None:
+        raise SignatureVerificationFailed("the request carries no signature")
+    try:
+        signature = Signature.from_node(sig_node)
+    except ExiError as exc:
+        raise SignatureVerificationFailed(f"malformed signature: {exc.message}") from None
+    si = signature.signed_info
+    if si.canonicalization_method != CANONICAL_EXI or len(si.references) != 1:
+        raise SignatureVerificationFailed("the signature must reference exactly OEMProvisioningCertificateChain")
+    ref = si.references[0]
+    ident = chain.attributes.get(_ID)
+    if not isinstance(ident, str) or ref.uri != f"#{ident}" or ref.transforms not in ((CANONICAL_EXI,), ()):
+        raise SignatureVerificationFailed("the signature does not reference OEMProvisioningCertificateChain")
+    fragment = encode_fragment([chain], CM20)
+    if ref.digest_method == DIGEST_SHA512:
+        digest = hashlib.sha512(fragment).digest()
+    elif ref.digest_method == DIGEST_SHA256:
+        digest = hashlib.sha256(fragment).digest()
+    else:
+        raise SignatureVerificationFailed("unexpected DigestMethod")
+    if not hmac.compare_digest(digest, ref.digest_value):
+        raise SignatureVerificationFailed("DigestValue does not match OEMProvisioningCertificateChain")
+    si_node = sig_node.child("SignedInfo")
+    assert si_node is not None
+    value = signature.signature_value
+    for schema in (XMLDSIG, CM20):
+        data = encode_fragment([si_node], schema)
+        try:
+            if isinstance(public_key, ed448.Ed448PublicKey) and si.signature_method == EDDSA_ED448:
+                public_key.verify(value, data)
+                return
+            ecdsa = si.signature_method in (ECDSA_SHA512, ECDSA_SHA256)
+            if isinstance(public_key, ec.EllipticCurvePublicKey) and ecdsa:
+                n = (public_key.curve.key_size + 7) // 8
+                if len(value) != 2 * n:
+                    raise SignatureVerificationFailed(f"SignatureValue must be {2 * n} octets (r ‖ s)")
+                h = hashes.SHA512() if si.signature_method == ECDSA_SHA512 else hashes.SHA256()
+                der = encode_dss_signature(int.from_bytes(value[:n], "big"), int.from_bytes(value[n:], "big"))
+                public_key.verify(der, data, ec.ECDSA(h))
+                return
+            raise SignatureVerificationFailed("SignatureMethod does not fit the provisioning key")
+        except InvalidSignature:
+            continue
+    raise SignatureVerificationFailed("the signature over SignedInfo does not verify")
+
+
+__all__ = ["DIGEST_SHA512", "ECDSA_SHA256", "ECDSA_SHA512", "EDDSA_ED448", "Wrapped20", "aad", "kdf", "sign20",
+           "verify_request20", "wrap_p521", "wrap_x448"]

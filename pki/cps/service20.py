@@ -1,0 +1,210 @@
+"""CPS for ISO 15118-20 CertificateInstallation (#26), beside the -2 path of service.py and sharing its pipeline.
+
+1. decode the -20 CertificateInstallationReq (CommonMessages EXI document); a -2 V2G_Message is refused;
+2. the OEM provisioning certificate (leaf of OEMProvisioningCertificateChain) must chain to one of our OEM
+   CAs, be valid and not revoked (pki.contracts.installation_lookup, as for -2), carry DC=OEM, and hold a
+   P-521 key (ECDHCurve SECP521, [V2G20-2674]); its key verifies the header signature;
+3. contract selection: the PCID's active contracts, those named in PrioritizedEMAIDs first in that order,
+   at most MaximumContractCertificateChains of them; one is delivered per exchange (those without a valid
+   -20 contract certificate first) and RemainingContractCertificateChains says how many are left;
+4. issuance through the engine (intent, lint, HSM signature, audit, OCSP pre-signing) from an active P-521
+   MO Sub-CA 2 (-20); the contract key (P-521) is generated here, used once to issue and once to encrypt;
+5. the key encrypted for the vehicle (crypto20.wrap_p521), SignedInstallationData signed by the -20 CPS
+   leaf (key in the HSM) whose V2G root the vehicle lists.
+
+Refusals the standard reports in the message are CertificateInstallationRes with a WARNING_*/FAILED_*
+ResponseCode and schema-valid placeholders, unsigned. TPM_EncryptedPrivateKey is never produced.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlmodel import col, select
+
+from pki.context import Context
+from pki.contracts import installation_lookup, supersede_contract_certificates
+from pki.cps.crypto20 import aad, sign20, verify_request20, wrap_p521
+from pki.cps.errors import CPSError, ExiError, KeyWrapError, SignatureVerificationFailed, XmlDsigError
+from pki.cps.exi.messages import X509IssuerSerial
+from pki.cps.exi.messages20 import (
+    CERTIFICATE_INSTALLATION_REQ,
+    CertificateInstallationReq20,
+    CertificateInstallationRes20,
+    Chain20,
+    Header20,
+    SignedInstallationData,
+    decode_message20_tree,
+    encode_message20,
+)
+from pki.cps.service import MAX_ROOT_IDS, _cached, _key_label, _matches_root, _org_display_name, _root_name
+from pki.csr import SubjectFields
+from pki.errors import NotFound, PKIError
+from pki.issuance import CAHandle, IssueRequest, der
+from pki.store.db import utcnow
+from pki.store.models import Certificate, Contract
+
+
+class CPS20Failure(CPSError):
+    def __init__(self, response_code: str, message: str) -> None:
+        super().__init__(message)
+        self.response_code = response_code
+
+
+@dataclass
+class Delivery20:
+    exi: bytes
+    response_code: str
+    remaining: int = 0
+    emaid: str | None = None
+    contract_serial: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+_STATUS_CODES = {"CertificateRevoked": "WARNING_CertificateRevoked", "CertificateExpired": "WARNING_CertificateExpired"}
+
+
+def _failed(session_id: bytes, code: str) -> CertificateInstallationRes20:
+    placeholder = SignedInstallationData("id1", Chain20(b"", (b"",)), "SECP521", bytes(133), bytes(94))
+    return CertificateInstallationRes20(Header20(session_id, int(time.time())), code, "Finished", Chain20(b""),
+                                        placeholder, 0)
+
+
+def deliver20(ctx: Context, exi_request: bytes, *, actor: str = "cps", emsp: str | None = None,
+              maximum: int | None = None, prioritized: list[str] | None = None) -> Delivery20:
+    """Answer a -20 CertificateInstallationReq (EXI in, EXI out). ``maximum``/``prioritized``: OCPP 2.1's
+    copies of MaximumContractCertificateChains / PrioritizedEMAIDs (the EXI's own values win when present)."""
+    try:
+        tree = decode_message20_tree(exi_request)
+    except ExiError as exc:
+        raise CPSError(f"exiRequest is not a valid ISO 15118-20 CertificateInstallationReq: {exc.message}") from None
+    if tree.qname != CERTIFICATE_INSTALLATION_REQ:
+        raise CPSError("exiRequest is not a CertificateInstallationReq")
+    request = CertificateInstallationReq20.from_node(tree)
+    sid = request.header.session_id
+    try:
+        return _deliver(ctx, tree, request, actor, emsp, maximum, prioritized)
+    except CPS20Failure as f:
+        return Delivery20(encode_message20(_failed(sid, f.response_code)), f.response_code, notes=[str(f.message)])
+
+
+def _deliver(ctx: Context, tree: object, request: CertificateInstallationReq20, actor: str, emsp: str | None,
+             maximum: int | None, prioritized: list[str] | None) -> Delivery20:
+    ids = request.root_certificate_ids[:MAX_ROOT_IDS]
+    try:
+        vehicle_cert = x509.load_der_x509_certificate(request.oem_provisioning_chain.certificate)
+    except ValueError:
+        raise CPS20Failure("WARNING_CertificateValidationError", "OEM provisioning certificate is not DER") from None
+    public = vehicle_cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP521R1):
+        # [V2G20-2674]/[V2G20-2709]: -20 provisioning keys are secp521r1 (or Ed448 with an X448 key for ECDH,
+        # not served here); a P-256 (-2) certificate is refused before anything is looked up.
+        raise CPS20Failure("WARNING_CertificateValidationError",
+                           "the OEM provisioning certificate's key is not secp521r1 (ISO 15118-20 SECP521)")
+    cn = vehicle_cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    pcid = str(cn[0].value).upper() if cn else ""
+    status, _, default, _ = installation_lookup(ctx, vehicle_cert, pcid, emsp)
+    if status != "Accepted":
+        raise CPS20Failure(_STATUS_CODES.get(status, "WARNING_CertificateValidationError"),
+                           f"OEM provisioning certificate: {status}")
+    dcs = vehicle_cert.subject.get_attributes_for_oid(x509.NameOID.DOMAIN_COMPONENT)
+    if not dcs or str(dcs[0].value).upper() != "OEM":
+        raise CPS20Failure("WARNING_CertificateValidationError", "provisioning certificate lacks DC=OEM")
+    try:
+        verify_request20(tree, public)  # type: ignore[arg-type]
+    except (SignatureVerificationFailed, XmlDsigError, ExiError) as exc:
+        raise CPS20Failure("FAILED_SignatureError", f"request signature: {exc.message}") from None
+
+    # contract selection (§8.3.4.3.9: PrioritizedEMAIDs, MaximumContractCertificateChains)
+    with ctx.db.session() as s:
+        q = select(Contract).where(Contract.pcid == pcid, Contract.status == "active",
+                                   col(Contract.valid_until) > utcnow())
+        if emsp is not None:
+            q = q.where(Contract.emsp == emsp)
+        contracts = list(s.exec(q))
+        order = [e.replace("-", "").upper() for e in (request.prioritized_emaids or prioritized or [])]
+        contracts.sort(key=lambda c: (order.index(c.emaid) if c.emaid in order else len(order), not c.is_default,
+                                      c.emaid))
+        limit = request.maximum_contract_certificate_chains or maximum or len(contracts)
+        selected = contracts[:limit]
+        installed = {c.identifier for c in s.exec(select(Certificate).where(
+            Certificate.profile == "contract-20", Certificate.status == "valid",
+            col(Certificate.identifier).in_([c.emaid for c in selected]), col(Certificate.not_after) > utcnow()))}
+    if not selected:
+        if emsp is not None:
+            raise NotFound(f"no active contract of yours for PCID {pcid}")
+        raise CPS20Failure("WARNING_NoContractMatchingPCIDFound", f"no active contract for PCID {pcid}")
+    pending = [c for c in selected if c.emaid not in installed] or selected[:1]
+    contract = pending[0]
+    remaining = max(0, len(pending) - 1)
+    del default
+
+    cps_row, cps_subs = _cps_signer20(ctx, ids)
+    mo_ca = _pick_mo20(ctx)
+    if mo_ca is None:
+        raise CPS20Failure("WARNING_NoCertificateAvailable", "no active P-521 MO Sub-CA 2 (-20)")
+    key = ec.generate_private_key(ec.SECP521R1())
+    try:
+        o_name = _org_display_name(ctx, contract.emsp)
+        issued = ctx.engine.issue(IssueRequest(
+            profile="contract-20", public_key=key.public_key(),
+            subject=SubjectFields(cn=contract.emaid, o=o_name[:64], c=contract.emaid[:2], dc="MO"),
+            identifier=contract.emaid, ca=mo_ca.name, tenant=contract.emsp, not_after=contract.valid_until,
+            actor=actor))
+        cert = x509.load_der_x509_certificate(issued.der)
+        try:
+            wrapped = wrap_p521(key, public, aad(pcid, cert))
+        except KeyWrapError as exc:
+            raise CPS20Failure("FAILED", f"contract key could not be encrypted: {exc.message}") from None
+    finally:
+        del key
+    data = SignedInstallationData("id1", Chain20(issued.der, tuple(der(c) for c in issued.chain[:-1])),
+                                  wrapped.curve, wrapped.dh_public_key, wrapped.encrypted_private_key, "SECP521")
+    assert cps_row.key_uri is not None
+    signer = ctx.keystore.signer(_key_label(cps_row.key_uri))
+    try:
+        signature = sign20(data.to_node(), signer)
+    except XmlDsigError as exc:
+        raise CPSError(f"CPS signature failed: {exc.message}") from None
+    res = CertificateInstallationRes20(Header20(request.header.session_id, int(time.time()), signature), "OK",
+                                       "Finished", Chain20(cps_row.der, tuple(cps_subs)), data, remaining)
+    delivery = Delivery20(encode_message20(res), "OK", remaining, contract.emaid, issued.serial)
+    try:
+        gone = supersede_contract_certificates(ctx, contract.emaid, (issued.issuer, issued.serial), None, actor=actor)
+        if gone:
+            delivery.notes.append(f"superseded {', '.join(gone)}")
+    except PKIError:
+        pass
+    return delivery
+
+
+def _pick_mo20(ctx: Context) -> CAHandle | None:
+    cands = [h for h in ctx.engine.cas() if h.row.profile == "mo-sub2-20" and h.row.status == "active"
+             and h.alg.value == "p521"]
+    cands.sort(key=lambda h: -h.row.not_after.timestamp())
+    return cands[0] if cands else None
+
+
+def _cps_signer20(ctx: Context, ids: tuple[X509IssuerSerial, ...]) -> tuple[Certificate, list[bytes]]:
+    """The newest valid -20 CPS leaf (key in the HSM) under a -20 V2G root the vehicle lists."""
+    def rows() -> list[Certificate]:
+        with ctx.db.session() as s:
+            return list(s.exec(select(Certificate).where(
+                col(Certificate.profile).in_(["cps-leaf-20"]), Certificate.status == "valid",
+                col(Certificate.key_uri).is_not(None), col(Certificate.not_after) > utcnow()
+            ).order_by(col(Certificate.not_after).desc())))
+
+    now = utcnow()
+    for row in _cached(ctx, "cps20-rows", rows):
+        if row.not_after.replace(tzinfo=UTC) <= now:
+            continue
+        if _matches_root(ctx.engine.ca(_root_name(ctx, row.issuer)), ids):
+            chain = [c.public_bytes(serialization.Encoding.DER) for c in ctx.engine.chain(row.issuer)[:-1]]
+            return row, chain
+    raise CPS20Failure("WARNING_NoCertificateAvailable",
+                       "no -20 CPS certificate chains to a V2G root the vehicle lists")
