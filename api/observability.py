@@ -38,7 +38,15 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -62,6 +70,11 @@ OCSP_LATENCY = Histogram("v2gpki_ocsp_request_duration_seconds", "OCSP request l
 HSM_SIGN_LATENCY = Histogram("v2gpki_hsm_sign_duration_seconds", "PKCS#11 sign latency (lock wait included)",
                              ["mechanism"],
                              buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5))
+# Clock agreement with the database server (pki/clock.py, #27 item 4): the last measured difference
+# (database minus this host) and the signatures refused because it exceeded V2GPKI_MAX_CLOCK_SKEW_SECONDS.
+CLOCK_SKEW = Gauge("v2gpki_clock_skew_seconds", "This host's clock compared with the database server's "
+                   "(database minus host, seconds; last measurement)", multiprocess_mode="mostrecent")
+CLOCK_REFUSALS = Counter("v2gpki_clock_skew_refusals", "Signatures refused because the clocks disagree")
 HSM_ERRORS = Counter("v2gpki_hsm_errors", "PKCS#11 operations that failed", ["operation", "error"])
 
 EXPIRY_WINDOWS: tuple[tuple[str, int], ...] = (("7d", 7), ("30d", 30), ("90d", 90))
@@ -282,6 +295,12 @@ def instrument_context(ctx: Any) -> None:
         engine.tx_on_issued.append(_count_issued)
         engine.tx_on_revoked.append(_count_revoked)
         engine._v2gpki_metrics = True
+        guard = getattr(engine, "clock_guard", None)
+        if guard is not None:
+            guard.on_measure.append(lambda r: CLOCK_SKEW.set(r.skew))
+            guard.on_refuse.append(lambda _r: CLOCK_REFUSALS.inc())
+            if guard.last is not None:
+                CLOCK_SKEW.set(guard.last.skew)
     ks = getattr(ctx, "keystore", None)
     if ks is not None:
         instrument_keystore(ks)
@@ -386,6 +405,9 @@ class StateCollector(Collector):
         yield up
 
     def _database(self) -> Iterator[Any]:
+        guard = getattr(getattr(self.ctx, "engine", None), "clock_guard", None)
+        if guard is not None:
+            guard.current()  # a scrape also re-compares the clocks once the last reading is stale (#27 item 4)
         from sqlalchemy import case, func
         from sqlmodel import col, select
 

@@ -34,7 +34,9 @@ def problem(status: int, code: str, title: str, detail: str | None = None, **ext
 
 def _pki(exc: PKIError) -> JSONResponse:
     status = exc.status if exc.status < 500 else 422 if exc.code == "lint-failed" else exc.status
-    return problem(status, exc.code, exc.code.replace("-", " ").capitalize(), exc.message)
+    # A temporary refusal (clock skew, #27 item 4) says when to come back (RFC 9110 §10.2.3).
+    extra: dict[str, object] = {"retry_after": exc.context["retry_after"]} if "retry_after" in exc.context else {}
+    return problem(status, exc.code, exc.code.replace("-", " ").capitalize(), exc.message, **extra)
 
 
 # Seconds a client is told to wait after an HSM outage answer: the key store's circuit breaker stays open

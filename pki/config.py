@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     ocsp_validity_hours: int = Field(default=24 * 9, ge=1)  # chargers refresh weekly: 9 days of margin
     crl_validity_hours: int = Field(default=24 * 7, ge=1)
 
+    # Clock agreement with the database server (pki/clock.py, #27 item 4): signing is refused while this
+    # host's clock and PostgreSQL's differ by more than this many seconds (0: never compared); compared at
+    # start and at most every V2GPKI_CLOCK_CHECK_SECONDS after that.
+    max_clock_skew_seconds: float = Field(default=60.0, ge=0)
+    clock_check_seconds: float = Field(default=60.0, gt=0)
+
     # Celery broker (workers: OCSP pre-signing, CRL refresh, expiry alerts, renewals); required in production.
     broker_url: str | None = None
     # Where TLS for the API ends: "proxy" (load balancer / nginx in front), "uvicorn" (`serve --tls-cert`),

@@ -52,6 +52,14 @@ def build_context(settings: Settings | None = None, *, keystore: KeyStore | None
         db.migrate()
     ks = keystore if keystore is not None else open_keystore(settings)
     engine = Engine(db, ks, profiles, settings.public_base(), pkilint_mode=settings.pkilint)
+    if settings.max_clock_skew_seconds > 0:
+        from pki.clock import ClockGuard
+
+        # Compared with the database server's clock now (a skewed host is logged at start) and then at
+        # most every V2GPKI_CLOCK_CHECK_SECONDS on the signing path (#27 item 4). SQLite: nothing to compare.
+        engine.clock_guard = ClockGuard(db, max_skew=settings.max_clock_skew_seconds,
+                                        interval=settings.clock_check_seconds)
+        engine.clock_guard.current()
     ctx = Context(settings, db, ks, profiles, engine)
     from pki.ocsp import install_hooks  # OCSP pre-signing and CRL regeneration, after commit
 

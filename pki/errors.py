@@ -116,3 +116,11 @@ class CRLUnavailable(PKIError):
 
     code = "crl-unavailable"
     status = 503
+
+
+class ClockSkew(ConfigError):
+    """This host's clock disagrees with the database server's by more than V2GPKI_MAX_CLOCK_SKEW_SECONDS
+    (pki/clock.py): nothing is signed until they agree (#27 item 4). HTTP 503 with Retry-After; CLI exit 6."""
+
+    code = "clock-skew"
+    status = 503

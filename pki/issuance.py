@@ -32,6 +32,7 @@ from sqlmodel import Session, select
 
 from hsm.keystore import KeyAlg, KeyStore, PrivateKey, PublicKey
 from pki import audit
+from pki.clock import ClockGuard
 from pki.csr import CheckedRequest, SubjectFields, check_csr, check_no_control_chars, parse_csr
 from pki.der import bit_string, elements, tbs_field, tlv
 from pki.errors import AlreadyRevoked, BadKey, BadRevocation, CertificateTooLarge, LintError, NotFound, UnknownCA
@@ -328,6 +329,8 @@ class Engine:
         self.tx_on_issued: list[Callable[[Session, list[Issued]], None]] = []
         self.tx_on_revoked: list[Callable[[Session, Certificate], None]] = []
         self.batcher: IssueBatcher | None = IssueBatcher(self) if _batching_enabled() else None
+        # Compares this host's clock with the database server's (pki/clock.py); None: not checked.
+        self.clock_guard: ClockGuard | None = None
 
     # -- CA cache --------------------------------------------------------------------------------------
 
@@ -425,13 +428,24 @@ class Engine:
             issuer_ski = issuer_handle.ski
             not_after_cap = issuer_handle.cert.not_valid_after_utc
             signer_label = None
-        not_after = now + timedelta(days=profile.validity_days)
+        # Clock tolerance (#27 item 4): notBefore is backdated by the profile's margin (default one hour, as
+        # large public CAs do) so a charger or vehicle whose clock runs behind does not reject a fresh
+        # certificate as not yet valid (RFC 5280 §4.1.2.5 validity; §6.1.3 (a)(2) checks the current time
+        # against it). Never before the issuer's own notBefore: the path would not validate at that instant.
+        not_before = now - timedelta(seconds=profile.not_before_margin_seconds)
+        if issuer_handle is not None:
+            not_before = max(not_before, issuer_handle.cert.not_valid_before_utc)
+        not_before = not_before.replace(microsecond=0)  # what the certificate encodes (seconds precision)
+        # The validity period (notBefore to notAfter) is the profile's, the backdated hour included.
+        not_after = not_before + timedelta(days=profile.validity_days)
         # A certificate never outlives its issuer (nor the contract it carries).
         for cap in (not_after_cap, req.not_after):
             if cap is not None and cap < not_after:
                 not_after = cap.replace(microsecond=0)
         if not_after <= now:
             raise BadKey("requested validity ends before it starts")
+        if self.clock_guard is not None:
+            self.clock_guard.require()  # refuse to sign with a clock the database disagrees with (#27 item 4)
         serial = new_serial()
         tkey: tuple[object, ...] | None = None
         if self.pkilint_mode != "every" and not profile.ca and issuer_handle is not None:
@@ -440,12 +454,13 @@ class Engine:
             subj = req.subject
             tkey = (profile.name, issuer_name_str, issuer_handle.row.serial, subj_alg, bool(subj.o),
                     bool(subj.c), subj.dc, len(subj.cn) > 32, len(subj.o or "") > 32,
-                    now.year >= 2050, not_after.year >= 2050)
+                    not_before.year >= 2050, not_after.year >= 2050)
             tmpl = self._templates.get(tkey)
             # ub-common-name / ub-organization-name as cryptography's builder counts them (UTF-8 octets):
             # longer values take the builder path, which refuses them exactly as before.
             if tmpl is not None and len(subj.cn.encode()) <= 64 and len((subj.o or "").encode()) <= 64:
-                return self._prepare_from_template(req, profile, issuer_name_str, alg, tmpl, serial, now, not_after)
+                return self._prepare_from_template(req, profile, issuer_name_str, alg, tmpl, serial, not_before,
+                                                   not_after)
         name = build_name(req.subject)
         b = (
             x509.CertificateBuilder()
@@ -453,7 +468,7 @@ class Engine:
             .issuer_name(issuer_x509)
             .public_key(req.public_key)
             .serial_number(serial)
-            .not_valid_before(now)
+            .not_valid_before(not_before)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=profile.ca, path_length=profile.path_len), critical=True)
             .add_extension(_key_usage(profile, subj_alg), critical=True)
@@ -500,7 +515,7 @@ class Engine:
         lint_profile(twin, bound, profile, subj_alg)
         self._pkilint(profile, twin_der, shape_key(profile, issuer_name_str, name, subj_alg))
         if tkey is not None and tkey not in self._templates:
-            self._learn_template(tkey, tbs, sig_alg_der, req, serial, now, not_after)
+            self._learn_template(tkey, tbs, sig_alg_der, req, serial, not_before, not_after)
         return _Prepared(
             req=req,
             profile=profile,
@@ -515,11 +530,12 @@ class Engine:
         )
 
     def _learn_template(self, tkey: tuple[object, ...], tbs: bytes, sig_alg_der: bytes, req: IssueRequest,
-                        serial: int, now: datetime, not_after: datetime) -> None:
+                        serial: int, not_before: datetime, not_after: datetime) -> None:
         """Keep a template for this shape only if it rebuilds the linted reference TBS byte for byte."""
         try:
             tmpl = TbsTemplate(tbs)
-            again = tmpl.build(TemplateInputs(serial, now, not_after, req.subject, _spki_der(req.public_key)))
+            again = tmpl.build(TemplateInputs(serial, not_before, not_after, req.subject,
+                                              _spki_der(req.public_key)))
         except (ValueError, UnicodeError):
             again = None
         if again != tbs:
@@ -527,8 +543,8 @@ class Engine:
         self._templates[tkey] = _Template(tmpl, sig_alg_der)
 
     def _prepare_from_template(self, req: IssueRequest, profile: Profile, issuer_name: str, alg: KeyAlg,
-                               t: _Template, serial: int, now: datetime, not_after: datetime) -> _Prepared:
-        tbs = t.tbs.build(TemplateInputs(serial, now, not_after, req.subject, _spki_der(req.public_key)))
+                               t: _Template, serial: int, not_before: datetime, not_after: datetime) -> _Prepared:
+        tbs = t.tbs.build(TemplateInputs(serial, not_before, not_after, req.subject, _spki_der(req.public_key)))
         # The size limit (ISO 15118-2 [V2G2-010]) with the longest signature the issuer's algorithm can give;
         # every other profile rule holds by construction (the extensions are the linted reference's bytes).
         bound = len(assemble_certificate(tbs, t.sig_alg_der, bytes(MAX_SIG_LEN[alg.value])))

@@ -660,15 +660,17 @@ class OcspResponder:
             cas = conn.execute(select(_CA.c.name, _CA.c.der)).all()
             now = utcnow()
             signers = conn.execute(
-                select(_CERT.c.issuer, _CERT.c.der, _CERT.c.key_uri, _CERT.c.not_before)
+                select(_CERT.c.issuer, _CERT.c.der, _CERT.c.key_uri, _CERT.c.created_at)
                 .where(_CERT.c.key_uri.is_not(None), _CERT.c.status == "valid",
                        _CERT.c.not_before <= now, _CERT.c.not_after > now)
-                .order_by(_CERT.c.not_before)
+                # Issuance order, not notBefore: notBefore is backdated by the profile's margin and clamped
+                # to the CA's own (#27 item 4), so two signers issued within an hour can share it.
+                .order_by(_CERT.c.created_at, _CERT.c.id)
             ).all()
         from pki.hierarchy import ocsp_key_label
 
         by_ca: dict[str, _Signer] = {}
-        for issuer, der, key_uri, _nb in signers:
+        for issuer, der, key_uri, created_at in signers:
             base = ocsp_key_label(issuer)
             label = _label_of(key_uri)
             # The init-time signer key, or one renewed by the workers (pki/lifecycle.py: "<base>-r<time>").
@@ -689,9 +691,13 @@ class OcspResponder:
                    else KeyAlg.P256)
             old = self._by_name.get(issuer)
             key = old.signer.key if old and old.signer and old.signer.cert_der == der else None
-            # ordered by not_before: the newest valid signer wins
+            # ordered by issuance: the newest valid signer wins. Its `not_before` here is when it began to
+            # sign (issuance, whole seconds): a response older than that was made by an earlier signer. The
+            # certificate's notBefore is backdated (#27 item 4) and would keep those responses current.
+            since = created_at if created_at.tzinfo else created_at.replace(tzinfo=UTC)
             by_ca[issuer] = _Signer(label, alg, der, hashlib.sha1(spki_key_bits(cert)).digest(),  # noqa: S324
-                                    cert.not_valid_before_utc, cert.not_valid_after_utc, key)
+                                    max(cert.not_valid_before_utc, since.replace(microsecond=0)),
+                                    cert.not_valid_after_utc, key)
         by_hash: dict[tuple[str, bytes, bytes], _Issuer] = {}
         by_name: dict[str, _Issuer] = {}
         for name, der in cas:

@@ -58,6 +58,9 @@ class Profile(_Strict):
     crldp: bool = True
     san_dns_from_cn: bool = False
     validity_days: int = Field(gt=0, le=40 * 366)
+    # Clock tolerance (#27 item 4): notBefore is this many seconds before the moment of issuance (never
+    # before the issuer's notBefore), so a relying party whose clock runs behind accepts a fresh certificate.
+    not_before_margin_seconds: int = Field(default=3600, ge=0, le=7 * 86400)
     max_der_size: int = Field(gt=0, le=4096)
     # RFC 8813 §3 forbids keyEncipherment with EC keys; Josev/RISE-V2G set it on contract certificates.
     legacy_key_encipherment: bool = False
