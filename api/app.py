@@ -26,6 +26,7 @@ ROUTERS = [
     "api.v1.routes",       # /v1 enrollment, certificates, CAs, trust stores, orgs, audit
     "api.v1.contracts",    # /v1 contracts, provisioning pool; OCPP authorize
     "api.v1.subscriptions",  # /v1 lifecycle subscriptions, trust-store versions (+ outbox dispatcher)
+    "api.v1.firmware",     # /v1/firmware/signatures: signed charging-station firmware (OCPP 2.0.1 L01)
     "api.v1.roots",        # /v1 root transitions (coverage, switch, withdraw) and imported roots (#27)
     "api.ocpp.v201",       # OCPP 2.0.1-shaped endpoints
     "api.ocpp.ev_certificate",  # ISO 15118-2 CPS: Get15118EVCertificate, contract installations

@@ -215,7 +215,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     osub = org.add_subparsers(dest="org_cmd", required=True)
     oc_ = osub.add_parser("create", help="create an organization")
     oc_.add_argument("name")
-    oc_.add_argument("--role", required=True, choices=["cpo", "oem", "emsp", "admin", "auditor"])
+    oc_.add_argument("--role", required=True, choices=["cpo", "oem", "emsp", "admin", "auditor", "manufacturer"])
     oc_.add_argument("--prefix", action="append", help="identifier prefix it owns (repeatable): DE*ABC, DE-8AA, WP0")
     oc_.add_argument("--organization-name", help="the O= its station certificates carry (default: NAME)")
     oc_.add_argument("--allow-any-station", action="store_true",

@@ -6,6 +6,9 @@ import json
 from typing import Any
 
 MAX_BODY = 64 * 1024  # CSRs are ≤ 5500 chars (OCPP); EXI requests ≤ 5600; 64 KiB covers every API call
+# Routes whose body is a stream the route consumes chunk by chunk, never buffered: exempt from MAX_BODY for
+# this content type only (a firmware image of any size, hashed as it arrives: api/v1/firmware.py).
+STREAMING: dict[tuple[str, str], bytes] = {("POST", "/v1/firmware/signatures"): b"application/octet-stream"}
 
 
 class BodyLimit:
@@ -17,6 +20,12 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        stream_type = STREAMING.get((scope.get("method", ""), scope.get("path", "")))
+        if stream_type is not None:
+            for k, v in scope.get("headers", []):
+                if k == b"content-type" and v.split(b";")[0].strip().lower() == stream_type:
+                    await self.app(scope, receive, send)
+                    return
         for k, v in scope.get("headers", []):
             if k == b"content-length":
                 try:

@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-EXTRA_CLI_MODULES = ("api.cli", "workers.cli", "pki.ops_cli")
+EXTRA_CLI_MODULES = ("api.cli", "workers.cli", "pki.ops_cli", "pki.firmware_cli")
 
 
 def _register_extra(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -482,6 +482,7 @@ class Engine:
                 "clientAuth": ExtendedKeyUsageOID.CLIENT_AUTH,
                 "serverAuth": ExtendedKeyUsageOID.SERVER_AUTH,
                 "OCSPSigning": ExtendedKeyUsageOID.OCSP_SIGNING,
+                "codeSigning": ExtendedKeyUsageOID.CODE_SIGNING,  # firmware signing (OCPP 2.0.1 L01)
             }
             b = b.add_extension(
                 x509.ExtendedKeyUsage([eku[e] for e in profile.extended_key_usage]), critical=profile.eku_critical

@@ -37,6 +37,7 @@ _EKU = {
     "clientAuth": ExtendedKeyUsageOID.CLIENT_AUTH,
     "serverAuth": ExtendedKeyUsageOID.SERVER_AUTH,
     "OCSPSigning": ExtendedKeyUsageOID.OCSP_SIGNING,
+    "codeSigning": ExtendedKeyUsageOID.CODE_SIGNING,
 }
 
 # Largest DER signature per issuer algorithm, to bound the final size from the twin's size: ECDSA

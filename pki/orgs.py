@@ -25,7 +25,9 @@ from pki.errors import Conflict, Forbidden, NotFound, PKIError
 from pki.store.db import Database, utcnow
 from pki.store.models import ApiKey, Organization
 
-ROLES = ("cpo", "oem", "emsp", "admin", "auditor")
+# manufacturer: a charging-station manufacturer signing firmware (OCPP 2.0.1 L01, pki/firmware.py), distinct
+# from the OEM (a carmaker: provisioning certificates by PCID) — see docs/profiles.md.
+ROLES = ("cpo", "oem", "emsp", "admin", "auditor", "manufacturer")
 
 # Which leaf profiles each role may enroll (admins: all). -20 variants follow their -2 profile.
 ROLE_PROFILES: dict[str, set[str]] = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Callable
@@ -57,7 +58,7 @@ SIG_OID = {  # RFC 5758 §3.2 (ecdsa-with-SHA256/512), RFC 8410 §3 (id-Ed448)
 _KU_FIELDS = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
               "key_agreement", "key_cert_sign", "crl_sign")
 _EKU = {"clientAuth": ExtendedKeyUsageOID.CLIENT_AUTH, "serverAuth": ExtendedKeyUsageOID.SERVER_AUTH,
-        "OCSPSigning": ExtendedKeyUsageOID.OCSP_SIGNING}
+        "OCSPSigning": ExtendedKeyUsageOID.OCSP_SIGNING, "codeSigning": ExtendedKeyUsageOID.CODE_SIGNING}
 # ASN.1 universal tags of the subject attribute strings ([V2G2-xxx] profiles: CN/O UTF8String,
 # C PrintableString (RFC 5280 §4.1.2.4 / X.520), DC IA5String (RFC 4519 §2.4)).
 _STRING_TAG = {"2.5.4.3": 12, "2.5.4.10": 12, "2.5.4.6": 19, "0.9.2342.19200300.100.1.25": 22}
@@ -140,6 +141,18 @@ def collect(ctx: Context) -> list[Item]:
         assert issued.issuer == expect_issuer, (label, issued.issuer)
         items.append(Item(f"leaf:{label}", issued.cert, issued.der, ctx.profiles.get(prof), issued.issuer,
                           eng.ca(issued.issuer).alg, eng.chain(issued.issuer)))
+    # Signed firmware (#27 item 3): a manufacturer's root and firmware-signing certificate, made by
+    # `v2gpki firmware setup` for a manufacturer tenant rather than by init (one root per manufacturer).
+    from pki.firmware import setup as firmware_setup
+    from pki.orgs import create_org
+
+    mfr = f"Profiles Mfr {secrets.token_hex(3)}"
+    create_org(ctx.db, mfr, "manufacturer", [])
+    fw = firmware_setup(ctx, mfr)
+    h = eng.ca(fw.ca)
+    items.append(Item(f"ca:{h.name}", h.cert, h.row.der, ctx.profiles.get("mfr-root"), None, h.alg, []))
+    items.append(Item("leaf:firmware-signing", x509.load_der_x509_certificate(fw.signing.der), fw.signing.der,
+                      ctx.profiles.get("firmware-signing"), fw.ca, h.alg, eng.chain(fw.ca)))
     _COLLECTED[id(ctx)] = items
     return items
 
