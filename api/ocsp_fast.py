@@ -55,6 +55,7 @@ import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -287,51 +288,68 @@ Entry = tuple[Answer, float]  # (answer, serve until: epoch seconds = nextUpdate
 _COLS = ("SELECT o.id, o.issuer, o.serial, o.hash_alg, o.status, o.this_update, o.next_update, o.der, "
          "c.status, c.revoked_at FROM ocsp_response o JOIN certificate c "
          "ON c.issuer = o.issuer AND c.serial = o.serial")
-# Revocations and holds since the watermark, with their stored response (if any): index
-# ix_certificate_issuer_status (issuer, status), then the unique (issuer, serial) of ocsp_response.
-_REVOKED = ("SELECT o.id, c.issuer, c.serial, o.hash_alg, o.status, o.this_update, o.next_update, o.der, "
-            "c.status, c.revoked_at FROM certificate c LEFT JOIN ocsp_response o "
-            "ON o.issuer = c.issuer AND o.serial = c.serial "
-            "WHERE c.issuer = ? AND c.status IN ('revoked', 'hold') AND c.revoked_at >= ?")
+# The change scans (#28): by the indexes of migration 0006, never a read that grows with the table.
+_CHANGED_RESPONSES = ("SELECT issuer, serial, hash_alg, status, this_update FROM ocsp_response "
+                      "WHERE this_update >= ?")  # ix_ocsp_response_this_update
+_CHANGED_CERTS = ("SELECT issuer, serial, status, revoked_at FROM certificate "
+                  "WHERE revoked_at >= ?")  # ix_certificate_revoked_at
+_ANSWER_STATUS = {"good": "good", "revoked": "revoked", "hold": "revoked"}
+_HOLD_REASON = b"\xa0\x03\x0a\x01\x06"  # RevokedInfo.revocationReason [0] ENUMERATED certificateHold (6)
+_FETCH_BATCH = 500
 
 
 class PresignedCache:
-    """CertID DER (canonical: hash parameters NULL, minimal serial) → pre-signed answer, for every
-    stored response that pki/ocsp.py would serve as it is. Read by the event loop without locks (dict
-    reads and single assignments are atomic in CPython); written only by the poller thread."""
+    """A bounded LRU cache of pre-signed responses in front of the ``ocsp_response`` table (#28).
+
+    ``entries``: canonical SHA-1 CertID DER (hash parameters NULL, minimal serial) → the stored response,
+    for at most ``max_entries`` certificates, least recently used evicted first. Filled by answers of the
+    fallback (a miss reads one row by its unique key, pki/ocsp.py), by the newest rows at start
+    (``warm``), and by the poller with changed rows while there is room. ``derived``: answers of other
+    shapes (other hash algorithms, non-canonical encodings, unknown serials), bounded too, dropped
+    whenever anything changes. Read by the event loop without locks (single dict operations are atomic
+    in CPython); the poller thread only replaces or drops single keys.
+
+    Change detection is an indexed watermark: the rows of ``ocsp_response`` signed since it
+    (``this_update``, index ix_ocsp_response_this_update) and the certificates revoked or put on hold
+    since it (``revoked_at``, ix_certificate_revoked_at); cached responses of certificates on hold are
+    checked by unique key (their release clears ``revoked_at``). Nothing ever reads the whole table."""
 
     POLL_SECONDS = 0.15
     OVERLAP_SECONDS = 6.0  # signing → commit delay tolerated (+1 s: this_update has whole seconds)
-    SLOW_SCAN_SECONDS = 5.0  # re-signed rows (refresh, release of a hold): found by this_update, unindexed
-    MAX_HELD_CHECKED = 500  # certificates on hold whose release each poll looks for (unique index)
-    RESYNC_SECONDS = 300.0
+    MAX_HELD_CHECKED = 500  # cached certificates on hold whose release each scan looks for (unique index)
     ISSUER_RELOAD_SECONDS = 60.0
     STALE_AFTER_SECONDS = 10.0
     DERIVED_MAX = 50_000
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, *, max_entries: int | None = None, warm_entries: int | None = None) -> None:
         self.ctx = ctx
-        self.entries: dict[bytes, Entry] = {}
-        # Answers the fallback produced for one-CertID requests (other hash algorithms, unknown serials):
-        # dropped whenever the table changes, so they never outlive a revocation.
+        st = ctx.settings
+        self.max_entries = st.ocsp_cache_entries if max_entries is None else max_entries
+        self.warm_entries = min(self.max_entries,
+                                st.ocsp_cache_warm_entries if warm_entries is None else warm_entries)
+        self.derived_max = min(self.DERIVED_MAX, max(1_000, self.max_entries // 5))
+        self.entries: OrderedDict[bytes, Entry] = OrderedDict()
+        # Answers the fallback produced for other one-CertID requests (other hash algorithms, unknown serials,
+        # non-canonical encodings): dropped whenever the table changes, so they never outlive a revocation.
         self.derived: dict[bytes, Entry] = {}
         self.gen = 0
         self.issuer_hashes: dict[tuple[str, bytes, bytes], bool] = {}  # → has a delegated signer
         self.fresh_until = 0.0  # epoch: memory answers are used only until then (poller alive)
         self._issuers: dict[str, _IssuerInfo] = {}
+        self._sha1: dict[tuple[bytes, bytes], str] = {}  # (issuerNameHash, issuerKeyHash) → issuer
         self._margin = responder_for(ctx).margin.total_seconds()
         self._sqlite = ctx.db.is_sqlite
         self._pg_probe = True
         self._conn: Any = None
         self._gate: Any = None
-        self._since: datetime = datetime.fromtimestamp(0, UTC)  # revocations (revoked_at)
-        self._slow_since: datetime = datetime.fromtimestamp(0, UTC)  # re-signed rows (this_update)
-        self._max_seen: datetime = datetime.fromtimestamp(0, UTC)
-        self._max_id = 0  # new rows (primary key)
-        self._held: set[tuple[str, str]] = set()  # (issuer, serial) on hold: their release is looked for each poll
-        self._slow_pending = False
-        self._next_slow = 0.0
-        self._next_resync = 0.0
+        epoch = datetime.fromtimestamp(0, UTC)
+        self._max_resp = epoch  # newest this_update seen (responses)
+        self._max_rev = epoch  # newest revoked_at seen (certificates)
+        self._watermarks_read = False
+        self._seen: dict[tuple[str, str], datetime] = {}  # rows of the overlap window already taken in
+        self._seen_rev: dict[tuple[str, str], datetime] = {}
+        self._held: dict[bytes, tuple[str, str]] = {}  # cached answers 'certificateHold': release looked for
+        self._rescan_until = 0.0
         self._next_issuers = 0.0
         self._issuer_miss_at = -1e9
         self._stop = threading.Event()
@@ -339,8 +357,9 @@ class PresignedCache:
         self._last_error_log = -1e9
         self.polls = 0
         self.scans = 0
-        self.slow_scans = 0
         self.loads = 0
+        self.fills = 0
+        self.evictions = 0
 
     # -- database ------------------------------------------------------------------------------------
 
@@ -390,7 +409,7 @@ class PresignedCache:
 
     def reload_issuers(self) -> bool:
         """Issuer hashes (SHA-1/256/384/512, from pki/ocsp.py) and current signers. True if a signer
-        changed (then stored responses made by the old one must not be served: full reload)."""
+        changed (then cached responses made by the old one must not be served: the cache is emptied)."""
         r = responder_for(self.ctx)
         r.reload()
         infos: dict[str, _IssuerInfo] = {}
@@ -406,7 +425,12 @@ class PresignedCache:
         changed = any(name not in infos or infos[name].signer_der != old.signer_der
                       for name, old in self._issuers.items())
         self._issuers, self.issuer_hashes = infos, hashes
+        self._sha1 = {info.hashes["sha1"]: name for name, info in infos.items() if "sha1" in info.hashes}
         self._next_issuers = time.time() + self.ISSUER_RELOAD_SECONDS
+        if changed:
+            self.entries.clear()
+            self._held.clear()
+            self._changed()
         return changed
 
     # -- rows → entries ----------------------------------------------------------------------------
@@ -420,22 +444,13 @@ class PresignedCache:
 
     def _entry(self, row: tuple[Any, ...]) -> tuple[bytes | None, Entry | None]:
         """(key, entry); entry None when pki/ocsp.py would not serve the stored response as it is."""
-        oid, issuer, serial_hex, alg, o_status, o_this, o_next, der, c_status, c_rev = row
-        if oid is not None and oid > self._max_id:
-            self._max_id = oid
+        _oid, issuer, serial_hex, alg, o_status, o_this, o_next, der, c_status, c_rev = row
         key = self._key(issuer, alg or "sha1", serial_hex)
         if key is None:
             return None, None
         info = self._issuers[issuer]
         o_this, o_next, c_rev = _utc(o_this), _utc(o_next), _utc(c_rev)
-        for t in (o_this, c_rev):
-            if t is not None and t > self._max_seen:
-                self._max_seen = t
         want = _STATUS_OF.get(c_status, "revoked")
-        if want == "hold":
-            self._held.add((issuer, serial_hex))
-        else:
-            self._held.discard((issuer, serial_hex))
         if (der is None or o_status != want or o_this < info.signer_not_before
                 or (want != "good" and (c_rev is None or o_this < c_rev))):
             return key, None
@@ -443,37 +458,74 @@ class PresignedCache:
                      cacheable=True)
         return key, (ans, o_next.timestamp() - self._margin)
 
-    def load(self) -> int:
-        """Read the whole table (at start, every RESYNC_SECONDS, and when a signer changes)."""
+    def put(self, key: bytes, entry: Entry, *, only_if_room: bool = False) -> bool:
+        """Cache ``entry`` under the canonical SHA-1 CertID ``key``; the least recently used go beyond
+        ``max_entries``."""
+        entries = self.entries
+        if key not in entries and len(entries) >= self.max_entries:
+            if only_if_room or self.max_entries <= 0:
+                return False
+            while len(entries) >= self.max_entries:
+                try:
+                    old, _ = entries.popitem(last=False)
+                except KeyError:
+                    break
+                self._held.pop(old, None)
+                self.evictions += 1
+        entries[key] = entry
+        ans = entry[0]
+        if ans.cert_status == "revoked" and _HOLD_REASON in ans.der:
+            issuer_serial = self._issuer_serial(key)
+            if issuer_serial is not None:
+                self._held[key] = issuer_serial
+        return True
+
+    def _issuer_serial(self, key: bytes) -> tuple[str, str] | None:
+        """(issuer, serial hex) of a canonical SHA-1 CertID key (SEQUENCE{algid(11), OCTET 20, OCTET 20, INT})."""
+        if len(key) < 2 + 11 + 44 + 3:
+            return None
+        nh, kh = key[15:35], key[37:57]
+        issuer = self._sha1.get((nh, kh))
+        if issuer is None:
+            return None
+        return issuer, format(int.from_bytes(key[59:], "big"), "x")
+
+    def fill(self, key: bytes, ans: Answer) -> None:
+        """A fallback answer for the canonical SHA-1 CertID ``key`` (the stored response, or the one just
+        re-signed and stored): cached if it is a good/revoked answer that can be served again."""
+        if (ans.successful and ans.cacheable and ans.next_update is not None and ans.this_update is not None
+                and ans.cert_status in ("good", "revoked")):
+            if self.put(key, (ans, ans.next_update.timestamp() - self._margin)):
+                self.fills += 1
+
+    def warm(self) -> int:
+        """At start: the newest ``warm_entries`` stored responses (index on this_update), never more."""
         if not self._issuers or time.time() >= self._next_issuers:
             self.reload_issuers()
-        t0 = time.time()
-        gate = self._probe()
-        fresh: dict[bytes, Entry] = {}
-        self._held = set()
-        cur = self._connection().cursor()
-        try:
-            cur.execute(_COLS)
-            while True:
-                rows = cur.fetchmany(2000)
-                if not rows:
-                    break
-                for row in rows:
-                    key, entry = self._entry(row)
-                    if key is not None and entry is not None:
-                        fresh[key] = entry
-        finally:
-            cur.close()
-        self.entries = fresh
-        self._changed()
-        self._gate = gate
-        self._slow_pending = False
-        self._slow_since = self._watermark(t0)
-        self._next_slow = t0 + self.SLOW_SCAN_SECONDS
-        self._advance(t0)
-        self._next_resync = t0 + self.RESYNC_SECONDS
+        self._read_watermarks()
+        n = 0
+        if self.warm_entries > 0:
+            rows = self._query(_COLS + " ORDER BY o.this_update DESC LIMIT ?", (self.warm_entries,))
+            for row in reversed(rows):  # oldest first: the newest are the most recently used
+                key, entry = self._entry(row)
+                if key is not None and entry is not None and self.put(key, entry, only_if_room=True):
+                    n += 1
         self.loads += 1
-        return len(fresh)
+        self._advance(time.time())
+        return n
+
+    load = warm  # the name before #28
+
+    def _read_watermarks(self) -> None:
+        """Start the change scans at the newest stamps now in the tables (an index's last entry each)."""
+        if self._watermarks_read:
+            return
+        now = datetime.now(UTC)
+        r1 = self._query("SELECT max(this_update) FROM ocsp_response")[0][0]
+        r2 = self._query("SELECT max(revoked_at) FROM certificate")[0][0]
+        self._max_resp = min(_utc(r1), now) if r1 is not None else now
+        self._max_rev = min(_utc(r2), now) if r2 is not None else now
+        self._watermarks_read = True
 
     def _changed(self) -> None:
         # gen first: a thread-pool answer computed before this change is stored only if gen is unchanged
@@ -481,77 +533,130 @@ class PresignedCache:
         self.gen += 1
         self.derived = {}
 
-    def _watermark(self, t0: float) -> datetime:
-        # Rows are stamped by the writer's clock before it commits: trail both our clock and the newest
-        # stamp seen (a writer whose clock is behind ours) by OVERLAP_SECONDS.
-        return min(datetime.fromtimestamp(t0, UTC), self._max_seen) - timedelta(seconds=self.OVERLAP_SECONDS)
-
     def _advance(self, t0: float) -> None:
-        self._since = self._watermark(t0)
         self.fresh_until = t0 + self.STALE_AFTER_SECONDS
 
-    def _apply(self, rows: list[tuple[Any, ...]]) -> int:
+    def _since(self, newest: datetime, t0: float) -> datetime:
+        # Rows are stamped by the writer's clock before it commits: trail both our clock and the newest
+        # stamp seen (a writer whose clock is behind ours) by OVERLAP_SECONDS.
+        return min(datetime.fromtimestamp(t0, UTC), newest) - timedelta(seconds=self.OVERLAP_SECONDS)
+
+    def _fetch(self, wanted: list[tuple[str, str, bytes]]) -> int:
+        """Read the rows of ``wanted`` (issuer, serial, key) by unique key and put/replace/drop them."""
+        n = 0
+        by_issuer: dict[str, list[tuple[str, bytes]]] = {}
+        for issuer, serial, key in wanted:
+            by_issuer.setdefault(issuer, []).append((serial, key))
+        for issuer, items in by_issuer.items():
+            for i in range(0, len(items), _FETCH_BATCH):
+                part = items[i : i + _FETCH_BATCH]
+                marks = ", ".join("?" * len(part))
+                rows = self._query(_COLS + f" WHERE o.issuer = ? AND o.serial IN ({marks})",
+                                   (issuer, *(s for s, _ in part)))
+                got: set[bytes] = set()
+                for row in rows:
+                    k, entry = self._entry(row)
+                    if k is None:
+                        continue
+                    got.add(k)
+                    if entry is None:
+                        if self.entries.pop(k, None) is not None:
+                            self._held.pop(k, None)
+                            n += 1
+                    else:
+                        cur = self.entries.get(k)
+                        if cur is None or cur[0].der != entry[0].der:
+                            if cur is not None:
+                                self._held.pop(k, None)
+                            if self.put(k, entry, only_if_room=cur is None):
+                                n += 1
+                for _, k2 in part:
+                    if k2 not in got and self.entries.pop(k2, None) is not None:
+                        n += 1  # the row is gone (expired, deleted)
+        return n
+
+    def _scan(self, t0: float) -> int:
+        """Apply the rows changed since the watermarks; returns how many cached entries changed (plus
+        rows not seen before, which void the derived answers)."""
         entries = self.entries
         n = 0
-        for row in rows:
-            key, entry = self._entry(row)
+        fresh = 0
+        wanted: list[tuple[str, str, bytes]] = []
+        since = self._since(self._max_resp, t0)
+        for issuer, serial, alg, status, this in self._query(_CHANGED_RESPONSES, (self._param(since),)):
+            this = _utc(this)
+            if this > self._max_resp:
+                self._max_resp = this
+            ident = (issuer, serial)
+            new = self._seen.get(ident) != this
+            if new:
+                self._seen[ident] = this
+                fresh += 1
+            key = self._key(issuer, alg or "sha1", serial)
             if key is None:
                 continue
-            cur = entries.get(key)
-            if entry is None:
-                if cur is not None:
-                    del entries[key]  # pki/ocsp.py re-signs it (from the certificate's status) on request
+            e = entries.get(key)
+            if e is None:
+                if new and len(entries) < self.max_entries:
+                    wanted.append((issuer, serial, key))
+            elif (e[0].cert_status != _ANSWER_STATUS.get(status)
+                  or e[0].this_update is None or e[0].this_update < this):
+                wanted.append((issuer, serial, key))
+        self._seen = {k: v for k, v in self._seen.items() if v >= since}
+        since_rev = self._since(self._max_rev, t0)
+        for issuer, serial, _status, revoked_at in self._query(_CHANGED_CERTS, (self._param(since_rev),)):
+            revoked_at = _utc(revoked_at)
+            if revoked_at > self._max_rev:
+                self._max_rev = revoked_at
+            ident = (issuer, serial)
+            if self._seen_rev.get(ident) != revoked_at:
+                self._seen_rev[ident] = revoked_at
+                fresh += 1
+            key = self._key(issuer, "sha1", serial)
+            if key is None:
+                continue
+            e = entries.get(key)
+            if e is not None and (e[0].cert_status == "good" or e[0].this_update is None
+                                  or e[0].this_update < revoked_at):
+                # pki/ocsp.py re-signs it (from the certificate's status) on the next request
+                if entries.pop(key, None) is not None:
+                    self._held.pop(key, None)
                     n += 1
-            elif cur is None or cur[0].der != entry[0].der:
-                entries[key] = entry
-                n += 1
-        return n
+        self._seen_rev = {k: v for k, v in self._seen_rev.items() if v >= since_rev}
+        held = [(k, v) for k, v in list(self._held.items())[: self.MAX_HELD_CHECKED]]
+        for issuer in {v[0] for _, v in held}:
+            keys = {v[1]: k for k, v in held if v[0] == issuer}
+            marks = ", ".join("?" * len(keys))
+            rows = self._query(f"SELECT serial, status FROM certificate WHERE issuer = ? AND serial IN ({marks})",
+                               (issuer, *keys))
+            still = {sn for sn, st in rows if st == "hold"}
+            for sn, key in keys.items():
+                if sn not in still:
+                    self._held.pop(key, None)
+                    if entries.pop(key, None) is not None:
+                        n += 1
+        if wanted:
+            n += self._fetch(wanted)
+        return n + fresh
 
     def poll_once(self) -> int:
         """Apply what changed since the last poll. Returns how many entries changed.
 
-        When the probe says something committed: revocations and holds (ix_certificate_issuer_status,
-        per issuer), new rows (primary key) and the rows of certificates on hold (their release; unique
-        key) at once; other rows re-signed in place (refresh) by their this_update — no index, so at most
-        every SLOW_SCAN_SECONDS."""
+        When the probe says something committed, and for OVERLAP_SECONDS after (an answer the fallback read
+        just before a commit may reach the cache just after the scan that followed it): the indexed change
+        scans of :meth:`_scan`."""
         self.polls += 1
         t0 = time.time()
-        if t0 >= self._next_resync:
-            self.load()
-            return 0
+        self._read_watermarks()
         gate = self._probe()
-        changed = gate != self._gate
+        if gate != self._gate:
+            self._rescan_until = t0 + self.OVERLAP_SECONDS
         n = 0
-        revoked = 0
-        if changed:
+        if t0 < self._rescan_until:
             self.scans += 1
-            self._slow_pending = True
-            since = self._param(self._since)
-            for issuer in list(self._issuers):
-                rows = self._query(_REVOKED, (issuer, since))
-                revoked += len(rows)
-                n += self._apply(rows)
-            rows = self._query(_COLS + " WHERE o.id > ?", (self._max_id,))
-            if (any(r[1] not in self._issuers for r in rows) and t0 - self._issuer_miss_at > 5.0):
-                self._issuer_miss_at = t0  # a new CA or signer, maybe
-                if self.reload_issuers():
-                    self.load()
-                    return 0
-            n += self._apply(rows)
-            held = sorted(self._held)[: self.MAX_HELD_CHECKED]
-            for issuer in {i for i, _ in held}:
-                serials = [sn for i, sn in held if i == issuer]
-                marks = ", ".join("?" * len(serials))
-                n += self._apply(self._query(_COLS + f" WHERE o.issuer = ? AND o.serial IN ({marks})",
-                                             (issuer, *serials)))
-        if self._slow_pending and t0 >= self._next_slow:
-            self.slow_scans += 1
-            n += self._apply(self._query(_COLS + " WHERE o.this_update >= ?", (self._param(self._slow_since),)))
-            self._slow_pending = False
-            self._slow_since = self._watermark(t0)
-            self._next_slow = t0 + self.SLOW_SCAN_SECONDS
-        if n or revoked:  # a revocation also voids derived answers (other hash algorithms) of that certificate
-            self._changed()
+            n = self._scan(t0)
+            if n:  # a change also voids derived answers (other hash algorithms, unknown serials)
+                self._changed()
         self._gate = gate
         self._advance(t0)
         return n
@@ -572,16 +677,15 @@ class PresignedCache:
     def _run(self) -> None:
         while not self._stop.wait(self.POLL_SECONDS):
             try:
-                if time.time() >= self._next_issuers and self.reload_issuers():
-                    self.load()
-                else:
-                    self.poll_once()
+                if time.time() >= self._next_issuers:
+                    self.reload_issuers()
+                self.poll_once()
             except Exception as exc:  # noqa: BLE001 - keep polling; memory answers stop at fresh_until
                 self.close()
                 now = time.monotonic()
                 if now - self._last_error_log > 30:
                     self._last_error_log = now
-                    log.warning("OCSP table poll failed (%s); answers come from the database meanwhile",
+                    log.warning("OCSP cache poll failed (%s); answers come from the database meanwhile",
                                 type(exc).__name__)
 
 
@@ -695,18 +799,25 @@ class FastResponder:
     # -- OCSP --------------------------------------------------------------------------------------
 
     def lookup(self, der: bytes) -> Answer | bytes | None:
-        """The answer from memory; or the derived-cache key (bytes) / None when pki/ocsp.py must answer."""
+        """The answer from memory; or, when pki/ocsp.py must answer, the key its answer may be cached under
+        (``b"L" + canonical SHA-1 CertID`` for the LRU cache, ``b"D" + CertID`` for derived answers) or None."""
         cache = self.cache
         now = time.time()
         if now >= cache.fresh_until:
             return None
         n = len(der)
+        entries = cache.entries
         # RFC 5019 shape: OCSPRequest{TBSRequest{requestList{Request{CertID}}}}, short lengths, nothing
         # else. Its CertID bytes, if they are a key, are byte-identical to a canonical valid CertID.
         if (9 < n < 130 and der[0] == 0x30 and der[1] == n - 2 and der[2] == 0x30 and der[3] == n - 4
                 and der[4] == 0x30 and der[5] == n - 6 and der[6] == 0x30 and der[7] == n - 8):
-            e = cache.entries.get(der[8:])
+            key = der[8:]
+            e = entries.get(key)
             if e is not None and now < e[1]:
+                try:
+                    entries.move_to_end(key)  # least recently used goes first
+                except KeyError:  # dropped by the poller meanwhile: the answer was current a moment ago
+                    pass
                 return e[0]
         try:
             req = parse_request(der)
@@ -717,9 +828,13 @@ class FastResponder:
         cid = req.cert_ids[0]
         if cid.hash_alg is None:
             return UNAUTHORIZED_ANSWER  # pki/ocsp.py: no issuer matches an unknown hash algorithm
-        if cid.serial > 0:
-            e = cache.entries.get(certid_der(cid.hash_alg, cid.name_hash, cid.key_hash, cid.serial))
+        canonical = b""
+        if cid.serial > 0 and cid.hash_alg == "sha1":
+            canonical = certid_der(cid.hash_alg, cid.name_hash, cid.key_hash, cid.serial)
+            e = entries.get(canonical)
             if e is not None and now < e[1]:
+                with contextlib.suppress(KeyError):
+                    entries.move_to_end(canonical)
                 return e[0]
         e = cache.derived.get(cid.raw)
         if e is not None and now < e[1]:
@@ -731,7 +846,7 @@ class FastResponder:
             if now - self._miss_at < self.MISS_FALLBACK_SECONDS:
                 return UNAUTHORIZED_ANSWER
             self._miss_at = now
-        return cid.raw
+        return b"L" + canonical if canonical else b"D" + cid.raw
 
     def _fallback(self, der: bytes, client: str) -> Answer:
         try:
@@ -759,11 +874,17 @@ class FastResponder:
             if not isinstance(ans, Answer):
                 ans = INTERNAL_ERROR_ANSWER
             elif key is not None and ans.cacheable and ans.successful and ans.next_update is not None:
-                derived = self.cache.derived  # the reference first, then the generation (see _changed)
-                if self.cache.gen == gen:
-                    if len(derived) >= PresignedCache.DERIVED_MAX:
-                        derived.clear()
-                    derived[key] = (ans, ans.next_update.timestamp() - self.cache._margin)
+                cache = self.cache
+                if key[:1] == b"L" and ans.cert_status in ("good", "revoked"):
+                    # the stored response (read by unique key, or re-signed and stored): into the LRU cache.
+                    # One read just before a commit is caught by the poller's rescan (PresignedCache.poll_once).
+                    cache.fill(key[1:], ans)
+                else:
+                    derived = cache.derived  # the reference first, then the generation (see _changed)
+                    if cache.gen == gen:
+                        if len(derived) >= cache.derived_max:
+                            derived.clear()
+                        derived[key[1:]] = (ans, ans.next_update.timestamp() - cache._margin)
             return self._ocsp_response(ans, req, t0, get=get)
 
         return _Pending(lambda: self._fallback(der, client), finish)
@@ -860,8 +981,9 @@ class FastResponder:
     def health(self) -> bytes:
         c = self.cache
         return json.dumps({"status": "ok", "pid": os.getpid(), "entries": len(c.entries),
-                           "derived": len(c.derived), "fast": self.fast, "fallback": self.fallback,
-                           "polls": c.polls, "scans": c.scans, "slow_scans": c.slow_scans, "loads": c.loads,
+                           "max_entries": c.max_entries, "derived": len(c.derived), "fills": c.fills,
+                           "evictions": c.evictions, "fast": self.fast, "fallback": self.fallback,
+                           "polls": c.polls, "scans": c.scans, "loads": c.loads,
                            "table_fresh": time.time() < c.fresh_until}).encode()
 
     def _plain(self, status: int, req: Request, body: bytes, headers: list[bytes] | None = None) -> bytes:
@@ -1278,9 +1400,9 @@ async def _serve_worker(responder: FastResponder, sock: socket.socket, *, parent
     closed.cancel()
 
 
-def _child_main(sock: socket.socket | None, cache: PresignedCache | None, settings: Settings | None,
-                host: str, port: int, parent_pid: int, threads: int) -> None:
-    """A forked worker: own Context, own DB connections, the parent's table (copy-on-write)."""
+def _child_main(sock: socket.socket | None, settings: Settings | None, host: str, port: int, parent_pid: int,
+                threads: int) -> None:
+    """A forked worker: own Context, own DB connections, own bounded cache of pre-signed responses."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C and tells us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     code = 0
@@ -1290,14 +1412,10 @@ def _child_main(sock: socket.socket | None, cache: PresignedCache | None, settin
         ctx = responder_context(settings, migrate=False)
         _instrument(ctx)
         fresh = PresignedCache(ctx)
-        if cache is not None:  # the parent's snapshot: no reload needed
-            fresh.entries, fresh.issuer_hashes, fresh._issuers = cache.entries, cache.issuer_hashes, cache._issuers
-            for attr in ("_since", "_slow_since", "_max_seen", "_max_id", "_next_resync", "_next_slow",
-                         "_next_issuers", "fresh_until"):
-                setattr(fresh, attr, getattr(cache, attr))
-            fresh._slow_pending = True  # whatever committed between the parent's read and now
-        else:
-            fresh.load()
+        t0 = time.perf_counter()
+        warmed = fresh.warm()  # bounded by V2GPKI_OCSP_CACHE_WARM_ENTRIES, whatever the table holds
+        log.info("OCSP worker %d ready: %d cached responses in %.2f s", os.getpid(), warmed,
+                 time.perf_counter() - t0)
         fresh._gate = None  # this process's probe values are its own (PRAGMA data_version is per connection)
         fresh.start()
         responder = FastResponder(fresh, threads=threads)
@@ -1340,17 +1458,15 @@ def _check_hsm_in_child(ctx: Context) -> None:
 
 def serve(host: str = "127.0.0.1", port: int = 8001, workers: int = 2, *, settings: Settings | None = None,
           reuse_port: bool = False, threads: int = 4, check_hsm: bool = True, log_level: str = "warning") -> None:
-    """Supervisor: migrate, load the table, bind, fork ``workers`` workers, restart those that die."""
+    """Supervisor: migrate, bind, fork ``workers`` workers (each warms its own bounded cache), restart those
+    that die."""
+    t0 = time.perf_counter()
     _configure_logging(log_level)
     workers = max(1, workers)
     ctx = responder_context(settings, migrate=True)
     ctx.db.dispose()
     if check_hsm:
         _check_hsm_in_child(ctx)
-    cache = PresignedCache(ctx)
-    t0 = time.perf_counter()
-    loaded = cache.load()
-    cache.close()
     read_engine(ctx.db).dispose()
     ctx.db.dispose()
     sock: socket.socket | None = None
@@ -1364,16 +1480,18 @@ def serve(host: str = "127.0.0.1", port: int = 8001, workers: int = 2, *, settin
     else:
         sock = listen_socket(host, port)
         port = sock.getsockname()[1]
-    print(f"v2gpki OCSP/CRL responder on http://{host}:{port} ({workers} workers, {loaded} pre-signed "
-          f"responses loaded in {time.perf_counter() - t0:.2f} s)", file=sys.stderr, flush=True)
+    st = ctx.settings
+    print(f"v2gpki OCSP/CRL responder on http://{host}:{port} ({workers} workers, each caching at most "
+          f"{st.ocsp_cache_entries} pre-signed responses, {min(st.ocsp_cache_entries, st.ocsp_cache_warm_entries)} "
+          f"at start; ready in {time.perf_counter() - t0:.2f} s)", file=sys.stderr, flush=True)
     parent = os.getpid()
     children: dict[int, float] = {}
     stopping: list[int] = []
 
-    def spawn(snapshot: PresignedCache | None) -> None:
+    def spawn() -> None:
         pid = os.fork()
         if pid == 0:
-            _child_main(sock, snapshot, settings, host, port, parent, threads)
+            _child_main(sock, settings, host, port, parent, threads)
         children[pid] = time.monotonic()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -1385,8 +1503,7 @@ def serve(host: str = "127.0.0.1", port: int = 8001, workers: int = 2, *, settin
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     for _ in range(workers):
-        spawn(cache)
-    cache.entries = {}  # the children have their copies
+        spawn()
     quick_deaths = 0
     while children:
         try:
@@ -1404,7 +1521,7 @@ def serve(host: str = "127.0.0.1", port: int = 8001, workers: int = 2, *, settin
             on_signal(signal.SIGTERM, None)
             continue
         time.sleep(min(2.0, 0.1 * 2**quick_deaths))
-        spawn(None)
+        spawn()
     if sock is not None:
         sock.close()
     if stopping and stopping[0] == signal.SIGINT:
@@ -1417,13 +1534,14 @@ def serve(host: str = "127.0.0.1", port: int = 8001, workers: int = 2, *, settin
 
 
 def start_in_thread(ctx: Context, host: str = "127.0.0.1", port: int = 0, *,
-                    poll_seconds: float | None = None) -> tuple[str, FastResponder, Callable[[], None]]:
+                    poll_seconds: float | None = None, cache_entries: int | None = None,
+                    warm_entries: int | None = None) -> tuple[str, FastResponder, Callable[[], None]]:
     """Serve ``ctx`` on a loopback port from a daemon thread (one worker, no fork). Returns
     (base URL, the responder — for its counters —, stop)."""
-    cache = PresignedCache(ctx)
+    cache = PresignedCache(ctx, max_entries=cache_entries, warm_entries=warm_entries)
     if poll_seconds is not None:
         cache.POLL_SECONDS = poll_seconds
-    cache.load()
+    cache.warm()
     cache.start()
     responder = FastResponder(cache)
     sock = listen_socket(host, port)

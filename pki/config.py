@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     audit_checkpoint_dir: Path | None = None
     audit_checkpoint_webhook: str | None = None
     # Development switches production refuses (pki/hardening.py); the console and the workers read them too.
+    # `v2gpki ocsp-serve` (#28): pre-signed responses live in the database (ocsp_response); each worker keeps
+    # at most this many in a bounded LRU cache in front of it (≈ 1.2 KB each: 100,000 ≈ 120 MB, within a
+    # 256 MB worker whatever the number of certificates), a miss reads one row by its unique key; and fills
+    # up to V2GPKI_OCSP_CACHE_WARM_ENTRIES of the newest responses at start (0: start empty).
+    ocsp_cache_entries: int = Field(default=100_000, ge=0)
+    ocsp_cache_warm_entries: int = Field(default=20_000, ge=0)
     console_insecure_cookies: str | None = None
     webhook_allow_private: str | None = None
 

@@ -294,7 +294,7 @@ def certid_der(alg: str, name_hash: bytes, key_hash: bytes, serial: int) -> byte
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Answer:
     der: bytes
     status: str  # OCSPResponseStatus name
@@ -819,34 +819,82 @@ class OcspResponder:
                 run_together(conn, [(self._upsert if stmt is None else stmt, values)], commit=True)
         return len(values)
 
-    def refresh(self, *, margin: timedelta | None = None, batch: int = 500) -> int:
+    # Certificates issued within this window are checked for a missing stored response by refresh() (index
+    # on certificate.created_at); an older one without a response is signed on its first request (and by
+    # refresh(full=True), which reads every certificate of each CA).
+    MISSING_LOOKBACK = timedelta(days=2)
+
+    def refresh(self, *, margin: timedelta | None = None, batch: int = 500, full: bool = False) -> int:
         """Re-sign stored responses that are missing, stale (less than ``margin`` left; default half
         the validity), out of step with the certificate's status, or made by a replaced signer. For a
-        periodic worker (RFC 5019 §4: responses are produced ahead of requests)."""
+        periodic worker (RFC 5019 §4: responses are produced ahead of requests).
+
+        Every candidate is found by index (#28, migration 0008), so the work grows with what is due, not
+        with the number of certificates: responses due (next_update), made before the current signer
+        (this_update), not 'good' for a valid certificate (issuer, status), revoked / on-hold certificates
+        whose response does not say so (certificate issuer, status), and certificates issued in the last
+        MISSING_LOOKBACK without one (created_at). ``full=True``: also every other certificate without a
+        response (reads each CA's certificates)."""
         self.reload()
         now = utcnow()
         horizon = now + (self.margin if margin is None else margin)
         total = 0
-        for iss in list(self._by_name.values()):
-            if iss.signer is None:
-                continue
-            stmt = (
-                select(_CERT.c.serial, _CERT.c.status, _CERT.c.revoked_at, _CERT.c.revocation_reason)
-                .select_from(_CERT.outerjoin(_RESP, and_(_RESP.c.issuer == _CERT.c.issuer,
-                                                         _RESP.c.serial == _CERT.c.serial)))
-                .where(_CERT.c.issuer == iss.name, _CERT.c.not_after > now)
-                .where(or_(_RESP.c.id.is_(None), _RESP.c.next_update < horizon,
-                           _RESP.c.this_update < iss.signer.not_before,
-                           and_(_CERT.c.status == "valid", _RESP.c.status != "good"),
-                           and_(_CERT.c.status != "valid", _RESP.c.status != _CERT.c.status)))
-            )
-            with self._reader.connect() as conn:
-                rows = conn.execute(stmt).all()
-            for i in range(0, len(rows), batch):
-                total += self._store(iss, [(r[0], _STATUS_OF.get(r[1], "revoked"), r[2], r[3])
-                                           for r in rows[i : i + batch]])
+        c, o = _CERT, _RESP
+        joined = c.outerjoin(o, and_(o.c.issuer == c.c.issuer, o.c.serial == c.c.serial))
+        issuers = {name: iss for name, iss in self._by_name.items() if iss.signer is not None}
+        if not issuers:
+            return 0
+        oldest_signer = max(iss.signer.not_before for iss in issuers.values() if iss.signer is not None)
+        # Across issuers, each query with the one predicate its index serves (a per-issuer filter would let
+        # the planner prefer (issuer, …) indexes, which read every certificate of the CA).
+        candidates: dict[str, dict[str, None]] = {name: {} for name in issuers}
+        global_queries = [
+            select(o.c.issuer, o.c.serial, o.c.this_update).where(o.c.next_update < horizon),
+            select(o.c.issuer, o.c.serial, o.c.this_update).where(o.c.this_update < oldest_signer),
+            select(c.c.issuer, c.c.serial, c.c.created_at).select_from(joined)
+            .where(c.c.created_at >= now - self.MISSING_LOOKBACK, o.c.id.is_(None)),
+        ]
+        with self._reader.connect() as conn:
+            for q in global_queries:
+                for issuer, serial, _t in conn.execute(q):
+                    if issuer in candidates:
+                        candidates[issuer][serial] = None
+            for name in issuers:
+                per_issuer = [
+                    # responses not 'good' (a valid certificate whose response says otherwise: a release)
+                    select(o.c.serial).where(o.c.issuer == name, o.c.status.in_(("revoked", "hold"))),
+                    # revoked / on-hold certificates whose response does not say so
+                    select(c.c.serial).select_from(joined)
+                    .where(c.c.issuer == name, c.c.status.in_(("revoked", "hold")))
+                    .where(or_(o.c.id.is_(None), o.c.status != c.c.status, o.c.this_update < c.c.revoked_at)),
+                ]
+                if full:
+                    per_issuer.append(select(c.c.serial).select_from(joined)
+                                      .where(c.c.issuer == name, c.c.not_after > now, o.c.id.is_(None)))
+                for q in per_issuer:
+                    candidates[name].update((r[0], None) for r in conn.execute(q))
+        for name, iss in issuers.items():
+            assert iss.signer is not None
+            live = and_(c.c.issuer == name, c.c.not_after > now)
+            wanted = list(candidates[name])
+            for i in range(0, len(wanted), batch):
+                part = wanted[i : i + batch]
+                with self._reader.connect() as conn:
+                    rows = conn.execute(
+                        select(c.c.serial, c.c.status, c.c.revoked_at, c.c.revocation_reason, o.c.status,
+                               o.c.this_update, o.c.next_update)
+                        .select_from(joined).where(live, c.c.serial.in_(part))).all()
+                due = []
+                for serial, st, rev_at, reason, o_st, o_this, o_next in rows:
+                    want = _STATUS_OF.get(st, "revoked")
+                    o_this, o_next, rev_at = _as_utc(o_this), _as_utc(o_next), _as_utc(rev_at)
+                    if (o_st is None or o_st != want or o_next < horizon or o_this < iss.signer.not_before
+                            or (want != "good" and rev_at is not None and o_this < rev_at)):
+                        due.append((serial, want, rev_at, reason))
+                if due:
+                    total += self._store(iss, due)
         # Responses of expired certificates are not renewed; once past their nextUpdate they are dead
-        # weight (a late request for such a certificate is signed live).
+        # weight (a late request for such a certificate is signed live). By index on next_update.
         with self.db.engine.begin() as conn:
             conn.execute(delete(_RESP).where(_RESP.c.next_update < now))
         return total
@@ -1175,9 +1223,9 @@ def install_hooks(ctx: Context) -> None:
     engine.on_revoked.append(on_revoked)
 
 
-def refresh(ctx: Context, *, margin: timedelta | None = None) -> int:
+def refresh(ctx: Context, *, margin: timedelta | None = None, full: bool = False) -> int:
     """Worker entry point: re-sign what is missing or due (see OcspResponder.refresh)."""
-    return responder_for(ctx).refresh(margin=margin)
+    return responder_for(ctx).refresh(margin=margin, full=full)
 
 
 __all__ = [

@@ -44,6 +44,10 @@ class Certificate(SQLModel, table=True):
         Index("ix_certificate_not_after_status", "not_after", "status"),
         Index("ix_certificate_issuer_status", "issuer", "status"),
         Index("ix_certificate_tenant_identifier", "tenant", "identifier"),
+        # #28 (migration 0008): every scan by index
+        Index("ix_certificate_revoked_at", "revoked_at"),
+        Index("ix_certificate_created_at", "created_at"),
+        Index("ix_certificate_tenant_id", "tenant", "id"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -149,7 +153,13 @@ class OcspResponseCache(SQLModel, table=True):
     """Pre-signed OCSP responses (RFC 5019 §2.1: responses may be produced ahead of requests)."""
 
     __tablename__ = "ocsp_response"
-    __table_args__ = (UniqueConstraint("issuer", "serial", name="uq_ocsp_issuer_serial"),)
+    __table_args__ = (
+        UniqueConstraint("issuer", "serial", name="uq_ocsp_issuer_serial"),
+        # #28 (migration 0008): the responders' change scan and refresh, by index
+        Index("ix_ocsp_response_this_update", "this_update"),
+        Index("ix_ocsp_response_next_update", "next_update"),
+        Index("ix_ocsp_response_issuer_status", "issuer", "status"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     issuer: str = Field(max_length=64)
