@@ -1,4 +1,4 @@
-"""Operations commands: `v2gpki backup`, `v2gpki restore`, `v2gpki config check|show`.
+"""Operations commands: `v2gpki backup`, `v2gpki restore`, `v2gpki config check|show`, `v2gpki revoke-bulk`.
 
 Registered into `v2gpki` by pki/cli.py (EXTRA_CLI_MODULES). Restore is a dry run unless --yes (admin tools
 default to dry-run); `config check` exits 6 when production mode would refuse the configuration.
@@ -90,7 +90,39 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_revoke_bulk(args: argparse.Namespace) -> int:
+    """The compromise drill (#28): every end-entity certificate of one issuing CA, in bounded transactions;
+    a dry-run count unless --yes. Interrupted, the same command again continues (pki/revocation.py)."""
+    from pki.context import build_context
+    from pki.revocation import BulkRevocation, bulk_revoke
+
+    ctx = build_context(Settings())
+    spec = BulkRevocation(issuer=args.issuer, reason=args.reason, identifier=args.identifier,
+                          subject_pattern=args.subject, batch=args.batch)
+
+    def progress(n: int, serials: list[str]) -> None:
+        _say(f"batch {n}: {len(serials)} revoked")
+
+    res = bulk_revoke(ctx, spec, dry_run=not args.yes, actor="cli", after_batch=progress)
+    if res.dry_run:
+        print(f"dry run: would revoke {res.count} certificates of {args.issuer} ({args.reason}); add --yes to do it")
+    else:
+        print(f"revoked {res.count} certificates of {args.issuer} ({args.reason}) in {res.batches} batches, "
+              f"{res.seconds:.1f} s; {res.resigned} OCSP responses re-signed; CRL {res.crl_number}; "
+              f"{res.remaining} left")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    rb = sub.add_parser("revoke-bulk", help="revoke every end-entity certificate of one CA (dry run unless --yes)")
+    rb.add_argument("--issuer", required=True, help="issuing CA name, e.g. cpo-sub2")
+    rb.add_argument("--reason", default="keyCompromise", help="RFC 5280 reason name (default keyCompromise)")
+    rb.add_argument("--identifier", help="only this identifier (EVSEID, EMAID, PCID)")
+    rb.add_argument("--subject", help="only subjects matching this SQL LIKE pattern")
+    rb.add_argument("--batch", type=int, default=500, help="certificates per transaction (default 500)")
+    rb.add_argument("--yes", action="store_true", help="really revoke")
+    rb.set_defaults(fn=cmd_revoke_bulk)
+
     b = sub.add_parser("backup", help="archive the database and the SoftHSM2 token (no PINs) into one file")
     b.add_argument("--out", required=True, help="archive to write (tar.gz, mode 0600)")
     b.add_argument("--no-token", action="store_true",
