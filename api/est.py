@@ -21,8 +21,8 @@ import base64
 import re
 from dataclasses import dataclass
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.serialization import pkcs7
 from fastapi import APIRouter, FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -110,8 +110,29 @@ def _resolve(ctx: CtxDep, ca: str, version: str | None) -> tuple[str, str]:
     return t.ca, t.profile
 
 
-def _p7(certs: list) -> Response:  # type: ignore[type-arg]
-    der = pkcs7.serialize_certificates(certs, serialization.Encoding.DER)
+def _der(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    length = bytes([n]) if n < 0x80 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes(
+        (n.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + length + content
+
+
+_SIGNED_DATA = bytes.fromhex("06092a864886f70d010702")  # OID 1.2.840.113549.1.7.2
+_DATA = bytes.fromhex("06092a864886f70d010701")  # OID 1.2.840.113549.1.7.1
+
+
+def certs_only(certs: list[x509.Certificate]) -> bytes:
+    """A certs-only CMS SignedData (RFC 7030 §4.1.3, RFC 5652 §5) with the certificates **in the order
+    given**: leaf or issuing CA first, root last. A DER encoder sorts the SET OF certificates by their bytes
+    (what cryptography's pkcs7.serialize_certificates does), and clients read the order: CitrineOS takes the
+    last certificate of cacerts as the root. BER allows any order; every PKCS#7 parser reads it."""
+    body = b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)
+    signed = _der(0x30, b"\x02\x01\x01" + b"\x31\x00" + _der(0x30, _DATA) + _der(0xA0, body) + b"\x31\x00")
+    return _der(0x30, _SIGNED_DATA + _der(0xA0, signed))
+
+
+def _p7(certs: list[x509.Certificate]) -> Response:
+    der = certs_only(certs)
     return Response(base64.encodebytes(der), media_type="application/pkcs7-mime; smime-type=certs-only",
                     headers={"Content-Transfer-Encoding": "base64"})
 
