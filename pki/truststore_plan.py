@@ -19,9 +19,11 @@ The hash data are matched as OCPP specifies them (CertificateHashDataType: issue
 over the root as the certificate being checked, so its own subject and key; RFC 6960 §4.1.1 CertID), whatever
 encoding the station used (hex in any case, base64; pki.roots.cert_id_matches and pki.ocsp's decoders).
 
-The CPO's policy is two settings of its organization (Organization.settings): ``truststore_types`` (the
-InstallCertificateUseEnumType values it wants, default: every type of the OCPP version) and
-``truststore_iso15118_20`` (default true: also push this PKI's ISO 15118-20 roots, P-521 and Ed448).
+The CPO's policy is three settings of its organization (Organization.settings): ``truststore_types`` (the
+InstallCertificateUseEnumType values it wants, default: every type of the OCPP version),
+``truststore_iso15118_20`` (default true: also push this PKI's ISO 15118-20 roots, P-521 and Ed448) and
+``truststore_manufacturer_roots`` (names of this PKI's Manufacturer roots to push, default none; imported
+ManufacturerRootCertificates are pushed like any import).
 """
 
 from __future__ import annotations
@@ -178,18 +180,22 @@ class Plan:
         return {"install": self.install, "delete": self.delete}
 
 
-def policy_of(settings: dict[str, Any], version: Version) -> tuple[set[str], bool]:
-    """(the types this CPO wants pushed in ``version``, whether ISO 15118-20 roots are included)."""
+def policy_of(settings: dict[str, Any], version: Version) -> tuple[set[str], bool, set[str]]:
+    """(the types this CPO wants pushed in ``version``, whether ISO 15118-20 roots are included, the
+    Manufacturer roots of this PKI it wants — by CA name, none unless configured: a Manufacturer root lets a
+    station accept that manufacturer's firmware, OCPP 2.0.1 L01, so it goes only to the CPO that names it)."""
     types = settings.get("truststore_types")
     wanted = set(INSTALL_TYPES[version])
     if isinstance(types, list) and types:
         wanted &= {str(t) for t in types}
     inc20 = settings.get("truststore_iso15118_20", True)
-    return wanted, bool(inc20)
+    mfr = settings.get("truststore_manufacturer_roots")
+    return wanted, bool(inc20), {str(m) for m in mfr} if isinstance(mfr, list) else set()
 
 
 def compute_plan(roots: Sequence[KnownRoot], reported: Iterable[Reported], version: Version, *,
-                 types: set[str], iso15118_20: bool = True, station: str = "", org: str = "") -> Plan:
+                 types: set[str], iso15118_20: bool = True, manufacturer_roots: set[str] | None = None,
+                 station: str = "", org: str = "") -> Plan:
     """The InstallCertificateRequests (OCPP M05) and DeleteCertificateRequests (M04) that bring a station
     from what it reported (M03) to the wanted trust store. Pure: no database."""
     plan = Plan(station, org, version)
@@ -201,6 +207,9 @@ def compute_plan(roots: Sequence[KnownRoot], reported: Iterable[Reported], versi
         if k.wanted:
             if k.certificate_type not in types or (k.iso15118_20 and not iso15118_20):
                 continue
+            if (k.certificate_type == "ManufacturerRootCertificate" and not k.name.startswith("import:")
+                    and k.name not in (manufacturer_roots or set())):
+                continue  # this PKI's Manufacturer roots: only those the CPO's policy names
             if any(r.certificate_type == k.certificate_type for r in hits):
                 continue  # installed, as its type
             pem = k.pem
@@ -248,9 +257,9 @@ def plan_for_station(ctx: Context, p: Principal, station_id: str, reported: Sequ
         st = resolve_station(s, p, station_id)
         org = s.exec(select(Organization).where(Organization.name == st.org)).first()
     settings = dict(org.settings) if org is not None else {}
-    types, inc20 = policy_of(settings, version)
+    types, inc20, mfr = policy_of(settings, version)
     plan = compute_plan(known_roots(ctx, st.org), reported, version, types=types, iso15118_20=inc20,
-                        station=st.identity, org=st.org)
+                        manufacturer_roots=mfr, station=st.identity, org=st.org)
     record(ctx, plan, reported, actor=p.credential)
     return plan
 

@@ -386,6 +386,15 @@ def test_rollover_campaign_from_new_root_to_withdrawal(cw: World) -> None:
     assert _metric(metrics, "v2gpki_root_coverage_ratio", root=new_name) == 0.5
     assert _metric(metrics, "v2gpki_root_coverage_stations", root=new_name, org=cw.org["cpo"], kind="with_root") == 2
 
+    # the console's trust-list page shows the transition, each CPO its own stations
+    from tests.test_console import BASE, sign_in
+
+    console = TestClient(cw.client.app, base_url=BASE)
+    sign_in(console, cw.keys["cpo"]["Authorization"].split(" ", 1)[1])
+    page = console.get("/console/trust-lists")
+    assert page.status_code == 200 and "Root transitions" in page.text and new_name in page.text
+    assert cw.org["cpo"] in page.text and "50.0 %" in page.text
+
     # 3. the switch: refused below the threshold (95 %), by an admin only; allowed at it
     refused = cw.post(f"/v1/roots/{new_name}/switch", {}, "admin")
     assert refused.status_code == 409 and refused.json()["type"].endswith("/coverage-too-low")
@@ -471,3 +480,18 @@ def test_cli_switch_forced_below_threshold(cw: World) -> None:
     assert imp.returncode == 0 and "for every CPO" in imp.stdout, imp.stderr
     dup = run_cli(["root", "import", "--type", "ManufacturerRootCertificate", str(mfr)], env)
     assert dup.returncode == 5
+
+
+def test_own_manufacturer_root_only_where_configured() -> None:
+    """A Manufacturer root of this PKI (`v2gpki firmware setup`) is pushed only to a CPO whose policy names it
+    (truststore_manufacturer_roots): it makes a station accept that manufacturer's firmware (OCPP 2.0.1 L01)."""
+    from pki.truststore_plan import KnownRoot, compute_plan, policy_of
+
+    cert = foreign_root("ACME Manufacturer Root CA")
+    k = KnownRoot("mfr-root-acme", "ManufacturerRootCertificate", cert, cert.fingerprint(hashes.SHA256()).hex(), True)
+    types, inc20, mfr = policy_of({}, "2.0.1")
+    assert compute_plan([k], [], "2.0.1", types=types, iso15118_20=inc20, manufacturer_roots=mfr).install == []
+    types, inc20, mfr = policy_of({"truststore_manufacturer_roots": ["mfr-root-acme"]}, "2.0.1")
+    plan = compute_plan([k], [], "2.0.1", types=types, iso15118_20=inc20, manufacturer_roots=mfr)
+    assert [p["certificateType"] for p in check_plan(plan.payload(), "2.0.1")["install"]] == \
+        ["ManufacturerRootCertificate"]

@@ -513,4 +513,16 @@ def trust_lists(request: Request, ctx: CtxDep, v: ViewerDep) -> Response:
     if not trustlists.available(ctx):
         raise ConsoleError(404, "Trust lists are not set up",
                            "This installation has no trust-list workers (their tables do not exist).")
-    return render(request, "trustlists.html", v, ctx=ctx, tl=trustlists.overview(ctx, v.p), title="Trust lists")
+    return render(request, "trustlists.html", v, ctx=ctx, tl=trustlists.overview(ctx, v.p),
+                  transitions=_root_transitions(ctx, v), title="Trust lists")
+
+
+def _root_transitions(ctx: Context, v: Viewer) -> list[dict[str, object]]:
+    """Root transitions under way (#27 item 2): each new root's coverage, per CPO (a CPO sees its own)."""
+    from pki.root_campaign import coverage, list_campaigns
+
+    try:
+        return [coverage(ctx, c.new_root, org=v.p.tenant_filter).as_json()
+                for c in list_campaigns(ctx) if c.state != "withdrawn"]
+    except Exception:  # noqa: BLE001 - an installation without the tables (migration 0006): no section
+        return []
