@@ -95,23 +95,6 @@ class Settings(BaseSettings):
     # or "none". Production refuses a plain-http public URL with "none" (docs/operations.md).
     tls_termination: Literal["none", "proxy", "uvicorn"] = "none"
 
-    # Audit checkpoints (pki/audit_sign.py, #21 item 7): the chain head signed by the HSM audit key every
-    # this many seconds by the beat (0: only `v2gpki audit checkpoint` and `v2gpki serve`'s clean shutdown),
-    # each one also appended to <dir>/audit-checkpoints.jsonl outside the database (default dir:
-    # V2GPKI_HOME) and, when set, POSTed to a webhook (an append-only store elsewhere).
-    audit_checkpoint_seconds: int = Field(default=300, ge=0)
-    audit_checkpoint_dir: Path | None = None
-    audit_checkpoint_webhook: str | None = None
-    # Development switches production refuses (pki/hardening.py); the console and the workers read them too.
-    # `v2gpki ocsp-serve` (#28): pre-signed responses live in the database (ocsp_response); each worker keeps
-    # at most this many in a bounded LRU cache in front of it (≈ 1.2 KB each: 100,000 ≈ 120 MB, within a
-    # 256 MB worker whatever the number of certificates), a miss reads one row by its unique key; and fills
-    # up to V2GPKI_OCSP_CACHE_WARM_ENTRIES of the newest responses at start (0: start empty).
-    ocsp_cache_entries: int = Field(default=100_000, ge=0)
-    ocsp_cache_warm_entries: int = Field(default=20_000, ge=0)
-    console_insecure_cookies: str | None = None
-    webhook_allow_private: str | None = None
-
     # Availability bounds (docs/operations.md, docs/responders.md). Live OCSP signatures an unauthenticated client can
     # cause (nonces, unknown serials, several CertIDs), per client address and process: rate per second and
     # burst; and per process in all (0 = no process-wide bound).
@@ -120,6 +103,12 @@ class Settings(BaseSettings):
     ocsp_live_sign_total_rate: float = Field(default=500.0, ge=0)
     # `v2gpki ocsp-serve`: open connections per client address and worker process (0 = no cap).
     ocsp_max_connections_per_client: int = Field(default=64, ge=0)
+    # `v2gpki ocsp-serve` (#28): pre-signed responses live in the database (ocsp_response); each worker keeps
+    # at most this many in a bounded LRU cache in front of it (≈ 1.2 KB each: 100,000 ≈ 120 MB, within a
+    # 256 MB worker whatever the number of certificates), a miss reads one row by its unique key; and fills
+    # up to V2GPKI_OCSP_CACHE_WARM_ENTRIES of the newest responses at start (0: start empty).
+    ocsp_cache_entries: int = Field(default=100_000, ge=0)
+    ocsp_cache_warm_entries: int = Field(default=20_000, ge=0)
     # `v2gpki serve`: request line + headers at most this many bytes (431 beyond), and complete within
     # this many seconds of their first byte (connection closed otherwise); idle keep-alive seconds.
     http_max_head_bytes: int = Field(default=64 * 1024, ge=1024)
@@ -128,6 +117,17 @@ class Settings(BaseSettings):
     # OAuth 2.0 client credentials (/oauth/token, pki/oauth.py): lifetime of an access token in seconds
     # (never beyond the API key's own expiry; revoking the key voids its tokens at once).
     oauth_token_seconds: int = Field(default=3600, ge=60, le=86400)
+
+    # Audit checkpoints (pki/audit_sign.py, #21 item 7): the chain head signed by the HSM audit key every
+    # this many seconds by the beat (0: only `v2gpki audit checkpoint` and `v2gpki serve`'s clean shutdown),
+    # each one also appended to <dir>/audit-checkpoints.jsonl outside the database (default dir:
+    # V2GPKI_HOME) and, when set, POSTed to a webhook (an append-only store elsewhere).
+    audit_checkpoint_seconds: int = Field(default=300, ge=0)
+    audit_checkpoint_dir: Path | None = None
+    audit_checkpoint_webhook: str | None = None
+    # Development switches production refuses (pki/hardening.py); the console and the workers read them too.
+    console_insecure_cookies: str | None = None
+    webhook_allow_private: str | None = None
 
     @cached_property
     def home_dir(self) -> Path:
