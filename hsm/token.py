@@ -8,6 +8,7 @@ written to files readable by the owner only (0600), and never printed.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -56,7 +57,8 @@ def token_exists(paths: TokenPaths, label: str) -> bool:
         return False
     env = dict(os.environ, SOFTHSM2_CONF=str(paths.conf))
     out = subprocess.run([softhsm_util(), "--show-slots"], env=env, capture_output=True, text=True)
-    return f"Label:            {label}" in out.stdout or f"Label: {label}" in out.stdout
+    # The whole label: "t-audit" must not be found in "t-audit-ext" (softhsm2-util pads it with spaces).
+    return re.search(rf"^\s*Label:\s+{re.escape(label)}\s*$", out.stdout, re.M) is not None
 
 
 def init_softhsm_token(root: Path, label: str, pin: str | None = None, so_pin: str | None = None) -> TokenPaths:

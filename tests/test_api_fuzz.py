@@ -158,11 +158,13 @@ def api_schema(fuzz_env: FuzzEnv) -> Any:
 def _assert_sane(status: int, content_type: str, text: str, what: str) -> None:
     assert status < 500, f"{what} -> {status}: {text[:500]}"
     if status >= 400:
-        # /ocpp/* refuses a malformed message with that message's own OCPP answer (application/json, what a
-        # CSMS forwards to the station, api/ocpp/core.py); authentication failures stay problem bodies
-        ocpp = " /ocpp/" in f" {what}" and content_type.startswith("application/json")
-        assert ocpp or content_type.startswith("application/problem+json"), \
-            f"{what} -> {status} {content_type}: {text[:300]}"
+        # Interfaces with an error shape of their own answer in it (application/json): /ocpp/* with the
+        # message's own OCPP answer (what a CSMS forwards to the station, api/ocpp/core.py); /oauth/token with
+        # RFC 6749 §5.2 errors; OPCP's /v1/root/* with its {errorMessages, traceId}. Everything else, and
+        # authentication failures everywhere, is a problem body.
+        own_shape = any(f" {p}" in f" {what}" for p in ("/ocpp/", "/oauth/token", "/v1/root/"))
+        assert (own_shape and content_type.startswith("application/json")) or \
+            content_type.startswith("application/problem+json"), f"{what} -> {status} {content_type}: {text[:300]}"
 
 
 @pytest.mark.parametrize(("method", "path"), _operations(), ids=lambda v: str(v))

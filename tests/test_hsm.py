@@ -13,6 +13,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -502,3 +503,17 @@ def test_half_a_pair_under_our_label_is_replaced_on_resume(store: Pkcs11KeyStore
     count = store.session_call(lambda s: sum(1 for _ in s.get_objects({Attribute.LABEL: label})))
     assert count == 2  # one public, one private
     store.destroy(label)
+
+
+def test_token_exists_matches_the_whole_label(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token labelled "t-audit-ext" is no token "t-audit": the prefix match made init_softhsm_token skip
+    creating "t-audit" whenever the longer label came first, and the CLI then found no token."""
+    from hsm.token import TokenPaths, init_softhsm_token, token_exists
+
+    monkeypatch.setenv("SOFTHSM2_CONF", os.environ.get("SOFTHSM2_CONF", ""))  # restored after the test
+
+    init_softhsm_token(tmp_path, "lab-ext", pin="pin-1234-5678")
+    assert token_exists(TokenPaths(tmp_path), "lab-ext")
+    assert not token_exists(TokenPaths(tmp_path), "lab")
+    init_softhsm_token(tmp_path, "lab", pin="pin-1234-5678")
+    assert token_exists(TokenPaths(tmp_path), "lab")

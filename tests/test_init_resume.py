@@ -185,6 +185,7 @@ def assert_complete(home: Home) -> dict[str, Any]:
     for sk in svcs:
         assert home.count("SELECT count(*) FROM certificate WHERE identifier = ?", sk["name"]) == 1
     # `v2gpki init` also prepares the trust-list signer when its issuing CA (csms-root) is in the hierarchy.
+    from hsm.sealing import SECRETS_KEY
     from pki.trustlist import SIGNER_ID, SIGNER_LABEL
 
     trustlist = any(c["name"] == "csms-root" for c in cas)
@@ -201,7 +202,9 @@ def assert_complete(home: Home) -> dict[str, Any]:
               | {svc_key_label(sk["name"]): sk["name"] for sk in svcs}
               | ({SIGNER_LABEL: SIGNER_ID} if trustlist else {}))
     objects = sorted(tuple(o) for o in tok["objects"])
-    assert objects == sorted([(2, lb) for lb in owners] + [(3, lb) for lb in owners])  # CKO_PUBLIC/PRIVATE_KEY
+    # CKO_PUBLIC/PRIVATE_KEY of each owner, and the one AES key (CKO_SECRET_KEY) that seals webhook secrets
+    # (hsm/sealing.py, #21 item 11), which init creates once
+    assert objects == sorted([(2, lb) for lb in owners] + [(3, lb) for lb in owners] + [(4, SECRETS_KEY)])
     # ... and the certificate of each key's owner certifies that key (a re-run reused, not replaced, it).
     pubs: dict[str, str] = tok["pubs"]
     assert set(pubs) == set(owners)

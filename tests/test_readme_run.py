@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import ocpp_schemas
 from tests.conftest import free_port, openssl_ocsp
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,9 +163,8 @@ def test_readme_walkthrough_word_for_word(running: Running) -> None:
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=running.cwd, env=_caller_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    # the last command is curl's SignCertificate: OCPP 2.0.1 SignCertificateResponse, then the chain
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
-    assert answer["status"] == "Accepted", answer
+    # the last command is curl's SignCertificate: the OCPP 2.0.1 CertificateSignedRequest to forward (#24)
+    answer = ocpp_schemas.check("2.0.1", "CertificateSignedRequest", json.loads(done.stdout.strip().splitlines()[-1]))
     chain_pem = answer["certificateChain"]
     certs = re.findall(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n?", chain_pem, flags=re.S)
     assert len(certs) >= 2, chain_pem
