@@ -3,7 +3,14 @@
 The default backend is PKCS#11 (SoftHSM2); :mod:`hsm.soft` is a software twin for fast unit tests.
 """
 
-from hsm.errors import HSMConfigError, HSMError, HSMUnavailable, KeyExistsError, KeyNotFoundError
+from hsm.errors import (
+    HSMConfigError,
+    HSMError,
+    HSMUnavailable,
+    KeyExistsError,
+    KeyNotFoundError,
+    SignatureCheckFailed,
+)
 from hsm.keystore import KeyAlg, KeyStore
 
 __all__ = [
@@ -14,4 +21,5 @@ __all__ = [
     "KeyExistsError",
     "KeyNotFoundError",
     "KeyStore",
+    "SignatureCheckFailed",
 ]

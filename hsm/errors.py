@@ -20,3 +20,14 @@ class KeyNotFoundError(HSMError):
 
 class KeyExistsError(HSMError):
     """A key with that label already exists (labels are unique names)."""
+
+
+class SignatureCheckFailed(HSMError):
+    """The token returned a signature that does not verify with the signer's public key, or the key under a
+    label is not the key its certificate names (a faulty token; a token re-initialised with another key under
+    the same label; a stale key handle that now names another key). Raised before anything signed is stored
+    or sent: nothing is kept, and a later attempt looks the key up again. Never retried here."""
+
+    def __init__(self, message: str, *, label: str | None = None) -> None:
+        super().__init__(message)
+        self.label = label

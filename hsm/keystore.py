@@ -7,6 +7,8 @@ from typing import Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
 
+from hsm.errors import SignatureCheckFailed
+
 PublicKey = ec.EllipticCurvePublicKey | ed448.Ed448PublicKey
 PrivateKey = ec.EllipticCurvePrivateKey | ed448.Ed448PrivateKey
 
@@ -30,7 +32,9 @@ class KeyStore(Protocol):
     def public_key(self, label: str) -> PublicKey: ...
 
     def signer(self, label: str) -> PrivateKey:
-        """A cryptography private-key object whose sign() runs inside the store."""
+        """A cryptography private-key object whose sign() runs inside the store. A store whose keys are not
+        in process memory verifies every signature its signer returns with the public key it read at lookup
+        and raises SignatureCheckFailed instead of returning one that does not verify (hsm/pkcs11.py)."""
         ...
 
     def destroy(self, label: str) -> None: ...
@@ -42,3 +46,16 @@ class KeyStore(Protocol):
     def uri(self, label: str) -> str:
         """Where the key lives, e.g. an RFC 7512 pkcs11: URI (never a secret)."""
         ...
+
+
+def certified_signer(keystore: KeyStore, label: str, certified: PublicKey, what: str) -> PrivateKey:
+    """``keystore.signer(label)`` after checking that its public key is ``certified`` (the key the CA, OCSP
+    signer or service certificate names). The signer verifies each signature with the public key it read
+    from the token; this links that key to the certificate once per lookup, so a token re-initialised with
+    another key under the same label is refused before its first signature is used, not found by a vehicle."""
+    signer = keystore.signer(label)
+    if signer.public_key() != certified:
+        raise SignatureCheckFailed(
+            f"the HSM key {label!r} is not the key of {what}: the token holds another key under that label "
+            f"(re-initialised or restored from another backup?); nothing was signed", label=label)
+    return signer

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pkcs11
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
@@ -37,7 +38,14 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11e
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from hsm.errors import HSMConfigError, HSMError, HSMUnavailable, KeyExistsError, KeyNotFoundError
+from hsm.errors import (
+    HSMConfigError,
+    HSMError,
+    HSMUnavailable,
+    KeyExistsError,
+    KeyNotFoundError,
+    SignatureCheckFailed,
+)
 from hsm.keystore import KeyAlg, PrivateKey, PublicKey
 from hsm.uri import Pkcs11Uri
 
@@ -522,6 +530,18 @@ class Pkcs11KeyStore:
 
         return self._run(go)
 
+    def signature_failed(self, label: str) -> SignatureCheckFailed:
+        """A signature made with ``label`` did not verify with the public key read at lookup: forget the
+        cached handles (a stale handle naming another key is what this project once met after a token
+        re-initialisation), log it, and return the error for the signer to raise."""
+        with _LOCK:
+            self._keys.pop(label, None)
+        log.error("HSM signature with key %r of token %r does not verify with the key's public key: refused, "
+                  "nothing stored", label, self.token_label)
+        return SignatureCheckFailed(
+            f"the HSM returned a signature that does not verify (key {label!r} of token {self.token_label!r}); "
+            f"nothing was stored", label=label)
+
     def _load_in(self, session: Any, label: str) -> Any:
         cached = self._keys.get(label)
         if cached is not None:
@@ -602,13 +622,22 @@ _HASHES: dict[type[hashes.HashAlgorithm], Callable[[bytes], Any]] = {
     hashes.SHA384: hashlib.sha384,
     hashes.SHA512: hashlib.sha512,
 }
+# What each signature is verified with (over the digest just signed): one object per hash, built once
+# (cryptography's ECDSA(...) constructor runs ABC checks that show per certificate).
+_PREHASHED: dict[type[hashes.HashAlgorithm], ec.ECDSA] = {
+    hashes.SHA256: ec.ECDSA(Prehashed(hashes.SHA256())),
+    hashes.SHA384: ec.ECDSA(Prehashed(hashes.SHA384())),
+    hashes.SHA512: ec.ECDSA(Prehashed(hashes.SHA512())),
+}
 
 
 class Pkcs11ECKey(ec.EllipticCurvePrivateKey):
     """A cryptography EC private key whose sign() runs CKM_ECDSA inside the token.
 
     cryptography's builders hand us the whole TBS and the signature algorithm; we hash here (SoftHSM has
-    no CKM_ECDSA_SHA256) and encode r||s as DER (RFC 3279 §2.2.3 Ecdsa-Sig-Value).
+    no CKM_ECDSA_SHA256) and encode r||s as DER (RFC 3279 §2.2.3 Ecdsa-Sig-Value). Every signature is
+    verified with the public key read at lookup before it is returned (SignatureCheckFailed otherwise), as
+    Boulder checks each signature of its signer: whatever a caller stores or sends has verified.
     """
 
     def __init__(self, store: Pkcs11KeyStore, label: str, pub: ec.EllipticCurvePublicKey) -> None:
@@ -635,14 +664,21 @@ class Pkcs11ECKey(ec.EllipticCurvePrivateKey):
         algo = signature_algorithm.algorithm
         if isinstance(algo, Prehashed):
             digest = data
+            check: ec.ECDSA = signature_algorithm
         else:
             fn = _HASHES.get(type(algo))
             if fn is None:
                 raise ValueError(f"unsupported hash {algo.name}")
             digest = fn(data).digest()
+            check = _PREHASHED[type(algo)]
         raw = self._store.sign_raw(self._label, digest, Mechanism.ECDSA)
         half = len(raw) // 2
-        return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+        der = encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+        try:
+            self._pub.verify(der, digest, check)
+        except InvalidSignature:
+            raise self._store.signature_failed(self._label) from None
+        return der
 
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
         raise HSMError("ECDH with token CA keys is not offered")
@@ -666,7 +702,8 @@ class Pkcs11ECKey(ec.EllipticCurvePrivateKey):
 
 
 class Pkcs11Ed448Key(ed448.Ed448PrivateKey):
-    """Ed448 (pure EdDSA, RFC 8032) inside the token: CKM_EDDSA with no parameters."""
+    """Ed448 (pure EdDSA, RFC 8032) inside the token: CKM_EDDSA with no parameters. Every signature is
+    verified with the public key read at lookup before it is returned (see Pkcs11ECKey)."""
 
     def __init__(self, store: Pkcs11KeyStore, label: str, pub: ed448.Ed448PublicKey) -> None:
         self._store = store
@@ -677,7 +714,13 @@ class Pkcs11Ed448Key(ed448.Ed448PrivateKey):
         return self._pub
 
     def sign(self, data: bytes | bytearray | memoryview) -> bytes:
-        return self._store.sign_raw(self._label, bytes(data), Mechanism.EDDSA)
+        data = bytes(data)
+        sig = self._store.sign_raw(self._label, data, Mechanism.EDDSA)
+        try:
+            self._pub.verify(sig, data)
+        except InvalidSignature:
+            raise self._store.signature_failed(self._label) from None
+        return sig
 
     def private_bytes(
         self,
