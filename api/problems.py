@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hsm.errors import HSMConfigError, HSMError, HSMUnavailable
+from hsm.errors import HSMConfigError, HSMError, HSMUnavailable, SignatureCheckFailed
 from pki.errors import PKIError
 
 log = logging.getLogger("v2gpki.api")
@@ -55,6 +55,14 @@ def _hsm_cfg(exc: HSMConfigError) -> JSONResponse:
                    retry_after=HSM_RETRY_AFTER)
 
 
+def _hsm_bad_signature(_exc: SignatureCheckFailed) -> JSONResponse:
+    # Already logged with the key's label by the key store; the client learns only what happened and that
+    # nothing was kept (no certificate, CRL, OCSP response or audit record): retrying is safe.
+    return problem(503, "hsm-signature-invalid", "HSM signature check failed",
+                   "the HSM returned a signature that does not verify; nothing was stored",
+                   retry_after=HSM_RETRY_AFTER)
+
+
 def _hsm(exc: HSMError) -> JSONResponse:
     log.error("HSM error: %s", type(exc).__name__)
     return problem(503, "hsm-error", "HSM error", retry_after=HSM_RETRY_AFTER)
@@ -78,9 +86,10 @@ def _http(exc: StarletteHTTPException) -> JSONResponse:
     return resp
 
 
-# Most specific first (HSMUnavailable and HSMConfigError are HSMErrors).
+# Most specific first (HSMUnavailable, HSMConfigError and SignatureCheckFailed are HSMErrors).
 _TYPED: list[tuple[type[Exception], Any]] = [
-    (PKIError, _pki), (HSMUnavailable, _hsm_down), (HSMConfigError, _hsm_cfg), (HSMError, _hsm),
+    (PKIError, _pki), (HSMUnavailable, _hsm_down), (HSMConfigError, _hsm_cfg),
+    (SignatureCheckFailed, _hsm_bad_signature), (HSMError, _hsm),
     (DataError, _data), (StarletteHTTPException, _http),
 ]
 

@@ -1,7 +1,8 @@
 """`v2gpki` command line. Names and flags are a contract with operators' scripts: keep them.
 
 Errors go to stderr as one line `v2gpki: error: <message>` with a non-zero exit:
-2 usage, 3 bad input / policy refusal, 4 not found, 5 conflict (already revoked), 6 HSM / config.
+2 usage, 3 bad input / policy refusal, 4 not found, 5 conflict (already revoked), 6 HSM / config (also an HSM
+signature that does not verify: nothing was stored).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hsm.errors import HSMConfigError, HSMError, HSMUnavailable
+from hsm.errors import HSMConfigError, HSMError, HSMUnavailable, SignatureCheckFailed
 from pki.config import Settings
 from pki.errors import AlreadyRevoked, ConfigError, NotFound, PKIError, UnknownCA
 
@@ -402,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HSMConfigError as exc:
         return _err(str(exc), 6)
     except HSMUnavailable as exc:
+        return _err(str(exc), 6)
+    except SignatureCheckFailed as exc:  # "the HSM returned a signature that does not verify (key …)"
         return _err(str(exc), 6)
     except HSMError as exc:
         return _err(str(exc), 6)

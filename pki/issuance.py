@@ -5,7 +5,8 @@ Order of operations (after Boulder's issuance cycle):
   2. lint    — the same TBS signed with a throwaway key of the issuer's algorithm is checked by the
                profile linter, the size limit and pkilint;
   3. intent  — what the HSM is about to sign is committed (issuer, serial, TBS digest);
-  4. sign    — through hsm/ (the private key never leaves the token);
+  4. sign    — through hsm/ (the private key never leaves the token); the key store's signer verifies the
+               signature with the public key the CA certificate names before returning it;
   5. store   — certificate row, intent marked issued, audit event: one transaction.
 A crash between 3 and 5 leaves a 'pending' intent: detectable, and the serial is never reused.
 """
@@ -30,7 +31,7 @@ from sqlalchemy import bindparam, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
-from hsm.keystore import KeyAlg, KeyStore, PrivateKey, PublicKey
+from hsm.keystore import KeyAlg, KeyStore, PrivateKey, PublicKey, certified_signer
 from pki import audit
 from pki.clock import ClockGuard
 from pki.csr import CheckedRequest, SubjectFields, check_csr, check_no_control_chars, parse_csr
@@ -366,8 +367,11 @@ class Engine:
         return list(self._cas.values())
 
     def ca_signer(self, h: CAHandle) -> PrivateKey:
+        """The CA's token key, once checked to be the key its certificate names (hsm.keystore.certified_signer:
+        each signature the signer returns has verified with that key, so with the CA's)."""
         if h._signer is None:
-            h._signer = self.keystore.signer(h.row.key_label)
+            h._signer = certified_signer(self.keystore, h.row.key_label, h.cert.public_key(),  # type: ignore[arg-type]
+                                         f"CA {h.name!r}'s certificate")
         return h._signer
 
     def chain(self, name: str) -> list[x509.Certificate]:
@@ -615,7 +619,8 @@ class Engine:
             for p in preps:
                 if p.profile.self_signed:
                     assert p.signer_label is not None
-                    signer = self.keystore.signer(p.signer_label)
+                    signer = certified_signer(self.keystore, p.signer_label, p.req.public_key,
+                                              f"the {p.profile.name!r} certificate being issued")
                 else:
                     signer = self.ca_signer(self.ca(p.issuer_name))
                 # The HSM signs exactly the TBS that was linted and whose digest the intent recorded

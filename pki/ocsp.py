@@ -50,7 +50,7 @@ from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import SQLAlchemyError
 
 from hsm.errors import HSMError
-from hsm.keystore import KeyAlg, PrivateKey
+from hsm.keystore import KeyAlg, PrivateKey, certified_signer
 from pki.der import (  # noqa: F401 - re-exported: pki.crl and the tests build DER through pki.ocsp
     DerError,
     bit_string,
@@ -749,7 +749,11 @@ class OcspResponder:
 
     def _key(self, signer: _Signer) -> PrivateKey:
         if signer.key is None:
-            signer.key = self.keystore.signer(signer.label)
+            # The token key must be the one the delegated signer's certificate names; its signer then verifies
+            # every response signature with it before the response is stored or sent (hsm/pkcs11.py).
+            certified = x509.load_der_x509_certificate(signer.cert_der).public_key()
+            signer.key = certified_signer(self.keystore, signer.label, certified,  # type: ignore[arg-type]
+                                          "its OCSP signer certificate")
         return signer.key
 
     def _times(self, signer: _Signer, now: datetime) -> tuple[datetime, datetime]:

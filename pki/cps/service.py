@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import col, select
 
+from hsm.keystore import certified_signer
 from pki.context import Context
 from pki.contracts import (
     ContractRow,
@@ -405,6 +406,16 @@ def build_delivery(ctx: Context, contract: Contract | ContractRow,
         raise ResponseTooLarge(f"exiResponse could be {bound} characters (> {EXI_RESPONSE_MAX_B64}): the CPS and "
                                "contract chains are too long for OCPP 2.0.1; nothing was issued")
 
+    # The CPS key, checked to be the key of the CPS certificate before anything is issued (a token
+    # re-initialised under the same label is refused here, not by the vehicle); its signer then verifies the
+    # response signature itself (hsm/pkcs11.py) before the response leaves.
+    assert cps_row.key_uri is not None
+    cps_pub = _cached(ctx, f"cps-pub:{cps_row.issuer}/{cps_row.serial}",
+                      lambda: x509.load_der_x509_certificate(cps_row.der).public_key())
+    signer = certified_signer(ctx.keystore, _key_label(cps_row.key_uri), cps_pub,
+                              f"CPS certificate {cps_row.issuer}/{cps_row.serial}")
+    if not isinstance(signer, ec.EllipticCurvePrivateKey):
+        raise CPSFailure(ResponseCode.FAILED, "CPS key is not an EC key")
     # The contract key: generated here, used once to issue and once to wrap, never stored or logged.
     key = _contract_key()
     try:
@@ -433,10 +444,6 @@ def build_delivery(ctx: Context, contract: Contract | ContractRow,
         CertificateUpdateRes(**args) if update  # type: ignore[arg-type]
         else CertificateInstallationRes(**args)  # type: ignore[arg-type]
     )
-    assert cps_row.key_uri is not None
-    signer = ctx.keystore.signer(_key_label(cps_row.key_uri))
-    if not isinstance(signer, ec.EllipticCurvePrivateKey):
-        raise CPSFailure(ResponseCode.FAILED, "CPS key is not an EC key")
     try:
         message = sign_contract_response(session_id, res, signer)
     except XmlDsigError as exc:
