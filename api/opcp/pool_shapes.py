@@ -1,4 +1,5 @@
-"""What the OPCP 1.0 and OPNC v1 pool and CPS routes share: their error shape and the OPNC party headers.
+"""What the OPCP 1.0 and OPNC v1 pool, CPS, RCP and webhook routes share: their error shape. (The OPNC
+party headers are checked in one place, api/opnc/__init__.py.)
 
 OPCP and OPNC answer errors as ``{"errorMessages": [...], "traceId": uuid}`` (their ``Error`` /
 ``ErrorV1`` schema) with ``application/json``; a client written for them (CitrineOS reads
@@ -15,18 +16,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Header, Request, Response
+from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import problems
-from api.auth import PrincipalDep
-from pki.errors import Forbidden
-from pki.orgs import Principal
 
 
 def trace_id() -> str:
@@ -83,43 +81,3 @@ class ErrorShapeRoute(APIRoute):
 
 def empty(status: int = 200) -> Response:
     return Response(status_code=status)
-
-
-# -- OPNC party headers -------------------------------------------------------------------------------
-
-PARTY_OF_ROLE = {"cpo": "cpo", "emsp": "emsp", "oem": "oem"}
-
-
-def _norm(identifier: str) -> str:
-    return "".join(ch for ch in identifier.upper() if ch.isalnum())
-
-
-def check_parties(p: Principal, api_party: str, from_type: str | None, from_id: str | None,
-                  to_type: str | None) -> None:
-    """OPNC ``OPNC-from-party-type/-id`` must name the caller: its role's party type and one of its
-    identifier prefixes (ProviderID, OperatorID, WMI; compared without separators, case-insensitively).
-    An admin may name any party. ``OPNC-to-party-type``, when given, must be the component answering
-    (``ccp``, ``pcp``, ``cps``): this service serves them itself and forwards to no other party."""
-    if p.role != "admin":
-        own_type = PARTY_OF_ROLE.get(p.role)
-        if from_type is not None and from_type.lower() != own_type:
-            raise Forbidden(f"OPNC-from-party-type {from_type!r} is not the caller's party type ({own_type or p.role})")
-        if from_id is not None and _norm(from_id) not in {_norm(x) for x in p.prefixes}:
-            raise Forbidden(f"OPNC-from-party-id {from_id!r} is not one of organization {p.org!r}'s identifiers")
-    if to_type is not None and to_type.lower() != api_party:
-        raise Forbidden(f"OPNC-to-party-type {to_type!r}: this is the {api_party} and forwards to no other party")
-
-
-def opnc_party(api_party: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
-    """A dependency: the authenticated caller, its OPNC party headers checked (403 on a mismatch); use as
-    ``Annotated[Principal, Depends(opnc_party("ccp"))]``."""
-
-    async def dep(p: PrincipalDep,
-            from_type: Annotated[str | None, Header(alias="OPNC-from-party-type", max_length=16)] = None,
-            from_id: Annotated[str | None, Header(alias="OPNC-from-party-id", max_length=64)] = None,
-            to_type: Annotated[str | None, Header(alias="OPNC-to-party-type", max_length=16)] = None,
-            to_id: Annotated[str | None, Header(alias="OPNC-to-party-id", max_length=128)] = None) -> Principal:
-        check_parties(p, api_party, from_type, from_id, to_type)
-        return p
-
-    return dep

@@ -20,15 +20,14 @@ from typing import Annotated, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from fastapi import APIRouter, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from pydantic import BaseModel, Field
 from sqlmodel import select
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import PrincipalDep
 from api.deps import CtxDep
 from api.est import _body, cacerts_p7, enroll_p7, resolve
-from api.opnc import check_parties
+from api.opnc import opnc_party
 from pki.context import Context
 from pki.errors import BadRevocation, Forbidden
 from pki.orgs import Principal
@@ -38,6 +37,7 @@ router = APIRouter(prefix="/opnc/v1/pki", tags=["opnc-pki"])
 
 CaDomain = Annotated[str, Query(max_length=64, description="emsp, cpo, oem, cps or veh (optionally prefixed)")]
 IsoVersion = Annotated[str, Query(max_length=32, description="ISO15118-2 or ISO15118-20")]
+PkiCaller = Annotated[Principal, Depends(opnc_party("pki"))]
 Reason = Literal["privilegeWithdrawn", "affiliationChanged", "superseded", "unspecified", "keyCompromise",
                  "aACompromise", "cessationOfOperation"]
 
@@ -51,8 +51,7 @@ class RevokeCertificateIn(BaseModel):
 
 @router.post("/est/simpleenroll", summary="SimpleEnrollCert (OPNC PKI)")
 async def simpleenroll(caDomain: CaDomain, iso15118Version: IsoVersion, request: Request,  # noqa: N803
-                       ctx: CtxDep, p: PrincipalDep) -> Response:
-    await run_in_threadpool(check_parties, ctx, request, p, "pki")
+                       ctx: CtxDep, p: PkiCaller) -> Response:
     csr = await _body(request)
 
     def run() -> Response:
@@ -62,10 +61,8 @@ async def simpleenroll(caDomain: CaDomain, iso15118Version: IsoVersion, request:
 
 
 @router.get("/est/cacerts", summary="GetCaCerts (OPNC PKI)")
-def cacerts(caDomain: CaDomain, iso15118Version: IsoVersion, request: Request, ctx: CtxDep,  # noqa: N803
-            p: PrincipalDep,
+def cacerts(caDomain: CaDomain, iso15118Version: IsoVersion, ctx: CtxDep, p: PkiCaller,  # noqa: N803
             algorithm: Literal["secp256r1", "secp521r1", "ed448"] | None = Query(None)) -> Response:
-    check_parties(ctx, request, p, "pki")
     return cacerts_p7(ctx, resolve(ctx, caDomain, iso15118Version, algorithm))
 
 
@@ -99,15 +96,14 @@ def _revoke(ctx: Context, p: Principal, body: RevokeCertificateIn) -> None:
 
 
 @router.post("/pki/revokeCertificate", summary="RevokeCert (OPNC PKI)")
-def revoke_certificate(body: RevokeCertificateIn, request: Request, ctx: CtxDep, p: PrincipalDep) -> Response:
-    check_parties(ctx, request, p, "pki")
+def revoke_certificate(body: RevokeCertificateIn, ctx: CtxDep, p: PkiCaller) -> Response:
     _revoke(ctx, p, body)
     return Response(status_code=200)
 
 
 @router.post("/revokeCertificate", include_in_schema=False)
-def revoke_certificate_alias(body: RevokeCertificateIn, request: Request, ctx: CtxDep, p: PrincipalDep) -> Response:
-    return revoke_certificate(body, request, ctx, p)
+def revoke_certificate_alias(body: RevokeCertificateIn, ctx: CtxDep, p: PkiCaller) -> Response:
+    return revoke_certificate(body, ctx, p)
 
 
 def setup(app: FastAPI) -> None:

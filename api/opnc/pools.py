@@ -1,7 +1,7 @@
 """OPNC v1 (CharIN, ``../shared/specs/opnc/specification/apis/{ccp,pcp}``): the contract certificate pool
 under /opnc/v1/ccp and the provisioning certificate pool under /opnc/v1/pcp — the same operations as
 OPCP's (api/opcp/ccp.py, api/opcp/pcp.py, both on `pki.pools`) in OPNC's shapes, with the
-``OPNC-from/to-party-*`` headers checked against the caller (api/opcp/pool_shapes.py).
+``OPNC-from/to-party-*`` headers checked against the caller (api/opnc/__init__.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 from api.deps import CtxDep
 from api.opcp.ccp import EXI_MAX, failure_messages, install, iso
 from api.opcp.pcp import CERT_MAX, b64, key_id, sub_cas
-from api.opcp.pool_shapes import ErrorShapeRoute, empty, error, opnc_party
+from api.opcp.pool_shapes import ErrorShapeRoute, empty, error
+from api.opnc import opnc_party
 from pki import pools
 from pki.cps.exi import decode_message
 from pki.cps.exi.messages import ResponseCode
@@ -47,24 +48,7 @@ class SignedContractDataV1(BaseModel):
     cpsRootDistinguishedName: str | None = Field(default=None, max_length=512)  # noqa: N815
 
 
-def opnc_dn(name: Any) -> str:
-    """A DN in OPNC's pattern: ``CN=…, DC=…, O=…, OU=…, C=XX`` in that order, values of letters, digits,
-    spaces, '-' and '.' only."""
-    import re
-
-    from cryptography.x509.oid import NameOID
-
-    order = [("CN", NameOID.COMMON_NAME), ("DC", NameOID.DOMAIN_COMPONENT), ("O", NameOID.ORGANIZATION_NAME),
-             ("OU", NameOID.ORGANIZATIONAL_UNIT_NAME)]
-    parts = []
-    for short, oid in order:
-        attrs = name.get_attributes_for_oid(oid)
-        value = re.sub(r"[^a-zA-Z0-9\s\-.]", "", str(attrs[0].value)).strip() if attrs else ""
-        if value:
-            parts.append(f"{short}={value}, ")
-    c = name.get_attributes_for_oid(NameOID.COUNTRY_NAME)
-    country = str(c[0].value) if c else ""
-    return "".join(parts) + (f"C={country}" if re.fullmatch(r"[A-Z]{2}", country) else "")
+opnc_dn = pools.opnc_dn  # a DN in OPNC's pattern (pki/pools.py; the webhook payloads use it too)
 
 
 def signed_item(exi: bytes, emaid: str, pcid: str, root: Any | None) -> dict[str, Any]:
