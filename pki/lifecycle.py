@@ -70,6 +70,18 @@ log = logging.getLogger("v2gpki.lifecycle")
 
 EVENTS = ("expiry", "truststore", "revocation", "renewal")
 SUB_KINDS = ("webhook", "email")
+# OPCP 1.0 webhook event types (webhooks.v1.json ``Event``; root.cert.revoked from webhook.payload.v1.json).
+# A subscription made through /v1/webhook/endpoints lists these; their deliveries carry the OPCP payload
+# shape (webhook.payload.v1.json: timestamp, eventId, eventType, xsdMsgDefNamespace, payload) signed with
+# the ``payload-signature`` / ``X-Hubject-Signature`` headers (beside X-V2GPKI-Signature).
+OPCP_ROOT_EVENTS = ("root.cert.added", "root.cert.expired", "root.cert.revoked")
+OPCP_CONTRACT_EVENTS = (
+    "mo.prov.cert.updated", "mo.prov.cert.deleted", "mo.prov.cert.updated.factory.reset",
+    "mo.contract.delivered.to.oem", "mo.contract.created.sent.to.oem", "mo.contract.updated.sent.to.oem",
+    "mo.contract.deleted.sent.to.oem", "mo.contract.rejected.by.oem", "mo.contract.queued.to.oem",
+    "oem.contract.created", "oem.contract.updated", "oem.contract.deleted",
+)
+OPCP_EVENTS = OPCP_ROOT_EVENTS + OPCP_CONTRACT_EVENTS
 
 # -- settings and policy ---------------------------------------------------------------------------------
 
@@ -353,15 +365,26 @@ class NewSubscription:
     secret: str | None  # shown once
 
 
+def _check_events(events: Sequence[str] | None) -> list[str]:
+    evs = sorted(set(events or EVENTS))
+    bad = [e for e in evs if e not in EVENTS and e not in OPCP_EVENTS]
+    if bad:
+        raise PKIError(f"unknown event(s) {', '.join(bad)} "
+                       f"(use {', '.join(EVENTS)} or OPCP's {', '.join(OPCP_EVENTS)})")
+    return evs
+
+
 def add_subscription(ctx: Context, org: str, kind: str, target: str, events: Sequence[str], *,
-                     secret: str | None = None, actor: str = "cli") -> NewSubscription:
+                     secret: str | None = None, actor: str = "cli",
+                     attributes: dict[str, Any] | None = None) -> NewSubscription:
+    """A subscription of ``org`` to ``events`` (lifecycle events, or OPCP's event types — then delivered in
+    the OPCP payload shape). ``attributes``: what the OPCP/OPNC webhook APIs keep beside it (description,
+    metadata, status — "disabled" gets no deliveries —, apiVersion) or a one-shot subscription (``oneShot``,
+    ``emaid``: one delivery for that contract's events, never matched otherwise)."""
     lc = lifecycle_of(ctx)
     if kind not in SUB_KINDS:
         raise PKIError(f"subscription kind must be one of {', '.join(SUB_KINDS)}")
-    evs = sorted(set(events or EVENTS))
-    bad = [e for e in evs if e not in EVENTS]
-    if bad:
-        raise PKIError(f"unknown event(s) {', '.join(bad)} (use {', '.join(EVENTS)})")
+    evs = _check_events(events)
     if kind == "webhook":
         check_webhook_url(target, lc.settings)
         if secret is not None and not 16 <= len(secret) <= 128:
@@ -378,7 +401,7 @@ def add_subscription(ctx: Context, org: str, kind: str, target: str, events: Seq
         # Sealed in the token (hsm/sealing.py): a database read alone does not reveal it (#21 item 11).
         row = Subscription(sub_id=sub_id, org=org, kind=kind, target=target,
                            secret=None if secret is None else sealing.seal(ctx.keystore, secret, sub_id),
-                           events=evs, created_at=utcnow())
+                           events=evs, created_at=utcnow(), attributes=attributes)
         s.add(row)
         # The target is recorded, the secret never (audit details are readable by auditors).
         audit.append(s, audit.Entry(actor=actor, org=org, action="subscription.create", object=row.sub_id,
@@ -416,6 +439,50 @@ def list_subscriptions(ctx: Context, org: str | None) -> list[Subscription]:
         return list(s.exec(stmt.order_by(Subscription.id)))  # type: ignore[arg-type]
 
 
+def get_subscription(ctx: Context, sub_id: str, org: str | None) -> Subscription:
+    """One active subscription; another organization's (``org`` set) is NotFound, like an unknown one."""
+    with ctx.db.session() as s:
+        stmt = sm_select(Subscription).where(Subscription.sub_id == sub_id,
+                                             Subscription.deleted_at == None)  # noqa: E711
+        if org is not None:
+            stmt = stmt.where(Subscription.org == org)
+        row = s.exec(stmt).first()
+    if row is None:
+        raise NotFound(f"no subscription {sub_id!r}")
+    return row
+
+
+def update_subscription(ctx: Context, sub_id: str, org: str | None, *, target: str | None = None,
+                        events: Sequence[str] | None = None, attributes: dict[str, Any] | None = None,
+                        actor: str = "cli") -> Subscription:
+    """Change a webhook subscription's URL, events or attributes (OPCP update-webhook-endpoint); the
+    secret stays. Checked as at creation; another organization's is NotFound."""
+    lc = lifecycle_of(ctx)
+    evs = _check_events(events) if events is not None else None
+    with ctx.db.session() as s:
+        stmt = sm_select(Subscription).where(Subscription.sub_id == sub_id,
+                                             Subscription.deleted_at == None)  # noqa: E711
+        if org is not None:
+            stmt = stmt.where(Subscription.org == org)
+        row = s.exec(stmt).first()
+        if row is None:
+            raise NotFound(f"no subscription {sub_id!r}")
+        if target is not None:
+            if row.kind == "webhook":
+                check_webhook_url(target, lc.settings)
+            row.target = target
+        if evs is not None:
+            row.events = evs
+        if attributes is not None:
+            row.attributes = attributes
+        s.add(row)
+        audit.append(s, audit.Entry(actor=actor, org=row.org, action="subscription.update", object=sub_id,
+                                    details={"target": _redact_url(row.target), "events": list(row.events)}))
+        s.commit()
+        s.refresh(row)
+        return row
+
+
 def remove_subscription(ctx: Context, sub_id: str, org: str | None, *, actor: str = "cli") -> Subscription:
     with ctx.db.session() as s:
         stmt = sm_select(Subscription).where(Subscription.sub_id == sub_id,
@@ -433,9 +500,10 @@ def remove_subscription(ctx: Context, sub_id: str, org: str | None, *, actor: st
 
 
 def _subscribers(s: Session, event: str) -> dict[str | None, list[Subscription]]:
-    """Active subscriptions to ``event``, by org; tenant-less events go to the admin organizations."""
+    """Active subscriptions to ``event``, by org; tenant-less events go to the admin organizations. A
+    disabled (OPCP ``status``) or one-shot subscription is not matched."""
     subs = [r for r in s.exec(sm_select(Subscription).where(Subscription.deleted_at == None))  # noqa: E711
-            if event in (r.events or [])]
+            if event in (r.events or []) and not _inactive(r)]
     admins = {o.name for o in s.exec(sm_select(Organization).where(Organization.role == "admin"))}
     out: dict[str | None, list[Subscription]] = defaultdict(list)
     for r in subs:
@@ -443,6 +511,47 @@ def _subscribers(s: Session, event: str) -> dict[str | None, list[Subscription]]
         if r.org in admins:
             out[None].append(r)
     return out
+
+
+def _inactive(r: Subscription) -> bool:
+    attrs = r.attributes or {}
+    return str(attrs.get("status", "enabled")).lower() == "disabled" or bool(attrs.get("oneShot"))
+
+
+def queue_one_shot(ctx: Context, event: str, key: str, payload: dict[str, Any], org: str, emaid: str) -> list[int]:
+    """The delivery of ``org``'s one-shot subscriptions for contract ``emaid`` (an OPCP subscriptionUrl) that
+    have had none yet: each is called once, with the first event of its contract."""
+    now = utcnow()
+    d = Delivery.__table__  # type: ignore[attr-defined]
+    with ctx.db.session() as s:
+        subs = [r for r in s.exec(sm_select(Subscription).where(Subscription.org == org,
+                                                                 Subscription.deleted_at == None))  # noqa: E711
+                if (r.attributes or {}).get("oneShot") and (r.attributes or {}).get("emaid") == emaid]
+        if not subs:
+            return []
+        done = {r[0] for r in s.execute(select(d.c.subscription_id).where(
+            d.c.subscription_id.in_([r.id for r in subs])))}
+        rows = [_new_delivery(int(r.id), r.org, event, key, payload, now) for r in subs
+                if r.id is not None and r.id not in done]
+        if rows:
+            try:
+                s.execute(insert(d), rows)
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+        return _pending_ids(s, [key])
+
+
+def opcp_event(event_type: str, payload: dict[str, Any], namespace: str = "urn:iso:15118:2:2013:MsgDef",
+               at: datetime | None = None) -> dict[str, Any]:
+    """An OPCP webhook body (webhook.payload.v1.json): the eventId is fixed when the event is queued, so a
+    retried delivery carries the same one (receivers de-duplicate on it)."""
+    import uuid
+
+    if event_type not in OPCP_EVENTS:
+        raise PKIError(f"not an OPCP event type: {event_type}")
+    return {"timestamp": (at or utcnow()).strftime("%Y-%m-%dT%H:%M:%SZ"), "eventId": str(uuid.uuid4()),
+            "eventType": event_type, "xsdMsgDefNamespace": namespace, "payload": payload}
 
 
 def _new_delivery(sub_id: int, org: str | None, event: str, key: str, payload: dict[str, Any],
@@ -778,6 +887,8 @@ class Attempt:
 
 def _body(ctx: Context, row: Delivery) -> dict[str, Any]:
     body = dict(row.payload)
+    if row.event in OPCP_EVENTS:  # the document's shape exactly; the delivery id is in X-V2GPKI-Delivery
+        return body
     ref = body.pop("truststore_ref", None)
     if ref is not None:
         from pki.trustlist import version_document
@@ -848,6 +959,13 @@ def _finish(ctx: Context, row: Delivery, now: datetime, *, ok: bool, error: str 
     return out
 
 
+def opcp_signature(secret: str, body: bytes) -> str:
+    """OPCP's ``payload-signature``: HMAC-SHA256 (RFC 2104) of the raw body with the endpoint's secret, hex
+    (``X-Hubject-Signature`` is the same as ``sha256=<hex>``). No timestamp: replays are bounded by the
+    X-V2GPKI-Signature header sent beside it and de-duplicated on eventId."""
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
 def _send_webhook(sub: Subscription, row: Delivery, body: dict[str, Any], st: LifecycleSettings,
                   secret: str) -> None:
     import httpx
@@ -862,6 +980,10 @@ def _send_webhook(sub: Subscription, row: Delivery, body: dict[str, Any], st: Li
         "X-V2GPKI-Delivery": row.delivery_id,
         SIG_HEADER: sign_webhook(secret, ts, raw),
     }
+    if row.event in OPCP_EVENTS:
+        mac = opcp_signature(secret, raw)
+        headers["payload-signature"] = mac
+        headers["X-Hubject-Signature"] = f"sha256={mac}"
     # No redirects: a 3xx could point the worker at an internal address (SSRF).
     r = httpx.post(sub.target, content=raw, headers=headers, timeout=st.webhook_timeout_seconds,
                    follow_redirects=False)
@@ -1194,9 +1316,10 @@ def outbox_backlog(ctx: Context) -> int:
 
 
 __all__ = [
-    "EVENTS", "Attempt", "Candidate", "Lifecycle", "LifecyclePolicy", "LifecycleSettings", "Rollover",
+    "EVENTS", "OPCP_EVENTS", "Attempt", "Candidate", "Lifecycle", "LifecyclePolicy", "LifecycleSettings", "Rollover",
     "ScanResult", "add_outbox", "add_subscription", "attempt_delivery", "candidates", "due_deliveries",
     "candidate_query", "install_hooks", "lifecycle_of", "list_subscriptions", "queue_event", "record_alerts",
-    "remove_subscription",
+    "get_subscription", "opcp_event", "opcp_signature", "queue_one_shot", "remove_subscription",
+    "update_subscription",
     "renew", "renew_due", "revocation_event", "rollover_root", "scan_expiring", "sign_webhook", "verify_webhook",
 ]

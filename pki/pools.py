@@ -17,15 +17,20 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
+import re
+import secrets
+import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import delete, update
 from sqlmodel import col, select
 
-from pki import audit
+from pki import audit, lifecycle
 from pki.context import Context
 from pki.contracts import (
     BadCertificate,
@@ -64,7 +69,16 @@ from pki.issuance import CAHandle
 from pki.names import normalise_emaid, normalise_pcid, owns_identifier
 from pki.orgs import Principal
 from pki.store.db import utcnow
-from pki.store.models import Certificate, Contract, ProvisioningCertificate, SignedContractData
+from pki.store.models import (
+    Certificate,
+    CertificateAuthority,
+    Contract,
+    Organization,
+    ProvisioningCertificate,
+    SignedContractData,
+)
+
+log = logging.getLogger("v2gpki.pools")
 
 ISO2 = "urn:iso:15118:2:2013:MsgDef"
 # ISO 15118-20 as OPCP/OPNC spell it (OCPP and Josev: urn:iso:std:iso:15118:-20:CommonMessages): recognised
@@ -139,6 +153,31 @@ def opcp_dn(name: x509.Name) -> str:
     parts = [f"{short[a.oid]}={str(a.value).replace(',', ' ').strip()}" for a in reversed(list(name))
              if a.oid in short and str(a.value).replace(",", " ").strip()]
     return ", ".join(parts)
+
+
+def root_certificate_id(der: bytes) -> str:
+    """A stable UUID for a root (OPCP/OPNC ``rootCertificateId``): the first 16 bytes of its SHA-256
+    fingerprint (RFC 9562 version 8)."""
+    h = bytearray(hashlib.sha256(der).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x80
+    h[8] = (h[8] & 0x3F) | 0x80
+    return str(uuid.UUID(bytes=bytes(h)))
+
+
+def opnc_dn(name: x509.Name) -> str:
+    """A DN in OPNC's (and the OPCP webhook payload's) pattern: ``CN=…, DC=…, O=…, OU=…, C=XX`` in that
+    order, values of letters, digits, spaces, '-' and '.' only."""
+    order = [("CN", x509.NameOID.COMMON_NAME), ("DC", x509.NameOID.DOMAIN_COMPONENT),
+             ("O", x509.NameOID.ORGANIZATION_NAME), ("OU", x509.NameOID.ORGANIZATIONAL_UNIT_NAME)]
+    parts = []
+    for short, oid in order:
+        attrs = name.get_attributes_for_oid(oid)
+        value = re.sub(r"[^a-zA-Z0-9\s\-.]", "", str(attrs[0].value)).strip() if attrs else ""
+        if value:
+            parts.append(f"{short}={value}, ")
+    c = name.get_attributes_for_oid(x509.NameOID.COUNTRY_NAME)
+    country = str(c[0].value) if c else ""
+    return "".join(parts) + (f"C={country}" if re.fullmatch(r"[A-Z]{2}", country) else "")
 
 
 def v2g_roots(ctx: Context) -> list[CAHandle]:
@@ -298,16 +337,29 @@ def depublish(ctx: Context, p: Principal, emaid: str, *, revoke: bool = True) ->
     with ctx.db.session() as s:
         s.execute(delete(SignedContractData).where(col(SignedContractData.contract_id) == c.id))
         s.commit()
+    _emit(contract_events, ctx, c, "deleted")
     return revoked
 
 
 def store_signed_data(ctx: Context, contract: Contract, exi: bytes, cert_serial: str, payload: dict[str, object],
                       ) -> None:
+    """Contract data into the pool; its OPCP events follow (created the first time, then updated)."""
     with ctx.db.session() as s:
+        earlier = s.exec(select(SignedContractData.id).where(
+            col(SignedContractData.contract_id) == contract.id)).first()
         s.add(SignedContractData(contract_id=contract.id or 0, pcid=contract.pcid, emaid=contract.emaid,
                                  cert_serial=cert_serial, payload={**payload, "exiResponse": b64(exi)},
                                  created_at=utcnow()))
         s.commit()
+    _emit(contract_events, ctx, contract, "updated" if earlier is not None else "created", exi)
+
+
+def _emit(fn: Any, *args: Any) -> None:
+    """Queue webhook events after the change committed; a failure to queue is logged, the change stands."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - the pool operation committed; its notification is best effort
+        log.warning("webhook events of %s not queued", getattr(fn, "__name__", fn), exc_info=True)
 
 
 def with_session_id(exi: bytes, session_id: bytes) -> bytes:
@@ -370,10 +422,14 @@ def provide(ctx: Context, p: Principal, emaid: str, pcid: str, session_id: bytes
             root = signer_root(ctx, decode_message(exi))
             if root is None or root.serial_number != want[0].serial_number:
                 continue
+        if p.role == "oem":
+            _emit(contract_events, ctx, c, "delivered", exi)
         return with_session_id(exi, session_id)
     d = prepare(ctx, p, c, root_fingerprint=root_fingerprint)
     if d.response_code != ResponseCode.OK:
         raise CPSError(f"contract data could not be signed: {d.response_code} {'; '.join(d.notes)}")
+    if p.role == "oem":
+        _emit(contract_events, ctx, c, "delivered", d.exi)
     return with_session_id(d.exi, session_id)
 
 
@@ -581,6 +637,7 @@ def register(ctx: Context, p: Principal, leaf: str, subs: list[str | None]) -> P
         if s and b64der(s, "sub-CA certificate") not in ours:
             raise BadCertificate("a sub-CA certificate sent is not in the provisioning certificate's chain here")
     row = register_provisioning_certificate(ctx, p, der)
+    _emit(provisioning_events, ctx, row.pcid, "updated")
     return _entry(ctx, row)
 
 
@@ -609,4 +666,124 @@ def unregister(ctx: Context, p: Principal, pcid: str) -> int:
         audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="provisioning.remove", object=v,
                                     details={"count": int(n)}))
         s.commit()
+    _emit(provisioning_events, ctx, v, "deleted")
     return int(n)
+
+
+# -- OPCP webhook events (webhook.payload.v1.json) -------------------------------------------------------
+# Queued through pki.lifecycle (the subscriptions, deliveries, retries and signatures of every webhook);
+# what is here is which event each pool operation is, who hears it and its payload.
+
+ROOT_TYPES = {"v2g": "V2G", "mo": "MO", "oem": "OEM"}
+ISO20_EVENT = "urn:iso:15118:20:2022:MsgDef"  # the payload document's -20 namespace
+
+
+def _curve(cert: x509.Certificate) -> str | None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pub = cert.public_key()
+    if isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name in ("secp256r1", "secp521r1"):
+        return pub.curve.name
+    return None
+
+
+def root_payload(ca: CertificateAuthority) -> dict[str, Any]:
+    """The ``payload`` of a root.cert.* event."""
+    cert = x509.load_der_x509_certificate(ca.der)
+    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    out: dict[str, Any] = {"rootCertificateId": root_certificate_id(ca.der), "distinguishedName": opnc_dn(cert.subject),
+                           "commonName": str(cn[0].value) if cn else ca.name, "rootType": ROOT_TYPES[ca.hierarchy],
+                           "rootSerialNumber": format(cert.serial_number, "x"),
+                           "fingerprintSHA256": hashlib.sha256(ca.der).hexdigest()}
+    curve = _curve(cert)
+    if curve:
+        out["signatureAlgorithm"] = curve
+    return out
+
+
+def root_events(ctx: Context, event: dict[str, Any]) -> list[int]:
+    """root.cert.added / root.cert.revoked for the Plug & Charge roots (V2G, MO, OEM) in a ``ca.changed``
+    outbox event (pki.lifecycle.install_hooks: a root issued — init, rollover — or revoked), to every
+    subscriber of that event type. Returns the pending delivery ids."""
+    change = {"added": "root.cert.added", "revoked": "root.cert.revoked"}.get(str(event.get("change")))
+    if change is None:
+        return []
+    ids: list[int] = []
+    for item in event.get("cas") or []:
+        with ctx.db.session() as s:
+            ca = s.exec(select(CertificateAuthority).where(
+                CertificateAuthority.serial == str(item.get("serial", "")),
+                col(CertificateAuthority.parent).is_(None))).first()
+        if ca is None or ca.hierarchy not in ROOT_TYPES:
+            continue
+        ns = ISO2 if _curve(x509.load_der_x509_certificate(ca.der)) == "secp256r1" else ISO20_EVENT
+        body = lifecycle.opcp_event(change, root_payload(ca), ns)
+        ids += lifecycle.queue_event(ctx, change, f"opcp:{change}:{ca.name}/{ca.serial}", body, None, everyone=True)
+    return ids
+
+
+def _oem_orgs(ctx: Context, pcid: str) -> list[str]:
+    """The OEM organizations of a PCID: whose WMI prefixes own it, and who registered its pool entry."""
+    with ctx.db.session() as s:
+        orgs = {o.name for o in s.exec(select(Organization).where(Organization.role == "oem"))
+                if owns_identifier(list(o.prefixes or []), "pcid", pcid)}
+        orgs |= {r for r in s.exec(select(ProvisioningCertificate.oem).where(ProvisioningCertificate.pcid == pcid))
+                 if r}
+    return sorted(orgs)
+
+
+def contract_payload(ctx: Context, c: Contract, exi: bytes | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"emaid": c.emaid, "pcid": c.pcid}
+    if exi is None:
+        return out
+    try:
+        msg = decode_message(exi)
+    except ExiError:
+        return out
+    body = msg.body
+    if isinstance(body, CertificateInstallationRes) and body.contract_signature_cert_chain.certificate:
+        out["contractCert"] = b64(body.contract_signature_cert_chain.certificate)
+    root = signer_root(ctx, msg)
+    if root is not None:
+        cn = root.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        out["cpsSignerRootFingerprint"] = root_fingerprint(root)
+        if cn:
+            out["cpsSignerRootCommonName"] = str(cn[0].value)
+        curve = _curve(root)
+        if curve:
+            out["signatureAlgorithm"] = curve
+    return out
+
+
+def contract_events(ctx: Context, c: Contract, change: str, exi: bytes | None = None) -> list[int]:
+    """A contract's data changed in the pool (``change``: created, updated, deleted — or delivered, the OEM
+    fetched it): oem.contract.<change> to the vehicle's OEM organizations, mo.contract.<change>.sent.to.oem
+    (mo.contract.delivered.to.oem) to the contract's eMSP, and the eMSP's one-shot subscriptionUrl for this
+    contract. Nobody else hears it."""
+    payload = contract_payload(ctx, c, exi)
+    key = f"opcp:{change}:{c.emaid}:{secrets.token_hex(6)}"
+    ids: list[int] = []
+    if change != "delivered":
+        oem_type = f"oem.contract.{change}"
+        for org in _oem_orgs(ctx, c.pcid):
+            ids += lifecycle.queue_event(ctx, oem_type, key, lifecycle.opcp_event(oem_type, payload), org)
+    mo_type = "mo.contract.delivered.to.oem" if change == "delivered" else f"mo.contract.{change}.sent.to.oem"
+    body = lifecycle.opcp_event(mo_type, payload)
+    ids += lifecycle.queue_event(ctx, mo_type, key, body, c.emsp)
+    ids += lifecycle.queue_one_shot(ctx, mo_type, key, body, c.emsp, c.emaid)
+    return ids
+
+
+def provisioning_events(ctx: Context, pcid: str, change: str) -> list[int]:
+    """An OEM registered (``updated``) or removed (``deleted``) a vehicle's provisioning certificate:
+    mo.prov.cert.<change> to the eMSP of each active contract for the PCID (one event per EMAID)."""
+    event_type = f"mo.prov.cert.{change}"
+    v = normalise_pcid(pcid)
+    with ctx.db.session() as s:
+        rows = list(s.exec(select(Contract).where(Contract.pcid == v, Contract.status == "active")))
+    ids: list[int] = []
+    tag = secrets.token_hex(6)
+    for c in rows:
+        body = lifecycle.opcp_event(event_type, {"emaid": c.emaid, "pcid": c.pcid})
+        ids += lifecycle.queue_event(ctx, event_type, f"opcp:{event_type}:{c.emaid}:{tag}", body, c.emsp)
+    return ids

@@ -83,6 +83,10 @@ def truststore_publish(self: LifecycleTask, reason: str = "scheduled check", eve
 
     rows = publish_all(self.ctx, reason)
     _enqueue_deliveries(pending_truststore_deliveries(self.ctx, [(r.store, r.version) for r in rows]))
+    if event:  # OPCP root.cert.added / root.cert.revoked for the roots of this change (#25)
+        from pki.pools import root_events
+
+        _enqueue_deliveries(root_events(self.ctx, event))
     return [f"{r.store}/{r.version}" for r in rows]
 
 

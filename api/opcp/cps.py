@@ -23,9 +23,12 @@ from api.auth import PrincipalDep
 from api.deps import CtxDep
 from api.opcp.ccp import iso
 from api.opcp.pool_shapes import ErrorShapeRoute, empty
-from pki import pools
+from pki import lifecycle, pools
+from pki.context import Context
+from pki.cps.exi.messages import ResponseCode
 from pki.errors import NotFound
 from pki.names import normalise_emaid, normalise_pcid
+from pki.orgs import Principal
 from pki.pools import BadContractData
 
 router = APIRouter(tags=["opcp-cps"], route_class=ErrorShapeRoute, include_in_schema=False)
@@ -154,13 +157,36 @@ def sign_contract_data(body: SignContractDataIn, ctx: CtxDep, p: PrincipalDep) -
     return JSONResponse(signed(exi, emaid, body.pcid, root), status_code=201)
 
 
+def generate(ctx: Context, p: Principal, body: GenerateIn) -> Response:
+    """OPCP generate/signedContractData and OPNC generateandsign: `pools.generate`, then, with a
+    ``subscriptionUrl``, a one-shot webhook (api/opcp/webhooks.py `one_shot`) for this contract: called once,
+    with mo.contract.created.sent.to.oem when the contract data was prepared now (the vehicle is in the pool),
+    else with the first later event of the contract (prepared on the OEM's request: delivered.to.oem). Its
+    id and HMAC secret are in the X-V2GPKI-Subscription / X-V2GPKI-Webhook-Secret headers of the 201 (the
+    document's answer has no body). The URL is checked before anything is stored."""
+    from api.opcp.webhooks import one_shot
+
+    pools.check_namespace(body.xsdMsgDefNamespace)
+    if body.subscriptionUrl:
+        lifecycle.check_webhook_url(body.subscriptionUrl, lifecycle.lifecycle_of(ctx).settings)
+    contract, prepared = pools.generate(ctx, p, body.emaid, body.pcid, body.contractBegins, body.contractEnds,
+                                        root_fingerprint=body.cpsV2GRootCertificateFingerprint)
+    resp = empty(201)
+    if body.subscriptionUrl:
+        new = one_shot(ctx, p, body.subscriptionUrl, contract.emaid)
+        if prepared is not None and prepared.response_code == ResponseCode.OK:
+            event = "mo.contract.created.sent.to.oem"
+            lifecycle.queue_one_shot(ctx, event, f"opcp:one-shot:{new.row.sub_id}",
+                                     lifecycle.opcp_event(event, pools.contract_payload(ctx, contract, prepared.exi)),
+                                     contract.emsp, contract.emaid)
+        resp.headers["X-V2GPKI-Subscription"] = new.row.sub_id
+        resp.headers["X-V2GPKI-Webhook-Secret"] = new.secret or ""
+    return resp
+
+
 @router.put("/v1/cps/generate/signedContractData", status_code=201, response_model=None)
 def generate_signed_contract_data(body: GenerateIn, ctx: CtxDep, p: PrincipalDep) -> Response:
-    """``subscriptionUrl`` is accepted and not called: webhooks are /v1/webhook/endpoints."""
-    pools.check_namespace(body.xsdMsgDefNamespace)
-    pools.generate(ctx, p, body.emaid, body.pcid, body.contractBegins, body.contractEnds,
-                   root_fingerprint=body.cpsV2GRootCertificateFingerprint)
-    return empty(201)
+    return generate(ctx, p, body)
 
 
 def setup(app: FastAPI) -> None:

@@ -18,7 +18,6 @@ Errors are the document's `Error` shape (api/opcp/__init__.py).
 from __future__ import annotations
 
 import base64
-import uuid
 from datetime import datetime
 from typing import Any, Literal
 
@@ -35,6 +34,7 @@ from api.deps import CtxDep
 from api.opcp import opcp_error
 from pki.context import Context
 from pki.errors import NotFound, PKIError
+from pki.pools import root_certificate_id
 from pki.store.db import utcnow
 from pki.store.models import CertificateAuthority
 
@@ -49,11 +49,8 @@ def _iso(dt: datetime) -> str:
 
 
 def root_id(der: bytes) -> str:
-    """A stable UUID for a root: the first 16 bytes of its SHA-256 fingerprint (RFC 9562 version 8)."""
-    h = bytearray(_sha256(der)[:16])
-    h[6] = (h[6] & 0x0F) | 0x80
-    h[8] = (h[8] & 0x3F) | 0x80
-    return str(uuid.UUID(bytes=bytes(h)))
+    """A stable UUID for a root (pki.pools.root_certificate_id: the first 16 bytes of its SHA-256)."""
+    return root_certificate_id(der)
 
 
 def _sha256(data: bytes) -> bytes:

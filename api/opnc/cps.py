@@ -19,8 +19,9 @@ from pydantic import BaseModel, Field
 
 from api.deps import CtxDep
 from api.opcp.ccp import iso
-from api.opcp.cps import GenerateIn
-from api.opcp.pool_shapes import ErrorShapeRoute, empty, opnc_party
+from api.opcp.cps import GenerateIn, generate
+from api.opcp.pool_shapes import ErrorShapeRoute
+from api.opnc import opnc_party
 from api.opnc.pools import CertificateChainV1, opnc_dn, signed_item
 from pki import pools
 from pki.errors import NotFound
@@ -60,10 +61,7 @@ def sign_contract_data(body: SignContractDataRequestV1, ctx: CtxDep, p: CpsCalle
 
 @router.put("/contractData/generateandsign", status_code=201, response_model=None)
 def generate_and_sign(body: GenerateIn, ctx: CtxDep, p: CpsCaller) -> Response:
-    pools.check_namespace(body.xsdMsgDefNamespace)
-    pools.generate(ctx, p, body.emaid, body.pcid, body.contractBegins, body.contractEnds,
-                   root_fingerprint=body.cpsV2GRootCertificateFingerprint)
-    return empty(201)
+    return generate(ctx, p, body)
 
 
 @router.get("/cpsCertificates")

@@ -31,6 +31,10 @@ class Subscription(SQLModel, table=True):
     events: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     created_at: datetime
     deleted_at: datetime | None = None
+    # What the OPCP/OPNC webhook APIs keep beside the target and events (migration 0009): description,
+    # metadata, status ("disabled": no deliveries), apiVersion; ``oneShot`` + ``emaid`` for an OPCP
+    # subscriptionUrl (one delivery for one contract). None for /v1/subscriptions rows.
+    attributes: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
 class ExpiryAlert(SQLModel, table=True):
