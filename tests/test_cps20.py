@@ -287,6 +287,19 @@ def _validate_xsd(josev20: Peer20, exi_b64: str) -> None:
     schema.validate(xml)
 
 
+def _xsd_errors(josev20: Peer20, exi_b64: str) -> list[str]:
+    import xmlschema
+
+    found = sorted((REPO / ".peers" / "josev").glob("lib/python3*/site-packages/iso15118/shared/schemas"))
+    if not found:
+        _need_peer("no -20 XSDs")
+    xml = josev20("roundtrip", exi=exi_b64, fragment=False, grammar="cm20")["xml"]
+    schema = xmlschema.XMLSchema(str(found[0] / "iso15118_20" / "V2G_CI_CommonMessages.xsd"),
+                                 locations={"http://www.w3.org/2000/09/xmldsig#":
+                                            str(found[0] / "xmldsig-core-schema.xsd")})
+    return [f"{e.path}: {e.reason}" for e in schema.iter_errors(xml)]
+
+
 def test_p521_installation_verified_by_an_independent_ev(josev20: Peer20, env20: Env20, tmp_path: Path) -> None:
     v = vehicle20(env20, tmp_path / "v")
     emaid = contract20(env20, v["pcid"])
@@ -388,3 +401,142 @@ def test_bad_input_is_refused_and_nothing_is_issued(josev20: Peer20, env20: Env2
     assert out["status"] == "Failed" and out["statusInfo"]["reasonCode"] == "WARNING_CertificateValidationError"[:20], out
     assert _issued(env20, e2) == 0
 
+
+
+# -- Ed448 / X448 (#26 item 1) --------------------------------------------------------------------------------
+
+from cryptography.hazmat.primitives.asymmetric import ed448, x448  # noqa: E402
+
+from pki.cps.service import _key_label  # noqa: E402
+from pki.der import bit_string, tlv  # noqa: E402
+
+ALT_SPKI = x509.ObjectIdentifier("2.5.29.72")  # subjectAltPublicKeyInfo (ITU-T X.509 §9.8.2)
+
+
+def _forge_oem_prov(env: Env20, pcid: str, key: ed448.Ed448PublicKey, extras: list[x509.ExtensionType]) -> x509.Certificate:
+    """An Ed448 OEM provisioning certificate with extensions the engine's oem-prov-20 profile does not write (the
+    X448 Alternate Subject Public Key [V2G20-2534], a TPM-like private extension): built here, signed by
+    oem-sub2-20-ed448's key in the HSM, recorded as the engine records its certificates."""
+    import hashlib as _hl
+
+    ca = env.ctx.engine.ca("oem-sub2-20-ed448")
+    now = utcnow()
+    b = (x509.CertificateBuilder().subject_name(x509.Name([
+        x509.NameAttribute(x509.NameOID.COMMON_NAME, pcid), x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "OEM"),
+        x509.NameAttribute(x509.NameOID.COUNTRY_NAME, "DE"), x509.NameAttribute(x509.NameOID.DOMAIN_COMPONENT, "OEM")]))
+        .issuer_name(ca.cert.subject).public_key(key).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, True, False, False, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier(ca.ski, None, None), critical=False))
+    for ext in extras:
+        b = b.add_extension(ext, critical=False)
+    draft = b.sign(ed448.Ed448PrivateKey.generate(), None)
+    assert ca.row.key_uri is not None
+    signer = env.ctx.keystore.signer(_key_label(ca.row.key_uri))
+    assert isinstance(signer, ed448.Ed448PrivateKey)
+    sig = signer.sign(draft.tbs_certificate_bytes)
+    der_ = tlv(0x30, draft.tbs_certificate_bytes + bytes.fromhex("300506032b6571") + bit_string(sig))
+    cert = x509.load_der_x509_certificate(der_)
+    with env.ctx.db.session() as s:
+        s.add(Certificate(issuer=ca.name, serial=format(cert.serial_number, "x"), profile="oem-prov-20",
+                          subject=cert.subject.rfc4514_string(), identifier=pcid, not_before=now - timedelta(minutes=5),
+                          not_after=now + timedelta(days=30), fingerprint=_hl.sha256(der_).hexdigest(), der=der_,
+                          created_at=now))
+        s.commit()
+    return cert
+
+
+def vehicle20_ed448(env: Env20, d: Path, *, alt: bool = True, tpm: bool = False) -> dict[str, Any]:
+    d.mkdir(parents=True, exist_ok=True)
+    pcid = env.prov["oem"] + _a(14)
+    key, xkey = ed448.Ed448PrivateKey.generate(), x448.X448PrivateKey.generate()
+    extras: list[x509.ExtensionType] = []
+    if alt:
+        extras.append(x509.UnrecognizedExtension(ALT_SPKI, xkey.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)))
+    if tpm:
+        extras.append(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.15118.1"), b"\x04\x02TP"))
+    cert = _forge_oem_prov(env, pcid, key.public_key(), extras)
+    pk8 = serialization.PrivateFormat.PKCS8
+    (d / "oem.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, pk8, serialization.NoEncryption()))
+    (d / "x448.pem").write_bytes(xkey.private_bytes(serialization.Encoding.PEM, pk8, serialization.NoEncryption()))
+    subs = [_write_der(d / f"sub{i}.der", c) for i, c in enumerate(env.ctx.engine.chain("oem-sub2-20-ed448")[:-1])]
+    for name in ("v2g-root-20-ed448", "mo-root-20-ed448", "v2g-root-20", "mo-root-20"):
+        _write_der(d / f"{name}.der", env.ctx.engine.ca(name).cert)
+    return {"pcid": pcid, "oem_chain": [_write_der(d / "oem.der", cert), *subs], "oem_key": str(d / "oem.pem"),
+            "oem_x448": str(d / "x448.pem"), "roots": [str(d / "v2g-root-20-ed448.der")], "dir": d}
+
+
+def _check_ed448(josev20: Peer20, v: dict[str, Any], exi_b64: str, session_id: str) -> dict[str, Any]:
+    out: dict[str, Any] = josev20("check-response", exi=exi_b64, session_id=session_id, oem_key=v["oem_key"],
+                                  oem_x448=v["oem_x448"], pcid=v["pcid"],
+                                  v2g_root=str(v["dir"] / "v2g-root-20-ed448.der"),
+                                  mo_root=str(v["dir"] / "mo-root-20-ed448.der"))
+    return out
+
+
+def test_ed448_x448_installation_verified_by_an_independent_ev(josev20: Peer20, env20: Env20,
+                                                              tmp_path: Path) -> None:
+    v = vehicle20_ed448(env20, tmp_path / "v")
+    emaid = contract20(env20, v["pcid"])
+    req = _request(josev20, v, sign="ed448")
+    raw = base64.b64decode(req["exi"])
+    assert encode_message20(decode_message20(raw)) == raw
+    status, out = ocpp21(env20, req["exi"])
+    assert status == 200 and out["status"] == "Accepted", out
+    res = decode_message20(base64.b64decode(out["exiResponse"]))
+    assert isinstance(res, CertificateInstallationRes20)
+    sd = res.signed_installation_data
+    assert (sd.ecdh_curve, sd.key_kind, len(sd.dh_public_key), len(sd.encrypted_private_key)) == ("X448", "X448", 57, 84)
+    assert res.header.signature is not None and res.header.signature.signed_info.signature_method == ED448
+    assert len(res.header.signature.signature_value) == 114
+    # byte-exact with EXIficient, and valid against the -20 XSD but for DHPublicKey's length facet (docs/cps.md)
+    assert exificient_roundtrip(josev20, raw := base64.b64decode(out["exiResponse"]), fragment=False) == raw
+    _validate_xsd(josev20, req["exi"])
+    errors = _xsd_errors(josev20, out["exiResponse"])
+    assert len(errors) == 1 and "DHPublicKey" in errors[0] and "133" in errors[0], errors  # [V2G20-2489] NOTE 7
+    verdict = _check_ed448(josev20, v, out["exiResponse"], req["session_id"])
+    assert verdict["ok"], verdict
+    assert verdict["emaid"] == emaid and verdict["signature_method"] == ED448 and verdict["signs"]
+    assert verdict["dh_public_key_octets"] == 57 and verdict["decrypted_octets"] == 56
+
+    # tampered: a bit of the encrypted key, of the DH public key, of the signature — each refused by the EV
+    k, dh = sd.encrypted_private_key, sd.dh_public_key
+    for bad_sd, header in (
+            (SignedInstallationData(sd.id, sd.contract_chain, sd.ecdh_curve, sd.dh_public_key,
+                                    k[:30] + bytes([k[30] ^ 1]) + k[31:], sd.key_kind), res.header),
+            (SignedInstallationData(sd.id, sd.contract_chain, sd.ecdh_curve, dh[:-1] + bytes([dh[-1] ^ 1]),
+                                    k, sd.key_kind), res.header),
+            (sd, Header20(res.header.session_id, res.header.timestamp, Signature(
+                res.header.signature.signed_info, bytes([res.header.signature.signature_value[0] ^ 1])
+                + res.header.signature.signature_value[1:])))):
+        bad = CertificateInstallationRes20(header, res.response_code, res.evse_processing, res.cps_chain, bad_sd,
+                                           res.remaining_contract_certificate_chains)
+        verdict = _check_ed448(josev20, v, base64.b64encode(encode_message20(bad)).decode(), req["session_id"])
+        assert not verdict["ok"], verdict
+
+
+def test_ed448_vehicle_refusals_nothing_issued(josev20: Peer20, env20: Env20, tmp_path: Path) -> None:
+    # no X448 Alternate Subject Public Key: its contract key could not be encrypted for it [V2G20-2534]
+    v = vehicle20_ed448(env20, tmp_path / "noalt", alt=False)
+    emaid = contract20(env20, v["pcid"])
+    status, out = ocpp21(env20, _request(josev20, v, sign="ed448")["exi"])
+    assert out["status"] == "Failed" and out["statusInfo"]["reasonCode"] == "WARNING_CertificateValidationError"[:20]
+    assert "Alternate Subject Public Key" in out["statusInfo"]["additionalInfo"]
+    assert _issued(env20, emaid) == 0
+    # a TPM vehicle (a custom extension in its provisioning certificate, [V2G20-2518/2521]): refused clearly
+    v = vehicle20_ed448(env20, tmp_path / "tpm", tpm=True)
+    emaid = contract20(env20, v["pcid"])
+    status, out = ocpp21(env20, _request(josev20, v, sign="ed448")["exi"])
+    assert out["status"] == "Failed" and out["statusInfo"]["reasonCode"] == "FAILED"
+    assert "TPM_EncryptedPrivateKey" in out["statusInfo"]["additionalInfo"]
+    assert josev20("decode", exi=out["exiResponse"])["response_code"] == "FAILED"
+    assert _issued(env20, emaid) == 0
+    # a bad Ed448 request signature
+    v = vehicle20_ed448(env20, tmp_path / "badsig")
+    emaid = contract20(env20, v["pcid"])
+    status, out = ocpp21(env20, _request(josev20, v, sign="ed448", corrupt_signature=True)["exi"])
+    assert out["statusInfo"]["reasonCode"] == "FAILED_SignatureError"[:20], out
+    assert _issued(env20, emaid) == 0

@@ -21,9 +21,20 @@ Josev's -20 EVCC encodes it) and signed with ECDSA-SHA512 (r ‖ s, 66 octets ea
 CPS key, or Ed448 (RFC 8032, 114 octets) by an Ed448 CPS key. Request signatures are accepted with SHA-512 or
 SHA-256 digests and ECDSA-SHA512 or ECDSA-SHA256 (Josev's -20 EVCC still signs like -2).
 
+X448 (the Ed448 hierarchy, decisions documented in docs/cps.md "ISO 15118-20: Ed448 and X448"):
+
+* the vehicle's static ECDH key is the X448 key of the OEM provisioning certificate's "Alternate Subject Public
+  Key" [V2G20-2534] — read as the ITU-T X.509 (10/2019) §9.8.2 subjectAltPublicKeyInfo extension (2.5.29.72)
+  holding an RFC 8410 id-X448 SubjectPublicKeyInfo; the certificate's own key (Ed448) signs the request;
+* DHPublicKey = 0x04 ‖ the 56-octet ephemeral X448 key = 57 octets ([V2G20-2489] NOTE 6/7, no padding to
+  133, [V2G20-2495]; the XSD's length facet of 133 is the one place this service departs from the XSD);
+* the 448-bit contract private key [V2G20-2500/2509/2510] is the Ed448 secret scalar (RFC 8032 §5.2.5: the
+  clamped lower half of SHAKE256(seed, 114)) reduced modulo the group order L, 56 octets big-endian
+  [V2G20-2501]: smaller than L, and scalar·B is the certificate's public key, as [V2G20-2510] checks. The
+  57-octet RFC 8032 seed does not fit the 56-octet ciphertext.
+
 Doubts (the standard's text was read only in public excerpts): the algorithm URIs (RFC 6931 ecdsa-sha512 /
-xmlenc sha512, RFC 9231 eddsa-ed448) and the SignedInfo grammar are not quoted from ISO 15118-20; the -20 XSD
-published with Josev fixes DHPublicKey at 133 octets, while [V2G20-2495] forbids padding a 57-octet X448 key.
+xmlenc sha512, RFC 9231 eddsa-ed448) and the SignedInfo grammar are not quoted from ISO 15118-20.
 """
 
 from __future__ import annotations
@@ -40,7 +51,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, x448
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_der_public_key,
+)
 
 from .errors import ExiError, KeyWrapError, SignatureVerificationFailed, XmlDsigError
 from .exi._names20 import NS20_CM
@@ -48,6 +65,8 @@ from .exi.codec import Node, encode_fragment
 from .exi.messages import CANONICAL_EXI, DIGEST_SHA256, ECDSA_SHA256, Reference, Signature, SignedInfo
 from .exi.schema import XMLDSIG
 from .exi.schema20 import CM20
+
+_NO_ENCRYPTION = NoEncryption()
 
 DIGEST_SHA512 = "http://www.w3.org/2001/04/xmlenc#sha512"
 ECDSA_SHA512 = "http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha512"
@@ -58,6 +77,8 @@ P521_OCTETS = 66
 X448_OCTETS = 56
 _ID = ("Id", NS20_CM)
 KDF_OTHER_INFO = b"\x01UV"  # AlgorithmID 0x01, PartyUInfo 'U', PartyVInfo 'V' [V2G20-2535]
+ALT_PUBLIC_KEY_OID = x509.ObjectIdentifier("2.5.29.72")  # subjectAltPublicKeyInfo (ITU-T X.509 §9.8.2)
+ED448_ORDER = 2**446 - 13818066809895115352007386748515426880336692474882178609894547503885  # RFC 8032 §5.2 L
 
 
 @dataclass(frozen=True)
@@ -102,16 +123,53 @@ def wrap_p521(contract_key: ec.EllipticCurvePrivateKey, vehicle: ec.EllipticCurv
     return Wrapped20("SECP521", point, iv + sealed)
 
 
-def wrap_x448(contract_key: bytes, vehicle: x448.X448PublicKey, aad_: bytes) -> Wrapped20:
-    """X448 [V2G20-2500..2502, 2710]: ephemeral X448 with the vehicle's X448 key, AES-256-GCM over the 56-octet
-    key. DHPublicKey: the 56-octet X448 public key (no padding, [V2G20-2495])."""
+def ed448_scalar(key: ed448.Ed448PrivateKey) -> bytearray:
+    """The 448-bit private key of an Ed448 contract key [V2G20-2500/2509]: RFC 8032 §5.2.5's secret scalar (the
+    clamped first 57 octets of SHAKE256(seed, 114), little-endian) mod L, 56 octets big-endian [V2G20-2501].
+    Its multiple of the base point is the key's public key [V2G20-2510]. The caller wipes the result."""
+    seed = bytearray(key.private_bytes(Encoding.Raw, PrivateFormat.Raw, _NO_ENCRYPTION))
+    h = bytearray(hashlib.shake_256(bytes(seed)).digest(114))
+    try:
+        h[0] &= 0xFC
+        h[55] |= 0x80
+        h[56] = 0
+        return bytearray((int.from_bytes(bytes(h[:57]), "little") % ED448_ORDER).to_bytes(X448_OCTETS, "big"))
+    finally:
+        seed[:] = bytes(len(seed))
+        h[:] = bytes(len(h))
+
+
+def alternate_x448_key(cert: x509.Certificate) -> x448.X448PublicKey | None:
+    """The vehicle's X448 ECDH key [V2G20-2534]: the OEM provisioning certificate's Alternate Subject Public Key
+    (subjectAltPublicKeyInfo, 2.5.29.72, an id-X448 SubjectPublicKeyInfo), or None."""
+    try:
+        ext = cert.extensions.get_extension_for_oid(ALT_PUBLIC_KEY_OID)
+    except x509.ExtensionNotFound:
+        return None
+    value = ext.value.value if isinstance(ext.value, x509.UnrecognizedExtension) else b""
+    try:
+        key = load_der_public_key(value)
+    except (ValueError, TypeError):
+        raise KeyWrapError("the Alternate Subject Public Key is not a SubjectPublicKeyInfo") from None
+    if not isinstance(key, x448.X448PublicKey):
+        raise KeyWrapError("the Alternate Subject Public Key is not an X448 key")
+    return key
+
+
+def wrap_x448(contract_key: bytes | bytearray, vehicle: x448.X448PublicKey, aad_: bytes) -> Wrapped20:
+    """X448 [V2G20-2500..2502, 2534/2535]: ephemeral X448 with the vehicle's X448 key (RFC 7748 shared secret as
+    Z), AES-256-GCM over the 56-octet key. DHPublicKey: 0x04 ‖ the 56-octet ephemeral key, 57 octets
+    ([V2G20-2489] NOTE 7, no padding [V2G20-2495])."""
     if len(contract_key) != X448_OCTETS:
         raise KeyWrapError("an X448 contract key is 56 octets")
     eph = x448.X448PrivateKey.generate()
-    key = kdf(eph.exchange(vehicle))
-    iv = secrets.token_bytes(IV_OCTETS)
-    sealed = AESGCM(key).encrypt(iv, contract_key, aad_)
-    return Wrapped20("X448", eph.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw), iv + sealed)
+    key = bytearray(kdf(eph.exchange(vehicle)))
+    try:
+        iv = secrets.token_bytes(IV_OCTETS)
+        sealed = AESGCM(bytes(key)).encrypt(iv, bytes(contract_key), aad_)
+    finally:
+        key[:] = bytes(len(key))
+    return Wrapped20("X448", b"\x04" + eph.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw), iv + sealed)
 
 
 # --- signatures -------------------------------------------------------------------------------------------
@@ -194,5 +252,5 @@ def verify_request20(tree: Node, public_key: Any) -> None:
     raise SignatureVerificationFailed("the signature over SignedInfo does not verify")
 
 
-__all__ = ["DIGEST_SHA512", "ECDSA_SHA256", "ECDSA_SHA512", "EDDSA_ED448", "Wrapped20", "aad", "kdf", "sign20",
-           "verify_request20", "wrap_p521", "wrap_x448"]
+__all__ = ["ALT_PUBLIC_KEY_OID", "DIGEST_SHA512", "ECDSA_SHA256", "ECDSA_SHA512", "EDDSA_ED448", "Wrapped20", "aad",
+           "alternate_x448_key", "ed448_scalar", "kdf", "sign20", "verify_request20", "wrap_p521", "wrap_x448"]

@@ -3,17 +3,23 @@
 1. decode the -20 CertificateInstallationReq (CommonMessages EXI document); a -2 V2G_Message is refused;
 2. the OEM provisioning certificate (leaf of OEMProvisioningCertificateChain) must chain to one of our OEM
    CAs, be valid and not revoked (pki.contracts.installation_lookup, as for -2), carry DC=OEM, and hold a
-   P-521 key (ECDHCurve SECP521, [V2G20-2674]); its key verifies the header signature;
+   P-521 key (ECDHCurve SECP521, [V2G20-2674]) or an Ed448 key with an X448 "Alternate Subject Public Key"
+   for ECDH (ECDHCurve X448, [V2G20-2319/2534]); its key verifies the header signature;
 3. contract selection: the PCID's active contracts, those named in PrioritizedEMAIDs first in that order,
    at most MaximumContractCertificateChains of them; one is delivered per exchange (those without a valid
    -20 contract certificate first) and RemainingContractCertificateChains says how many are left;
-4. issuance through the engine (intent, lint, HSM signature, audit, OCSP pre-signing) from an active P-521
-   MO Sub-CA 2 (-20); the contract key (P-521) is generated here, used once to issue and once to encrypt;
-5. the key encrypted for the vehicle (crypto20.wrap_p521), SignedInstallationData signed by the -20 CPS
-   leaf (key in the HSM) whose V2G root the vehicle lists.
+4. issuance through the engine (intent, lint, HSM signature, audit, OCSP pre-signing) from an active MO Sub-CA
+   2 (-20) of the vehicle's algorithm; the contract key (P-521 or Ed448, [V2G20-2493] NOTE 1) is generated
+   here, used once to issue and once to encrypt;
+5. the key encrypted for the vehicle (crypto20.wrap_p521 / wrap_x448), SignedInstallationData signed by a
+   -20 CPS leaf (key in the HSM) whose V2G root the vehicle lists, of the vehicle's algorithm when the
+   vehicle lists both -20 roots (ecdsa-sha512 or Ed448).
 
 Refusals the standard reports in the message are CertificateInstallationRes with a WARNING_*/FAILED_*
-ResponseCode and schema-valid placeholders, unsigned. TPM_EncryptedPrivateKey is never produced.
+ResponseCode and schema-valid placeholders, unsigned. TPM_EncryptedPrivateKey is never produced: nothing in
+the request asks for it; a TPM vehicle shows only through a custom extension of its OEM provisioning
+certificate [V2G20-2518/2521], and a provisioning certificate with an extension outside the -20 profile's is
+refused (FAILED) rather than answered with a key a TPM vehicle could not import.
 """
 
 from __future__ import annotations
@@ -24,12 +30,22 @@ from datetime import UTC
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, x448
 from sqlmodel import col, select
 
 from pki.context import Context
 from pki.contracts import installation_lookup, supersede_contract_certificates
-from pki.cps.crypto20 import aad, sign20, verify_request20, wrap_p521
+from pki.cps.crypto20 import (
+    ALT_PUBLIC_KEY_OID,
+    Wrapped20,
+    aad,
+    alternate_x448_key,
+    ed448_scalar,
+    sign20,
+    verify_request20,
+    wrap_p521,
+    wrap_x448,
+)
 from pki.cps.errors import CPSError, ExiError, KeyWrapError, SignatureVerificationFailed, XmlDsigError
 from pki.cps.exi.messages import X509IssuerSerial
 from pki.cps.exi.messages20 import (
@@ -101,11 +117,32 @@ def _deliver(ctx: Context, tree: object, request: CertificateInstallationReq20, 
     except ValueError:
         raise CPS20Failure("WARNING_CertificateValidationError", "OEM provisioning certificate is not DER") from None
     public = vehicle_cert.public_key()
-    if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP521R1):
-        # [V2G20-2674]/[V2G20-2709]: -20 provisioning keys are secp521r1 (or Ed448 with an X448 key for ECDH,
-        # not served here); a P-256 (-2) certificate is refused before anything is looked up.
+    if isinstance(public, ec.EllipticCurvePublicKey) and isinstance(public.curve, ec.SECP521R1):
+        alg, ecdh_key = "p521", None
+    elif isinstance(public, ed448.Ed448PublicKey):
+        # [V2G20-2319]/[V2G20-2534]: an Ed448 vehicle does ECDH with the X448 key of its certificate's
+        # Alternate Subject Public Key; without one its contract key cannot be encrypted for it.
+        alg = "ed448"
+        try:
+            ecdh_key = alternate_x448_key(vehicle_cert)
+        except KeyWrapError as exc:
+            raise CPS20Failure("WARNING_CertificateValidationError", exc.message) from None
+        if ecdh_key is None:
+            raise CPS20Failure("WARNING_CertificateValidationError",
+                               "the Ed448 OEM provisioning certificate has no X448 Alternate Subject Public Key "
+                               "(subjectAltPublicKeyInfo) for ECDH [V2G20-2534]")
+    else:
+        # [V2G20-2674]/[V2G20-2319]: -20 provisioning keys are secp521r1 or Ed448; a P-256 (-2) certificate is
+        # refused before anything is looked up.
         raise CPS20Failure("WARNING_CertificateValidationError",
-                           "the OEM provisioning certificate's key is not secp521r1 (ISO 15118-20 SECP521)")
+                           "the OEM provisioning certificate's key is neither secp521r1 nor Ed448 (ISO 15118-20)")
+    unknown = _foreign_extensions(vehicle_cert)
+    if unknown:
+        # [V2G20-2518/2521]: a TPM 2.0 vehicle carries its storage key in a custom extension and expects
+        # TPM_EncryptedPrivateKey, which this CPS does not produce: refused before anything is issued.
+        raise CPS20Failure("FAILED", "TPM_EncryptedPrivateKey (direct TPM import) is not supported; the OEM "
+                           f"provisioning certificate carries extension(s) {', '.join(unknown)} outside the -20 "
+                           "profile (a TPM storage key?)")
     cn = vehicle_cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     pcid = str(cn[0].value).upper() if cn else ""
     status, _, default, _ = installation_lookup(ctx, vehicle_cert, pcid, emsp)
@@ -144,11 +181,12 @@ def _deliver(ctx: Context, tree: object, request: CertificateInstallationReq20, 
     remaining = max(0, len(pending) - 1)
     del default
 
-    cps_row, cps_subs = _cps_signer20(ctx, ids)
-    mo_ca = _pick_mo20(ctx)
+    cps_row, cps_subs = _cps_signer20(ctx, ids, alg)
+    mo_ca = _pick_mo20(ctx, alg)
     if mo_ca is None:
-        raise CPS20Failure("WARNING_NoCertificateAvailable", "no active P-521 MO Sub-CA 2 (-20)")
-    key = ec.generate_private_key(ec.SECP521R1())
+        raise CPS20Failure("WARNING_NoCertificateAvailable", f"no active {alg} MO Sub-CA 2 (-20)")
+    key: ec.EllipticCurvePrivateKey | ed448.Ed448PrivateKey = (
+        ec.generate_private_key(ec.SECP521R1()) if alg == "p521" else ed448.Ed448PrivateKey.generate())
     try:
         o_name = _org_display_name(ctx, contract.emsp)
         issued = ctx.engine.issue(IssueRequest(
@@ -158,13 +196,13 @@ def _deliver(ctx: Context, tree: object, request: CertificateInstallationReq20, 
             actor=actor))
         cert = x509.load_der_x509_certificate(issued.der)
         try:
-            wrapped = wrap_p521(key, public, aad(pcid, cert))
+            wrapped = _wrap(key, public, ecdh_key, aad(pcid, cert))
         except KeyWrapError as exc:
             raise CPS20Failure("FAILED", f"contract key could not be encrypted: {exc.message}") from None
     finally:
         del key
     data = SignedInstallationData("id1", Chain20(issued.der, tuple(der(c) for c in issued.chain[:-1])),
-                                  wrapped.curve, wrapped.dh_public_key, wrapped.encrypted_private_key, "SECP521")
+                                  wrapped.curve, wrapped.dh_public_key, wrapped.encrypted_private_key, wrapped.curve)
     assert cps_row.key_uri is not None
     signer = ctx.keystore.signer(_key_label(cps_row.key_uri))
     try:
@@ -183,15 +221,46 @@ def _deliver(ctx: Context, tree: object, request: CertificateInstallationReq20, 
     return delivery
 
 
-def _pick_mo20(ctx: Context) -> CAHandle | None:
+def _wrap(key: ec.EllipticCurvePrivateKey | ed448.Ed448PrivateKey, public: object, ecdh_key: object,
+          aad_: bytes) -> Wrapped20:
+    """SECP521 with the provisioning key itself, or X448 with its Alternate Subject Public Key (the Ed448
+    contract key's 56-octet scalar, crypto20.ed448_scalar), [V2G20-2487/2488]."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        return wrap_p521(key, public, aad_)
+    assert isinstance(ecdh_key, x448.X448PublicKey)
+    scalar = ed448_scalar(key)
+    try:
+        return wrap_x448(scalar, ecdh_key, aad_)
+    finally:
+        scalar[:] = bytes(len(scalar))
+
+
+# What an ISO 15118-20 OEM provisioning certificate may carry (Annex B profiles, this PKI's oem-prov-20, and the
+# Alternate Subject Public Key of [V2G20-2534]); anything else may be a TPM extension [V2G20-2518].
+_KNOWN_EXTENSIONS = frozenset({
+    x509.ExtensionOID.BASIC_CONSTRAINTS, x509.ExtensionOID.KEY_USAGE, x509.ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+    x509.ExtensionOID.AUTHORITY_KEY_IDENTIFIER, x509.ExtensionOID.CRL_DISTRIBUTION_POINTS,
+    x509.ExtensionOID.AUTHORITY_INFORMATION_ACCESS, x509.ExtensionOID.CERTIFICATE_POLICIES,
+    x509.ExtensionOID.EXTENDED_KEY_USAGE, x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, ALT_PUBLIC_KEY_OID,
+    x509.ObjectIdentifier("2.5.29.73"), x509.ObjectIdentifier("2.5.29.74"),  # altSignatureAlgorithm / Value
+})
+
+
+def _foreign_extensions(cert: x509.Certificate) -> list[str]:
+    return [e.oid.dotted_string for e in cert.extensions if e.oid not in _KNOWN_EXTENSIONS]
+
+
+def _pick_mo20(ctx: Context, alg: str) -> CAHandle | None:
     cands = [h for h in ctx.engine.cas() if h.row.profile == "mo-sub2-20" and h.row.status == "active"
-             and h.alg.value == "p521"]
+             and h.alg.value == alg]
     cands.sort(key=lambda h: -h.row.not_after.timestamp())
     return cands[0] if cands else None
 
 
-def _cps_signer20(ctx: Context, ids: tuple[X509IssuerSerial, ...]) -> tuple[Certificate, list[bytes]]:
-    """The newest valid -20 CPS leaf (key in the HSM) under a -20 V2G root the vehicle lists."""
+def _cps_signer20(ctx: Context, ids: tuple[X509IssuerSerial, ...], alg: str) -> tuple[Certificate, list[bytes]]:
+    """The newest valid -20 CPS leaf (key in the HSM) under a -20 V2G root the vehicle lists; of the vehicle's
+    algorithm first (a vehicle listing only the other -20 root still gets an answer it can verify)."""
     def rows() -> list[Certificate]:
         with ctx.db.session() as s:
             return list(s.exec(select(Certificate).where(
@@ -200,11 +269,16 @@ def _cps_signer20(ctx: Context, ids: tuple[X509IssuerSerial, ...]) -> tuple[Cert
             ).order_by(col(Certificate.not_after).desc())))
 
     now = utcnow()
+    fits: list[Certificate] = []
     for row in _cached(ctx, "cps20-rows", rows):
         if row.not_after.replace(tzinfo=UTC) <= now:
             continue
         if _matches_root(ctx.engine.ca(_root_name(ctx, row.issuer)), ids):
-            chain = [c.public_bytes(serialization.Encoding.DER) for c in ctx.engine.chain(row.issuer)[:-1]]
-            return row, chain
-    raise CPS20Failure("WARNING_NoCertificateAvailable",
-                       "no -20 CPS certificate chains to a V2G root the vehicle lists")
+            fits.append(row)
+    fits.sort(key=lambda r: ctx.engine.ca(r.issuer).alg.value != alg)  # stable: newest first within each
+    if not fits:
+        raise CPS20Failure("WARNING_NoCertificateAvailable",
+                           "no -20 CPS certificate chains to a V2G root the vehicle lists")
+    row = fits[0]
+    chain = [c.public_bytes(serialization.Encoding.DER) for c in ctx.engine.chain(row.issuer)[:-1]]
+    return row, chain

@@ -36,6 +36,7 @@ import base64
 import hashlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -192,9 +193,10 @@ def install_request(a: dict[str, Any]) -> dict[str, Any]:
     if sign != "none":
         sha512 = sign != "ecdsa-sha256"
         digest = hashlib.sha512(fragment).digest() if sha512 else hashlib.sha256(fragment).digest()
+        method = ED448_URI if sign == "ed448" else ECDSA_SHA512 if sha512 else ECDSA_SHA256
         si = SignedInfo(
             canonicalization_method=CanonicalizationMethod(algorithm=CANONICAL_EXI),
-            signature_method=SignatureMethod(algorithm=ECDSA_SHA512 if sha512 else ECDSA_SHA256),
+            signature_method=SignatureMethod(algorithm=method),
             reference=[Reference(uri="#id1", transforms=Transforms(transform=[Transform(algorithm=CANONICAL_EXI)]),
                                  digest_method=DigestMethod(algorithm=SHA512_URI if sha512 else SHA256_URI),
                                  digest_value=digest)])
@@ -205,7 +207,10 @@ def install_request(a: dict[str, Any]) -> dict[str, Any]:
         draft = _request(a, oem, placeholder)
         signed_info_exi = _signed_info_fragment(EXI().to_exi(draft, NS20))
         key = _load_key(a["oem_key"])
-        value = _raw_ecdsa(key, signed_info_exi, hashes.SHA512() if sha512 else hashes.SHA256())
+        if isinstance(key, ed448.Ed448PrivateKey):
+            value = key.sign(signed_info_exi)  # RFC 8032 Ed448, 114 octets
+        else:
+            value = _raw_ecdsa(key, signed_info_exi, hashes.SHA512() if sha512 else hashes.SHA256())
         if a.get("corrupt_signature"):
             value = bytes([value[0] ^ 1]) + value[1:]
         signature = Signature(signed_info=si, signature_value=SignatureValue(value=value))
@@ -240,6 +245,47 @@ def _concat_kdf_sha512(z: bytes) -> bytes:
 def _ski_hex(cert: x509.Certificate) -> bytes:
     ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     return ski.hex().upper().encode()
+
+
+# --- Ed448 (RFC 8032 §5.2), written out: the EV must use a bare scalar, which `cryptography` cannot --------------
+
+_ED448_P = 2**448 - 2**224 - 1
+_ED448_D = -39081 % _ED448_P
+_ED448_L = 2**446 - 13818066809895115352007386748515426880336692474882178609894547503885
+_ED448_B = (int("2245800402959243001876043340998960362467896416325641342461254616869504"
+                "15467406032909029192869357953282578032075146446173674602635247710"),
+            int("2988192100784814926760179304439306734375440401540802420959282413723315"
+                "06189835876003536878655418784733982303233503462500531545062832660"))
+
+
+def _ed448_add(p: tuple[int, int], q: tuple[int, int]) -> tuple[int, int]:
+    (x1, y1), (x2, y2), m = p, q, _ED448_P
+    t = _ED448_D * x1 * x2 * y1 * y2 % m
+    return ((x1 * y2 + y1 * x2) * pow(1 + t, -1, m) % m, (y1 * y2 - x1 * x2) * pow(1 - t, -1, m) % m)
+
+
+def _ed448_mul(k: int, p: tuple[int, int]) -> tuple[int, int]:
+    acc = (0, 1)  # the neutral element
+    while k:
+        if k & 1:
+            acc = _ed448_add(acc, p)
+        p, k = _ed448_add(p, p), k >> 1
+    return acc
+
+
+def _ed448_encode(p: tuple[int, int]) -> bytes:
+    x, y = p
+    return (y | (x & 1) << 455).to_bytes(57, "little")
+
+
+def _ed448_sign_with_scalar(s: int, public: bytes, message: bytes) -> bytes:
+    """Ed448 with the scalar alone (random nonce): R = r·B, k = SHAKE256(dom4(0, "") ‖ R ‖ A ‖ M) mod L,
+    S = r + k·s mod L; any verifier accepts it if s·B is the public key."""
+    r = secrets.randbelow(_ED448_L - 1) + 1
+    big_r = _ed448_encode(_ed448_mul(r, _ED448_B))
+    dom4 = b"SigEd448" + bytes([0, 0])
+    k = int.from_bytes(hashlib.shake_256(dom4 + big_r + public + message).digest(114), "little") % _ED448_L
+    return big_r + ((r + k * s) % _ED448_L).to_bytes(57, "little")
 
 
 def check_response(a: dict[str, Any]) -> dict[str, Any]:
@@ -308,13 +354,34 @@ def check_response(a: dict[str, Any]) -> dict[str, Any]:
             cert_pub = contract.public_key()
             v["key_matches_certificate"] = key.public_key().public_numbers() == cert_pub.public_numbers()
         else:
+            # [V2G20-2534]: ECDH with the private key of the OEM provisioning certificate's Alternate Subject
+            # Public Key (the X448 key the test gave the vehicle); DHPublicKey 0x04 ‖ 56 octets [V2G20-2489]
             blob = sid.x448_encrypted_private_key
-            peer_x = x448.X448PublicKey.from_public_bytes(sid.dh_public_key[-56:])
-            z = x448.X448PrivateKey.from_private_bytes(Path(a["oem_x448"]).read_bytes()).exchange(peer_x) \
-                if a.get("oem_x448") else oem_key.exchange(peer_x)
+            dh = sid.dh_public_key
+            v["dh_public_key_octets"] = len(dh)
+            if len(dh) != 57 or dh[0] != 0x04:
+                raise ValueError(f"DHPublicKey for X448 is not 0x04 ‖ 56 octets ({len(dh)} octets)")
+            if sid.ecdh_curve.value != "X448" or blob is None or len(blob) != 84:
+                raise ValueError("X448 needs X448_EncryptedPrivateKey of 84 octets")
+            vehicle_x448 = _load_key(a["oem_x448"])
+            z = vehicle_x448.exchange(x448.X448PublicKey.from_public_bytes(dh[1:]))
             plain = AESGCM(_concat_kdf_sha512(z)).decrypt(blob[:12], blob[12:], aad)
             v["decrypted_octets"] = len(plain)
-            v["key_matches_certificate"] = None  # see the test: which 448-bit key the certificate holds
+            # [V2G20-2509/2510]: the 448-bit key is < L and its multiple of the base point is the certificate's
+            # Ed448 public key; then a signature made with it must verify under that key (RFC 8032)
+            scalar = int.from_bytes(plain, "big")
+            cert_pub = contract.public_key()
+            if len(plain) != 56 or not 0 < scalar < _ED448_L or not isinstance(cert_pub, ed448.Ed448PublicKey):
+                raise ValueError("not a 448-bit Ed448 scalar")
+            raw = cert_pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            v["key_matches_certificate"] = _ed448_encode(_ed448_mul(scalar, _ED448_B)) == raw
+            message = b"AuthorizationReq " + secrets.token_bytes(16)
+            try:
+                cert_pub.verify(_ed448_sign_with_scalar(scalar, raw, message), message)
+                v["signs"] = True
+            except InvalidSignature:
+                v["signs"] = False
+            v["key_matches_certificate"] = v["key_matches_certificate"] and v["signs"]
         v["decrypted"] = True
     except (InvalidTag, ValueError) as exc:
         v["decrypt_error"] = f"{type(exc).__name__}: {exc}"

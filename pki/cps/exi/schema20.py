@@ -15,8 +15,9 @@ Differences from ISO 15118-2 that shape the grammars:
   ``OEMProvisioningCertificateChain`` (SignedCertificateChainType, required ``Id``), the response's is
   ``SignedInstallationData`` (required ``Id``);
 * attributeFormDefault="qualified": those ``Id`` attributes are ``{urn:iso:std:iso:15118:-20:CommonMessages}Id``;
-* fixed-length binaries: SessionID 8, DHPublicKey 133, SECP521 94, X448 84, TPM 206 octets; certificates
-  ≤ 1600 octets, ≤ 3 sub-certificates; xs:unsignedByte counters (8-bit n-bit integers, EXI 1.0 §7.1.5).
+* fixed-length binaries: SessionID 8, DHPublicKey 133 (57 for X448, see DH_PUBLIC_KEY_20), SECP521 94,
+  X448 84, TPM 206 octets; certificates ≤ 1600 octets, ≤ 3 sub-certificates; xs:unsignedByte counters
+  (8-bit n-bit integers, EXI 1.0 §7.1.5).
 
 Type names carry a ``20:`` prefix so they never collide with the ISO 15118-2 types of the same names.
 """
@@ -97,7 +98,10 @@ PROCESSING_TYPE = EnumType(label="processingType", values=PROCESSING)
 ECDH_CURVE = EnumType(label="ecdhCurveType", values=ECDH_CURVES)
 IDENTIFIER = StringType(label="identifierType", max_length=255)
 CERTIFICATE_20 = BinaryType(label="certificateType", max_length=1600)
-DH_PUBLIC_KEY_20 = BinaryType(label="dhPublicKeyType", min_length=133, max_length=133)
+# The XSD writes <xs:length value="133"/>; ISO 15118-20 [V2G20-2489] NOTE 6/7 says "maximum 133 bytes", 57 for X448
+# (0x04 ‖ the 56-octet X448 key), and [V2G20-2495] forbids padding it to 133: the one facet declared differently
+# from the XSD (tests/test_exi_schema20_xsd.py names it; Josev's model has max_length=133 too).
+DH_PUBLIC_KEY_20 = BinaryType(label="dhPublicKeyType", min_length=57, max_length=133)
 SECP521_KEY = BinaryType(label="secp521_EncryptedPrivateKeyType", min_length=94, max_length=94)
 X448_KEY = BinaryType(label="x448_EncryptedPrivateKeyType", min_length=84, max_length=84)
 TPM_KEY = BinaryType(label="tpm_EncryptedPrivateKeyType", min_length=206, max_length=206)
