@@ -25,7 +25,8 @@ KeyUsageName = Literal[
     "key_cert_sign",
     "crl_sign",
 ]
-EkuName = Literal["clientAuth", "serverAuth", "OCSPSigning", "codeSigning"]  # codeSigning: firmware (RFC 5280 §4.2.1.12)
+# codeSigning: firmware signing certificates (RFC 5280 §4.2.1.12)
+EkuName = Literal["clientAuth", "serverAuth", "OCSPSigning", "codeSigning"]
 _EDDSA_KEY_USAGE = frozenset({"digital_signature", "content_commitment", "key_cert_sign", "crl_sign"})
 CnKind = Literal["fixed", "evseid", "seccid", "evseid_or_seccid", "emaid", "pcid", "station", "fqdn", "any"]
 
