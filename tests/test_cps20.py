@@ -540,3 +540,70 @@ def test_ed448_vehicle_refusals_nothing_issued(josev20: Peer20, env20: Env20, tm
     status, out = ocpp21(env20, _request(josev20, v, sign="ed448", corrupt_signature=True)["exi"])
     assert out["statusInfo"]["reasonCode"] == "FAILED_SignatureError"[:20], out
     assert _issued(env20, emaid) == 0
+
+
+# -- refusals before issuing, the JSON endpoint, OCPP 2.1's own fields (#26 item 2) ---------------------------
+
+
+def test_response_size_checked_before_issuing(josev20: Peer20, env20: Env20, tmp_path: Path) -> None:
+    from pki.cps.errors import ResponseTooLarge
+    from pki.cps.service20 import deliver20
+
+    v = vehicle20(env20, tmp_path / "v")
+    emaid = contract20(env20, v["pcid"])
+    exi = base64.b64decode(_request(josev20, v)["exi"])
+    with pytest.raises(ResponseTooLarge):
+        deliver20(env20.ctx, exi, max_b64=4000)  # the chains alone would exceed it
+    assert _issued(env20, emaid) == 0
+    d = deliver20(env20.ctx, exi)  # OCPP 2.1's 17000: fits, and the bound held
+    assert d.response_code == "OK" and len(base64.b64encode(d.exi)) <= 17000
+    assert decode_message20(d.exi).signed_installation_data.key_kind == "SECP521"  # type: ignore[union-attr]
+
+
+def test_ocpp21_fields_must_agree_with_the_exi_request(josev20: Peer20, env20: Env20, tmp_path: Path) -> None:
+    v = vehicle20(env20, tmp_path / "v")
+    e1 = contract20(env20, v["pcid"])
+    e2 = contract20(env20, v["pcid"], default=False)
+    req = _request(josev20, v, max_chains=2, emaids=[e2, e1])
+
+    def post(**extra: Any) -> tuple[int, dict[str, Any]]:
+        r = env20.client.post("/ocpp/v21/get-15118-ev-certificate",
+                              json={"iso15118SchemaVersion": NS20, "action": "Install", "exiRequest": req["exi"],
+                                    **extra}, headers=env20.h["cpo"])
+        return r.status_code, r.json()
+
+    for extra in ({"maximumContractCertificateChains": 1}, {"prioritizedEMAIDs": [e1, e2]},
+                  {"prioritizedEMAIDs": [e2]}):
+        status, out = post(**extra)
+        assert status == 400 and out["status"] == "Failed" and out["exiResponse"] == "", out
+        assert "disagree" in out["statusInfo"]["additionalInfo"]
+    assert _issued(env20, e1) == _issued(env20, e2) == 0
+    # agreeing copies (hyphens and case as OCPP carries them) are accepted
+    status, out = post(maximumContractCertificateChains=2, prioritizedEMAIDs=[e2.lower(), e1])
+    assert status == 200 and out["status"] == "Accepted" and out["remainingContracts"] == 1, out
+    assert _issued(env20, e2) == 1 and _issued(env20, e1) == 0
+
+
+def test_json_installation_endpoint_serves_20(josev20: Peer20, env20: Env20, tmp_path: Path) -> None:
+    v = vehicle20(env20, tmp_path / "v")
+    emaid = contract20(env20, v["pcid"])
+    for schema in (NS20, None):  # named, or recognised from the EXI body
+        req = _request(josev20, v)
+        body: dict[str, Any] = {"exiRequest": req["exi"]}
+        if schema:
+            body["iso15118SchemaVersion"] = schema
+        r = env20.client.post("/v1/contract-installations", json=body, headers=env20.h["emsp"])
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["responseCode"] == "OK" and out["emaid"] == emaid and out["ecdhCurve"] == "SECP521", out
+        assert len(base64.b64decode(out["encryptedPrivateKey"])) == 94 and len(out["contractCertificateChain"]) == 3
+        verdict = josev20("check-response", exi=out["exiResponse"], session_id=req["session_id"],
+                          oem_key=v["oem_key"], pcid=v["pcid"], v2g_root=str(v["dir"] / "v2g-root-20.der"),
+                          mo_root=str(v["dir"] / "mo-root-20.der"))
+        assert verdict["ok"], verdict
+    # another eMSP's vehicle: not found for this eMSP, nothing issued
+    other = vehicle20(env20, tmp_path / "o")
+    r = env20.client.post("/v1/contract-installations", json={"exiRequest": _request(josev20, other)["exi"],
+                                                                "iso15118SchemaVersion": NS20},
+                          headers=env20.h["emsp"])
+    assert r.status_code == 404, r.text

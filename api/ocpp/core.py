@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pki.context import Context
 from pki.contracts import authorize as authorize_contract
 from pki.contracts import find_by_hash_data
-from pki.cps.errors import ResponseTooLarge
+from pki.cps.errors import CPSError, ResponseTooLarge
 from pki.cps.exi.messages import ResponseCode
 from pki.cps.service import deliver
 from pki.crl import latest_meta
@@ -310,29 +310,60 @@ def sign_certificate(ctx: Context, p: Principal, csr: str, cert_type: str | None
 # -- Get15118EVCertificate -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _EvAnswer:
+    """What either CPS path answered, in the terms the OCPP reply needs."""
+
+    exi: bytes
+    ok: bool
+    code: str  # ISO 15118 ResponseCode
+    notes: list[str]
+    remaining: int  # RemainingContractCertificateChains (-2: always 0, one contract per exchange)
+
+
+def _cps_answer(ctx: Context, p: Principal, iso20: bool, action: str | None, exi: bytes, version: Version,
+                maximum: int | None, prioritized: list[str] | None) -> _EvAnswer:
+    """The one place ISO 15118-2 and -20 differ: which CPS answers, and what the transport's limits ask of
+    it. -2 (pki.cps.service, §8.4.3.11/12): Install or Update as the action says, one contract, the 2.0.1
+    exiResponse bound; maximumContractCertificateChains/prioritizedEMAIDs are "absent during ISO 15118-2" and
+    ignored. -20 (pki.cps.service20, #26): Install only (no CertificateUpdate), the OCPP 2.1 copies of the
+    EXI's MaximumContractCertificateChains/PrioritizedEMAIDs must agree with it, bounded by this version's
+    exiResponse limit before anything is issued."""
+    if not iso20:
+        d = deliver(ctx, exi, actor=p.credential,
+                    expect=None if action is None else "update" if action == "Update" else "install")
+        return _EvAnswer(d.exi, d.response_code == ResponseCode.OK, str(d.response_code), d.notes, 0)
+    from pki.cps.service20 import deliver20
+
+    if action == "Update":
+        raise CPSError("ISO 15118-20 has no CertificateUpdate; use action Install")
+    d20 = deliver20(ctx, exi, actor=p.credential, maximum=maximum, prioritized=prioritized,
+                    max_b64=LIMITS[version].exi_response)
+    return _EvAnswer(d20.exi, d20.response_code == "OK", d20.response_code, d20.notes, d20.remaining)
+
+
 def get_15118_ev_certificate(ctx: Context, p: Principal, schema_version: str, action: str | None, exi_b64: str,
                              version: Version, maximum: int | None = None,
                              prioritized: list[str] | None = None) -> Reply:
-    """The EXI V2G_Message in, the EXI answer out (ISO 15118-2 §8.4.3.11/12 via pki.cps). ``action`` None:
-    the 1.6 bridge variant without one; the EXI body says which."""
+    """The EXI request in, the EXI answer out, for ISO 15118-2 (§8.4.3.11/12) and ISO 15118-20 (#26) alike:
+    the schema decides the CPS (_cps_answer), everything else is shared. ``action`` None: the 1.6 bridge
+    variant without one; the EXI body says which."""
     def failed(http: int, reason: str, detail: str, code: str) -> Reply:
-        # exiResponse is required even when Failed; no V2G_Message could be answered, so it is empty.
+        # exiResponse is required even when Failed; no message could be answered, so it is empty.
         return Reply({"status": "Failed", "exiResponse": "", "statusInfo": status_info(reason, detail, version)},
                      http, {"X-V2GPKI-Problem": code})
 
     p.require("cpo", "admin")
-    if schema_version in ISO20:
-        return _get_15118_ev_certificate_20(ctx, p, action, exi_b64, version, failed, maximum, prioritized)
-    if schema_version != ISO2:
+    iso20 = schema_version in ISO20
+    if not iso20 and schema_version != ISO2:
         return failed(400, "UnsupportedSchema", f"iso15118SchemaVersion {schema_version!r} is not supported "
-                      f"(this CPS speaks {ISO2})", "unsupported-schema")
+                      f"(this CPS speaks {ISO2} and {ISO20[0]})", "unsupported-schema")
     try:
         exi = base64.b64decode(exi_b64, validate=True)
     except (binascii.Error, ValueError):
         return failed(400, "InvalidRequest", "exiRequest is not base64", "bad-request")
     try:
-        d = deliver(ctx, exi, actor=p.credential,
-                    expect=None if action is None else "update" if action == "Update" else "install")
+        a = _cps_answer(ctx, p, iso20, action, exi, version, maximum, prioritized)
     except ResponseTooLarge as exc:
         return failed(422, "ResponseTooLarge", exc.message, exc.code)
     except Forbidden:
@@ -341,47 +372,14 @@ def get_15118_ev_certificate(ctx: Context, p: Principal, schema_version: str, ac
         if exc.status >= 500:
             raise
         return failed(400, "InvalidRequest", exc.message, exc.code)
-    b64 = base64.b64encode(d.exi).decode()
+    b64 = base64.b64encode(a.exi).decode()
     if len(b64) > LIMITS[version].exi_response:
         return failed(422, "ResponseTooLarge", f"exiResponse would be {len(b64)} characters", "response-too-large")
-    out: dict[str, Any] = {"status": "Accepted" if d.response_code == ResponseCode.OK else "Failed",
-                           "exiResponse": b64}
-    if d.response_code != ResponseCode.OK:
-        out["statusInfo"] = status_info(str(d.response_code), "; ".join(d.notes), version)
+    out: dict[str, Any] = {"status": "Accepted" if a.ok else "Failed", "exiResponse": b64}
+    if not a.ok:
+        out["statusInfo"] = status_info(a.code, "; ".join(a.notes), version)
     if version == "2.1":
-        out["remainingContracts"] = 0  # ISO 15118-2 delivers one contract per exchange
-    return Reply(out)
-
-
-def _get_15118_ev_certificate_20(ctx: Context, p: Principal, action: str | None, exi_b64: str, version: Version,
-                                 failed: Any, maximum: int | None, prioritized: list[str] | None) -> Reply:
-    """ISO 15118-20 CertificateInstallation (#26, pki.cps.service20): Install only (-20 has no
-    CertificateUpdate); remainingContracts = RemainingContractCertificateChains."""
-    from pki.cps.service20 import deliver20
-
-    if action == "Update":
-        return failed(400, "InvalidRequest", "ISO 15118-20 has no CertificateUpdate; use action Install",
-                      "action-mismatch")
-    try:
-        exi = base64.b64decode(exi_b64, validate=True)
-    except (binascii.Error, ValueError):
-        return failed(400, "InvalidRequest", "exiRequest is not base64", "bad-request")
-    try:
-        d = deliver20(ctx, exi, actor=p.credential, maximum=maximum, prioritized=prioritized)
-    except Forbidden:
-        raise
-    except PKIError as exc:
-        if exc.status >= 500:
-            raise
-        return failed(400, "InvalidRequest", exc.message, exc.code)
-    b64 = base64.b64encode(d.exi).decode()
-    if len(b64) > LIMITS[version].exi_response:
-        return failed(422, "ResponseTooLarge", f"exiResponse would be {len(b64)} characters", "response-too-large")
-    out: dict[str, Any] = {"status": "Accepted" if d.response_code == "OK" else "Failed", "exiResponse": b64}
-    if d.response_code != "OK":
-        out["statusInfo"] = status_info(d.response_code, "; ".join(d.notes), version)
-    if version == "2.1":
-        out["remainingContracts"] = d.remaining
+        out["remainingContracts"] = a.remaining
     return Reply(out)
 
 

@@ -4,7 +4,8 @@ POST /ocpp/v201/get-15118-ev-certificate {iso15118SchemaVersion, action: Install
   → {status: Accepted|Failed, exiResponse}: the whole EXI V2G_Message, base64, SessionID copied from the
   request. exiResponse is present even when the answer is Failed (then a FAILED_* V2G_Message), within
   OCPP's limits (exiRequest ≤ 5600, exiResponse ≤ 7500 characters).
-POST /v1/contract-installations, /v1/contract-updates: the same with JSON around it.
+POST /v1/contract-installations, /v1/contract-updates: the same with JSON around it (installations: ISO
+  15118-2 or -20, #26; -20 has no update).
 POST /v1/contract-data {pcid}: signed contract data prepared ahead of time for a registered vehicle,
   GET /v1/contract-data?pcid=|emaid= to look it up (the pool shape of the hosted platforms).
 """
@@ -57,7 +58,35 @@ def get_15118_ev_certificate(body: EvCertificateIn, ctx: CtxDep, p: PrincipalDep
 
 
 class ContractInstallIn(BaseModel):
-    exiRequest: str = Field(max_length=EXI_REQUEST_MAX_B64)  # noqa: N815
+    # ISO 15118-2 requests stay within OCPP 2.0.1's 5600 characters (checked below); ISO 15118-20 ones may use
+    # OCPP 2.1's 11000 (#26).
+    exiRequest: str = Field(max_length=11000)  # noqa: N815
+    # optional: ISO 15118-2 or -20 (core.ISO2 / core.ISO20); absent, the EXI body says which
+    iso15118SchemaVersion: str | None = Field(default=None, max_length=50)  # noqa: N815
+
+
+def _elements20(d: Any) -> dict[str, Any]:
+    """The JSON of a -20 answer (pki.cps.service20.Delivery20): the EXI and, when OK, its parts."""
+    from cryptography.hazmat.primitives import serialization
+
+    from pki.cps.exi.messages20 import CertificateInstallationRes20, decode_message20
+
+    out: dict[str, Any] = {"responseCode": d.response_code, "exiResponse": base64.b64encode(d.exi).decode(),
+                           "emaid": d.emaid, "contractSerial": d.contract_serial.upper() if d.contract_serial else None,
+                           "remainingContractCertificateChains": d.remaining}
+    res = decode_message20(d.exi)
+    if d.response_code == "OK" and isinstance(res, CertificateInstallationRes20):
+        def pems(chain: Any) -> list[str]:
+            return [x509.load_der_x509_certificate(c).public_bytes(serialization.Encoding.PEM).decode()
+                    for c in (chain.certificate, *chain.sub_certificates)]
+
+        sd = res.signed_installation_data
+        out.update(contractCertificateChain=pems(sd.contract_chain), cpsCertificateChain=pems(res.cps_chain),
+                   ecdhCurve=sd.ecdh_curve, dhPublicKey=base64.b64encode(sd.dh_public_key).decode(),
+                   encryptedPrivateKey=base64.b64encode(sd.encrypted_private_key).decode())
+    else:
+        out["problems"] = d.notes
+    return out
 
 
 def _elements(d: Delivery) -> dict[str, Any]:
@@ -89,11 +118,36 @@ def _own_scope(p: Principal) -> str | None:
     return p.org if p.role == "emsp" else None
 
 
+def _is_iso20(exi: bytes) -> bool:
+    from pki.cps.exi.messages20 import CERTIFICATE_INSTALLATION_REQ, decode_message20_tree
+
+    try:
+        return decode_message20_tree(exi).qname == CERTIFICATE_INSTALLATION_REQ
+    except PKIError:
+        return False
+
+
 @router.post("/v1/contract-installations")
 def contract_installation(body: ContractInstallIn, ctx: CtxDep, p: PrincipalDep) -> dict[str, Any]:
+    """ISO 15118-2 CertificateInstallationReq, or (#26) ISO 15118-20 CertificateInstallationReq: by
+    iso15118SchemaVersion, or, absent, by which grammar the EXI body is (tried -2 first: its speed is kept)."""
+    from pki.cps.service20 import deliver20
+
     p.require("cpo", "emsp", "admin")
-    return _elements(deliver(ctx, _decode(body.exiRequest), actor=p.credential, expect="install",
-                             emsp=_own_scope(p)))
+    schema = body.iso15118SchemaVersion
+    if schema is not None and schema != ISO2 and schema not in core.ISO20:
+        raise PKIError(f"iso15118SchemaVersion {schema!r} is not supported ({ISO2} or {core.ISO20[0]})")
+    exi = _decode(body.exiRequest)
+    if schema in core.ISO20 or schema is None and len(body.exiRequest) > EXI_REQUEST_MAX_B64 and _is_iso20(exi):
+        return _elements20(deliver20(ctx, exi, actor=p.credential, emsp=_own_scope(p)))
+    if len(body.exiRequest) > EXI_REQUEST_MAX_B64:
+        raise PKIError(f"an ISO 15118-2 exiRequest has at most {EXI_REQUEST_MAX_B64} characters")
+    try:
+        return _elements(deliver(ctx, exi, actor=p.credential, expect="install", emsp=_own_scope(p)))
+    except PKIError as exc:
+        if schema is None and exc.status < 500 and _is_iso20(exi):
+            return _elements20(deliver20(ctx, exi, actor=p.credential, emsp=_own_scope(p)))
+        raise
 
 
 @router.post("/v1/contract-updates")

@@ -36,9 +36,11 @@ def sign_certificate(body: core.SignCertificate21, ctx: CtxDep, p: PrincipalDep)
 @router.post("/get-15118-ev-certificate", response_model=None)
 def get_15118_ev_certificate(body: core.Get15118EVCertificate21, ctx: CtxDep, p: PrincipalDep) -> JSONResponse:
     # maximumContractCertificateChains / prioritizedEMAIDs are for ISO 15118-20 sessions ("absent during
-    # ISO 15118-2"): an ISO 15118-2 request gets its one contract whatever they say.
+    # ISO 15118-2"): an ISO 15118-2 request gets its one contract whatever they say; with -20 they must agree
+    # with the vehicle's signed EXI request (pki.cps.service20.deliver20, docs/cps.md).
     return core.get_15118_ev_certificate(ctx, p, body.iso15118SchemaVersion, body.action, body.exiRequest,
-                                         "2.1").response()
+                                         "2.1", body.maximumContractCertificateChains,
+                                         body.prioritizedEMAIDs).response()
 
 
 @router.post("/get-certificate-status", response_model=None)

@@ -37,6 +37,8 @@ from pki.context import Context
 from pki.contracts import installation_lookup, supersede_contract_certificates
 from pki.cps.crypto20 import (
     ALT_PUBLIC_KEY_OID,
+    DIGEST_SHA512,
+    ECDSA_SHA512,
     Wrapped20,
     aad,
     alternate_x448_key,
@@ -46,8 +48,15 @@ from pki.cps.crypto20 import (
     wrap_p521,
     wrap_x448,
 )
-from pki.cps.errors import CPSError, ExiError, KeyWrapError, SignatureVerificationFailed, XmlDsigError
-from pki.cps.exi.messages import X509IssuerSerial
+from pki.cps.errors import (
+    CPSError,
+    ExiError,
+    KeyWrapError,
+    ResponseTooLarge,
+    SignatureVerificationFailed,
+    XmlDsigError,
+)
+from pki.cps.exi.messages import Reference, Signature, SignedInfo, X509IssuerSerial
 from pki.cps.exi.messages20 import (
     CERTIFICATE_INSTALLATION_REQ,
     CertificateInstallationReq20,
@@ -64,6 +73,8 @@ from pki.errors import NotFound, PKIError
 from pki.issuance import CAHandle, IssueRequest, der
 from pki.store.db import utcnow
 from pki.store.models import Certificate, Contract
+
+EXI_RESPONSE_MAX_B64_20 = 17000  # OCPP 2.1 Get15118EVCertificateResponse.exiResponse maxLength
 
 
 class CPS20Failure(CPSError):
@@ -92,9 +103,15 @@ def _failed(session_id: bytes, code: str) -> CertificateInstallationRes20:
 
 
 def deliver20(ctx: Context, exi_request: bytes, *, actor: str = "cps", emsp: str | None = None,
-              maximum: int | None = None, prioritized: list[str] | None = None) -> Delivery20:
-    """Answer a -20 CertificateInstallationReq (EXI in, EXI out). ``maximum``/``prioritized``: OCPP 2.1's
-    copies of MaximumContractCertificateChains / PrioritizedEMAIDs (the EXI's own values win when present)."""
+              maximum: int | None = None, prioritized: list[str] | None = None,
+              max_b64: int = EXI_RESPONSE_MAX_B64_20) -> Delivery20:
+    """Answer a -20 CertificateInstallationReq (EXI in, EXI out).
+
+    ``maximum``/``prioritized``: OCPP 2.1's copies of MaximumContractCertificateChains / PrioritizedEMAIDs.
+    The EXI request is the vehicle's own, signed with its provisioning key; the OCPP fields are the charger's,
+    unsigned. So the EXI decides, and OCPP values that disagree with it refuse the request (CPSError, nothing
+    issued) rather than silently override or be overridden. ``max_b64``: the transport's exiResponse limit
+    (OCPP 2.1: 17000), checked from the chain lengths before anything is issued (ResponseTooLarge)."""
     try:
         tree = decode_message20_tree(exi_request)
     except ExiError as exc:
@@ -102,15 +119,31 @@ def deliver20(ctx: Context, exi_request: bytes, *, actor: str = "cps", emsp: str
     if tree.qname != CERTIFICATE_INSTALLATION_REQ:
         raise CPSError("exiRequest is not a CertificateInstallationReq")
     request = CertificateInstallationReq20.from_node(tree)
+    _agree(request, maximum, prioritized)
     sid = request.header.session_id
     try:
-        return _deliver(ctx, tree, request, actor, emsp, maximum, prioritized)
+        return _deliver(ctx, tree, request, actor, emsp, max_b64)
     except CPS20Failure as f:
         return Delivery20(encode_message20(_failed(sid, f.response_code)), f.response_code, notes=[str(f.message)])
 
 
+def _norm_emaid(e: str) -> str:
+    return e.replace("-", "").upper()
+
+
+def _agree(request: CertificateInstallationReq20, maximum: int | None, prioritized: list[str] | None) -> None:
+    """OCPP 2.1 Get15118EVCertificateRequest's maximumContractCertificateChains / prioritizedEMAIDs, when
+    given, must say what the vehicle's signed EXI request says (§8.3.4.3.9 of ISO 15118-20 defines them)."""
+    if maximum is not None and maximum != request.maximum_contract_certificate_chains:
+        raise CPSError(f"maximumContractCertificateChains {maximum} disagrees with the EXI request's "
+                       f"MaximumContractCertificateChains {request.maximum_contract_certificate_chains}")
+    if prioritized is not None and [_norm_emaid(e) for e in prioritized] != [
+            _norm_emaid(e) for e in request.prioritized_emaids or ()]:
+        raise CPSError("prioritizedEMAIDs disagree with the EXI request's PrioritizedEMAIDs")
+
+
 def _deliver(ctx: Context, tree: object, request: CertificateInstallationReq20, actor: str, emsp: str | None,
-             maximum: int | None, prioritized: list[str] | None) -> Delivery20:
+             max_b64: int) -> Delivery20:
     ids = request.root_certificate_ids[:MAX_ROOT_IDS]
     try:
         vehicle_cert = x509.load_der_x509_certificate(request.oem_provisioning_chain.certificate)
@@ -164,10 +197,10 @@ def _deliver(ctx: Context, tree: object, request: CertificateInstallationReq20, 
         if emsp is not None:
             q = q.where(Contract.emsp == emsp)
         contracts = list(s.exec(q))
-        order = [e.replace("-", "").upper() for e in (request.prioritized_emaids or prioritized or [])]
+        order = [_norm_emaid(e) for e in request.prioritized_emaids or ()]
         contracts.sort(key=lambda c: (order.index(c.emaid) if c.emaid in order else len(order), not c.is_default,
                                       c.emaid))
-        limit = request.maximum_contract_certificate_chains or maximum or len(contracts)
+        limit = request.maximum_contract_certificate_chains or len(contracts)
         selected = contracts[:limit]
         installed = {c.identifier for c in s.exec(select(Certificate).where(
             Certificate.profile == "contract-20", Certificate.status == "valid",
@@ -185,6 +218,11 @@ def _deliver(ctx: Context, tree: object, request: CertificateInstallationReq20, 
     mo_ca = _pick_mo20(ctx, alg)
     if mo_ca is None:
         raise CPS20Failure("WARNING_NoCertificateAvailable", f"no active {alg} MO Sub-CA 2 (-20)")
+    bound = _cached(ctx, f"max-b64-20:{cps_row.issuer}/{cps_row.serial}:{mo_ca.name}",
+                    lambda: _max_response_b64_20(ctx, cps_row, cps_subs, mo_ca))
+    if bound > max_b64:
+        raise ResponseTooLarge(f"exiResponse could be {bound} characters (> {max_b64}): the CPS and contract "
+                               "chains are too long for this transport; nothing was issued")
     key: ec.EllipticCurvePrivateKey | ed448.Ed448PrivateKey = (
         ec.generate_private_key(ec.SECP521R1()) if alg == "p521" else ed448.Ed448PrivateKey.generate())
     try:
@@ -219,6 +257,20 @@ def _deliver(ctx: Context, tree: object, request: CertificateInstallationReq20, 
     except PKIError:
         pass
     return delivery
+
+
+def _max_response_b64_20(ctx: Context, cps_row: Certificate, cps_subs: list[bytes], mo_ca: CAHandle) -> int:
+    """The most base64 characters a response with these chains can take (before issuing, as -2 does): encoded
+    once with a contract certificate of the profile's most octets (1600, the XSD's certificateType bound), the
+    MO CA's real sub-CAs, the longest key fields (133-octet DHPublicKey, 94-octet SECP521 key) and signature
+    (132 octets), the largest counters. Cached per CPS signer and MO CA."""
+    sig = Signature(SignedInfo((Reference("#id1", bytes(64), DIGEST_SHA512),), signature_method=ECDSA_SHA512),
+                    bytes(132))
+    subs = tuple(der(c) for c in ctx.engine.chain(mo_ca.name)[:-1])
+    data = SignedInstallationData("id1", Chain20(bytes(1600), subs), "SECP521", bytes(133), bytes(94), "SECP521")
+    res = CertificateInstallationRes20(Header20(bytes(8), 2**64 - 1, sig), "OK", "Finished",
+                                       Chain20(cps_row.der, tuple(cps_subs)), data, 255)
+    return 4 * -(-len(encode_message20(res)) // 3)
 
 
 def _wrap(key: ec.EllipticCurvePrivateKey | ed448.Ed448PrivateKey, public: object, ecdh_key: object,
