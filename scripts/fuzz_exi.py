@@ -1,9 +1,11 @@
 """Differential fuzzing of the EXI codec's C half against its Python reference, for as long as you like.
 
-    .venv/bin/python scripts/fuzz_exi.py [--streams 200000] [--seed 1]
+    .venv/bin/python scripts/fuzz_exi.py [--streams 200000] [--seed 1] [--grammar 2|20|all]
 
-Mutates the published test streams (EXIficient messages, RISE-V2G fragments, SignedInfo): bit flips,
-random bytes, truncation, insertion, deletion. Each stream is decoded by both codecs; whatever C decodes,
+Mutates the published test streams (EXIficient messages, RISE-V2G fragments, SignedInfo) and, for the ISO
+15118-20 CommonMessages grammar (#26), CertificateInstallationReq/Res documents and their signed fragments
+(those tests/test_cps20.py proves byte-exact with EXIficient): bit flips, random bytes, truncation,
+insertion, deletion. Each stream is decoded by both codecs; whatever C decodes,
 Python must decode to the same tree (and the same kept bits), and C must re-encode it to the same octets.
 The first disagreement stops the run with the stream in hex. tests/test_exi_native.py runs the same
 comparison with hypothesis in the suite; this is for long runs, e.g. under AddressSanitizer (docs/exi.md):
@@ -29,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pki.cps.errors import ExiError  # noqa: E402
 from pki.cps.exi import MSGDEF, XMLDSIG, codec, native  # noqa: E402
 from pki.cps.exi.datatypes import DEFAULT_LIMITS  # noqa: E402
+from pki.cps.exi.schema import SchemaSet  # noqa: E402
+from pki.cps.exi.schema20 import CM20  # noqa: E402
 from tests.test_exi_fuzz import SEEDS  # noqa: E402
 from tests.test_exi_native import BODY_KEEP, _memos, _strict  # noqa: E402
 
@@ -53,11 +57,12 @@ def mutate(rnd: random.Random, seed: bytes) -> bytes:
     return bytes(data)
 
 
-def compare(kind: str, stream: bytes, keep: frozenset[str]) -> tuple[bool, bool]:
+def compare(kind: str, stream: bytes, keep: frozenset[tuple[str, str]]) -> tuple[bool, bool]:
     """Decode ``stream`` with both codecs; (C decoded it, C disagreed with Python). ``kind`` is one of the
-    seeds' kinds: "doc" (a V2G_Message), "frag" (body fragments), "dsig" (SignedInfo)."""
-    schema = XMLDSIG if kind == "dsig" else MSGDEF
-    fragment = kind != "doc"
+    seeds' kinds: "doc" (a V2G_Message), "frag" (body fragments), "dsig" (SignedInfo), "doc20"/"frag20" (ISO
+    15118-20 CertificateInstallationReq/Res, OEMProvisioningCertificateChain/SignedInstallationData)."""
+    schema: SchemaSet = XMLDSIG if kind == "dsig" else CM20 if kind.endswith("20") else MSGDEF
+    fragment = kind not in ("doc", "doc20")
     if fragment:
         keep = frozenset()
     try:
@@ -68,11 +73,12 @@ def compare(kind: str, stream: bytes, keep: frozenset[str]) -> tuple[bool, bool]
     got = native.decode(stream, schema, DEFAULT_LIMITS, fragment=fragment, keep_bits=keep)
     if got is None:
         return False, False
-    if fragment:
-        same = expected is not None and [_strict(n) for n in got] == [_strict(n) for n in expected]
+    if isinstance(got, list):
+        same = isinstance(expected, list) and [_strict(n) for n in got] == [_strict(n) for n in expected]
         again = native.encode_fragment(got, schema, True)
     else:
-        same = expected is not None and _strict(got) == _strict(expected) and _memos(got) == _memos(expected)
+        same = isinstance(expected, codec.Node) and _strict(got) == _strict(expected) \
+            and _memos(got) == _memos(expected)
         again = native.encode_document(got, schema)
     return True, not same or (again is not None and again != stream)
 
@@ -81,14 +87,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", type=int, default=200_000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--grammar", choices=["2", "20", "all"], default="all")
     args = ap.parse_args()
+    from tests.test_exi20_fuzz import seeds20
+
+    seeds = {"2": SEEDS, "20": seeds20(), "all": SEEDS + seeds20()}[args.grammar]
     if not native.available():
         raise SystemExit("the C half is not built or is turned off (pip install -e . with a C compiler)")
     rnd = random.Random(args.seed)
     handled = 0
     started = time.monotonic()
     for _ in range(args.streams):
-        kind, seed = rnd.choice(SEEDS)
+        kind, seed = rnd.choice(seeds)
         stream = mutate(rnd, seed)
         keep = BODY_KEEP if kind == "doc" and rnd.random() < 0.5 else frozenset()
         decoded, differs = compare(kind, stream, keep)
