@@ -270,7 +270,8 @@ def test_other_roles(env: Env) -> None:
     ("/cpo/cacerts/ISO15118-20/ed448/", 200), ("/mo/cacerts/ISO15118-20/ed448/", 200),
     ("/x-cpo/cacerts/ISO15118-2/secp256r1", 200), ("/.well-known/est/oem/cacerts/ISO15118-20/secp521r1", 200),
     ("/veh/cacerts/ISO15118-20/secp521r1/", 200), ("/cps/cacerts/ISO15118-2/secp256r1/", 200),
-    ("/oem/cacerts/ISO15118-20/ed448/", 404), ("/cpo/cacerts/ISO15118-2/secp521r1/", 404),
+    ("/oem/cacerts/ISO15118-20/ed448/", 200),  # the Ed448 OEM -20 hierarchy (#26) exists
+    ("/cpo/cacerts/ISO15118-2/secp521r1/", 404), ("/cps/cacerts/ISO15118-2/ed448/", 404),
     ("/cpo/cacerts/ISO15118-3/secp256r1/", 404), ("/cpo/cacerts/ISO15118-2/rsa/", 404),
     ("/veh/cacerts/ISO15118-2/secp256r1/", 404), ("/csms/cacerts/ISO15118-2/secp256r1/", 404),
     ("/.well-known/cpo/cacerts", 200), ("/.well-known/mo/cacerts/ISO15118-20", 200),
