@@ -2,6 +2,13 @@
 
     .venv/bin/python bench/contract.py                                   # PostgreSQL, c=1 and c=8, profile
     .venv/bin/python bench/contract.py --db sqlite --seconds 10 --concurrency 1,4,8 --no-profile
+    .venv/bin/python bench/contract.py --iso 2,20 --no-profile               # ISO 15118-2 and -20, same run
+
+ISO 15118-20 (#26, --iso 20): POST /ocpp/v21/get-15118-ev-certificate with a -20 CertificateInstallationReq
+(P-521 OEM provisioning certificate from OEM Sub-CA 2 (-20), header signature ecdsa-sha512 over the EXI
+OEMProvisioningCertificateChain fragment); the CPS answers with a P-521 contract certificate from MO Sub-CA 2
+(-20) *in the HSM*, the key encrypted with ECDH P-521 + SHA-512 concat KDF + AES-256-GCM, SignedInstallationData
+signed ecdsa-sha512 by the -20 CPS leaf *in the HSM*. The rows of both are printed in one table.
 
 What one installation is here: POST /ocpp/v201/get-15118-ev-certificate {iso15118SchemaVersion, action:
 Install, exiRequest} against a real `v2gpki serve --workers N` (uvicorn, SoftHSM2, PostgreSQL or SQLite):
@@ -83,6 +90,8 @@ WMI = "BEN"  # the bench OEM's PCID prefix
 EMSP = "DEBEN"  # the bench eMSP's EMAID prefix
 CPO = "DE*BEN"
 ISO2 = "urn:iso:15118:2:2013:MsgDef"
+ISO20 = "urn:iso:std:iso:15118:-20:CommonMessages"
+PATH = {"2": "/ocpp/v201/get-15118-ev-certificate", "20": "/ocpp/v21/get-15118-ev-certificate"}
 
 
 # -- set-up ------------------------------------------------------------------------------------------------
@@ -208,9 +217,69 @@ def make_vehicles(srv: Server, n: int) -> list[dict[str, Any]]:
             body = CertificateInstallationReq("id1", cert.public_bytes(serialization.Encoding.DER), tuple(roots))
             exi = encode_message(V2GMessage(MessageHeader(secrets.token_bytes(8),
                                                           signature=sign_elements([body], key)), body))
-            out.append({"pcid": pcid, "emaid": emaid, "key": key, "cert": cert,
+            out.append({"pcid": pcid, "emaid": emaid, "key": key, "cert": cert, "path": PATH["2"],
                         "json": json.dumps({"iso15118SchemaVersion": ISO2, "action": "Install",
                                             "exiRequest": base64.b64encode(exi).decode()}).encode()})
+    return out
+
+
+def _sign20(chain_node: Any, key: ec.EllipticCurvePrivateKey) -> Any:
+    """The vehicle's header signature of a -20 request: SHA-512 of the EXI OEMProvisioningCertificateChain
+    fragment, SignedInfo (xmldsig grammar) signed ECDSA-SHA512, r ‖ s (what tests/peers/josev_ev20.py does)."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    from pki.cps.crypto20 import DIGEST_SHA512, ECDSA_SHA512
+    from pki.cps.exi.messages import Reference, Signature, SignedInfo, encode_signed_info
+    from pki.cps.exi.messages20 import encode_fragment20
+
+    si = SignedInfo((Reference("#id1", hashlib.sha512(encode_fragment20([chain_node])).digest(), DIGEST_SHA512),),
+                    signature_method=ECDSA_SHA512)
+    r, s_ = decode_dss_signature(key.sign(encode_signed_info(si), ec.ECDSA(hashes.SHA512())))
+    return Signature(si, r.to_bytes(66, "big") + s_.to_bytes(66, "big"))
+
+
+def make_vehicles20(srv: Server, n: int) -> list[dict[str, Any]]:
+    """n ISO 15118-20 vehicles: P-521 OEM provisioning certificate (oem-prov-20), contract, signed -20 request."""
+    from pki.cps.exi import X509IssuerSerial
+    from pki.cps.exi.messages20 import CertificateInstallationReq20, Chain20, Header20, encode_message20
+    from pki.store.db import utcnow
+
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        roots = []
+        for name in ("v2g-root-20", "mo-root-20"):
+            cert = x509.load_pem_x509_certificate(run([V2GPKI, "chain", name], srv.env).encode())
+            roots.append(X509IssuerSerial(cert.subject.rfc4514_string(), cert.serial_number))
+        subs = [x509.load_pem_x509_certificate(run([V2GPKI, "chain", name], srv.env).encode())
+                .public_bytes(serialization.Encoding.DER) for name in ("oem-sub2-20", "oem-sub1-20")]
+        out = []
+        for _ in range(n):
+            pcid = _pcid()
+            key = ec.generate_private_key(ec.SECP521R1())
+            csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([
+                x509.NameAttribute(NameOID.COMMON_NAME, pcid), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bench OEM"),
+                x509.NameAttribute(NameOID.COUNTRY_NAME, "DE"), x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "OEM")]))
+                .sign(key, hashes.SHA512()).public_bytes(serialization.Encoding.PEM).decode())
+            r = c.post("/v1/enrollments", json={"csr": csr, "profile": "oem-prov-20"},
+                       headers={"Authorization": f"Bearer {srv.keys['oem']}"})
+            if r.status_code != 201:
+                raise SystemExit(f"enrollment (-20): {r.status_code} {r.text[:300]}")
+            cert = x509.load_pem_x509_certificate(r.json()["certificate"].encode())
+            emaid = EMSP + "".join(secrets.choice("ABCDEFGHJKLMNPRSTUVWXYZ0123456789") for _ in range(9))
+            r = c.post("/v1/contracts", json={"emaid": emaid, "pcid": pcid,
+                                              "valid_until": (utcnow() + timedelta(days=400)).isoformat()},
+                       headers={"Authorization": f"Bearer {srv.keys['emsp']}"})
+            if r.status_code != 201:
+                raise SystemExit(f"contract: {r.status_code} {r.text[:300]}")
+            chain = Chain20(cert.public_bytes(serialization.Encoding.DER), tuple(subs), "id1")
+            node = chain.to_node("OEMProvisioningCertificateChain")
+            req = CertificateInstallationReq20(Header20(secrets.token_bytes(8), int(time.time()), _sign20(node, key)),
+                                               chain, tuple(roots), 1)
+            out.append({"pcid": pcid, "emaid": emaid, "key": key, "cert": cert, "path": PATH["20"],
+                        "json": json.dumps({"iso15118SchemaVersion": ISO20, "action": "Install",
+                                            "exiRequest": base64.b64encode(encode_message20(req)).decode()
+                                            }).encode()})
     return out
 
 
@@ -349,7 +418,7 @@ def load(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: float)
                 j += conc
                 t = time.perf_counter()
                 try:
-                    r = c.post("/ocpp/v201/get-15118-ev-certificate", content=v["json"])
+                    r = c.post(v["path"], content=v["json"])
                     good = r.status_code == 200 and r.json().get("status") == "Accepted"
                 except httpx.HTTPError as exc:
                     good, r = False, None
@@ -415,7 +484,7 @@ def load_wrk(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: fl
     bodies.write_text("".join(v["json"].decode() + "\n" for v in vehicles))
     cmd = ["wrk", "-t", str(min(conc, 2)), "-c", str(conc), "-d", f"{max(1, round(seconds))}s", "--timeout", "10s",
            "-s", str(lua), "-H", f"Authorization: Bearer {srv.keys['cpo']}", "-H", "Content-Type: application/json",
-           f"{srv.url}/ocpp/v201/get-15118-ev-certificate", "--", str(bodies), str(secrets.randbelow(len(vehicles)))]
+           f"{srv.url}{vehicles[0]['path']}", "--", str(bodies), str(secrets.randbelow(len(vehicles)))]
     children0 = os.times()
     scpu0, dcpu0, m0 = server_cpu(srv), db_cpu(srv), machine_ticks()
     t0 = time.perf_counter()
@@ -447,8 +516,43 @@ def load_wrk(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: fl
     return res
 
 
+def check_sample20(raw: bytes, vehicles: list[dict[str, Any]]) -> str:
+    """A -20 answer checked as a vehicle would: the ecdsa-sha512 CPS signature over SignedInfo whose digest is
+    SignedInstallationData's, and the AES-256-GCM contract key whose scalar gives the certificate's key."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from pki.cps.crypto20 import aad, kdf
+    from pki.cps.exi.messages import encode_signed_info
+    from pki.cps.exi.messages20 import CertificateInstallationRes20, decode_message20, encode_fragment20
+
+    res = decode_message20(base64.b64decode(json.loads(raw)["exiResponse"]))
+    assert isinstance(res, CertificateInstallationRes20) and res.response_code == "OK"
+    sd, sig = res.signed_installation_data, res.header.signature
+    assert sig is not None
+    assert sig.signed_info.references[0].digest_value == hashlib.sha512(encode_fragment20([sd.to_node()])).digest()
+    cps_key = x509.load_der_x509_certificate(res.cps_chain.certificate).public_key()
+    assert isinstance(cps_key, ec.EllipticCurvePublicKey)
+    value = sig.signature_value
+    cps_key.verify(encode_dss_signature(int.from_bytes(value[:66], "big"), int.from_bytes(value[66:], "big")),
+                   encode_signed_info(sig.signed_info), ec.ECDSA(hashes.SHA512()))
+    cert = x509.load_der_x509_certificate(sd.contract_chain.certificate)
+    emaid = str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+    v = next(v for v in vehicles if v["emaid"] == emaid)
+    z = v["key"].exchange(ec.ECDH(), ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP521R1(), sd.dh_public_key))
+    blob = sd.encrypted_private_key
+    scalar = AESGCM(kdf(z)).decrypt(blob[:12], blob[12:], aad(v["pcid"], cert))
+    got = ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP521R1()).public_key().public_numbers()
+    assert got == cert.public_key().public_numbers()  # type: ignore[union-attr]
+    return f"checked (-20): {emaid}, contract serial {cert.serial_number:x}, signature and key OK"
+
+
 def check_sample(raw: bytes, vehicles: list[dict[str, Any]]) -> str:
     """Decode one answer and check it as a vehicle would: CPS signature, contract key vs certificate."""
+    if vehicles and vehicles[0]["path"] == PATH["20"]:
+        return check_sample20(raw, vehicles)
     from pki.cps.exi import CertificateInstallationRes, decode_message
     from pki.cps.keywrap import unwrap_contract_key
     from pki.cps.xmldsig import verify_response
@@ -468,7 +572,7 @@ def persisted(srv: Server) -> int:
             "from pki.store.models import Certificate\ndb = Database(Settings().db_url)\n"
             "with db.session() as s:\n"
             "    print(s.exec(select(func.count()).select_from(Certificate)"
-            ".where(Certificate.profile == 'contract')).one())\n")
+            ".where(Certificate.profile.in_(['contract', 'contract-20']))).one())\n")
     out = subprocess.run([sys.executable, "-c", code], env=srv.env, capture_output=True, text=True, cwd=REPO)
     return int(out.stdout.strip() or -1)
 
@@ -569,6 +673,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--vehicles", type=int, default=32)
+    ap.add_argument("--iso", default="2,20", help="ISO 15118 parts to measure, in this order (2, 20 or 2,20)")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--keep", help="keep the work directory here")
     ap.add_argument("--json", help="write the results as JSON to this file")
@@ -587,38 +692,44 @@ def main() -> int:
     for item in args.env:
         name, _, value = item.partition("=")
         srv.env[name] = value
-    results: list[Result] = []
+    results: list[tuple[str, Result]] = []
     prof = ""
+    isos = [i.strip() for i in args.iso.split(",") if i.strip()]
     try:
         start(srv, d, args.workers)
-        vehicles = make_vehicles(srv, args.vehicles)
-        warm, sample = load(srv, vehicles, max(concs), 3)  # connections, pools, lazy grammars in every worker
-        counted = warm.ok
-        if warm.errors or sample is None:
-            raise SystemExit(f"warm-up failed: {warm.errors} errors, e.g. {warm.error_samples[:2]}")
-        print(f"# {check_sample(sample, vehicles)}", file=sys.stderr)
-        for conc in concs:
-            if args.client == "wrk":
-                r = load_wrk(srv, vehicles, conc, args.seconds, d)
-                extra, sample = load(srv, vehicles, 1, 0.1)  # and one answer to decode and check
-                counted += extra.ok
-            else:
-                r, sample = load(srv, vehicles, conc, args.seconds)
-            results.append(r)
-            print(f"c={conc:<3} {r.rps:7.1f} installations/s  p50 {r.pct(50):6.1f} ms  p99 {r.pct(99):6.1f} ms  "
-                  f"server CPU {r.server_cpu_ms:5.1f} ms/installation  ({r.ok} ok, {r.errors} errors; "
-                  f"load generator CPU {r.client_cpu_s / r.seconds:.0%} of a core; load average "
-                  f"{os.getloadavg()[0]:.1f}" + (f"; connections per worker {r.spread}" if r.spread else "")
-                  + ")", file=sys.stderr, flush=True)
-            print(f"      machine: {r.machine.get('idle', 0):.0%} idle, {r.machine.get('steal', 0):.0%} stolen by the "
-                  f"hypervisor; database CPU {r.db_cpu_ms:.1f} ms/installation; CPU ceiling ≈ {r.ceiling:.0f}/s "
-                  f"(cores × (1 − steal) / CPU per installation of server + database + generator)",
-                  file=sys.stderr, flush=True)
-            if r.error_samples:
-                print(f"   errors: {r.error_samples[:3]}", file=sys.stderr)
-            counted += r.ok
-            if sample is not None:
-                check_sample(sample, vehicles)
+        counted = 0
+        fleets = {iso: (make_vehicles20 if iso == "20" else make_vehicles)(srv, args.vehicles) for iso in isos}
+        for iso in isos:
+            vehicles = fleets[iso]
+            warm, sample = load(srv, vehicles, max(concs), 3)  # connections, pools, lazy grammars in every worker
+            counted += warm.ok
+            if warm.errors or sample is None:
+                raise SystemExit(f"warm-up (ISO 15118-{iso}) failed: {warm.errors} errors, "
+                                 f"e.g. {warm.error_samples[:2]}")
+            print(f"# {check_sample(sample, vehicles)}", file=sys.stderr)
+            for conc in concs:
+                if args.client == "wrk":
+                    r = load_wrk(srv, vehicles, conc, args.seconds, d)
+                    extra, sample = load(srv, vehicles, 1, 0.1)  # and one answer to decode and check
+                    counted += extra.ok
+                else:
+                    r, sample = load(srv, vehicles, conc, args.seconds)
+                results.append((iso, r))
+                print(f"-{iso:<2} c={conc:<3} {r.rps:7.1f} installations/s  p50 {r.pct(50):6.1f} ms  "
+                      f"p99 {r.pct(99):6.1f} ms  server CPU {r.server_cpu_ms:5.1f} ms/installation  ({r.ok} ok, "
+                      f"{r.errors} errors; load generator CPU {r.client_cpu_s / r.seconds:.0%} of a core; load "
+                      f"average {os.getloadavg()[0]:.1f}" + (f"; connections per worker {r.spread}" if r.spread
+                                                              else "") + ")", file=sys.stderr, flush=True)
+                print(f"      machine: {r.machine.get('idle', 0):.0%} idle, {r.machine.get('steal', 0):.0%} stolen by "
+                      f"the hypervisor; database CPU {r.db_cpu_ms:.1f} ms/installation; CPU ceiling ≈ "
+                      f"{r.ceiling:.0f}/s (cores × (1 − steal) / CPU per installation of server + database + "
+                      f"generator)", file=sys.stderr, flush=True)
+                if r.error_samples:
+                    print(f"   errors: {r.error_samples[:3]}", file=sys.stderr)
+                counted += r.ok
+                if sample is not None:
+                    check_sample(sample, vehicles)
+        vehicles = fleets[isos[-1]]
         stored = persisted(srv)
         if args.client == "wrk":
             # wrk stops at its deadline with up to c requests in flight, which the server still completes
@@ -642,25 +753,26 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(d, ignore_errors=True)
 
-    print("\n| db | workers | concurrency | installations/s | p50 ms | p99 ms | mean ms | server CPU ms/inst. "
-          "| database CPU ms/inst. | steal | CPU ceiling /s | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
+    print("\n| ISO 15118 | db | workers | concurrency | installations/s | p50 ms | p99 ms | mean ms | server CPU "
+          "ms/inst. | database CPU ms/inst. | steal | CPU ceiling /s | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for iso, r in results:
         mean = (r.mean_ms if r.mean_ms is not None
                 else statistics.fmean(r.latencies) * 1000 if r.latencies else float("nan"))
-        print(f"| {args.db} | {args.workers} | {r.concurrency} | {r.rps:.1f} | {r.pct(50):.1f} | {r.pct(99):.1f} | "
+        print(f"| -{iso} | {args.db} | {args.workers} | {r.concurrency} | {r.rps:.1f} | {r.pct(50):.1f} | {r.pct(99):.1f} | "
               f"{mean:.1f} | {r.server_cpu_ms:.1f} | {r.db_cpu_ms:.1f} | {r.machine.get('steal', 0):.0%} | "
               f"{r.ceiling:.0f} | {r.errors} |")
     if prof:
         print("\n" + prof)
     if args.json:
-        Path(args.json).write_text(json.dumps([{"db": args.db, "workers": args.workers, "concurrency": r.concurrency,
+        Path(args.json).write_text(json.dumps([{"iso15118": iso, "db": args.db, "workers": args.workers, "concurrency": r.concurrency,
                                                 "rps": r.rps, "p50_ms": r.pct(50), "p99_ms": r.pct(99),
                                                 "server_cpu_ms": r.server_cpu_ms, "db_cpu_ms": r.db_cpu_ms,
                                                 "steal": r.machine.get("steal"), "idle": r.machine.get("idle"),
                                                 "ceiling_per_s": r.ceiling,
-                                                "ok": r.ok, "errors": r.errors} for r in results], indent=1))
-    return 1 if any(r.errors for r in results) else 0
+                                                "ok": r.ok, "errors": r.errors} for iso, r in results],
+                                              indent=1))
+    return 1 if any(r.errors for _, r in results) else 0
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """Instructions per contract installation, counted by callgrind: a figure that does not drift.
 
     eval "$(bash scripts/services.sh)"
-    .venv/bin/python bench/contract_instructions.py [--db postgresql|sqlite] [--n 100]
+    .venv/bin/python bench/contract_instructions.py [--db postgresql|sqlite] [--n 100] [--iso 2|20]
 
 This VM's speed drifts by a third within minutes (docs/cps.md), so installations/s and CPU milliseconds
 compare two versions of the code only over many alternated runs. The number of instructions the server
 process executes per installation does not drift: it is what this script reports, for ``deliver()``
 (EXI in, contract key, issuance with the token signature, key wrap, CPS signature, EXI out; the OCSP
 pre-signer thread included), in process, without HTTP. It counts the Python process only: the database
-server's work is not in it (bench/contract.py reports that as CPU time). Needs valgrind
+server's work is not in it (bench/contract.py reports that as CPU time). ``--iso 20`` counts ISO 15118-20
+installations instead (``deliver20()``: P-521 vehicle, ecdsa-sha512, AES-256-GCM; #26). Needs valgrind
 (``apt-get install -y valgrind``); about three minutes for the default 100 installations.
 """
 
@@ -32,21 +33,30 @@ sys.path.insert(0, str(HERE))
 
 def child(n: int, state: Path) -> None:
     """Run under callgrind with instrumentation off; counts only the ``n`` measured installations."""
-    env, requests = pickle.loads(state.read_bytes())
+    env, requests, iso = pickle.loads(state.read_bytes())
     os.environ.update(env)
     from pki.context import build_context
     from pki.cps.service import deliver
+    from pki.cps.service20 import deliver20
     from pki.ocsp import responder_for
 
     ctx = build_context()
+    if iso == "20":
+        def ok(out: object) -> bool:
+            return getattr(out, "response_code", None) == "OK"
+        run = deliver20
+    else:
+        def ok(out: object) -> bool:
+            return getattr(getattr(out, "response_code", None), "name", None) == "OK"
+        run = deliver  # type: ignore[assignment]
     for i in range(64):  # caches, pools, prepared statements, lazily built grammars
-        deliver(ctx, requests[i % len(requests)])
+        run(ctx, requests[i % len(requests)])
     responder_for(ctx).presigner.flush()
     toggle = ["callgrind_control", "-i"]
     subprocess.run([*toggle, "on", str(os.getpid())], capture_output=True, check=True)
     for i in range(n):
-        out = deliver(ctx, requests[i % len(requests)])
-        if out.response_code.name != "OK":
+        out = run(ctx, requests[i % len(requests)])
+        if not ok(out):
             raise SystemExit(f"installation failed: {out.response_code} {out.notes}")
     responder_for(ctx).presigner.flush()
     subprocess.run([*toggle, "off", str(os.getpid())], capture_output=True, check=True)
@@ -57,6 +67,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
     ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--iso", choices=["2", "20"], default="2")
     ap.add_argument("--keep", type=Path, help="copy callgrind's output file into this directory (callgrind_annotate)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -72,11 +83,11 @@ def main() -> int:
     srv = bench.prepare(d, args.db, pg_admin)
     try:
         bench.start(srv, d, 1)
-        vehicles = bench.make_vehicles(srv, 16)
+        vehicles = (bench.make_vehicles20 if args.iso == "20" else bench.make_vehicles)(srv, 16)
         bench.stop(srv)
         requests = [base64.b64decode(json.loads(v["json"])["exiRequest"]) for v in vehicles]
         state = d / "state.pkl"
-        state.write_bytes(pickle.dumps((srv.env, requests)))
+        state.write_bytes(pickle.dumps((srv.env, requests, args.iso)))
         out = d / "callgrind.out"
         r = subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                             sys.executable, __file__, "--n", str(args.n), "--child", str(state)],
@@ -92,7 +103,7 @@ def main() -> int:
             args.keep.mkdir(parents=True, exist_ok=True)
             for f in d.glob("callgrind.out*"):
                 shutil.copy(f, args.keep)
-        print(f"{args.db}: {total / args.n / 1e6:.2f} M instructions per installation "
+        print(f"{args.db}, ISO 15118-{args.iso}: {total / args.n / 1e6:.2f} M instructions per installation "
               f"(in process, {args.n} installations, callgrind)")
     finally:
         bench.stop(srv)
