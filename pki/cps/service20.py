@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, x448
 from sqlmodel import col, select
 
+from hsm.keystore import certified_signer
 from pki.context import Context
 from pki.contracts import installation_lookup, supersede_contract_certificates
 from pki.cps.crypto20 import (
@@ -223,6 +224,12 @@ def _deliver(ctx: Context, tree: object, request: CertificateInstallationReq20, 
     if bound > max_b64:
         raise ResponseTooLarge(f"exiResponse could be {bound} characters (> {max_b64}): the CPS and contract "
                                "chains are too long for this transport; nothing was issued")
+    # The CPS key, checked to be the CPS certificate's key before anything is issued (as -2 does, #23 item 5).
+    assert cps_row.key_uri is not None
+    cps_pub = _cached(ctx, f"cps-pub:{cps_row.issuer}/{cps_row.serial}",
+                      lambda: x509.load_der_x509_certificate(cps_row.der).public_key())
+    signer = certified_signer(ctx.keystore, _key_label(cps_row.key_uri), cps_pub,
+                              f"CPS certificate {cps_row.issuer}/{cps_row.serial}")
     key: ec.EllipticCurvePrivateKey | ed448.Ed448PrivateKey = (
         ec.generate_private_key(ec.SECP521R1()) if alg == "p521" else ed448.Ed448PrivateKey.generate())
     try:
@@ -241,8 +248,6 @@ def _deliver(ctx: Context, tree: object, request: CertificateInstallationReq20, 
         del key
     data = SignedInstallationData("id1", Chain20(issued.der, tuple(der(c) for c in issued.chain[:-1])),
                                   wrapped.curve, wrapped.dh_public_key, wrapped.encrypted_private_key, wrapped.curve)
-    assert cps_row.key_uri is not None
-    signer = ctx.keystore.signer(_key_label(cps_row.key_uri))
     try:
         signature = sign20(data.to_node(), signer)
     except XmlDsigError as exc:
