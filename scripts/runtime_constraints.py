@@ -11,13 +11,29 @@ anything it installs is not pinned here, so a new upstream release cannot change
 
 from __future__ import annotations
 
+import re
 import sys
 from importlib import metadata
+from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = "v2gpki"
+CONSTRAINTS = Path(__file__).resolve().parent.parent / "deploy" / "constraints.txt"
+# Interpreters a deployment may run besides this one: Debian bookworm's python3 (3.11.2, what README's fresh
+# machine has) — e.g. redis needs async-timeout below 3.11.3, which a newer interpreter never installs.
+OTHER_PYTHONS = ({"python_full_version": "3.11.2", "python_version": "3.11"},)
+
+
+def _carried_pin(name: str) -> str:
+    """The version a dependency not installed here (needed only on another interpreter) is pinned at."""
+    text = CONSTRAINTS.read_text() if CONSTRAINTS.exists() else ""
+    m = re.search(rf"^{re.escape(name)}==(\S+)$", text, re.M)
+    if m is None:
+        raise SystemExit(f"{name} is needed on {OTHER_PYTHONS} but neither installed here nor pinned in "
+                         f"{CONSTRAINTS}: add `{name}==VERSION` there by hand")
+    return m.group(1)
 
 
 def closure(root: str = ROOT) -> dict[str, str]:
@@ -30,12 +46,17 @@ def closure(root: str = ROOT) -> dict[str, str]:
         if (name, extras) in seen:
             continue
         seen.add((name, extras))
-        dist = metadata.distribution(name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            found[name] = _carried_pin(name)
+            continue
         if name != root:
             found[name] = dist.version
         for line in dist.requires or []:
             req = Requirement(line)
-            envs = [{"extra": e} for e in extras] or [{"extra": ""}]
+            extra_envs = [{"extra": e} for e in extras] or [{"extra": ""}]
+            envs = extra_envs + [{**e, **py} for e in extra_envs for py in OTHER_PYTHONS]
             if req.marker is not None and not any(req.marker.evaluate(env) for env in envs):
                 continue
             todo.append((canonicalize_name(req.name), frozenset(req.extras)))

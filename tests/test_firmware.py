@@ -166,7 +166,8 @@ def test_invalid_signature_and_wrong_image_are_refused(ctx: Context, maker: str,
     assert _openssl_checks(tmp_path, bad, image, root)[0] != 0
     # wrong image: the right signature over another file
     other = tmp_path / "other.bin"
-    other.write_bytes(image.read_bytes()[:-1] + b"\x00")
+    data = image.read_bytes()
+    other.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # always another file (a fixed 0x00 was not, 1 in 256)
     (tmp_path / "good.json").write_text(json.dumps(fw))
     res = run_cli(["firmware", "verify", str(other), "--json", str(tmp_path / "good.json")], env)
     assert res.returncode == 3 and "signature does not verify" in res.stdout
