@@ -92,11 +92,11 @@ for _alg, _sfx in ((KeyAlg.P521, ""), (KeyAlg.ED448, "-ed448")):
     LEAVES += [
         (f"secc-20-{_alg.value}", "secc-20", "DE*ICE*E45B*78C", "CPO", "Test CPO", _alg, None, f"cpo-sub2-20{_sfx}"),
         (f"oem-prov-20-{_alg.value}", "oem-prov-20", "WP012345678901234", "OEM", "Test OEM", _alg, None,
-         "oem-sub2-20"),
+         f"oem-sub2-20{_sfx}"),  # an Ed448 OEM -20 hierarchy exists since #26
         (f"contract-20-{_alg.value}", "contract-20", "DE8AA1A2B3C4D5", "MO", "Test eMSP", _alg, None,
          f"mo-sub2-20{_sfx}"),
         (f"cps-leaf-20-{_alg.value}", "cps-leaf-20", "CPS Leaf Test 20", "CPS", "Test CPS", _alg, None,
-         "cps-sub2-20"),
+         f"cps-sub2-20{_sfx}"),  # and an Ed448 CPS one
         (f"ocsp-signer-20-{_alg.value}", "ocsp-signer-20", "OCSP MO Sub-CA 2 20", None, "Test eMSP", _alg,
          f"mo-sub2-20{_sfx}", f"mo-sub2-20{_sfx}"),
     ]
