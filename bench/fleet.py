@@ -32,7 +32,7 @@ leaves, 40 % SECC (cpo-sub2, 90 days), 30 % contract (mo-sub2, 730 days), 20 % O
 * OCSP: `v2gpki ocsp-serve --workers 2` (api/ocsp_fast.py). start-up = spawn to the first /healthz 200;
   load = wrk (apt), c = 32, 2 threads, POSTs of RFC 5019 SHA-1 CertID requests over a Zipf (s = 1) mix of
   all leaves (rank = ⌊(N + 1)^u⌋, ranks mapped to leaves by a fixed permutation; 200,000 requests cycled),
-  --duration s keep-alive after a warm-up of the same length, then --duration s with a new connection per
+  --duration s keep-alive after a warm-up of --warmup s (default the same), then --duration s with a new connection per
   request; requests/s, p50, p99; each worker's VmRSS and VmHWM after the runs; answers spot-checked
   (status, signature by the delegated signer);
 * expiry: one `pki.lifecycle.scan_expiring` in a fresh process (bench/expiry.py --scan-only), and the
@@ -632,7 +632,7 @@ def drill(env: dict[str, str], port: int, ctx: Any, hashes: dict[str, tuple[byte
 # -- main -----------------------------------------------------------------------------------------------------
 
 
-def measure(n: int, env: dict[str, str], work: Path, db_url: str, duration: int) -> dict[str, Any]:
+def measure(n: int, env: dict[str, str], work: Path, db_url: str, duration: int, warmup: int) -> dict[str, Any]:
     from pki.config import Settings
     from pki.context import build_context
 
@@ -657,7 +657,7 @@ def measure(n: int, env: dict[str, str], work: Path, db_url: str, duration: int)
         say(f"ocsp-serve: /healthz after {startup:.2f} s, from both workers after {startup_all} s; workers {workers} RSS "
             f"{[v['VmRSS'] for v in rss_start.values()]} MB")
         checked = check_answers(port, sample, hashes, ctx)
-        warm = wrk(port, script, bodies, duration, close=False)
+        warm = wrk(port, script, bodies, warmup, close=False)
         ka = measured_wrk(proc.pid, port, script, bodies, duration, close=False)
         nc = measured_wrk(proc.pid, port, script, bodies, duration, close=True)
         rss = {w: mem_mb(w) for w in workers if Path(f"/proc/{w}").exists()}
@@ -710,6 +710,7 @@ def main() -> int:
     ap.add_argument("--pg-admin-url", default=os.environ.get("V2GPKI_TEST_PG_ADMIN_URL"))
     ap.add_argument("--build-procs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    ap.add_argument("--warmup", type=int, default=0, help="seconds of the keep-alive warm-up run (default: --duration)")
     ap.add_argument("--reference", type=Path, help="JSON of a run at 10^4: print ratios to it")
     ap.add_argument("--keep", action="store_true", help="keep the work directory and the database")
     args = ap.parse_args()
@@ -741,7 +742,7 @@ def main() -> int:
                               "cpus": os.cpu_count()}
     try:
         result["build"] = build(args.certificates, env, db_url, args.build_procs)
-        result.update(measure(args.certificates, env, work, db_url, args.duration))
+        result.update(measure(args.certificates, env, work, db_url, args.duration, args.warmup or args.duration))
         result["load_after"] = os.getloadavg()
     finally:
         if args.json:
