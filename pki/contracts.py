@@ -8,6 +8,7 @@ Terminating a contract revokes its contract certificates (RFC 5280 reason cessat
 from __future__ import annotations
 
 import hashlib
+import random
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -16,8 +17,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
-from sqlalchemy import Select, bindparam, func, update
+from sqlalchemy import Select, bindparam, delete, func, update
 from sqlalchemy import select as sa_select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
@@ -29,7 +31,7 @@ from pki.names import normalise_emaid, normalise_pcid
 from pki.orgs import Principal, check_owns
 from pki.store.db import utcnow
 from pki.store.fast import Prepared
-from pki.store.models import Certificate, CertificateAuthority, Contract, ProvisioningCertificate
+from pki.store.models import Certificate, CertificateAuthority, Contract, CpsReplay, ProvisioningCertificate
 
 if TYPE_CHECKING:
     from pki.issuance import CAHandle
@@ -119,9 +121,12 @@ def create_contract(ctx: Context, p: Principal, emaid: str, pcid: str, valid_unt
             # another eMSP's contracts for the same vehicle are never touched.
             mine = (col(Contract.pcid) == v, col(Contract.status) == "active", col(Contract.emsp) == p.org,
                     col(Contract.is_default).is_(True))
-            replaced = list(s.exec(select(Contract.emaid).where(*mine)))
+            old = list(s.exec(select(Contract.id, Contract.emaid).where(*mine)))
+            replaced = [emaid for _, emaid in old]
             if replaced:
                 s.execute(update(Contract).where(*mine).values(is_default=False))
+                # the kept installation answers of a contract that is no longer the default (#21 item 2)
+                s.execute(delete(CpsReplay).where(col(CpsReplay.contract_id).in_([i for i, _ in old])))
         c = Contract(emaid=e, pcid=v, emsp=p.org, valid_until=valid_until, is_default=is_default,
                      status="active", created_at=utcnow())
         s.add(c)
@@ -170,6 +175,7 @@ def terminate_contract(ctx: Context, p: Principal, emaid: str) -> tuple[Contract
     with ctx.db.session() as s:
         s.execute(update(Contract).where(col(Contract.id) == c.id).values(status="terminated",
                                                                         terminated_at=utcnow(), is_default=False))
+        s.execute(delete(CpsReplay).where(col(CpsReplay.contract_id) == c.id))  # #21 item 2
         audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="contract.terminate", object=c.emaid))
         s.commit()
         certs = list(s.exec(select(Certificate).where(
@@ -243,6 +249,72 @@ def supersede_contract_certificates(ctx: Context, emaid: str, new: tuple[str, st
             continue
         revoked.append(f"{issuer}/{serial}")
     return revoked
+
+
+# -- replayed installations (#21 item 2) ---------------------------------------------------------------
+
+_REPLAY = CpsReplay.__table__  # type: ignore[attr-defined]
+_C1 = _CERT.alias("c1")
+_C2 = _CERT.alias("c2")
+_REPLAYED = Prepared(
+    sa_select(_REPLAY.c.response, _REPLAY.c.cert_issuer, _REPLAY.c.cert_serial, _C1.c.status, _C1.c.not_before,
+              _C1.c.not_after, _REPLAY.c.cps_issuer, _C2.c.status, _C2.c.not_before, _C2.c.not_after)
+    .select_from(_REPLAY
+                 .join(_C1, (_C1.c.issuer == _REPLAY.c.cert_issuer) & (_C1.c.serial == _REPLAY.c.cert_serial))
+                 .join(_C2, (_C2.c.issuer == _REPLAY.c.cps_issuer) & (_C2.c.serial == _REPLAY.c.cps_serial)))
+    .where(_REPLAY.c.request_digest == bindparam("b_digest"), _REPLAY.c.contract_id == bindparam("b_contract"),
+           _REPLAY.c.expires_at > bindparam("b_now", type_=_REPLAY.c.expires_at.type)))
+_REPLAY_COLS = ("request_digest", "contract_id", "emaid", "cert_issuer", "cert_serial", "cps_issuer", "cps_serial",
+                "response", "expires_at", "created_at")
+
+
+def _upsert(dialect: Any) -> Prepared:
+    ins = dialect.insert(_REPLAY).values(
+        {name: bindparam(f"b_{name}", type_=_REPLAY.c[name].type) for name in _REPLAY_COLS})
+    keys = ("request_digest", "contract_id")
+    return Prepared(ins.on_conflict_do_update(
+        index_elements=[_REPLAY.c[k] for k in keys],
+        set_={name: ins.excluded[name] for name in _REPLAY_COLS if name not in keys}))
+
+
+_STORE_ANSWER = {"sqlite": _upsert(sqlite), "postgresql": _upsert(postgresql)}
+_PURGE_EVERY = 256  # about one installation in this many deletes the expired kept answers
+
+
+def replayed_answer(ctx: Context, digest: str, contract_id: int) -> tuple[bytes, str] | None:
+    """The signed answer (EXI, contract certificate serial) already given to the installation request whose
+    signed body has SHA-256 ``digest`` for contract ``contract_id`` — None unless its contract certificate
+    and the CPS certificate that signed it are still valid, unexpired, and every CA above them too (so a
+    revocation or a superseding invalidates it in every process at once). One query."""
+    found = _REPLAYED.fetch_on(ctx.db.autocommit, {"b_digest": digest, "b_contract": contract_id,
+                                                   "b_now": utcnow()})
+    if not found:
+        return None
+    response, cert_issuer, cert_serial, *cert, cps_issuer, cps_status, cps_nb, cps_na = found[0]
+    for issuer, row in ((cert_issuer, _StatusRow(*cert)), (cps_issuer, _StatusRow(cps_status, cps_nb, cps_na))):
+        try:
+            ca = ctx.engine.ca(issuer).row
+        except PKIError:
+            return None
+        if _judge(ctx, ca, row) != "Accepted":
+            return None
+    return bytes(response), cert_serial
+
+
+def store_answer(ctx: Context, digest: str, contract_id: int, emaid: str, cert: tuple[str, str],
+                 cps: tuple[str, str], exi: bytes, expires_at: datetime) -> None:
+    """Keep an installation's signed answer for the vehicle's retries (replacing an earlier one for the same
+    request and contract, whose certificate was then revoked or superseded). Ciphertext only: the contract
+    key in it is encrypted for the vehicle's provisioning key."""
+    now = utcnow()
+    stmt = _STORE_ANSWER["sqlite" if ctx.db.is_sqlite else "postgresql"]
+    stmt.execute_on(ctx.db.autocommit, {
+        "b_request_digest": digest, "b_contract_id": contract_id, "b_emaid": emaid, "b_cert_issuer": cert[0],
+        "b_cert_serial": cert[1], "b_cps_issuer": cps[0], "b_cps_serial": cps[1], "b_response": exi,
+        "b_expires_at": expires_at, "b_created_at": now})
+    if random.randrange(_PURGE_EVERY) == 0:
+        with ctx.db.autocommit.begin() as conn:
+            conn.execute(delete(CpsReplay).where(col(CpsReplay.expires_at) <= now))
 
 
 # -- chain checks ------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@ PostgreSQL (the session `ctx`, through TestClient).
 
 1. one default contract per (PCID, eMSP): another eMSP's registration never touches an eMSP's contracts,
    and the installation's choice among eMSPs follows the documented rule (docs/cps.md, "Which contract");
-2. /v1/contract-installations and /v1/contract-updates are scoped like /v1/contract-data, and a repeated
-   installation supersedes (RFC 5280 reason superseded) the contract's earlier certificate;
+2. /v1/contract-installations and /v1/contract-updates are scoped like /v1/contract-data; a retried
+   installation (same signed request) gets the same answer, and a different request for the same contract
+   supersedes (RFC 5280 reason superseded) the contract's earlier certificate;
 15. a vehicle that lists only its V2G root gets a contract (request built by the Josev peer);
 16. Get15118EVCertificate refuses an `action` that contradicts the EXI request, and an answer that could
    exceed 7500 characters, before anything is issued: no certificate, intent or OCSP row.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import base64
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,12 @@ from pki.cps.keywrap import unwrap_contract_key
 from pki.cps.xmldsig import sign_elements
 from pki.issuance import pem
 from pki.orgs import create_api_key, create_org
+from pki.pools import with_session_id
 from pki.store.db import utcnow
-from pki.store.models import AuditEvent, Certificate, IssuanceIntent, OcspResponseCache
+from pki.store.models import AuditEvent, Certificate, Contract, IssuanceIntent, OcspResponseCache
 from tests import ocpp_schemas
 from tests.conftest import org_with_fresh_prefix
-from tests.test_cps import Vehicle, install_request, new_vehicle
+from tests.test_cps import Vehicle, csr_pem, install_request, new_vehicle
 from tests.test_cps_josev import Peer, assert_accepted_by_josev, check, josev  # noqa: F401 - josev: fixture
 from tests.test_cps_josev import new_vehicle as josev_vehicle
 
@@ -237,35 +239,109 @@ def test_contract_installations_are_scoped_to_the_emsps_own_contracts(env: Env) 
     assert r.status_code == 200 and r.json()["responseCode"] == "OK" and r.json()["emaid"] == one, r.text
 
 
-def test_replayed_installation_supersedes_the_previous_certificate(env: Env) -> None:
+def _answer(r: Any) -> V2GMessage:
+    assert r.status_code == 200 and r.json()["status"] == "Accepted", r.text
+    msg = decode_message(base64.b64decode(r.json()["exiResponse"]))
+    assert isinstance(msg.body, CertificateInstallationRes)
+    return msg
+
+
+def _serial(msg: V2GMessage) -> str:
+    assert isinstance(msg.body, CertificateInstallationRes)
+    return format(x509.load_der_x509_certificate(msg.body.contract_signature_cert_chain.certificate).serial_number,
+                  "x")
+
+
+def _same_answer(a: V2GMessage, b: V2GMessage) -> bool:
+    """Identical but for the SessionID: body and the CPS signature in the header."""
+    return encode_message(replace(a, header=replace(a.header, session_id=b"\x00"))) == \
+        encode_message(replace(b, header=replace(b.header, session_id=b"\x00")))
+
+
+def test_replayed_installation_returns_the_same_answer(env: Env) -> None:
+    """A retry of the same signed request (a new V2G session: new SessionID, same body; or the same body
+    signed again) gets the same answer — same contract certificate, encrypted key, DH public key and CPS
+    signature — under its own SessionID, and nothing is issued, revoked or signed. A *different* request
+    for the same contract (other trust anchors, a new provisioning key) still supersedes."""
+    from pki.store.models import CpsReplay
+
     v = new_vehicle(env)  # type: ignore[arg-type]
     emaid = contract(env, v.pcid, "emsp")
     req = install_request(v, both_roots(env))
-    serials = []
-    for _ in range(4):  # the request and three replays of it
-        r = ocpp(env, req)
-        assert r.status_code == 200 and r.json()["status"] == "Accepted", r.text
-        body = decode_message(base64.b64decode(r.json()["exiResponse"])).body
-        assert isinstance(body, CertificateInstallationRes)
-        serials.append(format(x509.load_der_x509_certificate(body.contract_signature_cert_chain.certificate)
-                              .serial_number, "x"))
-        # never two valid contract certificates for one EMAID and PCID
-        assert valid_serials(env, emaid) == [serials[-1]]
+    first = _answer(ocpp(env, req))
+    serial = _serial(first)
+    before = counts(env.ctx)
+    with env.ctx.db.session() as s:
+        audit_before = s.exec(select(func.count()).select_from(AuditEvent)).one()
+    retries = [req, req, with_session_id(req, b"\x0a" * 8), with_session_id(req, b"\x0b\x0c"),
+               install_request(v, both_roots(env), session=b"\x0d" * 8)]  # the same body signed again
+    for retry in retries:
+        again = _answer(ocpp(env, retry))
+        assert again.header.session_id == decode_message(retry).header.session_id
+        assert _same_answer(again, first)
+        assert valid_serials(env, emaid) == [serial]
+    assert counts(env.ctx) == before  # no certificate, intent or OCSP response
+    with env.ctx.db.session() as s:
+        assert s.exec(select(func.count()).select_from(AuditEvent)).one() == audit_before
+    assert [c.serial for c in contract_rows(env, emaid)] == [serial]
+    # the replayed answer is what a vehicle accepts: the key decrypts to the certificate's
+    body = again.body
+    assert isinstance(body, CertificateInstallationRes)
+    cert = x509.load_der_x509_certificate(body.contract_signature_cert_chain.certificate)
+    key = unwrap_contract_key(body.contract_signature_encrypted_private_key.value, body.dh_public_key.value,
+                              v.key, cert)
+    assert key.public_key().public_numbers() == cert.public_key().public_numbers()  # type: ignore[union-attr]
+
+    # a different request for the same contract supersedes: other trust anchors ...
+    other = _answer(ocpp(env, install_request(v, only_v2g_root(env))))
+    assert _serial(other) != serial and valid_serials(env, emaid) == [_serial(other)]
+    # ... and a new provisioning key for the same PCID
+    key2 = ec.generate_private_key(ec.SECP256R1())
+    r = env.client.post("/v1/enrollments", json={"csr": csr_pem(v.pcid, dc="OEM", key=key2).decode(),
+                                                 "profile": "oem-prov"}, headers=env.h["oem"])
+    assert r.status_code == 201, r.text
+    v2 = Vehicle(v.pcid, key2, x509.load_pem_x509_certificate(r.json()["certificate"].encode()))
+    third = _answer(ocpp(env, install_request(v2, both_roots(env))))
+    assert valid_serials(env, emaid) == [_serial(third)]
     rows = {c.serial: c for c in contract_rows(env, emaid)}
-    for serial in serials[:-1]:
-        assert rows[serial].status == "revoked" and rows[serial].revocation_reason == "superseded", rows[serial]
+    for gone in (serial, _serial(other)):
+        assert rows[gone].status == "revoked" and rows[gone].revocation_reason == "superseded", rows[gone]
     # the OCSP responder says so too (re-signed at revocation)
     from pki.ocsp import responder_for
 
     responder_for(env.ctx).presigner.flush()
     with env.ctx.db.session() as s:
         ocsp = {o.serial: o for o in s.exec(select(OcspResponseCache).where(
-            col(OcspResponseCache.serial).in_(serials)))}
-    assert set(ocsp) == set(serials)
+            col(OcspResponseCache.serial).in_(list(rows))))}
+    assert set(ocsp) == set(rows)
+    # the first request again: its answer's certificate was superseded, so it is answered anew (and that
+    # answer is then the one its retries get)
+    fourth = _answer(ocpp(env, req))
+    assert _serial(fourth) not in rows and valid_serials(env, emaid) == [_serial(fourth)]
+    assert _same_answer(_answer(ocpp(env, with_session_id(req, b"\x0e" * 8))), fourth)
 
-    # an update keeps the certificate it was signed with (the vehicle holds it until it has the new one),
+    # a default change or a termination drops the kept answers of the contract
+    with env.ctx.db.session() as s:
+        cid = s.exec(select(Contract.id).where(Contract.emaid == emaid)).one()
+        assert s.exec(select(func.count()).select_from(CpsReplay).where(CpsReplay.contract_id == cid)).one() == 3
+    emaid2 = contract(env, v.pcid, "emsp")
+    with env.ctx.db.session() as s:
+        assert s.exec(select(func.count()).select_from(CpsReplay).where(CpsReplay.contract_id == cid)).one() == 0
+    assert _answer(ocpp(env, req)).body.emaid.value == emaid2  # type: ignore[union-attr]
+    assert env.client.post(f"/v1/contracts/{emaid2}/terminate", headers=env.h["emsp"]).status_code == 200
+    with env.ctx.db.session() as s:
+        cid2 = s.exec(select(Contract.id).where(Contract.emaid == emaid2)).one()
+        assert s.exec(select(func.count()).select_from(CpsReplay).where(CpsReplay.contract_id == cid2)).one() == 0
+    # back to the first contract (the eMSP's newest active one): its kept answers are gone, so a new certificate
+    fifth = _answer(ocpp(env, req))
+    assert fifth.body.emaid.value == emaid and _serial(fifth) != _serial(fourth)  # type: ignore[union-attr]
+    assert valid_serials(env, emaid) == [_serial(fifth)]
+
+    # updates are not kept: an update keeps the certificate it was signed with (the vehicle holds it until it has the new one),
     # and a replayed update supersedes the certificate the first update produced
+    body = fifth.body
     assert isinstance(body, CertificateInstallationRes)
+    serials = [_serial(fifth)]
     last = x509.load_der_x509_certificate(body.contract_signature_cert_chain.certificate)
     key = unwrap_contract_key(body.contract_signature_encrypted_private_key.value, body.dh_public_key.value,
                               v.key, last)
@@ -317,6 +393,17 @@ def test_josev_vehicle_listing_only_its_v2g_root_gets_a_contract(josev: Peer, en
     verdict = check(josev, r.json()["exiResponse"], "install", sid, v.dir / "oem.pem", v.dir)
     assert_accepted_by_josev(verdict, sid)
     assert verdict["emaid"] == emaid
+    # a retry (new V2G session, same signed request) gets the same answer under its SessionID: Josev accepts it
+    sid2 = secrets.token_bytes(8).hex()
+    r2 = env.client.post("/ocpp/v201/get-15118-ev-certificate",
+                         json={"iso15118SchemaVersion": ISO2, "action": "Install", "exiRequest": base64.b64encode(
+                             with_session_id(base64.b64decode(req["exi"]), bytes.fromhex(sid2))).decode()},
+                         headers=env.h["cpo"])
+    assert r2.status_code == 200 and r2.json()["status"] == "Accepted", r2.text
+    assert _same_answer(_answer(r2), _answer(r))
+    verdict2 = check(josev, r2.json()["exiResponse"], "install", sid2, v.dir / "oem.pem", v.dir)
+    assert_accepted_by_josev(verdict2, sid2)
+    assert verdict2["emaid"] == emaid and valid_serials(env, emaid) == [_serial(_answer(r))]
 
 
 # -- item 16: refusals before issuance ------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC
 from functools import partial
 from typing import Any, Literal
@@ -43,6 +43,8 @@ from pki.contracts import (
     chain_status,
     find_our_issuer,
     installation_lookup,
+    replayed_answer,
+    store_answer,
     supersede_contract_certificates,
 )
 from pki.cps.errors import (
@@ -66,6 +68,7 @@ from pki.cps.exi import (
     MessageHeader,
     Node,
     V2GMessage,
+    decode_message,
     decode_message_tree,
     encode_message,
 )
@@ -323,6 +326,7 @@ def _deliver(ctx: Context, raw: Node, request: V2GMessage, body: CertificateInst
     contract: Contract | ContractRow | None
     keep: tuple[str, str] | None = None  # an update's current certificate: not superseded
     supersede = True
+    remember: str | None = None  # an installation's request digest: its answer is kept for retries
     if isinstance(body, CertificateInstallationReq):
         try:
             vehicle_cert = x509.load_der_x509_certificate(body.oem_provisioning_cert)
@@ -343,6 +347,13 @@ def _deliver(ctx: Context, raw: Node, request: V2GMessage, body: CertificateInst
             if emsp is not None:  # the same answer whether the PCID has no contract or another eMSP's
                 raise NotFound(f"no active contract of yours for PCID {pcid}")
             raise CPSFailure(ResponseCode.FAILED_NoCertificateAvailable, f"no active contract for PCID {pcid}")
+        # The SHA-256 of the body the vehicle signed: _verify checked that it is the Reference's DigestValue.
+        assert request.header.signature is not None and contract.id is not None
+        remember = request.header.signature.signed_info.references[0].digest_value.hex()
+        if supersede:  # the contract has a valid certificate already: perhaps this very request's answer
+            again = _replay(ctx, remember, contract, session_id)
+            if again is not None:
+                return again
     else:
         try:
             vehicle_cert = x509.load_der_x509_certificate(body.contract_signature_cert_chain.certificate)
@@ -372,21 +383,47 @@ def _deliver(ctx: Context, raw: Node, request: V2GMessage, body: CertificateInst
             keep = (current.name, format(vehicle_cert.serial_number, "x"))
     return build_delivery(ctx, contract, vehicle_key, ids, session_id,
                           update=isinstance(body, CertificateUpdateReq), actor=actor,
-                          supersede=supersede, keep=keep)
+                          supersede=supersede, keep=keep, remember=remember)
+
+
+def _replay(ctx: Context, digest: str, contract: Contract | ContractRow, session_id: bytes) -> Delivery | None:
+    """The answer already given to this signed request for this contract, under the new SessionID — when its
+    contract certificate and CPS certificate (and every CA above them) are still valid (#21 item 2). The
+    contract is the one the selection rule picks now, active and unexpired (the caller looked it up)."""
+    assert contract.id is not None
+    kept = replayed_answer(ctx, digest, contract.id)
+    if kept is None:
+        return None
+    exi, serial = kept
+    try:
+        old = decode_message(exi)
+    except ExiError:  # pragma: no cover - we encoded it
+        log.warning("kept answer for %s does not decode; issuing anew", contract.emaid)
+        return None
+    # The header is outside the signature [V2G2-818..823]: the same signed body under the retry's SessionID.
+    message = replace(old, header=replace(old.header, session_id=session_id))
+    exi = encode_message(message)
+    if 4 * -(-len(exi) // 3) > EXI_RESPONSE_MAX_B64:  # the same bound as a new answer's
+        raise ResponseTooLarge(f"exiResponse would be over {EXI_RESPONSE_MAX_B64} characters")
+    return Delivery(message, exi, ResponseCode.OK, emaid=contract.emaid,
+                    contract_serial=serial, notes=[f"replayed request: the answer of {serial} again"])
 
 
 def build_delivery(ctx: Context, contract: Contract | ContractRow,
                    vehicle_key: ec.EllipticCurvePublicKey | x509.Certificate,
                    ids: tuple[X509IssuerSerial, ...] | None, session_id: bytes, *, update: bool,
-                   actor: str, supersede: bool = False, keep: tuple[str, str] | None = None) -> Delivery:
+                   actor: str, supersede: bool = False, keep: tuple[str, str] | None = None,
+                   remember: str | None = None) -> Delivery:
     """Issue the contract certificate, encrypt its key for ``vehicle_key`` (the OEM provisioning or current
     contract certificate, or its public key) and sign the response.
 
     ``ids`` None means "any of our roots" (contract data prepared ahead of time, before the vehicle says
     which roots it trusts). ``supersede``: the contract may already have valid contract certificates
     (a replayed or repeated request); once the new one is issued and signed for, they are revoked with
-    reason superseded, except ``keep`` (#21 item 2). Everything that can refuse is checked before the
-    certificate is issued (#21 item 16)."""
+    reason superseded, except ``keep`` (#21 item 2). ``remember``: the installation request's body digest;
+    the signed answer is kept under it (and the contract) so a retry of the same request gets the same
+    answer (:func:`_replay`). Everything that can refuse is checked before the certificate is issued
+    (#21 item 16)."""
     if ids is None:
         ids = tuple(X509IssuerSerial(h.cert.subject.rfc4514_string(), h.cert.serial_number)
                     for h in ctx.engine.cas() if h.row.parent is None)
@@ -450,6 +487,12 @@ def build_delivery(ctx: Context, contract: Contract | ContractRow,
         raise CPSError(f"CPS signature failed: {exc.message}") from None
     delivery = Delivery(message, encode_message(message), ResponseCode.OK, emaid=contract.emaid,
                         contract_serial=issued.serial)
+    if remember is not None and contract.id is not None:
+        try:
+            store_answer(ctx, remember, contract.id, contract.emaid, (issued.issuer, issued.serial),
+                         (cps_row.issuer, cps_row.serial), delivery.exi, issued.cert.not_valid_after_utc)
+        except PKIError:  # the answer stands; a retry then gets a new certificate, superseding this one
+            log.warning("keeping the answer for %s failed", contract.emaid, exc_info=True)
     if supersede:
         try:
             gone = supersede_contract_certificates(ctx, contract.emaid, (issued.issuer, issued.serial), keep,

@@ -264,3 +264,28 @@ class SignedContractData(SQLModel, table=True):
     cert_serial: str = Field(max_length=40)
     payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime
+
+
+class CpsReplay(SQLModel, table=True):
+    """An ISO 15118-2 installation answer kept for the vehicle's retries (#21 item 2, migration 0010).
+
+    Keyed by the SHA-256 of the request body the vehicle signed (the verified Reference DigestValue) and the
+    contract it was answered for: a retry of the same signed request gets the same answer (same contract
+    certificate, same encrypted key, same CPS signature) under its new SessionID instead of a new
+    certificate. ``response`` is the signed V2G_Message with SessionID 00; it holds no plaintext key, only
+    what the vehicle's provisioning key can decrypt. Valid while both certificates are valid (checked on
+    every use), until ``expires_at`` (the contract certificate's notAfter); deleted when the contract is
+    terminated or loses its default."""
+
+    __tablename__ = "cps_replay"
+
+    request_digest: str = Field(primary_key=True, max_length=64)  # hex
+    contract_id: int = Field(primary_key=True, index=True)
+    emaid: str = Field(max_length=255)
+    cert_issuer: str = Field(max_length=64)
+    cert_serial: str = Field(max_length=40)
+    cps_issuer: str = Field(max_length=64)
+    cps_serial: str = Field(max_length=40)
+    response: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    expires_at: datetime = Field(index=True)
+    created_at: datetime
