@@ -529,6 +529,14 @@ class PresignedCache:
 
     load = warm  # the name before #28
 
+    def adopt(self, warm: PresignedCache) -> int:
+        """Take over a cache warmed by the supervisor before the fork (this process's copy of it): its
+        entries, issuers and watermarks. Returns how many entries."""
+        for attr in ("entries", "issuer_hashes", "_issuers", "_sha1", "_held", "_max_resp", "_max_rev",
+                     "_watermarks_read", "_next_issuers", "fresh_until", "loads"):
+            setattr(self, attr, getattr(warm, attr))
+        return len(self.entries)
+
     def _read_watermarks(self) -> None:
         """Start the change scans at the newest stamps now in the tables (an index's last entry each)."""
         if self._watermarks_read:
@@ -1424,9 +1432,10 @@ async def _serve_worker(responder: FastResponder, sock: socket.socket, *, parent
     closed.cancel()
 
 
-def _child_main(sock: socket.socket | None, settings: Settings | None, host: str, port: int, parent_pid: int,
-                threads: int) -> None:
-    """A forked worker: own Context, own DB connections, own bounded cache of pre-signed responses."""
+def _child_main(sock: socket.socket | None, warm: PresignedCache | None, settings: Settings | None, host: str,
+                port: int, parent_pid: int, threads: int) -> None:
+    """A forked worker: own Context, own DB connections, own bounded cache of pre-signed responses (the
+    supervisor's warm cache, copy-on-write, for the first workers; warmed here for a replacement)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C and tells us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     code = 0
@@ -1437,7 +1446,8 @@ def _child_main(sock: socket.socket | None, settings: Settings | None, host: str
         _instrument(ctx)
         fresh = PresignedCache(ctx)
         t0 = time.perf_counter()
-        warmed = fresh.warm()  # bounded by V2GPKI_OCSP_CACHE_WARM_ENTRIES, whatever the table holds
+        # bounded by V2GPKI_OCSP_CACHE_WARM_ENTRIES, whatever the table holds
+        warmed = fresh.adopt(warm) if warm is not None else fresh.warm()
         log.info("OCSP worker %d ready: %d cached responses in %.2f s", os.getpid(), warmed,
                  time.perf_counter() - t0)
         fresh._gate = None  # this process's probe values are its own (PRAGMA data_version is per connection)
@@ -1491,6 +1501,13 @@ def serve(host: str = "127.0.0.1", port: int = 8001, workers: int = 2, *, settin
     ctx.db.dispose()
     if check_hsm:
         _check_hsm_in_child(ctx)
+    # Warm one bounded cache here, once, and fork the first workers with it (copy-on-write): they answer
+    # from memory as soon as they run, instead of each reading the same rows after the fork (#28: on a
+    # busy machine the second worker's warm-up overlapped the first seconds of traffic).
+    warm: PresignedCache | None = PresignedCache(ctx)
+    assert warm is not None
+    warmed = warm.warm()
+    warm.close()
     read_engine(ctx.db).dispose()
     ctx.db.dispose()
     sock: socket.socket | None = None
@@ -1506,8 +1523,8 @@ def serve(host: str = "127.0.0.1", port: int = 8001, workers: int = 2, *, settin
         port = sock.getsockname()[1]
     st = ctx.settings
     print(f"v2gpki OCSP/CRL responder on http://{host}:{port} ({workers} workers, each caching at most "
-          f"{st.ocsp_cache_entries} pre-signed responses, {min(st.ocsp_cache_entries, st.ocsp_cache_warm_entries)} "
-          f"at start; ready in {time.perf_counter() - t0:.2f} s)", file=sys.stderr, flush=True)
+          f"{st.ocsp_cache_entries} pre-signed responses, {warmed} at start; ready in "
+          f"{time.perf_counter() - t0:.2f} s)", file=sys.stderr, flush=True)
     parent = os.getpid()
     children: dict[int, float] = {}
     stopping: list[int] = []
@@ -1515,7 +1532,7 @@ def serve(host: str = "127.0.0.1", port: int = 8001, workers: int = 2, *, settin
     def spawn() -> None:
         pid = os.fork()
         if pid == 0:
-            _child_main(sock, settings, host, port, parent, threads)
+            _child_main(sock, warm, settings, host, port, parent, threads)
         children[pid] = time.monotonic()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -1528,6 +1545,7 @@ def serve(host: str = "127.0.0.1", port: int = 8001, workers: int = 2, *, settin
     signal.signal(signal.SIGINT, on_signal)
     for _ in range(workers):
         spawn()
+    warm = None  # the workers have their copies; a replacement warms its own
     quick_deaths = 0
     while children:
         try:
