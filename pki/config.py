@@ -104,11 +104,12 @@ class Settings(BaseSettings):
     # `v2gpki ocsp-serve`: open connections per client address and worker process (0 = no cap).
     ocsp_max_connections_per_client: int = Field(default=64, ge=0)
     # `v2gpki ocsp-serve` (#28): pre-signed responses live in the database (ocsp_response); each worker keeps
-    # at most this many in a bounded LRU cache in front of it (≈ 1.7 KB each as measured: 75,000 ≈ 121 MiB on
-    # a worker of ≈ 118 MB without it, within 256 MB whatever the number of certificates; bench/fleet.py), a
+    # at most this many in a bounded LRU cache in front of it (≈ 1.7 KB each as measured: 60,000 ≈ 97 MiB on
+    # a worker of ≈ 123 MB without it, ≈ 235 MB after a drill, within 256 MB whatever the number of
+    # certificates; 75,000 measured 243 MB, 258 MB after a drill — bench/fleet.py), a
     # miss reads one row by its unique key; and fills
     # up to V2GPKI_OCSP_CACHE_WARM_ENTRIES of the newest responses at start (0: start empty).
-    ocsp_cache_entries: int = Field(default=75_000, ge=0)
+    ocsp_cache_entries: int = Field(default=60_000, ge=0)
     ocsp_cache_warm_entries: int = Field(default=20_000, ge=0)
     # `v2gpki serve`: request line + headers at most this many bytes (431 beyond), and complete within
     # this many seconds of their first byte (connection closed otherwise); idle keep-alive seconds.
