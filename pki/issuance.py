@@ -336,9 +336,12 @@ class Engine:
     # -- CA cache --------------------------------------------------------------------------------------
 
     def reload_cas(self) -> None:
-        with self.db.session() as s:
-            rows = list(s.exec(select(CertificateAuthority)))
+        # The query runs under the lock: two reloads racing (a request thread and an after-commit hook)
+        # could otherwise let the one that read the table first assign its older snapshot last, and a CA
+        # created in between (a root switch's new Sub-CAs) vanish from the cache until the next reload.
         with self._cas_lock:
+            with self.db.session() as s:
+                rows = list(s.exec(select(CertificateAuthority)))
             fresh: dict[str, CAHandle] = {}
             for row in rows:
                 old = self._cas.get(row.name)
@@ -402,7 +405,10 @@ class Engine:
         # Prefer a CA whose key algorithm matches the subject key (-20 Ed448 chains stay Ed448), then the
         # issuer listed first in the profile (e.g. cpo-sub2 rather than the root), then the newest.
         order = {p: i for i, p in enumerate(profile.issuers)}
-        candidates.sort(key=lambda h: (h.alg != key_alg, order[h.row.profile], -h.row.not_after.timestamp()))
+        # ties on notAfter (a new hierarchy whose CAs end when the old ones do) go to the newest CA row:
+        # the order the database returns rows in is no order (PostgreSQL's changes after an UPDATE)
+        candidates.sort(key=lambda h: (h.alg != key_alg, order[h.row.profile], -h.row.not_after.timestamp(),
+                                       -(h.row.id or 0)))
         return candidates[0]
 
     # -- building --------------------------------------------------------------------------------------

@@ -66,7 +66,10 @@ def ca_under_root(engine: Engine, profile_name: str, key_alg: KeyAlg, root_hash:
             raise UnknownRoot(f"the root named by hashRootCertificate issues no {profile_name!r} certificates")
         raise UnknownRoot("hashRootCertificate matches no root certificate of this PKI")
     order = {p: i for i, p in enumerate(profile.issuers)}
-    candidates.sort(key=lambda h: (h.alg != key_alg, order[h.row.profile], -h.row.not_after.timestamp()))
+    # ties on notAfter (a new hierarchy whose CAs end when the old ones do) go to the newest CA row:
+    # the order the database returns rows in is no order (PostgreSQL's changes after an UPDATE)
+    candidates.sort(key=lambda h: (h.alg != key_alg, order[h.row.profile], -h.row.not_after.timestamp(),
+                                   -(h.row.id or 0)))
     return candidates[0].name
 
 
