@@ -439,17 +439,22 @@ def list_subscriptions(ctx: Context, org: str | None) -> list[Subscription]:
         return list(s.exec(stmt.order_by(Subscription.id)))  # type: ignore[arg-type]
 
 
-def get_subscription(ctx: Context, sub_id: str, org: str | None) -> Subscription:
-    """One active subscription; another organization's (``org`` set) is NotFound, like an unknown one."""
-    with ctx.db.session() as s:
-        stmt = sm_select(Subscription).where(Subscription.sub_id == sub_id,
-                                             Subscription.deleted_at == None)  # noqa: E711
-        if org is not None:
-            stmt = stmt.where(Subscription.org == org)
-        row = s.exec(stmt).first()
+def _active_subscription(s: Session, sub_id: str, org: str | None) -> Subscription:
+    """The active subscription ``sub_id``; another organization's (``org`` set) is NotFound, like an unknown one."""
+    stmt = sm_select(Subscription).where(Subscription.sub_id == sub_id,
+                                         Subscription.deleted_at == None)  # noqa: E711
+    if org is not None:
+        stmt = stmt.where(Subscription.org == org)
+    row = s.exec(stmt).first()
     if row is None:
         raise NotFound(f"no subscription {sub_id!r}")
     return row
+
+
+def get_subscription(ctx: Context, sub_id: str, org: str | None) -> Subscription:
+    """One active subscription; another organization's (``org`` set) is NotFound, like an unknown one."""
+    with ctx.db.session() as s:
+        return _active_subscription(s, sub_id, org)
 
 
 def update_subscription(ctx: Context, sub_id: str, org: str | None, *, target: str | None = None,
@@ -460,13 +465,7 @@ def update_subscription(ctx: Context, sub_id: str, org: str | None, *, target: s
     lc = lifecycle_of(ctx)
     evs = _check_events(events) if events is not None else None
     with ctx.db.session() as s:
-        stmt = sm_select(Subscription).where(Subscription.sub_id == sub_id,
-                                             Subscription.deleted_at == None)  # noqa: E711
-        if org is not None:
-            stmt = stmt.where(Subscription.org == org)
-        row = s.exec(stmt).first()
-        if row is None:
-            raise NotFound(f"no subscription {sub_id!r}")
+        row = _active_subscription(s, sub_id, org)
         if target is not None:
             if row.kind == "webhook":
                 check_webhook_url(target, lc.settings)
@@ -485,13 +484,7 @@ def update_subscription(ctx: Context, sub_id: str, org: str | None, *, target: s
 
 def remove_subscription(ctx: Context, sub_id: str, org: str | None, *, actor: str = "cli") -> Subscription:
     with ctx.db.session() as s:
-        stmt = sm_select(Subscription).where(Subscription.sub_id == sub_id,
-                                             Subscription.deleted_at == None)  # noqa: E711
-        if org is not None:
-            stmt = stmt.where(Subscription.org == org)
-        row = s.exec(stmt).first()
-        if row is None:
-            raise NotFound(f"no subscription {sub_id!r}")
+        row = _active_subscription(s, sub_id, org)
         row.deleted_at = utcnow()
         s.add(row)
         audit.append(s, audit.Entry(actor=actor, org=row.org, action="subscription.delete", object=sub_id))

@@ -34,6 +34,7 @@ import base64
 import json
 import secrets
 import time
+from abc import abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -334,10 +335,10 @@ class _Station:
         self.installed.put_nowait((signed, chain))
         return not isinstance(chain, str)
 
+    @abstractmethod
     async def request(self, message: str, payload: dict[str, Any]) -> dict[str, Any]:
         """Send ``message`` (its 2.0.1/2.1 payload, camelCase) the way this version carries it; the answer's
-        payload (camelCase, as received)."""
-        raise NotImplementedError
+        payload (camelCase, as received). Each version's station class carries it its own way."""
 
 
 class Station2(_Station):
