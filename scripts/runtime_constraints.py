@@ -36,8 +36,9 @@ def _carried_pin(name: str) -> str:
     return m.group(1)
 
 
-def closure(root: str = ROOT) -> dict[str, str]:
-    """canonical name -> installed version, for every distribution ``root`` needs at run time."""
+def closure(root: str = ROOT, others: tuple[dict[str, str], ...] = OTHER_PYTHONS) -> dict[str, str]:
+    """canonical name -> installed version, for every distribution ``root`` needs at run time, on this
+    interpreter or on one of ``others`` (markers such as ``python_full_version < "3.11.3"``)."""
     found: dict[str, str] = {}
     todo: list[tuple[str, frozenset[str]]] = [(root, frozenset())]
     seen: set[tuple[str, frozenset[str]]] = set()
@@ -56,11 +57,16 @@ def closure(root: str = ROOT) -> dict[str, str]:
         for line in dist.requires or []:
             req = Requirement(line)
             extra_envs = [{"extra": e} for e in extras] or [{"extra": ""}]
-            envs = extra_envs + [{**e, **py} for e in extra_envs for py in OTHER_PYTHONS]
+            envs = extra_envs + [{**e, **py} for e in extra_envs for py in others]
             if req.marker is not None and not any(req.marker.evaluate(env) for env in envs):
                 continue
             todo.append((canonicalize_name(req.name), frozenset(req.extras)))
     return found
+
+
+def other_interpreters_only(root: str = ROOT) -> set[str]:
+    """The pinned names this interpreter never installs: needed only on one of OTHER_PYTHONS."""
+    return set(closure(root)) - set(closure(root, others=()))
 
 
 def main() -> None:
