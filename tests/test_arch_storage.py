@@ -1,0 +1,120 @@
+"""The storage seam (#23 item 2): SQL lives in pki/store only.
+
+No module in pki/ (outside pki/store), api/, hsm/ or workers/ imports SQLAlchemy, SQLModel, Alembic,
+sqlite3 or a PostgreSQL driver — at module level or inside a function. They call the repositories in
+pki/store instead, as Boulder's CA and RA call its storage authority.
+
+Modules not converted yet are listed in ALLOWED; the list only shrinks: a listed module that no longer
+imports a database library fails the test too, so whoever converts it also removes it here.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("pki", "api", "hsm", "workers")
+FORBIDDEN = ("sqlalchemy", "sqlmodel", "alembic", "sqlite3", "psycopg", "psycopg2", "psycopg_pool", "asyncpg")
+
+# Still to convert (dotted module name → why it is still here).
+ALLOWED: dict[str, str] = {
+    "api.auth": "to convert",
+    "api.console.data": "to convert",
+    "api.console.trustlists": "to convert",
+    "api.console.views": "to convert",
+    "api.observability": "to convert",
+    "api.ocpp.ev_certificate": "to convert",
+    "api.opcp.rcp": "to convert",
+    "api.opnc.pki": "to convert",
+    "api.opnc.pools": "to convert",
+    "api.problems": "to convert",
+    "api.v1.routes": "to convert",
+    "api.v1.subscriptions": "to convert",
+    "pki.audit": "to convert",
+    "pki.audit_sign": "to convert",
+    "pki.backup": "to convert",
+    "pki.cli": "to convert",
+    "pki.clock": "to convert",
+    "pki.contracts": "to convert",
+    "pki.cps.service": "to convert",
+    "pki.cps.service20": "to convert",
+    "pki.crl": "to convert",
+    "pki.enrollment": "to convert",
+    "pki.firmware": "to convert",
+    "pki.firmware_cli": "to convert",
+    "pki.hierarchy": "to convert",
+    "pki.issuance": "to convert",
+    "pki.lifecycle": "to convert",
+    "pki.oauth": "to convert",
+    "pki.ocsp": "owned by the OCSP split (pki/ocsp/), which moves its SQL into pki/store",
+    "pki.ops_cli": "to convert",
+    "pki.orgs": "to convert",
+    "pki.pools": "to convert",
+    "pki.revocation": "to convert",
+    "pki.root_campaign": "to convert",
+    "pki.trustlist": "to convert",
+    "pki.truststore_plan": "to convert",
+    "workers.app": "to convert",
+    "workers.outbox": "to convert",
+}
+
+
+def _is_forbidden(name: str) -> bool:
+    return name.split(".", 1)[0] in FORBIDDEN
+
+
+def forbidden_imports(source: str) -> list[str]:
+    """Every database library a module imports, wherever the import statement is (functions included)."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if _is_forbidden(a.name)]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and _is_forbidden(node.module):
+            found.append(node.module)
+    return found
+
+
+def _modules() -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for pkg in PACKAGES:
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            rel = path.relative_to(REPO)
+            if rel.parts[:2] == ("pki", "store"):
+                continue
+            parts = list(rel.with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def offenders() -> dict[str, list[str]]:
+    return {name: found for name, path in _modules().items()
+            if (found := forbidden_imports(path.read_text(encoding="utf-8")))}
+
+
+def test_no_sql_outside_pki_store() -> None:
+    bad = {m: f for m, f in offenders().items() if m not in ALLOWED}
+    assert not bad, f"database imports outside pki/store (use a repository in pki/store): {bad}"
+
+
+def test_allow_list_only_shrinks() -> None:
+    found = offenders()
+    stale = sorted(m for m in ALLOWED if m not in found)
+    assert not stale, f"no longer import a database library: remove them from ALLOWED: {stale}"
+
+
+def test_check_finds_a_planted_import() -> None:
+    planted = (
+        "import os\n"
+        "def f():\n"
+        "    from sqlalchemy import func\n"
+        "    import sqlite3, json\n"
+        "    import psycopg.rows\n"
+        "from sqlmodel import select\n"
+        "from .sqlalchemy import x  # a relative module of that name is ours, not the library\n"
+        "import sqlalchemy_utils_not_ours as y\n"
+    )
+    assert sorted(forbidden_imports(planted)) == ["psycopg.rows", "sqlalchemy", "sqlite3", "sqlmodel"]
+    assert forbidden_imports("import json\nfrom pki.store import Database\n") == []
