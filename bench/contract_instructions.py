@@ -3,14 +3,14 @@
     eval "$(bash scripts/services.sh)"
     .venv/bin/python bench/contract_instructions.py [--db postgresql|sqlite] [--n 100] [--iso 2|20]
 
-This VM's speed drifts by a third within minutes (docs/cps.md), so installations/s and CPU milliseconds
-compare two versions of the code only over many alternated runs. The number of instructions the server
-process executes per installation does not drift: it is what this script reports, for ``deliver()``
-(EXI in, contract key, issuance with the token signature, key wrap, CPS signature, EXI out; the OCSP
-pre-signer thread included), in process, without HTTP. It counts the Python process only: the database
-server's work is not in it (bench/contract.py reports that as CPU time). ``--iso 20`` counts ISO 15118-20
-installations instead (``deliver20()``: P-521 vehicle, ecdsa-sha512, AES-256-GCM; #26). Needs valgrind
-(``apt-get install -y valgrind``); about three minutes for the default 100 installations.
+This VM's speed drifts by a third within minutes (bench/results/2026-11-23-contract-round8.md), so
+installations/s and CPU milliseconds compare two versions of the code only over many alternated runs. The
+number of instructions the server process executes per installation does not drift: it is what this script
+reports, for ``deliver()`` (EXI in, contract key, issuance with the token signature, key wrap, CPS signature,
+EXI out; the OCSP pre-signer thread included), in process, without HTTP. It counts the Python process only:
+the database server's work is not in it (bench/contract.py reports that as CPU time). ``--iso 20`` counts ISO
+15118-20 installations instead (``deliver20()``: P-521 vehicle, ecdsa-sha512, AES-256-GCM; #26). Needs
+valgrind (``apt-get install -y valgrind``); about three minutes for the default 100 installations.
 """
 
 from __future__ import annotations
