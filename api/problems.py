@@ -1,6 +1,7 @@
 """The one place where typed errors become RFC 9457 `application/problem+json` responses.
 
-pki/ and hsm/ raise typed errors; nothing else in api/ builds error bodies by hand. Internal detail
+pki/ and hsm/ raise typed errors (a value the database refuses arrives as pki.store.errors.InvalidValue, a
+PKIError: no database exception reaches api/); nothing else in api/ builds error bodies by hand. Internal detail
 (stack traces, paths, PINs) never reaches the client.
 """
 
@@ -12,7 +13,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hsm.errors import HSMConfigError, HSMError, HSMUnavailable, SignatureCheckFailed
@@ -68,14 +68,6 @@ def _hsm(exc: HSMError) -> JSONResponse:
     return problem(503, "hsm-error", "HSM error", retry_after=HSM_RETRY_AFTER)
 
 
-def _data(exc: DataError) -> JSONResponse:
-    # The database refused a value the client sent (PostgreSQL: a NUL byte in text, an integer out of
-    # range): the request is invalid, not the server. Logged, since a server-made value would be a bug.
-    log.warning("database refused a request value: %s", type(exc.orig).__name__ if exc.orig else exc)
-    return problem(400, "invalid-request", "Invalid request",
-                   "a value in the request cannot be stored or searched (NUL character or number out of range)")
-
-
 def _http(exc: StarletteHTTPException) -> JSONResponse:
     code = {401: "unauthorized", 403: "forbidden", 404: "not-found", 405: "method-not-allowed",
             413: "payload-too-large", 429: "rate-limited"}.get(exc.status_code, "http-error")
@@ -90,7 +82,7 @@ def _http(exc: StarletteHTTPException) -> JSONResponse:
 _TYPED: list[tuple[type[Exception], Any]] = [
     (PKIError, _pki), (HSMUnavailable, _hsm_down), (HSMConfigError, _hsm_cfg),
     (SignatureCheckFailed, _hsm_bad_signature), (HSMError, _hsm),
-    (DataError, _data), (StarletteHTTPException, _http),
+    (StarletteHTTPException, _http),
 ]
 
 

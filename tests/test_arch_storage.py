@@ -28,7 +28,6 @@ ALLOWED: dict[str, str] = {
     "api.opcp.rcp": "to convert",
     "api.opnc.pki": "to convert",
     "api.opnc.pools": "to convert",
-    "api.problems": "to convert",
     "api.v1.routes": "to convert",
     "api.v1.subscriptions": "to convert",
     "pki.audit": "to convert",

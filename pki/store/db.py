@@ -17,6 +17,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
 from sqlmodel import Session
 
+from pki.store.errors import translate
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 _READER_LOCK = threading.Lock()
 _AUTOCOMMIT_DBS: weakref.WeakSet[Database] = weakref.WeakSet()
@@ -66,6 +68,7 @@ class Database:
             kwargs.update(pool_size=10, max_overflow=20, connect_args=_pg_connect_args())
         self.engine: Engine = create_engine(self.url, **kwargs)
         self._reader: Engine | None = None
+        event.listen(self.engine, "handle_error", translate)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin_immediate)
@@ -93,6 +96,7 @@ class Database:
                                             connect_args=_pg_connect_args())
                         event.listen(eng, "checkout", _ping_if_idle)
                         event.listen(eng, "checkin", _mark_checkin)
+                    event.listen(eng, "handle_error", translate)
                     self._reader = eng
                     _AUTOCOMMIT_DBS.add(self)
         return eng

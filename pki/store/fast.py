@@ -27,6 +27,8 @@ from sqlalchemy.engine import Connection, CursorResult, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql.expression import Executable
 
+from pki.store.errors import invalid_value
+
 _Compiled = tuple[str, bool, tuple[str, ...], tuple[Callable[[Any], Any] | None, ...], tuple[Any, ...]]
 
 
@@ -181,10 +183,12 @@ class MultiRowInsert:
         return {f"{c}_{i}": r[c] for i, r in enumerate(rows) for c in self.columns}
 
 
-def _as_sqlalchemy(dialect: Dialect, sql: str, params: Any, exc: Exception) -> StatementError:
+def _as_sqlalchemy(dialect: Dialect, sql: str, params: Any, exc: Exception) -> Exception:
     """A driver error raised on the driver's cursor, as SQLAlchemy raises it through a Connection
-    (IntegrityError, OperationalError, ...), so callers catch one family of errors on every path."""
-    return DBAPIError.instance(sql, params, exc, dialect.loaded_dbapi.Error)
+    (IntegrityError, OperationalError, ...; a DataError as pki.store.errors.InvalidValue, as the engines'
+    handle_error listener turns it), so callers catch one family of errors on every path."""
+    err: StatementError = DBAPIError.instance(sql, params, exc, dialect.loaded_dbapi.Error)
+    return invalid_value(err) or err
 
 
 SIMPLE_QUERY_MAX_ROWS = 16  # rows up to which run_together sends one simple query on PostgreSQL

@@ -1,0 +1,39 @@
+"""Database errors as typed PKI errors, so no caller outside pki/store names a SQLAlchemy exception.
+
+The database refusing a value the client sent (PostgreSQL: a NUL character in text, an integer out of
+range for an INTEGER column) is the request's fault, not the server's: every engine of
+:class:`pki.store.db.Database` turns the driver's DataError into :class:`InvalidValue` (a 400 problem
+body in api/problems.py), whichever path ran the statement (ORM session, Core, pki/store/fast.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy.exc import DataError
+
+from pki.errors import PKIError
+
+log = logging.getLogger("v2gpki.store")
+
+
+class InvalidValue(PKIError):
+    """A value in the request cannot be stored or searched (NUL character or number out of range)."""
+
+    code = "invalid-request"
+    status = 400
+
+
+def invalid_value(exc: BaseException) -> InvalidValue | None:
+    """The typed error for a SQLAlchemy DataError (logged: a server-made value would be a bug), else None."""
+    if not isinstance(exc, DataError):
+        return None
+    log.warning("database refused a request value: %s", type(exc.orig).__name__ if exc.orig else exc)
+    return InvalidValue("a value in the request cannot be stored or searched (NUL character or number out of "
+                        "range)")
+
+
+def translate(context: Any) -> BaseException | None:
+    """SQLAlchemy ``handle_error`` listener: the exception to raise instead of the DataError it built."""
+    return invalid_value(context.sqlalchemy_exception)
