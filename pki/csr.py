@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 from hsm.keystore import KeyAlg, PublicKey
 from pki import names
 from pki.errors import BadCSR, BadKey, BadSignature, BadSubject
+from pki.names import SubjectFields  # re-exported: pki.csr is where callers have always found it
 from pki.profiles import Profile
 from pki.tbs import csr_subject_fields
 
@@ -30,14 +31,6 @@ _SINGLE_ATTRS = {
     NameOID.COUNTRY_NAME: "C",
     NameOID.DOMAIN_COMPONENT: "DC",
 }
-
-
-@dataclass(frozen=True)
-class SubjectFields:
-    cn: str
-    o: str | None
-    c: str | None
-    dc: str | None
 
 
 @dataclass(frozen=True)

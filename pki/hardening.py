@@ -13,11 +13,8 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import parse_qsl, urlsplit
-
-if TYPE_CHECKING:
-    from pki.config import Settings
 
 TRUTHY = frozenset({"1", "true", "yes", "on", "t", "y"})
 _INSECURE_SSLMODES = frozenset({"disable", "allow"})
@@ -92,7 +89,23 @@ def sslmode_of(url: str | None) -> str | None:
     return None
 
 
-def switch_problems(s: Settings) -> list[str]:
+class HardenedSettings(Protocol):
+    """What these checks read of pki.config.Settings (which calls them: a Protocol, not an import of
+    pki.config, keeps this module below it)."""
+
+    @property
+    def console_insecure_cookies(self) -> str | None: ...
+    @property
+    def webhook_allow_private(self) -> str | None: ...
+    @property
+    def pkilint(self) -> str: ...
+    @property
+    def database_url(self) -> str | None: ...
+    @property
+    def home_dir(self) -> Path: ...
+
+
+def switch_problems(s: HardenedSettings) -> list[str]:
     """Development switches that production refuses. Never echoes a URL (it may carry a password)."""
     out: list[str] = []
     if truthy(s.console_insecure_cookies):
@@ -111,5 +124,5 @@ def switch_problems(s: Settings) -> list[str]:
     return out
 
 
-def hardening_problems(s: Settings) -> list[str]:
+def hardening_problems(s: HardenedSettings) -> list[str]:
     return switch_problems(s) + data_dir_problems(s.home_dir)

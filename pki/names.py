@@ -7,8 +7,22 @@ normalise to upper case instead of rejecting lower case.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from pki.errors import BadSubject
+
+
+@dataclass(frozen=True)
+class SubjectFields:
+    """The subject attributes the V2G profiles use (CN, O, C, DC), normalised by the RA (pki/csr.py).
+
+    Defined here, below both pki.csr (which fills it) and pki.tbs (which encodes it), so neither
+    imports the other for it."""
+
+    cn: str
+    o: str | None
+    c: str | None
+    dc: str | None
 
 # ISO 15118-2 Annex H / DIN SPEC 91286: country(2) [*] operator(3) [*] 'E' power outlet id.
 EVSEID_RE = re.compile(r"^[A-Z]{2}\*?[A-Z0-9]{3}\*?E[A-Z0-9*]{1,31}$")

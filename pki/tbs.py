@@ -25,12 +25,9 @@ import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from pki.der import der_int, elements, generalized_time, spki_bits, tlv
-
-if TYPE_CHECKING:  # pki.csr imports this module
-    from pki.csr import SubjectFields
+from pki.names import SubjectFields
 
 # AttributeType OIDs (DER contents) for the subject attributes the V2G profiles use.
 OID_CN = bytes.fromhex("550403")  # 2.5.4.3

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from sqlalchemy import case, func
 from sqlmodel import col, select
 
+from api.console.ocsp_bridge import OcspView, responder_status
 from pki.context import Context
 from pki.store.models import Certificate, CertificateAuthority
 
@@ -266,22 +267,10 @@ def decode(row: Certificate) -> Decoded:
 # -- OCSP status, as the responder answers it -------------------------------------------------------------
 
 
-@dataclass
-class OcspView:
-    status: str  # good | revoked | unknown
-    source: str  # "responder" when the OCSP responder produced it, "database" otherwise
-    revocation_reason: str | None = None
-    revoked_at: datetime | None = None
-    this_update: datetime | None = None
-    next_update: datetime | None = None
-
-
 def ocsp_status(ctx: Context, row: Certificate) -> OcspView:
     """The status the OCSP responder gives for this certificate (pki.ocsp when it is installed); else
     the responder's rule applied to the database row (valid → good, revoked / hold → revoked)."""
-    from api.console import ocsp_bridge
-
-    view = ocsp_bridge.responder_status(ctx, row)
+    view = responder_status(ctx, row)
     if view is not None:
         return view
     if row.status in ("revoked", "hold"):

@@ -3,20 +3,22 @@
 A DER OCSPRequest for the certificate (CertID over SHA-1, no nonce: the RFC 5019 shape chargers send)
 goes through ``responder_for(ctx).respond`` — the function the /ocsp endpoint calls — and the signed
 answer is parsed back with cryptography, so the console shows the responder's word, not the database's.
-Returns None when the responder module is not installed in this process.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
+from pki.ocsp import responder_for
+
 if TYPE_CHECKING:
-    from api.console.data import OcspView
     from pki.context import Context
     from pki.store.models import Certificate
 
@@ -31,13 +33,17 @@ _REASON_NAMES = {
 }
 
 
-def responder_status(ctx: Context, row: Certificate) -> OcspView | None:
-    from api.console.data import OcspView
+@dataclass
+class OcspView:
+    status: str  # good | revoked | unknown
+    source: str  # "responder" when the OCSP responder produced it, "database" otherwise
+    revocation_reason: str | None = None
+    revoked_at: datetime | None = None
+    this_update: datetime | None = None
+    next_update: datetime | None = None
 
-    try:
-        from pki.ocsp import responder_for
-    except ImportError:
-        return None
+
+def responder_status(ctx: Context, row: Certificate) -> OcspView | None:
     try:
         cert = x509.load_der_x509_certificate(row.der)
         issuer = ctx.engine.ca(row.issuer).cert

@@ -29,9 +29,10 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from sqlalchemy import func
 from sqlmodel import col, select
 
+import api.console.data as data  # the submodules, not the package (its setup() imports this module)
+import api.console.session as sess
+import api.console.trustlists as trustlists
 from api.auth import CLIENT_LIMIT, TokenBucket, _by_certificate, _client_ip, _fail, peer_certificate_der
-from api.console import data, trustlists
-from api.console import session as sess
 from api.deps import CtxDep
 from pki import audit
 from pki.context import Context

@@ -6,7 +6,7 @@ PIs, DTDs, prefixes or lexical values, no selfContained, valuePartitionCapacity 
 header (``0x80``). See docs/exi.md for what is covered and how it was verified.
 """
 
-from .codec import Node, decode_document, decode_fragment, encode_document, encode_fragment
+from .codec import decode_document, decode_fragment, encode_document, encode_fragment
 from .datatypes import DEFAULT_LIMITS, DecodeLimits
 from .messages import (
     CANONICAL_EXI,
@@ -37,6 +37,7 @@ from .messages import (
     encode_signed_info,
 )
 from .schema import MSGDEF, XMLDSIG, SchemaSet
+from .tree import Node
 
 __all__ = [
     "CANONICAL_EXI",

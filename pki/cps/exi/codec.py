@@ -14,45 +14,20 @@ Work and memory are bounded by :class:`~pki.cps.exi.datatypes.DecodeLimits`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 from ..errors import ExiDecodeError, ExiEncodeError, ExiLimitExceeded, ExiUnsupported
-from . import native
 from .bitstream import BitReader, BitWriter
 from .datatypes import DEFAULT_LIMITS, BinaryType, DecodeLimits, StringType, bits_for
 from .grammar import Grammar, Kind, State, grammar_for
+from .native import available as native_available
+from .native import decode as native_decode
+from .native import encode_document as native_encode_document
+from .native import encode_fragment as native_encode_fragment
 from .schema import ElementDecl, QName, SchemaSet
+from .tree import Node, empty_value_allowed
 
 EXI_HEADER = 0x80  # 10 | 0 | 0 0000: distinguishing bits, no options, final version 1 (EXI 1.0 §5.2-5.3)
-
-Value = str | bytes | int | bool
-
-
-@dataclass
-class Node:
-    """An element: qname, attributes, and its content (child Nodes and character values, in order)."""
-
-    qname: QName
-    attributes: dict[QName, Value] = field(default_factory=dict)
-    content: list[Node | Value] = field(default_factory=list)
-    # Set to {} on a node that is encoded more than once and not changed in between (the signed elements
-    # and SignedInfo of a response: once as fragments for the digests, again inside the document): its
-    # encoding under a grammar is kept as (grammar, value, bit count) and written again as one item.
-    memo: dict[int, tuple[Grammar, int, int]] | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def local(self) -> str:
-        return self.qname[0]
-
-    def children(self, local: str | None = None) -> Iterator[Node]:
-        for item in self.content:
-            if isinstance(item, Node) and (local is None or item.qname[0] == local):
-                yield item
-
-    def child(self, local: str) -> Node | None:
-        return next(self.children(local), None)
-
 
 def _describe(qname: QName | None) -> str:
     return qname[0] if qname else "?"
@@ -119,7 +94,7 @@ def _encode_content(writer: BitWriter, node: Node, grammar: Grammar, schema: Sch
         state = states[prod.next]
     if state.ee is not None:
         write_bits(state.ee, state.width)
-    elif state.ee2 is not None and _empty_value_allowed(state):
+    elif state.ee2 is not None and empty_value_allowed(state):
         # No CH where a value is due: an empty value, as in <a></a>. EXIficient encodes it like this, and
         # so does the data model (messages.py leaves empty values out of the tree); an explicit empty CH in
         # a tree is kept as such, so that decoding then encoding reproduces any accepted stream exactly.
@@ -132,22 +107,14 @@ def _encode_content(writer: BitWriter, node: Node, grammar: Grammar, schema: Sch
         raise ExiEncodeError(f"{node.local}: content incomplete, the schema requires more here")
 
 
-def _empty_value_allowed(state: State) -> bool:
-    """An element may end early through the second-level EE only where a string or binary value is due."""
-    if state.ch is None:
-        return False
-    datatype = state.productions[state.ch].datatype
-    return isinstance(datatype, StringType | BinaryType)
-
-
 def _write_header(writer: BitWriter) -> None:
     writer.write_bits(EXI_HEADER, 8)
 
 
 def encode_document(root: Node, schema: SchemaSet) -> bytes:
     """An EXI document (EXI 1.0 §8.5.1): SD, SE(G_i) from the sorted global elements, content, ED."""
-    if native.available():
-        out = native.encode_document(root, schema)
+    if native_available():
+        out = native_encode_document(root, schema)
         if out is not None:
             return out
     return _encode_document(root, schema)
@@ -172,8 +139,8 @@ def encode_fragment(elements: Sequence[Node], schema: SchemaSet, *, relaxed_ambi
     declaration's own type instead of the relaxed element fragment grammar §8.5.3 prescribes: the
     non-conformant behaviour of libcbv2g/cbexigen (EVerest), offered only to interoperate with it.
     """
-    if native.available():
-        out = native.encode_fragment(elements, schema, relaxed_ambiguous)
+    if native_available():
+        out = native_encode_fragment(elements, schema, relaxed_ambiguous)
         if out is not None:
             return out
     return _encode_fragment(elements, schema, relaxed_ambiguous=relaxed_ambiguous)
@@ -239,7 +206,7 @@ class _Decoder:
     def state_code(self, state: State, where: str) -> int:
         """First-level code; -1 for the second-level EE of an element whose value is empty."""
         count = len(state.productions)
-        if state.ee2 is not None and _empty_value_allowed(state):
+        if state.ee2 is not None and empty_value_allowed(state):
             self.tick()
             value = self.reader.read_bits(state.width)
             if value < count:
@@ -311,8 +278,8 @@ def decode_document(data: bytes, schema: SchemaSet, limits: DecodeLimits = DEFAU
                     keep_bits: frozenset[QName] = frozenset()) -> Node:
     """``keep_bits``: elements whose encoded content is kept with their Node (``Node.memo``), for a caller
     that re-encodes them unchanged (a signature check); such a Node must not be modified afterwards."""
-    if native.available():
-        root = native.decode(data, schema, limits, fragment=False, keep_bits=keep_bits)
+    if native_available():
+        root = native_decode(data, schema, limits, fragment=False, keep_bits=keep_bits)
         if root is not None:
             return root  # type: ignore[no-any-return]
     return _decode_document(data, schema, limits, keep_bits=keep_bits)
@@ -334,8 +301,8 @@ def _decode_document(data: bytes, schema: SchemaSet, limits: DecodeLimits = DEFA
 
 
 def decode_fragment(data: bytes, schema: SchemaSet, limits: DecodeLimits = DEFAULT_LIMITS) -> list[Node]:
-    if native.available():
-        nodes = native.decode(data, schema, limits, fragment=True)
+    if native_available():
+        nodes = native_decode(data, schema, limits, fragment=True)
         if nodes is not None:
             return nodes  # type: ignore[no-any-return]
     return _decode_fragment(data, schema, limits)

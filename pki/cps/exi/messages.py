@@ -16,9 +16,10 @@ from enum import StrEnum
 
 from ..errors import ExiDecodeError, ExiUnsupported
 from ._names import NS_BODY, NS_DEF, NS_DSIG, NS_HEADER, NS_NONE, NS_TYPES
-from .codec import Node, Value, decode_document, decode_fragment, encode_document, encode_fragment
+from .codec import decode_document, decode_fragment, encode_document, encode_fragment
 from .datatypes import DEFAULT_LIMITS, DecodeLimits
 from .schema import MSGDEF, XMLDSIG, QName, SchemaSet
+from .tree import Node, Value
 
 CANONICAL_EXI = "http://www.w3.org/TR/canonical-exi/"
 DIGEST_SHA256 = "http://www.w3.org/2001/04/xmlenc#sha256"

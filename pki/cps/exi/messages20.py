@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 from ..errors import ExiUnsupported
 from ._names20 import NS20_CM, NS20_CT
-from .codec import Node, decode_document, decode_fragment, encode_document, encode_fragment
+from .codec import decode_document, decode_fragment, encode_document, encode_fragment
 from .datatypes import DEFAULT_LIMITS, DecodeLimits
 from .messages import Signature, X509IssuerSerial, _bytes, _int, _leaf, _req, _str
 from .schema import QName
 from .schema20 import CM20
+from .tree import Node
 
 _ID: QName = ("Id", NS20_CM)
 CERTIFICATE_INSTALLATION_REQ: QName = ("CertificateInstallationReq", NS20_CM)

@@ -18,20 +18,18 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ExiEncodeError
 from .datatypes import BinaryType, BooleanType, Datatype, DecodeLimits, EnumType, IntegerType, StringType, bits_for
 from .grammar import Grammar, Kind, grammar_for
 from .schema import ElementDecl, QName, SchemaSet
-
-if TYPE_CHECKING:
-    from .codec import Node
+from .tree import Node, empty_value_allowed
 
 ABI = 2  # what _native.c's tables and calls look like; a stale build with another ABI is not used
 
 try:
-    from . import _native  # type: ignore[attr-defined]
+    import pki.cps.exi._native as _native  # type: ignore[import-not-found]
 except ImportError:  # not built (no C compiler at install time): the Python codec alone
     _native = None
 
@@ -94,7 +92,6 @@ class _Program:
 @cache
 def _program(schema: SchemaSet) -> _Program | None:
     """Every grammar reachable from ``schema``'s global and fragment elements, as _native.c's tables."""
-    from .codec import Node, _empty_value_allowed
 
     grammars: list[Grammar] = []
     index: dict[int, int] = {}
@@ -135,7 +132,7 @@ def _program(schema: SchemaSet) -> _Program | None:
                 for p in st.productions
             )
             states.append((st.width, st.width2, -1 if st.ee is None else st.ee, -1 if st.ch is None else st.ch,
-                           -1 if st.ee2 is None else st.ee2, int(_empty_value_allowed(st)),
+                           -1 if st.ee2 is None else st.ee2, int(empty_value_allowed(st)),
                            dict(st.elements), dict(st.attributes), prods))
         specs.append((grammar, id(grammar), tuple(states)))
     assert _native is not None

@@ -18,8 +18,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from . import _names
-from ._names import NS_BODY, NS_DEF, NS_DSIG, NS_HEADER, NS_NONE, NS_TYPES
+from ._names import (
+    BODY_ELEMENTS,
+    MSGDEF_AMBIGUOUS_ELEMENTS,
+    MSGDEF_ATTRIBUTES,
+    MSGDEF_ELEMENTS,
+    MSGDEF_GLOBAL_ELEMENTS,
+    NS_BODY,
+    NS_DEF,
+    NS_DSIG,
+    NS_HEADER,
+    NS_NONE,
+    NS_TYPES,
+    XMLDSIG_AMBIGUOUS_ELEMENTS,
+    XMLDSIG_ATTRIBUTES,
+    XMLDSIG_ELEMENTS,
+    XMLDSIG_GLOBAL_ELEMENTS,
+)
 from .datatypes import BinaryType, Datatype, EnumType, IntegerType, StringType
 
 QName = tuple[str, str]
@@ -190,7 +205,7 @@ TYPES: dict[str, TypeDef] = {
         # V2G_CI_MsgBody.xsd: <xs:element ref="BodyElement" minOccurs="0"/>, BodyElement abstract
         ComplexType(
             "BodyType",
-            content=Particle(SubstitutionGroup(tuple(_body_member(q) for q in _names.BODY_ELEMENTS)), min_occurs=0),
+            content=Particle(SubstitutionGroup(tuple(_body_member(q) for q in BODY_ELEMENTS)), min_occurs=0),
         ),
         ComplexType(
             "CertificateInstallationReqType",
@@ -380,20 +395,20 @@ _DECLS[("V2G_Message", NS_DEF)] = ElementDecl(("V2G_Message", NS_DEF), "#V2G_Mes
 
 MSGDEF = SchemaSet(
     name="V2G_CI_MsgDef",
-    elements=_names.MSGDEF_ELEMENTS,
-    attributes=_names.MSGDEF_ATTRIBUTES,
-    global_elements=_names.MSGDEF_GLOBAL_ELEMENTS,
-    ambiguous=frozenset(_names.MSGDEF_AMBIGUOUS_ELEMENTS),
+    elements=MSGDEF_ELEMENTS,
+    attributes=MSGDEF_ATTRIBUTES,
+    global_elements=MSGDEF_GLOBAL_ELEMENTS,
+    ambiguous=frozenset(MSGDEF_AMBIGUOUS_ELEMENTS),
     decls=_DECLS,
 )
 """V2G_CI_MsgDef.xsd with everything it imports: whole messages and the signed body fragments."""
 
 XMLDSIG = SchemaSet(
     name="xmldsig-core-schema",
-    elements=_names.XMLDSIG_ELEMENTS,
-    attributes=_names.XMLDSIG_ATTRIBUTES,
-    global_elements=_names.XMLDSIG_GLOBAL_ELEMENTS,
-    ambiguous=frozenset(_names.XMLDSIG_AMBIGUOUS_ELEMENTS),
+    elements=XMLDSIG_ELEMENTS,
+    attributes=XMLDSIG_ATTRIBUTES,
+    global_elements=XMLDSIG_GLOBAL_ELEMENTS,
+    ambiguous=frozenset(XMLDSIG_AMBIGUOUS_ELEMENTS),
     decls={q: d for q, d in _DECLS.items() if q[1] == NS_DSIG},
 )
 """xmldsig-core-schema.xsd alone: the grammar SignedInfo is encoded with for signing (RISE-V2G, Josev)."""

@@ -24,8 +24,15 @@ Type names carry a ``20:`` prefix so they never collide with the ISO 15118-2 typ
 
 from __future__ import annotations
 
-from . import _names20
-from ._names20 import NS20_CM, NS20_CT, NS_DSIG
+from ._names20 import (
+    CM20_AMBIGUOUS_ELEMENTS,
+    CM20_ATTRIBUTES,
+    CM20_ELEMENTS,
+    CM20_GLOBAL_ELEMENTS,
+    NS20_CM,
+    NS20_CT,
+    NS_DSIG,
+)
 from .datatypes import BinaryType, EnumType, IntegerType, StringType
 from .schema import (
     TYPES,
@@ -236,10 +243,10 @@ def _collect_decls() -> dict[QName, ElementDecl]:
 
 CM20 = SchemaSet(
     name="V2G_CI_CommonMessages-20",
-    elements=_names20.CM20_ELEMENTS,
-    attributes=_names20.CM20_ATTRIBUTES,
-    global_elements=_names20.CM20_GLOBAL_ELEMENTS,
-    ambiguous=frozenset(_names20.CM20_AMBIGUOUS_ELEMENTS),
+    elements=CM20_ELEMENTS,
+    attributes=CM20_ATTRIBUTES,
+    global_elements=CM20_GLOBAL_ELEMENTS,
+    ambiguous=frozenset(CM20_AMBIGUOUS_ELEMENTS),
     decls=_collect_decls(),
 )
 """V2G_CI_CommonMessages.xsd with V2G_CI_CommonTypes.xsd and xmldsig: -20 messages and their signed fragments."""
