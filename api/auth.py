@@ -21,15 +21,14 @@ from urllib.parse import unquote
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from fastapi import Depends, HTTPException, Request
-from sqlmodel import select
 from starlette.concurrency import run_in_threadpool
 
 from pki import audit
 from pki.context import Context
 from pki.oauth import authenticate_token, looks_like_token
-from pki.orgs import Principal, Unauthenticated, authenticate_api_key, cached_api_key_principal, get_org, principal_of
+from pki.orgs import Principal, Unauthenticated, authenticate_api_key, cached_api_key_principal, org_principal
 from pki.store.db import utcnow
-from pki.store.models import Certificate
+from pki.store.inventory import Inventory
 
 from .deps import get_ctx
 
@@ -89,19 +88,17 @@ def peer_certificate_der(request: Request) -> bytes | None:
 
 def _by_certificate(ctx: Context, der: bytes) -> Principal:
     fp = hashlib.sha256(der).hexdigest()
-    with ctx.db.session() as s:
-        row = s.exec(select(Certificate).where(Certificate.fingerprint == fp)).first()
-        if row is None or row.profile != "api-client":
-            raise Unauthenticated("client certificate was not issued by this service for API access")
-        if row.status != "valid":
-            raise Unauthenticated(f"client certificate is {row.status}")
-        now = utcnow()
-        if not (row.not_before <= now < row.not_after):
-            raise Unauthenticated("client certificate is expired or not yet valid")
-        if not row.tenant:
-            raise Unauthenticated("client certificate is bound to no organization")
-        org = get_org(s, row.tenant)
-        return principal_of(org, f"cert:{row.issuer}/{row.serial}")
+    row = Inventory(ctx.db).certificate_by_fingerprint(fp)
+    if row is None or row.profile != "api-client":
+        raise Unauthenticated("client certificate was not issued by this service for API access")
+    if row.status != "valid":
+        raise Unauthenticated(f"client certificate is {row.status}")
+    now = utcnow()
+    if not (row.not_before <= now < row.not_after):
+        raise Unauthenticated("client certificate is expired or not yet valid")
+    if not row.tenant:
+        raise Unauthenticated("client certificate is bound to no organization")
+    return org_principal(ctx.db, row.tenant, f"cert:{row.issuer}/{row.serial}")
 
 
 def _fail(ctx: Context, request: Request, reason: str) -> HTTPException:
@@ -109,10 +106,8 @@ def _fail(ctx: Context, request: Request, reason: str) -> HTTPException:
     if AUTH_FAIL_LIMIT.take(ip) > 0:
         return HTTPException(429, "too many failed sign-ins", headers={"Retry-After": "10"})
     try:
-        with ctx.db.session() as s:
-            audit.append(s, audit.Entry(actor=f"ip:{ip}", action="auth.failure", outcome="failure",
-                                        details={"reason": reason, "path": request.url.path}))
-            s.commit()
+        audit.record(ctx.db, audit.Entry(actor=f"ip:{ip}", action="auth.failure", outcome="failure",
+                                         details={"reason": reason, "path": request.url.path}))
     except Exception:  # noqa: BLE001 - never turn an auth failure into a 500
         pass
     return HTTPException(401, reason, headers={"WWW-Authenticate": 'Bearer realm="v2gpki"'})

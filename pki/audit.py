@@ -17,7 +17,7 @@ from sqlalchemy import Table, bindparam, insert, text, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
-from pki.store.db import utcnow
+from pki.store.db import Database, utcnow
 from pki.store.fast import BulkInsert, Prepared
 from pki.store.models import AuditEvent, AuditHead
 
@@ -81,6 +81,14 @@ def append(session: Session, *entries: Entry) -> None:
     if session.new or session.dirty or session.deleted:
         session.flush()  # as the ORM query this replaced would have: constraint errors surface here, in order
     append_conn(session.connection(), *entries)
+
+
+def record(db: Database, *entries: Entry) -> None:
+    """Append events in a transaction of their own (for events that stand alone: a sign-in, a refused
+    form, a failed authentication)."""
+    with db.session() as s:
+        append(s, *entries)
+        s.commit()
 
 
 def append_conn(conn: Connection, *entries: Entry) -> None:

@@ -157,6 +157,24 @@ def get_org(session: Session, name: str) -> Organization:
     return org
 
 
+def org_principal(db: Database, name: str, credential: str) -> Principal:
+    """The principal of organization ``name`` acting through ``credential`` (NotFound if it is gone)."""
+    with db.session() as s:
+        return principal_of(get_org(s, name), credential)
+
+
+def api_key_principal(db: Database, key_id: str, org: str, credential: str) -> Principal:
+    """Re-check an API key already verified once (a console session holds its id, not its secret): it must
+    still exist for the same organization, unrevoked and unexpired."""
+    with db.session() as s:
+        row = s.exec(select(ApiKey).where(ApiKey.key_id == key_id)).first()
+        if row is None or row.org != org or row.revoked_at is not None:
+            raise Unauthenticated("API key revoked")
+        if row.expires_at is not None and row.expires_at <= utcnow():
+            raise Unauthenticated("API key expired")
+        return principal_of(get_org(s, row.org), credential)
+
+
 def list_orgs(db: Database) -> list[Organization]:
     with db.session() as s:
         return list(s.exec(select(Organization).order_by(Organization.name)))

@@ -15,11 +15,10 @@ from urllib.parse import parse_qsl, urlencode
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from sqlalchemy import case, func
-from sqlmodel import col, select
 
 from api.console.ocsp_bridge import OcspView, responder_status
 from pki.context import Context
+from pki.store.inventory import CertificateFilter, Inventory
 from pki.store.models import Certificate, CertificateAuthority
 
 WEEKS = 26
@@ -74,13 +73,7 @@ def _cn(subject: str) -> str:
 
 def hierarchy_tree(ctx: Context, tenant: str | None, now: datetime | None = None) -> Tree:
     now = now or datetime.now(UTC)
-    with ctx.db.session() as s:
-        cas = list(s.exec(select(CertificateAuthority).order_by(col(CertificateAuthority.id))))
-        stmt = (select(Certificate.issuer, func.count()).where(Certificate.status == "valid")
-                .where(Certificate.not_after > now).group_by(Certificate.issuer))
-        if tenant is not None:
-            stmt = stmt.where(Certificate.tenant == tenant)
-        counts = {str(i): int(n) for i, n in s.exec(stmt)}
+    cas, counts = Inventory(ctx.db).cas_and_valid_counts(tenant, now)
     if not cas:
         return Tree([], now, now, 0.0)
     start = min(c.not_before for c in cas)
@@ -135,38 +128,20 @@ def list_certificates(ctx: Context, tenant: str | None, f: CertFilter, *, cursor
                       limit: int = 50, now: datetime | None = None) -> tuple[list[Certificate], int | None, int]:
     """(page, next cursor, total matching)."""
     now = now or datetime.now(UTC)
-    stmt = select(Certificate)
-    if tenant is not None:
-        stmt = stmt.where(Certificate.tenant == tenant)
-    if f.profile:
-        stmt = stmt.where(Certificate.profile == f.profile)
-    if f.identifier:
-        stmt = stmt.where(col(Certificate.identifier).startswith(f.identifier.strip().upper(), autoescape=True))
-    if f.issuer:
-        stmt = stmt.where(Certificate.issuer == f.issuer)
-    if f.status == "expired":
-        stmt = stmt.where(Certificate.status == "valid").where(Certificate.not_after <= now)
-    elif f.status == "valid":
-        stmt = stmt.where(Certificate.status == "valid").where(Certificate.not_after > now)
-    elif f.status:
-        stmt = stmt.where(Certificate.status == f.status)
-    if f.expiring_before:
-        stmt = stmt.where(Certificate.not_after < datetime.combine(f.expiring_before, time(0), tzinfo=UTC))
-    with ctx.db.session() as s:
-        total = int(s.exec(select(func.count()).select_from(stmt.subquery())).one())
-        if cursor:
-            stmt = stmt.where(col(Certificate.id) > cursor)
-        rows = list(s.exec(stmt.order_by(col(Certificate.id)).limit(limit + 1)))
+    # "expired" and "valid" as the console shows them: a stored "valid" past its notAfter is expired.
+    q = CertificateFilter(
+        tenant=tenant, profile=f.profile, identifier_prefix=f.identifier.strip().upper() if f.identifier else None,
+        issuer=f.issuer,
+        status="valid" if f.status in ("expired", "valid") else f.status,
+        expired_by=now if f.status == "expired" else None, expires_after=now if f.status == "valid" else None,
+        expires_before=datetime.combine(f.expiring_before, time(0), tzinfo=UTC) if f.expiring_before else None)
+    rows, total = Inventory(ctx.db).certificates_and_total(q, after_id=cursor, limit=limit + 1)
     nxt = rows[limit - 1].id if len(rows) > limit else None
     return rows[:limit], nxt, total
 
 
 def visible_profiles(ctx: Context, tenant: str | None) -> list[str]:
-    stmt = select(Certificate.profile).distinct()
-    if tenant is not None:
-        stmt = stmt.where(Certificate.tenant == tenant)
-    with ctx.db.session() as s:
-        return sorted(str(p) for p in s.exec(stmt))
+    return Inventory(ctx.db).profiles(tenant)
 
 
 def status_of(row: Certificate, now: datetime | None = None) -> str:
@@ -311,18 +286,10 @@ def expiry(ctx: Context, tenant: str | None, now: datetime | None = None, weeks:
     now = now or datetime.now(UTC)
     start = expiry_start(now)
     bounds = [start + timedelta(weeks=i) for i in range(weeks + 1)]
-    week_of = case(*[(col(Certificate.not_after) < bounds[i + 1], i) for i in range(weeks)], else_=weeks)
-    stmt = (select(Certificate.profile, week_of, func.count())
-            .where(col(Certificate.status).in_(["valid", "hold"]))
-            .where(Certificate.not_after > now).where(Certificate.not_after < bounds[-1])
-            .group_by(Certificate.profile, week_of))
-    if tenant is not None:
-        stmt = stmt.where(Certificate.tenant == tenant)
     counts: dict[str, list[int]] = {}
-    with ctx.db.session() as s:
-        for profile, wk, n in s.exec(stmt):
-            if 0 <= int(wk) < weeks:
-                counts.setdefault(str(profile), [0] * weeks)[int(wk)] += int(n)
+    for profile, wk, n in Inventory(ctx.db).expiry_weeks(tenant, now, bounds):
+        if 0 <= wk < weeks:
+            counts.setdefault(profile, [0] * weeks)[wk] += n
     profiles = sorted(counts)
     totals = [sum(counts[p][i] for p in profiles) for i in range(weeks)]
     spans = [(bounds[i].date(), bounds[i + 1].date()) for i in range(weeks)]

@@ -26,8 +26,6 @@ from cryptography import x509
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from sqlalchemy import func
-from sqlmodel import col, select
 
 import api.console.data as data  # the submodules, not the package (its setup() imports this module)
 import api.console.session as sess
@@ -38,10 +36,12 @@ from pki import audit
 from pki.context import Context
 from pki.errors import AlreadyRevoked, BadRevocation, NotFound, PKIError
 from pki.issuance import REASONS
-from pki.orgs import Principal, Unauthenticated, authenticate_api_key, get_org, principal_of
+from pki.orgs import Principal, Unauthenticated, api_key_principal, authenticate_api_key
 from pki.serials import parse_serial
+from pki.store.audit_log import AuditLog
 from pki.store.db import utcnow
-from pki.store.models import ApiKey, AuditEvent, Certificate, CertificateAuthority
+from pki.store.inventory import Inventory
+from pki.store.models import Certificate
 
 log = logging.getLogger("v2gpki.console")
 
@@ -147,22 +147,13 @@ def _clear_cookie(resp: Response, name: str) -> None:
 
 
 def _signed_out(ctx: Context, s: sess.Session) -> bool:
-    with ctx.db.session() as db:
-        return db.exec(select(AuditEvent.id).where(AuditEvent.action == "console.signout",
-                                                   AuditEvent.object == s.ref).limit(1)).first() is not None
+    return AuditLog(ctx.db).has_event("console.signout", s.ref)
 
 
 def _principal_of_session(ctx: Context, request: Request, s: sess.Session) -> Principal:
     """Re-check the credential behind the session on every request (revoked or expired → signed out)."""
     if s.credential.startswith("apikey:"):
-        key_id = s.credential.split(":", 1)[1]
-        with ctx.db.session() as db:
-            row = db.exec(select(ApiKey).where(ApiKey.key_id == key_id)).first()
-            if row is None or row.org != s.org or row.revoked_at is not None:
-                raise Unauthenticated("API key revoked")
-            if row.expires_at is not None and row.expires_at <= utcnow():
-                raise Unauthenticated("API key expired")
-            return principal_of(get_org(db, row.org), s.credential)
+        return api_key_principal(ctx.db, s.credential.split(":", 1)[1], s.org, s.credential)
     if s.credential.startswith("cert:"):
         der = peer_certificate_der(request)
         if der is None or hashlib.sha256(der).hexdigest() != s.cert_fp:
@@ -213,10 +204,8 @@ FormDep = Annotated[dict[str, str], Depends(form_fields)]
 def require_csrf(ctx: Context, request: Request, v: Viewer, f: dict[str, str]) -> None:
     if sess.check_csrf(v.key, v.s, f.get("csrf")):
         return
-    with ctx.db.session() as db:
-        audit.append(db, audit.Entry(actor=v.p.credential, org=v.p.org, action="console.csrf_refused",
+    audit.record(ctx.db, audit.Entry(actor=v.p.credential, org=v.p.org, action="console.csrf_refused",
                                      outcome="denied", details={"path": request.url.path}))
-        db.commit()
     raise ConsoleError(403, "Form refused", "This form was not sent from your console session (missing or wrong "
                        "CSRF token). Nothing was changed. Reload the page and try again.")
 
@@ -297,10 +286,8 @@ def login(request: Request, ctx: CtxDep, f: FormDep) -> Response:
                            error="Too many failed sign-ins. Wait a moment and try again." if refused.status_code == 429
                            else f"Sign-in refused: {reason}.")
     s = sess.new_session(p.org, p.credential, fp)
-    with ctx.db.session() as db:
-        audit.append(db, audit.Entry(actor=p.credential, org=p.org, action="console.signin", object=s.ref,
+    audit.record(ctx.db, audit.Entry(actor=p.credential, org=p.org, action="console.signin", object=s.ref,
                                      details={"method": "certificate" if fp else "apikey"}))
-        db.commit()
     resp = RedirectResponse(nxt, status_code=303)
     _set_cookie(resp, sess.COOKIE, sess.encode(key, s), sess.session_seconds())
     _clear_cookie(resp, sess.LOGIN_COOKIE)
@@ -310,9 +297,7 @@ def login(request: Request, ctx: CtxDep, f: FormDep) -> Response:
 @router.post("/logout", response_model=None)
 def logout(request: Request, ctx: CtxDep, v: ViewerDep, f: FormDep) -> Response:
     require_csrf(ctx, request, v, f)
-    with ctx.db.session() as db:
-        audit.append(db, audit.Entry(actor=v.p.credential, org=v.p.org, action="console.signout", object=v.s.ref))
-        db.commit()
+    audit.record(ctx.db, audit.Entry(actor=v.p.credential, org=v.p.org, action="console.signout", object=v.s.ref))
     resp = RedirectResponse("/console/login?signed_out=1", status_code=303)
     _clear_cookie(resp, sess.COOKIE)
     return resp
@@ -326,20 +311,8 @@ def logout(request: Request, ctx: CtxDep, v: ViewerDep, f: FormDep) -> Response:
 def overview(request: Request, ctx: CtxDep, v: ViewerDep) -> Response:
     now = utcnow()
     tenant = v.p.tenant_filter
-    with ctx.db.session() as db:
-        base = select(Certificate.status, func.count()).group_by(Certificate.status)
-        soon = (select(func.count()).select_from(Certificate).where(Certificate.status == "valid")
-                .where(Certificate.not_after > now).where(Certificate.not_after < now + timedelta(days=30)))
-        expired = (select(func.count()).select_from(Certificate).where(Certificate.status == "valid")
-                   .where(Certificate.not_after <= now))
-        if tenant is not None:
-            base = base.where(Certificate.tenant == tenant)
-            soon = soon.where(Certificate.tenant == tenant)
-            expired = expired.where(Certificate.tenant == tenant)
-        by_status = {str(k): int(n) for k, n in db.exec(base)}
-        n_soon = int(db.exec(soon).one())
-        n_expired = int(db.exec(expired).one())
-        n_cas = int(db.exec(select(func.count()).select_from(CertificateAuthority)).one())
+    counts = Inventory(ctx.db).status_counts(tenant, now, now + timedelta(days=30))
+    by_status, n_soon, n_expired, n_cas = counts.by_status, counts.expiring_soon, counts.expired, counts.cas
     stats = {"valid": by_status.get("valid", 0) - n_expired, "expired": n_expired,
              "revoked": by_status.get("revoked", 0), "hold": by_status.get("hold", 0)}
     soon_before = (now + timedelta(days=30)).date()
@@ -497,11 +470,7 @@ def audit_log(request: Request, ctx: CtxDep, v: ViewerDep,
                                         "problems": res.problems[:50], "error": ""}
     except PKIError as exc:
         verification = {"ok": False, "events": 0, "checkpoints": 0, "problems": [], "error": exc.message}
-    with ctx.db.session() as db:
-        stmt = select(AuditEvent).order_by(col(AuditEvent.seq).desc())
-        if before:
-            stmt = stmt.where(AuditEvent.seq < before)
-        rows = list(db.exec(stmt.limit(PAGE_SIZE + 1)))
+    rows = AuditLog(ctx.db).newest_first(before=before, limit=PAGE_SIZE + 1)
     older = rows[PAGE_SIZE - 1].seq if len(rows) > PAGE_SIZE else None
     events = [(r, json.dumps(r.details, sort_keys=True, default=str)[:400]) for r in rows[:PAGE_SIZE]]
     return render(request, "audit.html", v, ctx=ctx, verification=verification, events=events,

@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448
 from cryptography.x509.oid import NameOID
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import JSONResponse
-from sqlmodel import col, select
 
 from api.auth import PrincipalDep
 from api.deps import CtxDep
@@ -36,6 +35,7 @@ from pki.context import Context
 from pki.errors import NotFound, PKIError
 from pki.pools import root_certificate_id
 from pki.store.db import utcnow
+from pki.store.inventory import Inventory
 from pki.store.models import CertificateAuthority
 
 router = APIRouter(prefix="/v1/root", tags=["opcp-rcp"])
@@ -102,11 +102,7 @@ def root_entry(ca: CertificateAuthority) -> dict[str, Any]:
 def pool(ctx: Context, root_type: str | None = None) -> list[CertificateAuthority]:
     now = utcnow()
     stores = [root_type] if root_type else list(ROOT_TYPES)
-    with ctx.db.session() as s:
-        return list(s.exec(select(CertificateAuthority).where(
-            col(CertificateAuthority.parent).is_(None), col(CertificateAuthority.hierarchy).in_(stores),
-            CertificateAuthority.status == "active", CertificateAuthority.not_after > now,
-        ).order_by(col(CertificateAuthority.hierarchy), col(CertificateAuthority.name))))
+    return Inventory(ctx.db).roots(stores, ["active"], valid_at=now, ordered=True)
 
 
 @router.get("/rootCerts", summary="getAllRootCerts (OPCP RCP)")

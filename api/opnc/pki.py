@@ -22,7 +22,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from pydantic import BaseModel, Field
-from sqlmodel import select
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CtxDep
@@ -31,7 +30,7 @@ from api.opnc import opnc_party
 from pki.context import Context
 from pki.errors import BadRevocation, Forbidden
 from pki.orgs import Principal
-from pki.store.models import Certificate
+from pki.store.inventory import Inventory
 
 router = APIRouter(prefix="/opnc/v1/pki", tags=["opnc-pki"])
 
@@ -87,8 +86,7 @@ def _revoke(ctx: Context, p: Principal, body: RevokeCertificateIn) -> None:
     if p.role == "auditor":
         raise Forbidden("auditors cannot revoke")
     fp = hashlib.sha256(_certificate_der(body.certificate)).hexdigest()
-    with ctx.db.session() as s:
-        row = s.exec(select(Certificate).where(Certificate.fingerprint == fp)).first()
+    row = Inventory(ctx.db).certificate_by_fingerprint(fp)
     if row is None or row.key_uri is not None or (p.tenant_filter is not None and row.tenant != p.tenant_filter):
         raise Forbidden("not a leaf certificate this PKI issued to your organization")
     ctx.engine.revoke(row.serial, body.revocationReason, issuer=row.issuer, tenant=p.tenant_filter,

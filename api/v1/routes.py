@@ -14,8 +14,6 @@ from cryptography import x509
 from fastapi import APIRouter, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import func
-from sqlmodel import col, select
 
 from api.auth import PrincipalDep
 from api.deps import CtxDep
@@ -30,7 +28,9 @@ from pki.enrollment import (
 from pki.errors import BadRevocation, Forbidden, NotFound
 from pki.issuance import REASONS, pem
 from pki.serials import parse_serial
-from pki.store.models import AuditEvent, Certificate, CertificateAuthority
+from pki.store.audit_log import AuditLog
+from pki.store.inventory import CertificateFilter, Inventory
+from pki.store.models import Certificate
 
 router = APIRouter(prefix="/v1")
 
@@ -139,23 +139,10 @@ def list_certificates(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[int | None, Query(ge=0, le=MAX_DB_INT)] = None,
 ) -> CertificateList:
-    with ctx.db.session() as s:
-        stmt = select(Certificate).order_by(col(Certificate.id))
-        if p.tenant_filter is not None:
-            stmt = stmt.where(Certificate.tenant == p.tenant_filter)
-        if status:
-            stmt = stmt.where(Certificate.status == status)
-        if profile:
-            stmt = stmt.where(Certificate.profile == profile)
-        if identifier:
-            stmt = stmt.where(Certificate.identifier == identifier.upper())
-        if issuer:
-            stmt = stmt.where(Certificate.issuer == issuer)
-        if expiring_before:
-            stmt = stmt.where(Certificate.not_after < expiring_before)
-        if cursor:
-            stmt = stmt.where(col(Certificate.id) > cursor)
-        rows = list(s.exec(stmt.limit(limit + 1)))
+    f = CertificateFilter(tenant=p.tenant_filter, status=status or "", profile=profile or "",
+                          identifier=identifier.upper() if identifier else "", issuer=issuer or "",
+                          expires_before=expiring_before)
+    rows = Inventory(ctx.db).certificates(f, after_id=cursor, limit=limit + 1)
     nxt = rows[limit - 1].id if len(rows) > limit else None
     return CertificateList(items=[_cert_out(r) for r in rows[:limit]], next_cursor=nxt)
 
@@ -237,19 +224,13 @@ def bulk_revoke(body: BulkRevokeIn, ctx: CtxDep, p: PrincipalDep) -> dict[str, A
 
 
 def _issuers_matching(ctx: Any, body: BulkRevokeIn) -> list[str]:
-    with ctx.db.session() as s:
-        stmt = select(Certificate.issuer).where(col(Certificate.status).in_(["valid", "hold"]))
-        if body.identifier:
-            stmt = stmt.where(Certificate.identifier == body.identifier.upper())
-        if body.subject_pattern:
-            stmt = stmt.where(col(Certificate.subject).like(body.subject_pattern))
-        return sorted(set(s.exec(stmt.where(col(Certificate.key_uri).is_(None)).distinct())))
+    return Inventory(ctx.db).issuers_of_live_leaves(identifier=body.identifier.upper() if body.identifier else "",
+                                                    subject_like=body.subject_pattern or "")
 
 
 @router.get("/cas")
 def list_cas(ctx: CtxDep, p: PrincipalDep) -> list[dict[str, Any]]:
-    with ctx.db.session() as s:
-        rows = list(s.exec(select(CertificateAuthority).order_by(col(CertificateAuthority.id))))
+    rows = Inventory(ctx.db).cas()
     return [{"id": r.id, "name": r.name, "profile": r.profile, "parent": r.parent, "hierarchy": r.hierarchy,
              "key_alg": r.key_alg, "key_uri": r.key_uri, "subject": r.subject, "serial": r.serial.upper(),
              "not_before": r.not_before, "not_after": r.not_after, "status": r.status} for r in rows]
@@ -261,8 +242,7 @@ def ca_chain(ca_id: str, ctx: CtxDep, p: PrincipalDep) -> Response:
     if ca_id.isascii() and ca_id.isdigit():  # str.isdigit() is true for '²', which int() refuses
         if int(ca_id) > MAX_DB_INT:
             raise NotFound(f"no CA {ca_id}")
-        with ctx.db.session() as s:
-            row = s.get(CertificateAuthority, int(ca_id))
+        row = Inventory(ctx.db).ca_by_id(int(ca_id))
         if row is None:
             raise NotFound(f"no CA {ca_id}")
         name = row.name
@@ -275,11 +255,8 @@ TRUSTSTORE_HIERARCHY = {"v2g": "v2g", "mo": "mo", "oem": "oem", "csms": "csms"}
 @router.get("/truststores/{kind}")
 def truststore(kind: Literal["v2g", "mo", "oem", "csms"], ctx: CtxDep) -> Response:
     """PEM bundle of the active roots of one kind (public information, no authentication)."""
-    with ctx.db.session() as s:
-        rows = list(s.exec(select(CertificateAuthority).where(
-            CertificateAuthority.hierarchy == TRUSTSTORE_HIERARCHY[kind],
-            col(CertificateAuthority.parent).is_(None),
-            col(CertificateAuthority.status).in_(["active", "staged"]))))  # staged: a new root being distributed
+    # staged: a new root being distributed
+    rows = Inventory(ctx.db).roots([TRUSTSTORE_HIERARCHY[kind]], ["active", "staged"])
     body = "".join(pem(x509.load_der_x509_certificate(r.der)) for r in rows)
     return Response(body, media_type="application/x-pem-file",
                     headers={"Cache-Control": "public, max-age=300"})
@@ -300,10 +277,7 @@ def get_stations(ctx: CtxDep, p: PrincipalDep) -> list[dict[str, Any]]:
 def get_audit(ctx: CtxDep, p: PrincipalDep, after: Annotated[int, Query(ge=0, le=MAX_DB_INT)] = 0,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
     p.require("auditor", "admin")
-    with ctx.db.session() as s:
-        rows = list(s.exec(select(AuditEvent).where(AuditEvent.seq > after).order_by(col(AuditEvent.seq))
-                           .limit(limit)))
-        total = s.exec(select(func.count()).select_from(AuditEvent)).one()
+    rows, total = AuditLog(ctx.db).after(after, limit=limit)
     return {"total": total, "items": [r.model_dump(mode="json") for r in rows],
             "next_after": rows[-1].seq if rows else None}
 
