@@ -4,14 +4,14 @@ pre-signed OCSP responses. `v2gpki ocsp-serve` runs it (api/ocsp_app.py ``serve_
 The hot path is a lookup of pre-signed bytes, not a framework: the RFC 5019 request (one SHA-1 CertID,
 no nonce) is recognised by its DER shape, its CertID bytes are the key of a dict built from the
 ``ocsp_response`` table, and the stored DER goes back byte for byte. Everything else is answered by
-pki/ocsp.py's responder, unchanged, in a thread pool: nonces, several CertIDs, hash algorithms that are
+pki/ocsp/'s responder, unchanged, in a thread pool: nonces, several CertIDs, hash algorithms that are
 not pre-signed, unknown serials, missing or stale responses (see docs/responders.md).
 
 Processes. The parent migrates, loads the table once, binds one listening socket and forks
 ``workers`` children sharing it (pre-fork accept; ``reuse_port=True`` gives each child its own
 SO_REUSEPORT socket instead). Each child inherits the table (copy-on-write) and builds its own Context
 and database connections after the fork; the PKCS#11 token is opened lazily, by the first answer that
-must be signed (OCSP signer keys only: the Context is responder-only, pki/ocsp.py
+must be signed (OCSP signer keys only: the Context is responder-only, pki/ocsp/
 ``mark_responder_only``). The parent only supervises: it restarts a child that dies, forwards SIGTERM /
 SIGINT, and exits when they are gone; children exit when the parent does.
 
@@ -25,7 +25,7 @@ re-signs it. A revocation is therefore served within about one poll interval of 
 The watermark trails the newest row by ``OVERLAP_SECONDS`` (responses are signed before their
 transaction commits), and the whole table is re-read every ``RESYNC_SECONDS`` and when an issuer's OCSP
 signer changes. A response is served from memory only while at least half its validity is left (as in
-pki/ocsp.py); after that the fallback re-signs it. If polling fails for ``STALE_AFTER_SECONDS`` the
+pki/ocsp/); after that the fallback re-signs it. If polling fails for ``STALE_AFTER_SECONDS`` the
 memory table is not used at all until it works again.
 
 HTTP. A strict, bounded HTTP/1.1 parser: request line and headers at most 24 KiB and 64 header lines,
@@ -303,7 +303,7 @@ class PresignedCache:
 
     ``entries``: canonical SHA-1 CertID DER (hash parameters NULL, minimal serial) → the stored response,
     for at most ``max_entries`` certificates, least recently used evicted first. Filled by answers of the
-    fallback (a miss reads one row by its unique key, pki/ocsp.py), by the newest rows at start
+    fallback (a miss reads one row by its unique key, pki/ocsp/), by the newest rows at start
     (``warm``), and by the poller with changed rows while there is room. ``derived``: answers of other
     shapes (other hash algorithms, non-canonical encodings, unknown serials), bounded too, dropped
     whenever anything changes. Read by the event loop without locks (single dict operations are atomic
@@ -414,7 +414,7 @@ class PresignedCache:
     # -- issuers -----------------------------------------------------------------------------------
 
     def reload_issuers(self) -> bool:
-        """Issuer hashes (SHA-1/256/384/512, from pki/ocsp.py) and current signers. True if a signer
+        """Issuer hashes (SHA-1/256/384/512, from pki/ocsp/) and current signers. True if a signer
         changed (then cached responses made by the old one must not be served: the cache is emptied)."""
         r = responder_for(self.ctx)
         r.reload()
@@ -449,7 +449,7 @@ class PresignedCache:
         return certid_der(alg, nh, kh, int(serial_hex, 16))
 
     def _entry(self, row: tuple[Any, ...]) -> tuple[bytes | None, Entry | None]:
-        """(key, entry); entry None when pki/ocsp.py would not serve the stored response as it is."""
+        """(key, entry); entry None when pki/ocsp/ would not serve the stored response as it is."""
         _oid, issuer, serial_hex, alg, o_status, o_this, o_next, der, c_status, c_rev = row
         key = self._key(issuer, alg or "sha1", serial_hex)
         if key is None:
@@ -639,7 +639,7 @@ class PresignedCache:
             e = entries.get(key)
             if e is not None and (e[0].cert_status == "good" or e[0].this_update is None
                                   or e[0].this_update < revoked_at):
-                # pki/ocsp.py re-signs it (from the certificate's status) on the next request
+                # pki/ocsp/ re-signs it (from the certificate's status) on the next request
                 if entries.pop(key, None) is not None:
                     self._held.pop(key, None)
                     n += 1
@@ -816,7 +816,7 @@ class _Pending:
 class FastResponder:
     """One per worker process: routes requests, answers from the table, defers the rest."""
 
-    MISS_FALLBACK_SECONDS = 5.0  # an unknown issuer may be a new CA: ask pki/ocsp.py at most this often
+    MISS_FALLBACK_SECONDS = 5.0  # an unknown issuer may be a new CA: ask pki/ocsp/ at most this often
 
     def __init__(self, cache: PresignedCache, *, threads: int = 4) -> None:
         self.cache = cache
@@ -831,7 +831,7 @@ class FastResponder:
     # -- OCSP --------------------------------------------------------------------------------------
 
     def lookup(self, der: bytes) -> Answer | bytes | None:
-        """The answer from memory; or, when pki/ocsp.py must answer, the key its answer may be cached under
+        """The answer from memory; or, when pki/ocsp/ must answer, the key its answer may be cached under
         (``b"L" + canonical SHA-1 CertID`` for the LRU cache, ``b"D" + CertID`` for derived answers) or None."""
         cache = self.cache
         now = time.time()
@@ -859,7 +859,7 @@ class FastResponder:
             return None
         cid = req.cert_ids[0]
         if cid.hash_alg is None:
-            return UNAUTHORIZED_ANSWER  # pki/ocsp.py: no issuer matches an unknown hash algorithm
+            return UNAUTHORIZED_ANSWER  # pki/ocsp/: no issuer matches an unknown hash algorithm
         canonical = b""
         if cid.serial > 0 and cid.hash_alg == "sha1":
             canonical = certid_der(cid.hash_alg, cid.name_hash, cid.key_hash, cid.serial)
@@ -884,7 +884,7 @@ class FastResponder:
         try:
             r = responder_for(self.ctx)
             ans = r.respond_presigned(der)
-            # Live signatures are charged to the client's address (pki/ocsp.py SignBudget).
+            # Live signatures are charged to the client's address (pki/ocsp/ SignBudget).
             return ans if ans is not None else r.respond(der, client)
         except Exception:  # noqa: BLE001 - respond() maps its own errors; this is the last line
             log.exception("OCSP fallback failed")

@@ -1,4 +1,4 @@
-"""HTTP transport of the OCSP and CRL responders (no crypto here: pki/ocsp.py and pki/crl.py answer).
+"""HTTP transport of the OCSP and CRL responders (no crypto here: pki/ocsp/ and pki/crl.py answer).
 
 Routes (the AIA OCSP URL of issued certificates is ``{V2GPKI_PUBLIC_URL}/ocsp``, the CRLDP
 ``{V2GPKI_PUBLIC_URL}/crl/{ca}.crl``):
@@ -149,7 +149,7 @@ class OcspEndpoint:
         # must be signed (nonce, several CertIDs, a stale or missing response) goes to the thread pool.
         ans = responder.respond_presigned(der)
         if ans is None:
-            # Live signing is charged to the peer address (pki/ocsp.py SignBudget).
+            # Live signing is charged to the peer address (pki/ocsp/ SignBudget).
             peer = scope.get("client")
             ans = await run_in_threadpool(responder.respond, der, peer[0] if peer else "?")
         await self._answer(send, scope, ans, req_headers, get=get)

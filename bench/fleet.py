@@ -19,7 +19,7 @@ leaves, 40 % SECC (cpo-sub2, 90 days), 30 % contract (mo-sub2, 730 days), 20 % O
 * 1 % (a seeded draw) are revoked (keyCompromise / superseded / cessationOfOperation, revoked within
   the last hour), as `Engine.revoke` leaves the row;
 * each leaf's OCSP response is pre-signed by the CA's delegated OCSP signer **in the HSM** through
-  pki/ocsp.py's own `OcspResponder._sign_one` over `certid_der("sha1", …)` — the row `_store` writes;
+  pki/ocsp/'s own `OcspResponder._sign_one` over `certid_der("sha1", …)` — the row `_store` writes;
 * rows go in by COPY, 2,000 leaves per transaction: `certificate`, `issuance_intent` (state `issued`) and
   `ocsp_response`, with every column as the engine and the responder write them. Not written: the
   per-certificate `certificate.issue` audit events (a hash chain, extended one at a time by the
@@ -372,7 +372,7 @@ def group_cpu(pgid: int) -> float:
 
 
 def counters(port: int) -> tuple[int, int]:
-    """(answers from the cache, answers from pki/ocsp.py) of the worker that answers /healthz; summed
+    """(answers from the cache, answers from pki/ocsp/) of the worker that answers /healthz; summed
     over a few requests, which land on either worker."""
     import httpx
 
@@ -386,7 +386,7 @@ def counters(port: int) -> tuple[int, int]:
 
 
 def measured_wrk(pgid: int, port: int, script: Path, bodies: Path, seconds: int, close: bool) -> dict[str, float]:
-    """wrk, plus the responder processes' CPU per request and the share of answers from pki/ocsp.py."""
+    """wrk, plus the responder processes' CPU per request and the share of answers from pki/ocsp/."""
     f0, b0 = counters(port)
     cpu0 = group_cpu(pgid)
     r = wrk(port, script, bodies, seconds, close)
@@ -662,7 +662,7 @@ def measure(n: int, env: dict[str, str], work: Path, db_url: str, duration: int,
         nc = measured_wrk(proc.pid, port, script, bodies, duration, close=True)
         rss = {w: mem_mb(w) for w in workers if Path(f"/proc/{w}").exists()}
         say(f"OCSP c=32 keep-alive: {ka['rps']:,} req/s p50 {ka['p50_ms']} ms p99 {ka['p99_ms']} ms "
-            f"({ka['server_cpu_us_per_req']} µs server CPU/req, {ka['fallback_share']:.1%} from pki/ocsp.py) "
+            f"({ka['server_cpu_us_per_req']} µs server CPU/req, {ka['fallback_share']:.1%} from pki/ocsp/) "
             f"(warm-up run {warm['rps']:,}); new connections: {nc['rps']:,} req/s p50 {nc['p50_ms']} p99 "
             f"{nc['p99_ms']} ms; worker RSS {[v['VmRSS'] for v in rss.values()]} MB (peak "
             f"{[v['VmHWM'] for v in rss.values()]}); load {ka['load']}")

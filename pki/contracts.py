@@ -578,7 +578,7 @@ def _serial_candidates(s: str) -> list[str]:
 
 
 def find_by_hash_data(ctx: Context, alg: str, name_hash: str, key_hash: str, serial: str) -> Certificate | None:
-    from pki.ocsp import spki_key_bits
+    from pki.der import spki_key_bits
 
     fn = _HASHES.get(alg.upper())
     if fn is None:

@@ -39,9 +39,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from sqlalchemy import delete, func, insert, select, update
 
 from hsm.keystore import KeyAlg
+from pki.der import REASON_CODES, SIG_ALGID, bit_string, der_header, der_int, der_oid, seq, tlv
 from pki.errors import Conflict, CRLUnavailable
-from pki.ocsp import REASON_CODES, SIG_ALGID, bit_string, der_header, der_int, der_oid, read_engine, seq, tlv
-from pki.store.db import Database, utcnow
+from pki.store.db import Database, read_engine, utcnow
 from pki.store.models import Certificate, CertificateAuthority, CrlRecord
 
 if TYPE_CHECKING:

@@ -1,10 +1,16 @@
 """DER (X.690 §8/§10: definite lengths, minimal forms): the few primitives the service encodes and reads
-by hand — OCSP responses and CRLs (pki/ocsp.py, pki/crl.py), TBS templates and CSR subjects (pki/tbs.py),
+by hand — OCSP responses and CRLs (pki/ocsp/, pki/crl.py), TBS templates and CSR subjects (pki/tbs.py),
 certificate assembly around an HSM signature (pki/issuance.py), issuer-name matching (pki/contracts.py)."""
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
+
+from hsm.keystore import KeyAlg
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 
 def der_header(tag: int, length: int) -> bytes:
@@ -114,3 +120,26 @@ def tbs_field(tbs: bytes, index: int) -> bytes | None:
     except (ValueError, IndexError):
         return None
     return tbs[start:end]
+
+
+def spki_key_bits(cert: x509.Certificate) -> bytes:
+    """The subjectPublicKey BIT STRING value without the unused-bits octet (RFC 6960 §4.1.1 KeyHash)."""
+    from cryptography.hazmat.primitives import serialization
+
+    return spki_bits(cert.public_key().public_bytes(serialization.Encoding.DER,
+                                                    serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+# Signature AlgorithmIdentifiers of OCSP responses and CRLs signed in the HSM.
+SIG_ALGID: dict[KeyAlg, bytes] = {
+    KeyAlg.P256: seq(der_oid("1.2.840.10045.4.3.2")),  # ecdsa-with-SHA256 [V2G2-006]; RFC 5758: no params
+    KeyAlg.P521: seq(der_oid("1.2.840.10045.4.3.4")),  # ecdsa-with-SHA512 (ISO 15118-20)
+    KeyAlg.ED448: seq(der_oid("1.3.101.113")),  # id-Ed448, pure EdDSA (RFC 8410)
+}
+
+# RFC 5280 §5.3.1 CRLReason codes (OCSP RevokedInfo and CRL entries).
+REASON_CODES: dict[str, int] = {
+    "unspecified": 0, "keyCompromise": 1, "cACompromise": 2, "affiliationChanged": 3, "superseded": 4,
+    "cessationOfOperation": 5, "certificateHold": 6, "removeFromCRL": 8, "privilegeWithdrawn": 9,
+    "aACompromise": 10,
+}

@@ -65,7 +65,7 @@ def _name_hashes(cert_der: bytes) -> tuple[str, str]:
 
     cert = x509.load_der_x509_certificate(cert_der)
     name_hash = hashlib.sha1(cert.subject.public_bytes()).hexdigest()  # noqa: S324 - RFC 6960 CertID
-    from pki.ocsp import spki_key_bits  # issuerKeyHash input (RFC 6960 §4.1.1)
+    from pki.der import spki_key_bits  # issuerKeyHash input (RFC 6960 §4.1.1)
 
     return name_hash, hashlib.sha1(spki_key_bits(cert)).hexdigest()  # noqa: S324
 

@@ -13,7 +13,7 @@ pattern) in bounded transactions that survive the process being killed halfway:
 * **OCSP** — after each batch commits, the batch's stored responses are re-signed (``revoked``); a run
   that died between a commit and the re-signing leaves revoked certificates with ``good`` responses, which
   the next run (or any run: the last step) finds by index and re-signs — and the responders never serve
-  them meanwhile (pki/ocsp.py checks the certificate's status; ocsp-serve's poller drops cached entries
+  them meanwhile (pki/ocsp/ checks the certificate's status; ocsp-serve's poller drops cached entries
   of certificates revoked since its watermark);
 * **CRL** — regenerated once, at the end (not per certificate).
 

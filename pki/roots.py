@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from hsm.keystore import KeyAlg
+from pki.der import spki_key_bits
 from pki.errors import PKIError
 from pki.issuance import Engine
-from pki.ocsp import OCPP_HASH_ALGS, decode_ocpp_hash, decode_ocpp_serial, spki_key_bits
+from pki.ocsp.ocpp import OCPP_HASH_ALGS, decode_ocpp_hash, decode_ocpp_serial
 
 
 class UnknownRoot(PKIError):

@@ -339,7 +339,7 @@ def test_fallback_answers_other_algorithms_nonces_and_lists(fp: Pki, fast: Serve
 def test_unauthorized_and_malformed(fp: Pki, fast: Server, tmp_path: Path) -> None:
     body = (ocsp.OCSPRequestBuilder().add_certificate_by_hash(b"\x01" * 20, b"\x02" * 20, 5, hashes.SHA1())
             .build().public_bytes(serialization.Encoding.DER))
-    for _ in range(3):  # the first goes to pki/ocsp.py (a new CA?), the next are answered at once
+    for _ in range(3):  # the first goes to pki/ocsp/ (a new CA?), the next are answered at once
         assert ocsp.load_der_ocsp_response(post(fast.url, body).content).response_status == \
             ocsp.OCSPResponseStatus.UNAUTHORIZED
     key = ec.generate_private_key(ec.SECP256R1())
@@ -538,7 +538,7 @@ def _until(url: str, body: bytes, want: ocsp.OCSPCertStatus, limit: float) -> tu
 
 def test_revocation_whose_hook_failed_is_not_served_stale(ctx: Context, fp: Pki, threaded: Threaded) -> None:
     """The certificate is revoked but its stored response still says good (the re-signing hook failed, or
-    ran in a process that died): the poll drops the stale bytes and pki/ocsp.py re-signs from the
+    ran in a process that died): the poll drops the stale bytes and pki/ocsp/ re-signs from the
     certificate's status."""
     leaf = fp.leaves["heal"]
     body = der_request(fp, "heal")

@@ -107,7 +107,7 @@ def crl_refresh(self: LifecycleTask) -> int:
 
 @app.task(base=LifecycleTask, bind=True, name="v2gpki.ocsp.refresh", autoretry_for=_T)
 def ocsp_refresh(self: LifecycleTask) -> int:
-    # pki/ocsp.py: re-sign pre-produced responses before nextUpdate (RFC 5019 §4)
+    # pki/ocsp/: re-sign pre-produced responses before nextUpdate (RFC 5019 §4)
     from pki.ocsp import refresh
 
     return refresh(self.ctx)

@@ -1,4 +1,4 @@
-"""Ask the OCSP responder (pki/ocsp.py) about one certificate, exactly as a relying party would.
+"""Ask the OCSP responder (pki/ocsp/) about one certificate, exactly as a relying party would.
 
 A DER OCSPRequest for the certificate (CertID over SHA-1, no nonce: the RFC 5019 shape chargers send)
 goes through ``responder_for(ctx).respond`` — the function the /ocsp endpoint calls — and the signed

@@ -195,3 +195,10 @@ def _sqlite_begin_immediate(conn: Any) -> None:
 
 
 __all__ = ["Database", "utcnow"]
+
+
+def read_engine(db: Database) -> Engine:
+    """An engine for read-only statements. On SQLite the service's engine opens every transaction with
+    BEGIN IMMEDIATE (one writer at a time); reads need no write lock under WAL, so they go through the
+    database's autocommit twin (each SELECT its own snapshot)."""
+    return db.autocommit if db.is_sqlite else db.engine

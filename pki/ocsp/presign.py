@@ -1,0 +1,131 @@
+"""Pre-signing (RFC 5019 §4: responses produced ahead of requests): the stored-response statements and the
+background pre-signer of newly issued certificates."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import bindparam
+
+from hsm.errors import HSMError
+from pki.store.db import Database
+from pki.store.fast import Prepared
+from pki.store.models import OcspResponseCache
+
+if TYPE_CHECKING:
+    from pki.ocsp.responder import OcspResponder
+
+log = logging.getLogger("v2gpki.ocsp")
+
+_RESP = OcspResponseCache.__table__  # type: ignore[attr-defined]
+
+_RESP_WRITE_COLS = ("issuer", "serial", "hash_alg", "status", "this_update", "next_update", "der")
+
+
+def _resp_insert(db: Database) -> Any:
+    """INSERT of a stored response with named bindparams, so it can be compiled once (pki/store/fast.py):
+    the pre-signer writes after every issuance batch, and Core's per-call compilation and parameter
+    processing showed in the contract-installation profile."""
+    if db.is_sqlite:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        ins: Any = sqlite_insert(_RESP)
+    else:
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        ins = pg_insert(_RESP)
+    return ins.values({c: bindparam(c, type_=_RESP.c[c].type) for c in _RESP_WRITE_COLS})
+
+
+def _upsert_stmt(db: Database) -> Prepared:
+    ins = _resp_insert(db)
+    key = ("issuer", "serial")
+    return Prepared(ins.on_conflict_do_update(index_elements=list(key),
+                                              set_={c: ins.excluded[c] for c in _RESP_WRITE_COLS if c not in key}))
+
+
+def _insert_new_stmt(db: Database) -> Prepared:
+    """INSERT … ON CONFLICT DO NOTHING: the first response of a certificate just issued. If a row already
+    exists, a revocation (or a live request) wrote it after the issuance, so it is at least as current
+    as 'good' — a late pre-sign must never overwrite it."""
+    return Prepared(_resp_insert(db).on_conflict_do_nothing(index_elements=["issuer", "serial"]))
+
+
+class Presigner:
+    """Pre-signs the responses of newly issued certificates in a background thread (RFC 5019 §4:
+    responses produced ahead of requests), so an enrollment or a contract installation answers without
+    waiting for a second HSM signature and another transaction. Requests arriving first are signed live
+    by the responder's fallback.
+
+    Submitting only appends to a list: the thread is not woken per issuance batch (a wake-up per batch,
+    under HTTP load several per request, cost more GIL hand-offs and SQLite write transactions than the
+    signing itself) but collects what accumulated every PERIOD seconds; :meth:`flush` wakes it at once."""
+
+    PERIOD = float(os.environ.get("V2GPKI_OCSP_PRESIGN_PERIOD_MS", "100")) / 1000
+
+    def __init__(self, responder: OcspResponder) -> None:
+        self.responder = responder
+        self._cv = threading.Condition()
+        self._queue: list[tuple[str, str]] = []
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        ref = weakref.ref(self)
+
+        def reset_in_child() -> None:  # threads do not survive fork
+            me = ref()
+            if me is not None:
+                me._cv, me._queue, me._busy, me._thread, me._pid = threading.Condition(), [], False, None, 0
+
+        os.register_at_fork(after_in_child=reset_in_child)
+
+    def submit(self, items: Iterable[tuple[str, str]]) -> None:
+        with self._cv:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="v2gpki-ocsp-presign", daemon=True)
+                self._thread.start()
+            self._queue.extend(items)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything submitted so far is stored (tests, orderly shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            self._cv.notify_all()
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if not self._queue:
+                    self._cv.wait(self.PERIOD)  # woken early only by flush()
+                    if not self._queue:
+                        continue
+                batch, self._queue = self._queue[:2000], self._queue[2000:]
+                self._busy = True
+            try:
+                by_issuer: dict[str, list[str]] = {}
+                for issuer, serial in batch:
+                    by_issuer.setdefault(issuer, []).append(serial)
+                for issuer, serials in by_issuer.items():
+                    self.responder.presign_new(issuer, serials)
+            except HSMError as exc:  # an outage, already logged by the key store: no traceback
+                log.warning("pre-signing OCSP responses after issuance failed: %s", type(exc).__name__)
+            except Exception:  # noqa: BLE001 - the live fallback or refresh() signs what is missing
+                log.warning("pre-signing OCSP responses after issuance failed", exc_info=True)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
