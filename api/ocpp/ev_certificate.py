@@ -19,7 +19,6 @@ from typing import Annotated, Any
 from cryptography import x509
 from fastapi import APIRouter, FastAPI, Query
 from pydantic import BaseModel, Field
-from sqlmodel import col, select
 
 from api.auth import PrincipalDep
 from api.deps import CtxDep
@@ -30,6 +29,7 @@ from pki.cps.service import EXI_REQUEST_MAX_B64, Delivery, build_delivery, deliv
 from pki.errors import NotFound, PKIError
 from pki.names import normalise_pcid
 from pki.orgs import Principal
+from pki.store.contracts import Contracts
 from pki.store.db import utcnow
 from pki.store.models import SignedContractData
 
@@ -175,10 +175,9 @@ def prepare_contract_data(body: ContractDataIn, ctx: CtxDep, p: PrincipalDep) ->
     vehicle_cert = x509.load_der_x509_certificate(pool[0].der)
     d = build_delivery(ctx, contract, vehicle_cert, None, b"\x00", update=False, actor=p.credential)
     data = _elements(d)
-    with ctx.db.session() as s:
-        s.add(SignedContractData(contract_id=contract.id or 0, pcid=contract.pcid, emaid=contract.emaid,
-                                 cert_serial=d.contract_serial or "", payload=data, created_at=utcnow()))
-        s.commit()
+    Contracts(ctx.db).add_signed_data(SignedContractData(
+        contract_id=contract.id or 0, pcid=contract.pcid, emaid=contract.emaid, cert_serial=d.contract_serial or "",
+        payload=data, created_at=utcnow()))
     return data
 
 
@@ -186,20 +185,13 @@ def prepare_contract_data(body: ContractDataIn, ctx: CtxDep, p: PrincipalDep) ->
 def get_contract_data(ctx: CtxDep, p: PrincipalDep, pcid: Annotated[str | None, Query(max_length=18)] = None,
                       emaid: Annotated[str | None, Query(max_length=40)] = None) -> list[dict[str, Any]]:
     from pki.names import normalise_emaid
-    from pki.store.models import Contract
 
     if not pcid and not emaid:
         raise PKIError("give pcid or emaid")
-    with ctx.db.session() as s:
-        stmt = select(SignedContractData, Contract).where(col(SignedContractData.contract_id) == col(Contract.id))
-        if pcid:
-            stmt = stmt.where(SignedContractData.pcid == normalise_pcid(pcid))
-        if emaid:
-            stmt = stmt.where(SignedContractData.emaid == normalise_emaid(emaid))
-        if not p.sees_all:
-            stmt = stmt.where(Contract.emsp == p.org)
-        rows = list(s.exec(stmt.order_by(col(SignedContractData.id).desc())))
-    return [{**r.payload, "created_at": r.created_at} for r, _ in rows]
+    rows = Contracts(ctx.db).signed_data(pcid=normalise_pcid(pcid) if pcid else "",
+                                         emaid=normalise_emaid(emaid) if emaid else "",
+                                         emsp=None if p.sees_all else p.org)
+    return [{**r.payload, "created_at": r.created_at} for r in rows]
 
 
 def setup(app: FastAPI) -> None:

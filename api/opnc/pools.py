@@ -106,13 +106,9 @@ def signed_contract_data(body: GetSignedContractDataReq, ctx: CtxDep, p: CcpCall
 
 
 def _pcid_of(ctx: Any, emaid: str) -> str:
-    from sqlmodel import select
+    from pki.store.contracts import Contracts
 
-    from pki.store.models import Contract
-
-    with ctx.db.session() as s:
-        c = s.exec(select(Contract).where(Contract.emaid == emaid)).first()
-    return c.pcid if c is not None else ""
+    return Contracts(ctx.db).pcid_of(emaid)
 
 
 @ccp.put("/signedcontractdata", status_code=201, response_model=None)

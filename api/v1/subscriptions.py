@@ -16,13 +16,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Path
 from pydantic import BaseModel, Field
-from sqlmodel import col, select
 
 from api.auth import PrincipalDep
 from api.deps import CtxDep
 from pki.errors import Forbidden, PKIError
 from pki.lifecycle import EVENTS, add_subscription, list_subscriptions, remove_subscription
-from pki.store.models_lifecycle import Delivery, Subscription, TrustStoreVersion
+from pki.store.models_lifecycle import Subscription
+from pki.store.subscriptions import Subscriptions
 from pki.trustlist import version_document
 
 router = APIRouter(prefix="/v1")
@@ -93,9 +93,7 @@ def delete_subscription(sub_id: str, ctx: CtxDep, p: PrincipalDep) -> None:
 
 @router.get("/truststores/{store}/versions")
 def truststore_versions(store: Store, ctx: CtxDep) -> list[dict[str, Any]]:
-    with ctx.db.session() as s:
-        rows = list(s.exec(select(TrustStoreVersion).where(TrustStoreVersion.store == store)
-                           .order_by(col(TrustStoreVersion.version).desc())))
+    rows = Subscriptions(ctx.db).truststore_versions(store)
     return [{"version": r.version, "issued_at": r.issued_at, "next_update": r.next_update,
              "content_sha256": r.content_sha256, "reason": r.reason} for r in rows]
 
@@ -108,12 +106,7 @@ def truststore_version(store: Store, version: Annotated[int, Path(ge=1, le=2**31
 @router.get("/truststores/{store}/versions/{version}/deliveries")
 def truststore_deliveries(store: Store, version: Annotated[int, Path(ge=1, le=2**31)], ctx: CtxDep,
                           p: PrincipalDep) -> list[dict[str, Any]]:
-    with ctx.db.session() as s:
-        stmt = select(Delivery, Subscription).where(
-            Delivery.event_key == f"truststore:{store}:{version}", Delivery.subscription_id == Subscription.id)
-        if p.tenant_filter is not None:
-            stmt = stmt.where(Subscription.org == p.tenant_filter)
-        rows = list(s.exec(stmt.order_by(col(Delivery.id))))
+    rows = Subscriptions(ctx.db).deliveries_of(f"truststore:{store}:{version}", p.tenant_filter)
     return [{"delivery_id": d.delivery_id, "subscription": sub.sub_id, "org": sub.org, "target": sub.target,
              "state": d.state, "attempts": d.attempts, "next_attempt_at": d.next_attempt_at,
              "delivered_at": d.delivered_at, "last_error": d.last_error} for d, sub in rows]

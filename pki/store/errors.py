@@ -37,3 +37,11 @@ def invalid_value(exc: BaseException) -> InvalidValue | None:
 def translate(context: Any) -> BaseException | None:
     """SQLAlchemy ``handle_error`` listener: the exception to raise instead of the DataError it built."""
     return invalid_value(context.sqlalchemy_exception)
+
+
+class StorageError(PKIError):
+    """The database could not answer (a missing table, a lost connection) where the caller can degrade
+    gracefully instead of failing (the console's trust-list page)."""
+
+    code = "storage-error"
+    status = 503
