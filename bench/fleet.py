@@ -150,9 +150,10 @@ def build_worker(env: dict[str, str], start: int, stop: int, seed: int, q: Any) 
 
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    from hsm.algorithms import ALGORITHMS
     from pki.config import Settings
     from pki.context import build_context
-    from pki.issuance import _ECDSA, IssueRequest, assemble_certificate
+    from pki.issuance import IssueRequest, assemble_certificate
     from pki.ocsp import certid_der, responder_for
     from pki.serials import to_hex
     from pki.store.db import utcnow
@@ -184,8 +185,7 @@ def build_worker(env: dict[str, str], start: int, stop: int, seed: int, q: Any) 
                 req = IssueRequest(profile=profile, public_key=keys[i % len(keys)], subject=subject, identifier=cn,
                                    ca=ca, tenant=_tenant(role, i % 10), not_after=cap)
                 p = eng._prepare(req)
-                ecdsa = _ECDSA.get(p.alg)
-                sig = signers[ca].sign(p.tbs, ecdsa) if ecdsa is not None else signers[ca].sign(p.tbs)  # type: ignore[call-arg]
+                sig = ALGORITHMS[p.alg].sign(signers[ca], p.tbs)
                 der = assemble_certificate(p.tbs, p.sig_alg_der, sig)
                 serial = to_hex(p.serial)
                 not_before = now - timedelta(seconds=p.profile.not_before_margin_seconds)

@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import enum
 from typing import Protocol, runtime_checkable
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed448
-
+from hsm.algorithms import KeyAlg, PrivateKey, PublicKey
 from hsm.errors import SignatureCheckFailed
-
-PublicKey = ec.EllipticCurvePublicKey | ed448.Ed448PublicKey
-PrivateKey = ec.EllipticCurvePrivateKey | ed448.Ed448PrivateKey
-
-
-class KeyAlg(str, enum.Enum):
-    """Key algorithms of ISO 15118-2 (P-256) and ISO 15118-20 (P-521, Ed448)."""
-
-    P256 = "p256"
-    P521 = "p521"
-    ED448 = "ed448"
 
 
 @runtime_checkable

@@ -33,11 +33,12 @@ import pkcs11
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11e
 from pkcs11.util.ec import encode_named_curve_parameters
 
+from hsm.algorithms import ALGORITHMS, Algorithm, algorithm_of
 from hsm.errors import (
     HSMConfigError,
     HSMError,
@@ -52,7 +53,11 @@ from hsm.uri import Pkcs11Uri
 log = logging.getLogger(__name__)
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
-_ED448_OID = "1.3.101.113"  # python-pkcs11 cannot encode the name 'ed448' (RFC 8410)
+
+
+def _mechanism(name: str) -> Mechanism:
+    """python-pkcs11's Mechanism for a CKM_* name of the algorithm table (hsm/algorithms.py)."""
+    return Mechanism[name.removeprefix("CKM_")]
 
 T = TypeVar("T")
 
@@ -418,9 +423,14 @@ class Pkcs11KeyStore:
                 pk = ed448.Ed448PublicKey.from_public_bytes(point)
                 alg = KeyAlg.ED448
             else:
-                curve: ec.EllipticCurve = ec.SECP256R1() if len(point) == 65 else ec.SECP521R1()
-                pk = ec.EllipticCurvePublicKey.from_encoded_point(curve, point)
-                alg = KeyAlg.P256 if len(point) == 65 else KeyAlg.P521
+                # An uncompressed point is 0x04 || X || Y: its length names the curve of the table.
+                row = next((r for r in ALGORITHMS.values()
+                            if r.curve is not None and len(point) == 1 + 2 * r.field_octets), None)
+                if row is None or row.curve is None:
+                    raise HSMConfigError(f"key {label!r} of token {self.token_label!r} is on a curve this PKI "
+                                         f"does not use ({len(point)}-octet point)")
+                pk = ec.EllipticCurvePublicKey.from_encoded_point(row.curve, point)
+                alg = row.key_alg
             entry = (priv, pk, alg)
             self._keys[label] = entry
             self._seen.add(label)
@@ -479,32 +489,20 @@ class Pkcs11KeyStore:
                 Attribute.DERIVE: False,
             }
             pub_tmpl = {Attribute.TOKEN: True, Attribute.VERIFY: True}
-            if alg is KeyAlg.ED448:
-                params = session.create_domain_parameters(
-                    KeyType.EC_EDWARDS,
-                    {Attribute.EC_PARAMS: encode_named_curve_parameters(_ED448_OID)},
-                    local=True,
-                )
-                params.generate_keypair(
-                    store=True,
-                    label=label,
-                    id=label.encode(),
-                    mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
-                    private_template=priv_tmpl,
-                    public_template=pub_tmpl,
-                )
-            else:
-                curve = "secp256r1" if alg is KeyAlg.P256 else "secp521r1"
-                params = session.create_domain_parameters(
-                    KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(curve)}, local=True
-                )
-                params.generate_keypair(
-                    store=True,
-                    label=label,
-                    id=label.encode(),
-                    private_template=priv_tmpl,
-                    public_template=pub_tmpl,
-                )
+            row = ALGORITHMS[alg]
+            params = session.create_domain_parameters(
+                KeyType.EC_EDWARDS if row.curve is None else KeyType.EC,
+                {Attribute.EC_PARAMS: encode_named_curve_parameters(row.pkcs11_curve)},
+                local=True,
+            )
+            params.generate_keypair(
+                store=True,
+                label=label,
+                id=label.encode(),
+                mechanism=_mechanism(row.keygen_mechanism),
+                private_template=priv_tmpl,
+                public_template=pub_tmpl,
+            )
 
         self._run(go)
         return self._load(label)[1]
@@ -517,11 +515,12 @@ class Pkcs11KeyStore:
 
     def signer(self, label: str) -> PrivateKey:
         _, pub, alg = self._load(label)
-        if alg is KeyAlg.ED448:
+        row = ALGORITHMS[alg]
+        if row.curve is None:
             assert isinstance(pub, ed448.Ed448PublicKey)
-            return Pkcs11Ed448Key(self, label, pub)
+            return Pkcs11Ed448Key(self, label, pub, row)
         assert isinstance(pub, ec.EllipticCurvePublicKey)
-        return Pkcs11ECKey(self, label, pub)
+        return Pkcs11ECKey(self, label, pub, row)
 
     def sign_raw(self, label: str, data: bytes, mechanism: Mechanism) -> bytes:
         def go(session: Any) -> bytes:
@@ -617,18 +616,11 @@ class Pkcs11KeyStore:
         return self._run(fn)
 
 
-_HASHES: dict[type[hashes.HashAlgorithm], Callable[[bytes], Any]] = {
-    hashes.SHA256: hashlib.sha256,
-    hashes.SHA384: hashlib.sha384,
-    hashes.SHA512: hashlib.sha512,
-}
-# What each signature is verified with (over the digest just signed): one object per hash, built once
-# (cryptography's ECDSA(...) constructor runs ABC checks that show per certificate).
-_PREHASHED: dict[type[hashes.HashAlgorithm], ec.ECDSA] = {
-    hashes.SHA256: ec.ECDSA(Prehashed(hashes.SHA256())),
-    hashes.SHA384: ec.ECDSA(Prehashed(hashes.SHA384())),
-    hashes.SHA512: ec.ECDSA(Prehashed(hashes.SHA512())),
-}
+# The hashes a caller may ask an EC key to sign with, from the algorithm table (hsm/algorithms.py): each
+# with its hashlib constructor and the Prehashed ECDSA object the signature is verified with (built once:
+# cryptography's ECDSA(...) constructor runs ABC checks that show per certificate).
+_BY_HASH: dict[type[hashes.HashAlgorithm], Algorithm] = {
+    type(r.hash): r for r in ALGORITHMS.values() if r.hash is not None}
 
 
 class Pkcs11ECKey(ec.EllipticCurvePrivateKey):
@@ -640,10 +632,13 @@ class Pkcs11ECKey(ec.EllipticCurvePrivateKey):
     Boulder checks each signature of its signer: whatever a caller stores or sends has verified.
     """
 
-    def __init__(self, store: Pkcs11KeyStore, label: str, pub: ec.EllipticCurvePublicKey) -> None:
+    def __init__(self, store: Pkcs11KeyStore, label: str, pub: ec.EllipticCurvePublicKey, row: Algorithm | None = None
+                 ) -> None:
         self._store = store
         self._label = label
         self._pub = pub
+        self._row = row if row is not None else algorithm_of(pub)
+        self._mechanism = _mechanism(self._row.sign_mechanism)
 
     @property
     def curve(self) -> ec.EllipticCurve:
@@ -666,14 +661,13 @@ class Pkcs11ECKey(ec.EllipticCurvePrivateKey):
             digest = data
             check: ec.ECDSA = signature_algorithm
         else:
-            fn = _HASHES.get(type(algo))
-            if fn is None:
+            by_hash = _BY_HASH.get(type(algo))
+            if by_hash is None or by_hash.hashlib_new is None or by_hash.ecdsa_prehashed is None:
                 raise ValueError(f"unsupported hash {algo.name}")
-            digest = fn(data).digest()
-            check = _PREHASHED[type(algo)]
-        raw = self._store.sign_raw(self._label, digest, Mechanism.ECDSA)
-        half = len(raw) // 2
-        der = encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+            digest = by_hash.hashlib_new(data).digest()
+            check = by_hash.ecdsa_prehashed
+        raw = self._store.sign_raw(self._label, digest, self._mechanism)
+        der = self._row.encode_signature(raw)
         try:
             self._pub.verify(der, digest, check)
         except InvalidSignature:
@@ -705,17 +699,20 @@ class Pkcs11Ed448Key(ed448.Ed448PrivateKey):
     """Ed448 (pure EdDSA, RFC 8032) inside the token: CKM_EDDSA with no parameters. Every signature is
     verified with the public key read at lookup before it is returned (see Pkcs11ECKey)."""
 
-    def __init__(self, store: Pkcs11KeyStore, label: str, pub: ed448.Ed448PublicKey) -> None:
+    def __init__(self, store: Pkcs11KeyStore, label: str, pub: ed448.Ed448PublicKey, row: Algorithm | None = None
+                 ) -> None:
         self._store = store
         self._label = label
         self._pub = pub
+        self._row = row if row is not None else algorithm_of(pub)
+        self._mechanism = _mechanism(self._row.sign_mechanism)
 
     def public_key(self) -> ed448.Ed448PublicKey:
         return self._pub
 
     def sign(self, data: bytes | bytearray | memoryview) -> bytes:
         data = bytes(data)
-        sig = self._store.sign_raw(self._label, data, Mechanism.EDDSA)
+        sig = self._row.encode_signature(self._store.sign_raw(self._label, data, self._mechanism))
         try:
             self._pub.verify(sig, data)
         except InvalidSignature:

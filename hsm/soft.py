@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import threading
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed448
-
+from hsm.algorithms import ALGORITHMS, KeyAlg, PrivateKey, PublicKey
 from hsm.errors import KeyExistsError, KeyNotFoundError
-from hsm.keystore import KeyAlg, PrivateKey, PublicKey
 
 
 class SoftKeyStore:
@@ -23,13 +21,7 @@ class SoftKeyStore:
         with self._lock:
             if label in self._keys:
                 raise KeyExistsError(f"key {label!r} already exists")
-            key: PrivateKey
-            if alg is KeyAlg.ED448:
-                key = ed448.Ed448PrivateKey.generate()
-            elif alg is KeyAlg.P521:
-                key = ec.generate_private_key(ec.SECP521R1())
-            else:
-                key = ec.generate_private_key(ec.SECP256R1())
+            key = ALGORITHMS[alg].generate()
             self._keys[label] = key
             return key.public_key()
 

@@ -22,7 +22,6 @@ expired (§3.3); after that it is dropped.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -33,13 +32,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed448
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from sqlalchemy import delete, func, insert, select, update
 
-from hsm.keystore import KeyAlg
-from pki.der import REASON_CODES, SIG_ALGID, bit_string, der_header, der_int, der_oid, seq, tlv
+from hsm.algorithms import ALGORITHMS, KeyAlg
+from pki.der import REASON_CODES, bit_string, der_header, der_int, der_oid, seq, tlv
 from pki.errors import Conflict, CRLUnavailable
 from pki.store.db import Database, read_engine, utcnow
 from pki.store.models import Certificate, CertificateAuthority, CrlRecord
@@ -104,7 +100,7 @@ def generate_crl(ctx: Context, ca_name: str, *, now: datetime | None = None, att
         number = int(n0) + 1
         with tempfile.TemporaryFile(prefix="v2gpki-crl-") as spool:
             count, entries_len = _write_entries(ctx.db, ca_name, this_update - validity, spool)
-            sigalg = SIG_ALGID[h.alg]
+            sigalg = ALGORITHMS[h.alg].sig_alg_der
             prefix = b"".join((_V2, sigalg, h.cert.subject.public_bytes(), crl_time(this_update),
                                crl_time(next_update)))
             # RFC 5280 §5.1.2.6: with no revoked certificates the list is absent, not empty.
@@ -190,22 +186,22 @@ def _write_entries(db: Database, ca_name: str, expired_before: datetime, spool: 
 
 
 def _sign_spooled(signer: Any, alg: KeyAlg, head: bytes, spool: Any, tail: bytes) -> bytes:
+    """The signature over head + spooled entries + tail, as the CA's row of the algorithm table
+    (hsm/algorithms.py) signs: the digest made while reading back (ECDSA), or the whole message (EdDSA)."""
     spool.seek(0)
-    if alg is KeyAlg.ED448:
-        assert isinstance(signer, ed448.Ed448PrivateKey)
+    row = ALGORITHMS[alg]
+    if row.hashlib_new is None:
         msg = bytearray(head)
         while chunk := spool.read(1 << 20):
             msg += chunk
         msg += tail
-        return signer.sign(bytes(msg))
-    h = hashlib.sha512() if alg is KeyAlg.P521 else hashlib.sha256()
+        return row.sign(signer, bytes(msg))
+    h = row.hashlib_new()
     h.update(head)
     while chunk := spool.read(1 << 20):
         h.update(chunk)
     h.update(tail)
-    algo: hashes.HashAlgorithm = hashes.SHA512() if alg is KeyAlg.P521 else hashes.SHA256()
-    sig: bytes = signer.sign(h.digest(), ec.ECDSA(Prehashed(algo)))
-    return sig
+    return row.sign_digest(signer, h.digest())
 
 
 # ---------------------------------------------------------------------------------------------------

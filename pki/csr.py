@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
+from hsm.algorithms import key_alg_of as table_key_alg_of
 from hsm.keystore import KeyAlg, PublicKey
 from pki import names
 from pki.errors import BadCSR, BadKey, BadSignature, BadSubject
@@ -75,14 +76,14 @@ def parse_csr(data: bytes | str) -> x509.CertificateSigningRequest:
 
 
 def key_alg_of(key: object) -> KeyAlg:
+    """The key type of a CSR's public key, from the algorithm table (hsm/algorithms.py); BadKey otherwise."""
+    if isinstance(key, ec.EllipticCurvePublicKey | ed448.Ed448PublicKey):
+        try:
+            return table_key_alg_of(key)
+        except ValueError:
+            pass
     if isinstance(key, ec.EllipticCurvePublicKey):
-        if isinstance(key.curve, ec.SECP256R1):
-            return KeyAlg.P256
-        if isinstance(key.curve, ec.SECP521R1):
-            return KeyAlg.P521
         raise BadKey(f"EC curve {key.curve.name} is not allowed (ISO 15118: secp256r1, or secp521r1 for -20)")
-    if isinstance(key, ed448.Ed448PublicKey):
-        return KeyAlg.ED448
     raise BadKey(f"{type(key).__name__.replace('_', '')} keys are not allowed (EC P-256 / P-521 or Ed448 only)")
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import update
 from sqlmodel import Session, select
 
+from hsm.algorithms import ALGORITHMS
 from hsm.errors import KeyExistsError, KeyNotFoundError
 from hsm.keystore import KeyAlg, KeyStore
 from pki.csr import SubjectFields
@@ -143,11 +144,9 @@ def ensure_ocsp_signer(engine: Engine, h: Hierarchy, ca_name: str) -> Issued | N
 
 # PKCS#11 mechanisms a key of each algorithm needs in the token: generated there, then signing there.
 # (P-256 and P-521 digests are hashed in software and signed with plain CKM_ECDSA: hsm/pkcs11.py.)
+# (The algorithm table, hsm/algorithms.py, holds them.)
 KEY_MECHANISMS: dict[KeyAlg, tuple[str, ...]] = {
-    KeyAlg.P256: ("CKM_EC_KEY_PAIR_GEN", "CKM_ECDSA"),
-    KeyAlg.P521: ("CKM_EC_KEY_PAIR_GEN", "CKM_ECDSA"),
-    KeyAlg.ED448: ("CKM_EC_EDWARDS_KEY_PAIR_GEN", "CKM_EDDSA"),
-}
+    a: (row.keygen_mechanism, row.sign_mechanism) for a, row in ALGORITHMS.items()}
 # The webhook-secret sealing key (hsm/sealing.py): not part of a hierarchy, reported as a warning.
 SEALING_MECHANISMS: tuple[str, ...] = ("CKM_AES_KEY_GEN", "CKM_AES_GCM")
 

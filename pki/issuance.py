@@ -25,19 +25,19 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import bindparam, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
+from hsm.algorithms import ALGORITHMS, key_alg_of
 from hsm.keystore import KeyAlg, KeyStore, PrivateKey, PublicKey, certified_signer
 from pki import audit
 from pki.clock import ClockGuard
 from pki.csr import CheckedRequest, SubjectFields, check_csr, check_no_control_chars, parse_csr
 from pki.der import bit_string, elements, tbs_field, tlv
 from pki.errors import AlreadyRevoked, BadKey, BadRevocation, CertificateTooLarge, LintError, NotFound, UnknownCA
-from pki.lint import MAX_SIG_LEN, lint_profile, pkilinter, shape_key, size_bound
+from pki.lint import lint_profile, pkilinter, shape_key, size_bound
 from pki.profiles import Profile, ProfileSet
 from pki.serials import new_serial, to_hex
 from pki.store.db import Database, utcnow
@@ -66,34 +66,17 @@ def twin_key(alg: KeyAlg) -> PrivateKey:
     with _TWIN_LOCK:
         k = _TWIN_KEYS.get(alg)
         if k is None:
-            if alg is KeyAlg.ED448:
-                k = ed448.Ed448PrivateKey.generate()
-            elif alg is KeyAlg.P521:
-                k = ec.generate_private_key(ec.SECP521R1())
-            else:
-                k = ec.generate_private_key(ec.SECP256R1())
-            _TWIN_KEYS[alg] = k
+            k = _TWIN_KEYS[alg] = ALGORITHMS[alg].generate()
         return k
 
 
 def sig_hash(alg: KeyAlg) -> hashes.HashAlgorithm | None:
-    # ISO 15118-2 [V2G2-006]: ecdsa-with-SHA256 for P-256; -20: SHA-512 with P-521; Ed448 is pure EdDSA.
-    if alg is KeyAlg.P256:
-        return hashes.SHA256()
-    if alg is KeyAlg.P521:
-        return hashes.SHA512()
-    return None
-
-
-# One signature-algorithm object per key algorithm (constructing cryptography's ECDSA(...) validates its
-# argument through ABC checks: measurable per certificate). Ed448 is pure EdDSA: no hash, no object.
-_ECDSA: dict[KeyAlg, ec.ECDSA] = {a: ec.ECDSA(h) for a in KeyAlg if (h := sig_hash(a)) is not None}
+    """The hash the issuer's key type signs with (hsm/algorithms.py); None for pure EdDSA."""
+    return ALGORITHMS[alg].hash
 
 
 def key_alg_of_public(key: PublicKey) -> KeyAlg:
-    if isinstance(key, ed448.Ed448PublicKey):
-        return KeyAlg.ED448
-    return KeyAlg.P521 if isinstance(key.curve, ec.SECP521R1) else KeyAlg.P256
+    return key_alg_of(key)
 
 
 def der(cert: x509.Certificate) -> bytes:
@@ -558,7 +541,7 @@ class Engine:
         tbs = t.tbs.build(TemplateInputs(serial, not_before, not_after, req.subject, _spki_der(req.public_key)))
         # The size limit (ISO 15118-2 [V2G2-010]) with the longest signature the issuer's algorithm can give;
         # every other profile rule holds by construction (the extensions are the linted reference's bytes).
-        bound = len(assemble_certificate(tbs, t.sig_alg_der, bytes(MAX_SIG_LEN[alg.value])))
+        bound = len(assemble_certificate(tbs, t.sig_alg_der, bytes(ALGORITHMS[alg].max_sig_len)))
         if bound > profile.max_der_size:
             raise CertificateTooLarge(
                 f"certificate would be up to {bound} bytes; profile {profile.name!r} allows "
@@ -631,9 +614,7 @@ class Engine:
                     signer = self.ca_signer(self.ca(p.issuer_name))
                 # The HSM signs exactly the TBS that was linted and whose digest the intent recorded
                 # (p.tbs_sha256 is computed from these bytes); we only wrap it (RFC 5280 §4.1.1).
-                ecdsa = _ECDSA.get(p.alg)
-                signature = (signer.sign(p.tbs, ecdsa) if ecdsa is not None  # type: ignore[call-arg]
-                             else signer.sign(p.tbs))  # type: ignore[call-arg]
+                signature = ALGORITHMS[p.alg].sign(signer, p.tbs)
                 cert_der = assemble_certificate(p.tbs, p.sig_alg_der, signature)
                 cert = x509.load_der_x509_certificate(cert_der)
                 if len(cert_der) > p.profile.max_der_size:  # cannot happen given the bound; keep the guard
@@ -835,4 +816,4 @@ def _key_usage(p: Profile, subject_alg: KeyAlg) -> x509.KeyUsage:
     )
 
 
-__all__ = ["MAX_SIG_LEN", "REASONS", "CAHandle", "Engine", "IssueRequest", "Issued"]
+__all__ = ["REASONS", "CAHandle", "Engine", "IssueRequest", "Issued"]

@@ -11,10 +11,9 @@ import threading
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed448
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
-from hsm.keystore import KeyAlg
+from hsm.algorithms import ALGORITHMS, KeyAlg, key_alg_of
 from pki.errors import CertificateTooLarge, LintError
 from pki.profiles import Profile
 
@@ -42,7 +41,7 @@ _EKU = {
 
 # Largest DER signature per issuer algorithm, to bound the final size from the twin's size: ECDSA
 # Ecdsa-Sig-Value lengths vary by a few bytes with leading zeros of r and s (RFC 3279 §2.2.3).
-MAX_SIG_LEN = {"p256": 72, "p521": 139, "ed448": 114}
+MAX_SIG_LEN = {a.value: row.max_sig_len for a, row in ALGORITHMS.items()}  # the table's (hsm/algorithms.py)
 
 
 def size_bound(twin: x509.Certificate, twin_der_len: int, issuer_alg: str) -> int:
@@ -108,12 +107,7 @@ def lint_profile(cert: x509.Certificate, der_len_bound: int, profile: Profile,
 
 
 def _key_alg(cert: x509.Certificate) -> KeyAlg:
-    key = cert.public_key()
-    if isinstance(key, ed448.Ed448PublicKey):
-        return KeyAlg.ED448
-    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP521R1):
-        return KeyAlg.P521
-    return KeyAlg.P256
+    return key_alg_of(cert.public_key())
 
 
 def _ku_bit(ku: x509.KeyUsage, attr: str) -> bool:

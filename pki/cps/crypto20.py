@@ -59,6 +59,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_der_public_key,
 )
 
+from hsm.algorithms import KeyAlg, SigEncoding, algorithm_of
+
 from .errors import ExiError, KeyWrapError, SignatureVerificationFailed, XmlDsigError
 from .exi._names20 import NS20_CM
 from .exi.codec import Node, encode_fragment
@@ -71,6 +73,8 @@ _NO_ENCRYPTION = NoEncryption()
 DIGEST_SHA512 = "http://www.w3.org/2001/04/xmlenc#sha512"
 ECDSA_SHA512 = "http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha512"
 EDDSA_ED448 = "http://www.w3.org/2021/04/xmldsig-more#eddsa-ed448"
+# The XMLDSig SignatureMethod of each key type a -20 CPS key may have.
+_SIGNATURE_METHODS20: dict[KeyAlg, str] = {KeyAlg.P521: ECDSA_SHA512, KeyAlg.ED448: EDDSA_ED448}
 IV_OCTETS = 12
 TAG_OCTETS = 16
 P521_OCTETS = 66
@@ -187,16 +191,20 @@ def sign20(element: Node, signer: Any) -> Signature:
     if not isinstance(ident, str) or not ident:
         raise XmlDsigError("the signed element needs an Id")
     digest = hashlib.sha512(encode_fragment([element], CM20)).digest()
-    ed = isinstance(signer, ed448.Ed448PrivateKey)
+    # The signer's row of the algorithm table (hsm/algorithms.py): P-521 signs ECDSA with SHA-512, Ed448 pure
+    # EdDSA [V2G20-2474]; XMLDSig carries ECDSA as raw r || s (RFC 4050 §3.3), EdDSA as it is (RFC 8032).
+    try:
+        row = algorithm_of(signer)
+    except ValueError:
+        row = None
+    if row is None or row.key_alg not in _SIGNATURE_METHODS20:
+        raise XmlDsigError("a -20 ECDSA CPS key must be P-521")
     si = SignedInfo((Reference(f"#{ident}", digest, DIGEST_SHA512),),
-                    signature_method=EDDSA_ED448 if ed else ECDSA_SHA512)
+                    signature_method=_SIGNATURE_METHODS20[row.key_alg])
     data = encode_fragment([si.to_node()], XMLDSIG)
-    if ed:
-        value = signer.sign(data)
-    else:
-        if not isinstance(getattr(signer, "curve", None), ec.SECP521R1):
-            raise XmlDsigError("a -20 ECDSA CPS key must be P-521")
-        value = _raw(signer.sign(data, ec.ECDSA(hashes.SHA512())), P521_OCTETS)
+    value = row.sign(signer, data)
+    if row.encoding is SigEncoding.DER_ECDSA:
+        value = _raw(value, row.field_octets)
     return Signature(si, value)
 
 

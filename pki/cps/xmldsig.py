@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
+from hsm.algorithms import ALGORITHMS, KeyAlg
+
 from .errors import ExiError, SignatureVerificationFailed, XmlDsigError
 from .exi import (
     CANONICAL_EXI,
@@ -127,7 +129,9 @@ def sign_elements(
     return Signature(signed_info, raw)
 
 
-_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())  # immutable; built once (its constructor's type checks show in profiles)
+# ISO 15118-2 CPS signatures are ecdsa-sha256 with the P-256 CPS key: the P-256 row of the algorithm table
+# (hsm/algorithms.py), whose ECDSA object is built once (its constructor's type checks show in profiles).
+_ECDSA_SHA256 = _P256.ecdsa if (_P256 := ALGORITHMS[KeyAlg.P256]).ecdsa is not None else ec.ECDSA(hashes.SHA256())
 # Public keys whose token key has already produced a signature that verified, by id (the value keeps the
 # object alive, so its id is not reused). The key store loads a private key and its public key together and
 # reloads both after a token re-initialisation (new objects), so one good signature per loaded pair shows
