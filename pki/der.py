@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from hsm.keystore import KeyAlg
+from hsm.algorithms import ALGORITHMS, KeyAlg
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -130,12 +130,9 @@ def spki_key_bits(cert: x509.Certificate) -> bytes:
                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
-# Signature AlgorithmIdentifiers of OCSP responses and CRLs signed in the HSM.
-SIG_ALGID: dict[KeyAlg, bytes] = {
-    KeyAlg.P256: seq(der_oid("1.2.840.10045.4.3.2")),  # ecdsa-with-SHA256 [V2G2-006]; RFC 5758: no params
-    KeyAlg.P521: seq(der_oid("1.2.840.10045.4.3.4")),  # ecdsa-with-SHA512 (ISO 15118-20)
-    KeyAlg.ED448: seq(der_oid("1.3.101.113")),  # id-Ed448, pure EdDSA (RFC 8410)
-}
+# Signature AlgorithmIdentifiers of OCSP responses and CRLs signed in the HSM: the algorithm table's
+# (hsm/algorithms.py), by key type.
+SIG_ALGID: dict[KeyAlg, bytes] = {a: row.sig_alg_der for a, row in ALGORITHMS.items()}
 
 # RFC 5280 §5.3.1 CRLReason codes (OCSP RevokedInfo and CRL entries).
 REASON_CODES: dict[str, int] = {

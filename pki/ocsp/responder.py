@@ -13,12 +13,12 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed448
 from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from hsm.algorithms import key_alg_of
 from hsm.errors import HSMError
-from hsm.keystore import KeyAlg, PrivateKey, certified_signer
+from hsm.keystore import PrivateKey, certified_signer
 from pki.der import spki_key_bits
 from pki.errors import MalformedOCSPRequest
 from pki.ocsp.budget import SignBudget, _OverBudget
@@ -113,9 +113,10 @@ class OcspResponder:
             if x509.oid.ExtendedKeyUsageOID.OCSP_SIGNING not in eku:
                 continue
             pub = cert.public_key()
-            alg = (KeyAlg.ED448 if isinstance(pub, ed448.Ed448PublicKey)
-                   else KeyAlg.P521 if isinstance(pub, ec.EllipticCurvePublicKey) and pub.key_size == 521
-                   else KeyAlg.P256)
+            try:
+                alg = key_alg_of(pub)
+            except ValueError:
+                continue  # not a key type of the algorithm table: never a signer of ours
             old = self._by_name.get(issuer)
             key = old.signer.key if old and old.signer and old.signer.cert_der == der else None
             # ordered by issuance: the newest valid signer wins. Its `not_before` here is when it began to

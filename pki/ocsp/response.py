@@ -6,9 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed448
-
+from hsm.algorithms import ALGORITHMS
 from hsm.keystore import KeyAlg, PrivateKey
 from pki.der import REASON_CODES, SIG_ALGID, bit_string, der_oid, generalized_time, seq, tlv
 from pki.ocsp.request import OID_NONCE
@@ -24,9 +22,8 @@ STATUS_NAMES = {0: "successful", 1: "malformedRequest", 2: "internalError", 3: "
 
 
 def sign_bytes(key: PrivateKey, alg: KeyAlg, data: bytes) -> bytes:
-    if isinstance(key, ed448.Ed448PrivateKey):
-        return key.sign(data)
-    return key.sign(data, ec.ECDSA(hashes.SHA512() if alg is KeyAlg.P521 else hashes.SHA256()))
+    """``data`` signed as the signer's key type signs (hsm/algorithms.py: hash, ECDSA or pure EdDSA)."""
+    return ALGORITHMS[alg].sign(key, data)
 
 
 
