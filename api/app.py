@@ -16,7 +16,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import problems
-from pki.context import Context, build_context
+from pki.context import Context
+from pki.wiring import build_context
 
 log = logging.getLogger("v2gpki.api")
 

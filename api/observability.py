@@ -24,7 +24,6 @@ Mounted on every app built by api.app.create_app (the full API and the lean stan
 from __future__ import annotations
 
 import contextvars
-import functools
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -43,12 +42,15 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+# The CA's own metrics (issuances, revocations, HSM signatures, clock agreement) are pki/metrics.py's, fed
+# by the observers pki/wiring.py connects; re-exported here, where /metrics renders them.
+from pki.metrics import CLOCK_REFUSALS, CLOCK_SKEW, HSM_ERRORS, HSM_SIGN_LATENCY, ISSUED, REVOKED
 
 log = logging.getLogger("v2gpki.observability")
 access_log = logging.getLogger("v2gpki.access")
@@ -58,8 +60,6 @@ _RID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 # -- metrics (process-local objects; summed across workers in multiprocess mode) --------------------------
 
-ISSUED = Counter("v2gpki_certificates_issued", "Certificates issued (after commit)", ["profile", "issuer"])
-REVOKED = Counter("v2gpki_certificates_revoked", "Revocations and holds (after commit)", ["reason"])
 HTTP_REQUESTS = Counter("v2gpki_http_requests", "HTTP requests", ["method", "route", "status"])
 HTTP_LATENCY = Histogram("v2gpki_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
                          buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
@@ -67,16 +67,6 @@ OCSP_REQUESTS = Counter("v2gpki_ocsp_requests", "OCSP requests by response statu
                         ["method", "response_status", "cert_status"])
 OCSP_LATENCY = Histogram("v2gpki_ocsp_request_duration_seconds", "OCSP request latency",
                          buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
-HSM_SIGN_LATENCY = Histogram("v2gpki_hsm_sign_duration_seconds", "PKCS#11 sign latency (lock wait included)",
-                             ["mechanism"],
-                             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5))
-# Clock agreement with the database server (pki/clock.py, #27 item 4): the last measured difference
-# (database minus this host) and the signatures refused because it exceeded V2GPKI_MAX_CLOCK_SKEW_SECONDS.
-CLOCK_SKEW = Gauge("v2gpki_clock_skew_seconds", "This host's clock compared with the database server's "
-                   "(database minus host, seconds; last measurement)", multiprocess_mode="mostrecent")
-CLOCK_REFUSALS = Counter("v2gpki_clock_skew_refusals", "Signatures refused because the clocks disagree")
-HSM_ERRORS = Counter("v2gpki_hsm_errors", "PKCS#11 operations that failed", ["operation", "error"])
-
 EXPIRY_WINDOWS: tuple[tuple[str, int], ...] = (("7d", 7), ("30d", 30), ("90d", 90))
 
 # -- request IDs and JSON logs ----------------------------------------------------------------------------
@@ -281,98 +271,6 @@ def _ocsp_outcome(http_status: int, der: bytes) -> tuple[str, str]:
         return rs, resp.certificate_status.name.lower()
     except Exception:  # noqa: BLE001 - a CRL or an unparsable body is not an OCSP outcome
         return "unparsed", "none"
-
-
-# -- instrumentation of the engine and the key store ------------------------------------------------------
-
-
-def instrument_context(ctx: Any) -> None:
-    """Count issuances/revocations after commit and time HSM signatures. Idempotent per object.
-
-    Workers may call it too (in Celery's worker_process_init) to count what they issue."""
-    engine = getattr(ctx, "engine", None)
-    if engine is not None and not getattr(engine, "_v2gpki_metrics", False):
-        engine.tx_on_issued.append(_count_issued)
-        engine.tx_on_revoked.append(_count_revoked)
-        engine._v2gpki_metrics = True
-        guard = getattr(engine, "clock_guard", None)
-        if guard is not None:
-            guard.on_measure.append(lambda r: CLOCK_SKEW.set(r.skew))
-            guard.on_refuse.append(lambda _r: CLOCK_REFUSALS.inc())
-            if guard.last is not None:
-                CLOCK_SKEW.set(guard.last.skew)
-    ks = getattr(ctx, "keystore", None)
-    if ks is not None:
-        instrument_keystore(ks)
-
-
-# Callbacks to run once the session's transaction has committed, kept in Session.info. Two listeners on
-# the Session class, installed once, run or drop them. (A listener registered per session and commit,
-# `event.listen(session, ..., once=True)`, cost ≈ 2 % of a contract installation: SQLAlchemy builds an
-# event registry and weak references for each.)
-_PENDING = "v2gpki.after_commit"
-
-
-def _after_commit(session: Any, fn: Callable[[], None]) -> None:
-    _install_session_hooks()
-    session.info.setdefault(_PENDING, []).append(fn)
-
-
-@functools.cache  # once per process (a racing second call only re-registers the same listeners; each
-def _install_session_hooks() -> None:  # pops the list it runs, so callbacks still run once)
-    from sqlalchemy import event
-    from sqlalchemy.orm import Session
-
-    event.listen(Session, "after_commit", _run_pending)
-    event.listen(Session, "after_transaction_end", _drop_pending)
-
-
-def _run_pending(session: Any) -> None:
-    for fn in session.info.pop(_PENDING, ()):
-        fn()
-
-
-def _drop_pending(session: Any, transaction: Any) -> None:
-    # The root transaction ended without committing (rolled back, or the session closed): its counts
-    # never happened. After a commit the list is already gone.
-    if transaction.parent is None:
-        session.info.pop(_PENDING, None)
-
-
-def _count_issued(session: Any, issued: list[Any]) -> None:
-    labels = [(i.profile, i.issuer) for i in issued]
-
-    def inc() -> None:
-        for profile, issuer in labels:
-            ISSUED.labels(profile, issuer).inc()
-
-    _after_commit(session, inc)
-
-
-def _count_revoked(session: Any, cert: Any) -> None:
-    reason = str(getattr(cert, "revocation_reason", None) or "unspecified")
-    _after_commit(session, lambda: REVOKED.labels(reason).inc())
-
-
-def instrument_keystore(ks: Any) -> None:
-    """Wrap the instance's sign_raw (the one PKCS#11 signing entry point) with a timer and error count."""
-    inner = getattr(ks, "sign_raw", None)
-    if inner is None or getattr(inner, "_v2gpki_timed", False):
-        return
-
-    def sign_raw(label: str, data: bytes, mechanism: Any) -> bytes:
-        mech = str(getattr(mechanism, "name", mechanism)).lower()
-        start = time.perf_counter()
-        try:
-            out: bytes = inner(label, data, mechanism)
-        except Exception as exc:
-            HSM_ERRORS.labels("sign", type(exc).__name__).inc()
-            raise
-        HSM_SIGN_LATENCY.labels(mech).observe(time.perf_counter() - start)
-        return out
-
-    sign_raw._v2gpki_timed = True  # type: ignore[attr-defined]
-    ks.sign_raw = sign_raw
 
 
 # -- collectors computed on scrape ------------------------------------------------------------------------
@@ -647,12 +545,6 @@ _broker_url = broker_url_of  # the name api/ocsp_fast.py first used
 def setup(app: FastAPI) -> None:
     configure_logging()
     app.add_middleware(ObservabilityMiddleware)
-    hooks: list[Callable[[Any], None]] = getattr(app.state, "startup_hooks", [])
-    hooks.append(instrument_context)
-    app.state.startup_hooks = hooks
-    if getattr(app.state, "ctx", None) is not None:
-        instrument_context(app.state.ctx)
-
     @app.get("/readyz", include_in_schema=False)
     def readyz(request: Request) -> JSONResponse:
         ctx = getattr(request.app.state, "ctx", None)
@@ -667,5 +559,6 @@ def setup(app: FastAPI) -> None:
         return Response(render_metrics(ctx, _broker_url(ctx)), media_type=CONTENT_TYPE_LATEST)
 
 
-__all__ = ["JsonFormatter", "ObservabilityMiddleware", "broker_url_of", "configure_logging", "instrument_context",
-           "readiness", "redact", "render_metrics", "setup"]
+__all__ = ["CLOCK_REFUSALS", "CLOCK_SKEW", "HSM_ERRORS", "HSM_SIGN_LATENCY", "ISSUED", "REVOKED", "JsonFormatter",
+           "ObservabilityMiddleware", "broker_url_of", "configure_logging", "readiness", "redact", "render_metrics",
+           "setup"]

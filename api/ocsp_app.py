@@ -25,8 +25,9 @@ from fastapi import FastAPI
 from api.app import create_app
 from api.responders import OcspEndpoint
 from pki.config import Settings
-from pki.context import Context, build_context
+from pki.context import Context
 from pki.ocsp import mark_responder_only
+from pki.wiring import build_context
 
 ROUTERS = ["api.responders"]
 

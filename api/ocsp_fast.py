@@ -1364,20 +1364,12 @@ class HttpConnection(asyncio.Protocol):
 def responder_context(settings: Settings | None = None, *, migrate: bool = False) -> Context:
     """A responder-only Context (no CA keys; api/ocsp_app.py has the same, without importing FastAPI)."""
     from pki.config import Settings
-    from pki.context import build_context
     from pki.ocsp import mark_responder_only
+    from pki.wiring import build_context
 
     ctx = build_context(settings or Settings(), migrate=migrate)
     mark_responder_only(ctx)
     return ctx
-
-
-def _instrument(ctx: Context) -> None:
-    try:
-        from api.observability import instrument_context
-    except ImportError:  # pragma: no cover
-        return
-    instrument_context(ctx)  # HSM signature latency of the fallback, as in the uvicorn app
 
 
 def _configure_logging(level: str) -> None:
@@ -1442,8 +1434,7 @@ def _child_main(sock: socket.socket | None, warm: PresignedCache | None, setting
     try:
         if sock is None:  # SO_REUSEPORT: each worker listens on its own socket
             sock = listen_socket(host, port, reuse_port=True)
-        ctx = responder_context(settings, migrate=False)
-        _instrument(ctx)
+        ctx = responder_context(settings, migrate=False)  # HSM signatures timed by pki/wiring.py
         fresh = PresignedCache(ctx)
         t0 = time.perf_counter()
         # bounded by V2GPKI_OCSP_CACHE_WARM_ENTRIES, whatever the table holds

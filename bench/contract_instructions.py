@@ -35,10 +35,10 @@ def child(n: int, state: Path) -> None:
     """Run under callgrind with instrumentation off; counts only the ``n`` measured installations."""
     env, requests, iso = pickle.loads(state.read_bytes())
     os.environ.update(env)
-    from pki.context import build_context
     from pki.cps.service import deliver
     from pki.cps.service20 import deliver20
     from pki.ocsp import responder_for
+    from pki.wiring import build_context
 
     ctx = build_context()
     if iso == "20":

@@ -61,10 +61,10 @@ def populate(n: int, work: Path) -> dict[str, object]:
     from sqlalchemy import insert
 
     from pki.config import Settings
-    from pki.context import build_context
     from pki.hierarchy import init_hierarchy
     from pki.issuance import pem
     from pki.store.models import Certificate
+    from pki.wiring import build_context
 
     ctx = build_context(Settings())
     init_hierarchy(ctx.engine, ctx.hierarchy())
@@ -153,8 +153,8 @@ def measure(cmd: list[str], env: dict[str, str], out: Path) -> dict[str, float]:
 def child_generate() -> int:
     """Our side, in its own process: context, then generate_crl, then report."""
     from pki.config import Settings
-    from pki.context import build_context
     from pki.crl import generate_crl, load_crl
+    from pki.wiring import build_context
 
     ctx = build_context(Settings(), migrate=False)
     ctx.engine.ca_signer(ctx.engine.ca("cpo-sub2")).public_key()  # open the token before measuring

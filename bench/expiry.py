@@ -41,10 +41,10 @@ def _settings(home: Path, db_url: str | None) -> Any:
 
 def populate(home: Path, db_url: str | None, n: int, tenants: int) -> float:
     from hsm.soft import SoftKeyStore
-    from pki.context import build_context
     from pki.orgs import create_org
     from pki.store.db import utcnow
     from pki.store.models_lifecycle import Subscription
+    from pki.wiring import build_context
 
     ctx = build_context(_settings(home, db_url), keystore=SoftKeyStore())
     now = utcnow()
@@ -129,8 +129,8 @@ def _rss_mib() -> float:
 def scan_once(home: Path, db_url: str | None) -> dict[str, Any]:
     """Run in a fresh process: the RSS peak then belongs to the scan alone."""
     from hsm.soft import SoftKeyStore
-    from pki.context import build_context
     from pki.lifecycle import scan_expiring
+    from pki.wiring import build_context
 
     ctx = build_context(_settings(home, db_url), keystore=SoftKeyStore(), migrate=False)
     rss0 = _rss_mib()

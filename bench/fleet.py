@@ -152,11 +152,11 @@ def build_worker(env: dict[str, str], start: int, stop: int, seed: int, q: Any) 
 
     from hsm.algorithms import ALGORITHMS
     from pki.config import Settings
-    from pki.context import build_context
     from pki.issuance import IssueRequest, assemble_certificate
     from pki.ocsp import certid_der, responder_for
     from pki.serials import to_hex
     from pki.store.db import utcnow
+    from pki.wiring import build_context
 
     ctx = build_context(Settings(), migrate=False)
     eng = ctx.engine
@@ -223,8 +223,8 @@ def build(n: int, env: dict[str, str], db_url: str, procs: int) -> dict[str, Any
     import psycopg
 
     from pki.config import Settings
-    from pki.context import build_context
     from pki.orgs import create_org
+    from pki.wiring import build_context
 
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -513,8 +513,8 @@ def expiry_scan(env: dict[str, str], home: Path, db_url: str) -> dict[str, Any]:
 
 def child_crl() -> int:
     from pki.config import Settings
-    from pki.context import build_context
     from pki.crl import generate_crl
+    from pki.wiring import build_context
 
     ctx = build_context(Settings(), migrate=False)
     out = {}
@@ -634,7 +634,7 @@ def drill(env: dict[str, str], port: int, ctx: Any, hashes: dict[str, tuple[byte
 
 def measure(n: int, env: dict[str, str], work: Path, db_url: str, duration: int, warmup: int) -> dict[str, Any]:
     from pki.config import Settings
-    from pki.context import build_context
+    from pki.wiring import build_context
 
     ctx = build_context(Settings(), migrate=False)
     res: dict[str, Any] = {}

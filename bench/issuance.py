@@ -140,19 +140,15 @@ class Worker:
             self._install_context_hooks(st)
 
     def _install_context_hooks(self, st: Setup) -> None:
-        # What build_context adds (OCSP pre-signing, outbox rows), wired to this worker's engine.
+        # The engine as build_context wires it (OCSP pre-signing, outbox rows, metrics: pki/wiring.py),
+        # on this worker's key store.
         from pki.config import Settings
-        from pki.context import Context
+        from pki.wiring import build_context
 
         settings = Settings(home=Path(st.work) / "home", database_url=st.db_url, token_label=st.token,
                             hsm_pin=PIN, policies_dir=Path(st.policies))  # type: ignore[arg-type]
-        ctx = Context(settings, self.db, self.ks, self.profiles, self.engine)
-        from pki.ocsp import install_hooks
-
-        install_hooks(ctx)
-        from pki.lifecycle import install_hooks as lifecycle_hooks
-
-        lifecycle_hooks(ctx)
+        ctx = build_context(settings, keystore=self.ks, migrate=False)
+        self.db, self.engine = ctx.db, ctx.engine
 
     def raw_key(self) -> Any:
         """The python-pkcs11 private key object on this store's session (used outside the store's lock:

@@ -127,10 +127,10 @@ def build_pki(n: int, work: Path) -> dict[str, object]:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from pki.config import Settings
-    from pki.context import build_context
     from pki.csr import SubjectFields
     from pki.hierarchy import init_hierarchy
     from pki.issuance import IssueRequest, pem
+    from pki.wiring import build_context
 
     ctx = build_context(Settings())
     init_hierarchy(ctx.engine, ctx.hierarchy())

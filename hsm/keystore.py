@@ -8,6 +8,14 @@ from hsm.algorithms import KeyAlg, PrivateKey, PublicKey
 from hsm.errors import SignatureCheckFailed
 
 
+class SignObserver(Protocol):
+    """Told about each HSM signature (metrics: pki/metrics.py's HsmSignTimer, given in pki/wiring.py)."""
+
+    def signed(self, mechanism: str, seconds: float) -> None: ...
+
+    def failed(self, operation: str, exc: BaseException) -> None: ...
+
+
 @runtime_checkable
 class KeyStore(Protocol):
     """A place where private keys are generated and used, never exported."""

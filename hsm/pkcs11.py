@@ -47,7 +47,7 @@ from hsm.errors import (
     KeyNotFoundError,
     SignatureCheckFailed,
 )
-from hsm.keystore import KeyAlg, PrivateKey, PublicKey
+from hsm.keystore import KeyAlg, PrivateKey, PublicKey, SignObserver
 from hsm.uri import Pkcs11Uri
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,7 @@ class Pkcs11KeyStore:
         retries: int = 3,
         breaker_threshold: int = 3,
         breaker_cooldown: float = 5.0,
+        sign_observer: SignObserver | None = None,
     ) -> None:
         if not pin:
             raise HSMConfigError("no user PIN configured for the PKCS#11 token (set V2GPKI_HSM_PIN or _FILE)")
@@ -242,6 +243,7 @@ class Pkcs11KeyStore:
         self._pin = pin
         self.retries = retries
         self._breaker = _CircuitBreaker(breaker_threshold, breaker_cooldown)
+        self.sign_observer = sign_observer  # told each signature's latency or failure (metrics)
         self._lib: Any = None
         self._session: Any = None
         self._generation = -1
@@ -523,11 +525,22 @@ class Pkcs11KeyStore:
         return Pkcs11ECKey(self, label, pub, row)
 
     def sign_raw(self, label: str, data: bytes, mechanism: Mechanism) -> bytes:
+        """The one signing entry point of this store (every key object signs through it)."""
         def go(session: Any) -> bytes:
             priv = self._load_in(session, label)
             return bytes(priv.sign(data, mechanism=mechanism))
 
-        return self._run(go)
+        observer = self.sign_observer
+        if observer is None:
+            return self._run(go)
+        start = time.perf_counter()
+        try:
+            out = self._run(go)
+        except Exception as exc:
+            observer.failed("sign", exc)
+            raise
+        observer.signed(str(getattr(mechanism, "name", mechanism)).lower(), time.perf_counter() - start)
+        return out
 
     def signature_failed(self, label: str) -> SignatureCheckFailed:
         """A signature made with ``label`` did not verify with the public key read at lookup: forget the

@@ -508,7 +508,7 @@ def restore(settings: Settings, plan: RestorePlan, *, force: bool = False,
 
 def verify_keys(settings: Settings, labels: list[str]) -> tuple[int, list[str], list[str]]:
     """Open the restored instance (migrating it to head) and check every key it needs is in the token."""
-    from pki.context import build_context
+    from pki.wiring import build_context
 
     ctx = build_context(settings, migrate=True)
     if settings.keystore == "soft":

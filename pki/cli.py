@@ -24,7 +24,7 @@ def _err(msg: str, code: int) -> int:
 
 
 def _ctx(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from pki.context import build_context
+    from pki.wiring import build_context
 
     return build_context(Settings())
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -48,7 +48,9 @@ class ClockGuard:
     disagree by more than ``max_skew`` seconds. Thread-safe; the query runs at most once per ``interval``."""
 
     def __init__(self, db: Database, *, max_skew: float = 60.0, interval: float = 60.0,
-                 clock: LocalClock = time.time, db_clock: DbClock | None = None) -> None:
+                 clock: LocalClock = time.time, db_clock: DbClock | None = None,
+                 on_measure: Sequence[Callable[[ClockReading], None]] = (),
+                 on_refuse: Sequence[Callable[[ClockReading], None]] = ()) -> None:
         self.db = db
         self.max_skew = max_skew
         self.interval = interval
@@ -57,8 +59,9 @@ class ClockGuard:
         self.applies = db.engine.dialect.name == "postgresql"
         self.last: ClockReading | None = None
         self._lock = threading.Lock()
-        self.on_measure: list[Callable[[ClockReading], None]] = []  # metrics (api/observability.py)
-        self.on_refuse: list[Callable[[ClockReading], None]] = []
+        # Told each measurement / refusal (metrics: pki/metrics.py, connected in pki/wiring.py).
+        self.on_measure: tuple[Callable[[ClockReading], None], ...] = tuple(on_measure)
+        self.on_refuse: tuple[Callable[[ClockReading], None], ...] = tuple(on_refuse)
 
     def _query_db_clock(self) -> datetime:
         with self.db.engine.connect() as conn:

@@ -18,7 +18,7 @@ from pki.errors import BadSubject
 
 
 def _ctx():  # type: ignore[no-untyped-def]
-    from pki.context import build_context
+    from pki.wiring import build_context
 
     return build_context(Settings())
 

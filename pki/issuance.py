@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -38,6 +38,7 @@ from pki.csr import CheckedRequest, SubjectFields, check_csr, check_no_control_c
 from pki.der import bit_string, elements, tbs_field, tlv
 from pki.errors import AlreadyRevoked, BadKey, BadRevocation, CertificateTooLarge, LintError, NotFound, UnknownCA
 from pki.lint import lint_profile, pkilinter, shape_key, size_bound
+from pki.observers import IssuanceObserver, Issued, RevocationObserver
 from pki.profiles import Profile, ProfileSet
 from pki.serials import new_serial, to_hex
 from pki.store.db import Database, utcnow
@@ -126,26 +127,6 @@ class IssueRequest:
     key_uri: str | None = None  # for service-held keys
     actor: str = "system"
     self_sign_label: str | None = None  # roots: the key label that signs its own certificate
-
-
-@dataclass
-class Issued:
-    cert: x509.Certificate
-    der: bytes
-    serial: str
-    issuer: str
-    profile: str
-    chain: list[x509.Certificate] = field(default_factory=list)  # issuing CA up to root
-
-    def pem_chain(self, include_root: bool = True) -> str:
-        certs = [self.cert, *self.chain]
-        if not include_root and self.chain:
-            certs = certs[:-1] if _self_signed(certs[-1]) else certs
-        return "".join(pem(c) for c in certs)
-
-
-def _self_signed(cert: x509.Certificate) -> bool:
-    return cert.issuer == cert.subject
 
 
 @dataclass
@@ -296,6 +277,9 @@ class Engine:
         public_url: str,
         *,
         pkilint_mode: str = "shape",
+        issuance_observers: Sequence[IssuanceObserver] = (),
+        revocation_observers: Sequence[RevocationObserver] = (),
+        clock_guard: ClockGuard | None = None,
     ) -> None:
         self.db = db
         self.keystore = keystore
@@ -306,15 +290,13 @@ class Engine:
         self._cas_lock = threading.Lock()
         self._linted_shapes: set[tuple[object, ...]] = set()
         self._templates: dict[tuple[object, ...], _Template] = {}  # leaf shapes already linted (pki/tbs.py)
-        self.on_revoked: list[Callable[[str, str], None]] = []  # (issuer, serial) after commit
-        self.on_issued: list[Callable[[list[Issued]], None]] = []  # the batch, after commit (OCSP pre-signing)
-        # Called INSIDE the issuing / revoking transaction (e.g. to write outbox rows that commit
-        # atomically with the change — the transactional-outbox pattern used by workers/).
-        self.tx_on_issued: list[Callable[[Session, list[Issued]], None]] = []
-        self.tx_on_revoked: list[Callable[[Session, Certificate], None]] = []
+        # Told, in this order, inside and after each issuing / revoking transaction (pki/observers.py).
+        # Fixed here: pki/wiring.py lists them; nothing appends to them later.
+        self.issuance_observers: tuple[IssuanceObserver, ...] = tuple(issuance_observers)
+        self.revocation_observers: tuple[RevocationObserver, ...] = tuple(revocation_observers)
         self.batcher: IssueBatcher | None = IssueBatcher(self) if _batching_enabled() else None
         # Compares this host's clock with the database server's (pki/clock.py); None: not checked.
-        self.clock_guard: ClockGuard | None = None
+        self.clock_guard: ClockGuard | None = clock_guard
 
     # -- CA cache --------------------------------------------------------------------------------------
 
@@ -654,20 +636,20 @@ class Engine:
                 *audit_writes,
             ]
             if extra is None:
-                # The hooks only add ORM rows (flushed at commit, after these writes, as before) and
-                # after-commit callbacks. When they added none, COMMIT travels with the writes: one round
-                # trip fewer on PostgreSQL, and the session's commit finds the transaction closed.
-                for tx_hook in self.tx_on_issued:
-                    tx_hook(s, issued)
+                # The observers only add ORM rows (flushed at commit, after these writes, as before). When
+                # they added none, COMMIT travels with the writes: one round trip fewer on PostgreSQL, and
+                # the session's commit finds the transaction closed.
+                for observer in self.issuance_observers:
+                    observer.in_transaction(s, issued)
                 run_together(conn, writes, commit=not (s.new or s.dirty or s.deleted))
             else:
                 run_together(conn, writes)
                 extra(s, issued)
-                for tx_hook in self.tx_on_issued:
-                    tx_hook(s, issued)
+                for observer in self.issuance_observers:
+                    observer.in_transaction(s, issued)
             s.commit()
-        for hook in self.on_issued:
-            hook(issued)
+        for observer in self.issuance_observers:
+            observer.after_commit(issued)
         return issued
 
     def _fail_intents(self, intents: list[dict[str, object]], exc: BaseException) -> None:
@@ -741,13 +723,13 @@ class Engine:
                           .where(CertificateAuthority.serial == cert.serial)  # type: ignore[arg-type]
                           .where(CertificateAuthority.parent == cert.issuer)  # type: ignore[arg-type]
                           .values(status="revoked"))
-            for tx_hook in self.tx_on_revoked:
-                tx_hook(s, cert)
+            for observer in self.revocation_observers:
+                observer.in_transaction(s, cert)
             s.commit()
         if new_status == "revoked" and self.profiles.get(cert.profile).ca:
             self.reload_cas()
-        for hook in self.on_revoked:
-            hook(cert.issuer, serial)
+        for observer in self.revocation_observers:
+            observer.after_commit(cert)
         return cert
 
     def release_hold(self, serial: str, *, issuer: str | None = None, tenant: str | None = None,
@@ -767,8 +749,8 @@ class Engine:
                                         object=f"{cert.issuer}/{serial}"))
             s.commit()
         cert.status, cert.revoked_at, cert.revocation_reason = "valid", None, None
-        for hook in self.on_revoked:
-            hook(cert.issuer, serial)
+        for observer in self.revocation_observers:
+            observer.after_commit(cert)
         return cert
 
 

@@ -2,9 +2,9 @@
 
 The domain half of the workers (workers/ holds only thin Celery tasks that call this module):
 
-* **Outbox** — `install_hooks(ctx)` makes the engine write an `outbox` row *in the same transaction* as
-  a revocation or a new CA certificate (transactional outbox: the event exists iff the change
-  committed). workers/outbox.py sends pending rows to the broker after commit and periodically.
+* **Outbox** — the engine's outbox observers (pki/outbox.py, connected in pki/wiring.py) write an
+  `outbox` row *in the same transaction* as a revocation or a new CA certificate (transactional outbox:
+  the event exists iff the change committed); they are sent to the broker after commit and periodically.
 * **Expiry alerts** — one alert per certificate and window (default 60/30/14/7/1 days; sub-CAs and roots
   get rollover-plan windows, roots 2 years ahead). The unique constraint (cert_id, window_days) is what
   makes an alert exactly-once, whatever the broker redelivers; alerts and their notifications commit
@@ -32,23 +32,17 @@ import re
 import secrets
 import smtplib
 import socket
-import threading
 import time
-import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.message import EmailMessage
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Select, case, exists, func, insert, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
@@ -56,15 +50,25 @@ from sqlmodel import select as sm_select
 
 from hsm import sealing
 from pki import audit
-from pki.errors import BadRevocation, ConfigError, Conflict, NotFound, PKIError, PolicyError, UnknownCA
-from pki.profiles import Profile, ProfileSet
+from pki.errors import BadRevocation, ConfigError, Conflict, NotFound, PKIError, UnknownCA
+from pki.lifecycle_policy import (  # noqa: F401 - re-exported: callers find the policy here
+    ExpiryPolicy,
+    Lifecycle,
+    LifecyclePolicy,
+    LifecycleSettings,
+    RenewalPolicy,
+    TrustStorePolicy,
+    _check_windows,
+    load_policy,
+)
+from pki.outbox import add_outbox
+from pki.profiles import Profile
 from pki.store.db import utcnow
 from pki.store.models import Certificate, CertificateAuthority, Organization, OutboxEvent
 from pki.store.models_lifecycle import Delivery, ExpiryAlert, Renewal, Subscription
 
 if TYPE_CHECKING:
     from pki.context import Context
-    from pki.issuance import Engine, Issued
 
 log = logging.getLogger("v2gpki.lifecycle")
 
@@ -83,247 +87,9 @@ OPCP_CONTRACT_EVENTS = (
 )
 OPCP_EVENTS = OPCP_ROOT_EVENTS + OPCP_CONTRACT_EVENTS
 
-# -- settings and policy ---------------------------------------------------------------------------------
-
-
-class LifecycleSettings(BaseSettings):
-    """Worker-side settings (env prefix V2GPKI_, like pki.config.Settings)."""
-
-    model_config = SettingsConfigDict(env_prefix="V2GPKI_", extra="ignore")
-
-    env: str = "development"
-    broker_url: str | None = None  # unset: the embedded filesystem broker under $V2GPKI_HOME/broker
-    queue: str = "v2gpki"
-    lifecycle_file: Path | None = None  # default: <policies_dir>/lifecycle.yaml
-    expiry_windows: str | None = None  # e.g. "60,30,14,7,1": replaces the policy's default windows
-    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
-    webhook_max_attempts: int = Field(default=8, ge=1)
-    webhook_backoff_seconds: float = Field(default=30.0, gt=0)
-    webhook_backoff_max_seconds: float = Field(default=3600.0, gt=0)
-    webhook_allow_private: bool | None = None  # default: allowed in development only (SSRF guard)
-    delivery_lease_seconds: float = Field(default=60.0, gt=0)
-    smtp_host: str | None = None
-    smtp_port: int = 25
-    smtp_from: str = "v2gpki@localhost"
-    smtp_user: str | None = None
-    smtp_password: SecretStr | None = None
-    smtp_starttls: bool = False
-
-    def allow_private_targets(self) -> bool:
-        if self.webhook_allow_private is not None:
-            return self.webhook_allow_private
-        return self.env != "production"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_windows(v: list[int]) -> list[int]:
-    if not v:
-        raise ValueError("at least one window")
-    if any(w <= 0 or w > 40 * 366 for w in v):
-        raise ValueError("windows are days, between 1 and 14640")
-    if len(set(v)) != len(v):
-        raise ValueError("duplicate window")
-    return sorted(v, reverse=True)
-
-
-class ExpiryPolicy(_Strict):
-    default_windows: list[int] = [60, 30, 14, 7, 1]
-    sub_ca_windows: list[int] = [365, 180, 90, 60, 30]
-    # Roots: plan the rollover well ahead — new root, cross-signature, trust-store distribution to every
-    # EV and charger — so the first alert comes 2 years before expiry.
-    root_windows: list[int] = [1095, 730, 365, 180, 90]
-    profiles: dict[str, list[int]] = Field(default_factory=dict)
-    exclude_profiles: list[str] = Field(default_factory=list)
-    max_alerts_per_message: int = Field(default=500, ge=1, le=10000)
-
-    @field_validator("default_windows", "sub_ca_windows", "root_windows")
-    @classmethod
-    def _w(cls, v: list[int]) -> list[int]:
-        return _check_windows(v)
-
-    @field_validator("profiles")
-    @classmethod
-    def _pw(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
-        return {k: _check_windows(w) for k, w in v.items()}
-
-
-class RenewalPolicy(_Strict):
-    fraction: float = Field(default=0.67, gt=0.0, lt=1.0)  # renew after this fraction of the lifetime
-    identifiers: list[str] = ["ocsp-*", "cps-leaf*", "truststore-signer"]
-
-
-class TrustStorePolicy(_Strict):
-    validity_days: int = Field(default=30, ge=1, le=400)  # nextUpdate = issue time + this
-    republish_before_days: int = Field(default=7, ge=0)
-    signer_issuer: str = "csms-root"  # not a V2G root: a V2G root never issues a leaf [V2G2-867]
-    signer_profile: str = "truststore-signer"
-    cross_profile: str = "root-cross"
-
-
-class LifecyclePolicy(_Strict):
-    expiry: ExpiryPolicy = ExpiryPolicy()
-    renewal: RenewalPolicy = RenewalPolicy()
-    truststore: TrustStorePolicy = TrustStorePolicy()
-    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)  # extra profiles (signer, cross)
-
-
-@dataclass
-class Lifecycle:
-    """Validated policy plus the engine that knows the lifecycle profiles (one per Context)."""
-
-    policy: LifecyclePolicy
-    settings: LifecycleSettings
-    engine: Engine
-    extra_profiles: dict[str, Profile]
-    after_commit: list[Callable[[], None]] = field(default_factory=list)  # outbox kickers
-
-    def default_windows(self) -> list[int]:
-        if self.settings.expiry_windows:
-            return _check_windows([int(x) for x in self.settings.expiry_windows.split(",") if x.strip()])
-        return self.policy.expiry.default_windows
-
-    def windows_for(self, profile: Profile) -> list[int]:
-        e = self.policy.expiry
-        if profile.name in e.profiles:
-            return e.profiles[profile.name]
-        if profile.ca:
-            return e.root_windows if profile.self_signed else e.sub_ca_windows
-        return self.default_windows()
-
-
-def load_policy(path: Path, profiles: ProfileSet) -> tuple[LifecyclePolicy, dict[str, Profile]]:
-    """Read and validate policies/lifecycle.yaml (absent file: built-in defaults). Fails fast."""
-    data: object = {}
-    if path.exists():
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise PolicyError(f"{path}: not valid YAML: {exc}") from exc
-    try:
-        pol = LifecyclePolicy.model_validate(data)
-    except ValidationError as exc:
-        parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise PolicyError(f"{path}: " + "; ".join(parts)) from None
-    extra: dict[str, Profile] = {}
-    for name, body in pol.profiles.items():
-        if name in profiles.profiles:
-            raise PolicyError(f"{path}: profile {name!r} already defined in profiles-*.yaml")
-        try:
-            extra[name] = Profile.model_validate({**body, "name": name})
-        except ValidationError as exc:
-            parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-            raise PolicyError(f"{path}: profile {name!r}: " + "; ".join(parts)) from None
-        for issuer in extra[name].issuers:
-            if issuer not in profiles.profiles or not profiles.profiles[issuer].ca:
-                raise PolicyError(f"{path}: profile {name!r}: issuer {issuer!r} is not a CA profile")
-    for pname in [*pol.expiry.profiles, *pol.expiry.exclude_profiles]:
-        if pname not in profiles.profiles and pname not in extra:
-            raise PolicyError(f"{path}: expiry: unknown profile {pname!r}")
-    for key, pname in (("signer_profile", pol.truststore.signer_profile),
-                       ("cross_profile", pol.truststore.cross_profile)):
-        if pname not in extra and pname not in profiles.profiles:
-            raise PolicyError(f"{path}: truststore.{key}: unknown profile {pname!r}")
-    return pol, extra
-
-
-_LIFECYCLES: weakref.WeakKeyDictionary[Any, Lifecycle] = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
-
-
 def lifecycle_of(ctx: Context) -> Lifecycle:
-    lc = _LIFECYCLES.get(ctx.engine)
-    if lc is None:
-        install_hooks(ctx)
-        lc = _LIFECYCLES[ctx.engine]
-    return lc
-
-
-def install_hooks(ctx: Context) -> Lifecycle:
-    """Validate the lifecycle policy (fail fast) and register the outbox hooks on ctx.engine.
-
-    Idempotent per engine. The lifecycle engine shares the hook lists of ctx.engine, so certificates it
-    issues (trust-list signer, cross-certificates, rolled-over roots) get the same outbox and OCSP hooks.
-    """
-    from pki.issuance import Engine
-
-    with _LOCK:
-        existing = _LIFECYCLES.get(ctx.engine)
-        if existing is not None:
-            return existing
-        settings = LifecycleSettings()
-        path = settings.lifecycle_file or (ctx.settings.policies_dir / "lifecycle.yaml")
-        pol, extra = load_policy(path, ctx.profiles)
-        eng = ctx.engine
-        lc_engine = Engine(ctx.db, ctx.keystore, ProfileSet({**ctx.profiles.profiles, **extra}),
-                           ctx.settings.public_base(), pkilint_mode=ctx.settings.pkilint)
-        lc = Lifecycle(pol, settings, lc_engine, extra)
-
-        def tx_issued(s: Session, issued: list[Issued]) -> None:
-            cas = [i for i in issued if _is_ca_issued(i, lc_engine.profiles)]
-            if cas:
-                s.add(OutboxEvent(kind="ca.changed", created_at=utcnow(), payload={
-                    "cas": [{"issuer": i.issuer, "serial": i.serial, "profile": i.profile,
-                             "subject": i.cert.subject.rfc4514_string()} for i in cas],
-                    "change": "added"}))
-
-        def tx_revoked(s: Session, cert: Certificate) -> None:
-            s.add(OutboxEvent(kind="revocation", created_at=utcnow(), payload={
-                "issuer": cert.issuer, "serial": cert.serial, "profile": cert.profile, "tenant": cert.tenant,
-                "identifier": cert.identifier, "status": cert.status, "reason": cert.revocation_reason,
-                "revoked_at": cert.revoked_at.isoformat() if cert.revoked_at else None}))
-            if _is_ca_der(cert.der):
-                s.add(OutboxEvent(kind="ca.changed", created_at=utcnow(), payload={
-                    "cas": [{"issuer": cert.issuer, "serial": cert.serial, "profile": cert.profile,
-                             "subject": cert.subject}], "change": "revoked"}))
-
-        def kick_issued(issued: list[Issued]) -> None:
-            if any(_is_ca_issued(i, lc_engine.profiles) for i in issued):  # only CA changes wrote an outbox row
-                kick()
-
-        def kick(*_a: object) -> None:
-            for fn in list(lc.after_commit):
-                try:
-                    fn()
-                except Exception:  # noqa: BLE001 - the outbox row is committed; beat drains it later
-                    log.warning("outbox kick failed", exc_info=True)
-
-        eng.tx_on_issued.append(tx_issued)
-        eng.tx_on_revoked.append(tx_revoked)
-        eng.on_issued.append(kick_issued)
-        eng.on_revoked.append(kick)
-        lc_engine.tx_on_issued = eng.tx_on_issued
-        lc_engine.tx_on_revoked = eng.tx_on_revoked
-        lc_engine.on_issued = eng.on_issued
-        lc_engine.on_revoked = eng.on_revoked
-        _LIFECYCLES[ctx.engine] = lc
-        return lc
-
-
-def _is_ca_issued(i: Issued, profiles: ProfileSet) -> bool:
-    """Whether an issued certificate is a CA's: from its profile (the engine built BasicConstraints from
-    it), parsing the extensions only for a profile this engine does not know."""
-    try:
-        return profiles.get(i.profile).ca
-    except PKIError:
-        return _is_ca_cert(i.cert)
-
-
-def _is_ca_cert(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return False
-
-
-def _is_ca_der(der: bytes) -> bool:
-    return _is_ca_cert(x509.load_der_x509_certificate(der))
-
-
-def add_outbox(s: Session, kind: str, payload: dict[str, Any]) -> None:
-    s.add(OutboxEvent(kind=kind, payload=payload, created_at=utcnow()))
+    """The Context's lifecycle policy and engine (pki/wiring.py builds them)."""
+    return ctx.lifecycle
 
 
 # -- subscriptions ---------------------------------------------------------------------------------------
@@ -1311,7 +1077,7 @@ def outbox_backlog(ctx: Context) -> int:
 __all__ = [
     "EVENTS", "OPCP_EVENTS", "Attempt", "Candidate", "Lifecycle", "LifecyclePolicy", "LifecycleSettings", "Rollover",
     "ScanResult", "add_outbox", "add_subscription", "attempt_delivery", "candidates", "due_deliveries",
-    "candidate_query", "install_hooks", "lifecycle_of", "list_subscriptions", "queue_event", "record_alerts",
+    "candidate_query", "lifecycle_of", "list_subscriptions", "queue_event", "record_alerts",
     "get_subscription", "opcp_event", "opcp_signature", "queue_one_shot", "remove_subscription",
     "update_subscription",
     "renew", "renew_due", "revocation_event", "rollover_root", "scan_expiring", "sign_webhook", "verify_webhook",

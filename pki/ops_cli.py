@@ -93,8 +93,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_revoke_bulk(args: argparse.Namespace) -> int:
     """The compromise drill (#28): every end-entity certificate of one issuing CA, in bounded transactions;
     a dry-run count unless --yes. Interrupted, the same command again continues (pki/revocation.py)."""
-    from pki.context import build_context
     from pki.revocation import BulkRevocation, bulk_revoke
+    from pki.wiring import build_context
 
     ctx = build_context(Settings())
     spec = BulkRevocation(issuer=args.issuer, reason=args.reason, identifier=args.identifier,

@@ -180,13 +180,15 @@ def _one_batch(ctx: Context, spec: BulkRevocation, job: str, actor: str, org: st
                                       object=f"{spec.issuer}/{serial}",
                                       details={"reason": spec.reason, "identifier": ident, "bulk": job})
                           for _id, serial, ident in rows])
-        hooks = ctx.engine.tx_on_revoked
-        if hooks:
+        # The engine's revocation observers, inside this batch's transaction (outbox rows, metrics); their
+        # after-commit half is done in bulk below (OCSP re-signed per batch, one CRL for the run).
+        observers = ctx.engine.revocation_observers
+        if observers:
             done = [r[0] for r in rows]
             certs = list(s.exec(sm_select(Certificate).where(col(Certificate.id).in_(done))))
             for cert in certs:
-                for hook in hooks:
-                    hook(s, cert)
+                for observer in observers:
+                    observer.in_transaction(s, cert)
         s.commit()
     return [r[1] for r in rows]
 

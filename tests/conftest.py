@@ -25,8 +25,9 @@ from hypothesis import settings as hypothesis_settings
 
 from hsm.token import init_softhsm_token
 from pki.config import Settings
-from pki.context import Context, build_context
+from pki.context import Context
 from pki.hierarchy import init_hierarchy
+from pki.wiring import build_context
 
 TEST_PIN = "test-user-pin-1234"
 REPO = Path(__file__).resolve().parent.parent

@@ -41,9 +41,10 @@ from schemathesis import GenerationMode
 
 from api.app import create_app
 from pki.config import Settings
-from pki.context import Context, build_context
+from pki.context import Context
 from pki.hierarchy import init_hierarchy
 from pki.orgs import create_api_key, create_org
+from pki.wiring import build_context
 from tests.conftest import TEST_PIN, csr_pem, make_token
 
 # Examples per operation (Schemathesis) and per enrollment surface (Hypothesis): small enough that the

@@ -47,7 +47,6 @@ ALLOWED: dict[str, str] = {
     "pki.trustlist": "to convert",
     "pki.truststore_plan": "to convert",
     "workers.app": "to convert",
-    "workers.outbox": "to convert",
 }
 
 

@@ -36,10 +36,11 @@ from sqlalchemy import text
 
 from pki import audit_sign
 from pki.audit import GENESIS, chain_hash, verify_chain
-from pki.context import Context, build_context
+from pki.context import Context
 from pki.errors import ConfigError
 from pki.orgs import create_api_key, create_org
 from pki.store.models import AuditEvent
+from pki.wiring import build_context
 from tests.conftest import (
     TEST_PIN,
     V2GPKI_EXE,

@@ -28,8 +28,8 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from pki.audit import GENESIS
 from pki.config import Settings
-from pki.context import build_context
 from pki.orgs import create_api_key, create_org, revoke_api_key
+from pki.wiring import build_context
 from tests.conftest import TEST_PIN, make_token, run_cli
 
 LABEL = "t-audit"

@@ -35,11 +35,12 @@ from api.ocsp_fast import start_in_thread
 from hsm.errors import HSMConfigError, HSMUnavailable, KeyNotFoundError
 from hsm.keystore import KeyAlg
 from hsm.pkcs11 import DEFAULT_MODULE, Pkcs11KeyStore
-from pki.context import Context, build_context
+from pki.context import Context
 from pki.hierarchy import init_hierarchy
 from pki.issuance import Issued, pem
 from pki.ocsp import responder_for
 from pki.orgs import create_api_key, create_org
+from pki.wiring import build_context
 from tests.conftest import (
     LC_HIERARCHY,
     TEST_PIN,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pki.context import build_context
 from pki.errors import UnknownCA
 from pki.hierarchy import init_hierarchy
+from pki.wiring import build_context
 from tests.conftest import csr_pem, make_settings, make_token
 
 SMALL = """

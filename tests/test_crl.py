@@ -17,13 +17,14 @@ from cryptography import x509
 from sqlalchemy import delete, insert
 from sqlmodel import select
 
-from pki.context import Context, build_context
+from pki.context import Context
 from pki.crl import cache_for, generate_crl, latest_meta, load_crl, scheduler_for
 from pki.errors import CRLUnavailable
 from pki.issuance import REASONS, Issued, pem
 from pki.ocsp import mark_responder_only
 from pki.store.db import utcnow
 from pki.store.models import Certificate, CertificateAuthority
+from pki.wiring import build_context
 from tests.conftest import csr_pem
 
 _CERT = Certificate.__table__  # type: ignore[attr-defined]

@@ -254,13 +254,15 @@ def test_revocation_in_this_process_is_served_by_the_responder_processes(fleet: 
     body = _req(fleet, leaf)
     for _ in range(8):  # a new connection each: both workers answer, and cache it
         assert _status(serve_two, body) == ocsp.OCSPCertStatus.GOOD
-    saved = list(fleet.ctx.engine.on_revoked)
-    if not hook:
-        fleet.ctx.engine.on_revoked.clear()  # the stored response still says good
+    from pki.wiring import OcspOnRevocation
+
+    saved = fleet.ctx.engine.revocation_observers
+    if not hook:  # the stored response still says good
+        fleet.ctx.engine.revocation_observers = tuple(o for o in saved if not isinstance(o, OcspOnRevocation))
     try:
         fleet.ctx.engine.revoke(leaf.serial, "keyCompromise", issuer=leaf.issuer)
     finally:
-        fleet.ctx.engine.on_revoked[:] = saved
+        fleet.ctx.engine.revocation_observers = saved
     t0 = time.perf_counter()
     streak, since = 0, 0.0
     while streak < 12:  # twelve answers in a row, new connections (both workers)

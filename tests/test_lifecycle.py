@@ -451,7 +451,7 @@ def _issue_secc(ctx: Context, tenant: str) -> str:
 
 
 def test_outbox_row_commits_with_revocation_and_survives_a_dead_broker(lc_ctx: Context) -> None:
-    from workers.outbox import Dispatcher, dispatch_pending
+    from workers.outbox import dispatch_pending
 
     t = tag()
     org = cpo_org(lc_ctx, f"cpoO-{t}")
@@ -487,9 +487,8 @@ def test_outbox_row_commits_with_revocation_and_survives_a_dead_broker(lc_ctx: C
         seen.append(str(kwargs.get("event", {}).get("serial")))
         got.set()
 
-    d = Dispatcher(lc_ctx.db, record)
-    lc = lifecycle.lifecycle_of(lc_ctx)
-    lc.after_commit.append(d.kick)
+    d = lc_ctx.outbox  # the Context's dispatcher, kicked by the engine's outbox observers
+    d.start(record)
     try:
         serial2 = _issue_secc(lc_ctx, org)
         lc_ctx.engine.revoke(serial2, "superseded", actor="test")
@@ -497,7 +496,6 @@ def test_outbox_row_commits_with_revocation_and_survives_a_dead_broker(lc_ctx: C
         while serial2 not in seen and time.monotonic() < deadline:
             got.wait(0.5)
     finally:
-        lc.after_commit.remove(d.kick)
         d.stop()
     assert serial2 in seen
 

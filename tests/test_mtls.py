@@ -32,10 +32,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pki.config import Settings
-from pki.context import Context, build_context
+from pki.context import Context
 from pki.hierarchy import init_hierarchy
 from pki.orgs import create_api_key, create_org
 from pki.store.models import Certificate
+from pki.wiring import build_context
 from tests.conftest import TEST_PIN, V2GPKI_EXE, cli_env, csr_pem, make_token, run_cli
 
 # The server's DNS name. pkilint refuses the single-label "localhost"; clients connect to 127.0.0.1 and

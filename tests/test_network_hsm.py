@@ -39,9 +39,10 @@ from cryptography.x509 import ocsp
 
 from hsm import p11kit
 from hsm.pkcs11 import DEFAULT_MODULE, Pkcs11KeyStore
-from pki.context import Context, build_context
+from pki.context import Context
 from pki.hierarchy import token_plan
 from pki.orgs import create_api_key, create_org
+from pki.wiring import build_context
 from tests.conftest import TEST_PIN, V2GPKI_EXE, csr_pem, free_port, make_settings, make_token, need_peer, run_cli
 
 LABEL = "net-hsm"

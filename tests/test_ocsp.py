@@ -26,12 +26,13 @@ from hypothesis import strategies as st
 from sqlalchemy import update
 from sqlmodel import select
 
-from pki.context import Context, build_context
+from pki.context import Context
 from pki.csr import SubjectFields
 from pki.issuance import Issued, IssueRequest, pem
 from pki.ocsp import OcspResponder, decode_ocpp_serial, mark_responder_only, parse_request, responder_for
 from pki.store.db import utcnow
 from pki.store.models import OcspResponseCache
+from pki.wiring import build_context
 from tests.conftest import csr_pem, serve_in_thread
 
 OCSP_REQ = {"Content-Type": "application/ocsp-request"}
@@ -440,12 +441,15 @@ def test_stale_or_out_of_step_cache_is_healed(ctx: Context, pki: Pki) -> None:
     r = responder_for(ctx)
     body = der_request(pki, "heal")
     good_der = r.respond(body).der
-    hooks = list(ctx.engine.on_revoked)
-    ctx.engine.on_revoked.clear()  # simulate a revocation whose hook never ran
+    from pki.wiring import OcspOnRevocation
+
+    saved = ctx.engine.revocation_observers
+    # simulate a revocation whose OCSP re-signing never ran
+    ctx.engine.revocation_observers = tuple(o for o in saved if not isinstance(o, OcspOnRevocation))
     try:
         ctx.engine.revoke(leaf.serial, "keyCompromise", issuer=leaf.issuer)
     finally:
-        ctx.engine.on_revoked.extend(hooks)
+        ctx.engine.revocation_observers = saved
     with ctx.db.session() as s:
         row = s.exec(select(OcspResponseCache).where(OcspResponseCache.issuer == leaf.issuer,
                                                      OcspResponseCache.serial == leaf.serial)).one()

@@ -544,12 +544,14 @@ def test_revocation_whose_hook_failed_is_not_served_stale(ctx: Context, fp: Pki,
     body = der_request(fp, "heal")
     r = threaded.responder
     assert isinstance(r.lookup(body), ocsp_fast.Answer)  # served from memory so far
-    hooks = list(ctx.engine.on_revoked)
-    ctx.engine.on_revoked.clear()
+    from pki.wiring import OcspOnRevocation
+
+    saved = ctx.engine.revocation_observers
+    ctx.engine.revocation_observers = tuple(o for o in saved if not isinstance(o, OcspOnRevocation))
     try:
         ctx.engine.revoke(leaf.serial, "keyCompromise", issuer=leaf.issuer)
     finally:
-        ctx.engine.on_revoked.extend(hooks)
+        ctx.engine.revocation_observers = saved
     elapsed, resp = _until(threaded.url, body, ocsp.OCSPCertStatus.REVOKED, 5)
     assert elapsed < 1.0
     assert resp.revocation_reason == x509.ReasonFlags.key_compromise

@@ -300,13 +300,13 @@ def test_readyz_checks_database_hsm_and_broker(ctx: Context) -> None:
 
 
 def test_after_commit_callbacks_run_once_on_commit_and_never_after_a_rollback() -> None:
-    """Metrics count what committed (api.observability._after_commit): a callback runs after its
+    """Metrics count what committed (pki.store.db.on_commit, pki/metrics.py): a callback runs after its
     transaction commits, exactly once, and is dropped when the transaction rolls back or the session
     closes without committing — so an issuance that failed to store is never counted."""
     from sqlalchemy import create_engine
     from sqlmodel import Session
 
-    from api.observability import _after_commit
+    from pki.store.db import on_commit as _after_commit
 
     eng = create_engine("sqlite://")
     ran: list[str] = []

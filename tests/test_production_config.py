@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pki.config import Settings
-from pki.context import build_context
 from pki.errors import ConfigError
+from pki.wiring import build_context
 from tests.conftest import V2GPKI_EXE, run
 
 PG = "postgresql://v2gpki:secret@db.internal:5432/v2gpki"

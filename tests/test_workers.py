@@ -244,7 +244,7 @@ def test_worker_killed_mid_task_is_redelivered_without_duplicates(wk_ctx: Contex
 
 def test_redis_down_during_issue_and_revoke_loses_nothing(wk_ctx: Context, hooks: WebhookServer,
                                                          tmp_path: Path) -> None:
-    from workers.outbox import Dispatcher, drain
+    from workers.outbox import drain
 
     _require_redis()
     server = shutil.which("redis-server")
@@ -266,11 +266,10 @@ def test_redis_down_during_issue_and_revoke_loses_nothing(wk_ctx: Context, hooks
     org = cpo_org(wk_ctx, f"wk3-{t}")
     lifecycle.add_subscription(wk_ctx, org, "webhook", f"{hooks.url}/rev-{t}", ["revocation"])
     w = start_worker(wk_ctx, tmp_path, "wr", broker, queue)
-    lc = lifecycle.lifecycle_of(wk_ctx)
     try:
         with client_app(broker, queue) as app:
-            dispatcher = Dispatcher(wk_ctx.db, sender_for(app))  # what the API process runs after commit
-            lc.after_commit.append(dispatcher.kick)
+            dispatcher = wk_ctx.outbox  # what the API process runs after commit
+            dispatcher.start(sender_for(app))
             try:
                 redis.terminate()
                 redis.wait(30)
@@ -287,7 +286,6 @@ def test_redis_down_during_issue_and_revoke_loses_nothing(wk_ctx: Context, hooks
 
                 assert wait_until(drained, 60)
             finally:
-                lc.after_commit.remove(dispatcher.kick)
                 dispatcher.stop()
             got = hooks.wait(f"/rev-{t}", 2, timeout=120)
             assert sorted(json.loads(r.body)["serial"] for r in got) == sorted(s_.upper() for s_ in serials), \

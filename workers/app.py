@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,7 @@ from celery import Celery, Task
 from celery.signals import import_modules, worker_init, worker_process_init, worker_process_shutdown, worker_ready
 
 from pki.config import Settings
-from pki.lifecycle import LifecycleSettings
+from pki.lifecycle_policy import LifecycleSettings
 
 if TYPE_CHECKING:
     from pki.context import Context
@@ -141,6 +142,35 @@ def prepare_local_broker(a: Celery) -> None:
 
 app = make_app()
 
+
+# -- sending outbox events (pki/outbox.py's Dispatcher and drain call these through workers/outbox.py) ------
+
+
+def send_task(app: Celery, name: str, kwargs: dict[str, Any], task_id: str) -> None:
+    prepare_local_broker(app)
+    # No publish retries here: with the broker down we want to fail fast, keep the row, and move on.
+    # ignore_result: no result-backend subscription per message (the API would leak one per event).
+    app.send_task(name, kwargs=kwargs, task_id=task_id, retry=False, ignore_result=True)
+
+
+_APPS: dict[str, Celery] = {}
+_APPS_LOCK = threading.Lock()
+
+
+def sender_for(home: Path) -> Callable[[str, dict[str, Any], str], None]:
+    """A sender bound to the broker of this data directory (the embedded broker lives under it, which need
+    not be $V2GPKI_HOME of the process, e.g. in tests)."""
+    key = str(home)
+    with _APPS_LOCK:
+        bound = _APPS.get(key)
+        if bound is None:
+            bound = _APPS[key] = make_app(home)
+
+    def send(name: str, kwargs: dict[str, Any], task_id: str) -> None:
+        send_task(bound, name, kwargs, task_id)
+
+    return send
+
 # -- one Context per worker process -------------------------------------------------------------------------
 
 _CTX: Context | None = None
@@ -153,12 +183,11 @@ def ctx() -> Context:
     global _CTX, _CTX_PID
     with _CTX_LOCK:
         if _CTX is None or _CTX_PID != os.getpid():
-            from pki.context import build_context
-            from workers.outbox import install
+            from pki.wiring import build_context
 
             _CTX = build_context(Settings(), migrate=False)
             _CTX_PID = os.getpid()
-            install(_CTX)
+            _CTX.outbox.start(sender_for(_CTX.settings.home_dir))  # events this worker's tasks cause
         return _CTX
 
 

@@ -15,7 +15,7 @@ from pki.config import Settings
 
 
 def _ctx():  # type: ignore[no-untyped-def]
-    from pki.context import build_context
+    from pki.wiring import build_context
 
     return build_context(Settings())
 

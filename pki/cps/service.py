@@ -22,9 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC
@@ -34,7 +32,7 @@ from typing import Any, Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from hsm.keystore import certified_signer
 from pki.context import Context
@@ -79,6 +77,7 @@ from pki.csr import SubjectFields
 from pki.errors import NotFound, PKIError
 from pki.issuance import CAHandle, IssueRequest, der
 from pki.names import normalise_emaid
+from pki.observers import Deferred
 from pki.store.db import utcnow
 from pki.store.models import Certificate, Contract
 
@@ -180,36 +179,36 @@ def _pick_ca(ctx: Context, profile_names: set[str], ids: tuple[X509IssuerSerial,
     return cands[0]
 
 
-# Per-engine caches of what every installation looks up but rarely changes: the valid CPS leaves and the
-# eMSPs' display names. Kept CACHE_SECONDS at most, and dropped at once when this process revokes a
-# certificate (Engine.on_revoked), so a revoked CPS certificate is never used again by this process and
-# for at most CACHE_SECONDS by another one (the same bound as the engine's CA cache).
+# Caches of what every installation looks up but rarely changes: the valid CPS leaves and the eMSPs'
+# display names (ctx.cps_cache, one per Context). Kept CACHE_SECONDS at most, and dropped at once when this
+# process revokes a certificate (CpsCacheOnRevocation, an engine observer connected in pki/wiring.py), so a
+# revoked CPS certificate is never used again by this process and for at most CACHE_SECONDS by another one
+# (the same bound as the engine's CA cache).
 CACHE_SECONDS = 5.0
-_CACHES: weakref.WeakKeyDictionary[Any, dict[str, tuple[float, Any]]] = weakref.WeakKeyDictionary()
-_CACHE_LOCK = threading.Lock()
 
 
 def _cache(ctx: Context) -> dict[str, tuple[float, Any]]:
-    c = _CACHES.get(ctx.engine)
-    if c is None:
-        with _CACHE_LOCK:
-            c = _CACHES.get(ctx.engine)
-            if c is None:
-                c = {}
-                _CACHES[ctx.engine] = c
-                ctx.engine.on_revoked.append(partial(_on_revoked, ctx.engine, c))
-    return c
+    return ctx.cps_cache
 
 
-def _on_revoked(engine: Any, c: dict[str, tuple[float, Any]], issuer: str, _serial: str) -> None:
-    """Drop the cached CPS leaves and chains when a certificate is revoked — unless an MO CA issued it (a
+class CpsCacheOnRevocation:
+    """Drops the cached CPS leaves and chains when a certificate is revoked — unless an MO CA issued it (a
     contract certificate, e.g. one an installation supersedes): nothing cached here comes from those."""
-    try:
-        if engine.ca(issuer).row.hierarchy == "mo":
-            return
-    except PKIError:
+
+    def __init__(self, ctx: Deferred[Context]) -> None:
+        self.ctx = ctx
+
+    def in_transaction(self, session: Session, cert: Certificate) -> None:
         pass
-    c.clear()
+
+    def after_commit(self, cert: Certificate) -> None:
+        ctx = self.ctx.get()
+        try:
+            if ctx.engine.ca(cert.issuer).row.hierarchy == "mo":
+                return
+        except PKIError:
+            pass
+        ctx.cps_cache.clear()
 
 
 def _cached(ctx: Context, key: str, load: Callable[[], Any]) -> Any:

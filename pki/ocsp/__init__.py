@@ -22,7 +22,7 @@ How a request is answered (api/responders.py only moves bytes; everything OCSP h
 * One CertID and no nonce (RFC 5019 §2.1.1's shape, and what chargers send): the pre-signed response is
   served. The table ``ocsp_response`` holds one current SHA-1-CertID response per certificate; it is
   produced at issuance and re-signed at once on revocation (Engine hooks, installed by
-  :func:`install_hooks`). Other hash algorithms are re-signed from it on demand and kept in a bounded
+  :class:`pki.wiring.OcspOnIssuance`). Other hash algorithms are re-signed from it on demand and kept in a bounded
   in-process cache keyed by the stored response, so they follow it when it changes.
 * Serving never trusts the cache blindly: the lookup joins the certificate row, and a stored response
   whose status differs from the certificate's, that predates the revocation, the current signer, or has
@@ -63,7 +63,6 @@ from pki.ocsp.request import (
 )
 from pki.ocsp.responder import (
     OcspResponder,
-    install_hooks,
     is_responder_only,
     mark_responder_only,
     refresh,
@@ -99,7 +98,7 @@ __all__ = [
     "Answer", "CertIdReq", "DatabaseUnavailable", "DerError", "OcspRequest", "OcspResponder", "Presigner",
     "SignBudget", "_label_of", "basic_response", "bit_string", "certid_der", "decode_ocpp_hash",
     "decode_ocpp_serial", "der_header", "der_int", "der_oid", "error_answer", "generalized_time",
-    "install_hooks", "is_responder_only", "mark_responder_only", "ocpp_lookup", "parse_request",
+    "is_responder_only", "mark_responder_only", "ocpp_lookup", "parse_request",
     "read_engine", "read_tlv", "refresh", "responder_for", "seq", "sign_bytes", "single_response",
     "spki_bits", "spki_key_bits", "tlv",
 ]

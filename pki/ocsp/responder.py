@@ -41,7 +41,6 @@ from pki.store.models import Certificate, CertificateAuthority, OcspResponseCach
 
 if TYPE_CHECKING:
     from pki.context import Context
-    from pki.issuance import Issued
 
 log = logging.getLogger("v2gpki.ocsp")
 
@@ -563,37 +562,6 @@ def mark_responder_only(ctx: Context) -> None:
 
 def is_responder_only(ctx: Context) -> bool:
     return ctx.engine in _RESPONDER_ONLY
-
-
-def install_hooks(ctx: Context) -> None:
-    """Pre-sign at issuance, re-sign and regenerate the CRL at once on revocation (after commit)."""
-    engine = ctx.engine
-
-    def on_issued(issued: list[Issued]) -> None:
-        try:
-            r = responder_for(ctx)
-            if any(i.profile.startswith("ocsp-signer") or i.cert.extensions.get_extension_for_class(
-                    x509.BasicConstraints).value.ca for i in issued):
-                r.invalidate()  # a new CA or OCSP signer: the issuer table changes
-            r.presigner.submit((i.issuer, i.serial) for i in issued)
-        except Exception:  # noqa: BLE001 - issuance stands; refresh() or the next request re-signs
-            log.warning("pre-signing OCSP responses after issuance failed", exc_info=True)
-
-    def on_revoked(issuer: str, serial: str) -> None:
-        try:
-            responder_for(ctx).presign(issuer, [serial])
-        except Exception:  # noqa: BLE001 - the responder re-signs on the next request (status check)
-            log.warning("re-signing the OCSP response of %s/%s failed", issuer, serial, exc_info=True)
-        if not is_responder_only(ctx):
-            try:
-                from pki.crl import scheduler_for
-
-                scheduler_for(ctx).mark(issuer)
-            except Exception:  # noqa: BLE001
-                log.warning("scheduling the CRL of %s failed", issuer, exc_info=True)
-
-    engine.on_issued.append(on_issued)
-    engine.on_revoked.append(on_revoked)
 
 
 def refresh(ctx: Context, *, margin: timedelta | None = None, full: bool = False) -> int:

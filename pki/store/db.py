@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,3 +203,37 @@ def read_engine(db: Database) -> Engine:
     BEGIN IMMEDIATE (one writer at a time); reads need no write lock under WAL, so they go through the
     database's autocommit twin (each SELECT its own snapshot)."""
     return db.autocommit if db.is_sqlite else db.engine
+
+
+# Callbacks to run once a session's transaction has committed, kept in Session.info. Two listeners on the
+# Session class, installed once, run or drop them. (A listener registered per session and commit,
+# `event.listen(session, ..., once=True)`, cost ≈ 2 % of a contract installation: SQLAlchemy builds an
+# event registry and weak references for each.) Used by observers that are called inside a transaction
+# no after-commit call follows (bulk revocation: pki/revocation.py), e.g. pki/metrics.py's counters.
+_PENDING = "v2gpki.after_commit"
+
+
+def on_commit(session: Session, fn: Callable[[], None]) -> None:
+    """Run ``fn`` once ``session``'s current transaction commits; never if it rolls back."""
+    _install_session_hooks()
+    session.info.setdefault(_PENDING, []).append(fn)
+
+
+@functools.cache  # once per process (a racing second call only re-registers the same listeners; each
+def _install_session_hooks() -> None:  # pops the list it runs, so callbacks still run once)
+    from sqlalchemy.orm import Session as OrmSession
+
+    event.listen(OrmSession, "after_commit", _run_pending)
+    event.listen(OrmSession, "after_transaction_end", _drop_pending)
+
+
+def _run_pending(session: Any) -> None:
+    for fn in session.info.pop(_PENDING, ()):
+        fn()
+
+
+def _drop_pending(session: Any, transaction: Any) -> None:
+    # The root transaction ended without committing (rolled back, or the session closed): its callbacks
+    # never happen. After a commit the list is already gone.
+    if transaction.parent is None:
+        session.info.pop(_PENDING, None)
