@@ -703,7 +703,7 @@ def root_payload(ca: CertificateAuthority) -> dict[str, Any]:
 
 def root_events(ctx: Context, event: dict[str, Any]) -> list[int]:
     """root.cert.added / root.cert.revoked for the Plug & Charge roots (V2G, MO, OEM) in a ``ca.changed``
-    outbox event (pki.lifecycle.install_hooks: a root issued — init, rollover — or revoked), to every
+    outbox event (pki/outbox.py's observers: a root issued — init, rollover — or revoked), to every
     subscriber of that event type. Returns the pending delivery ids."""
     change = {"added": "root.cert.added", "revoked": "root.cert.revoked"}.get(str(event.get("change")))
     if change is None:
