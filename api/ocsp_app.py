@@ -26,16 +26,13 @@ from api.app import create_app
 from api.responders import OcspEndpoint
 from pki.config import Settings
 from pki.context import Context
-from pki.ocsp import mark_responder_only
 from pki.wiring import build_context
 
 ROUTERS = ["api.responders"]
 
 
 def responder_context(settings: Settings | None = None, *, migrate: bool = False) -> Context:
-    ctx = build_context(settings or Settings(), migrate=migrate)
-    mark_responder_only(ctx)
-    return ctx
+    return build_context(settings or Settings(), migrate=migrate, responder_only=True)
 
 
 class OcspFirst:

@@ -12,7 +12,7 @@ Processes. The parent migrates, loads the table once, binds one listening socket
 SO_REUSEPORT socket instead). Each child inherits the table (copy-on-write) and builds its own Context
 and database connections after the fork; the PKCS#11 token is opened lazily, by the first answer that
 must be signed (OCSP signer keys only: the Context is responder-only, pki/ocsp/
-``mark_responder_only``). The parent only supervises: it restarts a child that dies, forwards SIGTERM /
+``build_context(responder_only=True)``). The parent only supervises: it restarts a child that dies, forwards SIGTERM /
 SIGINT, and exits when they are gone; children exit when the parent does.
 
 Freshness. Each child polls the database every ``POLL_SECONDS`` (0.15 s) on a dedicated autocommit
@@ -1364,12 +1364,9 @@ class HttpConnection(asyncio.Protocol):
 def responder_context(settings: Settings | None = None, *, migrate: bool = False) -> Context:
     """A responder-only Context (no CA keys; api/ocsp_app.py has the same, without importing FastAPI)."""
     from pki.config import Settings
-    from pki.ocsp import mark_responder_only
     from pki.wiring import build_context
 
-    ctx = build_context(settings or Settings(), migrate=migrate)
-    mark_responder_only(ctx)
-    return ctx
+    return build_context(settings or Settings(), migrate=migrate, responder_only=True)
 
 
 def _configure_logging(level: str) -> None:

@@ -28,6 +28,9 @@ class Context:
     # CPS leaves and eMSP names every contract installation looks up (pki/cps/service.py), dropped on
     # revocation by an engine observer.
     cps_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
+    # The standalone OCSP responder (api/ocsp_app.py): no CA key (engine.ca_keys False), so no CRL is
+    # generated here either; it answers from OCSP signer keys and stored CRLs.
+    responder_only: bool = False
 
     def hierarchy(self, path: Path | None = None) -> Hierarchy:
         p = path or self.settings.hierarchy_file or (self.settings.policies_dir / "hierarchy.yaml")

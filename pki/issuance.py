@@ -36,7 +36,16 @@ from pki import audit
 from pki.clock import ClockGuard
 from pki.csr import CheckedRequest, SubjectFields, check_csr, check_no_control_chars, parse_csr
 from pki.der import bit_string, elements, tbs_field, tlv
-from pki.errors import AlreadyRevoked, BadKey, BadRevocation, CertificateTooLarge, LintError, NotFound, UnknownCA
+from pki.errors import (
+    AlreadyRevoked,
+    BadKey,
+    BadRevocation,
+    CertificateTooLarge,
+    ConfigError,
+    LintError,
+    NotFound,
+    UnknownCA,
+)
 from pki.lint import lint_profile, pkilinter, shape_key, size_bound
 from pki.observers import IssuanceObserver, Issued, RevocationObserver
 from pki.profiles import Profile, ProfileSet
@@ -280,6 +289,7 @@ class Engine:
         issuance_observers: Sequence[IssuanceObserver] = (),
         revocation_observers: Sequence[RevocationObserver] = (),
         clock_guard: ClockGuard | None = None,
+        ca_keys: bool = True,
     ) -> None:
         self.db = db
         self.keystore = keystore
@@ -297,6 +307,9 @@ class Engine:
         self.batcher: IssueBatcher | None = IssueBatcher(self) if _batching_enabled() else None
         # Compares this host's clock with the database server's (pki/clock.py); None: not checked.
         self.clock_guard: ClockGuard | None = clock_guard
+        # False in the standalone OCSP responder: it never loads a CA key (RFC 6960 §4.2.2.2's delegated
+        # signers exist so that the responder needs none).
+        self.ca_keys = ca_keys
 
     # -- CA cache --------------------------------------------------------------------------------------
 
@@ -337,6 +350,8 @@ class Engine:
     def ca_signer(self, h: CAHandle) -> PrivateKey:
         """The CA's token key, once checked to be the key its certificate names (hsm.keystore.certified_signer:
         each signature the signer returns has verified with that key, so with the CA's)."""
+        if not self.ca_keys:
+            raise ConfigError("CA keys are not available in the standalone OCSP responder")
         if h._signer is None:
             h._signer = certified_signer(self.keystore, h.row.key_label, h.cert.public_key(),  # type: ignore[arg-type]
                                          f"CA {h.name!r}'s certificate")

@@ -143,9 +143,10 @@ class CrlOnRevocation:
 
 
 def build_context(settings: Settings | None = None, *, keystore: KeyStore | None = None,
-                  migrate: bool = True) -> Context:
+                  migrate: bool = True, responder_only: bool = False) -> Context:
     """Build this process's Context. ``keystore``: use this one (tests) instead of opening the
-    settings' (it is used as given: no signature timing)."""
+    settings' (it is used as given: no signature timing). ``responder_only``: the standalone OCSP/CRL
+    responder's, whose engine refuses to load a CA key."""
     settings = settings or Settings()
     settings.validate_production()  # V2GPKI_ENV=production refuses insecure defaults, before touching anything
     ensure_private_dir(settings.home_dir)  # 0700 (#21 item 11)
@@ -171,13 +172,14 @@ def build_context(settings: Settings | None = None, *, keystore: KeyStore | None
                                  on_measure=(clock_measured,), on_refuse=(clock_refused,))
         clock_guard.current()
     engine = Engine(db, ks, profiles, settings.public_base(), pkilint_mode=settings.pkilint,
-                    issuance_observers=on_issue, revocation_observers=on_revoke, clock_guard=clock_guard)
+                    issuance_observers=on_issue, revocation_observers=on_revoke, clock_guard=clock_guard,
+                    ca_keys=not responder_only)
     # The lifecycle's engine also knows policies/lifecycle.yaml's profiles (trust-list signer, root
     # cross-certificates); what it issues and revokes is observed exactly like the main engine's.
     lc_engine = Engine(db, ks, lc_profiles, settings.public_base(), pkilint_mode=settings.pkilint,
-                       issuance_observers=on_issue, revocation_observers=on_revoke)
+                       issuance_observers=on_issue, revocation_observers=on_revoke, ca_keys=not responder_only)
     ctx = Context(settings, db, ks, profiles, engine, lifecycle=Lifecycle(policy, lc_settings, lc_engine, extra),
-                  outbox=outbox)
+                  outbox=outbox, responder_only=responder_only)
     ctx_ref.set(ctx)
     return ctx
 

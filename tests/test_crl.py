@@ -21,7 +21,6 @@ from pki.context import Context
 from pki.crl import cache_for, generate_crl, latest_meta, load_crl, scheduler_for
 from pki.errors import CRLUnavailable
 from pki.issuance import REASONS, Issued, pem
-from pki.ocsp import mark_responder_only
 from pki.store.db import utcnow
 from pki.store.models import Certificate, CertificateAuthority
 from pki.wiring import build_context
@@ -250,8 +249,7 @@ def test_empty_crl_has_no_revoked_list(ctx: Context, tmp_path: Path) -> None:
 
 
 def test_responder_only_process_never_generates(ctx: Context) -> None:
-    rctx = build_context(ctx.settings, migrate=False)
-    mark_responder_only(rctx)
+    rctx = build_context(ctx.settings, migrate=False, responder_only=True)
     cache = cache_for(rctx)
     assert cache.may_generate is False
     missing = [h.name for h in rctx.engine.cas() if latest_meta(rctx.db, h.name) is None]

@@ -29,7 +29,7 @@ from sqlmodel import select
 from pki.context import Context
 from pki.csr import SubjectFields
 from pki.issuance import Issued, IssueRequest, pem
-from pki.ocsp import OcspResponder, decode_ocpp_serial, mark_responder_only, parse_request, responder_for
+from pki.ocsp import OcspResponder, decode_ocpp_serial, parse_request, responder_for
 from pki.store.db import utcnow
 from pki.store.models import OcspResponseCache
 from pki.wiring import build_context
@@ -488,8 +488,7 @@ def test_responder_only_process_holds_no_ca_key(ctx: Context, pki: Pki) -> None:
     """The standalone responder (api/ocsp_app.py) signs with OCSP signer keys only."""
     from api.ocsp_app import create_ocsp_app
 
-    rctx = build_context(ctx.settings, migrate=False)
-    mark_responder_only(rctx)
+    rctx = build_context(ctx.settings, migrate=False, responder_only=True)
     url, stop = serve_in_thread(create_ocsp_app(rctx))
     try:
         ensure_revoked(ctx, pki, "revoke")

@@ -64,7 +64,6 @@ from pki.ocsp.request import (
 from pki.ocsp.responder import (
     OcspResponder,
     is_responder_only,
-    mark_responder_only,
     refresh,
     responder_for,
 )
@@ -98,7 +97,7 @@ __all__ = [
     "Answer", "CertIdReq", "DatabaseUnavailable", "DerError", "OcspRequest", "OcspResponder", "Presigner",
     "SignBudget", "_label_of", "basic_response", "bit_string", "certid_der", "decode_ocpp_hash",
     "decode_ocpp_serial", "der_header", "der_int", "der_oid", "error_answer", "generalized_time",
-    "is_responder_only", "mark_responder_only", "ocpp_lookup", "parse_request",
+    "is_responder_only", "ocpp_lookup", "parse_request",
     "read_engine", "read_tlv", "refresh", "responder_for", "seq", "sign_bytes", "single_response",
     "spki_bits", "spki_key_bits", "tlv",
 ]

@@ -522,7 +522,6 @@ class OcspResponder:
 # ---------------------------------------------------------------------------------------------------
 
 _RESPONDERS: weakref.WeakKeyDictionary[Any, OcspResponder] = weakref.WeakKeyDictionary()
-_RESPONDER_ONLY: weakref.WeakSet[Any] = weakref.WeakSet()
 _REG_LOCK = threading.Lock()
 
 
@@ -547,21 +546,9 @@ def responder_for(ctx: Context) -> OcspResponder:
     return r
 
 
-def mark_responder_only(ctx: Context) -> None:
-    """This process answers OCSP/CRL requests only: it never loads a CA key (RFC 6960 §4.2.2.2's
-    delegated signers exist so that the responder needs none), so it generates no CRLs either."""
-    _RESPONDER_ONLY.add(ctx.engine)
-
-    def refuse(_h: object) -> PrivateKey:
-        from pki.errors import ConfigError
-
-        raise ConfigError("CA keys are not available in the standalone OCSP responder")
-
-    setattr(ctx.engine, "ca_signer", refuse)  # noqa: B010 - a guard on this instance only
-
-
 def is_responder_only(ctx: Context) -> bool:
-    return ctx.engine in _RESPONDER_ONLY
+    """The standalone responder's Context (pki.wiring.build_context(responder_only=True)): no CA key."""
+    return ctx.responder_only
 
 
 def refresh(ctx: Context, *, margin: timedelta | None = None, full: bool = False) -> int:
