@@ -41,3 +41,10 @@ class Pkcs11Uri:
         if "token" not in attrs or "object" not in attrs:
             raise ValueError("pkcs11 URI needs token= and object=")
         return cls(token=attrs["token"], object=attrs["object"], type=attrs.get("type", "private"))
+
+
+def label_of(key_uri: str) -> str:
+    """The key label inside a key store URI (RFC 7512 pkcs11: URI, or the software twin's soft:LABEL)."""
+    if key_uri.startswith("soft:"):
+        return key_uri[len("soft:"):]
+    return Pkcs11Uri.parse(key_uri).object

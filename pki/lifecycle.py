@@ -42,13 +42,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
 from sqlalchemy import Select, case, exists, func, insert, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 from sqlmodel import select as sm_select
 
 from hsm import sealing
+from hsm.uri import label_of
 from pki import audit
 from pki.errors import BadRevocation, ConfigError, Conflict, NotFound, PKIError, UnknownCA
 from pki.lifecycle_policy import (  # noqa: F401 - re-exported: callers find the policy here
@@ -61,11 +61,14 @@ from pki.lifecycle_policy import (  # noqa: F401 - re-exported: callers find the
     _check_windows,
     load_policy,
 )
+from pki.names import subject_fields_of as _subject_fields
 from pki.outbox import add_outbox
 from pki.profiles import Profile
 from pki.store.db import utcnow
 from pki.store.models import Certificate, CertificateAuthority, Organization, OutboxEvent
 from pki.store.models_lifecycle import Delivery, ExpiryAlert, Renewal, Subscription
+from pki.store.subscriptions import new_delivery as _new_delivery
+from pki.store.subscriptions import subscribers as _subscribers
 
 if TYPE_CHECKING:
     from pki.context import Context
@@ -258,25 +261,6 @@ def remove_subscription(ctx: Context, sub_id: str, org: str | None, *, actor: st
         return row
 
 
-def _subscribers(s: Session, event: str) -> dict[str | None, list[Subscription]]:
-    """Active subscriptions to ``event``, by org; tenant-less events go to the admin organizations. A
-    disabled (OPCP ``status``) or one-shot subscription is not matched."""
-    subs = [r for r in s.exec(sm_select(Subscription).where(Subscription.deleted_at == None))  # noqa: E711
-            if event in (r.events or []) and not _inactive(r)]
-    admins = {o.name for o in s.exec(sm_select(Organization).where(Organization.role == "admin"))}
-    out: dict[str | None, list[Subscription]] = defaultdict(list)
-    for r in subs:
-        out[r.org].append(r)
-        if r.org in admins:
-            out[None].append(r)
-    return out
-
-
-def _inactive(r: Subscription) -> bool:
-    attrs = r.attributes or {}
-    return str(attrs.get("status", "enabled")).lower() == "disabled" or bool(attrs.get("oneShot"))
-
-
 def queue_one_shot(ctx: Context, event: str, key: str, payload: dict[str, Any], org: str, emaid: str) -> list[int]:
     """The delivery of ``org``'s one-shot subscriptions for contract ``emaid`` (an OPCP subscriptionUrl) that
     have had none yet: each is called once, with the first event of its contract."""
@@ -311,13 +295,6 @@ def opcp_event(event_type: str, payload: dict[str, Any], namespace: str = "urn:i
         raise PKIError(f"not an OPCP event type: {event_type}")
     return {"timestamp": (at or utcnow()).strftime("%Y-%m-%dT%H:%M:%SZ"), "eventId": str(uuid.uuid4()),
             "eventType": event_type, "xsdMsgDefNamespace": namespace, "payload": payload}
-
-
-def _new_delivery(sub_id: int, org: str | None, event: str, key: str, payload: dict[str, Any],
-                  now: datetime) -> dict[str, Any]:
-    return {"delivery_id": "dlv_" + secrets.token_hex(12), "subscription_id": sub_id, "org": org,
-            "event": event, "event_key": key, "payload": payload, "state": "pending", "attempts": 0,
-            "next_attempt_at": now, "created_at": now}
 
 
 def _pending_ids(s: Session, keys: Iterable[str]) -> list[int]:
@@ -840,26 +817,6 @@ class RenewalResult:
     new_serial: str | None
     new_label: str
     state: str
-
-
-def label_of(key_uri: str) -> str:
-    """The key label inside a key store URI (RFC 7512 pkcs11: URI, or the software twin's soft:LABEL)."""
-    from hsm.uri import Pkcs11Uri
-
-    if key_uri.startswith("soft:"):
-        return key_uri[len("soft:"):]
-    return Pkcs11Uri.parse(key_uri).object
-
-
-def _subject_fields(cert: x509.Certificate):  # type: ignore[no-untyped-def]
-    from pki.csr import SubjectFields
-
-    def one(oid: x509.ObjectIdentifier) -> str | None:
-        v = cert.subject.get_attributes_for_oid(oid)
-        return str(v[0].value) if v else None
-
-    return SubjectFields(cn=one(NameOID.COMMON_NAME) or "", o=one(NameOID.ORGANIZATION_NAME),
-                         c=one(NameOID.COUNTRY_NAME), dc=one(NameOID.DOMAIN_COMPONENT))
 
 
 def renewal_due(ctx: Context, now: datetime | None = None) -> list[Certificate]:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
 from pki.errors import BadSubject
 
 
@@ -111,3 +114,14 @@ def owns_identifier(prefixes: list[str], kind: str, identifier: str) -> bool:
         elif ident.startswith(fp):
             return True
     return False
+
+
+def subject_fields_of(cert: x509.Certificate) -> SubjectFields:
+    """The CN, O, C and DC of a certificate's subject (what the V2G profiles use)."""
+
+    def one(oid: x509.ObjectIdentifier) -> str | None:
+        v = cert.subject.get_attributes_for_oid(oid)
+        return str(v[0].value) if v else None
+
+    return SubjectFields(cn=one(NameOID.COMMON_NAME) or "", o=one(NameOID.ORGANIZATION_NAME),
+                         c=one(NameOID.COUNTRY_NAME), dc=one(NameOID.DOMAIN_COMPONENT))

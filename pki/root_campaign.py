@@ -196,7 +196,7 @@ def switch(ctx: Context, ref: str, *, force: bool = False, actor: str = "cli") -
     """Switch issuance to the new root of a campaign (``ref``: the new root, or the old one). Refused below
     the coverage threshold unless ``force``; resumable (CAs already created are kept)."""
     from pki.hierarchy import create_ca, ensure_ocsp_signer
-    from pki.lifecycle import _subject_fields, lifecycle_of
+    from pki.names import subject_fields_of as _subject_fields
     from pki.profiles import CAEntry, Hierarchy
 
     row = root_row(ctx, ref)
@@ -216,7 +216,7 @@ def switch(ctx: Context, ref: str, *, force: bool = False, actor: str = "cli") -
             f"threshold of {cov.threshold:.1%} (V2GPKI_ROOT_SWITCH_MIN_COVERAGE): push it with the trust-store "
             f"plans (POST /ocpp/v201/trust-store-plan) and let stations report, or force the switch "
             f"(--force / \"force\": true) knowing that stations without it will reject the new certificates")
-    lc = lifecycle_of(ctx)
+    lc = ctx.lifecycle
     eng = lc.engine
     now = utcnow()
     with ctx.db.session() as s:  # the new root issues from now on
@@ -286,11 +286,9 @@ def blocking_certificates(ctx: Context, old_root: str, now: datetime | None = No
     """Certificates under ``old_root`` still valid and not replaced: a valid, unexpired certificate issued
     by the old root or a CA under it — not a CA certificate, OCSP signer or cross-certificate — with no newer
     valid certificate of the same identifier and profile from outside the old hierarchy."""
-    from pki.lifecycle import lifecycle_of
-
     now = now or utcnow()
     tree = [old_root, *[r.name for r in subtree(ctx, old_root)]]
-    lc = lifecycle_of(ctx)
+    lc = ctx.lifecycle
     profiles = lc.engine.profiles
     skip = {lc.policy.truststore.cross_profile} | {n for n in profiles.names() if profiles.get(n).ca
                                                    or n.startswith("ocsp-signer")}
@@ -314,7 +312,7 @@ class WithdrawResult:
 
 def withdraw(ctx: Context, ref: str, *, actor: str = "cli") -> WithdrawResult:
     """Withdraw the old root of a switched campaign (``ref``: the old root, or the new one)."""
-    from pki.lifecycle import add_outbox
+    from pki.outbox import add_outbox
 
     row = root_row(ctx, ref)
     camp = open_campaign_from(ctx, row.name) or campaign_of(ctx, row.name)  # ref: the old root, or the new

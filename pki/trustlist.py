@@ -99,7 +99,7 @@ class Signer:
 
 
 def current_signer(ctx: Context) -> Signer | None:
-    from pki.lifecycle import label_of, lifecycle_of
+    from hsm.uri import label_of
 
     now = utcnow()
     with ctx.db.session() as s:
@@ -110,19 +110,17 @@ def current_signer(ctx: Context) -> Signer | None:
     if row is None or row.key_uri is None:
         return None
     cert = x509.load_der_x509_certificate(row.der)
-    return Signer(label_of(row.key_uri), cert, [cert, *lifecycle_of(ctx).engine.chain(row.issuer)])
+    return Signer(label_of(row.key_uri), cert, [cert, *ctx.lifecycle.engine.chain(row.issuer)])
 
 
 def ensure_signer(ctx: Context) -> Signer:
     """The trust-list signer; issued (key `svc-truststore` in the HSM) on first use."""
     from hsm.errors import KeyExistsError, KeyNotFoundError
     from pki.hierarchy import issue_service_cert
-    from pki.lifecycle import lifecycle_of
-
     sg = current_signer(ctx)
     if sg is not None:
         return sg
-    lc = lifecycle_of(ctx)
+    lc = ctx.lifecycle
     ts = lc.policy.truststore
     h = ctx.hierarchy()
     try:
@@ -180,10 +178,8 @@ def _entry(ca: CertificateAuthority, store: str) -> dict[str, Any]:
 def build_content(ctx: Context, store: str, now: datetime | None = None) -> dict[str, Any]:
     if store not in STORES:
         raise NotFound(f"no trust store {store!r} (one of {', '.join(STORES)})")
-    from pki.lifecycle import lifecycle_of
-
     now = now or utcnow()
-    cross_profile = lifecycle_of(ctx).policy.truststore.cross_profile
+    cross_profile = ctx.lifecycle.policy.truststore.cross_profile
     with ctx.db.session() as s:
         cas = list(s.exec(select(CertificateAuthority).where(CertificateAuthority.hierarchy == store)
                           .order_by(col(CertificateAuthority.name))))
@@ -239,9 +235,9 @@ def publish(ctx: Context, store: str, reason: str, *, now: datetime | None = Non
     """Publish the next version of ``store`` if its content changed (or nextUpdate is near). The version row
     and one delivery per 'truststore' subscriber commit together. None: nothing to publish, or a
     concurrent publisher won this version number."""
-    from pki.lifecycle import _new_delivery, _subscribers, lifecycle_of
+    from pki.store.subscriptions import new_delivery, subscribers
 
-    lc = lifecycle_of(ctx)
+    lc = ctx.lifecycle
     pol = lc.policy.truststore
     now = now or utcnow()
     content = build_content(ctx, store, now)
@@ -263,8 +259,8 @@ def publish(ctx: Context, store: str, reason: str, *, now: datetime | None = Non
     d = Delivery.__table__  # type: ignore[attr-defined]
     with ctx.db.session() as s:
         s.add(row)
-        subs = {r.id: r for rs in _subscribers(s, "truststore").values() for r in rs}
-        rows = [_new_delivery(int(sid), r.org, "truststore", f"truststore:{store}:{version}",
+        subs = {r.id: r for rs in subscribers(s, "truststore").values() for r in rs}
+        rows = [new_delivery(int(sid), r.org, "truststore", f"truststore:{store}:{version}",
                               {"event": "truststore", "store": store, "version": version,
                                "truststore_ref": [store, version]}, now)
                 for sid, r in subs.items() if sid is not None]

@@ -4,16 +4,20 @@ deliveries to subscribers, and expiry alerts (tables of pki/store/models_lifecyc
 
 from __future__ import annotations
 
+import secrets
+from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, func, inspect
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from pki.store.db import Database
 from pki.store.errors import StorageError
+from pki.store.models import Organization
 from pki.store.models_lifecycle import Delivery, ExpiryAlert, Subscription, TrustStoreVersion
 
 TABLES = ("truststore_version", "delivery", "expiry_alert", "subscription")
@@ -90,3 +94,33 @@ class Subscriptions:
 
 
 __all__ = ["DistributionOverview", "Subscriptions", "TABLES"]
+
+
+# -- the lifecycle's subscriber lookups (pki/lifecycle.py, pki/trustlist.py) ----------------------------------
+
+
+def subscribers(s: Session, event: str) -> dict[str | None, list[Subscription]]:
+    """Active subscriptions to ``event``, by org; tenant-less events go to the admin organizations. A
+    disabled (OPCP ``status``) or one-shot subscription is not matched."""
+    subs = [r for r in s.exec(select(Subscription).where(Subscription.deleted_at == None))  # noqa: E711
+            if event in (r.events or []) and not is_inactive(r)]
+    admins = {o.name for o in s.exec(select(Organization).where(Organization.role == "admin"))}
+    out: dict[str | None, list[Subscription]] = defaultdict(list)
+    for r in subs:
+        out[r.org].append(r)
+        if r.org in admins:
+            out[None].append(r)
+    return out
+
+
+def is_inactive(r: Subscription) -> bool:
+    attrs = r.attributes or {}
+    return str(attrs.get("status", "enabled")).lower() == "disabled" or bool(attrs.get("oneShot"))
+
+
+def new_delivery(sub_id: int, org: str | None, event: str, key: str, payload: dict[str, Any],
+                 now: datetime) -> dict[str, Any]:
+    """A pending delivery row (values for an INSERT) of one event to one subscription."""
+    return {"delivery_id": "dlv_" + secrets.token_hex(12), "subscription_id": sub_id, "org": org,
+            "event": event, "event_key": key, "payload": payload, "state": "pending", "attempts": 0,
+            "next_attempt_at": now, "created_at": now}
