@@ -2,7 +2,8 @@
 
 We accept PEM, DER, or base64 DER (as OCPP's SignCertificateRequest carries it), check the
 proof-of-possession signature, the key algorithm/curve against the profile, and the subject rules.
-Nothing from the CSR's extensions is ever copied: the CA applies its own profile.
+Nothing from the CSR's extensions is copied — the CA applies its own profile — except the one a profile
+names: an ISO 15118-20 Ed448 vehicle's X448 key (``x448_alt_key_for_ed448``, see :func:`alt_x448_key`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import re
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed448
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, x448
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from hsm.algorithms import key_alg_of as table_key_alg_of
@@ -24,6 +27,9 @@ from pki.names import SubjectFields  # re-exported: pki.csr is where callers hav
 from pki.profiles import Profile
 from pki.tbs import csr_subject_fields
 
+# subjectAltPublicKeyInfo, ITU-T X.509 (10/2019) §9.8.2: the "Alternate Subject Public Key" of ISO 15118-20
+# [V2G20-2534] (the X448 key of an Ed448 OEM provisioning certificate)
+ALT_PUBLIC_KEY_OID = x509.ObjectIdentifier("2.5.29.72")
 MAX_CSR_BYTES = 8192  # OCPP caps csr at 5500 characters; 8 KiB of DER/PEM leaves room for -20 keys
 
 _SINGLE_ATTRS = {
@@ -43,6 +49,7 @@ class CheckedRequest:
     subject: SubjectFields
     identifier: str
     identifier_kind: str
+    alt_spki: bytes | None = None  # the X448 SubjectPublicKeyInfo to carry in 2.5.29.72 (profile permitting)
 
 
 def parse_csr(data: bytes | str) -> x509.CertificateSigningRequest:
@@ -222,4 +229,42 @@ def check_csr(profile: Profile, csr: x509.CertificateSigningRequest) -> CheckedR
     fields, ident, kind = check_subject(
         profile, SubjectFields(*raw) if raw is not None else subject_fields(csr.subject))
     assert isinstance(key, ec.EllipticCurvePublicKey | ed448.Ed448PublicKey)
-    return CheckedRequest(public_key=key, key_alg=alg, subject=fields, identifier=ident, identifier_kind=kind)
+    return CheckedRequest(public_key=key, key_alg=alg, subject=fields, identifier=ident, identifier_kind=kind,
+                          alt_spki=alt_x448_key(profile, alg, csr))
+
+
+def alt_x448_key(profile: Profile, alg: KeyAlg, csr: x509.CertificateSigningRequest) -> bytes | None:
+    """The X448 SubjectPublicKeyInfo an Ed448 CSR of an ``x448_alt_key_for_ed448`` profile requests in its
+    extensionRequest (RFC 2986 §4.1, PKCS#9 extensionRequest) as subjectAltPublicKeyInfo; None elsewhere.
+
+    ISO 15118-20 [V2G20-2534]: an X448 installation encrypts the contract key to that key, so an Ed448
+    provisioning certificate without it could never receive a contract: refused here, before anything is
+    issued. The key cannot prove possession (X448 does not sign); the Ed448 signature over the request
+    binds it to the vehicle that made the request. A P-521 key of the same profile asking for it is refused
+    (its own key does the ECDH); other profiles ignore it, as they ignore every CSR extension."""
+    if not profile.x448_alt_key_for_ed448:
+        return None
+    try:
+        requested = csr.extensions.get_extension_for_oid(ALT_PUBLIC_KEY_OID)
+    except x509.ExtensionNotFound:
+        requested = None
+    except ValueError as exc:  # a malformed extensionRequest
+        raise BadCSR(f"CSR extensionRequest could not be decoded: {exc}") from None
+    wanted = alg is KeyAlg.ED448
+    if requested is None:
+        if wanted:
+            raise BadKey(f"an Ed448 {profile.name!r} CSR must request subjectAltPublicKeyInfo (2.5.29.72) with "
+                         "the vehicle's X448 key: the contract key is encrypted to it (ISO 15118-20 [V2G20-2534])")
+        return None
+    if not wanted:
+        raise BadCSR(f"subjectAltPublicKeyInfo (2.5.29.72) is not part of profile {profile.name!r} for "
+                     f"{alg.value} keys")
+    value = requested.value.value if isinstance(requested.value, x509.UnrecognizedExtension) else b""
+    try:
+        key = serialization.load_der_public_key(value)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise BadKey("subjectAltPublicKeyInfo is not a SubjectPublicKeyInfo") from None
+    if not isinstance(key, x448.X448PublicKey):
+        raise BadKey("subjectAltPublicKeyInfo must be an X448 key (RFC 8410 id-X448) [V2G20-2534]")
+    # re-encoded, so the certificate carries the canonical DER whatever the request's encoding was
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

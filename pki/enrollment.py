@@ -126,7 +126,7 @@ def enroll(ctx: Context, p: Principal, profile_name: str, csr: bytes | str, *, c
     owner = tenant if (tenant and p.role == "admin") else p.org
     issued = ctx.engine.issue(IssueRequest(
         profile=profile_name, public_key=checked.public_key, subject=checked.subject,
-        identifier=checked.identifier, ca=ca, tenant=owner, actor=p.credential,
+        identifier=checked.identifier, ca=ca, tenant=owner, actor=p.credential, alt_spki=checked.alt_spki,
     ))
     superseded: list[str] = []
     if supersede:

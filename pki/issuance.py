@@ -34,7 +34,14 @@ from hsm.algorithms import ALGORITHMS, key_alg_of
 from hsm.keystore import KeyAlg, KeyStore, PrivateKey, PublicKey, certified_signer
 from pki import audit
 from pki.clock import ClockGuard
-from pki.csr import CheckedRequest, SubjectFields, check_csr, check_no_control_chars, parse_csr
+from pki.csr import (
+    ALT_PUBLIC_KEY_OID,
+    CheckedRequest,
+    SubjectFields,
+    check_csr,
+    check_no_control_chars,
+    parse_csr,
+)
 from pki.der import bit_string, elements, tbs_field, tlv
 from pki.errors import (
     AlreadyRevoked,
@@ -136,6 +143,7 @@ class IssueRequest:
     key_uri: str | None = None  # for service-held keys
     actor: str = "system"
     self_sign_label: str | None = None  # roots: the key label that signs its own certificate
+    alt_spki: bytes | None = None  # ISO 15118-20 X448 "Alternate Subject Public Key" (pki.csr.alt_x448_key)
 
 
 @dataclass
@@ -437,8 +445,11 @@ class Engine:
         if self.clock_guard is not None:
             self.clock_guard.require()  # refuse to sign with a clock the database disagrees with (#27 item 4)
         serial = new_serial()
+        if req.alt_spki is not None and not (profile.x448_alt_key_for_ed448 and subj_alg is KeyAlg.ED448):
+            raise BadKey(f"profile {profile.name!r} carries no Alternate Subject Public Key for {subj_alg.value} keys")
         tkey: tuple[object, ...] | None = None
-        if self.pkilint_mode != "every" and not profile.ca and issuer_handle is not None:
+        # a request-specific extension has no template (its bytes differ per certificate)
+        if self.pkilint_mode != "every" and not profile.ca and issuer_handle is not None and req.alt_spki is None:
             # What fixes every byte of a leaf's TBS but the variable fields (pki/tbs.py), plus pkilint's
             # shape buckets, so a template is only ever used for a shape pkilint has passed.
             subj = req.subject
@@ -481,6 +492,10 @@ class Engine:
             b = b.add_extension(x509.OCSPNoCheck(), critical=False)  # RFC 6960 §4.2.2.2.1
         if profile.san_dns_from_cn:
             b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(req.subject.cn)]), critical=False)
+        if req.alt_spki is not None:
+            # ITU-T X.509 (10/2019) §9.8.2 subjectAltPublicKeyInfo, non-critical: relying parties that do not know
+            # it still validate the certificate; the ISO 15118-20 vehicle and CPS read it [V2G20-2534]
+            b = b.add_extension(x509.UnrecognizedExtension(ALT_PUBLIC_KEY_OID, req.alt_spki), critical=False)
         if profile.aia_ocsp:
             b = b.add_extension(
                 x509.AuthorityInformationAccess(
@@ -688,6 +703,7 @@ class Engine:
         return self.issue(IssueRequest(
             profile=profile_name, public_key=checked.public_key, subject=checked.subject,
             identifier=checked.identifier, ca=ca, tenant=tenant, actor=actor, not_after=not_after,
+            alt_spki=checked.alt_spki,
         ))
 
     # -- lookups ---------------------------------------------------------------------------------------

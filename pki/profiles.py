@@ -65,6 +65,12 @@ class Profile(_Strict):
     max_der_size: int = Field(gt=0, le=4096)
     # RFC 8813 §3 forbids keyEncipherment with EC keys; Josev/RISE-V2G set it on contract certificates.
     legacy_key_encipherment: bool = False
+    # ISO 15118-20 [V2G20-2534]: with ECDHCurve X448 the vehicle decrypts its contract key with the private
+    # key of the OEM provisioning certificate's "Alternate Subject Public Key" — ITU-T X.509 (10/2019) §9.8.2
+    # subjectAltPublicKeyInfo (2.5.29.72). An Ed448 key signs only (RFC 8410 §5), so an Ed448 CSR of a profile
+    # with this set must request that extension with an RFC 8410 id-X448 key, and the certificate carries it.
+    # The one CSR extension the CA ever copies; every other is ignored (the profile decides).
+    x448_alt_key_for_ed448: bool = False
     subject: SubjectRule
 
     @field_validator("key_algs")
@@ -84,6 +90,8 @@ class Profile(_Strict):
             raise ValueError("path_len only applies to CA profiles")
         if self.self_signed and self.issuers:
             raise ValueError("a self-signed profile has no issuers")
+        if self.x448_alt_key_for_ed448 and (self.ca or KeyAlg.ED448 not in self.key_algs):
+            raise ValueError("x448_alt_key_for_ed448 applies to end-entity profiles that allow ed448 keys")
         if "key_encipherment" in self.key_usage and not self.legacy_key_encipherment:
             raise ValueError("key_encipherment with EC keys needs legacy_key_encipherment: true (RFC 8813)")
         return self

@@ -36,6 +36,7 @@ OID_C = bytes.fromhex("550406")  # 2.5.4.6
 OID_DC = bytes.fromhex("0992268993f22c640119")  # 0.9.2342.19200300.100.1.25
 OID_SKI = bytes.fromhex("551d0e")  # 2.5.29.14
 OID_SAN = bytes.fromhex("551d11")  # 2.5.29.17
+OID_ALT_SPKI = bytes.fromhex("551d48")  # 2.5.29.72 subjectAltPublicKeyInfo: per request, never templated
 
 _UTF8, _PRINTABLE, _IA5 = 0x0C, 0x13, 0x16
 _PRINTABLE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?")
@@ -132,6 +133,8 @@ class TbsTemplate:
                 parts.append("ski")
             elif oid == OID_SAN:
                 raise ValueError("subjectAltName from the CN: no template (rare profile, kept on the builder)")
+            elif oid == OID_ALT_SPKI:
+                raise ValueError("the request's own Alternate Subject Public Key: no template")
             else:
                 parts.append(reference_tbs[x_start:x1])
         self._ext_parts = tuple(parts)

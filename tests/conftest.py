@@ -13,7 +13,7 @@ import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -130,7 +130,7 @@ def ctx(request: pytest.FixtureRequest) -> Context:
 
 
 def csr_pem(cn: str, *, o: str | None = "Test Org", c: str | None = "DE", dc: str | None = None,
-            key: object | None = None) -> bytes:
+            key: object | None = None, extensions: Sequence[object] = ()) -> bytes:
     from cryptography import x509
 
     key = key or ec.generate_private_key(ec.SECP256R1())
@@ -142,6 +142,9 @@ def csr_pem(cn: str, *, o: str | None = "Test Org", c: str | None = "DE", dc: st
     if dc:
         attrs.append(x509.NameAttribute(NameOID.DOMAIN_COMPONENT, dc))
     b = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(attrs))
+    for ext in extensions:  # extensionRequest (PKCS#9), e.g. the -20 X448 Alternate Subject Public Key
+        assert isinstance(ext, x509.ExtensionType)
+        b = b.add_extension(ext, critical=False)
     from cryptography.hazmat.primitives.asymmetric import ed448
 
     algo = None if isinstance(key, ed448.Ed448PrivateKey) else hashes.SHA256()

@@ -181,7 +181,7 @@ from dataclasses import dataclass  # noqa: E402
 from datetime import timedelta  # noqa: E402
 
 from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import serialization  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from sqlmodel import col, select  # noqa: E402
@@ -448,17 +448,47 @@ def _forge_oem_prov(env: Env20, pcid: str, key: ed448.Ed448PublicKey, extras: li
     return cert
 
 
+def _spki(key: x448.X448PublicKey | ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _alt_value(cert: x509.Certificate) -> bytes:
+    value = cert.extensions.get_extension_for_oid(ALT_SPKI).value
+    assert isinstance(value, x509.UnrecognizedExtension)
+    return value.value
+
+
+def ed448_csr(pcid: str, key: ed448.Ed448PrivateKey | ec.EllipticCurvePrivateKey, alt_spki: bytes | None) -> str:
+    """An OEM provisioning CSR whose extensionRequest (PKCS#9) asks for the X448 Alternate Subject Public Key."""
+    b = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([
+        x509.NameAttribute(x509.NameOID.COMMON_NAME, pcid), x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "Test Org"),
+        x509.NameAttribute(x509.NameOID.COUNTRY_NAME, "DE"), x509.NameAttribute(x509.NameOID.DOMAIN_COMPONENT, "OEM")]))
+    if alt_spki is not None:
+        b = b.add_extension(x509.UnrecognizedExtension(ALT_SPKI, alt_spki), critical=False)
+    algo = None if isinstance(key, ed448.Ed448PrivateKey) else hashes.SHA512()
+    return b.sign(key, algo).public_bytes(serialization.Encoding.PEM).decode()
+
+
 def vehicle20_ed448(env: Env20, d: Path, *, alt: bool = True, tpm: bool = False) -> dict[str, Any]:
+    """An Ed448 vehicle: enrolled through the API (its CSR requests the X448 key, #26) — or, for shapes the
+    engine refuses to issue (no X448 key, a TPM-like extension), a provisioning certificate forged here."""
     d.mkdir(parents=True, exist_ok=True)
     pcid = env.prov["oem"] + _a(14)
     key, xkey = ed448.Ed448PrivateKey.generate(), x448.X448PrivateKey.generate()
-    extras: list[x509.ExtensionType] = []
-    if alt:
-        extras.append(x509.UnrecognizedExtension(ALT_SPKI, xkey.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)))
-    if tpm:
-        extras.append(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.15118.1"), b"\x04\x02TP"))
-    cert = _forge_oem_prov(env, pcid, key.public_key(), extras)
+    if alt and not tpm:
+        r = env.client.post("/v1/enrollments", json={"csr": ed448_csr(pcid, key, _spki(xkey.public_key())),
+                                                     "profile": "oem-prov-20"}, headers=env.h["oem"])
+        assert r.status_code == 201, r.text
+        cert = x509.load_pem_x509_certificate(r.json()["certificate"].encode())
+        assert _alt_value(cert) == _spki(xkey.public_key())
+        assert r.json()["issuer"] == "oem-sub2-20-ed448", r.json()
+    else:
+        extras: list[x509.ExtensionType] = []
+        if alt:
+            extras.append(x509.UnrecognizedExtension(ALT_SPKI, _spki(xkey.public_key())))
+        if tpm:
+            extras.append(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.15118.1"), b"\x04\x02TP"))
+        cert = _forge_oem_prov(env, pcid, key.public_key(), extras)
     pk8 = serialization.PrivateFormat.PKCS8
     (d / "oem.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, pk8, serialization.NoEncryption()))
     (d / "x448.pem").write_bytes(xkey.private_bytes(serialization.Encoding.PEM, pk8, serialization.NoEncryption()))
@@ -540,6 +570,66 @@ def test_ed448_vehicle_refusals_nothing_issued(josev20: Peer20, env20: Env20, tm
     status, out = ocpp21(env20, _request(josev20, v, sign="ed448", corrupt_signature=True)["exi"])
     assert out["statusInfo"]["reasonCode"] == "FAILED_SignatureError"[:20], out
     assert _issued(env20, emaid) == 0
+
+
+def test_ed448_provisioning_enrollment_carries_the_requested_x448_key(env20: Env20, tmp_path: Path) -> None:
+    """The engine writes the X448 Alternate Subject Public Key an Ed448 CSR requests [V2G20-2534] — each
+    certificate its own (no template reuses another request's key) — and refuses every other shape before
+    issuing anything."""
+    certs, keys = [], []
+    for _ in range(3):
+        key, xkey = ed448.Ed448PrivateKey.generate(), x448.X448PrivateKey.generate()
+        pcid = env20.prov["oem"] + _a(14)
+        r = env20.client.post("/v1/enrollments", json={"csr": ed448_csr(pcid, key, _spki(xkey.public_key())),
+                                                       "profile": "oem-prov-20"}, headers=env20.h["oem"])
+        assert r.status_code == 201, r.text
+        cert = x509.load_pem_x509_certificate(r.json()["certificate"].encode())
+        assert not cert.extensions.get_extension_for_oid(ALT_SPKI).critical
+        assert _alt_value(cert) == _spki(xkey.public_key())
+        assert isinstance(cert.public_key(), ed448.Ed448PublicKey) and cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == pcid
+        certs.append(cert)
+        keys.append(_alt_value(cert))
+    assert len(set(keys)) == 3
+    # openssl verifies the chain; pkilint finds nothing wrong with the extension (RFC 5280 §4.2: non-critical,
+    # unknown to it)
+    chain = env20.ctx.engine.chain("oem-sub2-20-ed448")
+    (tmp_path / "root.pem").write_bytes(chain[-1].public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "subs.pem").write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain[:-1]))
+    (tmp_path / "leaf.pem").write_bytes(certs[0].public_bytes(serialization.Encoding.PEM))
+    done = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "root.pem"), "-untrusted",
+                           str(tmp_path / "subs.pem"), str(tmp_path / "leaf.pem")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    from pki.lint import pkilinter
+    assert pkilinter().findings(certs[0].public_bytes(serialization.Encoding.DER), set()) == []
+
+    def refused(csr: str, status: int, code: str, words: str) -> None:
+        before = _count_certs(env20)
+        r = env20.client.post("/v1/enrollments", json={"csr": csr, "profile": "oem-prov-20"}, headers=env20.h["oem"])
+        assert r.status_code == status and r.headers["content-type"] == "application/problem+json", r.text
+        assert r.json()["type"].endswith(code) and words in r.json()["detail"], r.json()
+        assert _count_certs(env20) == before
+
+    pcid = env20.prov["oem"] + _a(14)
+    ed, p521 = ed448.Ed448PrivateKey.generate(), ec.generate_private_key(ec.SECP521R1())
+    x = _spki(x448.X448PrivateKey.generate().public_key())
+    refused(ed448_csr(pcid, ed, None), 400, "bad-key", "2.5.29.72")  # no X448 key: no contract could reach it
+    refused(ed448_csr(pcid, ed, _spki(p521.public_key())), 400, "bad-key", "X448")  # not an X448 key
+    refused(ed448_csr(pcid, ed, b"\x30\x03\x02\x01\x00"), 400, "bad-key", "SubjectPublicKeyInfo")
+    refused(ed448_csr(pcid, p521, x), 400, "bad-csr", "p521")  # a P-521 vehicle does ECDH with its own key
+    # the engine itself refuses the extension where its profile does not define it
+    from pki.csr import SubjectFields
+    from pki.errors import BadKey
+    from pki.issuance import IssueRequest
+
+    with pytest.raises(BadKey):
+        env20.ctx.engine.issue(IssueRequest(profile="oem-prov-20", public_key=p521.public_key(), alt_spki=x,
+                                            subject=SubjectFields(pcid, None, None, "OEM"), identifier=pcid))
+
+
+def _count_certs(env: Env20) -> int:
+    with env.ctx.db.session() as s:
+        return len(list(s.exec(select(Certificate))))
 
 
 # -- refusals before issuing, the JSON endpoint, OCPP 2.1's own fields (#26 item 2) ---------------------------

@@ -26,8 +26,14 @@ import pytest
 from asn1crypto import core
 from asn1crypto import x509 as ax
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed448
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, x448
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_der_public_key,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11e
@@ -108,6 +114,14 @@ def _key(alg: KeyAlg) -> ec.EllipticCurvePrivateKey | ed448.Ed448PrivateKey:
     return ec.generate_private_key(ec.SECP521R1() if alg is KeyAlg.P521 else ec.SECP256R1())
 
 
+def csr_extras(profile: str, alg: KeyAlg) -> list[x509.ExtensionType]:
+    """An Ed448 vehicle's CSR requests its X448 key (ISO 15118-20 [V2G20-2534], docs/profiles.md)."""
+    if profile != "oem-prov-20" or alg is not KeyAlg.ED448:
+        return []
+    spki = x448.X448PrivateKey.generate().public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return [x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.72"), spki)]
+
+
 _COLLECTED: dict[int, list[Item]] = {}
 
 
@@ -137,7 +151,8 @@ def collect(ctx: Context) -> list[Item]:
         items.append(Item(f"svc:{r.identifier}", x509.load_der_x509_certificate(r.der), r.der,
                           ctx.profiles.get(r.profile), r.issuer, eng.ca(r.issuer).alg, eng.chain(r.issuer)))
     for label, prof, cn, dc, o, alg, ca, expect_issuer in LEAVES:
-        issued = eng.issue_from_csr(prof, csr_pem(cn, o=o, dc=dc, key=_key(alg)), ca=ca, actor="test")
+        issued = eng.issue_from_csr(prof, csr_pem(cn, o=o, dc=dc, key=_key(alg), extensions=csr_extras(prof, alg)),
+                                    ca=ca, actor="test")
         assert issued.issuer == expect_issuer, (label, issued.issuer)
         items.append(Item(f"leaf:{label}", issued.cert, issued.der, ctx.profiles.get(prof), issued.issuer,
                           eng.ca(issued.issuer).alg, eng.chain(issued.issuer)))
@@ -296,6 +311,14 @@ def _check_extensions(it: Item, failures: list[str], public_url: str) -> None:
         cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         if san.critical or san.value.get_values_for_type(x509.DNSName) != [cn]:
             failures.append(f"{it.label}: SAN {san}")
+    if p.x448_alt_key_for_ed448 and isinstance(cert.public_key(), ed448.Ed448PublicKey):
+        # the one CSR extension a profile copies: the -20 X448 Alternate Subject Public Key [V2G20-2534]
+        alt_oid = x509.ObjectIdentifier("2.5.29.72")
+        expected.add(alt_oid)
+        alt = exts.get(alt_oid)
+        if alt is None or alt.critical or not isinstance(alt.value, x509.UnrecognizedExtension) or not isinstance(
+                load_der_public_key(alt.value.value), x448.X448PublicKey):
+            failures.append(f"{it.label}: subjectAltPublicKeyInfo {alt}")
     if set(exts) != expected:  # nothing copied from a CSR, nothing the profile does not list
         failures.append(f"{it.label}: extensions {sorted(o.dotted_string for o in set(exts) ^ expected)} "
                         "differ from the profile")

@@ -60,6 +60,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from hsm.algorithms import KeyAlg, SigEncoding, algorithm_of
+from pki.csr import ALT_PUBLIC_KEY_OID
 
 from .errors import ExiError, KeyWrapError, SignatureVerificationFailed, XmlDsigError
 from .exi._names20 import NS20_CM
@@ -81,7 +82,6 @@ P521_OCTETS = 66
 X448_OCTETS = 56
 _ID = ("Id", NS20_CM)
 KDF_OTHER_INFO = b"\x01UV"  # AlgorithmID 0x01, PartyUInfo 'U', PartyVInfo 'V' [V2G20-2535]
-ALT_PUBLIC_KEY_OID = x509.ObjectIdentifier("2.5.29.72")  # subjectAltPublicKeyInfo (ITU-T X.509 §9.8.2)
 ED448_ORDER = 2**446 - 13818066809895115352007386748515426880336692474882178609894547503885  # RFC 8032 §5.2 L
 
 
