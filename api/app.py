@@ -8,10 +8,10 @@ pool and never blocks the event loop.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import ModuleType
 
 from fastapi import FastAPI
 
@@ -50,6 +50,64 @@ ROUTERS = [
 ]
 
 
+def router_setup(name: str) -> Callable[[FastAPI], None]:
+    """The setup(app) of router module ``name`` (one of ROUTERS), imported by name in code — not by a
+    string handed to importlib — and only when mounted, so a lean process loads only its routers."""
+    module: ModuleType
+    if name == "api.responders":
+        from api import responders as module
+    elif name == "api.v1.routes":
+        from api.v1 import routes as module
+    elif name == "api.v1.contracts":
+        from api.v1 import contracts as module
+    elif name == "api.v1.subscriptions":
+        from api.v1 import subscriptions as module
+    elif name == "api.v1.firmware":
+        from api.v1 import firmware as module
+    elif name == "api.v1.roots":
+        from api.v1 import roots as module
+    elif name == "api.ocpp.v201":
+        from api.ocpp import v201 as module
+    elif name == "api.ocpp.ev_certificate":
+        from api.ocpp import ev_certificate as module
+    elif name == "api.ocpp.status":
+        from api.ocpp import status as module
+    elif name == "api.ocpp.v21":
+        from api.ocpp import v21 as module
+    elif name == "api.ocpp.v16":
+        from api.ocpp import v16 as module
+    elif name == "api.est":
+        from api import est as module
+    elif name == "api.oauth":
+        from api import oauth as module
+    elif name == "api.opcp.est":
+        from api.opcp import est as module
+    elif name == "api.opcp.rcp":
+        from api.opcp import rcp as module
+    elif name == "api.opnc.pki":
+        from api.opnc import pki as module
+    elif name == "api.opcp.ccp":
+        from api.opcp import ccp as module
+    elif name == "api.opcp.pcp":
+        from api.opcp import pcp as module
+    elif name == "api.opcp.cps":
+        from api.opcp import cps as module
+    elif name == "api.opcp.webhooks":
+        from api.opcp import webhooks as module
+    elif name == "api.opnc.pools":
+        from api.opnc import pools as module
+    elif name == "api.opnc.cps":
+        from api.opnc import cps as module
+    elif name == "api.opnc.rcp":
+        from api.opnc import rcp as module
+    elif name == "api.console":
+        from api import console as module
+    else:
+        raise ValueError(f"unknown router module {name!r}")
+    setup: Callable[[FastAPI], None] = module.setup
+    return setup
+
+
 def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
                ctx_factory: Callable[[], Context] | None = None) -> FastAPI:
     @asynccontextmanager
@@ -84,16 +142,6 @@ def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
     for modname in routers if routers is not None else ROUTERS:
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name == modname:
-                continue
-            raise
-        setup = getattr(mod, "setup", None)
-        if setup is None:
-            log.warning("router module %s has no setup(app); skipped", modname)
-            continue
-        setup(app)
+        router_setup(modname)(app)
         app.state.mounted_routers.add(modname)
     return app

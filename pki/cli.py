@@ -365,22 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-EXTRA_CLI_MODULES = ("api.cli", "workers.cli", "pki.ops_cli", "pki.firmware_cli")
-
-
 def _register_extra(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Commands contributed by the service layers (serve, org, apikey, worker, backup, ...).
+    """Commands contributed by the service layers (serve, org, apikey, worker, backup, ...), each module's
+    register(sub). This is the program's entry point, so it may name the layers above pki/; imported
+    here, when the parser is built, so that importing pki.cli stays cheap."""
+    from api import cli as api_cli
+    from pki import firmware_cli, ops_cli
+    from workers import cli as workers_cli
 
-    Each module has register(sub); a module that is absent is skipped."""
-    import importlib
-
-    for name in EXTRA_CLI_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
+    for mod in (api_cli, workers_cli, ops_cli, firmware_cli):
         mod.register(sub)
 
 

@@ -1,6 +1,6 @@
 """`v2gpki firmware setup|sign|verify|list` (#27 item 3; pki/firmware.py).
 
-Registered into `v2gpki` by pki/cli.py (EXTRA_CLI_MODULES). Exit codes as README's: 3 refused (rollback,
+Registered into `v2gpki` by pki/cli.py (_register_extra). Exit codes as README's: 3 refused (rollback,
 another manufacturer's product, bad input, a signature that does not verify), 4 not found (no such
 organization, no signing certificate yet), 6 HSM / configuration (clock skew included).
 """

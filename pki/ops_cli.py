@@ -1,6 +1,6 @@
 """Operations commands: `v2gpki backup`, `v2gpki restore`, `v2gpki config check|show`, `v2gpki revoke-bulk`.
 
-Registered into `v2gpki` by pki/cli.py (EXTRA_CLI_MODULES). Restore is a dry run unless --yes (admin tools
+Registered into `v2gpki` by pki/cli.py (_register_extra). Restore is a dry run unless --yes (admin tools
 default to dry-run); `config check` exits 6 when production mode would refuse the configuration.
 """
 

@@ -106,14 +106,20 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def string_imports(text: str) -> list[str]:
-    """``importlib.import_module("<one of our packages>...")`` calls with a string literal."""
+    """``importlib.import_module(...)`` / ``__import__(...)`` calls naming one of our packages by a string
+    literal, or by any expression (a variable can hold one of our names: ``import_module(modname)``)."""
     out = []
     for node in ast.walk(ast.parse(text)):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute | ast.Name)
-                and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id) == "import_module"
-                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
-                and node.args[0].value.split(".")[0] in PACKAGES):
-            out.append(node.args[0].value)
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute | ast.Name)
+                and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id)
+                in ("import_module", "__import__") and node.args):
+            continue
+        arg = node.args[0]
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            if arg.value.split(".")[0] in PACKAGES:
+                out.append(arg.value)
+        else:
+            out.append(ast.unparse(arg))
     return out
 
 
@@ -144,9 +150,14 @@ def test_no_import_cycles() -> None:
     assert not gone, f"broken cycles still listed in KNOWN_CYCLES: remove them: {sorted(gone)}"
 
 
+# Remove the entry when the module goes (api/fastlane.py: #23 item 3 drops the positional fast lane).
+KNOWN_STRING_IMPORTS = {"api.fastlane": "dispatches route functions by module name; being removed"}
+
+
 def test_no_string_imports_of_our_modules() -> None:
-    bad = {m: s for m, (text, _) in our_sources().items() if (s := string_imports(text))}
-    assert not bad, f"importlib.import_module with a literal naming our modules: import them instead: {bad}"
+    bad = {m: s for m, (text, _) in our_sources().items()
+           if (s := string_imports(text)) and m not in KNOWN_STRING_IMPORTS}
+    assert not bad, f"importlib.import_module naming our modules by string: import them instead: {bad}"
 
 
 def test_the_cycle_detector_finds_cycles() -> None:
@@ -165,6 +176,7 @@ def test_the_cycle_detector_finds_cycles() -> None:
     assert cycles(import_graph({k: v for k, v in sources.items() if k != "p.c"})) == [["q", "q.r"]]
     assert string_imports("import importlib\nimportlib.import_module('api.fastlane')\n") == ["api.fastlane"]
     assert string_imports("import importlib\nimportlib.import_module('json')\n") == []
+    assert string_imports("from importlib import import_module\nfor n in NAMES:\n    import_module(n)\n") == ["n"]
 
 
 # -- (b) no patching of collaborators ----------------------------------------------------------------------
