@@ -71,10 +71,13 @@ from pki.ocsp import (
     TRY_LATER_ANSWER,
     UNAUTHORIZED_ANSWER,
     Answer,
+    MemorySource,
     certid_der,
+    fresh_until,
     parse_request,
     read_engine,
     responder_for,
+    wanted_status,
 )
 
 if TYPE_CHECKING:
@@ -90,7 +93,6 @@ MAX_HEAD = 24 * 1024  # request line + headers (a GET carries up to ~14 KB of ba
 MAX_HEADER_LINES = 64
 MAX_BUFFERED = 64 * 1024  # unprocessed bytes per connection before reading pauses (pipelining)
 
-_STATUS_OF = {"valid": "good", "revoked": "revoked", "hold": "hold"}
 
 # ---------------------------------------------------------------------------------------------------
 # HTTP/1.1 framing
@@ -329,7 +331,10 @@ class PresignedCache:
         self.warm_entries = min(self.max_entries,
                                 st.ocsp_cache_warm_entries if warm_entries is None else warm_entries)
         self.derived_max = min(self.DERIVED_MAX, max(1_000, self.max_entries // 5))
-        self.entries: OrderedDict[bytes, Entry] = OrderedDict()
+        # The first source of ocsp-serve's chain (pki/ocsp/sources.py): the stored and live sources follow
+        # in the thread pool (FastResponder._fallback → pki/ocsp/).
+        self.memory = MemorySource()
+        self.entries: OrderedDict[bytes, Entry] = self.memory.entries
         # Answers the fallback produced for other one-CertID requests (other hash algorithms, unknown serials,
         # non-canonical encodings): dropped whenever the table changes, so they never outlive a revocation.
         self.derived: dict[bytes, Entry] = {}
@@ -338,7 +343,8 @@ class PresignedCache:
         self.fresh_until = 0.0  # epoch: memory answers are used only until then (poller alive)
         self._issuers: dict[str, _IssuerInfo] = {}
         self._sha1: dict[tuple[bytes, bytes], str] = {}  # (issuerNameHash, issuerKeyHash) → issuer
-        self._margin = responder_for(ctx).margin.total_seconds()
+        self._margin_td = responder_for(ctx).margin
+        self._margin = self._margin_td.total_seconds()
         self._sqlite = ctx.db.is_sqlite
         self._pg_probe = True
         self._conn: Any = None
@@ -456,13 +462,15 @@ class PresignedCache:
             return None, None
         info = self._issuers[issuer]
         o_this, o_next, c_rev = _utc(o_this), _utc(o_next), _utc(c_rev)
-        want = _STATUS_OF.get(c_status, "revoked")
-        if (der is None or o_status != want or o_this < info.signer_not_before
-                or (want != "good" and (c_rev is None or o_this < c_rev))):
+        want = wanted_status(c_status)
+        # The one freshness rule of both responders (pki/ocsp/sources.py).
+        until = fresh_until(stored_status=o_status, this_update=o_this, next_update=o_next, want=want,
+                            revoked_at=c_rev, signer_since=info.signer_not_before, margin=self._margin_td)
+        if der is None or until is None:
             return key, None
         ans = Answer(bytes(der), "successful", "good" if want == "good" else "revoked", o_this, o_next,
                      cacheable=True)
-        return key, (ans, o_next.timestamp() - self._margin)
+        return key, (ans, until.timestamp())
 
     def put(self, key: bytes, entry: Entry, *, only_if_room: bool = False) -> bool:
         """Cache ``entry`` under the canonical SHA-1 CertID ``key``; the least recently used go beyond
@@ -535,6 +543,7 @@ class PresignedCache:
         for attr in ("entries", "issuer_hashes", "_issuers", "_sha1", "_held", "_max_resp", "_max_rev",
                      "_watermarks_read", "_next_issuers", "fresh_until", "loads"):
             setattr(self, attr, getattr(warm, attr))
+        self.memory.entries = self.entries
         return len(self.entries)
 
     def _read_watermarks(self) -> None:
@@ -838,19 +847,14 @@ class FastResponder:
         if now >= cache.fresh_until:
             return None
         n = len(der)
-        entries = cache.entries
+        memory = cache.memory
         # RFC 5019 shape: OCSPRequest{TBSRequest{requestList{Request{CertID}}}}, short lengths, nothing
         # else. Its CertID bytes, if they are a key, are byte-identical to a canonical valid CertID.
         if (9 < n < 130 and der[0] == 0x30 and der[1] == n - 2 and der[2] == 0x30 and der[3] == n - 4
                 and der[4] == 0x30 and der[5] == n - 6 and der[6] == 0x30 and der[7] == n - 8):
-            key = der[8:]
-            e = entries.get(key)
-            if e is not None and now < e[1]:
-                try:
-                    entries.move_to_end(key)  # least recently used goes first
-                except KeyError:  # dropped by the poller meanwhile: the answer was current a moment ago
-                    pass
-                return e[0]
+            hit = memory.get(der[8:], now)
+            if hit is not None:
+                return hit
         try:
             req = parse_request(der)
         except MalformedOCSPRequest:
@@ -863,11 +867,9 @@ class FastResponder:
         canonical = b""
         if cid.serial > 0 and cid.hash_alg == "sha1":
             canonical = certid_der(cid.hash_alg, cid.name_hash, cid.key_hash, cid.serial)
-            e = entries.get(canonical)
-            if e is not None and now < e[1]:
-                with contextlib.suppress(KeyError):
-                    entries.move_to_end(canonical)
-                return e[0]
+            hit = memory.get(canonical, now)
+            if hit is not None:
+                return hit
         e = cache.derived.get(cid.raw)
         if e is not None and now < e[1]:
             return e[0]

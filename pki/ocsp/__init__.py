@@ -87,14 +87,26 @@ from pki.ocsp.response import (
     single_response,
 )
 from pki.ocsp.signers import _label_of
-from pki.ocsp.sources import DatabaseUnavailable
+from pki.ocsp.sources import (
+    Chain,
+    LiveSource,
+    MemorySource,
+    Query,
+    Source,
+    StoredSource,
+    fresh_until,
+    is_fresh,
+    wanted_status,
+)
 from pki.store.db import read_engine
+from pki.store.ocsp import DatabaseUnavailable
 
 __all__ = [
     "HASH_LEN", "HASH_OIDS", "INTERNAL_ERROR", "INTERNAL_ERROR_ANSWER", "MALFORMED", "MALFORMED_ANSWER",
     "MAX_CERT_IDS", "OCPP_HASH_ALGS", "OID_BASIC", "OID_NONCE", "REASON_CODES", "SIG_ALGID", "SIG_REQUIRED",
     "STATUS_NAMES", "SUCCESSFUL", "TRY_LATER", "TRY_LATER_ANSWER", "UNAUTHORIZED", "UNAUTHORIZED_ANSWER",
-    "Answer", "CertIdReq", "DatabaseUnavailable", "DerError", "OcspRequest", "OcspResponder", "Presigner",
+    "Answer", "CertIdReq", "Chain", "DatabaseUnavailable", "LiveSource", "MemorySource", "Query", "Source",
+    "StoredSource", "fresh_until", "is_fresh", "wanted_status", "DerError", "OcspRequest", "OcspResponder", "Presigner",
     "SignBudget", "_label_of", "basic_response", "bit_string", "certid_der", "decode_ocpp_hash",
     "decode_ocpp_serial", "der_header", "der_int", "der_oid", "error_answer", "generalized_time",
     "is_responder_only", "ocpp_lookup", "parse_request",

@@ -34,10 +34,11 @@ from pki.ocsp.response import (
     single_response,
 )
 from pki.ocsp.signers import _Issuer, _label_of, _Signer
-from pki.ocsp.sources import _LRU, _STATUS_OF, DatabaseUnavailable, _as_utc, _FastLookup
+from pki.ocsp.sources import _LRU, Chain, LiveSource, Query, StoredSource, fresh_until, is_fresh, wanted_status
 from pki.store.db import read_engine, utcnow
 from pki.store.fast import Prepared, run_together
 from pki.store.models import Certificate, CertificateAuthority, OcspResponseCache
+from pki.store.ocsp import DatabaseUnavailable, StatusLookup, as_utc
 
 if TYPE_CHECKING:
     from pki.context import Context
@@ -74,7 +75,14 @@ class OcspResponder:
         self._insert_new = _insert_new_stmt(self.db)
         self.presigner = Presigner(self)
         self._reader = read_engine(self.db)
-        self._fast = _FastLookup(self._reader)
+        self._lookup = StatusLookup(self._reader)
+        # Where one-CertID answers come from (Boulder's Source chain): the stored pre-signed response, then a
+        # live signature. ocsp-serve puts its in-memory source in front (api/ocsp_fast.py).
+        self.stored = StoredSource(self._alt, self._unknown)
+        self.live = LiveSource(self._sign_one, self._store_resigned, self._spend, certid_der, self._alt,
+                               self._unknown)
+        self.presigned_chain = Chain([self.stored])
+        self.chain = Chain([self.stored, self.live])
         st = ctx.settings
         self.budget = SignBudget(st.ocsp_live_sign_rate, st.ocsp_live_sign_burst, st.ocsp_live_sign_total_rate)
         self._client = threading.local()  # the address the current request's live signatures are charged to
@@ -216,7 +224,7 @@ class OcspResponder:
                     select(_CERT.c.serial, _CERT.c.status, _CERT.c.revoked_at, _CERT.c.revocation_reason)
                     .where(_CERT.c.issuer == issuer, _CERT.c.serial.in_(chunk))
                 ).all()
-            done += self._store(iss, [(r[0], _STATUS_OF.get(r[1], "revoked"), r[2], r[3]) for r in rows])
+            done += self._store(iss, [(r[0], wanted_status(r[1]), r[2], r[3]) for r in rows])
         return done
 
     def presign_new(self, issuer: str, serials: Sequence[str]) -> int:
@@ -310,10 +318,12 @@ class OcspResponder:
                         .select_from(joined).where(live, c.c.serial.in_(part))).all()
                 due = []
                 for serial, st, rev_at, reason, o_st, o_this, o_next in rows:
-                    want = _STATUS_OF.get(st, "revoked")
-                    o_this, o_next, rev_at = _as_utc(o_this), _as_utc(o_next), _as_utc(rev_at)
-                    if (o_st is None or o_st != want or o_next < horizon or o_this < iss.signer.not_before
-                            or (want != "good" and rev_at is not None and o_this < rev_at)):
+                    want = wanted_status(st)
+                    o_this, o_next, rev_at = as_utc(o_this), as_utc(o_next), as_utc(rev_at)
+                    until = fresh_until(stored_status=o_st, this_update=o_this, next_update=o_next, want=want,
+                                        revoked_at=rev_at, signer_since=iss.signer.not_before,
+                                        margin=horizon - now)
+                    if not is_fresh(until, now):
                         due.append((serial, want, rev_at, reason))
                 if due:
                     total += self._store(iss, due)
@@ -420,7 +430,7 @@ class OcspResponder:
             ).first()
         if row is None:
             return None
-        return _STATUS_OF.get(row[0], "revoked"), row[1], row[2]
+        return wanted_status(row[0]), row[1], row[2]
 
     def _live(self, primary: _Issuer, resolved: list[tuple[CertIdReq, _Issuer | None]],
               nonce: bytes | None) -> Answer:
@@ -443,56 +453,20 @@ class OcspResponder:
                       cacheable=nonce is None)
 
     def _cached(self, iss: _Issuer, alg: str, raw_certid: bytes, serial: int, *, sign: bool = True) -> Answer | None:
-        """One CertID, no nonce. With ``sign=False``, None instead of signing anything."""
+        """One CertID, no nonce, through the source chain (pki/ocsp/sources.py). With ``sign=False`` only the
+        sources that sign nothing are asked: None when the answer must be signed."""
         assert iss.signer is not None
-        signer = iss.signer
-        now = utcnow()
-        row = None
-        serial_hex = format(serial, "x") if serial > 0 else ""
-        if serial > 0:
-            row = self._fast.lookup(iss.name, serial_hex)
-        if row is None:
-            hit = self._unknown.get((iss.name, raw_certid))
-            if hit is None or hit[2] - now < self.margin:
-                if not sign:
-                    return None
-                self._spend()  # any serial can be asked for: each new one is a signature
-                hit = self._sign_one(iss, raw_certid, "unknown", None, None)
-                self._unknown.put((iss.name, raw_certid), hit)
-            return Answer(hit[0], "successful", "unknown", hit[1], hit[2], cacheable=True)
-        c_status, revoked_at, reason, o_status, o_this, o_next, o_der = row
-        want = _STATUS_OF.get(c_status, "revoked")
-        fresh = (o_der is not None and o_status == want and o_next - now >= self.margin
-                 and o_this >= signer.not_before and (want == "good" or o_this >= revoked_at))
-        if fresh:
-            der1, this, nxt = bytes(o_der), o_this, o_next
-        elif not sign:
-            return None
-        else:
-            nh, kh = iss.hashes["sha1"]
-            der1, this, nxt = self._sign_one(iss, certid_der("sha1", nh, kh, serial), want, revoked_at, reason)
-            try:
-                with self.db.engine.begin() as conn:
-                    self._upsert.execute(conn, {"issuer": iss.name, "serial": serial_hex, "hash_alg": "sha1",
-                                                "status": want, "this_update": this, "next_update": nxt,
-                                                "der": der1})
-            except SQLAlchemyError as exc:  # the answer is right; storing it is an optimisation
-                log.warning("could not store a pre-signed OCSP response: %s", type(exc).__name__)
-        cert_status = "good" if want == "good" else "revoked"
-        if alg == "sha1":
-            return Answer(der1, "successful", cert_status, this, nxt, cacheable=True)
-        # Other CertID hash algorithms: re-signed from the stored response, cached under it, so a new
-        # stored response (revocation, refresh) makes a new one.
-        key = (alg, der1)
-        hit = self._alt.get(key)
-        if hit is None or hit[2] - now < self.margin:
-            if not sign:
-                return None
-            self._spend()
-            nh, kh = iss.hashes[alg]
-            hit = self._sign_one(iss, certid_der(alg, nh, kh, serial), want, revoked_at, reason)
-            self._alt.put(key, hit)
-        return Answer(hit[0], "successful", cert_status, hit[1], hit[2], cacheable=True)
+        q = Query(iss, alg, raw_certid, serial, utcnow(), self._lookup.lookup, self.margin)
+        return (self.chain if sign else self.presigned_chain).response(q)
+
+    def _store_resigned(self, q: Query, status: str, der: bytes, this: datetime, nxt: datetime) -> None:
+        try:
+            with self.db.engine.begin() as conn:
+                self._upsert.execute(conn, {"issuer": q.issuer.name, "serial": q.serial_hex, "hash_alg": "sha1",
+                                            "status": status, "this_update": this, "next_update": nxt,
+                                            "der": der})
+        except SQLAlchemyError as exc:  # the answer is right; storing it is an optimisation
+            log.warning("could not store a pre-signed OCSP response: %s", type(exc).__name__)
 
     # -- OCPP 2.0.1 GetCertificateStatus -----------------------------------------------------------
 
