@@ -38,7 +38,6 @@ ALLOWED: dict[str, str] = {
     "pki.oauth": "to convert",
     "pki.ocsp.presign": "the OCSP package's own engineer moves its SQL into pki/store",
     "pki.ocsp.responder": "the OCSP package's own engineer moves its SQL into pki/store",
-    "pki.ocsp.sources": "the OCSP package's own engineer moves its SQL into pki/store",
     "pki.ops_cli": "to convert",
     "pki.orgs": "to convert",
     "pki.pools": "to convert",
