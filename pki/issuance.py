@@ -355,6 +355,13 @@ class Engine:
             self.reload_cas()
         return list(self._cas.values())
 
+    def _ocsp_signer_for(self, p: _Prepared) -> int | None:
+        """The CA a delegated OCSP signer answers for (RFC 6960 §4.2.2.2: the CA that issues it, with
+        id-kp-OCSPSigning, its key held by us): the responder finds signers by this column."""
+        if p.req.key_uri is None or "OCSPSigning" not in p.profile.extended_key_usage:
+            return None
+        return self.ca(p.issuer_name).row.id
+
     def ca_signer(self, h: CAHandle) -> PrivateKey:
         """The CA's token key, once checked to be the key its certificate names (hsm.keystore.certified_signer:
         each signature the signer returns has verified with that key, so with the CA's)."""
@@ -659,6 +666,7 @@ class Engine:
                      "identifier": p.req.identifier, "tenant": p.req.tenant,
                      "not_before": i.cert.not_valid_before_utc, "not_after": i.cert.not_valid_after_utc,
                      "status": "valid", "revoked_at": None, "revocation_reason": None, "key_uri": p.req.key_uri,
+                     "ocsp_signer_for_ca_id": self._ocsp_signer_for(p),
                      "fingerprint": hashlib.sha256(i.der).hexdigest(), "der": i.der, "created_at": done}
                     for p, i in zip(preps, issued, strict=True)
                 ]),
@@ -789,7 +797,7 @@ _INTENT_TABLE = IssuanceIntent.__table__  # type: ignore[attr-defined]
 _CERT_TABLE = Certificate.__table__  # type: ignore[attr-defined]
 _INSERT_CERTS = BulkInsert(_CERT_TABLE, ("issuer", "serial", "profile", "subject", "identifier", "tenant", "not_before",
                                          "not_after", "status", "revoked_at", "revocation_reason", "key_uri",
-                                         "fingerprint", "der", "created_at"))
+                                         "ocsp_signer_for_ca_id", "fingerprint", "der", "created_at"))
 
 
 _INSERT_INTENTS = MultiRowInsert(_INTENT_TABLE, ("issuer", "serial", "profile", "subject", "tbs_sha256", "state",

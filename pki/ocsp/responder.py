@@ -38,7 +38,7 @@ from pki.ocsp.sources import _LRU, Chain, LiveSource, Query, StoredSource, fresh
 from pki.store.db import read_engine, utcnow
 from pki.store.fast import Prepared, run_together
 from pki.store.models import Certificate, CertificateAuthority, OcspResponseCache
-from pki.store.ocsp import DatabaseUnavailable, StatusLookup, as_utc
+from pki.store.ocsp import DatabaseUnavailable, StatusLookup, as_utc, current_ocsp_signers, issuer_certificates
 
 if TYPE_CHECKING:
     from pki.context import Context
@@ -90,27 +90,14 @@ class OcspResponder:
     # -- issuers -----------------------------------------------------------------------------------
 
     def reload(self) -> None:
-        with self._reader.connect() as conn:
-            cas = conn.execute(select(_CA.c.name, _CA.c.der)).all()
-            now = utcnow()
-            signers = conn.execute(
-                select(_CERT.c.issuer, _CERT.c.der, _CERT.c.key_uri, _CERT.c.created_at)
-                .where(_CERT.c.key_uri.is_not(None), _CERT.c.status == "valid",
-                       _CERT.c.not_before <= now, _CERT.c.not_after > now)
-                # Issuance order, not notBefore: notBefore is backdated by the profile's margin and clamped
-                # to the CA's own (#27 item 4), so two signers issued within an hour can share it.
-                .order_by(_CERT.c.created_at, _CERT.c.id)
-            ).all()
-        from pki.hierarchy import ocsp_key_label
-
+        cas = issuer_certificates(self._reader)
+        signers = current_ocsp_signers(self._reader, utcnow())
         by_ca: dict[str, _Signer] = {}
         for issuer, der, key_uri, created_at in signers:
-            base = ocsp_key_label(issuer)
+            # The signer is the certificate linked to its CA (certificate.ocsp_signer_for_ca_id); its key
+            # label is only what the key store needs to find the key, and must be on our token.
             label = _label_of(key_uri)
-            # The init-time signer key, or one renewed by the workers (pki/lifecycle.py: "<base>-r<time>").
-            if label is None or not (label == base or label.startswith(base + "-r")):
-                continue
-            if key_uri != self.keystore.uri(label):
+            if label is None or key_uri != self.keystore.uri(label):
                 continue
             cert = x509.load_der_x509_certificate(der)
             try:

@@ -63,6 +63,9 @@ class Certificate(SQLModel, table=True):
     revoked_at: datetime | None = None
     revocation_reason: str | None = Field(default=None, max_length=32)
     key_uri: str | None = Field(default=None, max_length=512)  # service-held keys only (OCSP, CPS)
+    # A delegated OCSP signer (RFC 6960 §4.2.2.2): the id of the CA it answers for, which issued it (set at
+    # issuance; migration 0011 filled it for older rows). NULL for every other certificate.
+    ocsp_signer_for_ca_id: int | None = Field(default=None, index=True)
     fingerprint: str = Field(index=True, max_length=64)  # SHA-256 of DER, hex
     der: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     created_at: datetime

@@ -91,3 +91,36 @@ class StatusLookup:
         return StatusRow(st, as_utc(rev), reason, ost, as_utc(oth), as_utc(onx),
                          None if oder is None else bytes(oder))
 
+
+
+def issuer_certificates(reader: SAEngine) -> list[tuple[str, bytes]]:
+    """(name, DER) of every CA: the issuers CertIDs are matched against."""
+    from sqlalchemy import select
+
+    from pki.store.models import CertificateAuthority
+
+    ca = CertificateAuthority.__table__  # type: ignore[attr-defined]
+    with reader.connect() as conn:
+        return [(n, bytes(d)) for n, d in conn.execute(select(ca.c.name, ca.c.der))]
+
+
+def current_ocsp_signers(reader: SAEngine, now: datetime) -> list[tuple[str, bytes, str, datetime]]:
+    """(CA name, certificate DER, key URI, created_at) of every valid delegated OCSP signer, found by the
+    column ``certificate.ocsp_signer_for_ca_id`` (migration 0011) — not by its key's label — and only
+    where the CA it answers for is the CA that issued it (RFC 6960 §4.2.2.2): a row linked to another CA
+    is never a signer of either. In issuance order (the newest last)."""
+    from sqlalchemy import select
+
+    from pki.store.models import Certificate, CertificateAuthority
+
+    c = Certificate.__table__  # type: ignore[attr-defined]
+    ca = CertificateAuthority.__table__  # type: ignore[attr-defined]
+    q = (select(c.c.issuer, c.c.der, c.c.key_uri, c.c.created_at)
+         .join(ca, ca.c.id == c.c.ocsp_signer_for_ca_id)
+         .where(ca.c.name == c.c.issuer, c.c.key_uri.is_not(None), c.c.status == "valid",
+                c.c.not_before <= now, c.c.not_after > now)
+         # Issuance order, not notBefore: notBefore is backdated by the profile's margin and clamped to the
+         # CA's own (#27 item 4), so two signers issued within an hour can share it.
+         .order_by(c.c.created_at, c.c.id))
+    with reader.connect() as conn:
+        return [(i, bytes(d), u, as_utc(t)) for i, d, u, t in conn.execute(q)]
