@@ -9,6 +9,7 @@ from typing import Any
 
 from hsm.keystore import KeyStore
 from pki.config import Settings
+from pki.crl import CrlCache, CrlScheduler
 from pki.issuance import Engine
 from pki.lifecycle_policy import Lifecycle
 from pki.outbox import Dispatcher
@@ -25,6 +26,8 @@ class Context:
     engine: Engine
     lifecycle: Lifecycle  # policies/lifecycle.yaml and the engine that knows its extra profiles
     outbox: Dispatcher  # sends outbox rows after commit, once a process starts it (workers/outbox.py)
+    crl_cache: CrlCache  # the latest CRL per CA, served by /crl/<ca>.crl
+    crl_scheduler: CrlScheduler  # regenerates a CRL in the background after a revocation
     # CPS leaves and eMSP names every contract installation looks up (pki/cps/service.py), dropped on
     # revocation by an engine observer.
     cps_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)

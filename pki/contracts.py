@@ -374,19 +374,12 @@ def _issuer_der(cert: x509.Certificate) -> bytes | None:
 
 
 _CA_REFRESH_SECONDS = 5.0
-_last_ca_refresh: dict[int, float] = {}
 
 
 def _fresh_cas(ctx: Context) -> None:
     """CA rows (status, validity) are cached by the engine; refresh them at most every few seconds so a
     CA revoked by another process is seen here within that bound without a query per chain level."""
-    import time
-
-    now = time.monotonic()
-    key = id(ctx.engine)
-    if now - _last_ca_refresh.get(key, 0.0) > _CA_REFRESH_SECONDS:
-        ctx.engine.reload_cas()
-        _last_ca_refresh[key] = now
+    ctx.engine.reload_cas_if_older(_CA_REFRESH_SECONDS)
 
 
 def chain_status(ctx: Context, cert: x509.Certificate, hierarchy: str) -> tuple[str, Any]:

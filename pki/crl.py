@@ -28,9 +28,10 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import delete, func, insert, select, update
 
@@ -41,7 +42,20 @@ from pki.store.db import Database, read_engine, utcnow
 from pki.store.models import Certificate, CertificateAuthority, CrlRecord
 
 if TYPE_CHECKING:
-    from pki.context import Context
+    from pki.config import Settings
+    from pki.issuance import Engine
+
+
+class CrlContext(Protocol):
+    """What CRL generation reads of pki.context.Context (a Protocol, so that the Context can hold this
+    module's cache and scheduler without an import cycle)."""
+
+    @property
+    def engine(self) -> Engine: ...
+    @property
+    def db(self) -> Database: ...
+    @property
+    def settings(self) -> Settings: ...
 
 log = logging.getLogger("v2gpki.crl")
 
@@ -84,7 +98,7 @@ class CrlInfo:
     seconds: float
 
 
-def generate_crl(ctx: Context, ca_name: str, *, now: datetime | None = None, attempts: int = 5) -> CrlInfo:
+def generate_crl(ctx: CrlContext, ca_name: str, *, now: datetime | None = None, attempts: int = 5) -> CrlInfo:
     """Build, sign and store a new CRL for ``ca_name``. Returns its metadata (the DER is in ``crl``)."""
     engine = ctx.engine
     h = engine.ca(ca_name)
@@ -237,28 +251,38 @@ def load_crl(db: Database, ca_name: str, number: int | None = None) -> StoredCrl
 
 class CrlCache:
     """The latest CRL per CA, kept in memory and checked against the database on each request (one
-    indexed query), so a CRL published by another process is served at once."""
+    indexed query), so a CRL published by another process is served at once. One per Context
+    (ctx.crl_cache, built in pki/wiring.py)."""
 
-    def __init__(self, ctx: Context, *, may_generate: bool) -> None:
-        self.ctx = ctx
+    def __init__(self, context: Callable[[], CrlContext], *, may_generate: bool) -> None:
+        self._context = context  # the finished Context (pki/wiring.py hands its Deferred's get)
         self.may_generate = may_generate
         self._cached: dict[str, StoredCrl] = {}
         self._lock = threading.Lock()
+        ref = weakref.ref(self)
+
+        def reset_in_child() -> None:  # a lock held by another thread at fork stays held in the child
+            me = ref()
+            if me is not None:
+                me._lock = threading.Lock()
+
+        os.register_at_fork(after_in_child=reset_in_child)
 
     def get(self, ca_name: str) -> StoredCrl:
-        self.ctx.engine.ca(ca_name)  # UnknownCA → 404
-        meta = latest_meta(self.ctx.db, ca_name)
+        ctx = self._context()
+        ctx.engine.ca(ca_name)  # UnknownCA → 404
+        meta = latest_meta(ctx.db, ca_name)
         now = utcnow()
         if self.may_generate and (meta is None or meta[2] <= now):
             # None yet, or past nextUpdate (a missed refresh): make one now rather than serve nothing.
-            generate_crl(self.ctx, ca_name)
-            meta = latest_meta(self.ctx.db, ca_name)
+            generate_crl(ctx, ca_name)
+            meta = latest_meta(ctx.db, ca_name)
         if meta is None:
             raise CRLUnavailable(f"no CRL has been published for {ca_name!r} yet")
         hit = self._cached.get(ca_name)
         if hit is not None and hit.number == meta[0]:
             return hit
-        crl = load_crl(self.ctx.db, ca_name, meta[0]) or load_crl(self.ctx.db, ca_name)
+        crl = load_crl(ctx.db, ca_name, meta[0]) or load_crl(ctx.db, ca_name)
         if crl is None:
             raise CRLUnavailable(f"no CRL has been published for {ca_name!r} yet")
         with self._lock:
@@ -266,35 +290,26 @@ class CrlCache:
         return crl
 
 
-_CACHES: weakref.WeakKeyDictionary[Any, CrlCache] = weakref.WeakKeyDictionary()
-_SCHEDULERS: weakref.WeakKeyDictionary[Any, CrlScheduler] = weakref.WeakKeyDictionary()
-_REG_LOCK = threading.Lock()
-
-
-def cache_for(ctx: Context) -> CrlCache:
-    from pki.ocsp import is_responder_only
-
-    c = _CACHES.get(ctx.engine)
-    if c is None:
-        with _REG_LOCK:
-            c = _CACHES.get(ctx.engine)
-            if c is None:
-                c = CrlCache(ctx, may_generate=not is_responder_only(ctx))
-                _CACHES[ctx.engine] = c
-    return c
-
-
 class CrlScheduler:
     """Regenerates CRLs after revocations in one background thread, coalescing bursts: a CA marked ten
     times while its CRL is being built gets one more CRL, not ten. The revocation call itself returns
-    as soon as its OCSP response is re-signed (a million-entry CRL takes seconds)."""
+    as soon as its OCSP response is re-signed (a million-entry CRL takes seconds). One per Context
+    (ctx.crl_scheduler, marked by the CrlOnRevocation observer of pki/wiring.py)."""
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
+    def __init__(self, context: Callable[[], CrlContext]) -> None:
+        self._context = context
         self._dirty: dict[str, int] = {}  # CA → failed attempts so far
         self._busy = False
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
+        ref = weakref.ref(self)
+
+        def reset_in_child() -> None:  # the parent's thread and condition (and its lock state) stay behind
+            me = ref()
+            if me is not None:
+                me._dirty, me._busy, me._cv, me._thread = {}, False, threading.Condition(), None
+
+        os.register_at_fork(after_in_child=reset_in_child)
 
     def mark(self, ca_name: str) -> None:
         with self._cv:
@@ -313,7 +328,7 @@ class CrlScheduler:
                 failures = self._dirty.pop(ca_name)
                 self._busy = True
             try:
-                generate_crl(self.ctx, ca_name)
+                generate_crl(self._context(), ca_name)
             except Exception:  # noqa: BLE001 - retried a few times; the periodic refresh catches the rest
                 log.warning("CRL generation for %s failed (attempt %d)", ca_name, failures + 1, exc_info=True)
                 if failures < 3:
@@ -337,26 +352,24 @@ class CrlScheduler:
         return True
 
 
-def _after_fork_in_child() -> None:
-    _SCHEDULERS.clear()  # the parent's thread and condition (and its lock state) stay behind
-    _CACHES.clear()
+class _HasCrls(Protocol):
+    @property
+    def crl_cache(self) -> CrlCache: ...
+    @property
+    def crl_scheduler(self) -> CrlScheduler: ...
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def cache_for(ctx: _HasCrls) -> CrlCache:
+    """The Context's CRL cache (kept for callers; it is ctx.crl_cache)."""
+    return ctx.crl_cache
 
 
-def scheduler_for(ctx: Context) -> CrlScheduler:
-    s = _SCHEDULERS.get(ctx.engine)
-    if s is None:
-        with _REG_LOCK:
-            s = _SCHEDULERS.get(ctx.engine)
-            if s is None:
-                s = CrlScheduler(ctx)
-                _SCHEDULERS[ctx.engine] = s
-    return s
+def scheduler_for(ctx: _HasCrls) -> CrlScheduler:
+    """The Context's CRL scheduler (kept for callers; it is ctx.crl_scheduler)."""
+    return ctx.crl_scheduler
 
 
-def refresh_crls(ctx: Context, *, margin: timedelta | None = None) -> list[CrlInfo]:
+def refresh_crls(ctx: CrlContext, *, margin: timedelta | None = None) -> list[CrlInfo]:
     """Worker entry point: a new CRL for every CA whose latest one is missing or has less than
     ``margin`` (default: half the validity) left before nextUpdate (RFC 5280 §5.1.2.5)."""
     margin = margin if margin is not None else timedelta(hours=ctx.settings.crl_validity_hours) / 2

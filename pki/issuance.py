@@ -306,6 +306,7 @@ class Engine:
         self.pkilint_mode = pkilint_mode
         self._cas: dict[str, CAHandle] = {}
         self._cas_lock = threading.Lock()
+        self._cas_loaded_at = float("-inf")  # time.monotonic() of the last reload_cas()
         self._linted_shapes: set[tuple[object, ...]] = set()
         self._templates: dict[tuple[object, ...], _Template] = {}  # leaf shapes already linted (pki/tbs.py)
         # Told, in this order, inside and after each issuing / revoking transaction (pki/observers.py).
@@ -340,6 +341,13 @@ class Engine:
                 fresh[row.name] = CAHandle(row=row, cert=cert, alg=KeyAlg(row.key_alg), ski=ski,
                                            subject_der=tbs_field(cert.tbs_certificate_bytes, 4))
             self._cas = fresh
+            self._cas_loaded_at = time.monotonic()
+
+    def reload_cas_if_older(self, seconds: float) -> None:
+        """reload_cas() unless the CA cache was loaded less than ``seconds`` ago (a CA revoked by another
+        process is seen within that bound, without a query per lookup)."""
+        if time.monotonic() - self._cas_loaded_at > seconds:
+            self.reload_cas()
 
     def ca(self, name: str) -> CAHandle:
         h = self._cas.get(name)

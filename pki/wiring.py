@@ -20,7 +20,7 @@ from pki.clock import ClockGuard
 from pki.config import Settings
 from pki.context import Context
 from pki.cps.service import CpsCacheOnRevocation
-from pki.crl import scheduler_for
+from pki.crl import CrlCache, CrlScheduler
 from pki.errors import ConfigError
 from pki.hardening import ensure_private_dir
 from pki.issuance import Engine
@@ -134,7 +134,7 @@ class CrlOnRevocation:
         if is_responder_only(ctx):
             return
         try:
-            scheduler_for(ctx).mark(cert.issuer)
+            ctx.crl_scheduler.mark(cert.issuer)
         except Exception:  # noqa: BLE001 - the periodic CRL refresh catches up
             log.warning("scheduling the CRL of %s failed", cert.issuer, exc_info=True)
 
@@ -179,7 +179,10 @@ def build_context(settings: Settings | None = None, *, keystore: KeyStore | None
     lc_engine = Engine(db, ks, lc_profiles, settings.public_base(), pkilint_mode=settings.pkilint,
                        issuance_observers=on_issue, revocation_observers=on_revoke, ca_keys=not responder_only)
     ctx = Context(settings, db, ks, profiles, engine, lifecycle=Lifecycle(policy, lc_settings, lc_engine, extra),
-                  outbox=outbox, responder_only=responder_only)
+                  outbox=outbox,
+                  # The responder-only process serves stored CRLs; it holds no CA key to make one.
+                  crl_cache=CrlCache(ctx_ref.get, may_generate=not responder_only),
+                  crl_scheduler=CrlScheduler(ctx_ref.get), responder_only=responder_only)
     ctx_ref.set(ctx)
     return ctx
 
