@@ -32,7 +32,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -51,6 +51,8 @@ from prometheus_client.registry import Collector
 # The CA's own metrics (issuances, revocations, HSM signatures, clock agreement) are pki/metrics.py's, fed
 # by the observers pki/wiring.py connects; re-exported here, where /metrics renders them.
 from pki.metrics import CLOCK_REFUSALS, CLOCK_SKEW, HSM_ERRORS, HSM_SIGN_LATENCY, ISSUED, REVOKED
+from pki.store import outbox as store_outbox
+from pki.store.inventory import Inventory
 
 log = logging.getLogger("v2gpki.observability")
 access_log = logging.getLogger("v2gpki.access")
@@ -306,32 +308,17 @@ class StateCollector(Collector):
         guard = getattr(getattr(self.ctx, "engine", None), "clock_guard", None)
         if guard is not None:
             guard.current()  # a scrape also re-compares the clocks once the last reading is stale (#27 item 4)
-        from sqlalchemy import case, func
-        from sqlmodel import col, select
-
-        from pki.store.models import Certificate, OutboxEvent
-
         now = datetime.now(UTC).replace(microsecond=0)  # UTCDateTime columns compare aware UTC values
-        far = now + timedelta(days=max(d for _, d in EXPIRY_WINDOWS))
-        # One range scan of ix_certificate_not_after_status (not_after, status) for all windows.
-        sums = [func.coalesce(func.sum(case((col(Certificate.not_after) < now + timedelta(days=d), 1), else_=0)), 0)
-                for _, d in EXPIRY_WINDOWS]
-        with self.ctx.db.session() as s:
-            row = s.exec(select(*sums).where(col(Certificate.not_after) >= now, col(Certificate.not_after) < far,
-                                             Certificate.status == "valid")).one()
-            pending, oldest = s.exec(select(func.count(), func.min(OutboxEvent.created_at))
-                                     .where(col(OutboxEvent.dispatched_at).is_(None))).one()
+        row = Inventory(self.ctx.db).valid_expiring_within(now, [d for _, d in EXPIRY_WINDOWS])
+        pending, oldest = store_outbox.backlog(self.ctx.db)
         exp = GaugeMetricFamily("v2gpki_certificates_expiring",
                                 "Valid certificates whose notAfter lies within the window from now", labels=["window"])
         for (name, _), value in zip(EXPIRY_WINDOWS, row, strict=True):
-            exp.add_metric([name], int(value or 0))
+            exp.add_metric([name], value)
         yield exp
         yield GaugeMetricFamily("v2gpki_outbox_pending", "Outbox events not yet dispatched to the broker",
-                                value=int(pending or 0))
-        age = 0.0
-        if oldest is not None:
-            o = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
-            age = max(0.0, (datetime.now(UTC) - o).total_seconds())
+                                value=pending)
+        age = 0.0 if oldest is None else max(0.0, (datetime.now(UTC) - oldest).total_seconds())
         yield GaugeMetricFamily("v2gpki_outbox_oldest_pending_seconds",
                                 "Age of the oldest undispatched outbox event (0 if none)", value=age)
 
@@ -501,14 +488,11 @@ def readiness(ctx: Any, broker_url: str | None) -> dict[str, str]:
     """name -> "ok" | "failed: ErrorType" for the database, the HSM (login) and the broker.
 
     The standalone OCSP responder never talks to the broker, so its readiness does not depend on it."""
-    from sqlalchemy import text
-
     checks: dict[str, str] = {}
     if ctx is None:
         return {"context": "failed: not initialised"}
     try:
-        with ctx.db.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        ctx.db.ping()
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001
         checks["database"] = f"failed: {type(exc).__name__}"

@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session
 
 from pki.store.errors import translate
@@ -110,6 +111,11 @@ class Database:
     def session(self) -> Iterator[Session]:
         with Session(self.engine, expire_on_commit=False) as s:
             yield s
+
+    def ping(self) -> None:
+        """One round trip (SELECT 1) on a fresh checkout; raises when the database cannot be reached."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
 
     def migrate(self) -> None:
         """Upgrade the schema to head (idempotent)."""
@@ -221,7 +227,6 @@ def on_commit(session: Session, fn: Callable[[], None]) -> None:
 
 @functools.cache  # once per process (a racing second call only re-registers the same listeners; each
 def _install_session_hooks() -> None:  # pops the list it runs, so callbacks still run once)
-    from sqlalchemy.orm import Session as OrmSession
 
     event.listen(OrmSession, "after_commit", _run_pending)
     event.listen(OrmSession, "after_transaction_end", _drop_pending)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from pki.store.db import Database, utcnow
 from pki.store.models import OutboxEvent
@@ -26,4 +27,14 @@ def mark_dispatched(db: Database, ids: list[int]) -> None:
         s.commit()
 
 
-__all__ = ["mark_dispatched", "pending"]
+def backlog(db: Database) -> tuple[int, datetime | None]:
+    """How many rows wait for dispatch, and when the oldest was written (aware UTC; None if none)."""
+    with db.session() as s:
+        count, oldest = s.execute(select(func.count(), func.min(_O.c.created_at))
+                                  .where(_O.c.dispatched_at.is_(None))).one()
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=UTC)
+    return int(count or 0), oldest
+
+
+__all__ = ["backlog", "mark_dispatched", "pending"]
