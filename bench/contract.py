@@ -31,6 +31,13 @@ is re-sent, and the database holds one -2 contract certificate per vehicle. (Bef
 certificate and superseded the previous one.) ISO 15118-20 answers still issue on every call. The
 database is counted afterwards.
 
+--fresh (ISO 15118-2): measure the installation path itself, not the replay. Each vehicle signs
+--fresh-requests / --vehicles distinct requests (the body's Id differs, so its digest — the replay key —
+differs), and the generators rotate through all of them, so no request is sent twice in a run (the bench
+refuses to start if one could be: raise --fresh-requests). Every answer issues a contract certificate and
+supersedes the vehicle's previous one (revocation, OCSP re-signing): more work than a vehicle's very first
+installation, which supersedes nothing — a conservative figure for it. The persisted count shows it.
+
 Load generator: wrk (default when installed; --client python for the Python one), one keep-alive
 connection per unit of concurrency (the CSMS → CPS link is a persistent connection), closed loop: each
 connection sends its next request when the previous answer arrived, rotating through the vehicles. Its Lua
@@ -187,8 +194,9 @@ def _pcid() -> str:
     return WMI + "".join(secrets.choice("ABCDEFGHJKLMNPRSTUVWXYZ0123456789") for _ in range(14))
 
 
-def make_vehicles(srv: Server, n: int) -> list[dict[str, Any]]:
-    """n vehicles: OEM provisioning certificate (enrolled), contract, signed CertificateInstallationReq body."""
+def make_vehicles(srv: Server, n: int, per_vehicle: int = 1) -> list[dict[str, Any]]:
+    """n vehicles: OEM provisioning certificate (enrolled), contract, signed CertificateInstallationReq body —
+    or, with ``per_vehicle`` > 1, n request bodies from n / per_vehicle vehicles, each body distinct."""
     from pki.cps.exi import CertificateInstallationReq, MessageHeader, V2GMessage, X509IssuerSerial, encode_message
     from pki.cps.xmldsig import sign_elements
     from pki.store.db import utcnow
@@ -198,8 +206,8 @@ def make_vehicles(srv: Server, n: int) -> list[dict[str, Any]]:
         for name in ("v2g-root", "mo-root"):  # the roots the vehicle trusts (ListOfRootCertificateIDs)
             cert = x509.load_pem_x509_certificate(run([V2GPKI, "chain", name], srv.env).encode())
             roots.append(X509IssuerSerial(cert.subject.rfc4514_string(), cert.serial_number))
-        out = []
-        for _ in range(n):
+        out: list[dict[str, Any]] = []
+        for _ in range(n // per_vehicle if per_vehicle > 1 else n):
             pcid = _pcid()
             key = ec.generate_private_key(ec.SECP256R1())
             csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([
@@ -217,13 +225,18 @@ def make_vehicles(srv: Server, n: int) -> list[dict[str, Any]]:
                        headers={"Authorization": f"Bearer {srv.keys['emsp']}"})
             if r.status_code != 201:
                 raise SystemExit(f"contract: {r.status_code} {r.text[:300]}")
-            body = CertificateInstallationReq("id1", cert.public_bytes(serialization.Encoding.DER), tuple(roots))
-            exi = encode_message(V2GMessage(MessageHeader(secrets.token_bytes(8),
-                                                          signature=sign_elements([body], key)), body))
-            out.append({"pcid": pcid, "emaid": emaid, "key": key, "cert": cert, "path": PATH["2"],
-                        "json": json.dumps({"iso15118SchemaVersion": ISO2, "action": "Install",
-                                            "exiRequest": base64.b64encode(exi).decode()}).encode()})
-    return out
+            for i in range(per_vehicle):
+                # a distinct Id per request: a distinct signed body, so not a replay of another (--fresh)
+                body = CertificateInstallationReq(f"id{i + 1}", cert.public_bytes(serialization.Encoding.DER),
+                                                  tuple(roots))
+                exi = encode_message(V2GMessage(MessageHeader(secrets.token_bytes(8),
+                                                              signature=sign_elements([body], key)), body))
+                out.append({"pcid": pcid, "emaid": emaid, "key": key, "cert": cert, "path": PATH["2"], "order": (i, len(out)),
+                            "json": json.dumps({"iso15118SchemaVersion": ISO2, "action": "Install",
+                                                "exiRequest": base64.b64encode(exi).decode()}).encode()})
+    # round-robin over the vehicles (every vehicle's first request, then every second one, ...): requests in
+    # flight at the same time are different vehicles', as in a fleet
+    return sorted(out, key=lambda v: v["order"])
 
 
 def _sign20(chain_node: Any, key: ec.EllipticCurvePrivateKey) -> Any:
@@ -479,15 +492,19 @@ end
 """
 
 
-def load_wrk(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: float, d: Path) -> Result:
+def load_wrk(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: float, d: Path,
+             start: int | None = None) -> Result:
     """The same closed loop as :func:`load`, generated by wrk (C, LuaJIT): on a 2-core machine the Python
     generator's own CPU (a fifth of a core) is taken from the server it measures."""
     lua, bodies = d / "contract.lua", d / "bodies.jsonl"
     lua.write_text(WRK_LUA)
     bodies.write_text("".join(v["json"].decode() + "\n" for v in vehicles))
-    cmd = ["wrk", "-t", str(min(conc, 2)), "-c", str(conc), "-d", f"{max(1, round(seconds))}s", "--timeout", "10s",
+    # each wrk thread rotates through the bodies from the same start: with a start given (--fresh), one thread
+    # (it drives c connections), so no body is sent twice and the bodies sent are a prefix of the list
+    cmd = ["wrk", "-t", str(min(conc, 2) if start is None else 1), "-c", str(conc), "-d", f"{max(1, round(seconds))}s", "--timeout", "10s",
            "-s", str(lua), "-H", f"Authorization: Bearer {srv.keys['cpo']}", "-H", "Content-Type: application/json",
-           f"{srv.url}{vehicles[0]['path']}", "--", str(bodies), str(secrets.randbelow(len(vehicles)))]
+           f"{srv.url}{vehicles[0]['path']}", "--", str(bodies),
+           str(secrets.randbelow(len(vehicles)) if start is None else start)]
     children0 = os.times()
     scpu0, dcpu0, m0 = server_cpu(srv), db_cpu(srv), machine_ticks()
     t0 = time.perf_counter()
@@ -677,6 +694,10 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--vehicles", type=int, default=32)
     ap.add_argument("--iso", default="2,20", help="ISO 15118 parts to measure, in this order (2, 20 or 2,20)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="ISO 15118-2: every request distinct (the installation path, not the replay)")
+    ap.add_argument("--fresh-requests", type=int, default=12000,
+                    help="with --fresh: distinct -2 requests made beforehand (rotated through; none is re-sent)")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--keep", help="keep the work directory here")
     ap.add_argument("--json", help="write the results as JSON to this file")
@@ -701,10 +722,25 @@ def main() -> int:
     try:
         start(srv, d, args.workers)
         counted = 0
-        fleets = {iso: (make_vehicles20 if iso == "20" else make_vehicles)(srv, args.vehicles) for iso in isos}
+        fleets = {iso: make_vehicles20(srv, args.vehicles) if iso == "20" else
+                  make_vehicles(srv, args.fresh_requests, args.fresh_requests // args.vehicles) if args.fresh else
+                  make_vehicles(srv, args.vehicles) for iso in isos}
         for iso in isos:
-            vehicles = fleets[iso]
+            pool = fleets[iso]
+            fresh = args.fresh and iso == "2"
+            cursor = 0  # --fresh: the bodies before it have been sent
+
+            def unsent(sent: int, pool: list[dict[str, Any]] = pool) -> list[dict[str, Any]]:
+                nonlocal cursor
+                cursor += sent
+                if cursor >= len(pool):
+                    raise SystemExit(f"--fresh: {cursor} requests sent, {len(pool)} made: raise --fresh-requests")
+                return pool[cursor:]
+
+            vehicles = pool
             warm, sample = load(srv, vehicles, max(concs), 3)  # connections, pools, lazy grammars in every worker
+            if fresh:  # every request sent or in flight is used up
+                vehicles = unsent(warm.ok + warm.errors + max(concs))
             counted += warm.ok
             if warm.errors or sample is None:
                 raise SystemExit(f"warm-up (ISO 15118-{iso}) failed: {warm.errors} errors, "
@@ -712,12 +748,18 @@ def main() -> int:
             print(f"# {check_sample(sample, vehicles)}", file=sys.stderr)
             for conc in concs:
                 if args.client == "wrk":
-                    r = load_wrk(srv, vehicles, conc, args.seconds, d)
+                    r = load_wrk(srv, vehicles, conc, args.seconds, d, start=0 if fresh else None)
+                    if fresh:
+                        vehicles = unsent(r.ok + r.errors + conc)
                     extra, sample = load(srv, vehicles, 1, 0.1)  # and one answer to decode and check
                     counted += extra.ok
+                    if fresh:
+                        vehicles = unsent(extra.ok + extra.errors + 1)
                 else:
                     r, sample = load(srv, vehicles, conc, args.seconds)
-                results.append((iso, r))
+                    if fresh:
+                        vehicles = unsent(r.ok + r.errors + conc)
+                results.append((iso + ("-fresh" if fresh else ""), r))
                 print(f"-{iso:<2} c={conc:<3} {r.rps:7.1f} installations/s  p50 {r.pct(50):6.1f} ms  "
                       f"p99 {r.pct(99):6.1f} ms  server CPU {r.server_cpu_ms:5.1f} ms/installation  ({r.ok} ok, "
                       f"{r.errors} errors; load generator CPU {r.client_cpu_s / r.seconds:.0%} of a core; load "
@@ -737,8 +779,9 @@ def main() -> int:
         if args.client == "wrk":
             # wrk stops at its deadline with up to c requests in flight, which the server still completes
             print(f"# persisted: {stored} contract certificates; accepted and counted by the generators: "
-                  f"{counted} (+ at most {sum(concs)} in flight when wrk stopped; -2 retries re-send the kept "
-                  f"answer: one -2 certificate per vehicle)", file=sys.stderr)
+                  f"{counted} (+ at most {sum(concs)} in flight when wrk stopped; " + (
+                      "--fresh: every -2 request distinct, so one certificate per accepted -2 request)" if args.fresh
+                      else "-2 retries re-send the kept answer: one -2 certificate per vehicle)"), file=sys.stderr)
         else:
             print(f"# persisted: {stored} contract certificates for {counted} accepted installations "
                   f"(+ none before the runs; -2 retries re-send the kept answer: one -2 certificate per vehicle)",
