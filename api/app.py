@@ -3,7 +3,8 @@
 The Context (database engine, PKCS#11 key store, engine) is created in the lifespan, so each uvicorn
 worker process opens its own PKCS#11 library instance and login after fork (SoftHSM does not notice
 fork). Routes that touch the HSM or the database are sync `def`, so FastAPI runs them in its thread
-pool and never blocks the event loop.
+pool and never blocks the event loop; the three hot POSTs are `async def` and hand their blocking part to
+api/blocking.py's bounded pool. Every request goes through FastAPI's routing: there is one API path.
 """
 
 from __future__ import annotations
@@ -126,13 +127,9 @@ def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
     )
     app.state.ctx = ctx
     app.state.startup_hooks = []
-    app.state.mounted_routers = set()  # router modules set up on this app (api/fastlane.py checks it)
     problems.install(app)
-    from api import fastlane
     from api.limits import BodyLimit
 
-    if fastlane.enabled():
-        app.add_middleware(fastlane.FastLane)  # innermost: inside the body limit and observability
     app.add_middleware(BodyLimit)
     from api import observability
 
@@ -143,5 +140,4 @@ def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
         return {"status": "ok"}
     for modname in routers if routers is not None else ROUTERS:
         router_setup(modname)(app)
-        app.state.mounted_routers.add(modname)
     return app

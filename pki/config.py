@@ -13,7 +13,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pki.errors import ConfigError
@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     # OAuth 2.0 client credentials (/oauth/token, pki/oauth.py): lifetime of an access token in seconds
     # (never beyond the API key's own expiry; revoking the key voids its tokens at once).
     oauth_token_seconds: int = Field(default=3600, ge=60, le=86400)
+    # API worker processes (api/blocking.py): threads per process for the hot routes' blocking calls (HSM,
+    # database; the name predates #23's single API path), and how contract installations run: N ≥ 1 a pool
+    # of N threads, 0 on the event loop, unset: on the loop with SQLite, the shared pool with PostgreSQL.
+    fastlane_threads: int = Field(default=40, ge=1)
+    cps_threads: int | None = Field(default=None, ge=0)
 
     # Audit checkpoints (pki/audit_sign.py, #21 item 7): the chain head signed by the HSM audit key every
     # this many seconds by the beat (0: only `v2gpki audit checkpoint` and `v2gpki serve`'s clean shutdown),
@@ -130,6 +135,11 @@ class Settings(BaseSettings):
     # Development switches production refuses (pki/hardening.py); the console and the workers read them too.
     console_insecure_cookies: str | None = None
     webhook_allow_private: str | None = None
+
+    @field_validator("cps_threads", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
 
     @cached_property
     def home_dir(self) -> Path:

@@ -18,8 +18,10 @@ from typing import Annotated, Any
 
 from cryptography import x509
 from fastapi import APIRouter, FastAPI, Query
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from api import blocking
 from api.auth import PrincipalDep
 from api.deps import CtxDep
 from api.ocpp import core
@@ -38,7 +40,7 @@ router = APIRouter(tags=["cps"])
 ISO2 = core.ISO2
 
 
-# The OCPP 2.0.1 request model (api/fastlane.py looks it up by this name).
+# The OCPP 2.0.1 request model.
 EvCertificateIn = core.Get15118EVCertificate201
 
 
@@ -50,11 +52,13 @@ def _decode(b64: str) -> bytes:
 
 
 @router.post("/ocpp/v201/get-15118-ev-certificate", response_model=None)
-def get_15118_ev_certificate(body: EvCertificateIn, ctx: CtxDep, p: PrincipalDep) -> Any:
+async def get_15118_ev_certificate(body: EvCertificateIn, ctx: CtxDep, p: PrincipalDep) -> JSONResponse:
     """Get15118EVCertificateResponse {status, exiResponse[, statusInfo]}, exactly (api/ocpp/core.py): the
-    action is checked against the EXI body and the answer's size bounded before anything is issued."""
-    return core.get_15118_ev_certificate(ctx, p, body.iso15118SchemaVersion, body.action, body.exiRequest,
-                                         "2.0.1").response()
+    action is checked against the EXI body and the answer's size bounded before anything is issued. async:
+    on SQLite the installation runs on the event loop, else in a pool (api/blocking.py says why)."""
+    reply = await blocking.run_installation(ctx, core.get_15118_ev_certificate, ctx, p, body.iso15118SchemaVersion,
+                                            body.action, body.exiRequest, "2.0.1")
+    return reply.response()
 
 
 class ContractInstallIn(BaseModel):

@@ -14,28 +14,28 @@ SignCombinedCertificate a charger sends none. The rule is V2GPKI_OCPP_DEFAULT_CE
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 
+from api import blocking
 from api.auth import PrincipalDep
 from api.deps import CtxDep
 from api.ocpp import core
 
 router = APIRouter(prefix="/ocpp/v201", tags=["ocpp"])
 
-# The request model (api/fastlane.py looks it up by this name): exactly OCPP 2.0.1's SignCertificateRequest.
+# The request model: exactly OCPP 2.0.1's SignCertificateRequest.
 SignCertificateIn = core.SignCertificate201
 infer_type = core.infer_type  # the certificateType rule, kept importable where it always was
 
 
 @router.post("/sign-certificate", response_model=None)
-def sign_certificate(body: SignCertificateIn, ctx: CtxDep, p: PrincipalDep) -> Any:
+async def sign_certificate(body: SignCertificateIn, ctx: CtxDep, p: PrincipalDep) -> JSONResponse:
     """Accepted: the CertificateSignedRequest to send to the station (certificateChain, certificateType,
     customData {vendorId, serialNumber, issuer}; also in X-V2GPKI-Serial / X-V2GPKI-Issuer). Refused: the
-    SignCertificateResponse {status: Rejected, statusInfo} to answer the station with, HTTP 4xx."""
-    out = core.sign_certificate(ctx, p, body.csr, body.certificateType, "2.0.1")
+    SignCertificateResponse {status: Rejected, statusInfo} to answer the station with, HTTP 4xx. async: the
+    issuance runs in api/blocking.py's bounded pool."""
+    out = await blocking.run(ctx, core.sign_certificate, ctx, p, body.csr, body.certificateType, "2.0.1")
     if out.certificate_signed is None:
         return out.response.response()
     return JSONResponse(out.certificate_signed, headers=out.response.headers)

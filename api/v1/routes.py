@@ -2,7 +2,8 @@
 
 Every read and write is tenant-scoped: another tenant's certificate is 404 on read and on revoke
 (existence is not revealed); an enrollment outside the caller's prefixes is 403 and stores nothing.
-Routes are sync `def`: FastAPI runs them in its thread pool, so PKCS#11 never blocks the event loop.
+Routes are sync `def` (FastAPI runs them in its thread pool, so PKCS#11 never blocks the event loop), except
+the hot enrollment POST: `async def` that runs its blocking part in api/blocking.py's bounded pool.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from fastapi import APIRouter, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from api import blocking
 from api.auth import PrincipalDep
 from api.deps import CtxDep
+from pki.context import Context
 from pki.enrollment import (
     enroll,
     idempotent_lookup,
@@ -27,6 +30,7 @@ from pki.enrollment import (
 )
 from pki.errors import BadRevocation, Forbidden, NotFound
 from pki.issuance import REASONS, pem
+from pki.orgs import Principal
 from pki.serials import parse_serial
 from pki.store.audit_log import AuditLog
 from pki.store.inventory import CertificateFilter, Inventory
@@ -104,14 +108,19 @@ def _cert_out(r: Certificate) -> CertificateOut:
 
 
 @router.post("/enrollments", response_model=EnrollmentOut, status_code=201)
-def post_enrollment(body: EnrollmentIn, ctx: CtxDep, p: PrincipalDep, response: Response,
-                    idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
+async def post_enrollment(body: EnrollmentIn, ctx: CtxDep, p: PrincipalDep,
+                          idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Response:
+    """201 and the certificate; 200 with the first answer for a repeated Idempotency-Key. async: only the
+    blocking part (HSM, database) leaves the event loop, into api/blocking.py's bounded pool."""
+    return await blocking.run(ctx, _enroll, body, ctx, p, idempotency_key)
+
+
+def _enroll(body: EnrollmentIn, ctx: Context, p: Principal, idempotency_key: str | None) -> Response:
     digest = request_digest(body.model_dump()) if idempotency_key else ""
     if idempotency_key:
         prior = idempotent_lookup(ctx, p.org, idempotency_key, digest)
         if prior is not None:
-            response.status_code = 200
-            return prior
+            return JSONResponse(prior, status_code=200)
     res = enroll(ctx, p, body.profile, body.csr, ca=body.ca, supersede=body.supersede, tenant=body.tenant)
     i = res.issued
     out = EnrollmentOut(
