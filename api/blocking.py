@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
+
+from starlette.requests import Request
 
 from pki.context import Context
 
@@ -60,13 +63,20 @@ def _installations(ctx: Context) -> ThreadPoolExecutor | None:
         return _CPS_POOL
 
 
+def context(request: Request) -> Context:
+    """The process's Context for a hot route. Read from the app directly rather than through a `Depends`:
+    each dependency FastAPI solves per request costs more than this attribute read (see the docstring)."""
+    ctx: Context = request.app.state.ctx
+    return ctx
+
+
 async def _call(pool: ThreadPoolExecutor | None, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     # copy_context: the request ID and log context follow the call into the pool thread, as they do through
     # Starlette's run_in_threadpool.
     call = contextvars.copy_context()
     if pool is None:
         return call.run(fn, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(pool, lambda: call.run(fn, *args, **kwargs))
+    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(call.run, fn, *args, **kwargs))
 
 
 async def run(ctx: Context, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -79,4 +89,4 @@ async def run_installation(ctx: Context, fn: Callable[P, T], *args: P.args, **kw
     return await _call(_installations(ctx), fn, *args, **kwargs)
 
 
-__all__ = ["run", "run_installation"]
+__all__ = ["context", "run", "run_installation"]

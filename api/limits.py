@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from api.problems import payload_too_large
 
 MAX_BODY = 64 * 1024  # CSRs are ≤ 5500 chars (OCPP); EXI requests ≤ 5600; 64 KiB covers every API call
 # Routes whose body is a stream the route consumes chunk by chunk, never buffered: exempt from MAX_BODY for
@@ -52,11 +53,8 @@ class BodyLimit:
             await self._reject(send)
 
     async def _reject(self, send: Any) -> None:
-        body = json.dumps({"type": "https://v2gpki.dev/problems/payload-too-large", "title": "Payload too large",
-                           "status": 413, "detail": f"request body exceeds {self.max_body} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/problem+json"),
-                                (b"content-length", str(len(body)).encode())]})
+        headers, body = payload_too_large(self.max_body)
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import AUTH_FAIL_LIMIT, _client_ip
 from api.deps import CtxDep
+from api.problems import oauth_error
 from pki import audit
 from pki.context import Context
 from pki.oauth import OAuthError, issue_token
@@ -30,16 +31,6 @@ from pki.oauth import OAuthError, issue_token
 router = APIRouter(tags=["oauth"])
 MAX_BODY = 8192
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-
-
-def _oauth_error(exc: OAuthError, extra_headers: dict[str, str] | None = None) -> JSONResponse:
-    """RFC 6749 §5.2 error body: the one error shape of this endpoint."""
-    headers = dict(_NO_STORE)
-    if exc.status == 401:
-        headers["WWW-Authenticate"] = 'Basic realm="v2gpki"'
-    headers.update(extra_headers or {})
-    return JSONResponse({"error": exc.error, "error_description": exc.message}, status_code=exc.status,
-                        headers=headers)
 
 
 def _fields(content_type: str, raw: bytes) -> dict[str, Any]:
@@ -74,9 +65,9 @@ def _basic(request: Request) -> tuple[str, str] | None:
     try:
         user, sep, pw = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
     except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise OAuthError("invalid_client", "malformed Basic credentials", 401) from None
+        raise OAuthError("invalid_client", "malformed Basic credentials") from None
     if not sep:
-        raise OAuthError("invalid_client", "malformed Basic credentials", 401)
+        raise OAuthError("invalid_client", "malformed Basic credentials")
     return unquote_plus(user), unquote_plus(pw)  # RFC 6749 §2.3.1: form-encoded before Basic
 
 
@@ -131,11 +122,11 @@ async def token(request: Request, ctx: CtxDep) -> JSONResponse:
         return await run_in_threadpool(_issue, ctx, request, request.headers.get("content-type", ""), raw)
     except OAuthError as exc:
         if exc.error != "invalid_client":
-            return _oauth_error(exc)
+            return oauth_error(exc)
         retry = await run_in_threadpool(_record_failure, ctx, request, exc)
         if retry is not None:
-            return _oauth_error(OAuthError("invalid_client", "too many failed sign-ins", 429), retry)
-        return _oauth_error(exc)
+            return oauth_error(OAuthError("invalid_client", "too many failed sign-ins"), status=429, headers=retry)
+        return oauth_error(exc)
 
 
 def setup(app: FastAPI) -> None:

@@ -1027,9 +1027,11 @@ class FastResponder:
         return http_response(status, hs, body, keep=req.keep_alive, v11=req.v11, head=req.method == b"HEAD")
 
     def _problem(self, status: int, code: str, detail: str, req: Request) -> bytes:
-        body = json.dumps({"type": "https://v2gpki.dev/problems/" + code, "title": _REASONS.get(status, "Error"),
-                           "status": status, "detail": detail}).encode()
-        return http_response(status, [b"Content-Type: application/problem+json\r\n"], body,
+        # Imported on this error path only: api/problems.py brings FastAPI, which this responder never loads.
+        from api.problems import PROBLEM, problem_document
+
+        body = json.dumps(problem_document(status, code, _REASONS.get(status, "Error"), detail)).encode()
+        return http_response(status, [b"Content-Type: " + PROBLEM.encode() + b"\r\n"], body,
                              keep=req.keep_alive, v11=req.v11, head=req.method == b"HEAD")
 
     def _crl(self, name: str, req: Request) -> _Pending:
@@ -1047,7 +1049,10 @@ class FastResponder:
         def finish(crl: Any) -> bytes:
             status = 200
             if isinstance(crl, PKIError):
-                status = crl.status if crl.status in _REASONS else 503
+                from api.problems import status_of  # error path only (see _problem)
+
+                status = status_of(crl) or 503
+                status = status if status in _REASONS else 503
             elif isinstance(crl, BaseException) or crl is None:
                 status = 503
             self.metrics.count_http(req.method.decode(), "/crl/{name}", status)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from pki.config import Settings
-from pki.errors import ConfigError, PKIError
+from pki.errors import BackupError, ConfigError
 
 FORMAT = "v2gpki-backup/1"
 MANIFEST = "manifest.json"
@@ -52,10 +52,6 @@ SQLITE_MEMBER = "database/v2gpki.sqlite"
 PGDUMP_MEMBER = "database/v2gpki.pgdump"
 TOKEN_PREFIX = "token/"
 DEFAULT_SOFTHSM_CONF = Path("/etc/softhsm/softhsm2.conf")
-
-
-class BackupError(PKIError):
-    code = "backup-error"
 
 
 # -- where things are ---------------------------------------------------------------------------------------

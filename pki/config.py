@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     # API worker processes (api/blocking.py): threads per process for the hot routes' blocking calls (HSM,
     # database; the name predates #23's single API path), and how contract installations run: N ≥ 1 a pool
     # of N threads, 0 on the event loop, unset: on the loop with SQLite, the shared pool with PostgreSQL.
+    # OCPP SignCertificate without certificateType (pki/enrollment.py): "infer" from the CSR (an EVSEID/SECCID
+    # CN or DC=CPO: V2GCertificate), or always "V2GCertificate" | "ChargingStationCertificate".
+    ocpp_default_cert_type: str = "infer"
     fastlane_threads: int = Field(default=40, ge=1)
     cps_threads: int | None = Field(default=None, ge=0)
 

@@ -26,7 +26,7 @@ from sqlmodel import col, select
 from pki import audit
 from pki.context import Context
 from pki.der import tbs_field
-from pki.errors import AlreadyRevoked, BadSubject, Conflict, NotFound, PKIError
+from pki.errors import AlreadyRevoked, BadCertificate, BadSubject, Conflict, NotFound, PKIError
 from pki.names import normalise_emaid, normalise_pcid
 from pki.orgs import Principal, check_owns
 from pki.store.db import utcnow
@@ -100,10 +100,6 @@ class _StatusRow:
     status: str
     not_before: datetime
     not_after: datetime
-
-
-class BadCertificate(PKIError):
-    code = "bad-certificate"
 
 
 def create_contract(ctx: Context, p: Principal, emaid: str, pcid: str, valid_until: datetime,

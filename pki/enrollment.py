@@ -4,6 +4,8 @@ The CA engine checks the CSR against the profile; this layer adds the tenant's v
 the profile, the identifier lies under one of the organization's prefixes, a ChargingStationCertificate
 names a station the CPO registered (OCPP 2.0.1 security profile 3: CN = the station's identity, O = the
 CPO's organization), and renewal may supersede the previous certificate (RFC 5280 reason superseded).
+For OCPP SignCertificate the RA also chooses the certificate type and the profile from the CSR
+(enroll_station), which it parses once.
 """
 
 from __future__ import annotations
@@ -11,18 +13,21 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from cryptography import x509
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from pki import audit
 from pki.context import Context
-from pki.csr import CheckedRequest, check_csr, parse_csr
-from pki.errors import BadSubject, Conflict, Forbidden
+from pki.csr import CheckedRequest, check_csr, key_alg_of, parse_csr, subject_fields
+from pki.errors import BadKey, BadSubject, Conflict, Forbidden
 from pki.issuance import Issued, IssueRequest
+from pki.names import EVSEID_RE, SECCID_RE
 from pki.orgs import ROLE_PROFILES, Principal, check_owns
+from pki.roots import CertHashData, ca_under_root
 from pki.store.db import utcnow
 from pki.store.models import Certificate, IdempotencyRecord, Organization, Station
 
@@ -116,12 +121,15 @@ def authorize_request(ctx: Context, p: Principal, profile_name: str, checked: Ch
         raise Forbidden(f"profile {profile_name!r} is not enrollable by {p.role}")
 
 
-def enroll(ctx: Context, p: Principal, profile_name: str, csr: bytes | str, *, ca: str | None = None,
-           supersede: bool = False, tenant: str | None = None) -> EnrollResult:
+def enroll(ctx: Context, p: Principal, profile_name: str, csr: bytes | str | x509.CertificateSigningRequest, *,
+           ca: str | None = None, supersede: bool = False, tenant: str | None = None) -> EnrollResult:
+    """Check the CSR against the profile and the tenant's rights, issue, and supersede on request. ``csr``
+    as the client sent it (PEM, DER, base64 DER), or already parsed (enroll_station): parsed once."""
     profile = ctx.profiles.get(profile_name)
     if profile.ca:
         raise Forbidden(f"profile {profile_name!r} is a CA profile")
-    checked = check_csr(profile, parse_csr(csr))
+    parsed = csr if isinstance(csr, x509.CertificateSigningRequest) else parse_csr(csr)
+    checked = check_csr(profile, parsed)
     authorize_request(ctx, p, profile_name, checked)
     owner = tenant if (tenant and p.role == "admin") else p.org
     issued = ctx.engine.issue(IssueRequest(
@@ -142,6 +150,59 @@ def enroll(ctx: Context, p: Principal, profile_name: str, csr: bytes | str, *, c
             except Exception:  # noqa: BLE001 - a concurrent revocation already did it
                 pass
     return EnrollResult(issued, superseded)
+
+
+# -- charging stations (OCPP SignCertificate) ---------------------------------------------------------------
+
+# OCPP CertificateSigningUseEnumType values a station may ask for (2.1 adds V2G20Certificate)
+StationCertType = Literal["V2GCertificate", "ChargingStationCertificate", "V2G20Certificate"]
+
+
+def infer_cert_type(csr: x509.CertificateSigningRequest, rule: str) -> StationCertType:
+    """certificateType absent (the OCPP schemas: "used for both"; after TriggerMessage
+    SignCombinedCertificate a station sends none): ``rule`` (V2GPKI_OCPP_DEFAULT_CERT_TYPE) decides;
+    `infer` reads the CSR — an EVSEID/SECCID CN or DC=CPO makes it a V2G certificate."""
+    if rule in ("V2GCertificate", "ChargingStationCertificate"):
+        return rule  # type: ignore[return-value]
+    fields = subject_fields(csr.subject)
+    cn = fields.cn.upper()
+    if (fields.dc or "").upper() == "CPO" or EVSEID_RE.match(cn) or SECCID_RE.match(cn):
+        return "V2GCertificate"
+    return "ChargingStationCertificate"
+
+
+def station_profile(csr: x509.CertificateSigningRequest, cert_type: StationCertType) -> str:
+    """The profile a station's certificate of ``cert_type`` is issued under: cs-client for the OCPP
+    ChargingStationCertificate; for a V2G (SECC) certificate, by the key the CSR carries — secc for P-256
+    (ISO 15118-2), secc-20 otherwise (ISO 15118-20 §7.9.1: secp521r1 or Ed448)."""
+    if cert_type == "ChargingStationCertificate":
+        return "cs-client"
+    alg = key_alg_of(csr.public_key())
+    if cert_type == "V2G20Certificate" and alg.value == "p256":
+        # OCPP 2.1 CertificateSigningUseEnumType V2G20Certificate: an ISO 15118-20 SECC certificate, whose keys
+        # are secp521r1 or Ed448 (ISO 15118-20 §7.9.1 / Table 3 of the shared profiles doc)
+        raise BadKey("a V2G20Certificate CSR must carry a P-521 or Ed448 key (ISO 15118-20)")
+    return "secc" if alg.value == "p256" else "secc-20"
+
+
+@dataclass(frozen=True)
+class StationEnrollment:
+    result: EnrollResult
+    cert_type: StationCertType
+
+
+def enroll_station(ctx: Context, p: Principal, csr: bytes | str, cert_type: StationCertType | None, *,
+                   hash_root: CertHashData | None = None) -> StationEnrollment:
+    """OCPP SignCertificate's enrollment: the RA decides the certificate type (when the station sent none)
+    and the profile from the CSR, and under which root (OCPP 2.1 hashRootCertificate), then enrolls. The
+    CSR is parsed once, here, and the parsed request passed on."""
+    parsed = parse_csr(csr)
+    ctype = cert_type or infer_cert_type(parsed, ctx.settings.ocpp_default_cert_type)
+    profile = station_profile(parsed, ctype)
+    ca = None
+    if hash_root is not None:
+        ca = ca_under_root(ctx.engine, profile, key_alg_of(parsed.public_key()), hash_root)
+    return StationEnrollment(enroll(ctx, p, profile, parsed, ca=ca), ctype)
 
 
 def register_station(ctx: Context, p: Principal, identity: str) -> Station:
@@ -204,4 +265,5 @@ def idempotent_store(ctx: Context, org: str, key: str, digest: str, response: di
             s.rollback()  # a concurrent retry stored it first; both responses describe real issuances
 
 
-__all__ = ["BadSubject", "EnrollResult", "enroll", "register_station", "list_stations"]
+__all__ = ["BadSubject", "EnrollResult", "StationEnrollment", "enroll", "enroll_station", "register_station",
+           "list_stations"]

@@ -1,6 +1,9 @@
-"""Typed domain errors. api/ maps each to an HTTP problem (RFC 9457); the CLI to a message + exit code.
+"""Typed domain errors: every PKIError of pki/ lives here (the CPS layer's in pki/cps/errors.py, the
+storage layer's in pki/store/errors.py).
 
-Messages are safe to show to the caller: they never carry PINs, keys or internal paths.
+They carry no HTTP knowledge: api/problems.py maps each class to an HTTP status and a problem document
+(RFC 9457), the CLI to a message + exit code. Messages are safe to show to the caller: they never carry
+PINs, keys or internal paths.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ class PKIError(Exception):
     """Base class. ``code`` is a stable machine-readable slug used in problem types and CLI output."""
 
     code = "pki-error"
-    status = 400
 
     def __init__(self, message: str, **context: object) -> None:
         super().__init__(message)
@@ -20,7 +22,6 @@ class PKIError(Exception):
 
 class ConfigError(PKIError):
     code = "configuration-error"
-    status = 500
 
 
 class PolicyError(ConfigError):
@@ -31,12 +32,10 @@ class PolicyError(ConfigError):
 
 class UnknownProfile(PKIError):
     code = "unknown-profile"
-    status = 400
 
 
 class UnknownCA(PKIError):
     code = "unknown-ca"
-    status = 404
 
 
 class BadCSR(PKIError):
@@ -71,17 +70,14 @@ class CertificateTooLarge(PKIError):
 
 class LintError(PKIError):
     code = "lint-failed"
-    status = 500
 
 
 class NotFound(PKIError):
     code = "not-found"
-    status = 404
 
 
 class AlreadyRevoked(PKIError):
     code = "already-revoked"
-    status = 409
 
 
 class BadRevocation(PKIError):
@@ -90,12 +86,10 @@ class BadRevocation(PKIError):
 
 class Forbidden(PKIError):
     code = "forbidden"
-    status = 403
 
 
 class Conflict(PKIError):
     code = "conflict"
-    status = 409
 
 
 class MalformedOCSPRequest(PKIError):
@@ -115,12 +109,97 @@ class CRLUnavailable(PKIError):
     """No CRL has been generated for this CA yet, and this process may not generate one."""
 
     code = "crl-unavailable"
-    status = 503
 
 
 class ClockSkew(ConfigError):
     """This host's clock disagrees with the database server's by more than V2GPKI_MAX_CLOCK_SKEW_SECONDS
-    (pki/clock.py): nothing is signed until they agree (#27 item 4). HTTP 503 with Retry-After; CLI exit 6."""
+    (pki/clock.py): nothing is signed until they agree (#27 item 4). A temporary refusal (the API says when
+    to come back: ``retry_after`` in the context); CLI exit 6."""
 
     code = "clock-skew"
-    status = 503
+
+
+class BackupError(PKIError):
+    code = "backup-error"
+
+
+class BadOrganization(PKIError):
+    code = "bad-organization"
+
+
+class Unauthenticated(PKIError):
+    code = "unauthenticated"
+
+
+class BadCertificate(PKIError):
+    code = "bad-certificate"
+
+
+class UnknownRoot(PKIError):
+    """hashRootCertificate names no root of this PKI (or none that issues the requested profile)."""
+
+    code = "unknown-root"
+
+
+class UnknownStation(NotFound):
+    """The station is not one of the caller's (not registered for the organization, /v1/stations)."""
+
+    code = "unknown-station"
+
+
+class BadRootImport(PKIError):
+    code = "bad-root-import"
+
+
+class TrustListError(PKIError):
+    code = "trustlist-invalid"
+
+
+class FirmwareRefused(PKIError):
+    """A signature the service will not make: rollback, a product of another manufacturer, bad input."""
+
+    code = "firmware-refused"
+
+
+class RollbackRefused(FirmwareRefused):
+    code = "firmware-rollback"
+
+
+class FirmwareVerificationFailed(PKIError):
+    """`v2gpki firmware verify`: what a charger would refuse (signature, chain, revocation)."""
+
+    code = "firmware-verification-failed"
+
+
+class OAuthError(PKIError):
+    """An RFC 6749 §5.2 error: ``error`` is the registered code, ``message`` its description."""
+
+    code = "oauth-error"
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+class UnsupportedNamespace(PKIError):
+    code = "unsupported-namespace"
+
+
+class BadContractData(PKIError):
+    code = "bad-contract-data"
+
+
+class CoverageTooLow(Conflict):
+    """Switching issuance to a new root that too few stations hold would strand the others."""
+
+    code = "coverage-too-low"
+
+
+class RootInUse(Conflict):
+    """The old root still anchors valid certificates that were not replaced."""
+
+    code = "root-in-use"
+
+
+class CampaignState(Conflict):
+    code = "campaign-state"

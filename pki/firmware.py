@@ -45,7 +45,15 @@ from sqlmodel import Session, col, select
 from pki import audit
 from pki.context import Context
 from pki.csr import SubjectFields
-from pki.errors import BadSubject, Forbidden, NotFound, PKIError
+from pki.errors import (
+    BadSubject,
+    FirmwareRefused,
+    FirmwareVerificationFailed,
+    Forbidden,
+    NotFound,
+    PKIError,
+    RollbackRefused,
+)
 from pki.issuance import IssueRequest
 from pki.profiles import CAEntry, Hierarchy
 from pki.store.db import utcnow
@@ -59,24 +67,6 @@ CHUNK = 1024 * 1024  # bytes hashed at a time: an image is never held in memory
 # OCPP 2.0.1 FirmwareType bounds (UpdateFirmwareRequest.json)
 MAX_LOCATION, MAX_CERTIFICATE, MAX_SIGNATURE = 512, 5500, 800
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+~-]{0,63}$")
-
-
-class FirmwareRefused(PKIError):
-    """A signature the service will not make: rollback, a product of another manufacturer, bad input."""
-
-    code = "firmware-refused"
-    status = 409
-
-
-class RollbackRefused(FirmwareRefused):
-    code = "firmware-rollback"
-
-
-class FirmwareVerificationFailed(PKIError):
-    """`v2gpki firmware verify`: what a charger would refuse (signature, chain, revocation)."""
-
-    code = "firmware-verification-failed"
-    status = 422
 
 
 # -- names ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from sqlalchemy import event
 from sqlmodel import select
 
-from pki.errors import PKIError
+from pki.errors import OAuthError, PKIError
 from pki.orgs import KEY_PREFIX, Principal, Unauthenticated, _cache_ttl, authenticate_api_key, get_org, principal_of
 from pki.store.db import utcnow
 from pki.store.models import ApiKey, Organization
@@ -43,17 +43,6 @@ if TYPE_CHECKING:
 TOKEN_KEY = "svc-oauth"
 GRANT = "client_credentials"
 SCOPE = "pkigateway rcpservice"  # OPCP's names for the EST and root certificate pool services
-
-
-class OAuthError(PKIError):
-    """An RFC 6749 §5.2 error: ``error`` is the registered code, ``message`` its description."""
-
-    code = "oauth-error"
-
-    def __init__(self, error: str, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.error = error
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -138,11 +127,11 @@ def issue_token(ctx: Context, client_id: str, client_secret: str, *, grant_type:
         raise OAuthError("invalid_request", "client_id and client_secret are required")
     parts = client_secret.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX or not hmac.compare_digest(parts[1], client_id):
-        raise OAuthError("invalid_client", "client authentication failed", 401)
+        raise OAuthError("invalid_client", "client authentication failed")
     try:
         principal = authenticate_api_key(ctx.db, client_secret, now)
     except Unauthenticated:
-        raise OAuthError("invalid_client", "client authentication failed", 401) from None
+        raise OAuthError("invalid_client", "client authentication failed") from None
     now = now or utcnow()
     with ctx.db.session() as s:
         row = s.exec(select(ApiKey).where(ApiKey.key_id == client_id)).first()
@@ -151,7 +140,7 @@ def issue_token(ctx: Context, client_id: str, client_secret: str, *, grant_type:
     if key_expiry is not None:
         lifetime = min(lifetime, int((key_expiry - now).total_seconds()))
     if lifetime <= 0:
-        raise OAuthError("invalid_client", "client authentication failed", 401)
+        raise OAuthError("invalid_client", "client authentication failed")
     iat = int(now.timestamp())
     claims: dict[str, Any] = {
         "iss": ctx.settings.public_base(), "sub": client_id, "org": principal.org,

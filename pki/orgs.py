@@ -21,7 +21,7 @@ from sqlalchemy import event, text
 from sqlmodel import Session, select
 
 from pki import audit
-from pki.errors import Conflict, Forbidden, NotFound, PKIError
+from pki.errors import BadOrganization, Conflict, Forbidden, NotFound, Unauthenticated
 from pki.store.db import Database, utcnow
 from pki.store.models import ApiKey, Organization
 
@@ -43,15 +43,6 @@ _PREFIX_RE = {
 }
 
 KEY_PREFIX = "v2k"
-
-
-class BadOrganization(PKIError):
-    code = "bad-organization"
-
-
-class Unauthenticated(PKIError):
-    code = "unauthenticated"
-    status = 401
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ from pki.cps.service import (
     build_delivery,
 )
 from pki.cps.xmldsig import sign_contract_response, verify_response
-from pki.errors import Conflict, Forbidden, NotFound, PKIError
+from pki.errors import BadContractData, Conflict, Forbidden, NotFound, PKIError, UnsupportedNamespace
 from pki.issuance import CAHandle
 from pki.names import normalise_emaid, normalise_pcid, owns_identifier
 from pki.orgs import Principal
@@ -84,14 +84,6 @@ ISO2 = "urn:iso:15118:2:2013:MsgDef"
 # ISO 15118-20 as OPCP/OPNC spell it (OCPP and Josev: urn:iso:std:iso:15118:-20:CommonMessages): recognised
 # and refused, -20 contract installation is not implemented (docs/cps.md).
 ISO20 = "urn:iso:15118:20:2020:MsgDef"
-
-
-class UnsupportedNamespace(PKIError):
-    code = "unsupported-namespace"
-
-
-class BadContractData(PKIError):
-    code = "bad-contract-data"
 
 
 def check_namespace(ns: str | None) -> str:

@@ -33,7 +33,7 @@ from sqlalchemy import exists, update
 from sqlmodel import col, select
 
 from pki import audit
-from pki.errors import Conflict, UnknownCA
+from pki.errors import CampaignState, CoverageTooLow, RootInUse, UnknownCA
 from pki.store.db import utcnow
 from pki.store.models import Certificate, CertificateAuthority
 from pki.store.models_truststore import RootCampaign
@@ -43,22 +43,6 @@ if TYPE_CHECKING:
     from pki.context import Context
 
 STATES = ("distributing", "switched", "withdrawn")
-
-
-class CoverageTooLow(Conflict):
-    """Switching issuance to a new root that too few stations hold would strand the others."""
-
-    code = "coverage-too-low"
-
-
-class RootInUse(Conflict):
-    """The old root still anchors valid certificates that were not replaced."""
-
-    code = "root-in-use"
-
-
-class CampaignState(Conflict):
-    code = "campaign-state"
 
 
 def start(ctx: Context, old_root: str, new_root: str, *, actor: str) -> RootCampaign:

@@ -17,15 +17,9 @@ from cryptography import x509
 
 from hsm.keystore import KeyAlg
 from pki.der import spki_key_bits
-from pki.errors import PKIError
+from pki.errors import UnknownRoot
 from pki.issuance import Engine
 from pki.ocsp.ocpp import OCPP_HASH_ALGS, decode_ocpp_hash, decode_ocpp_serial
-
-
-class UnknownRoot(PKIError):
-    """hashRootCertificate names no root of this PKI (or none that issues the requested profile)."""
-
-    code = "unknown-root"
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from pki import audit
-from pki.errors import NotFound, PKIError
+from pki.errors import NotFound, PKIError, TrustListError
 from pki.store.db import utcnow
 from pki.store.models import Certificate, CertificateAuthority
 from pki.store.models_lifecycle import Delivery, TrustStoreVersion
@@ -316,10 +316,6 @@ def version_document(ctx: Context, store: str, version: int) -> dict[str, Any]:
 
 
 # -- offline verification --------------------------------------------------------------------------------
-
-
-class TrustListError(PKIError):
-    code = "trustlist-invalid"
 
 
 def verify_bundle(data: bytes, signature_der: bytes, signer_chain_pem: str, anchors_pem: str, *,

@@ -42,7 +42,7 @@ from sqlmodel import Session, col, select
 
 from pki import audit
 from pki.enrollment import station_claim_of_other
-from pki.errors import BadCSR, Conflict, Forbidden, NotFound, PKIError
+from pki.errors import BadCSR, BadRootImport, Conflict, Forbidden, NotFound, PKIError, UnknownStation
 from pki.orgs import Principal
 from pki.roots import CertHashData, cert_id_matches
 from pki.store.db import utcnow
@@ -67,16 +67,6 @@ CERT_LIMIT = {"2.0.1": 5500, "2.1": 10000}
 HIERARCHY_TYPE = {"v2g": "V2GRootCertificate", "mo": "MORootCertificate", "csms": "CSMSRootCertificate",
                   "oem": "OEMRootCertificate", "manufacturer": "ManufacturerRootCertificate"}
 VENDOR_ID = "org.v2gpki"
-
-
-class UnknownStation(NotFound):
-    """The station is not one of the caller's (not registered for the organization, /v1/stations)."""
-
-    code = "unknown-station"
-
-
-class BadRootImport(PKIError):
-    code = "bad-root-import"
 
 
 def own_root_type(ca: CertificateAuthority) -> str | None:

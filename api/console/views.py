@@ -32,6 +32,7 @@ import api.console.session as sess
 import api.console.trustlists as trustlists
 from api.auth import CLIENT_LIMIT, TokenBucket, _by_certificate, _client_ip, _fail, peer_certificate_der
 from api.deps import CtxDep
+from api.problems import status_of
 from pki import audit
 from pki.context import Context
 from pki.errors import AlreadyRevoked, BadRevocation, NotFound, PKIError
@@ -432,7 +433,7 @@ def revoke(issuer: str, serial: str, request: Request, ctx: CtxDep, v: ViewerDep
     except AlreadyRevoked:
         raise ConsoleError(409, "Already revoked", "Someone revoked this certificate a moment ago.") from None
     except (BadRevocation, NotFound) as exc:
-        raise ConsoleError(exc.status, "Revocation refused", exc.message) from None
+        raise ConsoleError(status_of(exc) or 400, "Revocation refused", exc.message) from None
     return RedirectResponse(f"/console/certificates/{quote(row.issuer, safe='')}/{row.serial.upper()}?revoked=1",
                             status_code=303)
 

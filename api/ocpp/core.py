@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +25,8 @@ from cryptography.x509 import ocsp as x509_ocsp
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.ocpp.shapes import LIMITS, VENDOR_ID, Version, iso_time, rejection, status_info
+from api.problems import status_of
 from pki.context import Context
 from pki.contracts import authorize as authorize_contract
 from pki.contracts import find_by_hash_data
@@ -33,41 +34,15 @@ from pki.cps.errors import CPSError, ResponseTooLarge
 from pki.cps.exi.messages import ResponseCode
 from pki.cps.service import deliver
 from pki.crl import latest_meta
-from pki.csr import key_alg_of, parse_csr, subject_fields
-from pki.enrollment import enroll
+from pki.enrollment import StationCertType, enroll_station
 from pki.errors import BadCSR, BadKey, BadSignature, BadSubject, CertificateTooLarge, Forbidden, PKIError
 from pki.issuance import CAHandle
-from pki.names import EVSEID_RE, SECCID_RE
 from pki.ocsp import ocpp_lookup
 from pki.orgs import Principal
-from pki.roots import CertHashData, UnknownRoot, ca_under_root
+from pki.roots import CertHashData, UnknownRoot
 
-Version = Literal["1.6", "2.0.1", "2.1"]
-VENDOR_ID = "org.v2gpki"  # our customData.vendorId (OCPP CustomDataType: identifies who added the data)
 ISO2 = "urn:iso:15118:2:2013:MsgDef"
 ISO20 = ("urn:iso:std:iso:15118:-20:CommonMessages", "urn:iso:15118:20:2020:MsgDef")  # OCPP/Josev, OPCP/OPNC
-
-
-@dataclass(frozen=True)
-class VersionLimits:
-    """maxLength of the fields this service reads or writes, per version's JSON schemas."""
-
-    csr: int = 5500
-    chain: int = 10000  # CertificateSignedRequest.certificateChain
-    exi_request: int = 5600
-    exi_response: int = 7500
-    ocsp_result: int = 5500
-    additional_info: int = 512  # StatusInfoType.additionalInfo
-    authorize_certificate: int = 5500
-    id_token: int = 36
-
-
-LIMITS: dict[Version, VersionLimits] = {
-    "1.6": VersionLimits(),  # the 2.0.1 payloads, carried as JSON strings
-    "2.0.1": VersionLimits(),
-    "2.1": VersionLimits(exi_request=11000, exi_response=17000, ocsp_result=18000, additional_info=1024,
-                         authorize_certificate=10000, id_token=255),
-}
 
 
 @dataclass(frozen=True)
@@ -82,13 +57,15 @@ class Reply:
         return JSONResponse(self.payload, status_code=self.http_status, headers=self.headers)
 
 
-def status_info(reason: str, detail: str, version: Version) -> dict[str, str]:
-    """StatusInfoType: reasonCode is a CiString20, additionalInfo 512 (2.0.1) or 1024 (2.1) characters."""
-    return {"reasonCode": reason[:20], "additionalInfo": detail[:LIMITS[version].additional_info]}
-
-
 def http_status_of(exc: PKIError) -> int:
-    return 403 if isinstance(exc, Forbidden) else exc.status if 400 <= exc.status < 500 else 400
+    """The HTTP status of an OCPP rejection: the problem status (api/problems.py) when it is a 4xx, else 400."""
+    status = status_of(exc) or 500
+    return status if 400 <= status < 500 else 400
+
+
+def _server_side(exc: PKIError) -> bool:
+    """A failure of this service (configuration, clock, HSM), not of the request: raised, never rejected."""
+    return (status_of(exc) or 500) >= 500
 
 
 # -- request models -------------------------------------------------------------------------------------
@@ -234,21 +211,7 @@ class TrustStorePlan21(TrustStorePlan201):
 
 # -- SignCertificate -------------------------------------------------------------------------------------
 
-CertType = Literal["V2GCertificate", "ChargingStationCertificate", "V2G20Certificate"]
-
-
-def infer_type(csr_text: str) -> CertType:
-    """certificateType absent (the OCPP schemas: "used for both"; after TriggerMessage
-    SignCombinedCertificate a station sends none): V2GPKI_OCPP_DEFAULT_CERT_TYPE decides; `infer` reads
-    the CSR — an EVSEID/SECCID CN or DC=CPO makes it a V2G certificate."""
-    rule = os.environ.get("V2GPKI_OCPP_DEFAULT_CERT_TYPE", "infer")
-    if rule in ("V2GCertificate", "ChargingStationCertificate"):
-        return rule  # type: ignore[return-value]
-    fields = subject_fields(parse_csr(csr_text).subject)
-    cn = fields.cn.upper()
-    if (fields.dc or "").upper() == "CPO" or EVSEID_RE.match(cn) or SECCID_RE.match(cn):
-        return "V2GCertificate"
-    return "ChargingStationCertificate"
+CertType = StationCertType  # OCPP CertificateSigningUseEnumType (pki/enrollment.py)
 
 
 def _sign_reason(exc: PKIError) -> str:
@@ -270,33 +233,21 @@ class SignOutcome:
     certificate_signed: dict[str, Any] | None
 
 
-def sign_certificate(ctx: Context, p: Principal, csr: str, cert_type: str | None, version: Version, *,
+def sign_certificate(ctx: Context, p: Principal, csr: str, cert_type: CertType | None, version: Version, *,
                      request_id: int | None = None, hash_root: CertHashData | None = None) -> SignOutcome:
     try:
-        ctype: CertType = cert_type or infer_type(csr)  # type: ignore[assignment]
-        ca = None
-        if ctype == "ChargingStationCertificate":
-            profile = "cs-client"
-        else:
-            alg = key_alg_of(parse_csr(csr).public_key())
-            if ctype == "V2G20Certificate" and alg.value == "p256":
-                # OCPP 2.1 CertificateSigningUseEnumType V2G20Certificate: an ISO 15118-20 SECC certificate,
-                # whose keys are secp521r1 or Ed448 (ISO 15118-20 §7.9.1 / Table 3 of the shared profiles doc)
-                raise BadKey("a V2G20Certificate CSR must carry a P-521 or Ed448 key (ISO 15118-20)")
-            profile = "secc" if alg.value == "p256" else "secc-20"
-        if hash_root is not None:
-            alg = key_alg_of(parse_csr(csr).public_key())
-            ca = ca_under_root(ctx.engine, profile, alg, hash_root)
-        res = enroll(ctx, p, profile, csr, ca=ca)
+        # The RA chooses the certificate type (when absent) and the profile, and parses the CSR once.
+        station = enroll_station(ctx, p, csr, cert_type, hash_root=hash_root)
     except PKIError as exc:
-        if exc.status >= 500:
+        if _server_side(exc):
             raise
-        reject = {"status": "Rejected", "statusInfo": status_info(_sign_reason(exc), exc.message, version)}
+        reject = rejection("SignCertificate", _sign_reason(exc), exc.message, version)
         return SignOutcome(Reply(reject, http_status_of(exc), {"X-V2GPKI-Problem": exc.code}), None)
+    res, ctype = station.result, station.cert_type
     chain = res.issued.pem_chain(include_root=False)  # leaf, Sub-CA 2, Sub-CA 1: no root, as stations expect
     if len(chain) > LIMITS[version].chain:
         # Cannot happen with ≤ 800-byte (-2) or ≤ 1600-byte (-20) certificates; the schema's bound anyway.
-        reject = {"status": "Rejected", "statusInfo": status_info("InvalidCSR", "certificate chain too long", version)}
+        reject = rejection("SignCertificate", "InvalidCSR", "certificate chain too long", version)
         return SignOutcome(Reply(reject, 422, {"X-V2GPKI-Problem": "certificate-too-large"}), None)
     signed: dict[str, Any] = {"certificateChain": chain, "certificateType": ctype}
     if request_id is not None:
@@ -349,9 +300,7 @@ def get_15118_ev_certificate(ctx: Context, p: Principal, schema_version: str, ac
     the schema decides the CPS (_cps_answer), everything else is shared. ``action`` None: the 1.6 bridge
     variant without one; the EXI body says which."""
     def failed(http: int, reason: str, detail: str, code: str) -> Reply:
-        # exiResponse is required even when Failed; no message could be answered, so it is empty.
-        return Reply({"status": "Failed", "exiResponse": "", "statusInfo": status_info(reason, detail, version)},
-                     http, {"X-V2GPKI-Problem": code})
+        return Reply(rejection("Get15118EVCertificate", reason, detail, version), http, {"X-V2GPKI-Problem": code})
 
     p.require("cpo", "admin")
     iso20 = schema_version in ISO20
@@ -369,7 +318,7 @@ def get_15118_ev_certificate(ctx: Context, p: Principal, schema_version: str, ac
     except Forbidden:
         raise
     except PKIError as exc:
-        if exc.status >= 500:
+        if _server_side(exc):
             raise
         return failed(400, "InvalidRequest", exc.message, exc.code)
     b64 = base64.b64encode(a.exi).decode()
@@ -395,15 +344,14 @@ def get_certificate_status(ctx: Context, data: OCSPRequestData, version: Version
     try:
         ans = ocpp_lookup(ctx, data.hashAlgorithm, data.issuerNameHash, data.issuerKeyHash, data.serialNumber)
     except PKIError as exc:
-        return Reply({"status": "Failed", "statusInfo": status_info("InvalidRequest", exc.message, version)}, 400,
+        return Reply(rejection("GetCertificateStatus", "InvalidRequest", exc.message, version), 400,
                      {"X-V2GPKI-Problem": exc.code})
     if not ans.successful:
-        return Reply({"status": "Failed", "statusInfo": status_info(_OCSP_REASONS.get(ans.status, "InternalError"),
-                                                                    f"OCSP responder answered {ans.status}",
-                                                                    version)})
+        return Reply(rejection("GetCertificateStatus", _OCSP_REASONS.get(ans.status, "InternalError"),
+                               f"OCSP responder answered {ans.status}", version))
     result = base64.b64encode(ans.der).decode()
     if len(result) > LIMITS[version].ocsp_result:
-        return Reply({"status": "Failed", "statusInfo": status_info("ResponseTooLarge", "", version)})
+        return Reply(rejection("GetCertificateStatus", "ResponseTooLarge", "", version))
     return Reply({"status": "Accepted", "ocspResult": result})
 
 
@@ -417,10 +365,6 @@ def authorize(ctx: Context, p: Principal, body: Authorize201 | Authorize21) -> R
     if res.certificate_status is not None:
         out["certificateStatus"] = res.certificate_status
     return Reply(out)
-
-
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _ca_matching(ctx: Context, hd: CertificateHashData) -> CAHandle | None:
@@ -477,7 +421,7 @@ def get_certificate_chain_status(ctx: Context, body: GetCertificateChainStatus21
                 status = "Good" if good else "Revoked"
                 next_update = meta[2]
         out.append({"certificateHashData": hd.model_dump(exclude_none=True), "source": r.source,
-                    "status": status, "nextUpdate": _iso(next_update)})
+                    "status": status, "nextUpdate": iso_time(next_update)})
     return Reply({"certificateStatus": out})
 
 
@@ -497,66 +441,3 @@ def trust_store_plan(ctx: Context, p: Principal, station_id: str,
                 for e in installed.certificateHashDataChain or []] if installed.status == "Accepted" else []
     plan = plan_for_station(ctx, p, station_id, reported, version)
     return Reply(plan.payload(), 200, {"X-V2GPKI-Station": plan.station})
-
-
-# -- refusing a request that is not a valid message of its version ------------------------------------------
-
-
-def _reason_data(info: dict[str, str]) -> dict[str, str]:
-    return {"vendorId": VENDOR_ID, "reasonCode": info["reasonCode"], "detail": info["additionalInfo"]}
-
-
-def rejection(message: str, reason: str, detail: str, version: Version) -> dict[str, Any]:
-    """The answer of ``message`` that refuses the request, valid against that message's response schema
-    (what a CSMS can forward when the request itself was malformed: wrong version, oversize field)."""
-    info = status_info(reason, detail, version)
-    if message == "SignCertificate":
-        return {"status": "Rejected", "statusInfo": info}
-    if message == "Get15118EVCertificate":
-        return {"status": "Failed", "exiResponse": "", "statusInfo": info}
-    if message == "GetCertificateStatus":
-        return {"status": "Failed", "statusInfo": info}
-    if message == "Authorize":  # AuthorizeResponse has no statusInfo: the reason goes in customData
-        return {"idTokenInfo": {"status": "Invalid"}, "customData": _reason_data(info)}
-    if message == "GetCertificateChainStatus":
-        # certificateStatus needs ≥ 1 entry and the request could not be read: one Failed entry with empty
-        # hash data (the schema's strings have no minimum length), the reason in customData.
-        empty = {"hashAlgorithm": "SHA256", "issuerNameHash": "", "issuerKeyHash": "", "serialNumber": ""}
-        return {"certificateStatus": [{"certificateHashData": empty, "source": "OCSP", "status": "Failed",
-                                       "nextUpdate": _iso(datetime.now(UTC))}],
-                "customData": _reason_data(info)}
-    raise KeyError(message)
-
-
-# path → (message, version): the OCPP endpoints whose malformed requests get their message's rejection
-OCPP_PATHS: dict[str, tuple[str, Version]] = {
-    "/ocpp/v201/sign-certificate": ("SignCertificate", "2.0.1"),
-    "/ocpp/v201/get-15118-ev-certificate": ("Get15118EVCertificate", "2.0.1"),
-    "/ocpp/v201/get-certificate-status": ("GetCertificateStatus", "2.0.1"),
-    "/ocpp/v201/authorize": ("Authorize", "2.0.1"),
-    "/ocpp/v21/sign-certificate": ("SignCertificate", "2.1"),
-    "/ocpp/v21/get-15118-ev-certificate": ("Get15118EVCertificate", "2.1"),
-    "/ocpp/v21/get-certificate-status": ("GetCertificateStatus", "2.1"),
-    "/ocpp/v21/authorize": ("Authorize", "2.1"),
-    "/ocpp/v21/get-certificate-chain-status": ("GetCertificateChainStatus", "2.1"),
-}
-
-
-# trust-store plans: a malformed request gets an empty plan (nothing to send), HTTP 400
-PLAN_PATHS = ("/ocpp/v201/trust-store-plan", "/ocpp/v21/trust-store-plan")
-
-
-def invalid_request(path: str, detail: str) -> JSONResponse | None:
-    """A request body that fails its model on an OCPP path: that message's rejection, HTTP 400."""
-    if path in PLAN_PATHS:
-        return JSONResponse({"install": [], "delete": []}, status_code=400,
-                            headers={"X-V2GPKI-Problem": "invalid-request",
-                                     "X-V2GPKI-Detail": detail[:200].encode("ascii", "replace").decode()})
-    if path == "/ocpp/v16/data-transfer":
-        body = {"conf": {"status": "Rejected"}, "next": []}
-        return JSONResponse(body, status_code=400, headers={"X-V2GPKI-Problem": "invalid-request"})
-    hit = OCPP_PATHS.get(path)
-    if hit is None:
-        return None
-    return JSONResponse(rejection(hit[0], "InvalidRequest", detail, hit[1]), status_code=400,
-                        headers={"X-V2GPKI-Problem": "invalid-request"})

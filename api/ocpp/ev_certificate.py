@@ -25,6 +25,7 @@ from api import blocking
 from api.auth import PrincipalDep
 from api.deps import CtxDep
 from api.ocpp import core
+from api.problems import status_of
 from pki.contracts import default_contract_for, lookup_vehicle
 from pki.cps.exi.messages import ResponseCode
 from pki.cps.service import EXI_REQUEST_MAX_B64, Delivery, build_delivery, deliver
@@ -149,7 +150,7 @@ def contract_installation(body: ContractInstallIn, ctx: CtxDep, p: PrincipalDep)
     try:
         return _elements(deliver(ctx, exi, actor=p.credential, expect="install", emsp=_own_scope(p)))
     except PKIError as exc:
-        if schema is None and exc.status < 500 and _is_iso20(exi):
+        if schema is None and (status_of(exc) or 500) < 500 and _is_iso20(exi):
             return _elements20(deliver20(ctx, exi, actor=p.credential, emsp=_own_scope(p)))
         raise
 

@@ -88,11 +88,18 @@ def _inner(reply: core.Reply) -> JSONResponse:
 def _dispatch(ctx: Context, p: Principal, vendor: str, message: str, payload: Any) -> JSONResponse:
     has2be = vendor == HAS2BE_VENDOR
     if message == "SignCertificate":
+        ctype: core.CertType | None
         if has2be:
             hb = _Has2BeSign.model_validate(payload)
-            csr, ctype = hb.csr, hb.typeOfCertificate
-            if ctype not in (None, "V2GCertificate", "ChargingStationCertificate"):
-                raise ValueError(f"typeOfCertificate {ctype!r} is not a 1.6 certificate type")
+            csr = hb.csr
+            if hb.typeOfCertificate is None:
+                ctype = None
+            elif hb.typeOfCertificate == "V2GCertificate":
+                ctype = "V2GCertificate"
+            elif hb.typeOfCertificate == "ChargingStationCertificate":
+                ctype = "ChargingStationCertificate"
+            else:
+                raise ValueError(f"typeOfCertificate {hb.typeOfCertificate!r} is not a 1.6 certificate type")
         else:
             sc = core.SignCertificate201.model_validate(payload)
             csr, ctype = sc.csr, sc.certificateType

@@ -26,7 +26,6 @@ router = APIRouter(prefix="/ocpp/v201", tags=["ocpp"])
 
 # The request model: exactly OCPP 2.0.1's SignCertificateRequest.
 SignCertificateIn = core.SignCertificate201
-infer_type = core.infer_type  # the certificateType rule, kept importable where it always was
 
 
 @router.post("/sign-certificate", response_model=None)

@@ -15,10 +15,9 @@ def opcp_error(exc: PKIError) -> JSONResponse:
     """A typed error in the OPCP documents' own error shape (``Error``: ``errorMessages``, ``traceId``,
     rcp.v1.json / cps.v1.json), with the status the problem document would have had: what OPCP clients
     parse (CitrineOS reads ``errorMessages``). The traceId is also sent as ``X-Trace-Id``."""
-    from api.problems import response_for
+    from api.problems import status_of
 
-    problem = response_for(exc)
-    status = problem.status_code if problem is not None else 400
+    status = status_of(exc) or 400
     trace = str(uuid.uuid4())
     return JSONResponse({"errorMessages": [exc.message], "traceId": trace}, status_code=status,
                         headers={"X-Trace-Id": trace, "X-V2GPKI-Problem": exc.code})

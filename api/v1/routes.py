@@ -108,10 +108,12 @@ def _cert_out(r: Certificate) -> CertificateOut:
 
 
 @router.post("/enrollments", response_model=EnrollmentOut, status_code=201)
-async def post_enrollment(body: EnrollmentIn, ctx: CtxDep, p: PrincipalDep,
+async def post_enrollment(body: EnrollmentIn, request: Request, p: PrincipalDep,
                           idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Response:
     """201 and the certificate; 200 with the first answer for a repeated Idempotency-Key. async: only the
-    blocking part (HSM, database) leaves the event loop, into api/blocking.py's bounded pool."""
+    blocking part (HSM, database) leaves the event loop, into api/blocking.py's bounded pool; the Context
+    is read from the app, not through a dependency (api/blocking.py: FastAPI's per-request cost)."""
+    ctx = blocking.context(request)
     return await blocking.run(ctx, _enroll, body, ctx, p, idempotency_key)
 
 

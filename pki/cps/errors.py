@@ -6,14 +6,18 @@ Messages name the failing element or limit but never carry key material, plainte
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pki.errors import PKIError
+
+if TYPE_CHECKING:
+    from pki.cps.exi.messages import ResponseCode
 
 
 class CPSError(PKIError):
     """Base class of the ISO 15118 contract provisioning errors."""
 
     code = "cps-error"
-    status = 400
 
 
 class ExiError(CPSError):
@@ -42,7 +46,6 @@ class ExiLimitExceeded(ExiDecodeError):
     """A decoding bound (stream size, depth, event count, string or binary length) was exceeded."""
 
     code = "exi-limit-exceeded"
-    status = 413
 
 
 class ExiEncodeError(ExiError):
@@ -82,4 +85,19 @@ class ResponseTooLarge(CPSError):
     chain lengths before the contract certificate is issued."""
 
     code = "response-too-large"
-    status = 422
+
+
+class CPSFailure(CPSError):
+    """A failure the standard reports inside CertificateInstallationRes/UpdateRes."""
+
+    def __init__(self, response_code: ResponseCode, message: str) -> None:
+        super().__init__(message)
+        self.response_code = response_code
+
+
+class CPS20Failure(CPSError):
+    """An ISO 15118-20 failure reported inside CertificateInstallationRes (its ResponseCode string)."""
+
+    def __init__(self, response_code: str, message: str) -> None:
+        super().__init__(message)
+        self.response_code = response_code

@@ -48,6 +48,7 @@ from pki.contracts import (
 from pki.cps.errors import (
     ActionMismatch,
     CPSError,
+    CPSFailure,
     ExiError,
     KeyWrapError,
     ResponseTooLarge,
@@ -88,14 +89,6 @@ MAX_CERTIFICATE_OCTETS = 800  # [V2G2-010]; the engine refuses a larger certific
 
 log = logging.getLogger(__name__)
 Kind = Literal["install", "update"]
-
-
-class CPSFailure(CPSError):
-    """A failure the standard reports inside CertificateInstallationRes/UpdateRes."""
-
-    def __init__(self, response_code: ResponseCode, message: str) -> None:
-        super().__init__(message)
-        self.response_code = response_code
 
 
 @dataclass

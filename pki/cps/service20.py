@@ -50,6 +50,7 @@ from pki.cps.crypto20 import (
     wrap_x448,
 )
 from pki.cps.errors import (
+    CPS20Failure,
     CPSError,
     ExiError,
     KeyWrapError,
@@ -76,12 +77,6 @@ from pki.store.db import utcnow
 from pki.store.models import Certificate, Contract
 
 EXI_RESPONSE_MAX_B64_20 = 17000  # OCPP 2.1 Get15118EVCertificateResponse.exiResponse maxLength
-
-
-class CPS20Failure(CPSError):
-    def __init__(self, response_code: str, message: str) -> None:
-        super().__init__(message)
-        self.response_code = response_code
 
 
 @dataclass

@@ -22,7 +22,6 @@ class InvalidValue(PKIError):
     """A value in the request cannot be stored or searched (NUL character or number out of range)."""
 
     code = "invalid-request"
-    status = 400
 
 
 def invalid_value(exc: BaseException) -> InvalidValue | None:
@@ -44,4 +43,3 @@ class StorageError(PKIError):
     gracefully instead of failing (the console's trust-list page)."""
 
     code = "storage-error"
-    status = 503
