@@ -6,12 +6,7 @@ Messages name the failing element or limit but never carry key material, plainte
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pki.errors import PKIError
-
-if TYPE_CHECKING:
-    from pki.cps.exi.messages import ResponseCode
 
 
 class CPSError(PKIError):
@@ -88,9 +83,11 @@ class ResponseTooLarge(CPSError):
 
 
 class CPSFailure(CPSError):
-    """A failure the standard reports inside CertificateInstallationRes/UpdateRes."""
+    """A failure the standard reports inside CertificateInstallationRes/UpdateRes: ``response_code`` is an
+    ISO 15118-2 responseCodeType value (pki.cps.exi.messages.ResponseCode, a str enum; typed as str so
+    this module stays below the EXI codec)."""
 
-    def __init__(self, response_code: ResponseCode, message: str) -> None:
+    def __init__(self, response_code: str, message: str) -> None:
         super().__init__(message)
         self.response_code = response_code
 

@@ -308,8 +308,9 @@ def deliver(ctx: Context, exi_request: bytes, *, actor: str = "cps", expect: Kin
     try:
         return _deliver(ctx, tree, request, body, session_id, actor, emsp)
     except CPSFailure as f:
-        msg = _failed(session_id, f.response_code, update)
-        return Delivery(msg, encode_message(msg), f.response_code, notes=[f.message])
+        code = ResponseCode(f.response_code)
+        msg = _failed(session_id, code, update)
+        return Delivery(msg, encode_message(msg), code, notes=[f.message])
 
 
 def _deliver(ctx: Context, raw: Node, request: V2GMessage, body: CertificateInstallationReq | CertificateUpdateReq,
