@@ -150,8 +150,8 @@ def test_no_import_cycles() -> None:
     assert not gone, f"broken cycles still listed in KNOWN_CYCLES: remove them: {sorted(gone)}"
 
 
-# Remove the entry when the module goes (api/fastlane.py: #23 item 3 drops the positional fast lane).
-KNOWN_STRING_IMPORTS = {"api.fastlane": "dispatches route functions by module name; being removed"}
+# Empty since api/fastlane.py went (#23 item 3 dropped the positional fast lane); an entry needs a reason.
+KNOWN_STRING_IMPORTS: dict[str, str] = {}
 
 
 def test_no_string_imports_of_our_modules() -> None:
