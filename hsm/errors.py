@@ -14,6 +14,12 @@ class HSMUnavailable(HSMError):
     """The token failed repeatedly; the circuit breaker is open."""
 
 
+class KeyUriError(HSMError, ValueError):
+    """A key URI that is malformed, of an unknown scheme, or names a key another store holds (another token,
+    or a pkcs11: URI given to the software store). The message names the scheme and attributes, never their
+    values beyond the token and object names, and never a PIN (RFC 7512 §2.3 pin-value is refused)."""
+
+
 class KeyNotFoundError(HSMError):
     """No key with that label in the token."""
 

@@ -45,10 +45,11 @@ from hsm.errors import (
     HSMUnavailable,
     KeyExistsError,
     KeyNotFoundError,
+    KeyUriError,
     SignatureCheckFailed,
 )
 from hsm.keystore import KeyAlg, PrivateKey, PublicKey, SignObserver
-from hsm.uri import Pkcs11Uri
+from hsm.uri import Pkcs11Uri, parse_key_uri
 
 log = logging.getLogger(__name__)
 
@@ -515,7 +516,8 @@ class Pkcs11KeyStore:
     def key_alg(self, label: str) -> KeyAlg:
         return self._load(label)[2]
 
-    def signer(self, label: str) -> PrivateKey:
+    def signer(self, uri: str) -> PrivateKey:
+        label = self._label_in_token(uri)
         _, pub, alg = self._load(label)
         row = ALGORITHMS[alg]
         if row.curve is None:
@@ -523,6 +525,19 @@ class Pkcs11KeyStore:
             return Pkcs11Ed448Key(self, label, pub, row)
         assert isinstance(pub, ec.EllipticCurvePublicKey)
         return Pkcs11ECKey(self, label, pub, row)
+
+    def _label_in_token(self, uri: str) -> str:
+        """The label of the private key ``uri`` names in this store's token; KeyUriError when it names no
+        private key of this token (the message names the token and object, never a PIN: see hsm/uri.py)."""
+        u = parse_key_uri(uri)
+        if not isinstance(u, Pkcs11Uri):
+            raise KeyUriError(f"the PKCS#11 key store of token {self.token_label!r} holds pkcs11: keys, "
+                              f"not soft: ones")
+        if u.token != self.token_label:
+            raise KeyUriError(f"key URI names token {u.token!r}, but this key store is token {self.token_label!r}")
+        if u.type != "private":
+            raise KeyUriError(f"key URI names a {u.type!r} object; a signer needs type=private")
+        return u.object
 
     def sign_raw(self, label: str, data: bytes, mechanism: Mechanism) -> bytes:
         """The one signing entry point of this store (every key object signs through it)."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 
 from hsm.algorithms import ALGORITHMS, KeyAlg, PrivateKey, PublicKey
-from hsm.errors import KeyExistsError, KeyNotFoundError
+from hsm.errors import KeyExistsError, KeyNotFoundError, KeyUriError
+from hsm.uri import SoftUri, parse_key_uri
 
 
 class SoftKeyStore:
@@ -34,8 +35,11 @@ class SoftKeyStore:
     def public_key(self, label: str) -> PublicKey:
         return self._get(label).public_key()
 
-    def signer(self, label: str) -> PrivateKey:
-        return self._get(label)
+    def signer(self, uri: str) -> PrivateKey:
+        u = parse_key_uri(uri)
+        if not isinstance(u, SoftUri):
+            raise KeyUriError("the software key store holds soft: keys only, not pkcs11: ones")
+        return self._get(u.label)
 
     def destroy(self, label: str) -> None:
         with self._lock:
@@ -49,4 +53,4 @@ class SoftKeyStore:
         return label in self._keys
 
     def uri(self, label: str) -> str:
-        return f"soft:{label}"
+        return str(SoftUri(label))

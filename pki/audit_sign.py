@@ -163,7 +163,7 @@ def checkpoint(ctx: Context) -> AuditCheckpoint | None:
         if not any(r["seq"] == last.seq and r["hash"] == last.hash for r in read_external(path).records):
             _publish(ctx, record_of(last))
         return last
-    sig = ctx.keystore.signer(AUDIT_KEY).sign(_message(seq, h), ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
+    sig = ctx.keystore.signer(ctx.keystore.uri(AUDIT_KEY)).sign(_message(seq, h), ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
     cp = AuditCheckpoint(seq=seq, hash=h, ts=utcnow(), key_label=AUDIT_KEY, signature=sig)
     rec = record_of(cp)
     if ctx.settings.audit_checkpoint_webhook:  # a network call: never under the database lock

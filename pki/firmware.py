@@ -42,6 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from sqlalchemy import text
 from sqlmodel import Session, col, select
 
+from hsm.errors import KeyUriError
 from pki import audit
 from pki.context import Context
 from pki.csr import SubjectFields
@@ -262,12 +263,11 @@ def sign_digest(ctx: Context, org: str, *, product: str, version: str, digest: b
     if ca.row.status != "active":
         raise FirmwareRefused(f"the Manufacturer root {row.issuer} is {ca.row.status}")
     cert = x509.load_der_x509_certificate(row.der)
-    from pki.ocsp import _label_of
-
-    label = _label_of(row.key_uri)
-    if label is None:
-        raise NotFound(f"the firmware-signing key of {org!r} is not a key of this token")
-    signature = ctx.keystore.signer(label).sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))  # type: ignore[call-arg]
+    try:
+        key = ctx.keystore.signer(row.key_uri)
+    except KeyUriError:
+        raise NotFound(f"the firmware-signing key of {org!r} is not a key of this token") from None
+    signature = key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))  # type: ignore[call-arg]
     pub = cert.public_key()
     assert isinstance(pub, ec.EllipticCurvePublicKey)
     pub.verify(signature, digest, ec.ECDSA(Prehashed(hashes.SHA256())))  # the HSM signed with the certified key

@@ -94,7 +94,7 @@ def create_ca(engine: Engine, entry: CAEntry, h: Hierarchy) -> Issued:
     req = IssueRequest(
         profile=entry.profile, public_key=pub, subject=subject, identifier=entry.name,
         ca=entry.name if profile.self_signed else entry.parent, actor="init",
-        key_uri=engine.keystore.uri(label), self_sign_label=label if profile.self_signed else None,
+        key_uri=engine.keystore.uri(label),
     )
     out = engine.issue_many([req], extra=add_ca_row)
     engine.reload_cas()

@@ -140,9 +140,8 @@ class IssueRequest:
     ca: str | None = None  # issuing CA name; default: picked by profile and key algorithm
     tenant: str | None = None
     not_after: datetime | None = None  # cap (e.g. the contract's end)
-    key_uri: str | None = None  # for service-held keys
+    key_uri: str | None = None  # service-held keys, CAs (hsm/uri.py); a root's is the key that signs it
     actor: str = "system"
-    self_sign_label: str | None = None  # roots: the key label that signs its own certificate
     alt_spki: bytes | None = None  # ISO 15118-20 X448 "Alternate Subject Public Key" (pki.csr.alt_x448_key)
 
 
@@ -155,7 +154,7 @@ class _Prepared:
     tbs_sha256: str
     subject: str
     alg: KeyAlg
-    signer_label: str | None
+    signer_uri: str | None  # self-signed: the subject's own key (hsm/uri.py); None: the issuing CA's
     tbs: bytes = b""  # the linted twin's TBSCertificate: exactly what the HSM signs
     sig_alg_der: bytes = b""  # its AlgorithmIdentifier (same for twin and real certificate)
 
@@ -376,7 +375,7 @@ class Engine:
         if not self.ca_keys:
             raise ConfigError("CA keys are not available in the standalone OCSP responder")
         if h._signer is None:
-            h._signer = certified_signer(self.keystore, h.row.key_label, h.cert.public_key(),  # type: ignore[arg-type]
+            h._signer = certified_signer(self.keystore, h.row.key_uri, h.cert.public_key(),  # type: ignore[arg-type]
                                          f"CA {h.name!r}'s certificate")
         return h._signer
 
@@ -432,7 +431,9 @@ class Engine:
             alg = subj_alg
             issuer_ski = x509.SubjectKeyIdentifier.from_public_key(req.public_key).digest
             not_after_cap = None
-            signer_label = req.self_sign_label
+            signer_uri = req.key_uri
+            if signer_uri is None:
+                raise BadKey(f"a self-signed {profile.name!r} certificate needs the URI of its own key (key_uri)")
         else:
             issuer_handle = self.pick_issuer(profile, subj_alg, req.ca)
             issuer_name_str = issuer_handle.name
@@ -440,7 +441,7 @@ class Engine:
             alg = issuer_handle.alg
             issuer_ski = issuer_handle.ski
             not_after_cap = issuer_handle.cert.not_valid_after_utc
-            signer_label = None
+            signer_uri = None
         # Clock tolerance (#27 item 4): notBefore is backdated by the profile's margin (default one hour, as
         # large public CAs do) so a charger or vehicle whose clock runs behind does not reject a fresh
         # certificate as not yet valid (RFC 5280 §4.1.2.5 validity; §6.1.3 (a)(2) checks the current time
@@ -545,7 +546,7 @@ class Engine:
             tbs_sha256=hashlib.sha256(tbs).hexdigest(),
             subject=name.rfc4514_string(),
             alg=alg,
-            signer_label=signer_label,
+            signer_uri=signer_uri,
             tbs=tbs,
             sig_alg_der=sig_alg_der,
         )
@@ -578,7 +579,7 @@ class Engine:
         return _Prepared(
             req=req, profile=profile, issuer_name=issuer_name, serial=serial,
             tbs_sha256=hashlib.sha256(tbs).hexdigest(), subject=rfc4514(req.subject), alg=alg,
-            signer_label=None, tbs=tbs, sig_alg_der=t.sig_alg_der,
+            signer_uri=None, tbs=tbs, sig_alg_der=t.sig_alg_der,
         )
 
     def _pkilint(self, profile: Profile, twin_der: bytes, shape: tuple[object, ...]) -> None:
@@ -634,8 +635,8 @@ class Engine:
         try:
             for p in preps:
                 if p.profile.self_signed:
-                    assert p.signer_label is not None
-                    signer = certified_signer(self.keystore, p.signer_label, p.req.public_key,
+                    assert p.signer_uri is not None  # checked in _prepare
+                    signer = certified_signer(self.keystore, p.signer_uri, p.req.public_key,
                                               f"the {p.profile.name!r} certificate being issued")
                 else:
                     signer = self.ca_signer(self.ca(p.issuer_name))

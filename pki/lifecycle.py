@@ -48,7 +48,7 @@ from sqlmodel import Session
 from sqlmodel import select as sm_select
 
 from hsm import sealing
-from hsm.uri import label_of
+from hsm.uri import key_label
 from pki import audit
 from pki.errors import BadRevocation, ConfigError, Conflict, NotFound, PKIError, UnknownCA
 from pki.lifecycle_policy import (  # noqa: F401 - re-exported: callers find the policy here
@@ -856,7 +856,8 @@ def renew(ctx: Context, old: Certificate, now: datetime | None = None) -> Renewa
     lc = lifecycle_of(ctx)
     now = now or utcnow()
     assert old.id is not None and old.key_uri is not None
-    base = re.sub(r"-r\d{14}$", "", label_of(old.key_uri))
+    # the renewed key's label: the old one's base (hsm/uri.py parses the URI) with a fresh time suffix
+    base = re.sub(r"-r\d{14}$", "", key_label(old.key_uri))
     label = f"{base}-r{now:%Y%m%d%H%M%S}"
     r = Renewal.__table__  # type: ignore[attr-defined]
     with ctx.db.session() as s:

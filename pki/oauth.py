@@ -108,7 +108,7 @@ def _sign(ctx: Context, claims: dict[str, Any]) -> str:
     header = {"alg": "ES256", "typ": "JWT", "kid": _kid(pub)}
     signing_input = (_b64url(json.dumps(header, separators=(",", ":")).encode()) + "." +
                      _b64url(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()))
-    der = ctx.keystore.signer(TOKEN_KEY).sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
+    der = ctx.keystore.signer(ctx.keystore.uri(TOKEN_KEY)).sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
     r, s = decode_dss_signature(der)
     return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 

@@ -59,7 +59,6 @@ from pki.cps.service import (
     Delivery,
     _cps_rows,
     _cps_signer,
-    _key_label,
     _root_name,
     build_delivery,
 )
@@ -539,7 +538,7 @@ def sign(ctx: Context, p: Principal, data: ContractDataIn, *, root_fingerprint: 
         emaid=EMAID(emaid, "id4"),
     )
     assert cps_row.key_uri is not None
-    signer = ctx.keystore.signer(_key_label(cps_row.key_uri))
+    signer = ctx.keystore.signer(cps_row.key_uri)
     try:
         message = sign_contract_response(b"\x00", res, signer)  # type: ignore[arg-type]
     except XmlDsigError as exc:

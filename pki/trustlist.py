@@ -90,7 +90,7 @@ def _pem(cert: x509.Certificate) -> str:
 
 @dataclass
 class Signer:
-    label: str
+    key_uri: str  # hsm/uri.py; the key store's signer(key_uri) signs
     cert: x509.Certificate
     chain: list[x509.Certificate]  # signer first, up to the root
 
@@ -99,7 +99,6 @@ class Signer:
 
 
 def current_signer(ctx: Context) -> Signer | None:
-    from hsm.uri import label_of
 
     now = utcnow()
     with ctx.db.session() as s:
@@ -110,7 +109,7 @@ def current_signer(ctx: Context) -> Signer | None:
     if row is None or row.key_uri is None:
         return None
     cert = x509.load_der_x509_certificate(row.der)
-    return Signer(label_of(row.key_uri), cert, [cert, *ctx.lifecycle.engine.chain(row.issuer)])
+    return Signer(row.key_uri, cert, [cert, *ctx.lifecycle.engine.chain(row.issuer)])
 
 
 def ensure_signer(ctx: Context) -> Signer:
@@ -149,7 +148,7 @@ def _jws_alg(cert: x509.Certificate) -> tuple[str, hashes.HashAlgorithm, int]:
 
 def _sign(ctx: Context, sg: Signer, data: bytes) -> tuple[bytes, str]:
     alg, h, size = _jws_alg(sg.cert)
-    key = ctx.keystore.signer(sg.label)
+    key = ctx.keystore.signer(sg.key_uri)
     sig_der = key.sign(data, ec.ECDSA(h))  # type: ignore[call-arg]
     header = {"alg": alg, "typ": "JOSE", "cty": "application/vnd.v2gpki.trustlist+json",
               "x5c": [_b64(c.public_bytes(serialization.Encoding.DER)) for c in sg.chain],

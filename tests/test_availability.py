@@ -184,7 +184,7 @@ def test_key_store_recovers_when_its_token_comes_back(token_root: Path) -> None:
     make_token(token_root, label)
     ks = Pkcs11KeyStore(DEFAULT_MODULE, label, TEST_PIN, breaker_cooldown=0.5)
     ks.create_key("k", KeyAlg.P256)
-    key = ks.signer("k")
+    key = ks.signer(ks.uri("k"))
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     key.sign(b"m", ec.ECDSA(hashes.SHA256()))
     src = token_dir(token_root, label)

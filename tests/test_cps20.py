@@ -407,7 +407,6 @@ def test_bad_input_is_refused_and_nothing_is_issued(josev20: Peer20, env20: Env2
 
 from cryptography.hazmat.primitives.asymmetric import ed448, x448  # noqa: E402
 
-from pki.cps.service import _key_label  # noqa: E402
 from pki.der import bit_string, tlv  # noqa: E402
 
 ALT_SPKI = x509.ObjectIdentifier("2.5.29.72")  # subjectAltPublicKeyInfo (ITU-T X.509 §9.8.2)
@@ -434,7 +433,7 @@ def _forge_oem_prov(env: Env20, pcid: str, key: ed448.Ed448PublicKey, extras: li
         b = b.add_extension(ext, critical=False)
     draft = b.sign(ed448.Ed448PrivateKey.generate(), None)
     assert ca.row.key_uri is not None
-    signer = env.ctx.keystore.signer(_key_label(ca.row.key_uri))
+    signer = env.ctx.keystore.signer(ca.row.key_uri)
     assert isinstance(signer, ed448.Ed448PrivateKey)
     sig = signer.sign(draft.tbs_certificate_bytes)
     der_ = tlv(0x30, draft.tbs_certificate_bytes + bytes.fromhex("300506032b6571") + bit_string(sig))

@@ -45,7 +45,7 @@ from pki.cps.exi import (
     encode_body_fragment,
     encode_message,
 )
-from pki.cps.service import _cps_signer, _key_label
+from pki.cps.service import _cps_signer
 from pki.cps.xmldsig import sign_contract_response
 from pki.orgs import create_api_key, create_org
 from pki.store.db import utcnow
@@ -283,7 +283,7 @@ def _resign(env: Env, msg: V2GMessage, body: Any, *, libcbv2g: bool = False) -> 
     """``body`` signed again by the service's own CPS leaf key (HSM), optionally with libcbv2g's eMAID encoding."""
     row, _ = _cps_signer(env.ctx, tuple(_root_ids(env)))
     assert row.key_uri is not None
-    signer = env.ctx.keystore.signer(_key_label(row.key_uri))
+    signer = env.ctx.keystore.signer(row.key_uri)
     out = sign_contract_response(msg.header.session_id, body, signer, emaid_libcbv2g_compat=libcbv2g)  # type: ignore[arg-type]
     return base64.b64encode(encode_message(out)).decode()
 

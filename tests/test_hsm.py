@@ -85,7 +85,7 @@ def test_token_signatures_verify_with_cryptography(store: Pkcs11KeyStore, keys: 
         assert isinstance(pub, ed448.Ed448PublicKey)
     else:
         assert isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name == expected[alg]
-    signer = store.signer(label)
+    signer = store.signer(store.uri(label))
     assert signer.public_key() == pub
     for msg in (b"", b"tbs", os.urandom(5000)):
         sig = _sign(signer, msg)
@@ -121,7 +121,7 @@ def test_threads_sign_at_once_through_one_store(store: Pkcs11KeyStore, keys: dic
             for j in range(per_thread):
                 alg = algs[(i + j) % len(algs)]
                 msg = f"thread {i} message {j}".encode()
-                sig = _sign(store.signer(keys[alg]), msg)
+                sig = _sign(store.signer(store.uri(keys[alg])), msg)
                 with lock:
                     results.append((alg, msg, sig))
                 if j % 5 == i % 5:
@@ -157,7 +157,7 @@ def _child(store_or_params: Pkcs11KeyStore | tuple[str, str, str], labels: dict[
         for j in range(40):
             for alg, label in labels.items():
                 msg = f"process {idx} message {j}".encode()
-                out.append((alg, msg, _sign(store.signer(label), msg)))
+                out.append((alg, msg, _sign(store.signer(store.uri(label)), msg)))
         queue.put((idx, os.getpid(), hp._FORK_GENERATION, store._generation, out, None))
     except BaseException as exc:  # noqa: BLE001 - sent to the parent
         queue.put((idx, os.getpid(), -1, -1, [], repr(exc)))
@@ -168,7 +168,7 @@ def test_two_processes_use_the_token_at_once(store: Pkcs11KeyStore, keys: dict[K
     # The parent uses the token first, so a forked child inherits a live library, session and key handles.
     labels = {alg.value: label for alg, label in keys.items()}
     for label in labels.values():
-        _sign(store.signer(label), b"parent before")
+        _sign(store.signer(store.uri(label)), b"parent before")
     mpctx: Any = mp.get_context(method)
     barrier = mpctx.Barrier(2)
     queue = mpctx.Queue()
@@ -193,7 +193,7 @@ def test_two_processes_use_the_token_at_once(store: Pkcs11KeyStore, keys: dict[K
             assert fork_gen == hp._FORK_GENERATION + 1 and store_gen == fork_gen
     # The children did not disturb the parent's own session.
     for label in keys.values():
-        _verify(store.public_key(label), b"parent after", _sign(store.signer(label), b"parent after"))
+        _verify(store.public_key(label), b"parent after", _sign(store.signer(store.uri(label)), b"parent after"))
 
 
 def _open_child(params: tuple[str, str, str], barrier: Any, queue: Any, idx: int) -> None:
@@ -238,16 +238,16 @@ def test_reinitialisation_by_another_store_makes_this_one_reopen(
     other store die with that, and SoftHSM reuses the numbers: a store that kept them once signed with a
     key of another token. Each store must notice and reopen before touching a handle."""
     label = keys[KeyAlg.P256]
-    _sign(store.signer(label), b"cache the handles")
+    _sign(store.signer(store.uri(label)), b"cache the handles")
     old_session = store._session
     fresh = f"t-hsm-new-{uuid.uuid4().hex[:6]}"
     make_token(token_root, fresh)
     other = Pkcs11KeyStore(DEFAULT_MODULE, fresh, TEST_PIN)
     other.create_key("intruder", KeyAlg.P256)
-    _sign(other.signer("intruder"), b"busy")
+    _sign(other.signer(other.uri("intruder")), b"busy")
     caplog.clear()
     with caplog.at_level("WARNING", logger="hsm.pkcs11"):
-        sig = _sign(store.signer(label), b"after")
+        sig = _sign(store.signer(store.uri(label)), b"after")
     _verify(store.public_key(label), b"after", sig)
     assert store._session is not old_session
     assert not caplog.records  # reopened up front, not after an error on a dead (or reused) handle
@@ -309,7 +309,7 @@ def test_transient_failures_recover_within_the_retry_bound(flaky: tuple[Pkcs11Ke
     assert counter["raised"] == ks.retries and counter["left"] == 0
     assert counter["opens"] == ks.retries + 1  # each retry on a fresh session
     assert 0 < counter["slept_ms"] <= 50 + 100 + 200  # bounded exponential back-off
-    _verify(pub, b"m", _sign(ks.signer(label), b"m"))
+    _verify(pub, b"m", _sign(ks.signer(ks.uri(label)), b"m"))
     assert ks._breaker.failures == 0
 
 
@@ -359,7 +359,7 @@ def test_failed_reinitialisation_is_retried_not_a_config_error(token: str, keys:
     monkeypatch.setattr(hp.pkcs11, "lib", flaky_lib)
     monkeypatch.setattr(hp.time, "sleep", lambda s: None)
     ks._drop_session()  # the next call opens again, through the failing C_Initialize
-    _verify(pub, b"m", _sign(ks.signer(label), b"m"))
+    _verify(pub, b"m", _sign(ks.signer(ks.uri(label)), b"m"))
     assert fail == {"left": 0, "calls": 3}
     fail["left"] = 10
     ks._drop_session()
@@ -420,7 +420,7 @@ def test_conformance_lifecycle(any_store: KeyStore, alg: KeyAlg) -> None:
         assert isinstance(pub, ed448.Ed448PublicKey if alg is KeyAlg.ED448 else ec.EllipticCurvePublicKey)
         assert any_store.public_key(label) == pub
         assert any_store.has_key(label) and label in any_store.list()
-        signer = any_store.signer(label)
+        signer = any_store.signer(any_store.uri(label))
         assert signer.public_key() == pub
         _verify(pub, b"conformance", _sign(signer, b"conformance"))
         with pytest.raises(KeyExistsError):

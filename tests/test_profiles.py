@@ -542,4 +542,4 @@ def test_ca_private_keys_cannot_leave_the_token(ctx: Context) -> None:
             ks.session_call(_wrap_with_aes_key_wrap_pad(label))
         # Nor through the cryptography object the engine signs with.
         with pytest.raises(HSMError, match="not extractable"):
-            ks.signer(label).private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption())
+            ks.signer(ks.uri(label)).private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption())

@@ -194,16 +194,16 @@ def test_signer_refuses_a_signature_that_does_not_verify(ctx: Context, faulty: C
     other = (ed448.Ed448PrivateKey.generate() if alg == "ed448" else ec.generate_private_key(ec.SECP256R1()))
     ks._keys[label] = (priv, other.public_key(), key_alg)
     with pytest.raises(SignatureCheckFailed, match="signature that does not verify") as err:
-        sign(ks.signer(label))
+        sign(ks.signer(ks.uri(label)))
     assert err.value.label == label and label in str(err.value)
     assert label not in ks._keys  # looked up afresh next time
     assert "does not verify" in caplog.text
-    sign(ks.signer(label))  # the real pair again: fine
+    sign(ks.signer(ks.uri(label)))  # the real pair again: fine
 
     # (2) the token returns a damaged signature
     faulty({label})
     with pytest.raises(SignatureCheckFailed, match="nothing was stored"):
-        sign(ks.signer(label))
+        sign(ks.signer(ks.uri(label)))
 
 
 # -- issuance -----------------------------------------------------------------------------------------------
@@ -408,12 +408,12 @@ def _install(api: Api, exi: bytes) -> Any:
 
 def _cps_labels(ctx: Context) -> set[str]:
     """The -2 CPS signers' key labels (one after `v2gpki init`; more after renewals)."""
-    from pki.cps.service import _key_label
+    from hsm.uri import key_label
 
     with ctx.db.engine.connect() as conn:
         uris = conn.execute(select(_CERT.c.key_uri).where(_CERT.c.profile == "cps-leaf",
                                                           _CERT.c.status == "valid")).scalars().all()
-    labels = {_key_label(u) for u in uris if u}
+    labels = {key_label(u) for u in uris if u}
     assert labels
     return labels
 

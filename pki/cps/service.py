@@ -251,15 +251,6 @@ def _org_display_name(ctx: Context, emsp: str) -> str:
     return str(_cached(ctx, f"org:{emsp}", load))
 
 
-@functools.lru_cache(maxsize=64)
-def _key_label(uri: str) -> str:
-    from hsm.uri import Pkcs11Uri
-
-    if uri.startswith("pkcs11:"):
-        return Pkcs11Uri.parse(uri).object
-    return uri.split(":", 1)[1]
-
-
 def _failed(session_id: bytes, code: ResponseCode, update: bool) -> V2GMessage:
     empty_chain = CertificateChain(b"", (), "id1")
     args = dict(
@@ -442,7 +433,7 @@ def build_delivery(ctx: Context, contract: Contract | ContractRow,
     assert cps_row.key_uri is not None
     cps_pub = _cached(ctx, f"cps-pub:{cps_row.issuer}/{cps_row.serial}",
                       lambda: x509.load_der_x509_certificate(cps_row.der).public_key())
-    signer = certified_signer(ctx.keystore, _key_label(cps_row.key_uri), cps_pub,
+    signer = certified_signer(ctx.keystore, cps_row.key_uri, cps_pub,
                               f"CPS certificate {cps_row.issuer}/{cps_row.serial}")
     if not isinstance(signer, ec.EllipticCurvePrivateKey):
         raise CPSFailure(ResponseCode.FAILED, "CPS key is not an EC key")

@@ -69,7 +69,7 @@ from pki.cps.exi.messages20 import (
     decode_message20_tree,
     encode_message20,
 )
-from pki.cps.service import MAX_ROOT_IDS, _cached, _key_label, _matches_root, _org_display_name, _root_name
+from pki.cps.service import MAX_ROOT_IDS, _cached, _matches_root, _org_display_name, _root_name
 from pki.csr import SubjectFields
 from pki.errors import NotFound, PKIError
 from pki.issuance import CAHandle, IssueRequest, der
@@ -223,7 +223,7 @@ def _deliver(ctx: Context, tree: object, request: CertificateInstallationReq20, 
     assert cps_row.key_uri is not None
     cps_pub = _cached(ctx, f"cps-pub:{cps_row.issuer}/{cps_row.serial}",
                       lambda: x509.load_der_x509_certificate(cps_row.der).public_key())
-    signer = certified_signer(ctx.keystore, _key_label(cps_row.key_uri), cps_pub,
+    signer = certified_signer(ctx.keystore, cps_row.key_uri, cps_pub,
                               f"CPS certificate {cps_row.issuer}/{cps_row.serial}")
     key: ec.EllipticCurvePrivateKey | ed448.Ed448PrivateKey = (
         ec.generate_private_key(ec.SECP521R1()) if alg == "p521" else ed448.Ed448PrivateKey.generate())

@@ -117,7 +117,7 @@ class OcspResponder:
             # sign (issuance, whole seconds): a response older than that was made by an earlier signer. The
             # certificate's notBefore is backdated (#27 item 4) and would keep those responses current.
             since = created_at if created_at.tzinfo else created_at.replace(tzinfo=UTC)
-            by_ca[issuer] = _Signer(label, alg, der, hashlib.sha1(spki_key_bits(cert)).digest(),  # noqa: S324
+            by_ca[issuer] = _Signer(key_uri, alg, der, hashlib.sha1(spki_key_bits(cert)).digest(),  # noqa: S324
                                     max(cert.not_valid_before_utc, since.replace(microsecond=0)),
                                     cert.not_valid_after_utc, key)
         by_hash: dict[tuple[str, bytes, bytes], _Issuer] = {}
@@ -174,7 +174,7 @@ class OcspResponder:
             # The token key must be the one the delegated signer's certificate names; its signer then verifies
             # every response signature with it before the response is stored or sent (hsm/pkcs11.py).
             certified = x509.load_der_x509_certificate(signer.cert_der).public_key()
-            signer.key = certified_signer(self.keystore, signer.label, certified,  # type: ignore[arg-type]
+            signer.key = certified_signer(self.keystore, signer.key_uri, certified,  # type: ignore[arg-type]
                                           "its OCSP signer certificate")
         return signer.key
 

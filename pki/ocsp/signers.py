@@ -10,13 +10,20 @@ from hsm.keystore import KeyAlg, PrivateKey
 
 @dataclass
 class _Signer:
-    label: str
+    key_uri: str  # hsm/uri.py: what the key store's signer() is asked for
     alg: KeyAlg
     cert_der: bytes
     key_hash: bytes  # SHA-1 of the signer's public key: responderID byKey (RFC 6960 §4.2.1)
     not_before: datetime
     not_after: datetime
     key: PrivateKey | None = None
+
+    @property
+    def label(self) -> str:
+        """The key's label in its store (hsm/uri.py parses the URI)."""
+        from hsm.uri import key_label
+
+        return key_label(self.key_uri)
 
 
 @dataclass
@@ -27,15 +34,11 @@ class _Issuer:
 
 
 def _label_of(key_uri: str) -> str | None:
-    """The key label inside a key URI (RFC 7512 pkcs11: URI, or the software twin's soft:LABEL)."""
-    from hsm.uri import Pkcs11Uri
+    """The key label inside a key URI (hsm/uri.py parses both schemes), or None for a URI of no known scheme."""
+    from hsm.errors import KeyUriError
+    from hsm.uri import key_label
 
     try:
-        if key_uri.startswith("pkcs11:"):
-            return Pkcs11Uri.parse(key_uri).object
-    except ValueError:
+        return key_label(key_uri)
+    except KeyUriError:
         return None
-    if key_uri.startswith("soft:"):
-        return key_uri[len("soft:"):]
-    return None
-
