@@ -1,191 +1,28 @@
-"""Append-only, hash-chained audit log (non-repudiation of data at rest).
+"""Append-only, hash-chained audit log (non-repudiation of data at rest): the service face.
 
 Each event's hash = SHA-256(prev_hash || canonical JSON of the event); the chain head sits in one row
 that every appender locks, so concurrent processes append in a single order. Checkpoints (the head hash
-signed by an audit key in the HSM) make a truncated or rewritten chain detectable too.
+signed by an audit key in the HSM, pki/audit_sign.py) make a truncated or rewritten chain detectable too.
+The chain's storage (statements, the PostgreSQL append function's call, verification's scan) is
+pki/store/audit_log.py's; its names are re-exported here, where callers have always found them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from pki.store.audit_log import (
+    _PG_APPEND,
+    GENESIS,
+    Entry,
+    VerifyResult,
+    _stage,
+    append,
+    append_conn,
+    append_statements,
+    canonical,
+    chain_hash,
+    record,
+    verify_chain,
+)
 
-from sqlalchemy import Table, bindparam, insert, text, update
-from sqlalchemy.engine import Connection
-from sqlmodel import Session, select
-
-from pki.store.db import Database, utcnow
-from pki.store.fast import BulkInsert, Prepared
-from pki.store.models import AuditEvent, AuditHead
-
-GENESIS = "0" * 64
-_EVENT_TABLE: Table = AuditEvent.__table__  # type: ignore[attr-defined]
-
-
-_HASHED = ("seq", "ts", "actor", "org", "action", "object", "outcome", "details")
-
-
-def canonical(event: AuditEvent | dict[str, Any]) -> bytes:
-    """The hashed form of an event (a stored row, or the column values about to be inserted)."""
-    row = event if isinstance(event, dict) else {k: getattr(event, k) for k in _HASHED}
-    body = {k: row[k] for k in _HASHED}
-    ts = body["ts"]
-    body["ts"] = ts.isoformat() if isinstance(ts, datetime) else str(ts)
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
-def chain_hash(prev: str, event: AuditEvent | dict[str, Any]) -> str:
-    return hashlib.sha256(prev.encode() + canonical(event)).hexdigest()
-
-
-@dataclass
-class Entry:
-    actor: str
-    action: str
-    object: str | None = None
-    org: str | None = None
-    outcome: str = "success"
-    details: dict[str, Any] | None = None
-
-
-_HEAD_TABLE: Table = AuditHead.__table__  # type: ignore[attr-defined]
-_INSERT_EVENTS = BulkInsert(_EVENT_TABLE, ("seq", "ts", "actor", "org", "action", "object", "outcome", "details",
-                                           "prev_hash", "hash"))
-
-
-_SET_HEAD = Prepared(update(_HEAD_TABLE).where(_HEAD_TABLE.c.id == 1)
-                     .values(seq=bindparam("b_seq"), hash=bindparam("b_hash")))
-_GET_HEAD = Prepared(select(_HEAD_TABLE.c.seq, _HEAD_TABLE.c.hash).where(_HEAD_TABLE.c.id == 1))
-
-
-def _lock_head(conn: Connection) -> tuple[int, str]:
-    """The chain head (seq, hash) on SQLite, where the writer already holds the database lock for the rest
-    of the transaction (BEGIN IMMEDIATE, pki/store/db.py). PostgreSQL locks it in v2gpki_audit_append."""
-    rows: Any = _GET_HEAD.fetch(conn, {})
-    if not rows:
-        conn.execute(insert(_HEAD_TABLE).values(id=1, seq=0, hash=GENESIS))
-        return 0, GENESIS
-    return int(rows[0][0]), str(rows[0][1])
-
-
-def append(session: Session, *entries: Entry) -> None:
-    """Append events inside the caller's transaction (so the audit record commits with the change).
-
-    Core statements on the session's connection (see :func:`append_statements`): the ORM unit of work
-    for these rows cost more than the rest of an issuance batch."""
-    if not entries:
-        return
-    if session.new or session.dirty or session.deleted:
-        session.flush()  # as the ORM query this replaced would have: constraint errors surface here, in order
-    append_conn(session.connection(), *entries)
-
-
-def record(db: Database, *entries: Entry) -> None:
-    """Append events in a transaction of their own (for events that stand alone: a sign-in, a refused
-    form, a failed authentication)."""
-    with db.session() as s:
-        append(s, *entries)
-        s.commit()
-
-
-def append_conn(conn: Connection, *entries: Entry) -> None:
-    """:func:`append` on a plain connection, inside its transaction."""
-    for stmt, params in append_statements(conn, *entries):
-        stmt.execute(conn, params)
-
-
-@dataclass(frozen=True, slots=True)
-class _Staged:
-    """An event's columns and its canonical JSON split around ``seq`` — the one value that needs the
-    chain head: canonical = prefix + str(seq) + suffix."""
-
-    entry: Entry
-    details: dict[str, Any]
-    prefix: str
-    suffix: str
-
-
-def _stage(entries: tuple[Entry, ...], ts: datetime) -> list[_Staged]:
-    """Everything about the events that does not depend on the chain head, computed before the head is
-    locked so the lock is held for as little as possible. The canonical form sorts its keys, and "seq"
-    and "ts" sort after every other hashed field, so the JSON of the other fields, opened up, is the
-    prefix, and "ts" the suffix — byte for byte what :func:`canonical` gives (tests/test_audit_chain.py
-    checks the two agree)."""
-    suffix = ',"ts":' + json.dumps(ts.isoformat()) + "}"
-    staged: list[_Staged] = []
-    for e in entries:
-        details = e.details or {}
-        head = json.dumps({"action": e.action, "actor": e.actor, "details": details, "object": e.object,
-                           "org": e.org, "outcome": e.outcome}, sort_keys=True, separators=(",", ":"), default=str)
-        staged.append(_Staged(e, details, head[:-1] + ',"seq":', suffix))
-    return staged
-
-
-# PostgreSQL: the chain is extended by the server (v2gpki_audit_append, migration 0004) in the same query
-# as the caller's other writes, so the head's row lock is held only while the server runs the function —
-# never across a network round trip and the client's Python, where concurrent appenders queued behind it
-# (pg_stat_activity during bench/contract.py: ≈ 0.55 backends "idle in transaction" on average).
-_PG_APPEND = Prepared(text(
-    "SELECT v2gpki_audit_append(CAST(:ts AS timestamptz), CAST(:actor AS text[]), CAST(:org AS text[]), "
-    "CAST(:action AS text[]), CAST(:object AS text[]), CAST(:outcome AS text[]), CAST(:details AS text[]), "
-    "CAST(:prefix AS text[]), CAST(:suffix AS text[]))"))
-
-
-def append_statements(conn: Connection, *entries: Entry) -> list[tuple[Prepared, list[dict[str, Any]]]]:
-    """The statements that append ``entries`` to the chain, for a caller that sends them together with its
-    own writes in this same transaction (one PostgreSQL query, pki/store/fast.run_together).
-
-    On PostgreSQL nothing is locked yet: the server function locks the head when the statement runs. On
-    SQLite the head is read now; the writer already holds the database lock (BEGIN IMMEDIATE)."""
-    if not entries:
-        return []
-    ts = utcnow()
-    staged = _stage(entries, ts)
-    if conn.dialect.name == "postgresql":
-        return [(_PG_APPEND, [{
-            "ts": ts, "actor": [x.entry.actor for x in staged], "org": [x.entry.org for x in staged],
-            "action": [x.entry.action for x in staged], "object": [x.entry.object for x in staged],
-            "outcome": [x.entry.outcome for x in staged],
-            "details": [json.dumps(x.details, default=str) for x in staged],
-            "prefix": [x.prefix for x in staged], "suffix": [x.suffix for x in staged]}])]
-    seq, prev = _lock_head(conn)
-    rows: list[dict[str, Any]] = []
-    for x in staged:
-        seq += 1
-        e = x.entry
-        h = hashlib.sha256(f"{prev}{x.prefix}{seq}{x.suffix}".encode()).hexdigest()
-        rows.append({"seq": seq, "ts": ts, "actor": e.actor, "org": e.org, "action": e.action, "object": e.object,
-                     "outcome": e.outcome, "details": x.details, "prev_hash": prev, "hash": h})
-        prev = h
-    return [(_INSERT_EVENTS, rows), (_SET_HEAD, [{"b_seq": seq, "b_hash": prev}])]
-
-
-@dataclass
-class VerifyResult:
-    ok: bool
-    events: int
-    problems: list[str]
-
-
-def verify_chain(session: Session) -> VerifyResult:
-    problems: list[str] = []
-    prev = GENESIS
-    expected_seq = 1
-    count = 0
-    for ev in session.exec(select(AuditEvent).order_by(AuditEvent.seq)).yield_per(1000):  # type: ignore[arg-type]
-        count += 1
-        if ev.seq != expected_seq:
-            problems.append(f"event seq {expected_seq} missing (next is {ev.seq}): rows deleted")
-        if ev.prev_hash != prev:
-            problems.append(f"event {ev.seq}: prev_hash does not match the previous event")
-        if chain_hash(ev.prev_hash, ev) != ev.hash:
-            problems.append(f"event {ev.seq}: content does not match its hash (edited)")
-        prev = ev.hash
-        expected_seq = ev.seq + 1
-    head = session.get(AuditHead, 1)
-    if head is not None and (head.seq != expected_seq - 1 or head.hash != prev):
-        problems.append(f"chain head says seq {head.seq}, log ends at {expected_seq - 1}: tail deleted or edited")
-    return VerifyResult(ok=not problems, events=count, problems=problems)
+__all__ = ["GENESIS", "Entry", "VerifyResult", "_PG_APPEND", "_stage", "append", "append_conn", "append_statements",
+           "canonical", "chain_hash", "record", "verify_chain"]
