@@ -21,14 +21,10 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from sqlalchemy import bindparam, update
-from sqlalchemy.engine import Connection
-from sqlmodel import Session, select
 
 from hsm.algorithms import ALGORITHMS, key_alg_of
 from hsm.keystore import KeyAlg, KeyStore, PrivateKey, PublicKey, certified_signer
@@ -57,9 +53,9 @@ from pki.lint import lint_profile, pkilinter, shape_key, size_bound
 from pki.observers import IssuanceObserver, Issued, RevocationObserver
 from pki.profiles import Profile, ProfileSet
 from pki.serials import new_serial, to_hex
-from pki.store.db import Database, utcnow
-from pki.store.fast import BulkInsert, MultiRowInsert, Prepared, run_together
-from pki.store.models import Certificate, CertificateAuthority, IssuanceIntent
+from pki.store import certificates as store
+from pki.store.db import Database, Session, utcnow
+from pki.store.models import Certificate, CertificateAuthority
 from pki.tbs import TbsTemplate, TemplateInputs, rfc4514
 
 REASONS: dict[str, x509.ReasonFlags] = {
@@ -326,8 +322,7 @@ class Engine:
         # could otherwise let the one that read the table first assign its older snapshot last, and a CA
         # created in between (a root switch's new Sub-CAs) vanish from the cache until the next reload.
         with self._cas_lock:
-            with self.db.session() as s:
-                rows = list(s.exec(select(CertificateAuthority)))
+            rows = store.all_cas(self.db)
             fresh: dict[str, CAHandle] = {}
             for row in rows:
                 old = self._cas.get(row.name)
@@ -628,8 +623,7 @@ class Engine:
         # The intents go in as ONE multi-row INSERT in autocommit: atomic by itself (all rows or none), and
         # committed in one round trip instead of BEGIN, INSERT, COMMIT (a batch is often one request under
         # HTTP load, where those round trips were most of its database time).
-        for k in range(0, len(intents), 500):  # bound the statement's parameters (drivers' limits)
-            _INSERT_INTENTS.execute_on(self.db.autocommit, intents[k:k + 500])
+        store.record_intents(self.db, intents)
         issued: list[Issued] = []
         chains: dict[str, list[x509.Certificate]] = {}
         try:
@@ -660,37 +654,31 @@ class Engine:
         # The certificate transaction runs on an ORM session's connection: its transactional hooks write
         # ORM rows (outbox) and register after-commit callbacks (metrics), which need the session's commit.
         with self.db.session() as s:
-            conn = s.connection()
             # Every write of the batch goes together, the audit chain's last: one round trip on PostgreSQL
-            # (pki/store/fast.run_together), where the server extends the chain (pki/audit.py).
-            audit_writes = audit.append_statements(conn, *[
+            # (pki/store/certificates.py), where the server extends the chain.
+            writes = store.IssuedWrites(s, [
+                {"issuer": i.issuer, "serial": i.serial, "profile": i.profile, "subject": p.subject,
+                 "identifier": p.req.identifier, "tenant": p.req.tenant,
+                 "not_before": i.cert.not_valid_before_utc, "not_after": i.cert.not_valid_after_utc,
+                 "status": "valid", "revoked_at": None, "revocation_reason": None, "key_uri": p.req.key_uri,
+                 "ocsp_signer_for_ca_id": self._ocsp_signer_for(p),
+                 "fingerprint": hashlib.sha256(i.der).hexdigest(), "der": i.der, "created_at": done}
+                for p, i in zip(preps, issued, strict=True)
+            ], intents, done, [
                 audit.Entry(actor=p.req.actor, org=p.req.tenant, action="certificate.issue",
                             object=f"{i.issuer}/{i.serial}",
                             details={"profile": i.profile, "identifier": p.req.identifier})
                 for p, i in zip(preps, issued, strict=True)
             ])
-            writes: list[tuple[Prepared, Sequence[dict[str, Any]]]] = [
-                (_INSERT_CERTS, [
-                    {"issuer": i.issuer, "serial": i.serial, "profile": i.profile, "subject": p.subject,
-                     "identifier": p.req.identifier, "tenant": p.req.tenant,
-                     "not_before": i.cert.not_valid_before_utc, "not_after": i.cert.not_valid_after_utc,
-                     "status": "valid", "revoked_at": None, "revocation_reason": None, "key_uri": p.req.key_uri,
-                     "ocsp_signer_for_ca_id": self._ocsp_signer_for(p),
-                     "fingerprint": hashlib.sha256(i.der).hexdigest(), "der": i.der, "created_at": done}
-                    for p, i in zip(preps, issued, strict=True)
-                ]),
-                (_MARK_INTENTS, _intent_marks(intents, state="issued", completed_at=done)),
-                *audit_writes,
-            ]
             if extra is None:
                 # The observers only add ORM rows (flushed at commit, after these writes, as before). When
                 # they added none, COMMIT travels with the writes: one round trip fewer on PostgreSQL, and
                 # the session's commit finds the transaction closed.
                 for observer in self.issuance_observers:
                     observer.in_transaction(s, issued)
-                run_together(conn, writes, commit=not (s.new or s.dirty or s.deleted))
+                writes.send(commit_if_nothing_else=True)
             else:
-                run_together(conn, writes)
+                writes.send()
                 extra(s, issued)
                 for observer in self.issuance_observers:
                     observer.in_transaction(s, issued)
@@ -700,13 +688,7 @@ class Engine:
         return issued
 
     def _fail_intents(self, intents: list[dict[str, object]], exc: BaseException) -> None:
-        if not intents:
-            return
-        try:
-            with self.db.engine.begin() as conn:
-                _mark_intents(conn, intents, state="failed", completed_at=utcnow(), error=type(exc).__name__)
-        except Exception:  # noqa: BLE001 - the original error matters more; the intent stays pending
-            pass
+        store.fail_intents(self.db, intents, type(exc).__name__)
 
     def issue_from_csr(self, profile_name: str, csr_data: bytes | str, *, ca: str | None = None,
                        tenant: str | None = None, actor: str = "cli", not_after: datetime | None = None,
@@ -726,13 +708,7 @@ class Engine:
     # -- lookups ---------------------------------------------------------------------------------------
 
     def get_certificate(self, serial: str, issuer: str | None = None, tenant: str | None = None) -> Certificate:
-        with self.db.session() as s:
-            stmt = select(Certificate).where(Certificate.serial == serial)
-            if issuer is not None:
-                stmt = stmt.where(Certificate.issuer == issuer)
-            if tenant is not None:
-                stmt = stmt.where(Certificate.tenant == tenant)
-            rows = list(s.exec(stmt))
+        rows = store.find_certificates(self.db, serial, issuer, tenant)
         if not rows:
             raise NotFound(f"no certificate with serial {serial}")
         if len(rows) > 1:
@@ -752,13 +728,7 @@ class Engine:
         new_status = "hold" if reason == "certificateHold" else "revoked"
         allowed_from = ["valid"] if new_status == "hold" else ["valid", "hold"]
         with self.db.session() as s:
-            res = s.execute(
-                update(Certificate)
-                .where(Certificate.id == cert.id)  # type: ignore[arg-type]
-                .where(Certificate.status.in_(allowed_from))  # type: ignore[attr-defined]
-                .values(status=new_status, revoked_at=now, revocation_reason=reason)
-            )
-            if res.rowcount == 0:  # type: ignore[attr-defined]
+            if not store.set_revoked(s, cert.id, status=new_status, allowed_from=allowed_from, at=now, reason=reason):
                 s.rollback()
                 raise AlreadyRevoked(f"certificate {cert.issuer}/{serial} is already {cert.status}")
             audit.append(s, audit.Entry(actor=actor, org=org, action="certificate.revoke",
@@ -767,10 +737,7 @@ class Engine:
             cert.status, cert.revoked_at, cert.revocation_reason = new_status, now, reason
             if new_status == "revoked" and self.profiles.get(cert.profile).ca:
                 # A revoked CA certificate takes its CA out of service: it must not issue again.
-                s.execute(update(CertificateAuthority)
-                          .where(CertificateAuthority.serial == cert.serial)  # type: ignore[arg-type]
-                          .where(CertificateAuthority.parent == cert.issuer)  # type: ignore[arg-type]
-                          .values(status="revoked"))
+                store.retire_ca(s, cert.serial, cert.issuer)
             for observer in self.revocation_observers:
                 observer.in_transaction(s, cert)
             s.commit()
@@ -785,12 +752,7 @@ class Engine:
         """removeFromCRL (RFC 5280 §5.3.1): a certificate on hold becomes valid again."""
         cert = self.get_certificate(serial, issuer, tenant)
         with self.db.session() as s:
-            res = s.execute(
-                update(Certificate).where(Certificate.id == cert.id)  # type: ignore[arg-type]
-                .where(Certificate.status == "hold")  # type: ignore[arg-type]
-                .values(status="valid", revoked_at=None, revocation_reason=None)
-            )
-            if res.rowcount == 0:  # type: ignore[attr-defined]
+            if not store.release_hold(s, cert.id):
                 s.rollback()
                 raise BadRevocation(f"certificate {cert.issuer}/{serial} is not on hold")
             audit.append(s, audit.Entry(actor=actor, org=org, action="certificate.release_hold",
@@ -800,35 +762,6 @@ class Engine:
         for observer in self.revocation_observers:
             observer.after_commit(cert)
         return cert
-
-
-_INTENT_TABLE = IssuanceIntent.__table__  # type: ignore[attr-defined]
-_CERT_TABLE = Certificate.__table__  # type: ignore[attr-defined]
-_INSERT_CERTS = BulkInsert(_CERT_TABLE, ("issuer", "serial", "profile", "subject", "identifier", "tenant", "not_before",
-                                         "not_after", "status", "revoked_at", "revocation_reason", "key_uri",
-                                         "ocsp_signer_for_ca_id", "fingerprint", "der", "created_at"))
-
-
-_INSERT_INTENTS = MultiRowInsert(_INTENT_TABLE, ("issuer", "serial", "profile", "subject", "tbs_sha256", "state",
-                                                 "error", "created_at", "completed_at"))
-_MARK_INTENTS = Prepared(
-    update(_INTENT_TABLE)
-    .where(_INTENT_TABLE.c.issuer == bindparam("b_issuer"), _INTENT_TABLE.c.serial == bindparam("b_serial"))
-    .values(state=bindparam("b_state"), completed_at=bindparam("b_completed_at"), error=bindparam("b_error"))
-)
-
-
-def _intent_marks(intents: list[dict[str, object]], *, state: str, completed_at: datetime,
-                  error: str | None = None) -> list[dict[str, object]]:
-    return [{"b_issuer": it["issuer"], "b_serial": it["serial"], "b_state": state, "b_completed_at": completed_at,
-             "b_error": error} for it in intents]
-
-
-def _mark_intents(conn: Connection, intents: list[dict[str, object]], *, state: str, completed_at: datetime,
-                  error: str | None = None) -> None:
-    """UPDATE the intents of a batch by (issuer, serial), unique by uq_intent_issuer_serial: one prepared
-    statement, executemany."""
-    _MARK_INTENTS.execute(conn, _intent_marks(intents, state=state, completed_at=completed_at, error=error))
 
 
 def _key_usage(p: Profile, subject_alg: KeyAlg) -> x509.KeyUsage:

@@ -29,23 +29,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, or_, select, update
-from sqlmodel import col
-from sqlmodel import select as sm_select
-
 from pki import audit
 from pki.errors import BadRevocation
 from pki.issuance import REASONS
+from pki.store import certificates as store
 from pki.store.db import utcnow
-from pki.store.models import Certificate, OcspResponseCache
 
 if TYPE_CHECKING:
     from pki.context import Context
 
 log = logging.getLogger("v2gpki.revocation")
-
-_CERT = Certificate.__table__  # type: ignore[attr-defined]
-_RESP = OcspResponseCache.__table__  # type: ignore[attr-defined]
 
 DEFAULT_BATCH = 500
 MAX_BATCH = 5_000
@@ -86,19 +79,9 @@ def _check(spec: BulkRevocation) -> None:
         raise BadRevocation(f"batch must be between 1 and {MAX_BATCH}")
 
 
-def _where(spec: BulkRevocation) -> Any:
-    # ix_certificate_issuer_status (issuer, status); CA and service certificates (key_uri) never.
-    cond = and_(_CERT.c.issuer == spec.issuer, _CERT.c.status.in_(("valid", "hold")), _CERT.c.key_uri.is_(None))
-    if spec.identifier:
-        cond = and_(cond, _CERT.c.identifier == spec.identifier.upper())
-    if spec.subject_pattern:
-        cond = and_(cond, _CERT.c.subject.like(spec.subject_pattern))
-    return cond
-
-
 def count(ctx: Context, spec: BulkRevocation) -> int:
-    with ctx.db.engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(_CERT).where(_where(spec))).scalar_one())
+    return store.count_revocable(ctx.db, spec.issuer, spec.identifier.upper() if spec.identifier else None,
+                                 spec.subject_pattern)
 
 
 def bulk_revoke(ctx: Context, spec: BulkRevocation, *, dry_run: bool = True, actor: str = "cli",
@@ -115,15 +98,11 @@ def bulk_revoke(ctx: Context, spec: BulkRevocation, *, dry_run: bool = True, act
                                "identifier": spec.identifier, "subject_pattern": spec.subject_pattern}
     n = count(ctx, spec)
     if dry_run:
-        with ctx.db.session() as s:
-            audit.append(s, audit.Entry(actor=actor, org=org, action="revocation.bulk.dry_run",
-                                        object=spec.issuer, details={**details, "count": n}))
-            s.commit()
+        audit.record(ctx.db, audit.Entry(actor=actor, org=org, action="revocation.bulk.dry_run",
+                                         object=spec.issuer, details={**details, "count": n}))
         return BulkResult(job, True, n, seconds=time.perf_counter() - t0)
-    with ctx.db.session() as s:
-        audit.append(s, audit.Entry(actor=actor, org=org, action="revocation.bulk.start", object=spec.issuer,
-                                    details={**details, "count": n, "batch": spec.batch}))
-        s.commit()
+    audit.record(ctx.db, audit.Entry(actor=actor, org=org, action="revocation.bulk.start", object=spec.issuer,
+                                     details={**details, "count": n, "batch": spec.batch}))
     from pki.ocsp import responder_for
 
     responder = responder_for(ctx)
@@ -150,31 +129,19 @@ def bulk_revoke(ctx: Context, spec: BulkRevocation, *, dry_run: bool = True, act
     res.crl_number = generate_crl(ctx, spec.issuer).number  # once, for the whole run
     res.remaining = count(ctx, spec)
     res.seconds = time.perf_counter() - t0
-    with ctx.db.session() as s:
-        audit.append(s, audit.Entry(actor=actor, org=org, action="revocation.bulk.done", object=spec.issuer,
-                                    details={**details, "revoked": res.count, "batches": res.batches,
-                                             "crl_number": res.crl_number, "remaining": res.remaining}))
-        s.commit()
+    audit.record(ctx.db, audit.Entry(actor=actor, org=org, action="revocation.bulk.done", object=spec.issuer,
+                                     details={**details, "revoked": res.count, "batches": res.batches,
+                                              "crl_number": res.crl_number, "remaining": res.remaining}))
     return res
 
 
 def _one_batch(ctx: Context, spec: BulkRevocation, job: str, actor: str, org: str | None) -> list[str]:
     """One transaction: pick, revoke (guarded), audit, hooks, commit. Returns the serials revoked."""
-    pg = not ctx.db.is_sqlite
     with ctx.db.session() as s:
-        pick = select(_CERT.c.id).where(_where(spec)).limit(spec.batch)
-        if pg:
-            pick = pick.with_for_update(skip_locked=True)
-        ids = [r[0] for r in s.execute(pick)]
-        if not ids:
-            return []
-        now = utcnow()
-        rows = list(s.execute(
-            update(_CERT).where(_CERT.c.id.in_(ids), _CERT.c.status.in_(("valid", "hold")))
-            .values(status="revoked", revoked_at=now, revocation_reason=spec.reason)
-            .returning(_CERT.c.id, _CERT.c.serial, _CERT.c.identifier)))
+        rows = store.revoke_batch(s, spec.issuer, spec.identifier.upper() if spec.identifier else None,
+                                  spec.subject_pattern, limit=spec.batch, reason=spec.reason, at=utcnow(),
+                                  skip_locked=not ctx.db.is_sqlite)
         if not rows:
-            s.rollback()
             return []
         audit.append(s, *[audit.Entry(actor=actor, org=org, action="certificate.revoke",
                                       object=f"{spec.issuer}/{serial}",
@@ -185,7 +152,7 @@ def _one_batch(ctx: Context, spec: BulkRevocation, job: str, actor: str, org: st
         observers = ctx.engine.revocation_observers
         if observers:
             done = [r[0] for r in rows]
-            certs = list(s.exec(sm_select(Certificate).where(col(Certificate.id).in_(done))))
+            certs = store.certificates_by_id(s, done)
             for cert in certs:
                 for observer in observers:
                     observer.in_transaction(s, cert)
@@ -198,13 +165,7 @@ def _resign_stale(ctx: Context, issuer: str) -> int:
     re-sign them. By index: certificate (issuer, status), then the response's unique key."""
     from pki.ocsp import responder_for
 
-    j = _CERT.outerjoin(_RESP, and_(_RESP.c.issuer == _CERT.c.issuer, _RESP.c.serial == _CERT.c.serial))
-    with ctx.db.engine.connect() as conn:
-        serials = [r[0] for r in conn.execute(
-            select(_CERT.c.serial).select_from(j)
-            .where(_CERT.c.issuer == issuer, _CERT.c.status == "revoked", _CERT.c.not_after > utcnow())
-            .where(or_(_RESP.c.id.is_(None), _RESP.c.status != "revoked",
-                       _RESP.c.this_update < _CERT.c.revoked_at)))]
+    serials = store.revoked_without_revoked_response(ctx.db, issuer, utcnow())
     return responder_for(ctx).presign(issuer, serials) if serials else 0
 
 
