@@ -134,6 +134,7 @@ def db_inventory(db_url: str) -> dict[str, Any]:
     """Schema revision, row counts and the key labels the database refers to (active CAs, valid service certs)."""
     from sqlalchemy import create_engine, text
 
+    from hsm.uri import key_label
     from pki.store.db import normalise_url
 
     eng = create_engine(normalise_url(db_url))
@@ -146,7 +147,7 @@ def db_inventory(db_url: str) -> dict[str, Any]:
                 "revoked": int(c.execute(text("SELECT count(*) FROM certificate WHERE status <> 'valid'"))
                                .scalar_one()),
             }
-            ca_keys = [r[0] for r in c.execute(text("SELECT key_label FROM ca WHERE status = 'active'"))]
+            ca_keys = [key_label(r[0]) for r in c.execute(text("SELECT key_uri FROM ca WHERE status = 'active'"))]
             uris = [r[0] for r in c.execute(text(
                 "SELECT key_uri FROM certificate WHERE key_uri IS NOT NULL AND status = 'valid'"))]
     finally:

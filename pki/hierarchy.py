@@ -84,7 +84,7 @@ def create_ca(engine: Engine, entry: CAEntry, h: Hierarchy) -> Issued:
         i = issued[0]
         nh, kh = _name_hashes(i.der)
         s.add(CertificateAuthority(
-            name=entry.name, profile=entry.profile, parent=entry.parent, key_label=label,
+            name=entry.name, profile=entry.profile, parent=entry.parent,
             key_uri=engine.keystore.uri(label), key_alg=alg.value, hierarchy=_hierarchy_of(entry.profile),
             serial=i.serial, subject=i.cert.subject.rfc4514_string(), name_hash_sha1=nh, key_hash_sha1=kh,
             not_before=i.cert.not_valid_before_utc, not_after=i.cert.not_valid_after_utc, der=i.der,

@@ -862,17 +862,17 @@ def renew(ctx: Context, old: Certificate, now: datetime | None = None) -> Renewa
     r = Renewal.__table__  # type: ignore[attr-defined]
     with ctx.db.session() as s:
         try:
-            s.execute(insert(r).values(old_cert_id=old.id, identifier=old.identifier, new_label=label,
-                                       state="pending", created_at=now))
+            s.execute(insert(r).values(old_cert_id=old.id, identifier=old.identifier,
+                                       new_key_uri=ctx.keystore.uri(label), state="pending", created_at=now))
             s.commit()
         except IntegrityError:
             s.rollback()
         rec = s.exec(sm_select(Renewal).where(Renewal.old_cert_id == old.id)).one()
     if rec.state == "done":
-        return RenewalResult(old.identifier, old.serial, rec.new_serial, rec.new_label, "done")
-    label = rec.new_label
+        return RenewalResult(old.identifier, old.serial, rec.new_serial, key_label(rec.new_key_uri), "done")
+    uri = rec.new_key_uri  # the key this renewal made (or makes) and the new certificate names
+    label = key_label(uri)
     ks = ctx.keystore
-    uri = ks.uri(label)
     with ctx.db.session() as s:  # issued before a crash that hit before 'done'? then only record it
         prior = s.exec(sm_select(Certificate).where(Certificate.key_uri == uri,
                                                     Certificate.identifier == old.identifier)).first()

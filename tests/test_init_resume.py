@@ -25,6 +25,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from hsm.uri import key_label
 from pki.hierarchy import ca_key_label, ocsp_key_label, svc_key_label
 from tests.conftest import REPO, V2GPKI_EXE
 
@@ -171,7 +172,7 @@ def assert_complete(home: Home) -> dict[str, Any]:
     cas: list[dict[str, Any]] = h["cas"]
     svcs: list[dict[str, Any]] = h.get("service_keys") or []
     ocsp = [c["name"] for c in cas if c.get("ocsp_signer", True)]
-    rows = home.query("SELECT name, key_label, serial, der FROM ca ORDER BY name")
+    rows = home.query("SELECT name, key_uri, serial, der FROM ca ORDER BY name")
     assert sorted(r[0] for r in rows) == sorted(c["name"] for c in cas)  # exactly one row per CA
     # Each CA certificate is stored exactly once in the certificate table too (one V2G root, ...).
     for c in cas:
@@ -211,8 +212,8 @@ def assert_complete(home: Home) -> dict[str, Any]:
     for label, identifier in owners.items():
         (der,) = home.query("SELECT der FROM certificate WHERE identifier = ? AND key_uri IS NOT NULL", identifier)[0]
         assert pubs[label] == _spki(der), label
-    for name, key_label, _serial, der in rows:
-        assert pubs[key_label] == _spki(der), name
+    for name, key_uri, _serial, der in rows:
+        assert pubs[key_label(key_uri)] == _spki(der), name
     return {"ca": rows, "certs": home.query("SELECT issuer, serial FROM certificate ORDER BY id"), "token": tok}
 
 

@@ -43,6 +43,7 @@ from sqlmodel import select
 from hsm.errors import HSMError
 from hsm.keystore import KeyAlg
 from hsm.pkcs11 import Pkcs11KeyStore
+from hsm.uri import key_label
 from pki.context import Context
 from pki.issuance import pem
 from pki.profiles import Profile
@@ -530,7 +531,7 @@ def test_ca_private_keys_cannot_leave_the_token(ctx: Context) -> None:
     assert ks.session_call(_control_wrap) > 0
     for entry in ctx.hierarchy().cas:
         h = ctx.engine.ca(entry.name)
-        label = h.row.key_label
+        label = key_label(h.row.key_uri)
         assert ks.private_attribute(label, Attribute.SENSITIVE) is True
         assert ks.private_attribute(label, Attribute.EXTRACTABLE) is False
         # Generated inside the token and never extractable since (PKCS#11 v2.40 §4.9).

@@ -30,6 +30,7 @@ from sqlalchemy import func, select
 from api.app import create_app
 from hsm.errors import SignatureCheckFailed
 from hsm.pkcs11 import Pkcs11ECKey, Pkcs11Ed448Key, Pkcs11KeyStore
+from hsm.uri import key_label
 from pki import audit_sign
 from pki.context import Context
 from pki.cps.exi import CertificateInstallationReq, MessageHeader, V2GMessage, encode_message
@@ -151,7 +152,7 @@ def test_signatures_verify_on_the_real_token(ctx: Context) -> None:
             assert isinstance(signer, Pkcs11ECKey) and isinstance(pub, ec.EllipticCurvePublicKey)
             algo = hashes.SHA512() if pub.curve.name == "secp521r1" else hashes.SHA256()
             pub.verify(signer.sign(b"data", ec.ECDSA(algo)), b"data", ec.ECDSA(algo))
-    assert ks.public_key(ctx.engine.ca("cpo-sub2").row.key_label) == ctx.engine.ca("cpo-sub2").cert.public_key()
+    assert ks.public_key(key_label(ctx.engine.ca("cpo-sub2").row.key_uri)) == ctx.engine.ca("cpo-sub2").cert.public_key()
 
     issued = ctx.engine.issue_from_csr("secc", csr_pem(_evseid(), dc="CPO"), actor="test")
     ca = ctx.engine.ca(issued.issuer).cert
@@ -181,7 +182,7 @@ def test_signer_refuses_a_signature_that_does_not_verify(ctx: Context, faulty: C
     """A faulty token (a bit flipped) and a store whose cached public key belongs to another key: the
     signer raises SignatureCheckFailed naming the key, logs it, and forgets the key's cached handles."""
     ks = _store(ctx)
-    label = ctx.engine.ca("cpo-sub2" if alg == "p256" else "v2g-root-20-ed448").row.key_label
+    label = key_label(ctx.engine.ca("cpo-sub2" if alg == "p256" else "v2g-root-20-ed448").row.key_uri)
 
     def sign(signer: Any) -> bytes:
         if isinstance(signer, ed448.Ed448PrivateKey):
@@ -238,7 +239,7 @@ def test_ca_key_that_is_not_the_certificates_key_is_refused_before_signing(ctx: 
     engine compares the token's public key with the CA certificate's before using it. Nothing is signed."""
     ks = _store(ctx)
     h = ctx.engine.ca("cpo-sub2")
-    label = h.row.key_label
+    label = key_label(h.row.key_uri)
     ks.public_key(label)
     priv, _pub, key_alg = ks._keys[label]
     h._signer = None
@@ -318,7 +319,7 @@ def test_crl_with_a_bad_signature_stores_nothing(ctx: Context, faulty: Callable[
         before = Snapshot.take(ctx)
         with ctx.db.engine.connect() as conn:
             number = conn.execute(select(_CA.c.crl_number).where(_CA.c.name == name)).scalar_one()
-        faulty({ctx.engine.ca(name).row.key_label})
+        faulty({key_label(ctx.engine.ca(name).row.key_uri)})
         with pytest.raises(SignatureCheckFailed):
             generate_crl(ctx, name)
         with ctx.db.engine.connect() as conn:
@@ -408,8 +409,6 @@ def _install(api: Api, exi: bytes) -> Any:
 
 def _cps_labels(ctx: Context) -> set[str]:
     """The -2 CPS signers' key labels (one after `v2gpki init`; more after renewals)."""
-    from hsm.uri import key_label
-
     with ctx.db.engine.connect() as conn:
         uris = conn.execute(select(_CERT.c.key_uri).where(_CERT.c.profile == "cps-leaf",
                                                           _CERT.c.status == "valid")).scalars().all()

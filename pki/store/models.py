@@ -21,8 +21,7 @@ class CertificateAuthority(SQLModel, table=True):
     name: str = Field(index=True, unique=True, max_length=64)  # e.g. "cpo-sub2", "v2g-root-20"
     profile: str = Field(max_length=64)
     parent: str | None = Field(default=None, max_length=64)  # issuing CA name; None for roots
-    key_label: str = Field(max_length=128)
-    key_uri: str = Field(max_length=512)
+    key_uri: str = Field(max_length=512)  # the CA's key (hsm/uri.py; migration 0012 dropped key_label)
     key_alg: str = Field(max_length=16)
     hierarchy: str = Field(max_length=32)  # v2g | oem | mo | csms | api
     serial: str = Field(max_length=40)  # hex serial of the CA's own certificate

@@ -90,7 +90,7 @@ class Renewal(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     old_cert_id: int
     identifier: str | None = Field(default=None, max_length=255)
-    new_label: str = Field(max_length=128)
+    new_key_uri: str = Field(max_length=512)  # the renewed certificate's new key (hsm/uri.py; migration 0012)
     new_serial: str | None = Field(default=None, max_length=40)
     state: str = Field(default="pending", max_length=16)  # pending | done | failed
     error: str | None = Field(default=None, max_length=512)
