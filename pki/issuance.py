@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from cryptography import x509
@@ -113,21 +113,25 @@ def build_name(s: SubjectFields) -> x509.Name:
     return x509.Name([x509.RelativeDistinguishedName([a]) for a in attrs])
 
 
-@dataclass
+# Value objects are frozen (#23 item 5): a CA handle, a request, a prepared TBS and an issued certificate are
+# replaced, never changed in place, so a thread holding one never sees it change under it.
+@dataclass(frozen=True, slots=True)
 class CAHandle:
+    """A CA as the engine caches it: its row and parsed certificate. Replaced by reload_cas, never changed;
+    the CA's signer is cached by the engine (Engine.ca_signer), keyed by name and certificate serial."""
+
     row: CertificateAuthority
     cert: x509.Certificate
     alg: KeyAlg
     ski: bytes
     subject_der: bytes | None = None  # the certificate's subject Name as encoded (issuer matching)
-    _signer: PrivateKey | None = None
 
     @property
     def name(self) -> str:
         return self.row.name
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class IssueRequest:
     profile: str
     public_key: PublicKey
@@ -141,7 +145,7 @@ class IssueRequest:
     alt_spki: bytes | None = None  # ISO 15118-20 X448 "Alternate Subject Public Key" (pki.csr.alt_x448_key)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Prepared:
     req: IssueRequest
     profile: Profile
@@ -151,8 +155,8 @@ class _Prepared:
     subject: str
     alg: KeyAlg
     signer_uri: str | None  # self-signed: the subject's own key (hsm/uri.py); None: the issuing CA's
-    tbs: bytes = b""  # the linted twin's TBSCertificate: exactly what the HSM signs
-    sig_alg_der: bytes = b""  # its AlgorithmIdentifier (same for twin and real certificate)
+    tbs: bytes  # the linted twin's TBSCertificate: exactly what the HSM signs
+    sig_alg_der: bytes  # its AlgorithmIdentifier (same for twin and real certificate)
 
 
 @dataclass(frozen=True)
@@ -302,6 +306,8 @@ class Engine:
         self._cas: dict[str, CAHandle] = {}
         self._cas_lock = threading.Lock()
         self._cas_loaded_at = float("-inf")  # time.monotonic() of the last reload_cas()
+        # Each CA's key store signer once certified_signer checked it, by (CA name, certificate serial).
+        self._ca_signers: dict[tuple[str, str], PrivateKey] = {}
         self._linted_shapes: set[tuple[object, ...]] = set()
         self._templates: dict[tuple[object, ...], _Template] = {}  # leaf shapes already linted (pki/tbs.py)
         # Told, in this order, inside and after each issuing / revoking transaction (pki/observers.py).
@@ -327,14 +333,16 @@ class Engine:
             for row in rows:
                 old = self._cas.get(row.name)
                 if old is not None and old.row.serial == row.serial:
-                    old.row = row
-                    fresh[row.name] = old
+                    fresh[row.name] = replace(old, row=row)  # same certificate: parsed once, row refreshed
                     continue
                 cert = x509.load_der_x509_certificate(row.der)
                 ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
                 fresh[row.name] = CAHandle(row=row, cert=cert, alg=KeyAlg(row.key_alg), ski=ski,
                                            subject_der=tbs_field(cert.tbs_certificate_bytes, 4))
             self._cas = fresh
+            current = {(h.name, h.row.serial) for h in fresh.values()}
+            for k in [k for k in self._ca_signers if k not in current]:
+                self._ca_signers.pop(k, None)  # a CA gone or re-keyed (new certificate): its signer too
             self._cas_loaded_at = time.monotonic()
 
     def reload_cas_if_older(self, seconds: float) -> None:
@@ -369,10 +377,21 @@ class Engine:
         each signature the signer returns has verified with that key, so with the CA's)."""
         if not self.ca_keys:
             raise ConfigError("CA keys are not available in the standalone OCSP responder")
-        if h._signer is None:
-            h._signer = certified_signer(self.keystore, h.row.key_uri, h.cert.public_key(),  # type: ignore[arg-type]
-                                         f"CA {h.name!r}'s certificate")
-        return h._signer
+        k = (h.name, h.row.serial)
+        signer = self._ca_signers.get(k)
+        if signer is None:
+            signer = self._ca_signers[k] = certified_signer(
+                self.keystore, h.row.key_uri, h.cert.public_key(),  # type: ignore[arg-type]
+                f"CA {h.name!r}'s certificate")
+        return signer
+
+    def cached_ca_signer(self, h: CAHandle) -> PrivateKey | None:
+        """The CA's signer if ca_signer has looked it up (and nothing made it forget it), else None."""
+        return self._ca_signers.get((h.name, h.row.serial))
+
+    def forget_ca_signer(self, h: CAHandle) -> None:
+        """Drop the cached signer: the next ca_signer looks the key up and checks it again."""
+        self._ca_signers.pop((h.name, h.row.serial), None)
 
     def chain(self, name: str) -> list[x509.Certificate]:
         """The CA's certificate up to its root (inclusive)."""

@@ -28,9 +28,10 @@ if TYPE_CHECKING:
     from pki.store.models import Certificate
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Issued:
-    """One certificate the engine issued (what Engine.issue returns and issuance observers are given)."""
+    """One certificate the engine issued (what Engine.issue returns and issuance observers are given).
+    Frozen: every observer of a batch sees the same value."""
 
     cert: x509.Certificate
     der: bytes

@@ -88,7 +88,7 @@ def _pem(cert: x509.Certificate) -> str:
 # -- signer ----------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Signer:
     key_uri: str  # hsm/uri.py; the key store's signer(key_uri) signs
     cert: x509.Certificate

@@ -258,4 +258,4 @@ def test_responder_only_process_never_generates(ctx: Context) -> None:
             cache.get(missing[0])
     generate_crl(ctx, "cpo-sub2")  # published by the CA process …
     assert cache.get("cpo-sub2").number == latest_meta(ctx.db, "cpo-sub2")[0]  # type: ignore[index]
-    assert all(h._signer is None for h in rctx.engine.cas())  # … served without a CA key
+    assert all(rctx.engine.cached_ca_signer(h) is None for h in rctx.engine.cas())  # … served without a CA key

@@ -6,6 +6,7 @@ message never carries a PIN; every CA row names its key by URI and the engine si
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Any
 
@@ -111,3 +112,36 @@ def test_engine_signs_every_ca_through_its_rows_uri(ctx: Context) -> None:
         assert isinstance(parse_key_uri(h.row.key_uri), Pkcs11Uri)
         assert ks.signer(h.row.key_uri).public_key() == h.cert.public_key()
         assert ctx.engine.ca_signer(h).public_key() == h.cert.public_key()
+
+
+def test_value_objects_are_frozen_and_replaced_not_mutated(sqlite_ctx: Context) -> None:
+    """CAHandle, IssueRequest, the prepared TBS, Issued, the algorithm rows and key URIs raise on assignment;
+    reload_cas replaces a CA's handle (same parsed certificate, fresh row) and keeps its checked signer."""
+    from pki.csr import check_csr, parse_csr
+    from pki.issuance import IssueRequest
+    from pki.trustlist import Signer as TrustListSigner
+    from tests.conftest import csr_pem
+
+    eng = sqlite_ctx.engine
+    h = eng.ca("cpo-sub2")
+    checked = check_csr(sqlite_ctx.profiles.get("secc"),
+                        parse_csr(csr_pem("DE*FRZ*E0000001*1", dc="CPO")))
+    req = IssueRequest(profile="secc", public_key=checked.public_key, subject=checked.subject, ca="cpo-sub2")
+    prep = eng._prepare(req)
+    issued = eng.issue(req)
+    objs: list[tuple[object, str, object]] = [
+        (h, "alg", KeyAlg.P521), (h, "row", h.row), (req, "ca", "other"), (prep, "tbs", b""),
+        (prep, "signer_uri", "soft:x"), (issued, "der", b""), (ALGORITHMS[KeyAlg.P256], "hash", None),
+        (Pkcs11Uri("t", "o"), "object", "p"), (SoftUri("a"), "label", "b"),
+        (TrustListSigner("soft:x", issued.cert, []), "key_uri", "soft:y"),
+    ]
+    for obj, attr, value in objs:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, attr, value)
+    signer = eng.ca_signer(h)
+    eng.reload_cas()
+    h2 = eng.ca("cpo-sub2")
+    assert h2 is not h and h2.cert is h.cert and h2.row.serial == h.row.serial
+    assert eng.cached_ca_signer(h2) is signer and eng.ca_signer(h2) is signer
+    eng.forget_ca_signer(h2)
+    assert eng.cached_ca_signer(h2) is None and eng.ca_signer(h2).public_key() == h.cert.public_key()

@@ -508,7 +508,7 @@ def test_responder_only_process_holds_no_ca_key(ctx: Context, pki: Pki) -> None:
         assert httpx.get(f"{url}/v1/certificates").status_code == 404  # nothing else is mounted
     finally:
         stop()
-    assert all(h._signer is None for h in rctx.engine.cas())
+    assert all(rctx.engine.cached_ca_signer(h) is None for h in rctx.engine.cas())
     loaded = getattr(rctx.keystore, "_keys", {})
     assert loaded and all(label.startswith("ocsp-") for label in loaded), sorted(loaded)
     from pki.errors import ConfigError

@@ -242,14 +242,14 @@ def test_ca_key_that_is_not_the_certificates_key_is_refused_before_signing(ctx: 
     label = key_label(h.row.key_uri)
     ks.public_key(label)
     priv, _pub, key_alg = ks._keys[label]
-    h._signer = None
+    ctx.engine.forget_ca_signer(h)
     ks._keys[label] = (priv, ec.generate_private_key(ec.SECP256R1()).public_key(), key_alg)
     before = Snapshot.take(ctx)
     cn = _evseid()
     try:
         with pytest.raises(SignatureCheckFailed, match="is not the key of CA 'cpo-sub2'"):
             ctx.engine.issue_from_csr("secc", csr_pem(cn, dc="CPO"), ca="cpo-sub2", actor="test")
-        assert h._signer is None  # not cached: the next issuance looks again
+        assert ctx.engine.cached_ca_signer(h) is None  # not cached: the next issuance looks again
     finally:
         ks._keys.pop(label, None)
     _assert_nothing_issued(ctx, before, cn)
