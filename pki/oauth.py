@@ -29,13 +29,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
-from sqlalchemy import event
-from sqlmodel import select
 
 from pki.errors import OAuthError, PKIError
 from pki.orgs import KEY_PREFIX, Principal, Unauthenticated, _cache_ttl, authenticate_api_key, get_org, principal_of
+from pki.store import orgs as store_orgs
 from pki.store.db import utcnow
-from pki.store.models import ApiKey, Organization
 
 if TYPE_CHECKING:
     from pki.context import Context
@@ -134,7 +132,7 @@ def issue_token(ctx: Context, client_id: str, client_secret: str, *, grant_type:
         raise OAuthError("invalid_client", "client authentication failed") from None
     now = now or utcnow()
     with ctx.db.session() as s:
-        row = s.exec(select(ApiKey).where(ApiKey.key_id == client_id)).first()
+        row = store_orgs.api_key(s, client_id)
     key_expiry = row.expires_at if row is not None else None
     lifetime = int(ctx.settings.oauth_token_seconds)
     if key_expiry is not None:
@@ -167,9 +165,7 @@ def _clear(*_: object) -> None:
     _KEYS.clear()
 
 
-for _model in (ApiKey, Organization):
-    for _ev in ("after_insert", "after_update", "after_delete"):
-        event.listen(_model, _ev, _clear)
+store_orgs.on_change(_clear)
 
 
 def _key_principal(ctx: Context, key_id: str, now: datetime) -> Principal:
@@ -183,7 +179,7 @@ def _key_principal(ctx: Context, key_id: str, now: datetime) -> Principal:
         _KEYS.pop(ck, None)
     gen = _GEN[0]
     with ctx.db.session() as s:
-        row = s.exec(select(ApiKey).where(ApiKey.key_id == key_id)).first()
+        row = store_orgs.api_key(s, key_id)
         if row is None or row.revoked_at is not None:
             raise Unauthenticated("access token revoked with its API key")
         if row.expires_at is not None and row.expires_at <= now:

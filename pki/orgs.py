@@ -17,12 +17,10 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import event, text
-from sqlmodel import Session, select
-
 from pki import audit
 from pki.errors import BadOrganization, Conflict, Forbidden, NotFound, Unauthenticated
-from pki.store.db import Database, utcnow
+from pki.store import orgs as store
+from pki.store.db import Database, Session, utcnow
 from pki.store.models import ApiKey, Organization
 
 # manufacturer: a charging-station manufacturer signing firmware (OCPP 2.0.1 L01, pki/firmware.py), distinct
@@ -92,7 +90,7 @@ def create_org(db: Database, name: str, role: str, prefixes: list[str], *, actor
         norm.append(p.upper())
     with db.session() as s:
         _serialise_org_creation(s)
-        if s.exec(select(Organization).where(Organization.name == name)).first() is not None:
+        if store.org_named(s, name) is not None:
             raise Conflict(f"organization {name!r} already exists")
         _check_prefixes_free(s, role, norm)
         org = Organization(name=name, role=role, prefixes=norm, settings=settings or {}, created_at=utcnow())
@@ -121,9 +119,7 @@ def _serialise_org_creation(s: Session) -> None:
     """On PostgreSQL, one organization creation at a time (a transaction-scoped advisory lock), so two
     concurrent creations cannot both pass the overlap check. SQLite has one writer at a time anyway; the
     window between its check and its write is left to the operator running one CLI at a time."""
-    bind = s.get_bind()
-    if bind.dialect.name == "postgresql":
-        s.execute(text("SELECT pg_advisory_xact_lock(152117)"))  # an arbitrary constant key for orgs
+    store.lock_org_creation(s)
 
 
 def _check_prefixes_free(s: Session, role: str, prefixes: list[str]) -> None:
@@ -133,7 +129,7 @@ def _check_prefixes_free(s: Session, role: str, prefixes: list[str]) -> None:
     PCIDs (ISO 15118-2 Annex H: the operator / provider ID identifies one party)."""
     if not prefixes:
         return
-    for other in s.exec(select(Organization).where(Organization.role == role)):
+    for other in store.orgs_with_role(s, role):
         for theirs in other.prefixes or []:
             for mine in prefixes:
                 if _overlaps(mine, theirs):
@@ -142,7 +138,7 @@ def _check_prefixes_free(s: Session, role: str, prefixes: list[str]) -> None:
 
 
 def get_org(session: Session, name: str) -> Organization:
-    org = session.exec(select(Organization).where(Organization.name == name)).first()
+    org = store.org_named(session, name)
     if org is None:
         raise NotFound(f"no organization {name!r}")
     return org
@@ -158,7 +154,7 @@ def api_key_principal(db: Database, key_id: str, org: str, credential: str) -> P
     """Re-check an API key already verified once (a console session holds its id, not its secret): it must
     still exist for the same organization, unrevoked and unexpired."""
     with db.session() as s:
-        row = s.exec(select(ApiKey).where(ApiKey.key_id == key_id)).first()
+        row = store.api_key(s, key_id)
         if row is None or row.org != org or row.revoked_at is not None:
             raise Unauthenticated("API key revoked")
         if row.expires_at is not None and row.expires_at <= utcnow():
@@ -167,8 +163,7 @@ def api_key_principal(db: Database, key_id: str, org: str, credential: str) -> P
 
 
 def list_orgs(db: Database) -> list[Organization]:
-    with db.session() as s:
-        return list(s.exec(select(Organization).order_by(Organization.name)))
+    return store.all_orgs(db)
 
 
 def _hash_secret(secret: str) -> str:
@@ -193,7 +188,7 @@ def create_api_key(db: Database, org_name: str, *, days: int | None = 365, actor
 
 def revoke_api_key(db: Database, key_id: str, *, actor: str = "cli") -> None:
     with db.session() as s:
-        row = s.exec(select(ApiKey).where(ApiKey.key_id == key_id)).first()
+        row = store.api_key(s, key_id)
         if row is None:
             raise NotFound(f"no API key {key_id!r}")
         if row.revoked_at is None:
@@ -230,9 +225,7 @@ def clear_auth_cache(*_: object) -> None:
     _CACHE.clear()
 
 
-for _model in (ApiKey, Organization):
-    for _ev in ("after_insert", "after_update", "after_delete"):
-        event.listen(_model, _ev, clear_auth_cache)
+store.on_change(clear_auth_cache)
 
 
 def cached_api_key_principal(db: Database, presented: str) -> Principal | None:
@@ -276,7 +269,7 @@ def authenticate_api_key(db: Database, presented: str, now: datetime | None = No
 def _authenticate_api_key_db(db: Database, key_id: str, secret: str,
                              now: datetime) -> tuple[Principal, datetime | None]:
     with db.session() as s:
-        row = s.exec(select(ApiKey).where(ApiKey.key_id == key_id)).first()
+        row = store.api_key(s, key_id)
         # Compare in constant time even when the key id is unknown, so timing does not reveal ids.
         expected = row.hash if row is not None else _hash_secret("x" + secret)
         if not hmac.compare_digest(expected, _hash_secret(secret)) or row is None:
