@@ -12,7 +12,6 @@ short-lived OAuth access tokens traded for them at /oauth/token (api/oauth.py, p
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 from typing import Annotated
@@ -24,6 +23,7 @@ from fastapi import Depends, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
 from pki import audit
+from pki.config import current
 from pki.context import Context
 from pki.oauth import authenticate_token, looks_like_token
 from pki.orgs import Principal, Unauthenticated, authenticate_api_key, cached_api_key_principal, org_principal
@@ -54,15 +54,15 @@ class TokenBucket:
             return (1 - tokens) / self.rate
 
 
-_RATE = float(os.environ.get("V2GPKI_RATE_LIMIT", "2000"))
-CLIENT_LIMIT = TokenBucket(_RATE, _RATE * 2)
-AUTH_FAIL_LIMIT = TokenBucket(float(os.environ.get("V2GPKI_AUTH_FAIL_RATE", "5")),
-                              float(os.environ.get("V2GPKI_AUTH_FAIL_BURST", "20")))
+# Per process, sized from the settings this process started with (V2GPKI_RATE_LIMIT, V2GPKI_AUTH_FAIL_*).
+CLIENT_LIMIT = TokenBucket(current().rate_limit, current().rate_limit * 2)
+AUTH_FAIL_LIMIT = TokenBucket(current().auth_fail_rate, current().auth_fail_burst)
 
 
-def trusted_proxies() -> set[str]:
-    raw = os.environ.get("V2GPKI_TRUSTED_PROXIES", "")
-    return {x.strip() for x in raw.split(",") if x.strip()}
+def trusted_proxies(request: Request) -> set[str]:
+    """V2GPKI_TRUSTED_PROXIES of this app's Context."""
+    ctx: Context = request.app.state.ctx
+    return ctx.settings.trusted_proxy_set()
 
 
 def _client_ip(request: Request) -> str:
@@ -75,7 +75,7 @@ def peer_certificate_der(request: Request) -> bytes | None:
         der: bytes = tls["client_cert_der"]
         return der
     header = request.headers.get("x-ssl-client-cert")
-    if header and _client_ip(request) in trusted_proxies():
+    if header and _client_ip(request) in trusted_proxies(request):
         try:
             cert = x509.load_pem_x509_certificate(unquote(header).encode())
         except ValueError:

@@ -13,7 +13,7 @@ import ssl
 import sys
 from pathlib import Path
 
-from pki.config import Settings
+from pki.config import Settings, current
 
 
 def _ctx():  # type: ignore[no-untyped-def]
@@ -196,7 +196,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sv = sub.add_parser("serve", help="serve the API, OCSP and CRL responders")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--workers", type=int, default=int(os.environ.get("V2GPKI_WORKERS", "2")))
+    sv.add_argument("--workers", type=int, default=current().workers)
     sv.add_argument("--tls-cert", help="server certificate (PEM) to terminate TLS in uvicorn")
     sv.add_argument("--tls-key", help="server private key (PEM)")
     sv.add_argument("--client-ca", help="CA bundle for client certificates (mutual TLS)")

@@ -48,6 +48,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pki.config import current
+
 # The CA's own metrics (issuances, revocations, HSM signatures, clock agreement) are pki/metrics.py's, fed
 # by the observers pki/wiring.py connects; re-exported here, where /metrics renders them.
 from pki.metrics import CLOCK_REFUSALS, CLOCK_SKEW, HSM_ERRORS, HSM_SIGN_LATENCY, ISSUED, REVOKED
@@ -132,10 +134,10 @@ class _StderrHandler(logging.Handler):
 
 
 def log_format() -> str:
-    fmt = os.environ.get("V2GPKI_LOG_FORMAT")
+    fmt = current().log_format
     if fmt in ("json", "text"):
         return fmt
-    return "json" if os.environ.get("V2GPKI_ENV") == "production" else "text"
+    return "json" if current().env == "production" else "text"
 
 
 def configure_logging(fmt: str | None = None, level: str | None = None) -> None:
@@ -152,7 +154,7 @@ def configure_logging(fmt: str | None = None, level: str | None = None) -> None:
     handler = _StderrHandler()
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
-    root.setLevel((level or os.environ.get("V2GPKI_LOG_LEVEL") or "INFO").upper())
+    root.setLevel((level or current().log_level or "INFO").upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         lg = logging.getLogger(name)
         if name == "uvicorn.access" and not lg.handlers and not lg.propagate:
@@ -365,6 +367,7 @@ def celery_queue_names() -> list[str]:
 
 
 def multiprocess_dir() -> str | None:
+    # env: prometheus_client's own variable (it reads it itself to switch to multi-process mode), not ours
     d = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
     return d or None
 
@@ -517,7 +520,7 @@ def broker_url_of(ctx: Any) -> str | None:
     """The broker a process's readiness and queue-depth gauges look at (its settings, else the env)."""
     settings = getattr(ctx, "settings", None)
     url = getattr(settings, "broker_url", None) if settings is not None else None
-    return url or os.environ.get("V2GPKI_BROKER_URL") or None
+    return url or current().broker_url or None
 
 
 _broker_url = broker_url_of  # the name api/ocsp_fast.py first used

@@ -16,7 +16,6 @@ that holds only the ``ocsp-<ca>`` keys.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -24,7 +23,7 @@ from fastapi import FastAPI
 
 from api.app import create_app
 from api.responders import OcspEndpoint
-from pki.config import Settings
+from pki.config import Settings, current
 from pki.context import Context
 from pki.wiring import build_context
 
@@ -72,7 +71,7 @@ def serve_ocsp(host: str = "127.0.0.1", port: int = 8080, workers: int = 1, *, l
                framework: str | None = None) -> None:
     """``framework``: "fast" (default; api/ocsp_fast.py, the raw asyncio server over an in-memory table of
     pre-signed responses) or "uvicorn" (this module's app). Default from V2GPKI_OCSP_SERVER."""
-    framework = (framework or os.environ.get("V2GPKI_OCSP_SERVER") or "fast").lower()
+    framework = (framework or current().ocsp_server or "fast").lower()
     if framework == "fast":
         from api.ocsp_fast import serve
 

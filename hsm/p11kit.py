@@ -26,7 +26,9 @@ def client_module() -> str | None:
     """The p11-kit client module, found at run time (its directory is the multiarch library directory,
     which differs between machines): $V2GPKI_P11KIT_CLIENT, else ``pkcs11/p11-kit-client.so`` beside
     the libp11-kit.so.0 the dynamic linker knows (ldconfig -p)."""
-    env = os.environ.get("V2GPKI_P11KIT_CLIENT")
+    from pki.config import current
+
+    env = current().p11kit_client
     if env:
         return env if Path(env).is_file() else None
     ldconfig = shutil.which("ldconfig") or ("/usr/sbin/ldconfig" if Path("/usr/sbin/ldconfig").exists() else None)
@@ -70,6 +72,7 @@ class P11KitServer:
 
     def start(self, timeout: float = 15.0) -> None:
         self.socket.unlink(missing_ok=True)
+        # env: the p11-kit server child's environment, pointing SoftHSM2 (its provider) at our token
         env = dict(os.environ, SOFTHSM2_CONF=str(self.softhsm_conf))
         self.proc = subprocess.Popen(
             ["p11-kit", "server", "-f", "-n", str(self.socket), "--provider", self.provider,

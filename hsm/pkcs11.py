@@ -129,6 +129,7 @@ def _open_lock(module: str) -> Iterator[None]:
     and a re-initialisation that read such a file keeps that view for the next attempts. An advisory
     flock(2) next to SoftHSM's configuration (the temporary directory for another module); the kernel
     drops it when its holder exits, and a holder stuck for 10 s is not waited for."""
+    # env: SoftHSM2's own variable: the lock lives beside the configuration the library reads
     conf = os.environ.get("SOFTHSM2_CONF")
     base = os.path.dirname(os.path.abspath(conf)) if conf else tempfile.gettempdir()
     name = hashlib.sha256(module.encode()).hexdigest()[:12]

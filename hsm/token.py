@@ -55,6 +55,7 @@ def softhsm_util() -> str:
 def token_exists(paths: TokenPaths, label: str) -> bool:
     if not paths.conf.exists():
         return False
+    # env: softhsm2-util's environment, pointed at this token's configuration
     env = dict(os.environ, SOFTHSM2_CONF=str(paths.conf))
     out = subprocess.run([softhsm_util(), "--show-slots"], env=env, capture_output=True, text=True)
     # The whole label: "t-audit" must not be found in "t-audit-ext" (softhsm2-util pads it with spaces).
@@ -70,6 +71,7 @@ def init_softhsm_token(root: Path, label: str, pin: str | None = None, so_pin: s
     if not paths.conf.exists():
         _write_secret(paths.conf, f"directories.tokendir = {paths.tokendir}\nobjectstore.backend = file\n"
                       "log.level = ERROR\nslots.removable = false")
+    # env: a write, for the SoftHSM2 PKCS#11 library this process loads next (it reads SOFTHSM2_CONF)
     os.environ["SOFTHSM2_CONF"] = str(paths.conf)
     if token_exists(paths, label):
         return paths
@@ -81,7 +83,7 @@ def init_softhsm_token(root: Path, label: str, pin: str | None = None, so_pin: s
     # never logged, and the error text below does not echo the command.
     res = subprocess.run(
         [softhsm_util(), "--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", so_pin],
-        env=dict(os.environ, SOFTHSM2_CONF=str(paths.conf)),
+        env=dict(os.environ, SOFTHSM2_CONF=str(paths.conf)),  # env: softhsm2-util's, as in token_exists
         capture_output=True,
         text=True,
     )

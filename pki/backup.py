@@ -63,6 +63,7 @@ def is_softhsm(settings: Settings) -> bool:
 
 def softhsm_conf(settings: Settings) -> Path:
     """The SoftHSM2 configuration this service uses (same rule as Settings.apply_softhsm_env)."""
+    # env: SoftHSM2's own variable, the configuration the PKCS#11 library itself reads (not a setting of ours)
     env = os.environ.get("SOFTHSM2_CONF")
     if env:
         return Path(env)
@@ -100,6 +101,7 @@ def libpq_env(db_url: str) -> dict[str, str]:
     from sqlalchemy.engine import make_url
 
     u = make_url(db_url)
+    # env: the pg_dump/pg_restore child's environment (PATH, locale), without libpq variables of our own
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     pairs = {"PGHOST": u.host, "PGPORT": str(u.port) if u.port else None, "PGUSER": u.username,
              "PGPASSWORD": u.password, "PGDATABASE": u.database}
@@ -389,6 +391,7 @@ def plan_restore(settings: Settings, archive: Path, *, include_token: bool = Tru
                               "restore with --no-token and import keys with the HSM's own tools")
         # The operator's SOFTHSM2_CONF, else the data directory's own token (written if absent) — never
         # SoftHSM's system-wide default directory, which other software on the host may share.
+        # env: SoftHSM2's own variable (see softhsm_conf)
         env_conf = os.environ.get("SOFTHSM2_CONF")
         conf = Path(env_conf) if env_conf else settings.softhsm_dir / "softhsm2.conf"
         token_target = conf_tokendir(conf)

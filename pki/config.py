@@ -127,6 +127,74 @@ class Settings(BaseSettings):
     ocpp_default_cert_type: str = "infer"
     fastlane_threads: int = Field(default=40, ge=1)
     cps_threads: int | None = Field(default=None, ge=0)
+    # `v2gpki serve --workers` default (uvicorn worker processes)
+    workers: int = Field(default=2, ge=1)
+    # API rate limits (api/auth.py, per process): requests per second and organization (burst: twice that);
+    # failed sign-ins per second and client address, and their burst; the console's sign-in form likewise.
+    rate_limit: float = Field(default=2000.0, gt=0)
+    auth_fail_rate: float = Field(default=5.0, gt=0)
+    auth_fail_burst: float = Field(default=20.0, gt=0)
+    console_signin_rate: float = Field(default=0.5, gt=0)
+    console_signin_burst: float = Field(default=10.0, gt=0)
+    # Seconds a verified API key stays in the per-process cache (pki/orgs.py)
+    auth_cache_ttl: float = 5.0
+    # Addresses whose X-SSL-Client-Cert header is trusted (comma-separated; api/auth.py)
+    trusted_proxies: str = ""
+    # Operator console (api/console/session.py): session lifetime, and the HMAC key file (default under HOME)
+    console_session_seconds: int = Field(default=8 * 3600, ge=60)
+    console_session_key_file: Path | None = None
+    # Logging (api/observability.py): "json" or "text" (default: json in production), and the level
+    log_format: str | None = None
+    log_level: str = "INFO"
+    # `v2gpki ocsp-serve`'s server: "fast" (api/ocsp_fast.py) or "uvicorn" (api/ocsp_app.py)
+    ocsp_server: str = "fast"
+    # OCSP pre-signer (pki/ocsp/presign.py): milliseconds between collections
+    ocsp_presign_period_ms: float = Field(default=100.0, gt=0)
+    # Issuance group commit (pki/issuance.py IssueBatcher): on/off, batch bound, linger in milliseconds
+    issue_batch: bool = True
+    issue_batch_max: int = Field(default=64, ge=1)
+    issue_batch_linger_ms: float = Field(default=0.0, ge=0)
+    # Server-side prepared statements on PostgreSQL (pki/store/fast.py); off behind a transaction pooler
+    pg_prepare: bool = True
+    # The native EXI codec (pki/cps/exi/native.py) when it is built; off: the pure-Python codec
+    exi_native: bool = True
+    # The p11-kit client module (hsm/p11kit.py); default: found beside libp11-kit.so.0
+    p11kit_client: str | None = None
+    # Celery (workers/app.py): result backend (default: the broker, or files under HOME), Redis transport
+    # bounds, and the beat's periods in seconds
+    result_backend: str | None = None
+    broker_visibility_timeout: int = 3600
+    broker_restore_interval: int = 10
+    broker_restore_throttle: int = 10
+    outbox_drain_seconds: int = 15
+    delivery_sweep_seconds: int = 30
+    expiry_scan_seconds: int = 3600
+    renewal_seconds: int = 6 * 3600
+    truststore_check_seconds: int = 6 * 3600
+    crl_refresh_seconds: int = 900
+    ocsp_refresh_seconds: int = 900
+    task_time_limit: int = 1800
+    # Lifecycle events and deliveries (pki/lifecycle.py, pki/lifecycle_policy.LifecycleSettings): Celery queue,
+    # policy file (default <policies_dir>/lifecycle.yaml), expiry windows in days ("60,30,14,7,1"),
+    # webhook timeouts and retries, delivery lease, and the SMTP relay for e-mail subscriptions
+    queue: str = "v2gpki"
+    lifecycle_file: Path | None = None
+    expiry_windows: str | None = None
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_backoff_seconds: float = Field(default=30.0, gt=0)
+    webhook_backoff_max_seconds: float = Field(default=3600.0, gt=0)
+    delivery_lease_seconds: float = Field(default=60.0, gt=0)
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_from: str = "v2gpki@localhost"
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = False
+    task_soft_time_limit: int = 1700
+
+    def trusted_proxy_set(self) -> set[str]:
+        return {x.strip() for x in self.trusted_proxies.split(",") if x.strip()}
 
     # Audit checkpoints (pki/audit_sign.py, #21 item 7): the chain head signed by the HSM audit key every
     # this many seconds by the beat (0: only `v2gpki audit checkpoint` and `v2gpki serve`'s clean shutdown),
@@ -187,6 +255,8 @@ class Settings(BaseSettings):
     def apply_softhsm_env(self) -> None:
         """Point SoftHSM2 at the token under the data directory unless the operator chose another."""
         conf = self.softhsm_dir / "softhsm2.conf"
+        # env: SoftHSM2's own variable, read by the PKCS#11 library this process loads: written, never a
+        # setting of ours
         if "SOFTHSM2_CONF" not in os.environ and conf.exists():
             os.environ["SOFTHSM2_CONF"] = str(conf)
 
@@ -272,7 +342,7 @@ def placeholder_problems(s: Settings) -> list[str]:
     if s.hsm_pin is not None:
         candidates.append(("V2GPKI_HSM_PIN", s.hsm_pin.get_secret_value()))
     files = [("V2GPKI_HSM_PIN_FILE", s.hsm_pin_file),
-             ("V2GPKI_CONSOLE_SESSION_KEY_FILE", os.environ.get("V2GPKI_CONSOLE_SESSION_KEY_FILE"))]
+             ("V2GPKI_CONSOLE_SESSION_KEY_FILE", s.console_session_key_file)]
     for name, path in files:
         if path:
             try:
@@ -284,4 +354,12 @@ def placeholder_problems(s: Settings) -> list[str]:
 
 
 def load_settings() -> Settings:
+    return Settings()
+
+
+@lru_cache(maxsize=1)
+def current() -> Settings:
+    """This process's settings, read from the environment once, for code that has no Context at hand
+    (module-level rate limiters, the EXI codec switch, the issuance batcher, logging set-up). Code with a
+    Context reads ctx.settings. A test that changes the environment calls ``current.cache_clear()``."""
     return Settings()

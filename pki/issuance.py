@@ -30,6 +30,7 @@ from hsm.algorithms import ALGORITHMS, key_alg_of
 from hsm.keystore import KeyAlg, KeyStore, PrivateKey, PublicKey, certified_signer
 from pki import audit
 from pki.clock import ClockGuard
+from pki.config import current
 from pki.csr import (
     ALT_PUBLIC_KEY_OID,
     CheckedRequest,
@@ -182,7 +183,7 @@ def assemble_certificate(tbs: bytes, sig_alg_der: bytes, signature: bytes) -> by
 
 
 def _batching_enabled() -> bool:
-    return os.environ.get("V2GPKI_ISSUE_BATCH", "1").lower() not in ("0", "false", "no", "off")
+    return current().issue_batch
 
 
 class _Waiter:
@@ -217,9 +218,9 @@ class IssueBatcher:
 
     def __init__(self, engine: Engine, *, max_batch: int | None = None, linger: float | None = None) -> None:
         self.engine = engine
-        self.max_batch = max_batch or int(os.environ.get("V2GPKI_ISSUE_BATCH_MAX", "64"))
+        self.max_batch = max_batch or current().issue_batch_max
         if linger is None:
-            linger = float(os.environ.get("V2GPKI_ISSUE_BATCH_LINGER_MS", "0")) / 1000
+            linger = current().issue_batch_linger_ms / 1000
         self.linger = linger
         self._queue: list[_Waiter] = []
         self._lock = threading.Lock()

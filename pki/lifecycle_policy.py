@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pki.config import Settings
 from pki.errors import PolicyError
 from pki.profiles import Profile, ProfileSet
 
@@ -23,10 +23,12 @@ if TYPE_CHECKING:
 # -- settings and policy ---------------------------------------------------------------------------------
 
 
-class LifecycleSettings(BaseSettings):
-    """Worker-side settings (env prefix V2GPKI_, like pki.config.Settings)."""
+class LifecycleSettings(BaseModel):
+    """The lifecycle's and the workers' part of pki.config.Settings (read once, there, from the environment:
+    V2GPKI_QUEUE, V2GPKI_WEBHOOK_*, V2GPKI_SMTP_*, …), with bool webhook_allow_private. Built by
+    from_settings; it reads no environment itself."""
 
-    model_config = SettingsConfigDict(env_prefix="V2GPKI_", extra="ignore")
+    model_config = ConfigDict(extra="ignore")
 
     env: str = "development"
     broker_url: str | None = None  # unset: the embedded filesystem broker under $V2GPKI_HOME/broker
@@ -45,6 +47,10 @@ class LifecycleSettings(BaseSettings):
     smtp_user: str | None = None
     smtp_password: SecretStr | None = None
     smtp_starttls: bool = False
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> LifecycleSettings:
+        return cls.model_validate({name: getattr(s, name) for name in cls.model_fields})
 
     def allow_private_targets(self) -> bool:
         if self.webhook_allow_private is not None:

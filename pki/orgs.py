@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import time
@@ -214,10 +213,9 @@ _GENERATION = [0]  # bumped by every invalidation: a lookup that raced one does 
 
 
 def _cache_ttl() -> float:
-    try:
-        return float(os.environ.get("V2GPKI_AUTH_CACHE_TTL", "5"))
-    except ValueError:
-        return 5.0
+    from pki.config import current
+
+    return current().auth_cache_ttl
 
 
 def clear_auth_cache(*_: object) -> None:

@@ -151,7 +151,7 @@ def build_context(settings: Settings | None = None, *, keystore: KeyStore | None
     settings.validate_production()  # V2GPKI_ENV=production refuses insecure defaults, before touching anything
     ensure_private_dir(settings.home_dir)  # 0700 (#21 item 11)
     profiles = load_profiles(settings.policies_dir)  # fail fast on bad policies
-    lc_settings = LifecycleSettings()
+    lc_settings = LifecycleSettings.from_settings(settings)
     policy, extra = load_policy(lc_settings.lifecycle_file or (settings.policies_dir / "lifecycle.yaml"),
                                 profiles)  # fail fast too
     db = Database(settings.db_url)

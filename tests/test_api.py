@@ -207,9 +207,10 @@ def test_client_certificate_via_trusted_proxy(t: Tenants, monkeypatch: pytest.Mo
     issued = t.ctx.engine.issue_from_csr("api-client", csr, tenant=org)
     hdr = {"X-SSL-Client-Cert": quote(issued.cert.public_bytes(serialization.Encoding.PEM).decode())}
     # Not from a trusted proxy: the header is ignored
-    monkeypatch.setenv("V2GPKI_TRUSTED_PROXIES", "10.9.9.9")
+    # V2GPKI_TRUSTED_PROXIES, as the process's settings read it (pki/config.py)
+    monkeypatch.setattr(t.ctx.settings, "trusted_proxies", "10.9.9.9")
     assert t.client.get("/v1/me", headers=hdr).status_code == 401
-    monkeypatch.setenv("V2GPKI_TRUSTED_PROXIES", "testclient")
+    monkeypatch.setattr(t.ctx.settings, "trusted_proxies", "testclient")
     r = t.client.get("/v1/me", headers=hdr)
     assert r.status_code == 200 and r.json()["org"] == org and r.json()["credential"] == "cert"
     t.ctx.engine.revoke(issued.serial, "keyCompromise", issuer=issued.issuer)

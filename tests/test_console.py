@@ -168,7 +168,7 @@ def test_sign_in_sets_a_strict_httponly_secure_cookie_that_holds_no_key(w: World
 
 
 def test_secure_flag_can_be_dropped_only_by_explicit_setting(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("V2GPKI_CONSOLE_INSECURE_COOKIES", "1")
+    monkeypatch.setattr(w.ctx.settings, "console_insecure_cookies", "1")  # V2GPKI_CONSOLE_INSECURE_COOKIES=1
     c = TestClient(w.app, base_url="http://devbox.internal")
     token = csrf_of(c.get("/console/login").text)
     r = c.post("/console/login", data={"csrf": token, "api_key": w.keys["cpo1"]}, follow_redirects=False)
@@ -284,7 +284,7 @@ def test_client_certificate_sign_in_via_trusted_proxy(w: World, monkeypatch: pyt
     org = w.org("cpo2")
     issued = w.ctx.engine.issue_from_csr("api-client", csr_pem(f"{org} console", o=org, key=key), tenant=org)
     hdr = {"X-SSL-Client-Cert": quote(issued.cert.public_bytes(serialization.Encoding.PEM).decode())}
-    monkeypatch.setenv("V2GPKI_TRUSTED_PROXIES", "testclient")
+    monkeypatch.setattr(w.ctx.settings, "trusted_proxies", "testclient")  # V2GPKI_TRUSTED_PROXIES
     c = w.client()
     page = c.get("/console/login", headers=hdr)
     assert "Sign in with this certificate" in page.text

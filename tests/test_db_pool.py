@@ -228,9 +228,11 @@ def test_run_together_prepares_once_per_connection(prepare: str, pg_url: str,
     from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, literal_column, select
     from sqlalchemy.exc import DBAPIError
 
+    from pki.config import Settings, current
     from pki.store.fast import BulkInsert, Prepared, run_together
 
     monkeypatch.setenv("V2GPKI_PG_PREPARE", prepare)
+    monkeypatch.setattr(current(), "pg_prepare", Settings().pg_prepare)  # as a process started with it
     db = Database(pg_url)
     md = MetaData()
     t = Table(f"t_prep_{secrets.token_hex(4)}", md, Column("id", Integer, primary_key=True), Column("s", String))

@@ -37,26 +37,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("v2gpki.workers")
 
 
-def _int_env(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
-
-
 def broker_config(home: Path | None = None) -> dict[str, Any]:
-    ls = LifecycleSettings()
-    home = home or Settings().home_dir
+    ls = LifecycleSettings.from_settings(Settings())
+    s = Settings()
+    home = home or s.home_dir
     url = ls.broker_url
     conf: dict[str, Any] = {}
     if url:
         conf["broker_url"] = url
-        conf["result_backend"] = os.environ.get("V2GPKI_RESULT_BACKEND", url)
+        conf["result_backend"] = s.result_backend or url
         if url.startswith(("redis://", "rediss://")):
             # Redis redelivers an unacknowledged message after the visibility timeout: keep it above the
             # longest task. Retries are scheduled in the database, never as long broker countdowns.
             conf["broker_transport_options"] = {
-                "visibility_timeout": _int_env("V2GPKI_BROKER_VISIBILITY_TIMEOUT", 3600),
+                "visibility_timeout": s.broker_visibility_timeout,
                 # How often an idle worker looks for messages a dead worker left unacknowledged.
-                "unacked_restore_interval": _int_env("V2GPKI_BROKER_RESTORE_INTERVAL", 10),
-                "unacked_restore_throttle": _int_env("V2GPKI_BROKER_RESTORE_THROTTLE", 10),
+                "unacked_restore_interval": s.broker_restore_interval,
+                "unacked_restore_throttle": s.broker_restore_throttle,
                 "socket_connect_timeout": 5, "socket_timeout": 30,
             }
             conf["result_backend_transport_options"] = {"socket_connect_timeout": 5}
@@ -69,31 +66,26 @@ def broker_config(home: Path | None = None) -> dict[str, Any]:
             "processed_folder": str(base / "processed"), "store_processed": False,
             "control_folder": str(base / "control"),
         }
-        conf["result_backend"] = os.environ.get("V2GPKI_RESULT_BACKEND", f"file://{base / 'results'}")
+        conf["result_backend"] = s.result_backend or f"file://{base / 'results'}"
     return conf
 
 
 def beat_schedule() -> dict[str, dict[str, Any]]:
-    every = _int_env
+    s = Settings()
     out: dict[str, dict[str, Any]] = {
-        "outbox-drain": {"task": "v2gpki.outbox.drain",
-                         "schedule": timedelta(seconds=every("V2GPKI_OUTBOX_DRAIN_SECONDS", 15))},
+        "outbox-drain": {"task": "v2gpki.outbox.drain", "schedule": timedelta(seconds=s.outbox_drain_seconds)},
         "deliveries-sweep": {"task": "v2gpki.deliveries.sweep",
-                             "schedule": timedelta(seconds=every("V2GPKI_DELIVERY_SWEEP_SECONDS", 30))},
-        "expiry-scan": {"task": "v2gpki.expiry.scan",
-                        "schedule": timedelta(seconds=every("V2GPKI_EXPIRY_SCAN_SECONDS", 3600))},
-        "renewal": {"task": "v2gpki.renewal.run",
-                    "schedule": timedelta(seconds=every("V2GPKI_RENEWAL_SECONDS", 6 * 3600))},
+                             "schedule": timedelta(seconds=s.delivery_sweep_seconds)},
+        "expiry-scan": {"task": "v2gpki.expiry.scan", "schedule": timedelta(seconds=s.expiry_scan_seconds)},
+        "renewal": {"task": "v2gpki.renewal.run", "schedule": timedelta(seconds=s.renewal_seconds)},
         "truststore-check": {"task": "v2gpki.truststore.publish",
-                             "schedule": timedelta(seconds=every("V2GPKI_TRUSTSTORE_CHECK_SECONDS", 6 * 3600)),
+                             "schedule": timedelta(seconds=s.truststore_check_seconds),
                              "kwargs": {"reason": "scheduled check"}},
-        "crl-refresh": {"task": "v2gpki.crl.refresh",
-                        "schedule": timedelta(seconds=every("V2GPKI_CRL_REFRESH_SECONDS", 900))},
-        "ocsp-refresh": {"task": "v2gpki.ocsp.refresh",
-                         "schedule": timedelta(seconds=every("V2GPKI_OCSP_REFRESH_SECONDS", 900))},
+        "crl-refresh": {"task": "v2gpki.crl.refresh", "schedule": timedelta(seconds=s.crl_refresh_seconds)},
+        "ocsp-refresh": {"task": "v2gpki.ocsp.refresh", "schedule": timedelta(seconds=s.ocsp_refresh_seconds)},
     }
     # #21 item 7: the audit chain head signed by the HSM and recorded outside the database periodically
-    cp = Settings().audit_checkpoint_seconds
+    cp = s.audit_checkpoint_seconds
     if cp > 0:
         out["audit-checkpoint"] = {"task": "v2gpki.audit.checkpoint", "schedule": timedelta(seconds=cp)}
     return out
@@ -101,7 +93,7 @@ def beat_schedule() -> dict[str, dict[str, Any]]:
 
 def make_app(home: Path | None = None) -> Celery:
     """The Celery app; ``home`` places the embedded broker (default: $V2GPKI_HOME)."""
-    ls = LifecycleSettings()
+    ls = LifecycleSettings.from_settings(Settings())
     home = home or Settings().home_dir
     a = Celery("v2gpki", include=["workers.tasks"])
     a.conf.update(
@@ -122,8 +114,8 @@ def make_app(home: Path | None = None) -> Celery:
         enable_utc=True,
         beat_schedule=beat_schedule(),
         beat_schedule_filename=str(home / "celerybeat-schedule"),
-        task_time_limit=_int_env("V2GPKI_TASK_TIME_LIMIT", 1800),
-        task_soft_time_limit=_int_env("V2GPKI_TASK_SOFT_TIME_LIMIT", 1700),
+        task_time_limit=Settings().task_time_limit,
+        task_soft_time_limit=Settings().task_soft_time_limit,
     )
     return a
 

@@ -40,19 +40,19 @@ _keys: dict[Path, bytes] = {}
 _keys_lock = threading.Lock()
 
 
-def session_seconds() -> int:
-    return int(os.environ.get("V2GPKI_CONSOLE_SESSION_SECONDS", str(8 * 3600)))
+def session_seconds(settings: Settings) -> int:
+    return settings.console_session_seconds
 
 
-def secure_cookies() -> bool:
+def secure_cookies(settings: Settings) -> bool:
     """Secure is on unless V2GPKI_CONSOLE_INSECURE_COOKIES=1 (plain-http development on a host name that
     the browser does not treat as potentially trustworthy; 127.0.0.1 and localhost need no such switch)."""
-    return os.environ.get("V2GPKI_CONSOLE_INSECURE_COOKIES", "") not in ("1", "true", "yes")
+    return (settings.console_insecure_cookies or "") not in ("1", "true", "yes")
 
 
 def key_path(settings: Settings) -> Path:
-    override = os.environ.get("V2GPKI_CONSOLE_SESSION_KEY_FILE")
-    return Path(override).resolve() if override else settings.home_dir / KEY_FILE
+    override = settings.console_session_key_file
+    return override.resolve() if override else settings.home_dir / KEY_FILE
 
 
 def session_key(settings: Settings) -> bytes:
@@ -109,9 +109,11 @@ class Session:
         return "session:" + hashlib.sha256(self.sid.encode()).hexdigest()[:32]
 
 
-def new_session(org: str, credential: str, cert_fp: str | None = None, now: float | None = None) -> Session:
+def new_session(org: str, credential: str, cert_fp: str | None = None, now: float | None = None, *,
+                seconds: int = 8 * 3600) -> Session:
+    """A session valid for ``seconds`` (the console passes V2GPKI_CONSOLE_SESSION_SECONDS)."""
     t = int(now if now is not None else time.time())
-    return Session(secrets.token_urlsafe(24), org, credential, cert_fp, t, t + session_seconds())
+    return Session(secrets.token_urlsafe(24), org, credential, cert_fp, t, t + seconds)
 
 
 def encode(key: bytes, s: Session) -> str:

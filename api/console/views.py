@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from api.auth import CLIENT_LIMIT, TokenBucket, _by_certificate, _client_ip, _fa
 from api.deps import CtxDep
 from api.problems import status_of
 from pki import audit
+from pki.config import Settings, current
 from pki.context import Context
 from pki.errors import AlreadyRevoked, BadRevocation, NotFound, PKIError
 from pki.issuance import REASONS
@@ -53,8 +53,7 @@ TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=
                         undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 # Sign-in attempts per client address (successful or not), on top of api.auth's failed-attempt budget.
-SIGNIN_LIMIT = TokenBucket(float(os.environ.get("V2GPKI_CONSOLE_SIGNIN_RATE", "0.5")),
-                           float(os.environ.get("V2GPKI_CONSOLE_SIGNIN_BURST", "10")))
+SIGNIN_LIMIT = TokenBucket(current().console_signin_rate, current().console_signin_burst)
 
 # Reasons in the order an operator most often needs them (RFC 5280 §5.3.1 names, as the API takes them).
 REASON_ORDER = ["keyCompromise", "superseded", "cessationOfOperation", "affiliationChanged", "privilegeWithdrawn",
@@ -112,7 +111,7 @@ def sign_in_redirect(request: Request, _: SignInRequired) -> RedirectResponse:
         target += "?next=" + quote(nxt, safe="")
     resp = RedirectResponse(target, status_code=303)
     if sess.COOKIE in request.cookies:  # a stale or refused session; a request without one leaves cookies be
-        _clear_cookie(resp, sess.COOKIE)
+        _clear_cookie(request.app.state.ctx.settings, resp, sess.COOKIE)
     return resp
 
 
@@ -138,13 +137,14 @@ class Viewer:
         return self.p.role in ("admin", "auditor")
 
 
-def _set_cookie(resp: Response, name: str, value: str, max_age: int) -> None:
-    resp.set_cookie(name, value, max_age=max_age, path=sess.COOKIE_PATH, secure=sess.secure_cookies(),
+def _set_cookie(settings: Settings, resp: Response, name: str, value: str, max_age: int) -> None:
+    resp.set_cookie(name, value, max_age=max_age, path=sess.COOKIE_PATH, secure=sess.secure_cookies(settings),
                     httponly=True, samesite="strict")
 
 
-def _clear_cookie(resp: Response, name: str) -> None:
-    resp.delete_cookie(name, path=sess.COOKIE_PATH, secure=sess.secure_cookies(), httponly=True, samesite="strict")
+def _clear_cookie(settings: Settings, resp: Response, name: str) -> None:
+    resp.delete_cookie(name, path=sess.COOKIE_PATH, secure=sess.secure_cookies(settings), httponly=True,
+                       samesite="strict")
 
 
 def _signed_out(ctx: Context, s: sess.Session) -> bool:
@@ -245,7 +245,7 @@ def _login_page(request: Request, ctx: Context, *, status: int = 200, error: str
     cert_subject = cert.subject.rfc4514_string() if cert is not None else ""
     resp = render(request, "login.html", None, status=status, error=error, notice=notice, next=nxt, title="Sign in",
                   csrf=sess.login_token(key, nonce), cert_subject=cert_subject, headers=headers)
-    _set_cookie(resp, sess.LOGIN_COOKIE, nonce, 900)
+    _set_cookie(ctx.settings, resp, sess.LOGIN_COOKIE, nonce, 900)
     return resp
 
 
@@ -286,12 +286,12 @@ def login(request: Request, ctx: CtxDep, f: FormDep) -> Response:
         return _login_page(request, ctx, status=refused.status_code, nxt=nxt, headers=refused.headers,
                            error="Too many failed sign-ins. Wait a moment and try again." if refused.status_code == 429
                            else f"Sign-in refused: {reason}.")
-    s = sess.new_session(p.org, p.credential, fp)
+    s = sess.new_session(p.org, p.credential, fp, seconds=sess.session_seconds(ctx.settings))
     audit.record(ctx.db, audit.Entry(actor=p.credential, org=p.org, action="console.signin", object=s.ref,
                                      details={"method": "certificate" if fp else "apikey"}))
     resp = RedirectResponse(nxt, status_code=303)
-    _set_cookie(resp, sess.COOKIE, sess.encode(key, s), sess.session_seconds())
-    _clear_cookie(resp, sess.LOGIN_COOKIE)
+    _set_cookie(ctx.settings, resp, sess.COOKIE, sess.encode(key, s), sess.session_seconds(ctx.settings))
+    _clear_cookie(ctx.settings, resp, sess.LOGIN_COOKIE)
     return resp
 
 
@@ -300,7 +300,7 @@ def logout(request: Request, ctx: CtxDep, v: ViewerDep, f: FormDep) -> Response:
     require_csrf(ctx, request, v, f)
     audit.record(ctx.db, audit.Entry(actor=v.p.credential, org=v.p.org, action="console.signout", object=v.s.ref))
     resp = RedirectResponse("/console/login?signed_out=1", status_code=303)
-    _clear_cookie(resp, sess.COOKIE)
+    _clear_cookie(ctx.settings, resp, sess.COOKIE)
     return resp
 
 

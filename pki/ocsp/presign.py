@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam
 
 from hsm.errors import HSMError
+from pki.config import current
 from pki.store.db import Database
 from pki.store.fast import Prepared
 from pki.store.models import OcspResponseCache
@@ -67,7 +68,7 @@ class Presigner:
     under HTTP load several per request, cost more GIL hand-offs and SQLite write transactions than the
     signing itself) but collects what accumulated every PERIOD seconds; :meth:`flush` wakes it at once."""
 
-    PERIOD = float(os.environ.get("V2GPKI_OCSP_PRESIGN_PERIOD_MS", "100")) / 1000
+    PERIOD = current().ocsp_presign_period_ms / 1000
 
     def __init__(self, responder: OcspResponder) -> None:
         self.responder = responder

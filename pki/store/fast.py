@@ -11,7 +11,6 @@ driver (executemany for several) through the caller's connection, inside the cal
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import weakref
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from sqlalchemy.engine import Connection, CursorResult, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql.expression import Executable
 
+from pki.config import current
 from pki.store.errors import invalid_value
 
 _Compiled = tuple[str, bool, tuple[str, ...], tuple[Callable[[Any], Any] | None, ...], tuple[Any, ...]]
@@ -284,7 +284,7 @@ def _send(raw: Any, tx: pg_abc.Transformer, bound: Sequence[tuple[str, Sequence[
 # generic. V2GPKI_PG_PREPARE=0 turns server-side preparation off, here and in psycopg (prepare_threshold),
 # for a transaction-pooling proxy (PgBouncer in transaction mode) that moves sessions between clients.
 def pg_prepare_enabled() -> bool:
-    return os.environ.get("V2GPKI_PG_PREPARE", "1").lower() not in ("0", "false", "no", "off")
+    return current().pg_prepare
 
 
 _SERVER_FORMS: dict[str, tuple[bytes, bytes, tuple[str, ...]]] = {}

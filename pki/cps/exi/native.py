@@ -14,11 +14,12 @@ in Python and takes ≈ 0.25 ms this way, the calls from Python included (docs/e
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
+
+from pki.config import current
 
 from ..errors import ExiEncodeError
 from .datatypes import BinaryType, BooleanType, Datatype, DecodeLimits, EnumType, IntegerType, StringType, bits_for
@@ -38,7 +39,7 @@ if _native is not None and getattr(_native, "ABI", None) != ABI:
 
 
 # read once, at import: this is asked several times per installation
-ENABLED = os.environ.get("V2GPKI_EXI_NATIVE", "1").lower() not in ("0", "false", "no", "off")
+ENABLED = current().exi_native
 
 
 def available() -> bool:
