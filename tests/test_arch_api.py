@@ -177,7 +177,7 @@ EXPECTED_STATUS = {
     "ExiEncodeError": 400, "KeyWrapError": 400, "XmlDsigError": 400, "SignatureVerificationFailed": 400,
     "ActionMismatch": 400, "ResponseTooLarge": 422, "CPSFailure": 400, "CPS20Failure": 400,
     "HSMError": 503, "HSMConfigError": 503, "HSMUnavailable": 503, "KeyNotFoundError": 503,
-    "KeyExistsError": 503, "SignatureCheckFailed": 503, "SealError": 503,
+    "KeyExistsError": 503, "SignatureCheckFailed": 503, "SealError": 503, "KeyUriError": 503,
 }
 
 
