@@ -12,6 +12,7 @@ from pki.config import Settings
 from pki.crl import CrlCache, CrlScheduler
 from pki.issuance import Engine
 from pki.lifecycle_policy import Lifecycle
+from pki.ocsp.responder import OcspResponder
 from pki.outbox import Dispatcher
 from pki.profiles import Hierarchy, ProfileSet, load_hierarchy
 from pki.store.db import Database
@@ -26,6 +27,7 @@ class Context:
     engine: Engine
     lifecycle: Lifecycle  # policies/lifecycle.yaml and the engine that knows its extra profiles
     outbox: Dispatcher  # sends outbox rows after commit, once a process starts it (workers/outbox.py)
+    ocsp: OcspResponder  # RFC 6960 answers, pre-signing and re-signing (pki/ocsp/)
     crl_cache: CrlCache  # the latest CRL per CA, served by /crl/<ca>.crl
     crl_scheduler: CrlScheduler  # regenerates a CRL in the background after a revocation
     # CPS leaves and eMSP names every contract installation looks up (pki/cps/service.py), dropped on

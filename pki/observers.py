@@ -75,7 +75,7 @@ class Deferred(Generic[T]):
     """A value the composition root sets once, after the observers that need it were built.
 
     The engine takes its observers at construction, but some observers act through the finished Context
-    (the OCSP responder, the CRL scheduler, the CPS caches, which reach CA keys through ctx.engine):
+    (the CRL scheduler and cache and the CPS caches, which reach CA keys through ctx.engine):
     pki/wiring.py hands them a Deferred[Context] and sets it before build_context returns. Observers run
     only after an issuance or a revocation, so never before it is set."""
 

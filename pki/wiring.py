@@ -27,7 +27,7 @@ from pki.issuance import Engine
 from pki.lifecycle_policy import Lifecycle, LifecycleSettings, load_policy
 from pki.metrics import HsmSignTimer, IssuanceCounter, RevocationCounter, clock_measured, clock_refused
 from pki.observers import Deferred, IssuanceObserver, Issued, RevocationObserver
-from pki.ocsp import is_responder_only, responder_for
+from pki.ocsp.responder import OcspResponder
 from pki.outbox import Dispatcher, OutboxOnIssuance, OutboxOnRevocation
 from pki.profiles import ProfileSet, load_profiles
 from pki.store.db import Database
@@ -54,14 +54,14 @@ def open_keystore(settings: Settings) -> KeyStore:
 # -- what happens around an issuance and a revocation -------------------------------------------------------
 
 
-def issuance_observers(ctx: Deferred[Context], outbox: Dispatcher, profiles: ProfileSet
+def issuance_observers(ocsp: OcspResponder, outbox: Dispatcher, profiles: ProfileSet
                        ) -> tuple[IssuanceObserver, ...]:
     """After the certificate rows are written, in the issuing transaction, then after it commits:"""
     return (
         # 1. OCSP (RFC 6960): after commit, queue the new certificates' responses for pre-signing (a
         #    background thread), so the first status request finds one; a new CA or OCSP signer changes
         #    the responder's issuer table, which is reloaded.
-        OcspOnIssuance(ctx),
+        OcspOnIssuance(ocsp),
         # 2. Outbox: a new CA certificate writes a `ca.changed` event in the transaction (trust lists and
         #    station trust stores follow it), and the dispatcher is kicked after commit.
         OutboxOnIssuance(profiles, outbox),
@@ -70,13 +70,14 @@ def issuance_observers(ctx: Deferred[Context], outbox: Dispatcher, profiles: Pro
     )
 
 
-def revocation_observers(ctx: Deferred[Context], outbox: Dispatcher) -> tuple[RevocationObserver, ...]:
+def revocation_observers(ctx: Deferred[Context], ocsp: OcspResponder, outbox: Dispatcher
+                         ) -> tuple[RevocationObserver, ...]:
     """After the status is updated, in the revoking transaction, then after it commits (a released hold
     gets the after-commit calls only):"""
     return (
         # 1. OCSP: re-sign the certificate's response at once, so the responder says revoked (or good
         #    again) before the call returns.
-        OcspOnRevocation(ctx),
+        OcspOnRevocation(ocsp),
         # 2. CRL (RFC 5280 §5): mark the issuer's CRL for regeneration in the background (coalesced);
         #    not in a responder-only process, which holds no CA key.
         CrlOnRevocation(ctx),
@@ -91,15 +92,15 @@ def revocation_observers(ctx: Deferred[Context], outbox: Dispatcher) -> tuple[Re
 
 
 class OcspOnIssuance:
-    def __init__(self, ctx: Deferred[Context]) -> None:
-        self.ctx = ctx
+    def __init__(self, ocsp: OcspResponder) -> None:
+        self.ocsp = ocsp
 
     def in_transaction(self, session: object, issued: list[Issued]) -> None:
         pass
 
     def after_commit(self, issued: list[Issued]) -> None:
         try:
-            r = responder_for(self.ctx.get())
+            r = self.ocsp
             if any(i.profile.startswith("ocsp-signer") or i.cert.extensions.get_extension_for_class(
                     x509.BasicConstraints).value.ca for i in issued):
                 r.invalidate()  # a new CA or OCSP signer: the issuer table changes
@@ -109,15 +110,15 @@ class OcspOnIssuance:
 
 
 class OcspOnRevocation:
-    def __init__(self, ctx: Deferred[Context]) -> None:
-        self.ctx = ctx
+    def __init__(self, ocsp: OcspResponder) -> None:
+        self.ocsp = ocsp
 
     def in_transaction(self, session: object, cert: Certificate) -> None:
         pass
 
     def after_commit(self, cert: Certificate) -> None:
         try:
-            responder_for(self.ctx.get()).presign(cert.issuer, [cert.serial])
+            self.ocsp.presign(cert.issuer, [cert.serial])
         except Exception:  # noqa: BLE001 - the responder re-signs on the next request (status check)
             log.warning("re-signing the OCSP response of %s/%s failed", cert.issuer, cert.serial, exc_info=True)
 
@@ -131,7 +132,7 @@ class CrlOnRevocation:
 
     def after_commit(self, cert: Certificate) -> None:
         ctx = self.ctx.get()
-        if is_responder_only(ctx):
+        if ctx.responder_only:
             return
         try:
             ctx.crl_scheduler.mark(cert.issuer)
@@ -161,9 +162,10 @@ def build_context(settings: Settings | None = None, *, keystore: KeyStore | None
 
     ctx_ref: Deferred[Context] = Deferred()
     outbox = Dispatcher(db)  # idle until the process starts it with a sender (workers/outbox.py install)
+    ocsp = OcspResponder(db, ks, settings)  # delegated OCSP signers only (RFC 6960 §4.2.2.2)
     lc_profiles = ProfileSet({**profiles.profiles, **extra})
-    on_issue = issuance_observers(ctx_ref, outbox, lc_profiles)
-    on_revoke = revocation_observers(ctx_ref, outbox)
+    on_issue = issuance_observers(ocsp, outbox, lc_profiles)
+    on_revoke = revocation_observers(ctx_ref, ocsp, outbox)
     clock_guard = None
     if settings.max_clock_skew_seconds > 0:
         # Compared with the database server's clock now (a skewed host is logged at start) and then at
@@ -179,7 +181,7 @@ def build_context(settings: Settings | None = None, *, keystore: KeyStore | None
     lc_engine = Engine(db, ks, lc_profiles, settings.public_base(), pkilint_mode=settings.pkilint,
                        issuance_observers=on_issue, revocation_observers=on_revoke, ca_keys=not responder_only)
     ctx = Context(settings, db, ks, profiles, engine, lifecycle=Lifecycle(policy, lc_settings, lc_engine, extra),
-                  outbox=outbox,
+                  outbox=outbox, ocsp=ocsp,
                   # The responder-only process serves stored CRLs; it holds no CA key to make one.
                   crl_cache=CrlCache(ctx_ref.get, may_generate=not responder_only),
                   crl_scheduler=CrlScheduler(ctx_ref.get), responder_only=responder_only)

@@ -10,7 +10,7 @@ import time
 import weakref
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography import x509
 from sqlalchemy import and_, delete, or_, select
@@ -41,7 +41,9 @@ from pki.store.models import Certificate, CertificateAuthority, OcspResponseCach
 from pki.store.ocsp import DatabaseUnavailable, StatusLookup, as_utc, current_ocsp_signers, issuer_certificates
 
 if TYPE_CHECKING:
-    from pki.context import Context
+    from hsm.keystore import KeyStore
+    from pki.config import Settings
+    from pki.store.db import Database
 
 log = logging.getLogger("v2gpki.ocsp")
 
@@ -51,16 +53,29 @@ _CA = CertificateAuthority.__table__  # type: ignore[attr-defined]
 
 
 class OcspResponder:
-    """One per process and Context (see :func:`responder_for`). Thread-safe."""
+    """One per Context (ctx.ocsp, built in pki/wiring.py; a forked child starts it afresh). Thread-safe."""
 
     RELOAD_SECONDS = 60.0  # pick up new CAs / renewed signers from other processes
     MISS_RELOAD_SECONDS = 5.0  # an unknown issuer may be a new CA, but never reload per garbage request
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.db = ctx.db
-        self.keystore = ctx.keystore
-        self.validity = timedelta(hours=ctx.settings.ocsp_validity_hours)
+    def __init__(self, db: Database, keystore: KeyStore, settings: Settings) -> None:
+        self.db = db
+        self.keystore = keystore
+        self.settings = settings
+        self._init_state()
+        ref = weakref.ref(self)
+
+        def reset_in_child() -> None:
+            # Never share possibly-held locks or connections with the parent (Celery prefork,
+            # multiprocessing): the child starts from an empty state, as a new responder would.
+            me = ref()
+            if me is not None:
+                me._init_state()
+
+        os.register_at_fork(after_in_child=reset_in_child)
+
+    def _init_state(self) -> None:
+        self.validity = timedelta(hours=self.settings.ocsp_validity_hours)
         # A pre-signed response is served while at least half its validity is left, then re-signed
         # (CA/B BR §4.9.10 style: refresh well before nextUpdate; chargers refresh about weekly).
         self.margin = self.validity / 2
@@ -83,7 +98,7 @@ class OcspResponder:
                                self._unknown)
         self.presigned_chain = Chain([self.stored])
         self.chain = Chain([self.stored, self.live])
-        st = ctx.settings
+        st = self.settings
         self.budget = SignBudget(st.ocsp_live_sign_rate, st.ocsp_live_sign_burst, st.ocsp_live_sign_total_rate)
         self._client = threading.local()  # the address the current request's live signatures are charged to
 
@@ -479,40 +494,30 @@ class OcspResponder:
         return self._guarded(go)
 
 # ---------------------------------------------------------------------------------------------------
-# Per-Context registry and Engine hooks
+# The Context's responder
 # ---------------------------------------------------------------------------------------------------
 
-_RESPONDERS: weakref.WeakKeyDictionary[Any, OcspResponder] = weakref.WeakKeyDictionary()
-_REG_LOCK = threading.Lock()
+class _OcspContext(Protocol):
+    """What these functions read of pki.context.Context (a Protocol: the Context holds this module's
+    responder, so this module does not import it)."""
+
+    @property
+    def ocsp(self) -> OcspResponder: ...
+    @property
+    def responder_only(self) -> bool: ...
 
 
-def _after_fork_in_child() -> None:
-    # Never share possibly-held locks with the parent (Celery prefork, multiprocessing): the child builds
-    # its own responder on first use (pki/store/db.py drops the read engine's pooled connections).
-    _RESPONDERS.clear()
+def responder_for(ctx: _OcspContext) -> OcspResponder:
+    """The Context's OCSP responder (kept for callers; it is ctx.ocsp, built in pki/wiring.py)."""
+    return ctx.ocsp
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def responder_for(ctx: Context) -> OcspResponder:
-    """The OcspResponder of this Context (keyed by its Engine; built on first use)."""
-    r = _RESPONDERS.get(ctx.engine)
-    if r is None:
-        with _REG_LOCK:
-            r = _RESPONDERS.get(ctx.engine)
-            if r is None:
-                r = OcspResponder(ctx)
-                _RESPONDERS[ctx.engine] = r
-    return r
-
-
-def is_responder_only(ctx: Context) -> bool:
+def is_responder_only(ctx: _OcspContext) -> bool:
     """The standalone responder's Context (pki.wiring.build_context(responder_only=True)): no CA key."""
     return ctx.responder_only
 
 
-def refresh(ctx: Context, *, margin: timedelta | None = None, full: bool = False) -> int:
+def refresh(ctx: _OcspContext, *, margin: timedelta | None = None, full: bool = False) -> int:
     """Worker entry point: re-sign what is missing or due (see OcspResponder.refresh)."""
     return responder_for(ctx).refresh(margin=margin, full=full)
 
