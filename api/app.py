@@ -110,13 +110,20 @@ def router_setup(name: str) -> Callable[[FastAPI], None]:
 
 
 def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
-               ctx_factory: Callable[[], Context] | None = None) -> FastAPI:
+               ctx_factory: Callable[[], Context] | None = None, dispatch_outbox: bool = True) -> FastAPI:
+    """The API (``routers``: the ROUTERS to mount, default all). ``dispatch_outbox``: an app that serves
+    /v1/subscriptions also sends outbox events to the broker right after commit (pki/outbox.py's
+    dispatcher, started with workers/outbox.py's Celery sender); a lean app (the OCSP responder) leaves
+    them to the workers' periodic drain."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if getattr(app.state, "ctx", None) is None:
             app.state.ctx = (ctx_factory or build_context)()
-        for hook in getattr(app.state, "startup_hooks", []):
-            hook(app.state.ctx)
+        if dispatch_outbox and "api.v1.subscriptions" in mounted:
+            from workers.outbox import install
+
+            install(app.state.ctx)
         yield
 
     app = FastAPI(
@@ -126,7 +133,6 @@ def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
         lifespan=lifespan,
     )
     app.state.ctx = ctx
-    app.state.startup_hooks = []
     problems.install(app)
     from api.limits import BodyLimit
 
@@ -138,6 +144,7 @@ def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
-    for modname in routers if routers is not None else ROUTERS:
+    mounted = list(routers if routers is not None else ROUTERS)
+    for modname in mounted:
         router_setup(modname)(app)
     return app

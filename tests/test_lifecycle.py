@@ -559,8 +559,7 @@ def test_subscription_and_truststore_api(lc_ctx: Context, hooks: WebhookServer) 
     def h(n: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {keys[n]}"}
 
-    app = create_app(lc_ctx, routers=["api.v1.subscriptions"])
-    app.state.startup_hooks.clear()  # no broker dispatcher in this test process
+    app = create_app(lc_ctx, routers=["api.v1.subscriptions"], dispatch_outbox=False)  # no broker here
     with TestClient(app) as cl:
         r = cl.post("/v1/subscriptions", json={"url": f"{hooks.url}/api-{t}", "events": ["truststore"]}, headers=h(a))
         assert r.status_code == 201, r.text

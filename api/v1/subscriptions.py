@@ -5,8 +5,8 @@ returned once, in the creation response, and never again. Trust-store versions a
 PEM bundles of /v1/truststores/{type}); the per-subscriber delivery status needs authentication, and a
 tenant sees only its own deliveries.
 
-Mounting this router also starts the outbox dispatcher of the API process (workers/outbox.py), so events
-committed by API requests reach the broker right after commit.
+An app that mounts this router also starts the outbox dispatcher of its process (api/app.py's lifespan),
+so events committed by API requests reach the broker right after commit.
 """
 
 from __future__ import annotations
@@ -114,13 +114,6 @@ def truststore_deliveries(store: Store, version: Annotated[int, Path(ge=1, le=2*
 
 def setup(app: FastAPI) -> None:
     app.include_router(router)
-
-    def start_dispatcher(ctx: Any) -> None:
-        from workers.outbox import install
-
-        install(ctx)
-
-    app.state.startup_hooks.append(start_dispatcher)
 
 
 __all__ = ["router", "setup"]
