@@ -3,8 +3,8 @@
 api/observability.py exposes them on ``/metrics`` (with the HTTP and OCSP request metrics it keeps). They
 are fed by observers connected in pki/wiring.py — never by patching the engine or the key store:
 
-* :class:`IssuanceCounter` / :class:`RevocationCounter`: engine observers (pki/observers.py) that count in
-  ``after_commit``, so a change that rolled back is never counted;
+* :class:`IssuanceCounter` / :class:`RevocationCounter`: engine observers (pki/observers.py) that count
+  only what committed (``after_commit``, or a commit callback of the transaction);
 * :class:`HsmSignTimer`: the PKCS#11 key store's sign observer (hsm/pkcs11.py), timing every signature;
 * :func:`clock_measured` / :func:`clock_refused`: the clock guard's callbacks (pki/clock.py).
 

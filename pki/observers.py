@@ -51,7 +51,8 @@ class IssuanceObserver(Protocol):
     """Told about every batch of certificates the engine issues."""
 
     def in_transaction(self, session: Session, issued: list[Issued]) -> None:
-        """Inside the issuing transaction (the certificate rows are written, not committed)."""
+        """Inside the issuing transaction, before it commits (ORM rows added here are flushed with the
+        certificate rows; on PostgreSQL they travel in the same round trip as the COMMIT)."""
 
     def after_commit(self, issued: list[Issued]) -> None:
         """After the certificates committed; must not raise."""

@@ -56,7 +56,8 @@ def open_keystore(settings: Settings) -> KeyStore:
 
 def issuance_observers(ocsp: OcspResponder, outbox: Dispatcher, profiles: ProfileSet
                        ) -> tuple[IssuanceObserver, ...]:
-    """After the certificate rows are written, in the issuing transaction, then after it commits:"""
+    """Inside the issuing transaction (before its commit, which the certificate rows travel with), then
+    after it commits:"""
     return (
         # 1. OCSP (RFC 6960): after commit, queue the new certificates' responses for pre-signing (a
         #    background thread), so the first status request finds one; a new CA or OCSP signer changes
@@ -86,7 +87,8 @@ def revocation_observers(ctx: Deferred[Context], ocsp: OcspResponder, outbox: Di
         OutboxOnRevocation(outbox),
         # 4. CPS: drop this process's cached CPS leaves and chains (unless an MO CA issued the certificate).
         CpsCacheOnRevocation(ctx),
-        # 5. Metrics: v2gpki_certificates_revoked, counted after commit only.
+        # 5. Metrics: v2gpki_certificates_revoked, counted once the transaction committed (a commit
+        #    callback, so bulk revocation, which calls only in_transaction, is counted too).
         RevocationCounter(),
     )
 
