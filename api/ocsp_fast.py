@@ -64,6 +64,8 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote
 
+import httptools
+
 from pki.errors import MalformedOCSPRequest, PKIError
 from pki.ocsp import (
     INTERNAL_ERROR_ANSWER,
@@ -77,6 +79,7 @@ from pki.ocsp import (
     parse_request,
     read_engine,
     responder_for,
+    rfc5019_certid,
     wanted_status,
 )
 
@@ -103,10 +106,6 @@ _REASONS = {100: "Continue", 200: "OK", 304: "Not Modified", 400: "Bad Request",
             413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 _STATUS_LINE = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in _REASONS.items()}
-_REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) ([\x21-\x7e]{1,%d}) HTTP/1\.([01])" % MAX_HEAD)
-_ANY_VERSION = re.compile(rb"[A-Z]{1,16} [\x21-\x7e]+ HTTP/[0-9]\.[0-9]")
-_WANTED = frozenset((b"content-length", b"transfer-encoding", b"connection", b"host", b"expect",
-                     b"if-none-match"))
 _B64_PATH = re.compile(r"^[A-Za-z0-9+/ _-]*={0,2}$")
 _CRL_NAME = re.compile(r"^([a-z0-9][a-z0-9-]{1,62})\.crl$")
 
@@ -136,66 +135,83 @@ class Request:
         self.if_none_match = if_none_match
 
 
-_TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_HEAD_CHARS = bytes([9, 10, 13, *range(0x20, 0x7F), *range(0x80, 0x100)])  # no NUL, no other CTLs
+class _HeadCollector:
+    """httptools callbacks: the target and the header fields of one request head."""
+
+    __slots__ = ("url", "fields", "done")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.done = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.done = True
 
 
 def parse_head(head: bytes) -> Request:
-    """Request line and header fields (without the final CRLF CRLF). Raises HttpError."""
-    # Whole-block checks in C first: only VCHAR / obs-text / SP / HTAB and CRLF pairs (no bare CR or LF).
-    if head.translate(None, _HEAD_CHARS):
-        raise HttpError(400, "control character in request head")
-    crlf = head.count(b"\r\n")
-    if head.count(b"\r") != crlf or head.count(b"\n") != crlf:
-        raise HttpError(400, "bare CR or LF in request head")
-    if crlf > MAX_HEADER_LINES:
+    """Request line and header fields (without the final CRLF CRLF), parsed by llhttp (httptools, uvicorn's
+    parser): it refuses bad tokens, control characters, bare CR or LF, obs-fold, whitespace before the colon,
+    malformed or duplicate Content-Length (RFC 9112 §2-§6). What it leaves to us: exactly one SP between the
+    request-line's parts, HTTP/1.0 or 1.1 only (505), at most MAX_HEADER_LINES fields (431), one Host and
+    one for HTTP/1.1 (§3.2), no Transfer-Encoding (§6.3: no chunked bodies, no smuggling), Expect only
+    100-continue. Raises HttpError."""
+    sink = _HeadCollector()
+    parser = httptools.HttpRequestParser(sink)
+    try:
+        parser.feed_data(head + b"\r\n\r\n")
+    except httptools.HttpParserError as exc:
+        if "HTTP version" in str(exc):
+            raise HttpError(505, "only HTTP/1.0 and HTTP/1.1") from None
+        raise HttpError(400, f"bad request: {exc}") from None
+    if not sink.done:
+        raise HttpError(400, "bad request head")
+    method, version = parser.get_method(), parser.get_http_version()
+    if version not in ("1.0", "1.1"):
+        raise HttpError(505, "only HTTP/1.0 and HTTP/1.1")
+    target = sink.url
+    if not head.startswith(b"%s %s HTTP/%s\r\n" % (method, target, version.encode())) and \
+            head != b"%s %s HTTP/%s" % (method, target, version.encode()):
+        raise HttpError(400, "bad request line")  # RFC 9112 §3: method SP request-target SP version
+    if len(sink.fields) > MAX_HEADER_LINES:
         raise HttpError(431, "too many header fields")
-    lines = head.split(b"\r\n")
-    m = _REQUEST_LINE.fullmatch(lines[0])
-    if m is None:
-        if _ANY_VERSION.fullmatch(lines[0]) and not lines[0].endswith((b" HTTP/1.0", b" HTTP/1.1")):
-            raise HttpError(505, "only HTTP/1.0 and HTTP/1.1")
-        raise HttpError(400, "bad request line")
-    method, target, minor = m.groups()
-    v11 = minor == b"1"
     length = -1
+    host = 0
     conn = b""
-    host = False
     expect = False
     inm: bytes | None = None
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        # field-name is a token: no whitespace before ':' (RFC 9112 §5.1), no obs-fold line (§5.2)
-        if not sep or not name or name.translate(None, _TOKEN_CHARS):
-            raise HttpError(400, "bad header field")
+    for name, value in sink.fields:
         name = name.lower()
-        if name not in _WANTED:
-            continue
-        value = value.strip(b" \t")
         if name == b"content-length":
-            if not value.isdigit() or len(value) > 9:
+            if len(value) > 9:
                 raise HttpError(400, "bad Content-Length")
-            n = int(value)
-            if length not in (-1, n):
-                raise HttpError(400, "conflicting Content-Length")
-            length = n
+            length = int(value)  # digits only, one value: llhttp checked both
         elif name == b"transfer-encoding":
             # Not needed by any OCSP client; refusing it closes the request-smuggling door (RFC 9112 §6.3).
             raise HttpError(400, "Transfer-Encoding is not supported; send Content-Length")
-        elif name == b"connection":
-            conn = conn + b"," + value.lower() if conn else value.lower()
         elif name == b"host":
-            if host:
-                raise HttpError(400, "more than one Host")  # RFC 9112 §3.2
-            host = True
+            host += 1
         elif name == b"expect":
-            if value.lower() != b"100-continue":
+            if value.strip(b" \t").lower() != b"100-continue":
                 raise HttpError(400, "unsupported Expect")
             expect = True
-        else:
-            inm = value
+        elif name == b"if-none-match":
+            inm = value.strip(b" \t")
+        elif name == b"connection":
+            conn = conn + b"," + value.lower() if conn else value.lower()
+    if host > 1:
+        raise HttpError(400, "more than one Host")  # RFC 9112 §3.2
+    v11 = version == "1.1"
     if v11 and not host:
         raise HttpError(400, "HTTP/1.1 request without Host")  # RFC 9112 §3.2
+    # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; HTTP/1.0 only with "keep-alive". (llhttp's
+    # should_keep_alive() is reset once a message without body is complete, as a GET head is here.)
     if conn:
         tokens = {t.strip() for t in conn.split(b",")}
         keep = b"close" not in tokens if v11 else b"keep-alive" in tokens
@@ -846,13 +862,12 @@ class FastResponder:
         now = time.time()
         if now >= cache.fresh_until:
             return None
-        n = len(der)
         memory = cache.memory
         # RFC 5019 shape: OCSPRequest{TBSRequest{requestList{Request{CertID}}}}, short lengths, nothing
         # else. Its CertID bytes, if they are a key, are byte-identical to a canonical valid CertID.
-        if (9 < n < 130 and der[0] == 0x30 and der[1] == n - 2 and der[2] == 0x30 and der[3] == n - 4
-                and der[4] == 0x30 and der[5] == n - 6 and der[6] == 0x30 and der[7] == n - 8):
-            hit = memory.get(der[8:], now)
+        key = rfc5019_certid(der)
+        if key is not None:
+            hit = memory.get(key, now)
             if hit is not None:
                 return hit
         try:

@@ -60,6 +60,7 @@ from pki.ocsp.request import (
     OcspRequest,
     certid_der,
     parse_request,
+    rfc5019_certid,
 )
 from pki.ocsp.responder import (
     OcspResponder,
@@ -110,6 +111,6 @@ __all__ = [
     "SignBudget", "_label_of", "basic_response", "bit_string", "certid_der", "decode_ocpp_hash",
     "decode_ocpp_serial", "der_header", "der_int", "der_oid", "error_answer", "generalized_time",
     "is_responder_only", "ocpp_lookup", "parse_request",
-    "read_engine", "read_tlv", "refresh", "responder_for", "seq", "sign_bytes", "single_response",
+    "read_engine", "read_tlv", "rfc5019_certid", "refresh", "responder_for", "seq", "sign_bytes", "single_response",
     "spki_bits", "spki_key_bits", "tlv",
 ]

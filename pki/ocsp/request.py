@@ -1,8 +1,20 @@
-"""OCSP requests (RFC 6960 §4.1.1): the strict DER reader and CertID encoding."""
+"""OCSP requests (RFC 6960 §4.1.1): parsed by asn1crypto, plus the checks it leaves to us; CertID encoding.
+
+asn1crypto parses the structure, several CertIDs included (cryptography's ``load_der_ocsp_request``
+refuses more than one, which §4.1.1 allows). It also accepts BER (indefinite and non-minimal lengths), so
+:func:`check_der` first walks the encoding with pki/der.py's strict reader (X.690 §10.1: definite, minimal
+lengths; single-octet tags; nothing after the last element). What this module adds to asn1crypto: a
+nonce of 1..32 octets (RFC 8954 §2.1), unknown critical extensions refused (§4.4), hash parameters NULL or
+absent (RFC 5754 §2), hash lengths matching the algorithm, at most MAX_CERT_IDS CertIDs, and a padded
+serial re-encoded minimally in the CertID we echo. tests/test_ocsp_request.py compares this parser with
+the reader it replaced and with cryptography's on real and fuzzed requests."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from asn1crypto import core as asn1_core
+from asn1crypto import ocsp as asn1_ocsp
 
 from pki.der import DerError, der_int, der_oid, read_tlv, seq, tlv
 from pki.errors import MalformedOCSPRequest
@@ -13,13 +25,12 @@ HASH_OIDS: dict[str, str] = {
     "sha384": "2.16.840.1.101.3.4.2.2",
     "sha512": "2.16.840.1.101.3.4.2.3",
 }
-_HASH_BY_OID_DER: dict[bytes, str] = {der_oid(o)[2:]: n for n, o in HASH_OIDS.items()}
+_HASH_BY_OID: dict[str, str] = {o: n for n, o in HASH_OIDS.items()}
 HASH_LEN = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
 # AlgorithmIdentifier with NULL parameters, as OpenSSL and cryptography put it in CertIDs.
 _HASH_ALGID: dict[str, bytes] = {n: seq(der_oid(o), b"\x05\x00") for n, o in HASH_OIDS.items()}
 
 OID_NONCE = "1.3.6.1.5.5.7.48.1.2"  # id-pkix-ocsp-nonce (RFC 6960 §4.4.1, RFC 8954)
-_NONCE_OID_DER = der_oid(OID_NONCE)[2:]
 
 MAX_CERT_IDS = 32  # bounded work per request; far beyond what any client sends
 
@@ -39,144 +50,123 @@ class OcspRequest:
     nonce_ext_value: bytes | None  # the extnValue OCTET STRING contents, echoed verbatim (RFC 8954 §2.1)
 
 
-def _parse_extensions(buf: bytes, s: int, e: int) -> list[tuple[bytes, bool, int, int]]:
-    """Extensions ::= SEQUENCE SIZE (1..MAX) OF Extension → [(oid content, critical, value start, end)]."""
-    tag, ls, le = read_tlv(buf, s, e)
-    if tag != 0x30 or le != e or ls == le:
-        raise DerError("bad Extensions")
-    out = []
-    p = ls
-    while p < le:
-        tag, xs, xe = read_tlv(buf, p, le)
-        if tag != 0x30:
-            raise DerError("bad Extension")
-        tag, os_, oe = read_tlv(buf, xs, xe)
-        if tag != 0x06:
-            raise DerError("bad extnID")
-        q = oe
-        critical = False
-        tag, bs, be = read_tlv(buf, q, xe)
-        if tag == 0x01:
-            if be - bs != 1 or buf[bs] not in (0x00, 0xFF):
+def check_der(der: bytes) -> None:
+    """Strict DER framing of every element (X.690 §10.1), iteratively (a request nests at most a few
+    levels, but a hostile one could nest thousands): definite minimal lengths, single-octet tags, and each
+    constructed element exactly filled by its children. BOOLEANs are 0x00 or 0xFF. Raises DerError."""
+    stack = [(0, len(der), True)]
+    while stack:
+        pos, end, top = stack.pop()
+        if top:
+            tag, s, e = read_tlv(der, pos, end)
+            if e != end:
+                raise DerError("trailing data")
+        while pos < end:
+            tag, s, e = read_tlv(der, pos, end)
+            if tag & 0x20:
+                stack.append((s, e, False))
+            elif tag == 0x01 and (e - s != 1 or der[s] not in (0x00, 0xFF)):
                 raise DerError("bad BOOLEAN")
-            critical = buf[bs] == 0xFF  # an explicit FALSE is not DER, but harmless: tolerated
-            q = be
-            tag, bs, be = read_tlv(buf, q, xe)
-        if tag != 0x04 or be != xe:
-            raise DerError("bad extnValue")
-        out.append((buf[os_:oe], critical, bs, be))
-        p = xe
-    return out
+            pos = e
 
 
 def parse_request(der: bytes) -> OcspRequest:
     """Parse a DER OCSPRequest (RFC 6960 §4.1.1). Raises MalformedOCSPRequest."""
     try:
-        return _parse_request(der)
-    except (DerError, IndexError, ValueError) as exc:
+        check_der(der)
+        req = asn1_ocsp.OCSPRequest.load(der, strict=True)
+        req.native  # noqa: B018 - asn1crypto parses lazily: this reads (and so checks) every field once
+        return _parse_request(req)
+    except (DerError, ValueError, TypeError, KeyError, IndexError) as exc:
         raise MalformedOCSPRequest(f"not a DER OCSPRequest: {exc}") from None
 
 
-def _parse_request(der: bytes) -> OcspRequest:
-    n = len(der)
-    tag, s, e = read_tlv(der, 0, n)
-    if tag != 0x30 or e != n:
-        raise DerError("OCSPRequest is not one SEQUENCE")
-    tag, ts, te = read_tlv(der, s, e)
-    if tag != 0x30:
-        raise DerError("no tbsRequest")
-    if te != e:
-        # optionalSignature [0] EXPLICIT: accepted and ignored — RFC 5019 §2.1.1 (we never require one).
-        tag, _, se = read_tlv(der, te, e)
-        if tag != 0xA0 or se != e:
-            raise DerError("trailing data after tbsRequest")
-    tag, vs, ve = read_tlv(der, ts, te)
-    if tag == 0xA0:  # version [0] EXPLICIT DEFAULT v1 (DER omits it; an explicit v1 is tolerated)
-        tag, is_, ie = read_tlv(der, vs, ve)
-        if tag != 0x02 or ie != ve or der[is_:ie] != b"\x00":
-            raise DerError("unsupported version")
-        tag, vs, ve = read_tlv(der, ve, te)
-    if tag == 0xA1:  # requestorName [1] EXPLICIT GeneralName: informational, ignored
-        tag, vs, ve = read_tlv(der, ve, te)
-    if tag != 0x30:
-        raise DerError("no requestList")
-    list_end = ve
-    cert_ids: list[CertIdReq] = []
-    q = vs
-    while q < list_end:
-        tag, rs, re_ = read_tlv(der, q, list_end)
-        if tag != 0x30:
-            raise DerError("bad Request")
-        cert_ids.append(_parse_certid(der, rs, re_))
-        if len(cert_ids) > MAX_CERT_IDS:
-            raise DerError(f"more than {MAX_CERT_IDS} CertIDs")
-        q = re_
-    if not cert_ids:
+def _extensions(exts: asn1_core.Asn1Value) -> list[tuple[str, bool, bytes]]:
+    """(extnID, critical, extnValue contents) of each extension; a repeated extension is refused (RFC 5280
+    §4.2 applies to Extensions)."""
+    out: list[tuple[str, bool, bytes]] = []
+    seen: set[str] = set()
+    for ext in exts:
+        oid = ext["extn_id"].dotted
+        if oid in seen:
+            raise DerError("duplicate extension")
+        seen.add(oid)
+        # extnValue is an OCTET STRING wrapping the extension's own DER: its contents, as received.
+        out.append((oid, bool(ext["critical"].native), bytes(ext["extn_value"].contents)))
+    return out
+
+
+def _parse_request(req: asn1_ocsp.OCSPRequest) -> OcspRequest:
+    # optionalSignature [0] EXPLICIT: accepted and ignored — RFC 5019 §2.1.1 (we never require one).
+    tbs = req["tbs_request"]
+    if tbs["version"].native != "v1":  # [0] EXPLICIT DEFAULT v1 (DER omits it; an explicit v1 is tolerated)
+        raise DerError("unsupported version")
+    # requestorName [1] EXPLICIT GeneralName: informational, ignored.
+    requests = tbs["request_list"]
+    if len(requests) > MAX_CERT_IDS:
+        raise DerError(f"more than {MAX_CERT_IDS} CertIDs")
+    if len(requests) == 0:
         raise DerError("empty requestList")
+    cert_ids = [_certid(r) for r in requests]
     nonce: bytes | None = None
-    p = list_end
-    if p < te:
-        tag, xs, xe = read_tlv(der, p, te)
-        if tag != 0xA2 or xe != te:
-            raise DerError("unexpected data in tbsRequest")
-        seen: set[bytes] = set()
-        for oid, critical, bs, be in _parse_extensions(der, xs, xe):
-            if oid in seen:
-                raise DerError("duplicate extension")  # RFC 5280 §4.2 applies to Extensions
-            seen.add(oid)
-            if oid == _NONCE_OID_DER:
+    exts = tbs["request_extensions"]
+    if exts.native is not None:
+        if len(exts) == 0:
+            raise DerError("bad Extensions")  # SIZE (1..MAX)
+        for oid, critical, value in _extensions(exts):
+            if oid == OID_NONCE:
                 # RFC 8954 §2.1: Nonce ::= OCTET STRING (SIZE(1..32)), DER inside extnValue.
-                tag, ns, ne = read_tlv(der, bs, be)
-                if tag != 0x04 or ne != be or not 1 <= ne - ns <= 32:
+                tag, ns, ne = read_tlv(value, 0, len(value))
+                if tag != 0x04 or ne != len(value) or not 1 <= ne - ns <= 32:
                     raise DerError("nonce must be an OCTET STRING of 1..32 octets (RFC 8954)")
-                nonce = der[bs:be]
+                nonce = value
             elif critical:
                 raise DerError("unsupported critical request extension")
     return OcspRequest(cert_ids, nonce)
 
 
-def _parse_certid(der: bytes, rs: int, re_: int) -> CertIdReq:
-    tag, cs, ce = read_tlv(der, rs, re_)
-    if tag != 0x30:
-        raise DerError("bad CertID")
-    if ce != re_:
-        tag, xs, xe = read_tlv(der, ce, re_)  # singleRequestExtensions [0] EXPLICIT
-        if tag != 0xA0 or xe != re_:
-            raise DerError("bad Request")
-        for _oid, critical, _bs, _be in _parse_extensions(der, xs, xe):
-            if critical:
-                raise DerError("unsupported critical single request extension")
-    tag, as_, ae = read_tlv(der, cs, ce)
-    if tag != 0x30:
-        raise DerError("bad hashAlgorithm")
-    tag, os_, oe = read_tlv(der, as_, ae)
-    if tag != 0x06:
-        raise DerError("bad hashAlgorithm OID")
-    if oe != ae:  # parameters: NULL or absent (RFC 5754 §2 accepts both for SHA-2)
-        if der[oe:ae] != b"\x05\x00":
-            raise DerError("unexpected hash parameters")
-    alg = _HASH_BY_OID_DER.get(der[os_:oe])
-    tag, ns, ne = read_tlv(der, ae, ce)
-    if tag != 0x04:
-        raise DerError("bad issuerNameHash")
-    tag, ks, ke = read_tlv(der, ne, ce)
-    if tag != 0x04:
-        raise DerError("bad issuerKeyHash")
-    tag, ss, se = read_tlv(der, ke, ce)
-    if tag != 0x02 or se != ce or ss == se:
+def _certid(request: asn1_ocsp.Request) -> CertIdReq:
+    exts = request["single_request_extensions"]
+    if exts.native is not None:
+        if len(exts) == 0:
+            raise DerError("bad Extensions")
+        if any(critical for _oid, critical, _v in _extensions(exts)):
+            raise DerError("unsupported critical single request extension")
+    cid = request["req_cert"]
+    algid = cid["hash_algorithm"]
+    if algid["parameters"].dump() not in (b"", b"\x05\x00"):  # NULL or absent (RFC 5754 §2 accepts both)
+        raise DerError("unexpected hash parameters")
+    alg = _HASH_BY_OID.get(algid["algorithm"].dotted)
+    name_hash, key_hash = bytes(cid["issuer_name_hash"].native), bytes(cid["issuer_key_hash"].native)
+    serial_der = cid["serial_number"].contents
+    if not serial_der:
         raise DerError("bad serialNumber")
-    if alg is not None and (ne - ns != HASH_LEN[alg] or ke - ks != HASH_LEN[alg]):
+    if alg is not None and (len(name_hash) != HASH_LEN[alg] or len(key_hash) != HASH_LEN[alg]):
         raise DerError("hash length does not match hashAlgorithm")
-    serial = int.from_bytes(der[ss:se], "big", signed=True)
-    raw = der[rs:ce]
+    serial = int.from_bytes(serial_der, "big", signed=True)
+    raw = cid.dump()
     # X.690 §8.3.2: an INTEGER's first nine bits are never all zeros or all ones. The CertID goes back
     # in the response (RFC 6960 §4.2.1); echoing a padded serial would make our answer undecodable to
     # the client's DER parser, so answer for the same CertID with the serial re-encoded minimally.
-    if se - ss > 1 and ((der[ss] == 0 and der[ss + 1] < 0x80) or (der[ss] == 0xFF and der[ss + 1] >= 0x80)):
-        raw = seq(der[cs:ke], der_int(serial))
-    return CertIdReq(raw, alg, der[ns:ne], der[ks:ke], serial)
+    if len(serial_der) > 1 and ((serial_der[0] == 0 and serial_der[1] < 0x80)
+                                or (serial_der[0] == 0xFF and serial_der[1] >= 0x80)):
+        raw = seq(algid.dump(), tlv(0x04, name_hash), tlv(0x04, key_hash), der_int(serial))
+    return CertIdReq(raw, alg, name_hash, key_hash, serial)
 
 
 def certid_der(alg: str, name_hash: bytes, key_hash: bytes, serial: int) -> bytes:
     return seq(_HASH_ALGID[alg], tlv(0x04, name_hash), tlv(0x04, key_hash), der_int(serial))
 
+
+def rfc5019_certid(der: bytes) -> bytes | None:
+    """The CertID bytes of a request of the RFC 5019 §2.1.1 shape — OCSPRequest{TBSRequest{requestList{
+    Request{CertID}}}}, short lengths, nothing else — read from its first eight octets without parsing; None
+    for any other request. ocsp-serve's hot path (api/ocsp_fast.py) looks them up as they are: a hit is
+    byte-identical to a canonical CertID it stored, so the request was valid (bench/ocsp.py: no ASN.1 parse
+    per request). tests/test_ocsp_request.py checks it against asn1crypto's parse on real and fuzzed
+    requests."""
+    n = len(der)
+    if (9 < n < 130 and der[0] == 0x30 and der[1] == n - 2 and der[2] == 0x30 and der[3] == n - 4
+            and der[4] == 0x30 and der[5] == n - 6 and der[6] == 0x30 and der[7] == n - 8):
+        return der[8:]
+    return None
