@@ -2,9 +2,10 @@
 pre-signed OCSP responses. `v2gpki ocsp-serve` runs it (api/ocsp_app.py ``serve_ocsp``).
 
 The hot path is a lookup of pre-signed bytes, not a framework: the RFC 5019 request (one SHA-1 CertID,
-no nonce) is recognised by its DER shape, its CertID bytes are the key of a dict built from the
-``ocsp_response`` table, and the stored DER goes back byte for byte. Everything else is answered by
-pki/ocsp/'s responder, unchanged, in a thread pool: nonces, several CertIDs, hash algorithms that are
+no nonce) is recognised by its DER shape (pki/ocsp/request.py ``rfc5019_certid``), its CertID bytes are
+the key of the in-memory source of pki/ocsp/sources.py's chain (``MemorySource``, filled from the
+``ocsp_response`` table), and the stored DER goes back byte for byte. Everything else goes down the rest
+of the chain — pki/ocsp/'s stored and live sources — in a thread pool: nonces, several CertIDs, hash algorithms that are
 not pre-signed, unknown serials, missing or stale responses (see docs/responders.md).
 
 Processes. The parent migrates, loads the table once, binds one listening socket and forks
@@ -28,8 +29,10 @@ signer changes. A response is served from memory only while at least half its va
 pki/ocsp/); after that the fallback re-signs it. If polling fails for ``STALE_AFTER_SECONDS`` the
 memory table is not used at all until it works again.
 
-HTTP. A strict, bounded HTTP/1.1 parser: request line and headers at most 24 KiB and 64 header lines,
-CRLF line ends, no obs-fold, no Transfer-Encoding, Content-Length required for POST, bodies at most
+HTTP. Request heads are parsed by llhttp (httptools, the parser uvicorn uses; ``parse_head``) and
+memoised; this module frames requests (end of head, Content-Length bodies, pipelining) and bounds them:
+request line and headers at most 24 KiB and 64 header lines, CRLF line ends, no obs-fold, no
+Transfer-Encoding, Content-Length required for POST, bodies at most
 10 KiB (413 otherwise, with a malformedRequest OCSP body, as api/responders.py), one consistent
 Content-Length, Host required for HTTP/1.1. Keep-alive per HTTP/1.1 (and HTTP/1.0 ``Connection:
 keep-alive``), pipelining with answers in request order, ``Expect: 100-continue``, idle keep-alive and

@@ -303,7 +303,8 @@ def _agrees_with_asn1crypto(body: bytes) -> None:
     try:
         cid = asn1_ocsp.CertId.load(key, strict=True)
         alg = {o: n for n, o in HASH_OIDS.items()}.get(cid["hash_algorithm"]["algorithm"].dotted)
-        if alg is not None and cid["serial_number"].native > 0:
+        if (alg is not None and cid["serial_number"].native > 0
+                and len(cid["issuer_name_hash"].native) == len(cid["issuer_key_hash"].native) == HASH_LEN[alg]):
             parsed_key = certid_der(alg, cid["issuer_name_hash"].native, cid["issuer_key_hash"].native,
                                     cid["serial_number"].native)
     except (ValueError, TypeError, KeyError):

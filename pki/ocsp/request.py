@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from asn1crypto import core as asn1_core
 from asn1crypto import ocsp as asn1_ocsp
 
-from pki.der import DerError, der_int, der_oid, read_tlv, seq, tlv
+from pki.der import DerError, der_int, der_oid, elements, read_tlv, seq, tlv
 from pki.errors import MalformedOCSPRequest
 
 HASH_OIDS: dict[str, str] = {
@@ -74,11 +74,48 @@ def parse_request(der: bytes) -> OcspRequest:
     """Parse a DER OCSPRequest (RFC 6960 §4.1.1). Raises MalformedOCSPRequest."""
     try:
         check_der(der)
+        _check_layout(der)
         req = asn1_ocsp.OCSPRequest.load(der, strict=True)
         req.native  # noqa: B018 - asn1crypto parses lazily: this reads (and so checks) every field once
         return _parse_request(req)
-    except (DerError, ValueError, TypeError, KeyError, IndexError) as exc:
-        raise MalformedOCSPRequest(f"not a DER OCSPRequest: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - asn1crypto raises several kinds (ValueError, TypeError,
+        # AttributeError, ...) on hostile input: every one means the bytes are not an OCSPRequest.
+        raise MalformedOCSPRequest(f"not a DER OCSPRequest: {type(exc).__name__}") from None
+
+
+def _tags(der: bytes, start: int, end: int) -> tuple[list[int], list[tuple[int, int, int, int]]]:
+    parts = elements(der, start, end)
+    return [t for t, _, _, _ in parts], parts
+
+
+def _fits(tags: list[int], grammar: tuple[tuple[int, bool], ...]) -> bool:
+    """``tags`` in the order of ``grammar`` ((tag, optional), ...), nothing else."""
+    i = 0
+    for tag, optional in grammar:
+        if i < len(tags) and tags[i] == tag:
+            i += 1
+        elif not optional:
+            return False
+    return i == len(tags)
+
+
+def _check_layout(der: bytes) -> None:
+    """The order of the SEQUENCE members down to each Request (RFC 6960 §4.1.1): asn1crypto matches
+    members to fields by tag, and let a member out of place through (an [1] after requestList)."""
+    tags, parts = _tags(der, 0, len(der))
+    if tags != [0x30]:
+        raise DerError("not one SEQUENCE")
+    tags, parts = _tags(der, parts[0][2], parts[0][3])
+    if not _fits(tags, ((0x30, False), (0xA0, True))):  # tbsRequest, optionalSignature
+        raise DerError("bad OCSPRequest")
+    tbs = parts[0]
+    tags, parts = _tags(der, tbs[2], tbs[3])
+    if not _fits(tags, ((0xA0, True), (0xA1, True), (0x30, False), (0xA2, True))):
+        raise DerError("bad TBSRequest")
+    (_, _, ls, le), = [p for p in parts if p[0] == 0x30]
+    for tag, _, rs, re_ in elements(der, ls, le):
+        if tag != 0x30 or not _fits(_tags(der, rs, re_)[0], ((0x30, False), (0xA0, True))):
+            raise DerError("bad Request")
 
 
 def _extensions(exts: asn1_core.Asn1Value) -> list[tuple[str, bool, bytes]]:
