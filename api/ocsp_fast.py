@@ -85,6 +85,7 @@ from pki.ocsp import (
     rfc5019_certid,
     wanted_status,
 )
+from pki.store.ocsp import PresignedFeed
 
 if TYPE_CHECKING:
     from pki.config import Settings
@@ -306,14 +307,6 @@ class _IssuerInfo:
 
 Entry = tuple[Answer, float]  # (answer, serve until: epoch seconds = nextUpdate - half the validity)
 
-_COLS = ("SELECT o.id, o.issuer, o.serial, o.hash_alg, o.status, o.this_update, o.next_update, o.der, "
-         "c.status, c.revoked_at FROM ocsp_response o JOIN certificate c "
-         "ON c.issuer = o.issuer AND c.serial = o.serial")
-# The change scans (#28): by the indexes of migration 0006, never a read that grows with the table.
-_CHANGED_RESPONSES = ("SELECT issuer, serial, hash_alg, status, this_update FROM ocsp_response "
-                      "WHERE this_update >= ?")  # ix_ocsp_response_this_update
-_CHANGED_CERTS = ("SELECT issuer, serial, status, revoked_at FROM certificate "
-                  "WHERE revoked_at >= ?")  # ix_certificate_revoked_at
 _ANSWER_STATUS = {"good": "good", "revoked": "revoked", "hold": "revoked"}
 _HOLD_REASON = b"\xa0\x03\x0a\x01\x06"  # RevokedInfo.revocationReason [0] ENUMERATED certificateHold (6)
 _FETCH_BATCH = 500
@@ -364,9 +357,7 @@ class PresignedCache:
         self._sha1: dict[tuple[bytes, bytes], str] = {}  # (issuerNameHash, issuerKeyHash) → issuer
         self._margin_td = responder_for(ctx).margin
         self._margin = self._margin_td.total_seconds()
-        self._sqlite = ctx.db.is_sqlite
-        self._pg_probe = True
-        self._conn: Any = None
+        self.feed = PresignedFeed(ctx.db)  # pki/store/ocsp.py: every read of the poller
         self._gate: Any = None
         epoch = datetime.fromtimestamp(0, UTC)
         self._max_resp = epoch  # newest this_update seen (responses)
@@ -392,49 +383,8 @@ class PresignedCache:
         self.fills = 0
         self.evictions = 0
 
-    # -- database ------------------------------------------------------------------------------------
-
-    def _connection(self) -> Any:
-        if self._conn is None:
-            fairy = read_engine(self.ctx.db).raw_connection()
-            if not self._sqlite:
-                fairy.driver_connection.autocommit = True  # type: ignore[union-attr]  # each SELECT its snapshot
-            fairy.detach()
-            self._conn = fairy
-        return self._conn
-
     def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
-
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        cur = self._connection().cursor()
-        try:
-            cur.execute(sql if self._sqlite else sql.replace("?", "%s"), params)
-            return list(cur.fetchall())
-        finally:
-            cur.close()
-
-    def _param(self, dt: datetime) -> Any:
-        naive = dt.astimezone(UTC).replace(tzinfo=None)
-        # SQLAlchemy keeps SQLite DATETIME as 'YYYY-MM-DD HH:MM:SS.ffffff' text: compare like with like.
-        return naive.strftime("%Y-%m-%d %H:%M:%S.%f") if self._sqlite else naive
-
-    def _probe(self) -> Any:
-        """A value that changes whenever anything may have committed (cheap; no table is read)."""
-        if self._sqlite:
-            return self._query("PRAGMA data_version")[0][0]  # per connection: others' commits
-        # Unchanged snapshot (xmin:xmax:xip) ⇒ no transaction started writing or ended in between.
-        if self._pg_probe:
-            try:
-                return self._query("SELECT pg_current_snapshot()::text")[0][0]
-            except Exception as exc:  # noqa: BLE001 - PostgreSQL < 13: scan on every poll instead
-                if "does not exist" not in str(exc):
-                    raise
-                self._pg_probe = False
-        return object()
+        self.feed.close()
 
     # -- issuers -----------------------------------------------------------------------------------
 
@@ -545,7 +495,7 @@ class PresignedCache:
         self._read_watermarks()
         n = 0
         if self.warm_entries > 0:
-            rows = self._query(_COLS + " ORDER BY o.this_update DESC LIMIT ?", (self.warm_entries,))
+            rows = self.feed.newest(self.warm_entries)
             for row in reversed(rows):  # oldest first: the newest are the most recently used
                 key, entry = self._entry(row)
                 if key is not None and entry is not None and self.put(key, entry, only_if_room=True):
@@ -570,8 +520,7 @@ class PresignedCache:
         if self._watermarks_read:
             return
         now = datetime.now(UTC)
-        r1 = self._query("SELECT max(this_update) FROM ocsp_response")[0][0]
-        r2 = self._query("SELECT max(revoked_at) FROM certificate")[0][0]
+        r1, r2 = self.feed.newest_stamps()
         self._max_resp = min(_utc(r1), now) if r1 is not None else now
         self._max_rev = min(_utc(r2), now) if r2 is not None else now
         self._watermarks_read = True
@@ -599,9 +548,7 @@ class PresignedCache:
         for issuer, items in by_issuer.items():
             for i in range(0, len(items), _FETCH_BATCH):
                 part = items[i : i + _FETCH_BATCH]
-                marks = ", ".join("?" * len(part))
-                rows = self._query(_COLS + f" WHERE o.issuer = ? AND o.serial IN ({marks})",
-                                   (issuer, *(s for s, _ in part)))
+                rows = self.feed.responses(issuer, [s for s, _ in part])
                 got: set[bytes] = set()
                 for row in rows:
                     k, entry = self._entry(row)
@@ -632,7 +579,7 @@ class PresignedCache:
         fresh = 0
         wanted: list[tuple[str, str, bytes]] = []
         since = self._since(self._max_resp, t0)
-        for issuer, serial, alg, status, this in self._query(_CHANGED_RESPONSES, (self._param(since),)):
+        for issuer, serial, alg, status, this in self.feed.changed_responses(since):
             this = _utc(this)
             if this > self._max_resp:
                 self._max_resp = this
@@ -653,7 +600,7 @@ class PresignedCache:
                 wanted.append((issuer, serial, key))
         self._seen = {k: v for k, v in self._seen.items() if v >= since}
         since_rev = self._since(self._max_rev, t0)
-        for issuer, serial, _status, revoked_at in self._query(_CHANGED_CERTS, (self._param(since_rev),)):
+        for issuer, serial, _status, revoked_at in self.feed.changed_certificates(since_rev):
             revoked_at = _utc(revoked_at)
             if revoked_at > self._max_rev:
                 self._max_rev = revoked_at
@@ -675,9 +622,7 @@ class PresignedCache:
         held = [(k, v) for k, v in list(self._held.items())[: self.MAX_HELD_CHECKED]]
         for issuer in {v[0] for _, v in held}:
             keys = {v[1]: k for k, v in held if v[0] == issuer}
-            marks = ", ".join("?" * len(keys))
-            rows = self._query(f"SELECT serial, status FROM certificate WHERE issuer = ? AND serial IN ({marks})",
-                               (issuer, *keys))
+            rows = self.feed.certificate_statuses(issuer, list(keys))
             still = {sn for sn, st in rows if st == "hold"}
             for sn, key in keys.items():
                 if sn not in still:
@@ -700,7 +645,7 @@ class PresignedCache:
         self.polls += 1
         t0 = time.time()
         self._read_watermarks()
-        gate = self._probe()
+        gate = self.feed.probe()
         moved = gate != self._gate
         if moved:
             self._rescan_until = t0 + self.OVERLAP_SECONDS

@@ -32,8 +32,6 @@ ALLOWED: dict[str, str] = {
     "pki.firmware_cli": "to convert",
     "pki.hierarchy": "to convert",
     "pki.lifecycle": "to convert",
-    "pki.ocsp.presign": "the OCSP package's own engineer moves its SQL into pki/store",
-    "pki.ocsp.responder": "the OCSP package's own engineer moves its SQL into pki/store",
     "pki.ops_cli": "to convert",
     "pki.pools": "to convert",
     "pki.root_campaign": "to convert",

@@ -1,5 +1,5 @@
-"""Pre-signing (RFC 5019 §4: responses produced ahead of requests): the stored-response statements and the
-background pre-signer of newly issued certificates."""
+"""Pre-signing (RFC 5019 §4: responses produced ahead of requests): the background pre-signer of newly issued
+certificates (its rows are written through pki/store/ocsp.py)."""
 
 from __future__ import annotations
 
@@ -9,53 +9,15 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
-
-from sqlalchemy import bindparam
+from typing import TYPE_CHECKING
 
 from hsm.errors import HSMError
 from pki.config import current
-from pki.store.db import Database
-from pki.store.fast import Prepared
-from pki.store.models import OcspResponseCache
 
 if TYPE_CHECKING:
     from pki.ocsp.responder import OcspResponder
 
 log = logging.getLogger("v2gpki.ocsp")
-
-_RESP = OcspResponseCache.__table__  # type: ignore[attr-defined]
-
-_RESP_WRITE_COLS = ("issuer", "serial", "hash_alg", "status", "this_update", "next_update", "der")
-
-
-def _resp_insert(db: Database) -> Any:
-    """INSERT of a stored response with named bindparams, so it can be compiled once (pki/store/fast.py):
-    the pre-signer writes after every issuance batch, and Core's per-call compilation and parameter
-    processing showed in the contract-installation profile."""
-    if db.is_sqlite:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        ins: Any = sqlite_insert(_RESP)
-    else:
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        ins = pg_insert(_RESP)
-    return ins.values({c: bindparam(c, type_=_RESP.c[c].type) for c in _RESP_WRITE_COLS})
-
-
-def _upsert_stmt(db: Database) -> Prepared:
-    ins = _resp_insert(db)
-    key = ("issuer", "serial")
-    return Prepared(ins.on_conflict_do_update(index_elements=list(key),
-                                              set_={c: ins.excluded[c] for c in _RESP_WRITE_COLS if c not in key}))
-
-
-def _insert_new_stmt(db: Database) -> Prepared:
-    """INSERT … ON CONFLICT DO NOTHING: the first response of a certificate just issued. If a row already
-    exists, a revocation (or a live request) wrote it after the issuance, so it is at least as current
-    as 'good' — a late pre-sign must never overwrite it."""
-    return Prepared(_resp_insert(db).on_conflict_do_nothing(index_elements=["issuer", "serial"]))
 
 
 class Presigner:

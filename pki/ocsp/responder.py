@@ -13,8 +13,6 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography import x509
-from sqlalchemy import and_, delete, or_, select
-from sqlalchemy.exc import SQLAlchemyError
 
 from hsm.algorithms import key_alg_of
 from hsm.errors import HSMError
@@ -22,7 +20,7 @@ from hsm.keystore import PrivateKey, certified_signer
 from pki.der import spki_key_bits
 from pki.errors import MalformedOCSPRequest
 from pki.ocsp.budget import SignBudget, _OverBudget
-from pki.ocsp.presign import Presigner, _insert_new_stmt, _upsert_stmt
+from pki.ocsp.presign import Presigner
 from pki.ocsp.request import HASH_OIDS, CertIdReq, OcspRequest, certid_der, parse_request
 from pki.ocsp.response import (
     INTERNAL_ERROR_ANSWER,
@@ -35,10 +33,8 @@ from pki.ocsp.response import (
 )
 from pki.ocsp.signers import _Issuer, _label_of, _Signer
 from pki.ocsp.sources import _LRU, Chain, LiveSource, Query, StoredSource, fresh_until, is_fresh, wanted_status
-from pki.store.db import read_engine, utcnow
-from pki.store.fast import Prepared, run_together
-from pki.store.models import Certificate, CertificateAuthority, OcspResponseCache
-from pki.store.ocsp import DatabaseUnavailable, StatusLookup, as_utc, current_ocsp_signers, issuer_certificates
+from pki.store.db import utcnow
+from pki.store.ocsp import DatabaseUnavailable, OcspStore
 
 if TYPE_CHECKING:
     from hsm.keystore import KeyStore
@@ -47,9 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("v2gpki.ocsp")
 
-_CERT = Certificate.__table__  # type: ignore[attr-defined]
-_RESP = OcspResponseCache.__table__  # type: ignore[attr-defined]
-_CA = CertificateAuthority.__table__  # type: ignore[attr-defined]
 
 
 class OcspResponder:
@@ -86,11 +79,9 @@ class OcspResponder:
         self._miss_at = -1e9
         self._alt: _LRU[tuple[str, bytes], tuple[bytes, datetime, datetime]] = _LRU(20_000)
         self._unknown: _LRU[tuple[str, bytes], tuple[bytes, datetime, datetime]] = _LRU(10_000)
-        self._upsert = _upsert_stmt(self.db)
-        self._insert_new = _insert_new_stmt(self.db)
+        self.store = OcspStore(self.db)  # pki/store/ocsp.py: every statement the responder runs
         self.presigner = Presigner(self)
-        self._reader = read_engine(self.db)
-        self._lookup = StatusLookup(self._reader)
+        self._lookup = self.store.lookup
         # Where one-CertID answers come from (Boulder's Source chain): the stored pre-signed response, then a
         # live signature. ocsp-serve puts its in-memory source in front (api/ocsp_fast.py).
         self.stored = StoredSource(self._alt, self._unknown)
@@ -105,8 +96,8 @@ class OcspResponder:
     # -- issuers -----------------------------------------------------------------------------------
 
     def reload(self) -> None:
-        cas = issuer_certificates(self._reader)
-        signers = current_ocsp_signers(self._reader, utcnow())
+        cas = self.store.issuers()
+        signers = self.store.signers(utcnow())
         by_ca: dict[str, _Signer] = {}
         for issuer, der, key_uri, created_at in signers:
             # The signer is the certificate linked to its CA (certificate.ocsp_signer_for_ca_id); its key
@@ -220,12 +211,7 @@ class OcspResponder:
         todo = list(serials)
         done = 0
         for i in range(0, len(todo), 500):
-            chunk = todo[i : i + 500]
-            with self._reader.connect() as conn:
-                rows = conn.execute(
-                    select(_CERT.c.serial, _CERT.c.status, _CERT.c.revoked_at, _CERT.c.revocation_reason)
-                    .where(_CERT.c.issuer == issuer, _CERT.c.serial.in_(chunk))
-                ).all()
+            rows = self.store.statuses(issuer, todo[i : i + 500])
             done += self._store(iss, [(r[0], wanted_status(r[1]), r[2], r[3]) for r in rows])
         return done
 
@@ -235,10 +221,10 @@ class OcspResponder:
         iss = self.issuer(issuer)
         if iss is None or iss.signer is None:
             return 0
-        return self._store(iss, [(s, "good", None, None) for s in serials], stmt=self._insert_new)
+        return self._store(iss, [(s, "good", None, None) for s in serials], insert_only=True)
 
     def _store(self, iss: _Issuer, rows: Sequence[tuple[str, str, datetime | None, str | None]], *,
-               stmt: Prepared | None = None) -> int:
+               insert_only: bool = False) -> int:
         nh, kh = iss.hashes["sha1"]
         values = []
         for serial_hex, status, revoked_at, reason in rows:
@@ -247,81 +233,36 @@ class OcspResponder:
             values.append({"issuer": iss.name, "serial": serial_hex, "hash_alg": "sha1", "status": status,
                            "this_update": this, "next_update": nxt, "der": der})
         if values:
-            # One query with COMMIT on PostgreSQL (run_together): the pre-signer's batch after every
-            # issuance cost ≈ 0.24 ms per response through SQLAlchemy's executemany.
-            with self.db.engine.begin() as conn:
-                run_together(conn, [(self._upsert if stmt is None else stmt, values)], commit=True)
+            self.store.store(values, insert_only=insert_only)
         return len(values)
-
-    # Certificates issued within this window are checked for a missing stored response by refresh() (index
-    # on certificate.created_at); an older one without a response is signed on its first request (and by
-    # refresh(full=True), which reads every certificate of each CA).
-    MISSING_LOOKBACK = timedelta(days=2)
 
     def refresh(self, *, margin: timedelta | None = None, batch: int = 500, full: bool = False) -> int:
         """Re-sign stored responses that are missing, stale (less than ``margin`` left; default half
         the validity), out of step with the certificate's status, or made by a replaced signer. For a
         periodic worker (RFC 5019 §4: responses are produced ahead of requests).
 
-        Every candidate is found by index (#28, migration 0008), so the work grows with what is due, not
-        with the number of certificates: responses due (next_update), made before the current signer
-        (this_update), not 'good' for a valid certificate (issuer, status), revoked / on-hold certificates
-        whose response does not say so (certificate issuer, status), and certificates issued in the last
-        MISSING_LOOKBACK without one (created_at). ``full=True``: also every other certificate without a
-        response (reads each CA's certificates)."""
+        Every candidate is found by index (#28, migration 0008; pki/store/ocsp.py refresh_candidates), so the
+        work grows with what is due, not with the number of certificates; certificates issued more than
+        OcspStore.MISSING_LOOKBACK ago without a response are signed on their first request, or here with
+        ``full=True`` (reads each CA's certificates). Whether a response is due: :func:`fresh_until`."""
         self.reload()
         now = utcnow()
         horizon = now + (self.margin if margin is None else margin)
         total = 0
-        c, o = _CERT, _RESP
-        joined = c.outerjoin(o, and_(o.c.issuer == c.c.issuer, o.c.serial == c.c.serial))
         issuers = {name: iss for name, iss in self._by_name.items() if iss.signer is not None}
         if not issuers:
             return 0
         oldest_signer = max(iss.signer.not_before for iss in issuers.values() if iss.signer is not None)
-        # Across issuers, each query with the one predicate its index serves (a per-issuer filter would let
-        # the planner prefer (issuer, …) indexes, which read every certificate of the CA).
-        candidates: dict[str, dict[str, None]] = {name: {} for name in issuers}
-        global_queries = [
-            select(o.c.issuer, o.c.serial, o.c.this_update).where(o.c.next_update < horizon),
-            select(o.c.issuer, o.c.serial, o.c.this_update).where(o.c.this_update < oldest_signer),
-            select(c.c.issuer, c.c.serial, c.c.created_at).select_from(joined)
-            .where(c.c.created_at >= now - self.MISSING_LOOKBACK, o.c.id.is_(None)),
-        ]
-        with self._reader.connect() as conn:
-            for q in global_queries:
-                for issuer, serial, _t in conn.execute(q):
-                    if issuer in candidates:
-                        candidates[issuer][serial] = None
-            for name in issuers:
-                per_issuer = [
-                    # responses not 'good' (a valid certificate whose response says otherwise: a release)
-                    select(o.c.serial).where(o.c.issuer == name, o.c.status.in_(("revoked", "hold"))),
-                    # revoked / on-hold certificates whose response does not say so
-                    select(c.c.serial).select_from(joined)
-                    .where(c.c.issuer == name, c.c.status.in_(("revoked", "hold")))
-                    .where(or_(o.c.id.is_(None), o.c.status != c.c.status, o.c.this_update < c.c.revoked_at)),
-                ]
-                if full:
-                    per_issuer.append(select(c.c.serial).select_from(joined)
-                                      .where(c.c.issuer == name, c.c.not_after > now, o.c.id.is_(None)))
-                for q in per_issuer:
-                    candidates[name].update((r[0], None) for r in conn.execute(q))
+        candidates = self.store.refresh_candidates(list(issuers), horizon=horizon, oldest_signer=oldest_signer,
+                                                   now=now, full=full)
         for name, iss in issuers.items():
             assert iss.signer is not None
-            live = and_(c.c.issuer == name, c.c.not_after > now)
             wanted = list(candidates[name])
             for i in range(0, len(wanted), batch):
-                part = wanted[i : i + batch]
-                with self._reader.connect() as conn:
-                    rows = conn.execute(
-                        select(c.c.serial, c.c.status, c.c.revoked_at, c.c.revocation_reason, o.c.status,
-                               o.c.this_update, o.c.next_update)
-                        .select_from(joined).where(live, c.c.serial.in_(part))).all()
                 due = []
-                for serial, st, rev_at, reason, o_st, o_this, o_next in rows:
+                for serial, st, rev_at, reason, o_st, o_this, o_next in self.store.refresh_rows(
+                        name, wanted[i : i + batch], now):
                     want = wanted_status(st)
-                    o_this, o_next, rev_at = as_utc(o_this), as_utc(o_next), as_utc(rev_at)
                     until = fresh_until(stored_status=o_st, this_update=o_this, next_update=o_next, want=want,
                                         revoked_at=rev_at, signer_since=iss.signer.not_before,
                                         margin=horizon - now)
@@ -330,9 +271,8 @@ class OcspResponder:
                 if due:
                     total += self._store(iss, due)
         # Responses of expired certificates are not renewed; once past their nextUpdate they are dead
-        # weight (a late request for such a certificate is signed live). By index on next_update.
-        with self.db.engine.begin() as conn:
-            conn.execute(delete(_RESP).where(_RESP.c.next_update < now))
+        # weight (a late request for such a certificate is signed live).
+        self.store.delete_expired(now)
         return total
 
     # -- answering ---------------------------------------------------------------------------------
@@ -389,7 +329,7 @@ class OcspResponder:
             return ans
         except _OverBudget:
             return TRY_LATER_ANSWER
-        except (HSMError, SQLAlchemyError, DatabaseUnavailable) as exc:
+        except (HSMError, DatabaseUnavailable) as exc:
             # RFC 6960 §2.3 tryLater: the responder is temporarily unable to answer.
             log.warning("OCSP answer deferred: %s", type(exc).__name__)
             return TRY_LATER_ANSWER
@@ -425,11 +365,7 @@ class OcspResponder:
     def _status(self, issuer: str, serial: int) -> tuple[str, datetime | None, str | None] | None:
         if serial <= 0:
             return None
-        with self._reader.connect() as conn:
-            row = conn.execute(
-                select(_CERT.c.status, _CERT.c.revoked_at, _CERT.c.revocation_reason)
-                .where(_CERT.c.issuer == issuer, _CERT.c.serial == format(serial, "x"))
-            ).first()
+        row = self.store.status(issuer, format(serial, "x"))
         if row is None:
             return None
         return wanted_status(row[0]), row[1], row[2]
@@ -463,11 +399,9 @@ class OcspResponder:
 
     def _store_resigned(self, q: Query, status: str, der: bytes, this: datetime, nxt: datetime) -> None:
         try:
-            with self.db.engine.begin() as conn:
-                self._upsert.execute(conn, {"issuer": q.issuer.name, "serial": q.serial_hex, "hash_alg": "sha1",
-                                            "status": status, "this_update": this, "next_update": nxt,
-                                            "der": der})
-        except SQLAlchemyError as exc:  # the answer is right; storing it is an optimisation
+            self.store.store([{"issuer": q.issuer.name, "serial": q.serial_hex, "hash_alg": "sha1",
+                               "status": status, "this_update": this, "next_update": nxt, "der": der}])
+        except DatabaseUnavailable as exc:  # the answer is right; storing it is an optimisation
             log.warning("could not store a pre-signed OCSP response: %s", type(exc).__name__)
 
     # -- OCPP 2.0.1 GetCertificateStatus -----------------------------------------------------------
@@ -481,10 +415,7 @@ class OcspResponder:
                 return UNAUTHORIZED_ANSWER
             serial = serials[0]
             if len(serials) > 1:
-                hexes = [format(s, "x") for s in serials if s > 0]
-                with self._reader.connect() as conn:
-                    found = {r[0] for r in conn.execute(
-                        select(_CERT.c.serial).where(_CERT.c.issuer == iss.name, _CERT.c.serial.in_(hexes)))}
+                found = self.store.existing_serials(iss.name, [format(s, "x") for s in serials if s > 0])
                 serial = next((s for s in serials if s > 0 and format(s, "x") in found), serials[0])
             nh, kh = iss.hashes[hash_alg]
             ans = self._cached(iss, hash_alg, certid_der(hash_alg, nh, kh, serial), serial)
