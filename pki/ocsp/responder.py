@@ -100,8 +100,8 @@ class OcspResponder:
         signers = self.store.signers(utcnow())
         by_ca: dict[str, _Signer] = {}
         for issuer, der, key_uri, created_at in signers:
-            # The signer is the certificate linked to its CA (certificate.ocsp_signer_for_ca_id); its key
-            # label is only what the key store needs to find the key, and must be on our token.
+            # The signer is the certificate linked to its CA (certificate.ocsp_signer_for_ca_id), not a key
+            # label convention; its key URI must name a key of our token.
             label = _label_of(key_uri)
             if label is None or key_uri != self.keystore.uri(label):
                 continue
