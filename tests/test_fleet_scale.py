@@ -29,6 +29,7 @@ from pki.context import Context
 from pki.issuance import Issued
 from pki.ocsp import responder_for
 from pki.revocation import BulkRevocation, bulk_revoke, count
+from pki.store import ocsp as ocsp_store
 from pki.store.models import AuditEvent, Certificate, OcspResponseCache
 from tests.conftest import (
     V2GPKI_EXE,
@@ -99,11 +100,11 @@ def _status(url: str, body: bytes, client: httpx.Client | None = None) -> ocsp.O
 _PAST = "2000-01-01 00:00:00.000000"
 _FUTURE = "2100-01-01 00:00:00.000000"
 SCANS: list[tuple[str, str, tuple[Any, ...], str]] = [
-    ("responder change scan: responses re-signed since the watermark", ocsp_fast._CHANGED_RESPONSES,
+    ("responder change scan: responses re-signed since the watermark", ocsp_store._CHANGED_RESPONSES,
      (_FUTURE,), "ix_ocsp_response_this_update"),
-    ("responder change scan: certificates revoked since the watermark", ocsp_fast._CHANGED_CERTS,
+    ("responder change scan: certificates revoked since the watermark", ocsp_store._CHANGED_CERTS,
      (_FUTURE,), "ix_certificate_revoked_at"),
-    ("responder warm-up: the newest responses", ocsp_fast._COLS + " ORDER BY o.this_update DESC LIMIT ?", (10,),
+    ("responder warm-up: the newest responses", ocsp_store._ROWS + " ORDER BY o.this_update DESC LIMIT ?", (10,),
      "ix_ocsp_response_this_update"),
     ("responder miss: one row by unique key",
      "SELECT c.status, o.der FROM certificate c LEFT JOIN ocsp_response o ON o.issuer = c.issuer AND "
