@@ -8,14 +8,18 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from hsm.errors import HSMError
 from pki.config import current
 
-if TYPE_CHECKING:
-    from pki.ocsp.responder import OcspResponder
+
+class PresignsNew(Protocol):
+    """What the presigner calls (pki/ocsp/responder.py's OcspResponder; a Protocol, not an import of it,
+    because the responder builds its presigner)."""
+
+    def presign_new(self, issuer: str, serials: Sequence[str]) -> int: ...
 
 log = logging.getLogger("v2gpki.ocsp")
 
@@ -32,7 +36,7 @@ class Presigner:
 
     PERIOD = current().ocsp_presign_period_ms / 1000
 
-    def __init__(self, responder: OcspResponder) -> None:
+    def __init__(self, responder: PresignsNew) -> None:
         self.responder = responder
         self._cv = threading.Condition()
         self._queue: list[tuple[str, str]] = []
