@@ -160,20 +160,11 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from sqlmodel import select
-
-    from pki.store.models import Certificate
+    from pki.store.inventory import CertificateFilter, Inventory
 
     ctx = _ctx(args)
-    with ctx.db.session() as s:
-        stmt = select(Certificate).order_by(Certificate.id)  # type: ignore[arg-type]
-        if args.profile:
-            stmt = stmt.where(Certificate.profile == args.profile)
-        if args.status:
-            stmt = stmt.where(Certificate.status == args.status)
-        if args.issuer:
-            stmt = stmt.where(Certificate.issuer == args.issuer)
-        rows = list(s.exec(stmt.limit(args.limit)))
+    rows = Inventory(ctx.db).certificates(CertificateFilter(profile=args.profile or "", status=args.status or "",
+                                                            issuer=args.issuer or ""), limit=args.limit)
     if args.json:
         print(json.dumps([_row_json(r) for r in rows], indent=1))
         return 0
@@ -215,12 +206,9 @@ def cmd_chain(args: argparse.Namespace) -> int:
     ctx = _ctx(args)
     name = args.ca
     if name.isdigit():
-        from sqlmodel import select
+        from pki.store.inventory import Inventory
 
-        from pki.store.models import CertificateAuthority
-
-        with ctx.db.session() as s:
-            row = s.exec(select(CertificateAuthority).where(CertificateAuthority.id == int(name))).first()
+        row = Inventory(ctx.db).ca_by_id(int(name))
         if row is None:
             raise UnknownCA(f"unknown CA id {name}")
         name = row.name

@@ -22,8 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import text
-
 from pki.errors import ClockSkew
 from pki.store.db import Database
 
@@ -64,10 +62,7 @@ class ClockGuard:
         self.on_refuse: tuple[Callable[[ClockReading], None], ...] = tuple(on_refuse)
 
     def _query_db_clock(self) -> datetime:
-        with self.db.engine.connect() as conn:
-            value = conn.execute(text("SELECT now()")).scalar_one()
-        assert isinstance(value, datetime)
-        return value
+        return self.db.server_now()
 
     def measure(self) -> ClockReading | None:
         """A fresh comparison (None on SQLite, or when the database cannot be asked: the database error

@@ -27,13 +27,10 @@ def _org(ctx, name: str | None) -> str:  # type: ignore[no-untyped-def]
     """--org, or the only manufacturer organization there is."""
     if name:
         return name
-    from sqlmodel import select
-
     from pki.firmware import ROLE
-    from pki.store.models import Organization
+    from pki.store.orgs import org_names_with_role
 
-    with ctx.db.session() as s:
-        names = list(s.exec(select(Organization.name).where(Organization.role == ROLE)))
+    names = org_names_with_role(ctx.db, ROLE)
     if len(names) != 1:
         raise BadSubject(f"name the manufacturer with --org ({len(names)} {ROLE} organizations)")
     return str(names[0])

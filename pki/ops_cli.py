@@ -71,7 +71,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     """Effective settings, secrets masked (the PIN never; a database password never)."""
-    from sqlalchemy.engine import make_url
+    from pki.store.db import url_without_password
 
     s = Settings()
     out: dict[str, object] = {}
@@ -80,11 +80,11 @@ def cmd_config_show(args: argparse.Namespace) -> int:
         if name == "hsm_pin":
             value = None if value is None else "[set]"
         elif name == "database_url" and value:
-            value = make_url(value).render_as_string(hide_password=True)
+            value = url_without_password(value)
         elif name == "audit_checkpoint_webhook" and value:
             value = "[set]"  # its URL may carry a token
         elif name == "broker_url" and value and "@" in str(value):
-            value = make_url(str(value)).render_as_string(hide_password=True)
+            value = url_without_password(str(value))
         out[f"V2GPKI_{name.upper()}"] = str(value) if value is not None else None
     print(json.dumps(out, indent=1))
     return 0

@@ -21,23 +21,18 @@ FORBIDDEN = ("sqlalchemy", "sqlmodel", "alembic", "sqlite3", "psycopg", "psycopg
 ALLOWED: dict[str, str] = {
     "pki.audit_sign": "to convert",
     "pki.backup": "to convert",
-    "pki.cli": "to convert",
-    "pki.clock": "to convert",
     "pki.contracts": "to convert",
     "pki.cps.service": "to convert",
     "pki.cps.service20": "to convert",
     "pki.crl": "to convert",
     "pki.enrollment": "to convert",
     "pki.firmware": "to convert",
-    "pki.firmware_cli": "to convert",
     "pki.hierarchy": "to convert",
     "pki.lifecycle": "to convert",
-    "pki.ops_cli": "to convert",
     "pki.pools": "to convert",
     "pki.root_campaign": "to convert",
     "pki.trustlist": "to convert",
     "pki.truststore_plan": "to convert",
-    "workers.app": "to convert",
 }
 
 

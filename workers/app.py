@@ -251,11 +251,10 @@ class LifecycleTask(Task):  # type: ignore[misc]
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:
-    from sqlalchemy.exc import DBAPIError, OperationalError
-
     from hsm.errors import HSMUnavailable
+    from pki.store.errors import TRANSIENT
 
-    return (OperationalError, DBAPIError, HSMUnavailable, ConnectionError, TimeoutError)
+    return (*TRANSIENT, HSMUnavailable, ConnectionError, TimeoutError)
 
 
 __all__ = ["LifecycleTask", "app", "broker_config", "beat_schedule", "ctx", "transient_errors"]

@@ -42,6 +42,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+def url_without_password(url: str) -> str:
+    """A database URL fit to print: its password masked."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def normalise_url(url: str) -> str:
     # psycopg 3 is the PostgreSQL driver we ship; accept plain postgresql:// URLs.
     if url.startswith("postgresql://") or url.startswith("postgres://"):
@@ -116,6 +123,13 @@ class Database:
         """One round trip (SELECT 1) on a fresh checkout; raises when the database cannot be reached."""
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+
+    def server_now(self) -> datetime:
+        """The database server's clock (PostgreSQL ``now()``), on a fresh checkout (pki/clock.py)."""
+        with self.engine.connect() as conn:
+            value = conn.execute(text("SELECT now()")).scalar_one()
+        assert isinstance(value, datetime)
+        return value
 
     def migrate(self) -> None:
         """Upgrade the schema to head (idempotent)."""

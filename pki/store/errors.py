@@ -11,11 +11,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from pki.errors import PKIError
 
 log = logging.getLogger("v2gpki.store")
+
+
+# Database errors a retry may cure (a lost connection, a lock timeout, a server restart): workers retry
+# their tasks on these (workers/app.py).
+TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, DBAPIError)
 
 
 class InvalidValue(PKIError):
