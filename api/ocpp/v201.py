@@ -3,10 +3,11 @@
 The CSMS forwards the station's SignCertificateRequest {csr, certificateType}; we answer with what its
 CertificateSignedRequest is, exactly (OCPP 2.0.1 JSON schema, additionalProperties false): certificateChain
 (leaf, Sub-CA 2, Sub-CA 1 — no root, as chargers expect), certificateType and customData. A rejection is the
-SignCertificateResponse {status: Rejected, statusInfo {reasonCode, additionalInfo}} (api/ocpp/core.py).
+SignCertificateResponse {status: Rejected, statusInfo {reasonCode, additionalInfo}} (api/ocpp/shapes.py).
 
 certificateType may be absent: the OCPP schema says it means both, and after TriggerMessage
-SignCombinedCertificate a charger sends none. The rule is V2GPKI_OCPP_DEFAULT_CERT_TYPE:
+SignCombinedCertificate a charger sends none. The RA decides (pki/enrollment.py enroll_station), by
+V2GPKI_OCPP_DEFAULT_CERT_TYPE:
   infer (default) — V2GCertificate when the CSR's CN is an EVSEID/SECCID or it asks for DC=CPO,
                     otherwise ChargingStationCertificate;
   V2GCertificate | ChargingStationCertificate — always that type.
