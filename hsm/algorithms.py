@@ -60,6 +60,7 @@ class Algorithm:
     pkcs11_curve: str  # EC_PARAMS named curve (name python-pkcs11 knows, or the OID it cannot name)
     max_sig_len: int  # longest signature value (DER ECDSA varies with leading zeros of r and s)
     field_octets: int  # octets of r and of s (JWS / XMLDSig raw r || s), or the EdDSA signature's half
+    jws_alg: str  # JWS "alg" (RFC 7518 §3.4 ES256 / ES512; RFC 8037 §3.1 EdDSA)
     ecdsa: ec.ECDSA | None  # ECDSA(hash), built once: cryptography's constructor runs ABC checks per call
     ecdsa_prehashed: ec.ECDSA | None  # ECDSA(Prehashed(hash)): signing or verifying a digest made here
 
@@ -94,23 +95,25 @@ class Algorithm:
 
 
 def _ecdsa(key_alg: KeyAlg, curve: ec.EllipticCurve, h: hashes.HashAlgorithm, hnew: Callable[..., Any],
-           oid: str, oid_der_hex: str, pkcs11_curve: str, max_sig_len: int, field_octets: int) -> Algorithm:
+           oid: str, oid_der_hex: str, pkcs11_curve: str, max_sig_len: int, field_octets: int, jws: str
+           ) -> Algorithm:
     return Algorithm(
         key_alg=key_alg, curve=curve, hash=h, hashlib_new=hnew, sig_oid=oid,
         sig_alg_der=bytes.fromhex(oid_der_hex), encoding=SigEncoding.DER_ECDSA,
         keygen_mechanism="CKM_EC_KEY_PAIR_GEN", sign_mechanism="CKM_ECDSA", pkcs11_curve=pkcs11_curve,
-        max_sig_len=max_sig_len, field_octets=field_octets, ecdsa=ec.ECDSA(h), ecdsa_prehashed=ec.ECDSA(Prehashed(h)))
+        max_sig_len=max_sig_len, field_octets=field_octets, jws_alg=jws, ecdsa=ec.ECDSA(h),
+        ecdsa_prehashed=ec.ECDSA(Prehashed(h)))
 
 
 ALGORITHMS: Mapping[KeyAlg, Algorithm] = MappingProxyType({
     # ecdsa-with-SHA256 1.2.840.10045.4.3.2 [V2G2-006]; SEQUENCE { OID } without parameters (RFC 5758 §3.2).
     # Ecdsa-Sig-Value: SEQUENCE of two INTEGERs of up to 33 octets: 2 + 2 * 35 = 72.
     KeyAlg.P256: _ecdsa(KeyAlg.P256, ec.SECP256R1(), hashes.SHA256(), hashlib.sha256, "1.2.840.10045.4.3.2",
-                        "300a06082a8648ce3d040302", "secp256r1", 72, 32),
+                        "300a06082a8648ce3d040302", "secp256r1", 72, 32, "ES256"),
     # ecdsa-with-SHA512 1.2.840.10045.4.3.4 (ISO 15118-20); r, s < 2^521 fit 66 octets whose top bit is
     # never set (no sign octet): 2 * (2 + 66) = 136 plus a 3-octet SEQUENCE header = 139.
     KeyAlg.P521: _ecdsa(KeyAlg.P521, ec.SECP521R1(), hashes.SHA512(), hashlib.sha512, "1.2.840.10045.4.3.4",
-                        "300a06082a8648ce3d040304", "secp521r1", 139, 66),
+                        "300a06082a8648ce3d040304", "secp521r1", 139, 66, "ES512"),
     # id-Ed448 1.3.101.113 (RFC 8410 §3: parameters absent); a 114-octet signature (RFC 8032 §5.2.6);
     # CKM_EDDSA without parameters is pure Ed448 (PKCS#11 v3.0 §2.3.14).
     KeyAlg.ED448: Algorithm(
@@ -118,7 +121,7 @@ ALGORITHMS: Mapping[KeyAlg, Algorithm] = MappingProxyType({
         sig_alg_der=bytes.fromhex("300506032b6571"), encoding=SigEncoding.EDDSA_RAW,
         keygen_mechanism="CKM_EC_EDWARDS_KEY_PAIR_GEN", sign_mechanism="CKM_EDDSA",
         pkcs11_curve="1.3.101.113",  # python-pkcs11 cannot encode the name 'ed448'
-        max_sig_len=114, field_octets=57, ecdsa=None, ecdsa_prehashed=None),
+        max_sig_len=114, field_octets=57, jws_alg="EdDSA", ecdsa=None, ecdsa_prehashed=None),
 })
 
 

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import text
 from sqlmodel import col, select
 
+from hsm.algorithms import ALGORITHMS
 from hsm.errors import KeyNotFoundError
 from hsm.keystore import KeyAlg
 from pki.audit import verify_chain
@@ -38,6 +38,8 @@ from pki.store.db import utcnow
 from pki.store.models import AuditCheckpoint, AuditEvent, AuditHead
 
 AUDIT_KEY = "svc-audit"
+# The audit key is P-256, signing ecdsa-with-SHA256: its row of the algorithm table (hsm/algorithms.py).
+_AUDIT_ALG = ALGORITHMS[KeyAlg.P256]
 
 
 def _message(seq: int, h: str) -> bytes:
@@ -48,7 +50,7 @@ def ensure_audit_key(ctx: Context) -> None:
     try:
         ctx.keystore.public_key(AUDIT_KEY)
     except KeyNotFoundError:
-        ctx.keystore.create_key(AUDIT_KEY, KeyAlg.P256)
+        ctx.keystore.create_key(AUDIT_KEY, _AUDIT_ALG.key_alg)
 
 
 _PG_CHECKPOINT_LOCK = 0x76326770  # pg_advisory_xact_lock key: one checkpointer at a time
@@ -163,7 +165,7 @@ def checkpoint(ctx: Context) -> AuditCheckpoint | None:
         if not any(r["seq"] == last.seq and r["hash"] == last.hash for r in read_external(path).records):
             _publish(ctx, record_of(last))
         return last
-    sig = ctx.keystore.signer(ctx.keystore.uri(AUDIT_KEY)).sign(_message(seq, h), ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
+    sig = _AUDIT_ALG.sign(ctx.keystore.signer(ctx.keystore.uri(AUDIT_KEY)), _message(seq, h))
     cp = AuditCheckpoint(seq=seq, hash=h, ts=utcnow(), key_label=AUDIT_KEY, signature=sig)
     rec = record_of(cp)
     if ctx.settings.audit_checkpoint_webhook:  # a network call: never under the database lock
@@ -198,7 +200,7 @@ def _verify_sig(pub: ec.EllipticCurvePublicKey | None, signature: bytes, seq: in
     if pub is None:
         return True  # reported once as "audit key missing"
     try:
-        pub.verify(signature, _message(seq, h), ec.ECDSA(hashes.SHA256()))
+        pub.verify(signature, _message(seq, h), _AUDIT_ALG.ecdsa)  # type: ignore[arg-type]
         return True
     except InvalidSignature:
         return False

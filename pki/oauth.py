@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
+from hsm.algorithms import ALGORITHMS, KeyAlg
 from pki.errors import OAuthError, PKIError
 from pki.orgs import KEY_PREFIX, Principal, Unauthenticated, _cache_ttl, authenticate_api_key, get_org, principal_of
 from pki.store import orgs as store_orgs
@@ -69,7 +70,6 @@ def _public_key(ctx: Context, *, create: bool = True) -> ec.EllipticCurvePublicK
     """The token key's public half (cached per key store), the key generated in the HSM on first use
     (on the first token issued: verifying a token never creates it)."""
     from hsm.errors import KeyExistsError, KeyNotFoundError
-    from hsm.keystore import KeyAlg
 
     hit = _PUB.get(id(ctx.keystore))
     if hit is not None and hit[0] is ctx.keystore:
@@ -106,7 +106,8 @@ def _sign(ctx: Context, claims: dict[str, Any]) -> str:
     header = {"alg": "ES256", "typ": "JWT", "kid": _kid(pub)}
     signing_input = (_b64url(json.dumps(header, separators=(",", ":")).encode()) + "." +
                      _b64url(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()))
-    der = ctx.keystore.signer(ctx.keystore.uri(TOKEN_KEY)).sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
+    # ES256 (RFC 7518 §3.4): the P-256 row of the algorithm table (hsm/algorithms.py)
+    der = ALGORITHMS[KeyAlg.P256].sign(ctx.keystore.signer(ctx.keystore.uri(TOKEN_KEY)), signing_input.encode())
     r, s = decode_dss_signature(der)
     return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 

@@ -40,6 +40,7 @@ from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
+from hsm.algorithms import algorithm_of
 from pki import audit
 from pki.errors import NotFound, PKIError, TrustListError
 from pki.store.db import utcnow
@@ -138,12 +139,14 @@ def ensure_signer(ctx: Context) -> Signer:
 
 
 def _jws_alg(cert: x509.Certificate) -> tuple[str, hashes.HashAlgorithm, int]:
-    pub = cert.public_key()
-    if isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name == "secp521r1":
-        return "ES512", hashes.SHA512(), 66
-    if isinstance(pub, ec.EllipticCurvePublicKey):
-        return "ES256", hashes.SHA256(), 32
-    raise PKIError("the trust-list signer must have an EC key (P-256 or P-521)")
+    """JWS alg, hash and r/s octets of the signer's key type (hsm/algorithms.py): ES256 or ES512."""
+    try:
+        row = algorithm_of(cert.public_key())  # type: ignore[arg-type]
+    except ValueError:
+        row = None
+    if row is None or row.hash is None:
+        raise PKIError("the trust-list signer must have an EC key (P-256 or P-521)")
+    return row.jws_alg, row.hash, row.field_octets
 
 
 def _sign(ctx: Context, sg: Signer, data: bytes) -> tuple[bytes, str]:
