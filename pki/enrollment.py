@@ -16,9 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cryptography import x509
-from sqlalchemy import func
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
 
 from pki import audit
 from pki.context import Context
@@ -28,8 +25,9 @@ from pki.issuance import Issued, IssueRequest
 from pki.names import EVSEID_RE, SECCID_RE
 from pki.orgs import ROLE_PROFILES, Principal, check_owns
 from pki.roots import CertHashData, ca_under_root
-from pki.store.db import utcnow
-from pki.store.models import Certificate, IdempotencyRecord, Organization, Station
+from pki.store import enrollment as store
+from pki.store.db import Session, utcnow
+from pki.store.models import IdempotencyRecord, Station
 
 
 @dataclass
@@ -73,24 +71,18 @@ def station_claim_of_other(s: Session, p: Principal, identity: str) -> str | Non
         unregistered stations leave no registration behind)."""
     from pki.names import normalise_evseid, normalise_seccid, owns_identifier
 
-    reg = s.exec(select(Station).where(func.upper(Station.identity) == identity.upper(),
-                                       Station.org != p.org)).first()
-    if reg is not None:
+    if store.station_registered_elsewhere(s, identity, p.org):
         return "registered by another organization"
     for kind, norm in (("evseid", normalise_evseid), ("seccid", normalise_seccid)):
         try:
             ident = norm(identity)
         except BadSubject:
             continue
-        for org in s.exec(select(Organization).where(Organization.role == "cpo", Organization.name != p.org)):
+        for org in store.other_cpos(s, p.org):
             if owns_identifier(list(org.prefixes or []), kind, ident):
                 return "an identifier under another organization's operator ID"
     variants = {identity, identity.upper(), identity.lower()}  # indexed lookups; the registry is the full check
-    cert = s.exec(select(Certificate.serial).where(
-        Certificate.identifier.in_(variants),  # type: ignore[union-attr]
-        Certificate.profile == "cs-client", Certificate.status == "valid",
-        Certificate.tenant != p.org)).first()
-    if cert is not None:
+    if store.station_certified_elsewhere(s, variants, p.org):
         return "certified for another organization"
     return None
 
@@ -113,9 +105,7 @@ def authorize_request(ctx: Context, p: Principal, profile_name: str, checked: Ch
             if other is not None:
                 raise Forbidden(f"station {checked.identifier!r} belongs to another organization ({other})")
             if not p.settings.get("allow_any_station"):
-                st = s.exec(select(Station).where(Station.org == p.org,
-                                                  Station.identity == checked.identifier)).first()
-                if st is None:
+                if store.station_of(s, p.org, checked.identifier) is None:
                     raise Forbidden(f"station {checked.identifier!r} is not registered for {p.org!r} (/v1/stations)")
     elif p.role != "admin":
         raise Forbidden(f"profile {profile_name!r} is not enrollable by {p.role}")
@@ -138,11 +128,8 @@ def enroll(ctx: Context, p: Principal, profile_name: str, csr: bytes | str | x50
     ))
     superseded: list[str] = []
     if supersede:
-        with ctx.db.session() as s:
-            olds = list(s.exec(select(Certificate).where(
-                Certificate.identifier == checked.identifier, Certificate.profile == profile_name,
-                Certificate.tenant == owner, Certificate.status == "valid",
-                Certificate.serial != issued.serial)))
+        olds = store.valid_certificates(ctx.db, identifier=checked.identifier, profile=profile_name, tenant=owner,
+                                        except_serial=issued.serial)
         for old in olds:
             try:
                 ctx.engine.revoke(old.serial, "superseded", issuer=old.issuer, actor=p.credential, org=p.org)
@@ -216,26 +203,15 @@ def register_station(ctx: Context, p: Principal, identity: str) -> Station:
         if other is not None:
             raise Conflict(f"station {identity!r} belongs to another organization ({other})")
         st = Station(org=p.org, identity=identity, created_at=utcnow())
-        s.add(st)
-        try:
-            # Flush the INSERT before the audit append queries the chain head: otherwise autoflush raises
-            # the duplicate inside audit.append, outside this handler (a 500 instead of 409).
-            s.flush()
-            audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="station.register", object=identity))
-            s.commit()
-        except IntegrityError:
-            s.rollback()
-            raise Conflict(f"station {identity!r} already registered") from None
-        s.refresh(st)
+        # A duplicate is a 409, not a 500 (the INSERT is flushed before the audit append).
+        if not store.add_station(s, st, audit.Entry(actor=p.credential, org=p.org, action="station.register",
+                                                    object=identity)):
+            raise Conflict(f"station {identity!r} already registered")
         return st
 
 
 def list_stations(ctx: Context, p: Principal) -> list[Station]:
-    with ctx.db.session() as s:
-        stmt = select(Station).order_by(Station.identity)  # type: ignore[arg-type]
-        if not p.sees_all:
-            stmt = stmt.where(Station.org == p.org)
-        return list(s.exec(stmt))
+    return store.stations(ctx.db, None if p.sees_all else p.org)
 
 
 # -- Idempotency-Key (draft-ietf-httpapi-idempotency-key-header) ----------------------------------------
@@ -246,9 +222,7 @@ def request_digest(body: dict[str, Any]) -> str:
 
 
 def idempotent_lookup(ctx: Context, org: str, key: str, digest: str) -> dict[str, Any] | None:
-    with ctx.db.session() as s:
-        rec = s.exec(select(IdempotencyRecord).where(IdempotencyRecord.org == org,
-                                                     IdempotencyRecord.key == key)).first()
+    rec = store.idempotency_record(ctx.db, org, key)
     if rec is None:
         return None
     if rec.request_sha256 != digest:
@@ -257,12 +231,8 @@ def idempotent_lookup(ctx: Context, org: str, key: str, digest: str) -> dict[str
 
 
 def idempotent_store(ctx: Context, org: str, key: str, digest: str, response: dict[str, Any]) -> None:
-    with ctx.db.session() as s:
-        s.add(IdempotencyRecord(org=org, key=key, request_sha256=digest, response=response, created_at=utcnow()))
-        try:
-            s.commit()
-        except IntegrityError:
-            s.rollback()  # a concurrent retry stored it first; both responses describe real issuances
+    store.add_idempotency_record(ctx.db, IdempotencyRecord(org=org, key=key, request_sha256=digest, response=response,
+                                                           created_at=utcnow()))
 
 
 __all__ = ["BadSubject", "EnrollResult", "StationEnrollment", "enroll", "enroll_station", "register_station",

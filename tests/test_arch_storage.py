@@ -25,7 +25,6 @@ ALLOWED: dict[str, str] = {
     "pki.cps.service": "to convert",
     "pki.cps.service20": "to convert",
     "pki.crl": "to convert",
-    "pki.enrollment": "to convert",
     "pki.firmware": "to convert",
     "pki.hierarchy": "to convert",
     "pki.lifecycle": "to convert",
