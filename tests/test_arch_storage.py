@@ -22,8 +22,6 @@ ALLOWED: dict[str, str] = {
     "pki.audit_sign": "to convert",
     "pki.backup": "to convert",
     "pki.contracts": "to convert",
-    "pki.cps.service": "to convert",
-    "pki.cps.service20": "to convert",
     "pki.crl": "to convert",
     "pki.firmware": "to convert",
     "pki.hierarchy": "to convert",

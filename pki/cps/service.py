@@ -32,7 +32,6 @@ from typing import Any, Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlmodel import Session, col, select
 
 from hsm.keystore import certified_signer
 from pki.context import Context
@@ -79,7 +78,9 @@ from pki.errors import NotFound, PKIError
 from pki.issuance import CAHandle, IssueRequest, der
 from pki.names import normalise_emaid
 from pki.observers import Deferred
-from pki.store.db import utcnow
+from pki.store.contracts import Contracts
+from pki.store.db import Session, utcnow
+from pki.store.inventory import Inventory
 from pki.store.models import Certificate, Contract
 
 EXI_REQUEST_MAX_B64 = 5600  # OCPP 2.0.1 Get15118EVCertificateRequest.exiRequest maxLength
@@ -216,11 +217,7 @@ def _cached(ctx: Context, key: str, load: Callable[[], Any]) -> Any:
 
 
 def _cps_rows(ctx: Context) -> list[Certificate]:
-    now = utcnow()
-    with ctx.db.session() as s:
-        return list(s.exec(select(Certificate).where(
-            Certificate.profile == "cps-leaf", Certificate.status == "valid", col(Certificate.key_uri).is_not(None),
-            col(Certificate.not_after) > now).order_by(col(Certificate.not_after).desc())))
+    return Inventory(ctx.db).service_leaves(["cps-leaf"], utcnow())
 
 
 def _cps_signer(ctx: Context, ids: tuple[X509IssuerSerial, ...]) -> tuple[Certificate, list[bytes]]:
@@ -242,10 +239,9 @@ def _chain_der(ctx: Context, issuer: str) -> list[bytes]:
 
 def _org_display_name(ctx: Context, emsp: str) -> str:
     def load() -> str:
-        from pki.store.models import Organization
+        from pki.store.orgs import org_by_name
 
-        with ctx.db.session() as s:
-            org = s.exec(select(Organization).where(Organization.name == emsp)).first()
+        org = org_by_name(ctx.db, emsp)
         return str((org.settings or {}).get("organization_name") or emsp) if org else emsp
 
     return str(_cached(ctx, f"org:{emsp}", load))
@@ -354,8 +350,7 @@ def _deliver(ctx: Context, raw: Node, request: V2GMessage, body: CertificateInst
         cn = vehicle_cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         if not cn or normalise_emaid(str(cn[0].value)) != emaid:
             raise CPSFailure(ResponseCode.FAILED_CertChainError, "eMAID does not match the contract certificate")
-        with ctx.db.session() as s:
-            contract = s.exec(select(Contract).where(Contract.emaid == emaid)).first()
+        contract = Contracts(ctx.db).by_emaid(emaid)
         if emsp is not None and (contract is None or contract.emsp != emsp):
             raise NotFound(f"no contract of yours {emaid}")
         if contract is None:

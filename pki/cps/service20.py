@@ -31,7 +31,6 @@ from datetime import UTC
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, x448
-from sqlmodel import col, select
 
 from hsm.keystore import certified_signer
 from pki.context import Context
@@ -73,7 +72,9 @@ from pki.cps.service import MAX_ROOT_IDS, _cached, _matches_root, _org_display_n
 from pki.csr import SubjectFields
 from pki.errors import NotFound, PKIError
 from pki.issuance import CAHandle, IssueRequest, der
+from pki.store.contracts import Contracts
 from pki.store.db import utcnow
+from pki.store.inventory import Inventory
 from pki.store.models import Certificate, Contract
 
 EXI_RESPONSE_MAX_B64_20 = 17000  # OCPP 2.1 Get15118EVCertificateResponse.exiResponse maxLength
@@ -187,20 +188,14 @@ def _deliver(ctx: Context, tree: object, request: CertificateInstallationReq20, 
         raise CPS20Failure("FAILED_SignatureError", f"request signature: {exc.message}") from None
 
     # contract selection (§8.3.4.3.9: PrioritizedEMAIDs, MaximumContractCertificateChains)
-    with ctx.db.session() as s:
-        q = select(Contract).where(Contract.pcid == pcid, Contract.status == "active",
-                                   col(Contract.valid_until) > utcnow())
-        if emsp is not None:
-            q = q.where(Contract.emsp == emsp)
-        contracts = list(s.exec(q))
-        order = [_norm_emaid(e) for e in request.prioritized_emaids or ()]
+    order = [_norm_emaid(e) for e in request.prioritized_emaids or ()]
+
+    def choose(contracts: list[Contract]) -> list[Contract]:
         contracts.sort(key=lambda c: (order.index(c.emaid) if c.emaid in order else len(order), not c.is_default,
                                       c.emaid))
-        limit = request.maximum_contract_certificate_chains or len(contracts)
-        selected = contracts[:limit]
-        installed = {c.identifier for c in s.exec(select(Certificate).where(
-            Certificate.profile == "contract-20", Certificate.status == "valid",
-            col(Certificate.identifier).in_([c.emaid for c in selected]), col(Certificate.not_after) > utcnow()))}
+        return contracts[:request.maximum_contract_certificate_chains or len(contracts)]
+
+    selected, installed = Contracts(ctx.db).choose_for_pcid(pcid, emsp, utcnow(), "contract-20", choose)
     if not selected:
         if emsp is not None:
             raise NotFound(f"no active contract of yours for PCID {pcid}")
@@ -314,11 +309,7 @@ def _cps_signer20(ctx: Context, ids: tuple[X509IssuerSerial, ...], alg: str) -> 
     """The newest valid -20 CPS leaf (key in the HSM) under a -20 V2G root the vehicle lists; of the vehicle's
     algorithm first (a vehicle listing only the other -20 root still gets an answer it can verify)."""
     def rows() -> list[Certificate]:
-        with ctx.db.session() as s:
-            return list(s.exec(select(Certificate).where(
-                col(Certificate.profile).in_(["cps-leaf-20"]), Certificate.status == "valid",
-                col(Certificate.key_uri).is_not(None), col(Certificate.not_after) > utcnow()
-            ).order_by(col(Certificate.not_after).desc())))
+        return Inventory(ctx.db).service_leaves(["cps-leaf-20"], utcnow())
 
     now = utcnow()
     fits: list[Certificate] = []

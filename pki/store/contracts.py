@@ -4,10 +4,13 @@ signed ahead of time for them (ISO 15118-2 CertificateInstallationRes prepared b
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
 from sqlmodel import col, select
 
 from pki.store.db import Database
-from pki.store.models import Contract, SignedContractData
+from pki.store.models import Certificate, Contract, SignedContractData
 
 
 class Contracts:
@@ -19,6 +22,26 @@ class Contracts:
         with self.db.session() as s:
             c = s.exec(select(Contract).where(Contract.emaid == emaid)).first()
         return c.pcid if c is not None else ""
+
+    def by_emaid(self, emaid: str) -> Contract | None:
+        with self.db.session() as s:
+            return s.exec(select(Contract).where(Contract.emaid == emaid)).first()
+
+    def choose_for_pcid(self, pcid: str, emsp: str | None, now: datetime, certificate_profile: str,
+                        choose: Callable[[list[Contract]], Sequence[Contract]]) -> tuple[list[Contract], set[str]]:
+        """In one session: the active, unexpired contracts of a PCID (``emsp``: that eMSP's only), the ones
+        ``choose`` picks of them, and which of those picked already have a valid unexpired certificate of
+        ``certificate_profile`` (by EMAID)."""
+        with self.db.session() as s:
+            q = select(Contract).where(Contract.pcid == pcid, Contract.status == "active",
+                                       col(Contract.valid_until) > now)
+            if emsp is not None:
+                q = q.where(Contract.emsp == emsp)
+            selected = list(choose(list(s.exec(q))))
+            installed = {str(c.identifier) for c in s.exec(select(Certificate).where(
+                Certificate.profile == certificate_profile, Certificate.status == "valid",
+                col(Certificate.identifier).in_([c.emaid for c in selected]), col(Certificate.not_after) > now))}
+        return selected, installed
 
     def add_signed_data(self, row: SignedContractData) -> None:
         """Store one prepared contract data payload (committed on its own)."""

@@ -162,6 +162,15 @@ class Inventory:
         with self.db.session() as s:
             return sorted(set(s.exec(stmt.where(col(Certificate.key_uri).is_(None)).distinct())))
 
+    def service_leaves(self, profiles: Sequence[str], now: datetime) -> list[Certificate]:
+        """Valid unexpired certificates of these profiles whose key this service holds (key_uri set: CPS,
+        OCSP signers), the latest-expiring first."""
+        with self.db.session() as s:
+            return list(s.exec(select(Certificate).where(
+                col(Certificate.profile).in_(list(profiles)), Certificate.status == "valid",
+                col(Certificate.key_uri).is_not(None), col(Certificate.not_after) > now
+            ).order_by(col(Certificate.not_after).desc())))
+
     # -- CAs -----------------------------------------------------------------------------------------------
 
     def cas(self) -> list[CertificateAuthority]:

@@ -31,6 +31,11 @@ def orgs_with_role(s: Session, role: str) -> list[Organization]:
     return list(s.exec(select(Organization).where(Organization.role == role)))
 
 
+def org_by_name(db: Database, name: str) -> Organization | None:
+    with db.session() as s:
+        return org_named(s, name)
+
+
 def org_names_with_role(db: Database, role: str) -> list[str]:
     with db.session() as s:
         return [str(n) for n in s.exec(select(Organization.name).where(Organization.role == role))]
@@ -54,5 +59,5 @@ def on_change(callback: Callable[..., None]) -> None:
             event.listen(model, ev, callback)
 
 
-__all__ = ["all_orgs", "api_key", "lock_org_creation", "on_change", "org_named", "org_names_with_role",
+__all__ = ["all_orgs", "api_key", "org_by_name", "lock_org_creation", "on_change", "org_named", "org_names_with_role",
            "orgs_with_role"]
