@@ -1,3 +1,15 @@
+"""The storage seam (#23 item 2), like Boulder's storage authority: the only package that imports SQLAlchemy,
+SQLModel, Alembic or a database driver (tests/test_arch_storage.py checks it).
+
+Per consumer a narrow repository: certificates.py (issuance and revocation), inventory.py (listing and
+counting certificates and CAs), audit_log.py (the hash-chained audit trail), contracts.py, enrollment.py
+(stations, idempotency), orgs.py (organizations, API keys), outbox.py, subscriptions.py (trust-store
+distribution), ocsp.py (responder lookups); errors.py turns database errors into typed PKI errors. A
+repository function that takes a Session runs in the caller's transaction (``with db.session() as s``),
+so writes that belong together commit together. Rows come back as the SQLModel classes of models*.py,
+as plain data.
+"""
+
 from pki.store import models_lifecycle  # noqa: F401  (registers the lifecycle tables on the metadata)
 from pki.store.db import Database, utcnow
 
