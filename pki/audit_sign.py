@@ -25,17 +25,15 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import text
-from sqlmodel import col, select
 
 from hsm.algorithms import ALGORITHMS
 from hsm.errors import KeyNotFoundError
 from hsm.keystore import KeyAlg
-from pki.audit import verify_chain
 from pki.context import Context
 from pki.errors import ConfigError
+from pki.store import audit_log as store
 from pki.store.db import utcnow
-from pki.store.models import AuditCheckpoint, AuditEvent, AuditHead
+from pki.store.models import AuditCheckpoint
 
 AUDIT_KEY = "svc-audit"
 # The audit key is P-256, signing ecdsa-with-SHA256: its row of the algorithm table (hsm/algorithms.py).
@@ -53,7 +51,6 @@ def ensure_audit_key(ctx: Context) -> None:
         ctx.keystore.create_key(AUDIT_KEY, _AUDIT_ALG.key_alg)
 
 
-_PG_CHECKPOINT_LOCK = 0x76326770  # pg_advisory_xact_lock key: one checkpointer at a time
 
 
 def _b64(raw: bytes) -> str:
@@ -132,20 +129,6 @@ def _publish(ctx: Context, rec: dict[str, Any]) -> None:
     append_external(ctx.settings.audit_checkpoint_file, rec)
 
 
-def _head(ctx: Context) -> tuple[int, str] | None:
-    with ctx.db.autocommit.connect() as conn:
-        row = conn.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)).first()  # type: ignore[call-overload]
-    return None if row is None else (int(row[0]), str(row[1]))
-
-
-def _last_checkpoint(ctx: Context) -> AuditCheckpoint | None:
-    """Read without a transaction (on SQLite a session would take the write lock at BEGIN IMMEDIATE)."""
-    t = AuditCheckpoint.__table__  # type: ignore[attr-defined]
-    with ctx.db.autocommit.connect() as conn:
-        row = conn.execute(t.select().order_by(t.c.seq.desc()).limit(1)).mappings().first()
-    return None if row is None else AuditCheckpoint(**dict(row))
-
-
 def checkpoint(ctx: Context) -> AuditCheckpoint | None:
     """Sign the chain head with the HSM audit key, publish it outside the database, then commit its row.
 
@@ -155,12 +138,12 @@ def checkpoint(ctx: Context) -> AuditCheckpoint | None:
     record lacks. A head that already has a checkpoint is not signed again (its record is re-published if
     the external file lacks it, e.g. the first checkpoint after an upgrade)."""
     ensure_audit_key(ctx)
-    head = _head(ctx)
+    head = store.chain_head(ctx.db)
     if head is None or head[0] == 0:
         return None
     seq, h = head
     path = ctx.settings.audit_checkpoint_file
-    last = _last_checkpoint(ctx)
+    last = store.last_checkpoint(ctx.db)
     if last is not None and last.seq >= seq:
         if not any(r["seq"] == last.seq and r["hash"] == last.hash for r in read_external(path).records):
             _publish(ctx, record_of(last))
@@ -170,21 +153,8 @@ def checkpoint(ctx: Context) -> AuditCheckpoint | None:
     rec = record_of(cp)
     if ctx.settings.audit_checkpoint_webhook:  # a network call: never under the database lock
         _post_webhook(ctx.settings.audit_checkpoint_webhook, rec)
-    with ctx.db.session() as s:
-        if not ctx.db.is_sqlite:
-            s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CHECKPOINT_LOCK})
-        newer = s.exec(select(AuditCheckpoint).where(col(AuditCheckpoint.seq) >= seq)
-                       .order_by(col(AuditCheckpoint.seq).desc())).first()
-        if newer is not None:  # another checkpointer got there first
-            s.expunge(newer)
-            s.rollback()
-            return newer
-        s.add(cp)
-        s.flush()
-        append_external(path, rec)
-        s.commit()
-        s.refresh(cp)
-    return cp
+    # Another checkpointer may get there first: then its checkpoint is returned and ours is not stored.
+    return store.add_checkpoint(ctx.db, cp, lambda: append_external(path, rec))
 
 
 @dataclass
@@ -208,17 +178,9 @@ def _verify_sig(pub: ec.EllipticCurvePublicKey | None, signature: bytes, seq: in
 
 def verify_all(ctx: Context) -> FullResult:
     ext = read_external(ctx.settings.audit_checkpoint_file)
-    with ctx.db.session() as s:
-        res = verify_chain(s)
-        problems = list(res.problems)
-        cps = list(s.exec(select(AuditCheckpoint).order_by(col(AuditCheckpoint.seq))))
-        head = s.get(AuditHead, 1)
-        seqs = sorted({c.seq for c in cps} | {int(r["seq"]) for r in ext.records})
-        hashes_at: dict[int, str] = {}
-        for i in range(0, len(seqs), 500):
-            chunk = seqs[i:i + 500]
-            for ev in s.exec(select(AuditEvent).where(col(AuditEvent.seq).in_(chunk))):
-                hashes_at[ev.seq] = ev.hash
+    snap = store.snapshot_for_verification(ctx.db, (int(r["seq"]) for r in ext.records))
+    res, cps, head, hashes_at = snap.chain, snap.checkpoints, snap.head, snap.hashes_at
+    problems = list(res.problems)
     head_seq = head.seq if head is not None else 0
     pub: ec.EllipticCurvePublicKey | None = None
     if cps or ext.records:

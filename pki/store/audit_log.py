@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,7 +22,7 @@ from sqlmodel import Session, col, select
 
 from pki.store.db import Database, utcnow
 from pki.store.fast import BulkInsert, Prepared
-from pki.store.models import AuditEvent, AuditHead
+from pki.store.models import AuditCheckpoint, AuditEvent, AuditHead
 
 GENESIS = "0" * 64
 _EVENT_TABLE: Table = AuditEvent.__table__  # type: ignore[attr-defined]
@@ -191,6 +192,75 @@ def record(db: Database, *entries: Entry) -> None:
     with db.session() as s:
         append(s, *entries)
         s.commit()
+
+
+# -- checkpoints (pki/audit_sign.py: the head signed by the HSM audit key) --------------------------------
+
+_PG_CHECKPOINT_LOCK = 0x76326770  # pg_advisory_xact_lock key: one checkpointer at a time
+
+
+def chain_head(db: Database) -> tuple[int, str] | None:
+    """(seq, hash) of the chain head, read without a transaction; None before the first event."""
+    with db.autocommit.connect() as conn:
+        row = conn.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)).first()  # type: ignore[call-overload]
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
+def last_checkpoint(db: Database) -> AuditCheckpoint | None:
+    """Read without a transaction (on SQLite a session would take the write lock at BEGIN IMMEDIATE)."""
+    t = AuditCheckpoint.__table__  # type: ignore[attr-defined]
+    with db.autocommit.connect() as conn:
+        row = conn.execute(t.select().order_by(t.c.seq.desc()).limit(1)).mappings().first()
+    return None if row is None else AuditCheckpoint(**dict(row))
+
+
+def add_checkpoint(db: Database, cp: AuditCheckpoint, before_commit: Callable[[], None]) -> AuditCheckpoint:
+    """Insert a checkpoint under a lock that serialises checkpointers (PostgreSQL: an advisory lock;
+    SQLite: BEGIN IMMEDIATE); ``before_commit`` (the external record) runs after the row is flushed and
+    before it commits, so a failure leaves no row the external record lacks. When another checkpointer
+    stored one at or past this seq first, that one is returned and nothing is written."""
+    with db.session() as s:
+        if not db.is_sqlite:
+            s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CHECKPOINT_LOCK})
+        newer = s.exec(select(AuditCheckpoint).where(col(AuditCheckpoint.seq) >= cp.seq)
+                       .order_by(col(AuditCheckpoint.seq).desc())).first()
+        if newer is not None:
+            s.expunge(newer)
+            s.rollback()
+            return newer
+        s.add(cp)
+        s.flush()
+        before_commit()
+        s.commit()
+        s.refresh(cp)
+    return cp
+
+
+@dataclass
+class ChainSnapshot:
+    """What a full verification reads in one session: the chain's own check, the checkpoints, the head,
+    and the stored hash at each sequence number asked for."""
+
+    chain: VerifyResult
+    checkpoints: list[AuditCheckpoint]
+    head: AuditHead | None
+    hashes_at: dict[int, str]
+
+
+def snapshot_for_verification(db: Database, extra_seqs: Iterable[int]) -> ChainSnapshot:
+    """Verify the chain and read the checkpoints, the head and the event hashes at every checkpoint's
+    seq and at ``extra_seqs`` (the external record's), in one session."""
+    with db.session() as s:
+        res = verify_chain(s)
+        cps = list(s.exec(select(AuditCheckpoint).order_by(col(AuditCheckpoint.seq))))
+        head = s.get(AuditHead, 1)
+        seqs = sorted({c.seq for c in cps} | set(extra_seqs))
+        hashes_at: dict[int, str] = {}
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i:i + 500]
+            for ev in s.exec(select(AuditEvent).where(col(AuditEvent.seq).in_(chunk))):
+                hashes_at[ev.seq] = ev.hash
+    return ChainSnapshot(res, cps, head, hashes_at)
 
 
 class AuditLog:
