@@ -11,17 +11,15 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import update
-from sqlmodel import Session, select
-
 from hsm.algorithms import ALGORITHMS
 from hsm.errors import KeyExistsError, KeyNotFoundError
 from hsm.keystore import KeyAlg, KeyStore
 from pki.csr import SubjectFields
 from pki.issuance import Engine, Issued, IssueRequest, key_alg_of_public
 from pki.profiles import CAEntry, Hierarchy, ProfileSet
-from pki.store.db import utcnow
-from pki.store.models import Certificate, CertificateAuthority, IssuanceIntent
+from pki.store import certificates as store
+from pki.store.db import Session, utcnow
+from pki.store.models import CertificateAuthority
 
 Progress = Callable[[int, int, str, str], None]
 
@@ -102,13 +100,7 @@ def create_ca(engine: Engine, entry: CAEntry, h: Hierarchy) -> Issued:
 
 
 def service_cert_exists(engine: Engine, issuer: str, profile: str, key_uri: str) -> bool:
-    with engine.db.session() as s:
-        row = s.exec(select(Certificate).where(
-            Certificate.issuer == issuer, Certificate.profile == profile,
-            Certificate.key_uri == key_uri, Certificate.status == "valid",
-            Certificate.not_after > utcnow(),
-        )).first()
-    return row is not None
+    return store.has_valid_certificate(engine.db, issuer=issuer, profile=profile, key_uri=key_uri, now=utcnow())
 
 
 def issue_service_cert(engine: Engine, *, issuer: str, profile_name: str, label: str, cn: str,
@@ -225,18 +217,13 @@ def init_hierarchy(engine: Engine, h: Hierarchy, progress: Progress | None = Non
     discard = getattr(engine.keystore, "discard_torn_keys", None)
     if discard is not None:
         discard()
-    with engine.db.session() as s:
-        # Every intent still pending when init starts was left by an interrupted run (this run has made
-        # none yet). No time filter: created_at has whole seconds, and a run killed and resumed within the
-        # same second (a fast machine) left its intent pending behind a `created_at < now` filter. An intent
-        # of an API issuance in flight at this moment is overwritten by that issuance's own completion
-        # (issued or failed), which does not look at the previous state.
-        abandoned = s.execute(
-            update(IssuanceIntent).where(IssuanceIntent.state == "pending")  # type: ignore[arg-type]
-            .values(state="abandoned", completed_at=utcnow())
-        ).rowcount  # type: ignore[attr-defined]
-        s.commit()
-        existing = {r.name for r in s.exec(select(CertificateAuthority))}
+    # Every intent still pending when init starts was left by an interrupted run (this run has made
+    # none yet). No time filter: created_at has whole seconds, and a run killed and resumed within the
+    # same second (a fast machine) left its intent pending behind a `created_at < now` filter. An intent
+    # of an API issuance in flight at this moment is overwritten by that issuance's own completion
+    # (issued or failed), which does not look at the previous state.
+    abandoned = store.abandon_pending_intents(engine.db)
+    existing = {r.name for r in store.all_cas(engine.db)}
     steps: list[tuple[str, str]] = []
     for ca in h.cas:
         steps.append(("ca", ca.name))

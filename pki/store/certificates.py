@@ -64,6 +64,27 @@ def all_cas(db: Database) -> list[CertificateAuthority]:
         return list(s.exec(select(CertificateAuthority)))
 
 
+def abandon_pending_intents(db: Database) -> int:
+    """Mark every pending intent abandoned (``v2gpki init`` resuming an interrupted run); how many."""
+    with db.session() as s:
+        n = s.execute(
+            update(IssuanceIntent).where(IssuanceIntent.state == "pending")  # type: ignore[arg-type]
+            .values(state="abandoned", completed_at=utcnow())
+        ).rowcount  # type: ignore[attr-defined]
+        s.commit()
+    return int(n)
+
+
+def has_valid_certificate(db: Database, *, issuer: str, profile: str, key_uri: str, now: datetime) -> bool:
+    """A valid unexpired certificate of this profile from ``issuer`` for a key this service holds."""
+    with db.session() as s:
+        return s.exec(select(Certificate).where(
+            Certificate.issuer == issuer, Certificate.profile == profile,
+            Certificate.key_uri == key_uri, Certificate.status == "valid",
+            Certificate.not_after > now,
+        )).first() is not None
+
+
 # -- issuance ----------------------------------------------------------------------------------------------
 
 
@@ -221,6 +242,7 @@ def revoked_without_revoked_response(db: Database, issuer: str, now: datetime) -
             .where(or_(r.id.is_(None), r.status != "revoked", r.this_update < c.revoked_at)))]
 
 
-__all__ = ["certificates_by_id", "count_revocable", "revoke_batch", "revoked_without_revoked_response",
+__all__ = ["abandon_pending_intents", "has_valid_certificate",
+           "certificates_by_id", "count_revocable", "revoke_batch", "revoked_without_revoked_response",
            "IssuedWrites", "all_cas", "fail_intents", "find_certificates", "record_intents",
            "release_hold", "retire_ca", "set_revoked"]
