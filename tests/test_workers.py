@@ -316,6 +316,10 @@ def test_root_rollover_reaches_subscriber_who_verifies_offline(wk_ctx: Context, 
             r = lifecycle.rollover_root(wk_ctx, "v2g-root", actor="test")  # `v2gpki root rollover v2g-root --yes`
             drain(wk_ctx.db, sender_for(app))
             (req,) = hooks.wait(f"/ts-{t}", 1, timeout=120)
+            # The worker records the delivery after the receiver has answered; stopped before that, the row
+            # stayed pending (one failure in a loaded full run): wait for it with the worker running.
+            assert wait_until(lambda: [d.state for d in _deliveries(wk_ctx, org)] == ["delivered"], timeout=120), \
+                w.log.read_text()[-3000:]
     finally:
         w.stop()
     assert lifecycle.verify_webhook(secret, req.headers["x-v2gpki-signature"], req.body)
