@@ -413,11 +413,13 @@ def main() -> int:
     module = args.module
     if args.p11_kit and module is None:
         from hsm import p11kit
+        from pki.config import Settings
 
-        why = p11kit.available()
+        configured = Settings().p11kit_client  # V2GPKI_P11KIT_CLIENT
+        why = p11kit.available(configured)
         if why:
             ap.error(why)
-        module = p11kit.client_module()
+        module = p11kit.client_module(configured)
     module = module or DEFAULT_MODULE
     if args.compare and module == DEFAULT_MODULE:
         ap.error("--compare needs --module or --p11-kit")

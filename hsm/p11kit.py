@@ -22,15 +22,13 @@ from hsm.pkcs11 import DEFAULT_MODULE
 CLIENT_NAME = "p11-kit-client.so"
 
 
-def client_module() -> str | None:
+def client_module(configured: str | None = None) -> str | None:
     """The p11-kit client module, found at run time (its directory is the multiarch library directory,
-    which differs between machines): $V2GPKI_P11KIT_CLIENT, else ``pkcs11/p11-kit-client.so`` beside
-    the libp11-kit.so.0 the dynamic linker knows (ldconfig -p)."""
-    from pki.config import current
-
-    env = current().p11kit_client
-    if env:
-        return env if Path(env).is_file() else None
+    which differs between machines): ``configured`` (the caller's Settings.p11kit_client,
+    V2GPKI_P11KIT_CLIENT — hsm/ sits below pki/ and reads no settings itself), else
+    ``pkcs11/p11-kit-client.so`` beside the libp11-kit.so.0 the dynamic linker knows (ldconfig -p)."""
+    if configured:
+        return configured if Path(configured).is_file() else None
     ldconfig = shutil.which("ldconfig") or ("/usr/sbin/ldconfig" if Path("/usr/sbin/ldconfig").exists() else None)
     if ldconfig is None:
         return None
@@ -43,11 +41,11 @@ def client_module() -> str | None:
     return None
 
 
-def available() -> str | None:
+def available(configured: str | None = None) -> str | None:
     """Why p11-kit remoting cannot run here, or None when it can."""
     if shutil.which("p11-kit") is None:
         return "p11-kit not installed (apt-get install p11-kit p11-kit-modules; scripts/setup.sh does)"
-    if client_module() is None:
+    if client_module(configured) is None:
         return f"{CLIENT_NAME} not found (apt-get install p11-kit-modules)"
     return None
 

@@ -39,6 +39,7 @@ from cryptography.x509 import ocsp
 
 from hsm import p11kit
 from hsm.pkcs11 import DEFAULT_MODULE, Pkcs11KeyStore
+from pki.config import Settings
 from pki.context import Context
 from pki.hierarchy import token_plan
 from pki.orgs import create_api_key, create_org
@@ -72,10 +73,11 @@ class Net:
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory, token_root: Path) -> Iterator[Net]:
-    why = p11kit.available()
+    configured = Settings().p11kit_client  # V2GPKI_P11KIT_CLIENT
+    why = p11kit.available(configured)
     if why:
         need_peer(why)
-    client = p11kit.client_module()
+    client = p11kit.client_module(configured)
     assert client is not None
     make_token(token_root, LABEL)
     sockdir = Path(tempfile.mkdtemp(prefix="v2p11-"))  # short: a unix socket path has ~100 bytes
