@@ -33,13 +33,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import delete, func, insert, select, update
-
 from hsm.algorithms import ALGORITHMS, KeyAlg
 from pki.der import REASON_CODES, bit_string, der_header, der_int, der_oid, seq, tlv
 from pki.errors import Conflict, CRLUnavailable
-from pki.store.db import Database, read_engine, utcnow
-from pki.store.models import Certificate, CertificateAuthority, CrlRecord
+from pki.store import crl as store
+from pki.store.db import Database, utcnow
 
 if TYPE_CHECKING:
     from pki.config import Settings
@@ -59,9 +57,6 @@ class CrlContext(Protocol):
 
 log = logging.getLogger("v2gpki.crl")
 
-_CERT = Certificate.__table__  # type: ignore[attr-defined]
-_CA = CertificateAuthority.__table__  # type: ignore[attr-defined]
-_CRL = CrlRecord.__table__  # type: ignore[attr-defined]
 
 _V2 = der_int(1)
 _OID_AKI = der_oid("2.5.29.35")
@@ -104,14 +99,12 @@ def generate_crl(ctx: CrlContext, ca_name: str, *, now: datetime | None = None, 
     h = engine.ca(ca_name)
     signer = engine.ca_signer(h)
     validity = timedelta(hours=ctx.settings.crl_validity_hours)
-    reader = read_engine(ctx.db)
     for _ in range(attempts):
         t0 = time.perf_counter()
         this_update = (now or utcnow()).replace(microsecond=0)
         next_update = this_update + validity
-        with reader.connect() as conn:
-            n0 = conn.execute(select(_CA.c.crl_number).where(_CA.c.name == ca_name)).scalar_one()
-        number = int(n0) + 1
+        n0 = store.crl_number(ctx.db, ca_name)
+        number = n0 + 1
         with tempfile.TemporaryFile(prefix="v2gpki-crl-") as spool:
             count, entries_len = _write_entries(ctx.db, ca_name, this_update - validity, spool)
             sigalg = ALGORITHMS[h.alg].sig_alg_der
@@ -135,15 +128,9 @@ def generate_crl(ctx: CrlContext, ca_name: str, *, now: datetime | None = None, 
                 out += chunk
             out += exts
             out += tail
-        with ctx.db.engine.begin() as conn:
-            res = conn.execute(update(_CA).where(_CA.c.name == ca_name, _CA.c.crl_number == n0)
-                               .values(crl_number=number))
-            if res.rowcount != 1:
-                continue  # another generator published n0+1 meanwhile: rebuild with a fresh number
-            conn.execute(insert(_CRL).values(issuer=ca_name, number=number, this_update=this_update,
-                                             next_update=next_update, der=out))
-            # Keep the previous CRL for clients that fetched its URL a moment ago; drop older ones.
-            conn.execute(delete(_CRL).where(_CRL.c.issuer == ca_name, _CRL.c.number < number - 1))
+        if not store.publish(ctx.db, ca_name, previous=n0, number=number, this_update=this_update,
+                             next_update=next_update, der=out):
+            continue  # another generator published n0+1 meanwhile: rebuild with a fresh number
         size = len(out)
         del out
         info = CrlInfo(ca_name, number, this_update, next_update, count, size, time.perf_counter() - t0)
@@ -157,45 +144,34 @@ def _write_entries(db: Database, ca_name: str, expired_before: datetime, spool: 
 
     The hot loop touches no datetime objects: the database renders revocationDate as YYYYMMDDHHMMSS
     (UTC) and each row becomes bytes with a handful of operations (a million rows in seconds)."""
-    if db.is_sqlite:
-        when = func.strftime("%Y%m%d%H%M%S", _CERT.c.revoked_at)  # stored as UTC text
-    else:
-        when = func.to_char(func.timezone("UTC", _CERT.c.revoked_at), "YYYYMMDDHH24MISS")
-    stmt = (
-        select(_CERT.c.serial, when, _CERT.c.status, _CERT.c.revocation_reason)
-        .where(_CERT.c.issuer == ca_name, _CERT.c.status.in_(("revoked", "hold")),
-               # RFC 5280 §3.3: keep an entry until one scheduled CRL after expiry has carried it
-               _CERT.c.not_after > expired_before)
-    )
     times: dict[str, bytes] = {}
     exts: dict[tuple[str, str | None], bytes] = {}
     count = 0
     written = 0
-    with read_engine(db).connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=20_000).execute(stmt)
-        for part in result.partitions():
-            buf: list[bytes] = []
-            for serial_hex, ts, status, reason in part:
-                raw = bytes.fromhex(serial_hex if len(serial_hex) % 2 == 0 else "0" + serial_hex)
-                if raw[0] & 0x80:
-                    raw = b"\x00" + raw  # positive INTEGER (RFC 5280 §4.1.2.2)
-                t = times.get(ts)
-                if t is None:
-                    if len(times) > 200_000:
-                        times.clear()
-                    # RFC 5280 §5.1.2.4 / §5.1.2.6: UTCTime through 2049, GeneralizedTime after
-                    t = times[ts] = (b"\x17\x0d" + ts[2:].encode() + b"Z" if ts < "2050"
-                                     else b"\x18\x0f" + ts.encode() + b"Z")
-                ext = exts.get((status, reason))
-                if ext is None:
-                    code = _entry_reason(status, reason)
-                    ext = exts[(status, reason)] = _REASON_EXT[code] if code else b""
-                n = len(raw) + 2 + len(t) + len(ext)  # < 128: serial ≤ 17 octets, time 17, reason 12
-                buf.append(bytes((0x30, n, 0x02, len(raw))) + raw + t + ext)
-            chunk = b"".join(buf)
-            spool.write(chunk)
-            written += len(chunk)
-            count += len(buf)
+    # RFC 5280 §3.3: an entry stays until one scheduled CRL after expiry has carried it
+    for part in store.revoked_entries(db, ca_name, expired_before):
+        buf: list[bytes] = []
+        for serial_hex, ts, status, reason in part:
+            raw = bytes.fromhex(serial_hex if len(serial_hex) % 2 == 0 else "0" + serial_hex)
+            if raw[0] & 0x80:
+                raw = b"\x00" + raw  # positive INTEGER (RFC 5280 §4.1.2.2)
+            t = times.get(ts)
+            if t is None:
+                if len(times) > 200_000:
+                    times.clear()
+                # RFC 5280 §5.1.2.4 / §5.1.2.6: UTCTime through 2049, GeneralizedTime after
+                t = times[ts] = (b"\x17\x0d" + ts[2:].encode() + b"Z" if ts < "2050"
+                                 else b"\x18\x0f" + ts.encode() + b"Z")
+            ext = exts.get((status, reason))
+            if ext is None:
+                code = _entry_reason(status, reason)
+                ext = exts[(status, reason)] = _REASON_EXT[code] if code else b""
+            n = len(raw) + 2 + len(t) + len(ext)  # < 128: serial ≤ 17 octets, time 17, reason 12
+            buf.append(bytes((0x30, n, 0x02, len(raw))) + raw + t + ext)
+        chunk = b"".join(buf)
+        spool.write(chunk)
+        written += len(chunk)
+        count += len(buf)
     return count, written
 
 
@@ -233,20 +209,12 @@ class StoredCrl:
 
 
 def latest_meta(db: Database, ca_name: str) -> tuple[int, datetime, datetime] | None:
-    with read_engine(db).connect() as conn:
-        row = conn.execute(
-            select(_CRL.c.number, _CRL.c.this_update, _CRL.c.next_update)
-            .where(_CRL.c.issuer == ca_name).order_by(_CRL.c.number.desc()).limit(1)
-        ).first()
-    return None if row is None else (int(row[0]), row[1], row[2])
+    return store.latest_meta(db, ca_name)
 
 
 def load_crl(db: Database, ca_name: str, number: int | None = None) -> StoredCrl | None:
-    stmt = select(_CRL.c.number, _CRL.c.this_update, _CRL.c.next_update, _CRL.c.der).where(_CRL.c.issuer == ca_name)
-    stmt = stmt.where(_CRL.c.number == number) if number is not None else stmt.order_by(_CRL.c.number.desc())
-    with read_engine(db).connect() as conn:
-        row = conn.execute(stmt.limit(1)).first()
-    return None if row is None else StoredCrl(ca_name, int(row[0]), row[1], row[2], bytes(row[3]))
+    row = store.load(db, ca_name, number)
+    return None if row is None else StoredCrl(ca_name, *row)
 
 
 class CrlCache:
