@@ -135,6 +135,11 @@ def test_value_objects_are_frozen_and_replaced_not_mutated(sqlite_ctx: Context) 
         (Pkcs11Uri("t", "o"), "object", "p"), (SoftUri("a"), "label", "b"),
         (TrustListSigner("soft:x", issued.cert, []), "key_uri", "soft:y"),
     ]
+    from pki.ocsp import responder_for
+
+    iss = responder_for(sqlite_ctx).issuer("cpo-sub2")
+    assert iss is not None and iss.signer is not None
+    objs += [(iss, "signer", None), (iss.signer, "key_uri", "soft:x")]  # the OCSP responder's signers too
     for obj, attr, value in objs:
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(obj, attr, value)

@@ -75,6 +75,8 @@ class OcspResponder:
         self._lock = threading.Lock()
         self._by_hash: dict[tuple[str, bytes, bytes], _Issuer] = {}
         self._by_name: dict[str, _Issuer] = {}
+        # Each delegated signer's key store signer once certified_signer checked it, by signer certificate.
+        self._signer_keys: dict[bytes, PrivateKey] = {}
         self._loaded_at = -1e9
         self._miss_at = -1e9
         self._alt: _LRU[tuple[str, bytes], tuple[bytes, datetime, datetime]] = _LRU(20_000)
@@ -117,15 +119,13 @@ class OcspResponder:
                 alg = key_alg_of(pub)
             except ValueError:
                 continue  # not a key type of the algorithm table: never a signer of ours
-            old = self._by_name.get(issuer)
-            key = old.signer.key if old and old.signer and old.signer.cert_der == der else None
             # ordered by issuance: the newest valid signer wins. Its `not_before` here is when it began to
             # sign (issuance, whole seconds): a response older than that was made by an earlier signer. The
             # certificate's notBefore is backdated (#27 item 4) and would keep those responses current.
             since = created_at if created_at.tzinfo else created_at.replace(tzinfo=UTC)
             by_ca[issuer] = _Signer(key_uri, alg, der, hashlib.sha1(spki_key_bits(cert)).digest(),  # noqa: S324
                                     max(cert.not_valid_before_utc, since.replace(microsecond=0)),
-                                    cert.not_valid_after_utc, key)
+                                    cert.not_valid_after_utc)
         by_hash: dict[tuple[str, bytes, bytes], _Issuer] = {}
         by_name: dict[str, _Issuer] = {}
         for name, der in cas:
@@ -139,6 +139,9 @@ class OcspResponder:
                 by_hash[(h, nh, kh)] = iss
         with self._lock:
             self._by_hash, self._by_name = by_hash, by_name
+            current = {s.cert_der for s in by_ca.values()}
+            for der in [d for d in self._signer_keys if d not in current]:
+                self._signer_keys.pop(der, None)  # a signer replaced or gone: its key too
             self._loaded_at = time.monotonic()
 
     def invalidate(self) -> None:
@@ -176,13 +179,14 @@ class OcspResponder:
     # -- signing -----------------------------------------------------------------------------------
 
     def _key(self, signer: _Signer) -> PrivateKey:
-        if signer.key is None:
+        key = self._signer_keys.get(signer.cert_der)
+        if key is None:
             # The token key must be the one the delegated signer's certificate names; its signer then verifies
             # every response signature with it before the response is stored or sent (hsm/pkcs11.py).
             certified = x509.load_der_x509_certificate(signer.cert_der).public_key()
-            signer.key = certified_signer(self.keystore, signer.key_uri, certified,  # type: ignore[arg-type]
-                                          "its OCSP signer certificate")
-        return signer.key
+            key = self._signer_keys[signer.cert_der] = certified_signer(
+                self.keystore, signer.key_uri, certified, "its OCSP signer certificate")  # type: ignore[arg-type]
+        return key
 
     def _times(self, signer: _Signer, now: datetime) -> tuple[datetime, datetime]:
         # A response must not outlive the certificate that signs it.

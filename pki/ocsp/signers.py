@@ -5,18 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from hsm.keystore import KeyAlg, PrivateKey
+from hsm.keystore import KeyAlg
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Signer:
+    """A delegated signer as the responder found it (replaced at each reload, never changed); its key store
+    signer is cached by the responder, by certificate (OcspResponder._key)."""
+
     key_uri: str  # hsm/uri.py: what the key store's signer() is asked for
     alg: KeyAlg
     cert_der: bytes
     key_hash: bytes  # SHA-1 of the signer's public key: responderID byKey (RFC 6960 §4.2.1)
     not_before: datetime
     not_after: datetime
-    key: PrivateKey | None = None
 
     @property
     def label(self) -> str:
@@ -26,7 +28,7 @@ class _Signer:
         return key_label(self.key_uri)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Issuer:
     name: str
     hashes: dict[str, tuple[bytes, bytes]]  # alg → (issuerNameHash, issuerKeyHash)
