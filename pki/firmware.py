@@ -39,8 +39,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from sqlalchemy import text
-from sqlmodel import Session, col, select
 
 from hsm.errors import KeyUriError
 from pki import audit
@@ -57,9 +55,11 @@ from pki.errors import (
 )
 from pki.issuance import IssueRequest
 from pki.profiles import CAEntry, Hierarchy
-from pki.store.db import utcnow
-from pki.store.models import Certificate, CertificateAuthority, Organization
+from pki.store import firmware as store
+from pki.store.db import Session, utcnow
+from pki.store.models import Certificate, Organization
 from pki.store.models_firmware import FirmwareSignature
+from pki.store.orgs import org_named
 
 ROLE = "manufacturer"
 ROOT_PROFILE = "mfr-root"
@@ -101,7 +101,7 @@ def _check_name(what: str, value: str) -> str:
 
 
 def _manufacturer(s: Session, org: str) -> Organization:
-    row = s.exec(select(Organization).where(Organization.name == org)).first()
+    row = org_named(s, org)
     if row is None:
         raise NotFound(f"no organization {org!r}")
     if row.role != ROLE:
@@ -124,13 +124,8 @@ class SetupResult:
 
 def current_signing_certificate(ctx: Context, org: str) -> Certificate | None:
     """The newest valid firmware-signing certificate of the organization (None: `firmware setup`)."""
-    now = utcnow()
-    with ctx.db.session() as s:
-        return s.exec(select(Certificate).where(
-            Certificate.tenant == org, Certificate.profile == SIGNING_PROFILE,
-            Certificate.issuer == ca_name_for(org), Certificate.status == "valid",
-            col(Certificate.key_uri).is_not(None), Certificate.not_after > now,
-        ).order_by(col(Certificate.created_at).desc(), col(Certificate.id).desc())).first()
+    return store.newest_signing_certificate(ctx.db, org=org, profile=SIGNING_PROFILE, issuer=ca_name_for(org),
+                                            now=utcnow())
 
 
 def setup(ctx: Context, org: str, *, country: str | None = None, actor: str = "cli") -> SetupResult:
@@ -149,18 +144,14 @@ def setup(ctx: Context, org: str, *, country: str | None = None, actor: str = "c
     h = Hierarchy(organization=org, country=(country or default_country).upper(),
                   cas=[CAEntry(name=name, profile=ROOT_PROFILE, cn=f"{org} Manufacturer Root CA"[:64])])
     created: list[str] = []
-    with ctx.db.session() as s:
-        exists = s.exec(select(CertificateAuthority).where(CertificateAuthority.name == name)).first() is not None
-    if not exists:
+    if not store.ca_exists(ctx.db, name):
         create_ca(ctx.engine, h.cas[0], h)
         created.append(f"Manufacturer root {name}")
     if ensure_ocsp_signer(ctx.engine, h, name) is not None:
         created.append(f"OCSP signer of {name}")
     cert = current_signing_certificate(ctx, org)
     if cert is None:
-        with ctx.db.session() as s:
-            generation = 1 + len(list(s.exec(select(Certificate.id).where(
-                Certificate.issuer == name, Certificate.profile == SIGNING_PROFILE))))
+        generation = 1 + store.certificates_issued(ctx.db, issuer=name, profile=SIGNING_PROFILE)
         label = signing_key_label(name, generation)
         pub = _ensure_key(ctx.keystore, label, ctx.engine.ca(name).alg)  # generated in the token
         ctx.engine.issue(IssueRequest(
@@ -213,14 +204,11 @@ class SignedFirmware:
 
 
 def _rollback_check(s: Session, org: str, product: str, version: str, digest_hex: str, force: bool) -> None:
-    other = s.exec(select(FirmwareSignature.tenant).where(
-        FirmwareSignature.product == product, FirmwareSignature.tenant != org)).first()
-    if other is not None:
+    if store.other_owner(s, product, org) is not None:
         raise Forbidden(f"product {product!r} belongs to another manufacturer")
     if force:
         return
-    rows = list(s.exec(select(FirmwareSignature.version, FirmwareSignature.sha256).where(
-        FirmwareSignature.tenant == org, FirmwareSignature.product == product)))
+    rows = store.signed_versions(s, org, product)
     if not rows:
         return
     want = version_key(version)
@@ -278,8 +266,7 @@ def sign_digest(ctx: Context, org: str, *, product: str, version: str, digest: b
     firmware["signingCertificate"] = cert.public_bytes(serialization.Encoding.PEM).decode()
     firmware["signature"] = sig_b64
     with ctx.db.session() as s:
-        if s.connection().dialect.name == "postgresql":  # SQLite: the writer holds the database (BEGIN IMMEDIATE)
-            s.execute(text("SELECT id FROM organization WHERE name = :n FOR UPDATE"), {"n": org})
+        store.lock_organization(s, org)
         _rollback_check(s, org, product, version, digest_hex, force)
         s.add(FirmwareSignature(tenant=org, product=product, version=version, sha256=digest_hex, size=size,
                                 issuer=row.issuer, serial=row.serial, signature=sig_b64, forced=force,
@@ -299,13 +286,7 @@ def sign_file(ctx: Context, org: str, path: Path, **kw: Any) -> SignedFirmware:
 
 
 def signatures(ctx: Context, org: str | None, product: str | None = None) -> list[FirmwareSignature]:
-    with ctx.db.session() as s:
-        stmt = select(FirmwareSignature).order_by(col(FirmwareSignature.id))
-        if org is not None:
-            stmt = stmt.where(FirmwareSignature.tenant == org)
-        if product is not None:
-            stmt = stmt.where(FirmwareSignature.product == product)
-        return list(s.exec(stmt))
+    return store.signatures(ctx.db, org, product)
 
 
 # -- verification: what a charger checks ------------------------------------------------------------------
@@ -391,9 +372,7 @@ def verify_digest(ctx: Context, digest: bytes, signature_b64: str, certificate_p
     serial = format(cert.serial_number, "x")
     row: Certificate | None = None
     if ca_name is not None:
-        with ctx.db.session() as s:
-            row = s.exec(select(Certificate).where(Certificate.issuer == ca_name,
-                                                   Certificate.serial == serial)).first()
+        row = store.certificate(ctx.db, ca_name, serial)
         if row is not None and ctx.engine.ca(ca_name).row.status != "active":
             problems.append(f"the Manufacturer root {ca_name} is {ctx.engine.ca(ca_name).row.status}")
     if row is None:

@@ -21,7 +21,6 @@ FORBIDDEN = ("sqlalchemy", "sqlmodel", "alembic", "sqlite3", "psycopg", "psycopg
 ALLOWED: dict[str, str] = {
     "pki.backup": "to convert",
     "pki.contracts": "to convert",
-    "pki.firmware": "to convert",
     "pki.lifecycle": "to convert",
     "pki.pools": "to convert",
     "pki.root_campaign": "to convert",
