@@ -36,16 +36,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
-from sqlalchemy import insert
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
 
 from hsm.algorithms import algorithm_of
 from pki import audit
 from pki.errors import NotFound, PKIError, TrustListError
-from pki.store.db import utcnow
-from pki.store.models import Certificate, CertificateAuthority
-from pki.store.models_lifecycle import Delivery, TrustStoreVersion
+from pki.store import subscriptions as dist
+from pki.store.db import Session, utcnow
+from pki.store.inventory import Inventory
+from pki.store.models import CertificateAuthority
+from pki.store.models_lifecycle import TrustStoreVersion
 
 if TYPE_CHECKING:
     from pki.context import Context
@@ -101,12 +100,7 @@ class Signer:
 
 def current_signer(ctx: Context) -> Signer | None:
 
-    now = utcnow()
-    with ctx.db.session() as s:
-        row = s.exec(select(Certificate).where(
-            Certificate.identifier == SIGNER_ID, Certificate.status == "valid",
-            col(Certificate.key_uri).is_not(None), Certificate.not_before <= now, Certificate.not_after > now,
-        ).order_by(col(Certificate.not_before).desc(), col(Certificate.id).desc())).first()
+    row = Inventory(ctx.db).newest_held_certificate(SIGNER_ID, utcnow())
     if row is None or row.key_uri is None:
         return None
     cert = x509.load_der_x509_certificate(row.der)
@@ -182,16 +176,7 @@ def build_content(ctx: Context, store: str, now: datetime | None = None) -> dict
         raise NotFound(f"no trust store {store!r} (one of {', '.join(STORES)})")
     now = now or utcnow()
     cross_profile = ctx.lifecycle.policy.truststore.cross_profile
-    with ctx.db.session() as s:
-        cas = list(s.exec(select(CertificateAuthority).where(CertificateAuthority.hierarchy == store)
-                          .order_by(col(CertificateAuthority.name))))
-        revoked = {(r.issuer, r.serial) for r in s.exec(select(Certificate).where(
-            col(Certificate.status).in_(["revoked", "hold"]),
-            col(Certificate.serial).in_([c.serial for c in cas] or [""])))}
-        names = [c.name for c in cas]
-        crosses = list(s.exec(select(Certificate).where(
-            Certificate.profile == cross_profile, Certificate.status == "valid",
-            col(Certificate.issuer).in_(names or [""]), Certificate.not_after > now)))
+    cas, revoked, crosses = dist.truststore_sources(ctx.db, store, cross_profile, now)
     anchors: list[dict[str, Any]] = []
     inter: list[dict[str, Any]] = []
     distrusted: list[dict[str, Any]] = []
@@ -227,9 +212,7 @@ def content_digest(content: dict[str, Any]) -> str:
 
 
 def latest(ctx: Context, store: str) -> TrustStoreVersion | None:
-    with ctx.db.session() as s:
-        return s.exec(select(TrustStoreVersion).where(TrustStoreVersion.store == store)
-                      .order_by(col(TrustStoreVersion.version).desc())).first()
+    return dist.latest_version(ctx.db, store)
 
 
 def publish(ctx: Context, store: str, reason: str, *, now: datetime | None = None,
@@ -237,8 +220,6 @@ def publish(ctx: Context, store: str, reason: str, *, now: datetime | None = Non
     """Publish the next version of ``store`` if its content changed (or nextUpdate is near). The version row
     and one delivery per 'truststore' subscriber commit together. None: nothing to publish, or a
     concurrent publisher won this version number."""
-    from pki.store.subscriptions import new_delivery, subscribers
-
     lc = ctx.lifecycle
     pol = lc.policy.truststore
     now = now or utcnow()
@@ -258,26 +239,19 @@ def publish(ctx: Context, store: str, reason: str, *, now: datetime | None = Non
     row = TrustStoreVersion(store=store, version=version, content_sha256=digest, reason=reason[:255],
                             bundle=data.decode(), signature=sig_der, jws=jws, signer_chain_pem=sg.chain_pem(),
                             issued_at=now, next_update=now + timedelta(days=pol.validity_days))
-    d = Delivery.__table__  # type: ignore[attr-defined]
-    with ctx.db.session() as s:
-        s.add(row)
-        subs = {r.id: r for rs in subscribers(s, "truststore").values() for r in rs}
-        rows = [new_delivery(int(sid), r.org, "truststore", f"truststore:{store}:{version}",
-                              {"event": "truststore", "store": store, "version": version,
-                               "truststore_ref": [store, version]}, now)
+
+    def deliveries(s: Session) -> list[dict[str, Any]]:  # one per 'truststore' subscriber, in the same transaction
+        subs = {r.id: r for rs in dist.subscribers(s, "truststore").values() for r in rs}
+        return [dist.new_delivery(int(sid), r.org, "truststore", f"truststore:{store}:{version}",
+                                  {"event": "truststore", "store": store, "version": version,
+                                   "truststore_ref": [store, version]}, now)
                 for sid, r in subs.items() if sid is not None]
-        try:
-            s.flush()
-            if rows:
-                s.execute(insert(d), rows)
-            audit.append(s, audit.Entry(actor="worker", action="truststore.publish", object=f"{store}/{version}",
-                                        details={"reason": reason[:200], "sha256": digest,
-                                                 "anchors": [a["name"] for a in content["anchors"]]}))
-            s.commit()
-        except IntegrityError:
-            s.rollback()
-            return None
-        s.refresh(row)
+
+    entry = audit.Entry(actor="worker", action="truststore.publish", object=f"{store}/{version}",
+                        details={"reason": reason[:200], "sha256": digest,
+                                 "anchors": [a["name"] for a in content["anchors"]]})
+    if not dist.add_version(ctx.db, row, deliveries, entry):
+        return None  # a concurrent publisher won this version number
     log.info("published trust store %s version %d (%s)", store, version, reason)
     try:
         materialize(ctx, row)
@@ -300,9 +274,7 @@ def publish_all(ctx: Context, reason: str, stores: Sequence[str] = STORES) -> li
 
 
 def get_version(ctx: Context, store: str, version: int) -> TrustStoreVersion:
-    with ctx.db.session() as s:
-        row = s.exec(select(TrustStoreVersion).where(TrustStoreVersion.store == store,
-                                                     TrustStoreVersion.version == version)).first()
+    row = dist.version_of(ctx.db, store, version)
     if row is None:
         raise NotFound(f"no version {version} of trust store {store!r}")
     return row

@@ -24,7 +24,6 @@ ALLOWED: dict[str, str] = {
     "pki.lifecycle": "to convert",
     "pki.pools": "to convert",
     "pki.root_campaign": "to convert",
-    "pki.trustlist": "to convert",
     "pki.truststore_plan": "to convert",
 }
 

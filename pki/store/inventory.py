@@ -171,6 +171,15 @@ class Inventory:
                 col(Certificate.key_uri).is_not(None), col(Certificate.not_after) > now
             ).order_by(col(Certificate.not_after).desc())))
 
+    def newest_held_certificate(self, identifier: str, now: datetime) -> Certificate | None:
+        """The valid certificate of ``identifier`` whose key this service holds, in its validity now, with
+        the latest notBefore (a service's current signing certificate, e.g. the trust-list signer)."""
+        with self.db.session() as s:
+            return s.exec(select(Certificate).where(
+                Certificate.identifier == identifier, Certificate.status == "valid",
+                col(Certificate.key_uri).is_not(None), Certificate.not_before <= now, Certificate.not_after > now,
+            ).order_by(col(Certificate.not_before).desc(), col(Certificate.id).desc())).first()
+
     # -- CAs -----------------------------------------------------------------------------------------------
 
     def cas(self) -> list[CertificateAuthority]:

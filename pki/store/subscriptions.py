@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import secrets
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, inspect
+from sqlalchemy import and_, func, insert, inspect
 from sqlalchemy import select as sa_select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
+from pki.store.audit_log import Entry, append
 from pki.store.db import Database
 from pki.store.errors import StorageError
-from pki.store.models import Organization
+from pki.store.models import Certificate, CertificateAuthority, Organization
 from pki.store.models_lifecycle import Delivery, ExpiryAlert, Subscription, TrustStoreVersion
 
 TABLES = ("truststore_version", "delivery", "expiry_alert", "subscription")
@@ -124,3 +126,57 @@ def new_delivery(sub_id: int, org: str | None, event: str, key: str, payload: di
     return {"delivery_id": "dlv_" + secrets.token_hex(12), "subscription_id": sub_id, "org": org,
             "event": event, "event_key": key, "payload": payload, "state": "pending", "attempts": 0,
             "next_attempt_at": now, "created_at": now}
+
+
+# -- trust-list versions (pki/trustlist.py) ------------------------------------------------------------------
+
+
+def truststore_sources(db: Database, store: str, cross_profile: str,
+                       now: datetime) -> tuple[list[CertificateAuthority], set[tuple[str, str]], list[Certificate]]:
+    """What one trust store lists, read in one session: the CAs of its hierarchy (by name), the (issuer,
+    serial) of those CA certificates revoked or on hold, and the valid cross-certificates they issued."""
+    with db.session() as s:
+        cas = list(s.exec(select(CertificateAuthority).where(CertificateAuthority.hierarchy == store)
+                          .order_by(col(CertificateAuthority.name))))
+        revoked = {(r.issuer, r.serial) for r in s.exec(select(Certificate).where(
+            col(Certificate.status).in_(["revoked", "hold"]),
+            col(Certificate.serial).in_([c.serial for c in cas] or [""])))}
+        names = [c.name for c in cas]
+        crosses = list(s.exec(select(Certificate).where(
+            Certificate.profile == cross_profile, Certificate.status == "valid",
+            col(Certificate.issuer).in_(names or [""]), Certificate.not_after > now)))
+    return cas, revoked, crosses
+
+
+def latest_version(db: Database, store: str) -> TrustStoreVersion | None:
+    with db.session() as s:
+        return s.exec(select(TrustStoreVersion).where(TrustStoreVersion.store == store)
+                      .order_by(col(TrustStoreVersion.version).desc())).first()
+
+
+def version_of(db: Database, store: str, version: int) -> TrustStoreVersion | None:
+    with db.session() as s:
+        return s.exec(select(TrustStoreVersion).where(TrustStoreVersion.store == store,
+                                                      TrustStoreVersion.version == version)).first()
+
+
+def add_version(db: Database, row: TrustStoreVersion, deliveries: Callable[[Session], list[dict[str, Any]]],
+                entry: Entry) -> bool:
+    """Store a trust-store version, the delivery rows ``deliveries`` builds in the same transaction (one per
+    subscriber) and its audit record, committed together. False (rolled back): a concurrent publisher
+    stored this version number first."""
+    d = Delivery.__table__  # type: ignore[attr-defined]
+    with db.session() as s:
+        s.add(row)
+        rows = deliveries(s)
+        try:
+            s.flush()
+            if rows:
+                s.execute(insert(d), rows)
+            append(s, entry)
+            s.commit()
+        except IntegrityError:
+            s.rollback()
+            return False
+        s.refresh(row)
+    return True
