@@ -29,12 +29,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
-from sqlalchemy import exists, update
-from sqlmodel import col, select
 
 from pki import audit
 from pki.errors import CampaignState, CoverageTooLow, RootInUse, UnknownCA
+from pki.store import root_campaigns as store
 from pki.store.db import utcnow
+from pki.store.inventory import Inventory
 from pki.store.models import Certificate, CertificateAuthority
 from pki.store.models_truststore import RootCampaign
 from pki.truststore_plan import OrgCoverage, coverage_by_org, fleet_ratio, sha256_of
@@ -49,14 +49,12 @@ def start(ctx: Context, old_root: str, new_root: str, *, actor: str) -> RootCamp
     """Called by the rollover: the new root is staged (trusted, published, pushed; not issuing)."""
     now = utcnow()
     with ctx.db.session() as s:
-        row = s.exec(select(RootCampaign).where(RootCampaign.new_root == new_root)).first()
+        row = store.campaign_for_new_root(s, new_root)
         if row is None:
             row = RootCampaign(old_root=old_root, new_root=new_root, created_at=now, created_by=actor[:128])
             s.add(row)
         if row.state == "distributing":
-            s.execute(update(CertificateAuthority).where(col(CertificateAuthority.name) == new_root,
-                                                         col(CertificateAuthority.status) == "active")
-                      .values(status="staged"))
+            store.set_ca_status(s, [new_root], from_status="active", to_status="staged")
         s.commit()
         s.refresh(row)
     ctx.engine.reload_cas()
@@ -65,35 +63,21 @@ def start(ctx: Context, old_root: str, new_root: str, *, actor: str) -> RootCamp
 
 def open_campaign_from(ctx: Context, old_root: str) -> RootCampaign | None:
     """A transition away from ``old_root`` that is not finished."""
-    with ctx.db.session() as s:
-        return s.exec(select(RootCampaign).where(RootCampaign.old_root == old_root,
-                                                 RootCampaign.state != "withdrawn")
-                      .order_by(col(RootCampaign.id).desc())).first()
+    return store.open_campaign_from(ctx.db, old_root)
 
 
 def campaign_of(ctx: Context, root: str) -> RootCampaign | None:
     """The campaign a root takes part in: as the new root, else the latest one as the old root."""
-    with ctx.db.session() as s:
-        row = s.exec(select(RootCampaign).where(RootCampaign.new_root == root)).first()
-        if row is None:
-            row = s.exec(select(RootCampaign).where(RootCampaign.old_root == root)
-                         .order_by(col(RootCampaign.id).desc())).first()
-        return row
+    return store.campaign_of(ctx.db, root)
 
 
 def list_campaigns(ctx: Context) -> list[RootCampaign]:
-    with ctx.db.session() as s:
-        return list(s.exec(select(RootCampaign).order_by(col(RootCampaign.id))))
+    return store.campaigns(ctx.db)
 
 
 def root_row(ctx: Context, ref: str) -> CertificateAuthority:
     """A root CA by name or numeric id (as /v1/cas lists them)."""
-    with ctx.db.session() as s:
-        row = None
-        if ref.isascii() and ref.isdigit() and len(ref) < 10:
-            row = s.get(CertificateAuthority, int(ref))
-        if row is None:
-            row = s.exec(select(CertificateAuthority).where(CertificateAuthority.name == ref)).first()
+    row = store.ca_by_ref(ctx.db, ref)
     if row is None:
         raise UnknownCA(f"unknown CA {ref!r}", ca=ref)
     if row.parent is not None:
@@ -155,8 +139,7 @@ def _generation(new_root: str) -> str:
 
 def subtree(ctx: Context, root: str) -> list[CertificateAuthority]:
     """The CAs under ``root`` (root excluded), parents before children."""
-    with ctx.db.session() as s:
-        rows = list(s.exec(select(CertificateAuthority).order_by(col(CertificateAuthority.id))))
+    rows = Inventory(ctx.db).cas()  # oldest first: parents before children
     out: list[CertificateAuthority] = []
     frontier = [root]
     while frontier:
@@ -204,9 +187,7 @@ def switch(ctx: Context, ref: str, *, force: bool = False, actor: str = "cli") -
     eng = lc.engine
     now = utcnow()
     with ctx.db.session() as s:  # the new root issues from now on
-        s.execute(update(CertificateAuthority).where(col(CertificateAuthority.name) == camp.new_root,
-                                                     col(CertificateAuthority.status) == "staged")
-                  .values(status="active"))
+        store.set_ca_status(s, [camp.new_root], from_status="staged", to_status="active")
         s.commit()
     eng.reload_cas()
     ctx.engine.reload_cas()
@@ -233,13 +214,11 @@ def switch(ctx: Context, ref: str, *, force: bool = False, actor: str = "cli") -
             create_ca(eng, CAEntry(name=new_name, profile=ca.profile, parent=successors[ca.parent], cn=new_cn,
                                    key_alg=eng.ca(ca.name).alg), h)
             created.append(new_name)
-        with ctx.db.session() as s:
-            had_signer = s.exec(select(Certificate.id).where(Certificate.identifier == f"ocsp-{ca.name}")).first()
-        if had_signer is not None:
+        if store.has_certificate_of(ctx.db, f"ocsp-{ca.name}"):
             ensure_ocsp_signer(eng, h, new_name)
         successors[ca.name] = new_name
     with ctx.db.session() as s:
-        c = s.get(RootCampaign, camp.id)
+        c = store.campaign(s, camp.id)
         assert c is not None
         c.state, c.switched_at, c.switched_by = "switched", now, actor[:128]
         c.switch_coverage, c.successors = ratio, successors
@@ -256,10 +235,9 @@ def switch(ctx: Context, ref: str, *, force: bool = False, actor: str = "cli") -
 
 def successor_of(ctx: Context, ca_name: str) -> str | None:
     """The CA that replaced ``ca_name`` when issuance switched to a new root, or None."""
-    with ctx.db.session() as s:
-        for c in s.exec(select(RootCampaign).where(col(RootCampaign.state).in_(["switched", "withdrawn"]))):
-            if ca_name in (c.successors or {}):
-                return c.successors[ca_name]
+    for c in store.campaigns(ctx.db, ["switched", "withdrawn"]):
+        if ca_name in (c.successors or {}):
+            return c.successors[ca_name]
     return None
 
 
@@ -276,16 +254,7 @@ def blocking_certificates(ctx: Context, old_root: str, now: datetime | None = No
     profiles = lc.engine.profiles
     skip = {lc.policy.truststore.cross_profile} | {n for n in profiles.names() if profiles.get(n).ca
                                                    or n.startswith("ocsp-signer")}
-    c = Certificate.__table__  # type: ignore[attr-defined]
-    n = c.alias("newer")
-    with ctx.db.session() as s:
-        return list(s.exec(select(Certificate).where(
-            col(Certificate.issuer).in_(tree), col(Certificate.status).in_(["valid", "hold"]),
-            Certificate.not_after > now, col(Certificate.profile).not_in(sorted(skip)),
-            ~exists().where(n.c.identifier == c.c.identifier, n.c.profile == c.c.profile,
-                            n.c.status == "valid", n.c.not_after > now, n.c.issuer.not_in(tree),
-                            n.c.created_at >= c.c.created_at),
-        ).order_by(col(Certificate.not_after).desc())))
+    return store.unreplaced_certificates(ctx.db, tree, skip, now)
 
 
 @dataclass(frozen=True)
@@ -318,10 +287,8 @@ def withdraw(ctx: Context, ref: str, *, actor: str = "cli") -> WithdrawResult:
     tree = [camp.old_root, *[r.name for r in subtree(ctx, camp.old_root)]]
     now = utcnow()
     with ctx.db.session() as s:
-        s.execute(update(CertificateAuthority).where(col(CertificateAuthority.name).in_(tree),
-                                                     col(CertificateAuthority.status) == "active")
-                  .values(status="retired"))
-        c = s.get(RootCampaign, camp.id)
+        store.set_ca_status(s, tree, from_status="active", to_status="retired")
+        c = store.campaign(s, camp.id)
         assert c is not None
         c.state, c.withdrawn_at, c.withdrawn_by = "withdrawn", now, actor[:128]
         s.add(c)
