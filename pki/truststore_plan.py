@@ -36,18 +36,17 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from sqlalchemy import String, cast, func
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
 
 from pki import audit
 from pki.enrollment import station_claim_of_other
 from pki.errors import BadCSR, BadRootImport, Conflict, Forbidden, NotFound, PKIError, UnknownStation
 from pki.orgs import Principal
 from pki.roots import CertHashData, cert_id_matches
-from pki.store.db import utcnow
-from pki.store.models import CertificateAuthority, Organization, Station
-from pki.store.models_truststore import GLOBAL_SCOPE, StationTrustReport, TrustedRoot
+from pki.store import trust_reports as store
+from pki.store.db import Session, utcnow
+from pki.store.models import CertificateAuthority, Station
+from pki.store.models_truststore import GLOBAL_SCOPE, TrustedRoot
+from pki.store.orgs import org_named
 
 if TYPE_CHECKING:
     from pki.context import Context
@@ -102,11 +101,7 @@ def known_roots(ctx: Context, org: str, now: datetime | None = None) -> list[Kno
     A certificate that is both (imported again after being withdrawn elsewhere) counts as wanted."""
     now = now or utcnow()
     out: list[KnownRoot] = []
-    with ctx.db.session() as s:
-        cas = list(s.exec(select(CertificateAuthority).where(col(CertificateAuthority.parent).is_(None))
-                          .order_by(col(CertificateAuthority.id))))
-        imports = list(s.exec(select(TrustedRoot).where(col(TrustedRoot.scope).in_([GLOBAL_SCOPE, org]))
-                              .order_by(col(TrustedRoot.id))))
+    cas, imports = store.roots_and_imports(ctx.db, org)
     for ca in cas:
         t = own_root_type(ca)
         if t is None:
@@ -229,10 +224,7 @@ def resolve_station(s: Session, p: Principal, identity: str) -> Station:
     """The caller's station (cpo: registered for its organization; admin: registered by anyone).
     Another organization's station is Forbidden; a station nobody registered is UnknownStation."""
     p.require("cpo", "admin")
-    stmt = select(Station).where(func.upper(Station.identity) == identity.upper())
-    if p.role != "admin":
-        stmt = stmt.where(Station.org == p.org)
-    st = s.exec(stmt).first()
+    st = store.station_named(s, identity, None if p.role == "admin" else p.org)
     if st is not None:
         return st
     if p.role != "admin" and station_claim_of_other(s, p, identity) is not None:
@@ -245,7 +237,7 @@ def plan_for_station(ctx: Context, p: Principal, station_id: str, reported: Sequ
     """Resolve the station, compute its plan and record what it reported and what it is told to install."""
     with ctx.db.session() as s:
         st = resolve_station(s, p, station_id)
-        org = s.exec(select(Organization).where(Organization.name == st.org)).first()
+        org = org_named(s, st.org)
     settings = dict(org.settings) if org is not None else {}
     types, inc20, mfr = policy_of(settings, version)
     plan = compute_plan(known_roots(ctx, st.org), reported, version, types=types, iso15118_20=inc20,
@@ -264,21 +256,9 @@ def record(ctx: Context, plan: Plan, reported: Sequence[Reported], *, actor: str
         "delete": [{**d["certificateHashData"], **d["customData"]} for d in plan.delete],
         "reported_at": utcnow(), "actor": actor[:128],
     }
-    for _ in range(2):
-        with ctx.db.session() as s:
-            row = s.exec(select(StationTrustReport).where(StationTrustReport.org == plan.org,
-                                                          StationTrustReport.station == plan.station)).first()
-            if row is None:
-                row = StationTrustReport(org=plan.org, station=plan.station, **values)
-            else:
-                for k, v in values.items():
-                    setattr(row, k, v)
-            s.add(row)
-            try:
-                s.commit()
-                return
-            except IntegrityError:  # a concurrent first report of the same station: update it instead
-                s.rollback()
+    for _ in range(2):  # a concurrent first report of the same station: update it instead
+        if store.save_report(ctx.db, plan.org, plan.station, values):
+            return
     raise Conflict(f"could not record the report of station {plan.station!r}")
 
 
@@ -313,7 +293,7 @@ def import_root(ctx: Context, certificate_type: str, data: bytes | str, *, org: 
     scope = GLOBAL_SCOPE
     with ctx.db.session() as s:
         if org is not None:
-            o = s.exec(select(Organization).where(Organization.name == org)).first()
+            o = org_named(s, org)
             if o is None:
                 raise NotFound(f"no organization {org!r}")
             if o.role not in ("cpo", "admin"):
@@ -321,8 +301,7 @@ def import_root(ctx: Context, certificate_type: str, data: bytes | str, *, org: 
             scope = org
         der = cert.public_bytes(serialization.Encoding.DER)
         sha = hashlib.sha256(der).hexdigest()
-        row = s.exec(select(TrustedRoot).where(TrustedRoot.scope == scope, TrustedRoot.sha256 == sha,
-                                               TrustedRoot.certificate_type == certificate_type)).first()
+        row = store.imported_root(s, scope, sha, certificate_type)
         if row is not None and row.status == "active":
             raise Conflict(f"this {certificate_type} is already imported (id {row.id})")
         if row is None:
@@ -361,11 +340,7 @@ def withdraw_import(ctx: Context, import_id: int, *, actor: str = "cli") -> Trus
 
 def list_imports(ctx: Context, org: str | None = None) -> list[TrustedRoot]:
     """Every import (org None), or those visible to ``org`` (global and its own)."""
-    with ctx.db.session() as s:
-        stmt = select(TrustedRoot).order_by(col(TrustedRoot.id))
-        if org is not None:
-            stmt = stmt.where(col(TrustedRoot.scope).in_([GLOBAL_SCOPE, org]))
-        return list(s.exec(stmt))
+    return store.imports(ctx.db, org)
 
 
 def import_json(r: TrustedRoot) -> dict[str, Any]:
@@ -396,17 +371,7 @@ def coverage_by_org(ctx: Context, sha256: str, org: str | None = None) -> list[O
     fingerprint (any type), from the recorded reports. Cheap: three grouped COUNTs."""
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise ValueError("sha256 must be 64 lower-case hex digits")
-    with ctx.db.session() as s:
-        st = select(Station.org, func.count()).group_by(Station.org)
-        rep = select(StationTrustReport.org, func.count()).group_by(StationTrustReport.org)
-        # The fingerprint is hex: no LIKE wildcard can occur in it. JSON as text on SQLite and PostgreSQL.
-        hit = rep.where(cast(StationTrustReport.roots, String).like(f"%{sha256}%"))
-        if org is not None:
-            st, rep, hit = st.where(Station.org == org), rep.where(StationTrustReport.org == org), \
-                hit.where(StationTrustReport.org == org)
-        stations = dict(s.exec(st).all())  # type: ignore[arg-type]
-        reported = dict(s.exec(rep).all())  # type: ignore[arg-type]
-        with_root = dict(s.exec(hit).all())  # type: ignore[arg-type]
+    stations, reported, with_root = store.coverage_counts(ctx.db, sha256, org)
     names = sorted(set(stations) | set(reported))
     return [OrgCoverage(n, int(stations.get(n, 0)), int(reported.get(n, 0)), int(with_root.get(n, 0)))
             for n in names]

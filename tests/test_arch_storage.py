@@ -23,7 +23,6 @@ ALLOWED: dict[str, str] = {
     "pki.contracts": "to convert",
     "pki.lifecycle": "to convert",
     "pki.pools": "to convert",
-    "pki.truststore_plan": "to convert",
 }
 
 
