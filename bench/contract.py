@@ -194,12 +194,36 @@ def _pcid() -> str:
     return WMI + "".join(secrets.choice("ABCDEFGHJKLMNPRSTUVWXYZ0123456789") for _ in range(14))
 
 
+def _vehicle(c: httpx.Client, srv: Server, profile: str, curve: ec.EllipticCurve, digest: hashes.SHA256 | hashes.SHA512
+             ) -> tuple[str, ec.EllipticCurvePrivateKey, x509.Certificate, str]:
+    """One vehicle: its OEM provisioning certificate enrolled (``profile``), and a default contract for it."""
+    from pki.store.db import utcnow
+
+    pcid = _pcid()
+    key = ec.generate_private_key(curve)
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([
+        x509.NameAttribute(NameOID.COMMON_NAME, pcid), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bench OEM"),
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "DE"), x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "OEM")]))
+        .sign(key, digest).public_bytes(serialization.Encoding.PEM).decode())
+    r = c.post("/v1/enrollments", json={"csr": csr, "profile": profile},
+               headers={"Authorization": f"Bearer {srv.keys['oem']}"})
+    if r.status_code != 201:
+        raise SystemExit(f"enrollment ({profile}): {r.status_code} {r.text[:300]}")
+    cert = x509.load_pem_x509_certificate(r.json()["certificate"].encode())
+    emaid = EMSP + "".join(secrets.choice("ABCDEFGHJKLMNPRSTUVWXYZ0123456789") for _ in range(9))
+    r = c.post("/v1/contracts", json={"emaid": emaid, "pcid": pcid,
+                                      "valid_until": (utcnow() + timedelta(days=400)).isoformat()},
+               headers={"Authorization": f"Bearer {srv.keys['emsp']}"})
+    if r.status_code != 201:
+        raise SystemExit(f"contract: {r.status_code} {r.text[:300]}")
+    return pcid, key, cert, emaid
+
+
 def make_vehicles(srv: Server, n: int, per_vehicle: int = 1) -> list[dict[str, Any]]:
     """n vehicles: OEM provisioning certificate (enrolled), contract, signed CertificateInstallationReq body —
     or, with ``per_vehicle`` > 1, n request bodies from n / per_vehicle vehicles, each body distinct."""
     from pki.cps.exi import CertificateInstallationReq, MessageHeader, V2GMessage, X509IssuerSerial, encode_message
     from pki.cps.xmldsig import sign_elements
-    from pki.store.db import utcnow
 
     with httpx.Client(base_url=srv.url, timeout=60) as c:
         roots = []
@@ -208,23 +232,7 @@ def make_vehicles(srv: Server, n: int, per_vehicle: int = 1) -> list[dict[str, A
             roots.append(X509IssuerSerial(cert.subject.rfc4514_string(), cert.serial_number))
         out: list[dict[str, Any]] = []
         for _ in range(n // per_vehicle if per_vehicle > 1 else n):
-            pcid = _pcid()
-            key = ec.generate_private_key(ec.SECP256R1())
-            csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([
-                x509.NameAttribute(NameOID.COMMON_NAME, pcid), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bench OEM"),
-                x509.NameAttribute(NameOID.COUNTRY_NAME, "DE"), x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "OEM")]))
-                .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
-            r = c.post("/v1/enrollments", json={"csr": csr, "profile": "oem-prov"},
-                       headers={"Authorization": f"Bearer {srv.keys['oem']}"})
-            if r.status_code != 201:
-                raise SystemExit(f"enrollment: {r.status_code} {r.text[:300]}")
-            cert = x509.load_pem_x509_certificate(r.json()["certificate"].encode())
-            emaid = EMSP + "".join(secrets.choice("ABCDEFGHJKLMNPRSTUVWXYZ0123456789") for _ in range(9))
-            r = c.post("/v1/contracts", json={"emaid": emaid, "pcid": pcid,
-                                              "valid_until": (utcnow() + timedelta(days=400)).isoformat()},
-                       headers={"Authorization": f"Bearer {srv.keys['emsp']}"})
-            if r.status_code != 201:
-                raise SystemExit(f"contract: {r.status_code} {r.text[:300]}")
+            pcid, key, cert, emaid = _vehicle(c, srv, "oem-prov", ec.SECP256R1(), hashes.SHA256())
             for i in range(per_vehicle):
                 # a distinct Id per request: a distinct signed body, so not a replay of another (--fresh)
                 body = CertificateInstallationReq(f"id{i + 1}", cert.public_bytes(serialization.Encoding.DER),
@@ -260,7 +268,6 @@ def make_vehicles20(srv: Server, n: int) -> list[dict[str, Any]]:
     """n ISO 15118-20 vehicles: P-521 OEM provisioning certificate (oem-prov-20), contract, signed -20 request."""
     from pki.cps.exi import X509IssuerSerial
     from pki.cps.exi.messages20 import CertificateInstallationReq20, Chain20, Header20, encode_message20
-    from pki.store.db import utcnow
 
     with httpx.Client(base_url=srv.url, timeout=60) as c:
         roots = []
@@ -271,23 +278,7 @@ def make_vehicles20(srv: Server, n: int) -> list[dict[str, Any]]:
                 .public_bytes(serialization.Encoding.DER) for name in ("oem-sub2-20", "oem-sub1-20")]
         out = []
         for _ in range(n):
-            pcid = _pcid()
-            key = ec.generate_private_key(ec.SECP521R1())
-            csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([
-                x509.NameAttribute(NameOID.COMMON_NAME, pcid), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bench OEM"),
-                x509.NameAttribute(NameOID.COUNTRY_NAME, "DE"), x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "OEM")]))
-                .sign(key, hashes.SHA512()).public_bytes(serialization.Encoding.PEM).decode())
-            r = c.post("/v1/enrollments", json={"csr": csr, "profile": "oem-prov-20"},
-                       headers={"Authorization": f"Bearer {srv.keys['oem']}"})
-            if r.status_code != 201:
-                raise SystemExit(f"enrollment (-20): {r.status_code} {r.text[:300]}")
-            cert = x509.load_pem_x509_certificate(r.json()["certificate"].encode())
-            emaid = EMSP + "".join(secrets.choice("ABCDEFGHJKLMNPRSTUVWXYZ0123456789") for _ in range(9))
-            r = c.post("/v1/contracts", json={"emaid": emaid, "pcid": pcid,
-                                              "valid_until": (utcnow() + timedelta(days=400)).isoformat()},
-                       headers={"Authorization": f"Bearer {srv.keys['emsp']}"})
-            if r.status_code != 201:
-                raise SystemExit(f"contract: {r.status_code} {r.text[:300]}")
+            pcid, key, cert, emaid = _vehicle(c, srv, "oem-prov-20", ec.SECP521R1(), hashes.SHA512())
             chain = Chain20(cert.public_bytes(serialization.Encoding.DER), tuple(subs), "id1")
             node = chain.to_node("OEMProvisioningCertificateChain")
             req = CertificateInstallationReq20(Header20(secrets.token_bytes(8), int(time.time()), _sign20(node, key)),
