@@ -27,8 +27,6 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import delete, update
-from sqlmodel import col, select
 
 from pki import audit, lifecycle
 from pki.context import Context
@@ -67,15 +65,16 @@ from pki.errors import BadContractData, Conflict, Forbidden, NotFound, PKIError,
 from pki.issuance import CAHandle
 from pki.names import normalise_emaid, normalise_pcid, owns_identifier
 from pki.orgs import Principal
+from pki.store import pools as store
 from pki.store.db import utcnow
 from pki.store.models import (
     Certificate,
     CertificateAuthority,
     Contract,
-    Organization,
     ProvisioningCertificate,
     SignedContractData,
 )
+from pki.store.orgs import orgs_with_role
 
 log = logging.getLogger("v2gpki.pools")
 
@@ -220,12 +219,7 @@ def signer_root(ctx: Context, message: V2GMessage) -> x509.Certificate | None:
 
 
 def _oem_owns(ctx: Context, p: Principal, pcid: str) -> bool:
-    if owns_identifier(list(p.prefixes), "pcid", pcid):
-        return True
-    with ctx.db.session() as s:
-        found = s.exec(select(ProvisioningCertificate.id).where(ProvisioningCertificate.pcid == pcid,
-                                                                 ProvisioningCertificate.oem == p.org)).first()
-    return found is not None
+    return owns_identifier(list(p.prefixes), "pcid", pcid) or store.registered_by(ctx.db, pcid, p.org)
 
 
 def _visible(ctx: Context, p: Principal, c: Contract) -> bool:
@@ -254,36 +248,22 @@ class ContractEntry:
     certificate: Certificate | None  # the newest valid contract certificate, if one was issued
 
 
-def _newest_certificate(ctx: Context, emaid: str) -> Certificate | None:
-    with ctx.db.session() as s:
-        return s.exec(select(Certificate).where(
-            Certificate.identifier == emaid, col(Certificate.profile).in_(["contract", "contract-20"]),
-            Certificate.status == "valid", col(Certificate.not_after) > utcnow())
-            .order_by(col(Certificate.id).desc())).first()
-
-
 def contracts(ctx: Context, p: Principal, *, emaid: str | None = None, pcid: str | None = None) -> list[ContractEntry]:
     """The active contracts of an EMAID or a PCID the caller may see (lookupContract, getContracts);
     none visible is NotFound, the same whether they do not exist or are another tenant's."""
     _reader(p)
-    with ctx.db.session() as s:
-        stmt = select(Contract).where(Contract.status == "active", col(Contract.valid_until) > utcnow())
-        if emaid is not None:
-            stmt = stmt.where(Contract.emaid == normalise_emaid(emaid))
-        if pcid is not None:
-            stmt = stmt.where(Contract.pcid == normalise_pcid(pcid))
-        rows = list(s.exec(stmt.order_by(col(Contract.id))))
+    rows = store.active_contracts(ctx.db, utcnow(), emaid=normalise_emaid(emaid) if emaid is not None else None,
+                                  pcid=normalise_pcid(pcid) if pcid is not None else None)
     rows = [c for c in rows if _visible(ctx, p, c)]
     if not rows:
         raise NotFound(f"no contract for {'EMAID ' + emaid if emaid else 'PCID ' + str(pcid)}")
-    return [ContractEntry(c, _newest_certificate(ctx, c.emaid)) for c in rows]
+    return [ContractEntry(c, store.newest_contract_certificate(ctx.db, c.emaid, utcnow())) for c in rows]
 
 
 def _contract(ctx: Context, p: Principal, emaid: str, pcid: str | None = None, *, active: bool = True) -> Contract:
     e = normalise_emaid(emaid)
     v = normalise_pcid(pcid) if pcid is not None else None
-    with ctx.db.session() as s:
-        c = s.exec(select(Contract).where(Contract.emaid == e)).first()
+    c = store.contract_by_emaid(ctx.db, e)
     if c is None or not _visible(ctx, p, c) or (v is not None and c.pcid != v) or (
             active and (c.status != "active" or c.valid_until <= utcnow())):
         raise NotFound(f"no contract {e}" + (f" for PCID {v}" if v else ""))
@@ -297,9 +277,7 @@ def set_default(ctx: Context, p: Principal, pcid: str, emaid: str) -> Contract:
     p.require("emsp", "oem", "admin")
     c = _contract(ctx, p, emaid, pcid)
     with ctx.db.session() as s:
-        s.execute(update(Contract).where(col(Contract.pcid) == c.pcid, col(Contract.emsp) == c.emsp,
-                                         col(Contract.id) != c.id).values(is_default=False))
-        s.execute(update(Contract).where(col(Contract.id) == c.id).values(is_default=True))
+        store.make_default(s, c)
         audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="contract.default", object=c.emaid,
                                     details={"pcid": c.pcid, "emsp": c.emsp}))
         s.commit()
@@ -320,14 +298,11 @@ def depublish(ctx: Context, p: Principal, emaid: str, *, revoke: bool = True) ->
         _, revoked = terminate_contract(ctx, p, c.emaid)
     else:
         with ctx.db.session() as s:
-            s.execute(update(Contract).where(col(Contract.id) == c.id).values(
-                status="terminated", terminated_at=utcnow(), is_default=False))
+            store.mark_terminated(s, c.id, utcnow())
             audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="contract.terminate", object=c.emaid,
                                         details={"revoke": False}))
             s.commit()
-    with ctx.db.session() as s:
-        s.execute(delete(SignedContractData).where(col(SignedContractData.contract_id) == c.id))
-        s.commit()
+    store.delete_signed_data(ctx.db, c.id)
     _emit(contract_events, ctx, c, "deleted")
     return revoked
 
@@ -335,14 +310,10 @@ def depublish(ctx: Context, p: Principal, emaid: str, *, revoke: bool = True) ->
 def store_signed_data(ctx: Context, contract: Contract, exi: bytes, cert_serial: str, payload: dict[str, object],
                       ) -> None:
     """Contract data into the pool; its OPCP events follow (created the first time, then updated)."""
-    with ctx.db.session() as s:
-        earlier = s.exec(select(SignedContractData.id).where(
-            col(SignedContractData.contract_id) == contract.id)).first()
-        s.add(SignedContractData(contract_id=contract.id or 0, pcid=contract.pcid, emaid=contract.emaid,
-                                 cert_serial=cert_serial, payload={**payload, "exiResponse": b64(exi)},
-                                 created_at=utcnow()))
-        s.commit()
-    _emit(contract_events, ctx, contract, "updated" if earlier is not None else "created", exi)
+    earlier = store.add_signed_data(ctx.db, SignedContractData(
+        contract_id=contract.id or 0, pcid=contract.pcid, emaid=contract.emaid, cert_serial=cert_serial,
+        payload={**payload, "exiResponse": b64(exi)}, created_at=utcnow()))
+    _emit(contract_events, ctx, contract, "updated" if earlier else "created", exi)
 
 
 def _emit(fn: Any, *args: Any) -> None:
@@ -400,12 +371,7 @@ def provide(ctx: Context, p: Principal, emaid: str, pcid: str, session_id: bytes
     p.require("oem", "emsp", "admin")
     c = _contract(ctx, p, emaid, pcid)
     want = _root_ids(ctx, root_fingerprint)
-    with ctx.db.session() as s:
-        rows = list(s.exec(select(SignedContractData, Certificate).where(
-            col(SignedContractData.contract_id) == c.id, col(Certificate.serial) == col(SignedContractData.cert_serial),
-            Certificate.identifier == c.emaid, Certificate.status == "valid",
-            col(Certificate.not_after) > utcnow()).order_by(col(SignedContractData.id).desc()).limit(5)))
-    for row, _cert in rows:
+    for row in store.deliverable_signed_data(ctx.db, c, utcnow()):
         exi = base64.b64decode(str(row.payload.get("exiResponse", "")))
         if not exi:
             continue
@@ -448,8 +414,7 @@ def generate(ctx: Context, p: Principal, emaid: str, pcid: str, begins: str, end
     e, v = normalise_emaid(emaid), normalise_pcid(pcid)
     if _root_ids(ctx, root_fingerprint) is None and root_fingerprint:
         raise NotFound(f"no V2G root with fingerprint {root_fingerprint}")
-    with ctx.db.session() as s:
-        existing = s.exec(select(Contract).where(Contract.emaid == e)).first()
+    existing = store.contract_by_emaid(ctx.db, e)
     if existing is None:
         c = create_contract(ctx, p, e, v, end)
     else:
@@ -462,7 +427,7 @@ def generate(ctx: Context, p: Principal, emaid: str, pcid: str, begins: str, end
         if end <= utcnow():
             raise PKIError("contractEnds must be in the future")
         with ctx.db.session() as s:
-            s.execute(update(Contract).where(col(Contract.id) == existing.id).values(valid_until=end))
+            store.extend(s, existing.id, end)
             audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="contract.extend", object=e,
                                         details={"valid_until": end.isoformat()}))
             s.commit()
@@ -647,10 +612,7 @@ def unregister(ctx: Context, p: Principal, pcid: str) -> int:
     p.require("oem", "admin")
     v = normalise_pcid(pcid)
     with ctx.db.session() as s:
-        stmt = delete(ProvisioningCertificate).where(col(ProvisioningCertificate.pcid) == v)
-        if p.role != "admin":
-            stmt = stmt.where(col(ProvisioningCertificate.oem) == p.org)
-        n = s.execute(stmt).rowcount  # type: ignore[attr-defined]
+        n = store.remove_provisioning(s, v, None if p.role == "admin" else p.org)
         if not n:
             s.rollback()
             raise NotFound(f"no provisioning certificate for PCID {v}")
@@ -701,10 +663,7 @@ def root_events(ctx: Context, event: dict[str, Any]) -> list[int]:
         return []
     ids: list[int] = []
     for item in event.get("cas") or []:
-        with ctx.db.session() as s:
-            ca = s.exec(select(CertificateAuthority).where(
-                CertificateAuthority.serial == str(item.get("serial", "")),
-                col(CertificateAuthority.parent).is_(None))).first()
+        ca = store.root_by_serial(ctx.db, str(item.get("serial", "")))
         if ca is None or ca.hierarchy not in ROOT_TYPES:
             continue
         ns = ISO2 if _curve(x509.load_der_x509_certificate(ca.der)) == "secp256r1" else ISO20_EVENT
@@ -716,10 +675,8 @@ def root_events(ctx: Context, event: dict[str, Any]) -> list[int]:
 def _oem_orgs(ctx: Context, pcid: str) -> list[str]:
     """The OEM organizations of a PCID: whose WMI prefixes own it, and who registered its pool entry."""
     with ctx.db.session() as s:
-        orgs = {o.name for o in s.exec(select(Organization).where(Organization.role == "oem"))
-                if owns_identifier(list(o.prefixes or []), "pcid", pcid)}
-        orgs |= {r for r in s.exec(select(ProvisioningCertificate.oem).where(ProvisioningCertificate.pcid == pcid))
-                 if r}
+        orgs = {o.name for o in orgs_with_role(s, "oem") if owns_identifier(list(o.prefixes or []), "pcid", pcid)}
+        orgs |= store.provisioning_registrants(s, pcid)
     return sorted(orgs)
 
 
@@ -770,8 +727,7 @@ def provisioning_events(ctx: Context, pcid: str, change: str) -> list[int]:
     mo.prov.cert.<change> to the eMSP of each active contract for the PCID (one event per EMAID)."""
     event_type = f"mo.prov.cert.{change}"
     v = normalise_pcid(pcid)
-    with ctx.db.session() as s:
-        rows = list(s.exec(select(Contract).where(Contract.pcid == v, Contract.status == "active")))
+    rows = store.active_contracts_of_pcid(ctx.db, v)
     ids: list[int] = []
     tag = secrets.token_hex(6)
     for c in rows:

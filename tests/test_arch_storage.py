@@ -23,7 +23,6 @@ ALLOWED: dict[str, str] = {
                   "pki/store/backup.py (its key handling is the keys engineer's, edited at the same time)",
     "pki.contracts": "to convert (contract-installation hot path: bench/contract.py before and after)",
     "pki.lifecycle": "to convert (expiry alerts, renewals, subscriptions: 36 statements)",
-    "pki.pools": "to convert (OPCP/OPNC pools of provisioning certificates and contract data)",
 }
 
 
