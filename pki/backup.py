@@ -24,6 +24,9 @@ Restore is a dry run unless ``--yes``; it refuses a non-empty target database or
 ``--force`` (the old SQLite file and token directory are then moved aside, not deleted), verifies every
 checksum before writing anything, migrates the restored schema to the code's head, and verifies that
 every key the restored database needs is present and usable in the configured token.
+
+The database side (the SQLite online backup, pg_dump and pg_restore, what the manifest records of a
+database) is pki/store/backup.py; the archive, the token and the keys are here.
 """
 
 from __future__ import annotations
@@ -33,8 +36,6 @@ import io
 import json
 import os
 import shutil
-import sqlite3
-import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -45,6 +46,8 @@ from typing import Any
 
 from pki.config import Settings
 from pki.errors import BackupError, ConfigError
+from pki.store import backup as store
+from pki.store.db import url_without_password
 
 FORMAT = "v2gpki-backup/1"
 MANIFEST = "manifest.json"
@@ -96,65 +99,17 @@ def db_kind(db_url: str) -> str:
     raise BackupError(f"unsupported database {db_url.split(':', 1)[0]!r}")
 
 
-def libpq_env(db_url: str) -> dict[str, str]:
-    """PG* variables for pg_dump/pg_restore, so the password never appears on a command line."""
-    from sqlalchemy.engine import make_url
-
-    u = make_url(db_url)
-    # env: the pg_dump/pg_restore child's environment (PATH, locale), without libpq variables of our own
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    pairs = {"PGHOST": u.host, "PGPORT": str(u.port) if u.port else None, "PGUSER": u.username,
-             "PGPASSWORD": u.password, "PGDATABASE": u.database}
-    for k, v in pairs.items():
-        if v:
-            env[k] = str(v)
-    for qk, ev in (("host", "PGHOST"), ("port", "PGPORT"), ("sslmode", "PGSSLMODE"), ("sslrootcert", "PGSSLROOTCERT"),
-                   ("sslcert", "PGSSLCERT"), ("sslkey", "PGSSLKEY")):
-        q = u.query.get(qk)
-        if q:
-            env[ev] = q if isinstance(q, str) else q[0]
-    return env
-
-
-def _tool(name: str) -> str:
-    exe = shutil.which(name)
-    if exe is None:
-        raise BackupError(f"{name} not found: install the PostgreSQL client (apt-get install postgresql-client)")
-    return exe
-
-
-def _run(cmd: list[str], env: dict[str, str], what: str) -> None:
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise BackupError(f"{what} failed: {res.stderr.strip()[-800:]}")
-
-
 # -- inventory of the database ------------------------------------------------------------------------------
 
 
 def db_inventory(db_url: str) -> dict[str, Any]:
     """Schema revision, row counts and the key labels the database refers to (active CAs, valid service certs)."""
-    from sqlalchemy import create_engine, text
-
     from hsm.uri import key_label
-    from pki.store.db import normalise_url
 
-    eng = create_engine(normalise_url(db_url))
-    try:
-        with eng.connect() as c:
-            rev = c.execute(text("SELECT version_num FROM alembic_version")).scalar()
-            counts = {
-                "ca": int(c.execute(text("SELECT count(*) FROM ca")).scalar_one()),
-                "certificate": int(c.execute(text("SELECT count(*) FROM certificate")).scalar_one()),
-                "revoked": int(c.execute(text("SELECT count(*) FROM certificate WHERE status <> 'valid'"))
-                               .scalar_one()),
-            }
-            ca_keys = [key_label(r[0]) for r in c.execute(text("SELECT key_uri FROM ca WHERE status = 'active'"))]
-            uris = [r[0] for r in c.execute(text(
-                "SELECT key_uri FROM certificate WHERE key_uri IS NOT NULL AND status = 'valid'"))]
-    finally:
-        eng.dispose()
-    return {"alembic_revision": rev, "counts": counts, "keys": sorted(set(ca_keys) | set(_labels(uris)))}
+    inv = store.inventory(db_url)
+    ca_keys = [key_label(u) for u in inv.ca_key_uris]
+    return {"alembic_revision": inv.alembic_revision, "counts": inv.counts,
+            "keys": sorted(set(ca_keys) | set(_labels(inv.certificate_key_uris)))}
 
 
 def _labels(uris: list[str]) -> list[str]:
@@ -221,18 +176,11 @@ def backup(settings: Settings, out: Path, *, include_token: bool = True,
                 raise BackupError(f"no database at {src}: nothing to back up")
             member = SQLITE_MEMBER
             progress(f"database: SQLite online backup of {src}")
-            s_conn = sqlite3.connect(str(src))
-            d_conn = sqlite3.connect(str(stage / member))
-            try:
-                s_conn.backup(d_conn)
-            finally:
-                d_conn.close()
-                s_conn.close()
+            store.sqlite_copy(src, stage / member)
         else:
             member = PGDUMP_MEMBER
             progress("database: pg_dump --format=custom")
-            _run([_tool("pg_dump"), "--format=custom", "--no-owner", "--no-privileges",
-                  f"--file={stage / member}"], libpq_env(db_url), "pg_dump")
+            store.pg_dump(db_url, stage / member)
         inv = db_inventory(f"sqlite:///{stage / member}" if kind == "sqlite" else db_url)
         # 2. the token
         token: dict[str, Any]
@@ -364,9 +312,7 @@ class RestorePlan:
 
 
 def _masked(db_url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(db_url).render_as_string(hide_password=True) if "://" in db_url else db_url
+    return url_without_password(db_url) if "://" in db_url else db_url
 
 
 def plan_restore(settings: Settings, archive: Path, *, include_token: bool = True) -> RestorePlan:
@@ -381,7 +327,7 @@ def plan_restore(settings: Settings, archive: Path, *, include_token: bool = Tru
         p = sqlite_path(settings.db_url)
         if p.exists() and p.stat().st_size > 0:
             problems.append(f"the database {p} exists")
-    elif _pg_has_tables(settings.db_url):
+    elif store.pg_has_tables(settings.db_url):
         problems.append(f"the database {_masked(settings.db_url)} is not empty")
     token_target: Path | None = None
     conf_to_write: Path | None = None
@@ -406,31 +352,9 @@ def plan_restore(settings: Settings, archive: Path, *, include_token: bool = Tru
 
 
 def _check_revision(rev: str | None) -> None:
-    from alembic.config import Config
-    from alembic.script import ScriptDirectory
-
-    from pki.store.db import MIGRATIONS
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    known = {s.revision for s in ScriptDirectory.from_config(cfg).walk_revisions()}
-    if rev is not None and rev not in known:
+    if rev is not None and rev not in store.known_revisions():
         raise BackupError(f"the backup's schema revision {rev!r} is unknown to this v2gpki: restore with the "
                           "version that made it (or a newer one)")
-
-
-def _pg_has_tables(db_url: str) -> bool:
-    from sqlalchemy import create_engine, text
-
-    from pki.store.db import normalise_url
-
-    eng = create_engine(normalise_url(db_url))
-    try:
-        with eng.connect() as c:
-            n = c.execute(text("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"))
-            return int(n.scalar_one()) > 0
-    finally:
-        eng.dispose()
 
 
 @dataclass
@@ -466,21 +390,10 @@ def restore(settings: Settings, plan: RestorePlan, *, force: bool = False,
                     aside = Path(f"{p}.pre-restore-{stamp}")
                     os.replace(p, aside)
                     moved.append(aside)
-            src = sqlite3.connect(str(stage / member))
-            dst = sqlite3.connect(str(target))
-            try:
-                src.backup(dst)
-            finally:
-                dst.close()
-                src.close()
+            store.sqlite_copy(stage / member, target)
             os.chmod(target, 0o600)
         else:
-            cmd = [_tool("pg_restore"), "--no-owner", "--no-privileges", "--single-transaction", "--exit-on-error"]
-            if force:
-                cmd += ["--clean", "--if-exists"]
-            env = libpq_env(settings.db_url)
-            # Only the database *name* on the command line; host, user and password come from PG* variables.
-            _run([*cmd, f"--dbname={env.get('PGDATABASE', 'postgres')}", str(stage / member)], env, "pg_restore")
+            store.pg_restore(settings.db_url, stage / member, clean=force)
         progress(f"database restored into {plan.db_target}")
         if plan.token_target is not None:
             tdir = plan.token_target
@@ -528,19 +441,16 @@ def verify_keys(settings: Settings, labels: list[str]) -> tuple[int, list[str], 
 
 
 def _other_token(ctx: Any, labels: list[str]) -> list[str]:
-    from sqlalchemy import text
-
     from hsm.uri import Pkcs11Uri
 
     out = set()
-    with ctx.db.engine.connect() as c:
-        for (uri,) in c.execute(text("SELECT key_uri FROM certificate WHERE key_uri IS NOT NULL")):
-            try:
-                u = Pkcs11Uri.parse(uri)
-            except ValueError:
-                continue
-            if u.object in labels and u.token != ctx.settings.token_label:
-                out.add(u.object)
+    for uri in store.certificate_key_uris(ctx.db):
+        try:
+            u = Pkcs11Uri.parse(uri)
+        except ValueError:
+            continue
+        if u.object in labels and u.token != ctx.settings.token_label:
+            out.add(u.object)
     return sorted(out)
 
 
