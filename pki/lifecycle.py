@@ -42,10 +42,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
-from sqlalchemy import Select, case, exists, func, insert, or_, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
-from sqlmodel import select as sm_select
 
 from hsm import sealing
 from hsm.uri import key_label
@@ -64,14 +60,16 @@ from pki.lifecycle_policy import (  # noqa: F401 - re-exported: callers find the
 from pki.names import subject_fields_of as _subject_fields
 from pki.outbox import add_outbox
 from pki.profiles import Profile
+from pki.store import lifecycle as store
 from pki.store.db import utcnow
-from pki.store.models import Certificate, CertificateAuthority, Organization, OutboxEvent
-from pki.store.models_lifecycle import Delivery, ExpiryAlert, Renewal, Subscription
+from pki.store.models import Certificate
+from pki.store.models_lifecycle import Delivery, Subscription
 from pki.store.subscriptions import new_delivery as _new_delivery
 from pki.store.subscriptions import subscribers as _subscribers
 
 if TYPE_CHECKING:
     from pki.context import Context
+    from pki.store.db import Session
 
 log = logging.getLogger("v2gpki.lifecycle")
 
@@ -164,7 +162,7 @@ def add_subscription(ctx: Context, org: str, kind: str, target: str, events: Seq
             raise PKIError("not an e-mail address")
         secret = None
     with ctx.db.session() as s:
-        if s.exec(sm_select(Organization).where(Organization.name == org)).first() is None:
+        if not store.organization_exists(s, org):
             raise NotFound(f"no organization {org!r}")
         sub_id = "sub_" + secrets.token_hex(8)
         # Sealed in the token (hsm/sealing.py): a database read alone does not reveal it (#21 item 11).
@@ -186,7 +184,7 @@ def seal_stored_secrets(ctx: Context) -> int:
     sealing.ensure_key(ctx.keystore)
     n = 0
     with ctx.db.session() as s:
-        for row in s.exec(sm_select(Subscription).where(Subscription.secret != None)):  # noqa: E711
+        for row in store.subscriptions_with_secret(s):
             if row.secret is not None and not sealing.is_sealed(row.secret):
                 row.secret = sealing.seal(ctx.keystore, row.secret, row.sub_id)
                 s.add(row)
@@ -202,19 +200,12 @@ def _redact_url(url: str) -> str:
 
 def list_subscriptions(ctx: Context, org: str | None) -> list[Subscription]:
     with ctx.db.session() as s:
-        stmt = sm_select(Subscription).where(Subscription.deleted_at == None)  # noqa: E711
-        if org is not None:
-            stmt = stmt.where(Subscription.org == org)
-        return list(s.exec(stmt.order_by(Subscription.id)))  # type: ignore[arg-type]
+        return store.active_subscriptions(s, org)
 
 
 def _active_subscription(s: Session, sub_id: str, org: str | None) -> Subscription:
     """The active subscription ``sub_id``; another organization's (``org`` set) is NotFound, like an unknown one."""
-    stmt = sm_select(Subscription).where(Subscription.sub_id == sub_id,
-                                         Subscription.deleted_at == None)  # noqa: E711
-    if org is not None:
-        stmt = stmt.where(Subscription.org == org)
-    row = s.exec(stmt).first()
+    row = store.active_subscription(s, sub_id, org)
     if row is None:
         raise NotFound(f"no subscription {sub_id!r}")
     return row
@@ -265,24 +256,17 @@ def queue_one_shot(ctx: Context, event: str, key: str, payload: dict[str, Any], 
     """The delivery of ``org``'s one-shot subscriptions for contract ``emaid`` (an OPCP subscriptionUrl) that
     have had none yet: each is called once, with the first event of its contract."""
     now = utcnow()
-    d = Delivery.__table__  # type: ignore[attr-defined]
     with ctx.db.session() as s:
-        subs = [r for r in s.exec(sm_select(Subscription).where(Subscription.org == org,
-                                                                 Subscription.deleted_at == None))  # noqa: E711
+        subs = [r for r in store.active_subscriptions(s, org)
                 if (r.attributes or {}).get("oneShot") and (r.attributes or {}).get("emaid") == emaid]
         if not subs:
             return []
-        done = {r[0] for r in s.execute(select(d.c.subscription_id).where(
-            d.c.subscription_id.in_([r.id for r in subs])))}
+        done = store.subscriptions_delivered(s, [r.id for r in subs if r.id is not None])
         rows = [_new_delivery(int(r.id), r.org, event, key, payload, now) for r in subs
                 if r.id is not None and r.id not in done]
         if rows:
-            try:
-                s.execute(insert(d), rows)
-                s.commit()
-            except IntegrityError:
-                s.rollback()
-        return _pending_ids(s, [key])
+            store.insert_deliveries(s, rows)  # False: a concurrent run inserted them; they exist once
+        return store.pending_delivery_ids(s, [key])
 
 
 def opcp_event(event_type: str, payload: dict[str, Any], namespace: str = "urn:iso:15118:2:2013:MsgDef",
@@ -297,34 +281,21 @@ def opcp_event(event_type: str, payload: dict[str, Any], namespace: str = "urn:i
             "eventType": event_type, "xsdMsgDefNamespace": namespace, "payload": payload}
 
 
-def _pending_ids(s: Session, keys: Iterable[str]) -> list[int]:
-    keys = list(keys)
-    if not keys:
-        return []
-    d = Delivery.__table__  # type: ignore[attr-defined]
-    return [r[0] for r in s.execute(select(d.c.id).where(d.c.event_key.in_(keys), d.c.state == "pending"))]
-
-
 def queue_event(ctx: Context, event: str, key: str, payload: dict[str, Any], tenant: str | None, *,
                 everyone: bool = False) -> list[int]:
     """Deliveries of one event to the tenant's subscribers (or to every subscriber), idempotent on
     (subscription, key): a re-run after a crash creates nothing twice. Returns pending delivery ids."""
     now = utcnow()
-    d = Delivery.__table__  # type: ignore[attr-defined]
     with ctx.db.session() as s:
         by_org = _subscribers(s, event)
         targets = {r.id: r for rs in by_org.values() for r in rs} if everyone else {
             r.id: r for r in by_org.get(tenant, [])}
-        have = {r[0] for r in s.execute(select(d.c.subscription_id).where(d.c.event_key == key))}
+        have = store.subscriptions_with_event(s, key)
         rows = [_new_delivery(int(sid), r.org, event, key, payload, now) for sid, r in targets.items()
                 if sid is not None and sid not in have]
         if rows:
-            try:
-                s.execute(insert(d), rows)
-                s.commit()
-            except IntegrityError:  # a concurrent run inserted them: fine, they exist once
-                s.rollback()
-        return _pending_ids(s, [key])
+            store.insert_deliveries(s, rows)  # False: a concurrent run inserted them; they exist once
+        return store.pending_delivery_ids(s, [key])
 
 
 # -- expiry alerting -------------------------------------------------------------------------------------
@@ -417,34 +388,9 @@ def _groups(ctx: Context, lc: Lifecycle) -> list[tuple[list[int], list[str] | No
 
 
 def candidate_query(ctx: Context, now: datetime, windows: Sequence[int], include: list[str] | None,
-                    exclude: list[str], tenant: str | None = None) -> Select[Any]:
-    """Certificates of one window group inside a window with no alert for that window yet. The window is
-    computed in SQL (CASE over notAfter), so the anti-join on (cert_id, window_days) uses the unique index."""
-    c = Certificate.__table__  # type: ignore[attr-defined]
-    a = ExpiryAlert.__table__  # type: ignore[attr-defined]
-    n = c.alias("newer")
-    asc = sorted(windows)
-    w = case(*[(c.c.not_after <= now + timedelta(days=d), d) for d in asc], else_=None)
-    # A named-profile group (CAs, service keys) is a handful of rows found by the profile index; its windows
-    # span years, so a notAfter range would walk most of the table. The expression keeps the planner off the
-    # notAfter index for that group (on SQLite too, which has no index hints).
-    na = func.coalesce(c.c.not_after, c.c.not_after) if include is not None else c.c.not_after
-    stmt = (
-        select(c.c.id, c.c.issuer, c.c.serial, c.c.profile, c.c.identifier, c.c.tenant, c.c.subject,
-               c.c.not_after, c.c.key_uri, w.label("w"))
-        .where(na > now, na <= now + timedelta(days=asc[-1]), c.c.status == "valid")
-        .where(~exists().where(a.c.cert_id == c.c.id, a.c.window_days == w))
-        # A certificate already replaced (same identifier and profile, later expiry, valid) needs no alert.
-        .where(~exists().where(n.c.identifier == c.c.identifier, n.c.profile == c.c.profile,
-                               n.c.status == "valid", n.c.not_after > c.c.not_after))
-    )
-    if include is not None:
-        stmt = stmt.where(c.c.profile.in_(include))
-    if exclude:
-        stmt = stmt.where(c.c.profile.not_in(exclude))
-    if tenant is not None:
-        stmt = stmt.where(c.c.tenant == tenant)
-    return stmt
+                    exclude: list[str], tenant: str | None = None) -> Any:
+    """The SQL of one window group's candidates (pki/store/lifecycle.py; bench/expiry.py shows its plan)."""
+    return store.candidate_query(now, windows, include, exclude, tenant)
 
 
 def candidates(ctx: Context, now: datetime | None = None, *, chunk: int = 20000,
@@ -453,31 +399,9 @@ def candidates(ctx: Context, now: datetime | None = None, *, chunk: int = 20000,
     the range scan and memory stays bounded by the chunk, whatever the table size)."""
     lc = lifecycle_of(ctx)
     now = now or utcnow()
-    c = Certificate.__table__  # type: ignore[attr-defined]
     for windows, inc, exc in _groups(ctx, lc):
-        base = candidate_query(ctx, now, windows, inc, exc, tenant)
-        if inc is not None:  # a named-profile group: few rows, no ORDER BY (it would pull in the notAfter index)
-            with ctx.db.engine.connect() as conn:
-                rows = conn.execute(base).all()
-            for i in range(0, len(rows), chunk):
-                yield [Candidate(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], int(r[9]))
-                       for r in rows[i:i + chunk]]
-            continue
-        last: tuple[datetime, int] | None = None
-        while True:
-            stmt = base
-            if last is not None:  # the plain bound lets the index range start at the last row, not at `now`
-                stmt = stmt.where(c.c.not_after >= last[0],
-                                  tuple_(c.c.not_after, c.c.id) > tuple_(last[0], last[1]))
-            stmt = stmt.order_by(c.c.not_after, c.c.id).limit(chunk)
-            with ctx.db.engine.connect() as conn:
-                rows = conn.execute(stmt).all()
-            if not rows:
-                break
-            last = (rows[-1][7], rows[-1][0])
+        for rows in store.candidate_rows(ctx.db, now, windows, inc, exc, tenant, chunk):
             yield [Candidate(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], int(r[9])) for r in rows]
-            if len(rows) < chunk:
-                break
 
 
 def _alert_json(profiles: dict[str, Profile], lc: Lifecycle, cand: Candidate, now: datetime) -> dict[str, Any]:
@@ -507,8 +431,6 @@ def record_alerts(ctx: Context, cands: Sequence[Candidate], now: datetime | None
     lc = lifecycle_of(ctx)
     now = now or utcnow()
     res = ScanResult(candidates=len(cands))
-    a = ExpiryAlert.__table__  # type: ignore[attr-defined]
-    d = Delivery.__table__  # type: ignore[attr-defined]
     todo = list(cands)
     for _attempt in range(3):
         if not todo:
@@ -541,27 +463,15 @@ def record_alerts(ctx: Context, cands: Sequence[Candidate], now: datetime | None
                         assert sub.id is not None
                         deliveries.append(_new_delivery(sub.id, sub.org, "expiry", f"expiry:{batch}", payload, now))
                     logs.append((tenant, len(part), batch))
-            try:
-                if alerts:
-                    s.execute(insert(a), alerts)
-                if deliveries:
-                    s.execute(insert(d), deliveries)
-                s.commit()
-            except IntegrityError:
-                s.rollback()
+            if not store.commit_alerts(s, alerts, deliveries):
                 res.conflicts += 1
-                keys = {(cnd.cert_id, cnd.window) for cnd in todo}
-                ids = list({k[0] for k in keys})
-                taken: set[tuple[int, int]] = set()
-                for i in range(0, len(ids), 900):
-                    taken |= {(r[0], r[1]) for r in s.execute(
-                        select(a.c.cert_id, a.c.window_days).where(a.c.cert_id.in_(ids[i:i + 900])))}
+                taken = store.alerted(s, list({cnd.cert_id for cnd in todo}))
                 todo = [cnd for cnd in todo if (cnd.cert_id, cnd.window) not in taken]
                 continue
             res.alerts += len(alerts)
             res.batches += len(logs)
             if deliveries:
-                res.deliveries += _pending_ids(s, [dl["event_key"] for dl in deliveries])
+                res.deliveries += store.pending_delivery_ids(s, [dl["event_key"] for dl in deliveries])
         for tenant, count, batch in logs:  # the log sink: always on
             log.info("expiry alert batch %s: tenant %s, %d certificate(s)", batch, tenant or "(operator)", count)
         return res
@@ -639,23 +549,19 @@ def attempt_delivery(ctx: Context, delivery_pk: int, now: datetime | None = None
     lc = lifecycle_of(ctx)
     st = lc.settings
     now = now or utcnow()
-    d = Delivery.__table__  # type: ignore[attr-defined]
     lease = now + timedelta(seconds=st.delivery_lease_seconds)
     with ctx.db.session() as s:
-        res = s.execute(
-            update(d).where(d.c.id == delivery_pk, d.c.state == "pending", d.c.next_attempt_at <= now,
-                            or_(d.c.lease_until.is_(None), d.c.lease_until < now))
-            .values(lease_until=lease, attempts=d.c.attempts + 1))
+        claimed = store.claim_delivery(s, delivery_pk, now, lease)
         s.commit()
-        row = s.get(Delivery, delivery_pk)
-        if res.rowcount == 0:  # type: ignore[attr-defined]
+        row = store.delivery(s, delivery_pk)
+        if not claimed:
             if row is None or row.state != "pending":
                 return Attempt("skipped")
             if row.lease_until is not None and row.lease_until >= now:
                 return Attempt("leased", (row.lease_until - now).total_seconds() + 1)
             return Attempt("skipped", max(0.0, (row.next_attempt_at - now).total_seconds()))
         assert row is not None
-        sub = s.get(Subscription, row.subscription_id)
+        sub = store.subscription(s, row.subscription_id)
     try:
         if sub is None or sub.deleted_at is not None:
             return _finish(ctx, row, now, ok=False, error="subscription removed", final=True)
@@ -674,7 +580,6 @@ def attempt_delivery(ctx: Context, delivery_pk: int, now: datetime | None = None
 def _finish(ctx: Context, row: Delivery, now: datetime, *, ok: bool, error: str | None = None,
             final: bool = False) -> Attempt:
     st = lifecycle_of(ctx).settings
-    d = Delivery.__table__  # type: ignore[attr-defined]
     if ok:
         values: dict[str, Any] = {"state": "delivered", "delivered_at": utcnow(), "lease_until": None,
                                   "last_error": None}
@@ -690,7 +595,7 @@ def _finish(ctx: Context, row: Delivery, now: datetime, *, ok: bool, error: str 
         out = Attempt("retry", delay, error)
         log.info("delivery %s attempt %d failed (%s); next in %.0fs", row.delivery_id, row.attempts, error, delay)
     with ctx.db.session() as s:
-        s.execute(update(d).where(d.c.id == row.id, d.c.state == "pending").values(**values))
+        store.finish_delivery(s, row.id, values)
         s.commit()
     return out
 
@@ -766,13 +671,7 @@ def _email_text(row: Delivery, body: dict[str, Any]) -> str:
 
 
 def due_deliveries(ctx: Context, now: datetime | None = None, limit: int = 1000) -> list[int]:
-    now = now or utcnow()
-    d = Delivery.__table__  # type: ignore[attr-defined]
-    with ctx.db.engine.connect() as conn:
-        return [r[0] for r in conn.execute(
-            select(d.c.id).where(d.c.state == "pending", d.c.next_attempt_at <= now,
-                                 or_(d.c.lease_until.is_(None), d.c.lease_until < now))
-            .order_by(d.c.next_attempt_at).limit(limit))]
+    return store.due_deliveries(ctx.db, now or utcnow(), limit)
 
 
 # -- revocation events -----------------------------------------------------------------------------------
@@ -804,7 +703,7 @@ def refresh_crl_after_revocation(ctx: Context, payload: dict[str, Any]) -> bool:
 
 def pending_truststore_deliveries(ctx: Context, versions: Iterable[tuple[str, int]]) -> list[int]:
     with ctx.db.session() as s:
-        return _pending_ids(s, [f"truststore:{st}:{v}" for st, v in versions])
+        return store.pending_delivery_ids(s, [f"truststore:{st}:{v}" for st, v in versions])
 
 
 # -- renewal of service-held certificates ----------------------------------------------------------------
@@ -824,19 +723,8 @@ def renewal_due(ctx: Context, now: datetime | None = None) -> list[Certificate]:
     now = now or utcnow()
     frac = lc.policy.renewal.fraction
     pats = lc.policy.renewal.identifiers
-    c = Certificate.__table__  # type: ignore[attr-defined]
-    n = c.alias("newer")
-    r = Renewal.__table__  # type: ignore[attr-defined]
-    with ctx.db.session() as s:
-        rows = list(s.exec(
-            sm_select(Certificate).where(
-                Certificate.key_uri != None, Certificate.status == "valid",  # noqa: E711
-                Certificate.not_after > now,
-                ~exists().where(n.c.identifier == c.c.identifier, n.c.profile == c.c.profile,
-                                n.c.status == "valid", n.c.not_after > c.c.not_after),
-                ~exists().where(r.c.old_cert_id == c.c.id, r.c.state == "done"))))
     out = []
-    for row in rows:
+    for row in store.renewable_certificates(ctx.db, now):
         if not row.identifier or not any(fnmatch.fnmatch(row.identifier, p) for p in pats):
             continue
         if _is_ca_profile(ctx, lc, row.profile):
@@ -859,23 +747,14 @@ def renew(ctx: Context, old: Certificate, now: datetime | None = None) -> Renewa
     # the renewed key's label: the old one's base (hsm/uri.py parses the URI) with a fresh time suffix
     base = re.sub(r"-r\d{14}$", "", key_label(old.key_uri))
     label = f"{base}-r{now:%Y%m%d%H%M%S}"
-    r = Renewal.__table__  # type: ignore[attr-defined]
-    with ctx.db.session() as s:
-        try:
-            s.execute(insert(r).values(old_cert_id=old.id, identifier=old.identifier,
-                                       new_key_uri=ctx.keystore.uri(label), state="pending", created_at=now))
-            s.commit()
-        except IntegrityError:
-            s.rollback()
-        rec = s.exec(sm_select(Renewal).where(Renewal.old_cert_id == old.id)).one()
+    rec = store.start_renewal(ctx.db, old, ctx.keystore.uri(label), now)
     if rec.state == "done":
         return RenewalResult(old.identifier, old.serial, rec.new_serial, key_label(rec.new_key_uri), "done")
     uri = rec.new_key_uri  # the key this renewal made (or makes) and the new certificate names
     label = key_label(uri)
     ks = ctx.keystore
-    with ctx.db.session() as s:  # issued before a crash that hit before 'done'? then only record it
-        prior = s.exec(sm_select(Certificate).where(Certificate.key_uri == uri,
-                                                    Certificate.identifier == old.identifier)).first()
+    # issued before a crash that hit before 'done'? then only record it
+    prior = store.certificate_of_key(ctx.db, uri, old.identifier)
     if prior is None:
         old_cert = x509.load_der_x509_certificate(old.der)
         from pki.issuance import key_alg_of_public
@@ -899,8 +778,7 @@ def renew(ctx: Context, old: Certificate, now: datetime | None = None) -> Renewa
     else:
         new_serial = prior.serial
     with ctx.db.session() as s:
-        s.execute(update(r).where(r.c.old_cert_id == old.id).values(state="done", new_serial=new_serial,
-                                                                     completed_at=utcnow()))
+        store.finish_renewal(s, old.id, new_serial, utcnow())
         audit.append(s, audit.Entry(actor="renewal", action="certificate.renew", object=f"{old.issuer}/{old.serial}",
                                     details={"identifier": old.identifier, "new_serial": new_serial,
                                              "new_label": label}))
@@ -935,8 +813,7 @@ class Rollover:
 def _next_generation(ctx: Context, name: str, cn: str) -> tuple[str, str]:
     base = re.sub(r"-g\d+$", "", name)
     cn_base = re.sub(r" G\d+$", "", cn)
-    with ctx.db.session() as s:
-        names = {r.name for r in s.exec(sm_select(CertificateAuthority))}
+    names = store.ca_names(ctx.db)
     n = 2
     while f"{base}-g{n}" in names:
         n += 1
@@ -992,9 +869,7 @@ def rollover_root(ctx: Context, ca_name: str, *, actor: str = "cli") -> Rollover
 
     subject = SubjectFields(cn=new_cn, o=old_fields.o, c=old_fields.c, dc=prof.subject.dc)
     cross_id = f"cross:{new_name}"
-    with ctx.db.session() as s:
-        cross = s.exec(sm_select(Certificate).where(Certificate.identifier == cross_id,
-                                                    Certificate.status == "valid")).first()
+    cross = store.valid_certificate_of(ctx.db, cross_id)
     if cross is None:
         ci = eng.issue(IssueRequest(profile=lc.policy.truststore.cross_profile, public_key=pub, subject=subject,
                                     identifier=cross_id, ca=ca_name, actor=actor))
@@ -1027,9 +902,7 @@ def rollover_root(ctx: Context, ca_name: str, *, actor: str = "cli") -> Rollover
 
 
 def outbox_backlog(ctx: Context) -> int:
-    o = OutboxEvent.__table__  # type: ignore[attr-defined]
-    with ctx.db.engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(o).where(o.c.dispatched_at.is_(None))).scalar_one())
+    return store.outbox_backlog(ctx.db)
 
 
 __all__ = [
