@@ -248,6 +248,35 @@ def test_the_problem_checker_finds_planted_bodies() -> None:
     assert problem_constructions('def f():\n    """Answers application/problem+json."""\n') == []
 
 
+# OPCP's and OPNC's own error shape ({"errorMessages": [...], "traceId": uuid}) is built in one module too
+# (#23 item 3), its statuses still from api/problems.py.
+OPCP_ERROR_HOME = "api/opcp/pool_shapes.py"
+
+
+def opcp_error_constructions(text: str) -> list[int]:
+    """Lines that build the OPCP/OPNC error body by hand: its member names as literals (docstrings aside)."""
+    tree = ast.parse(text)
+    prose = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    return sorted({n.lineno for n in ast.walk(tree) if isinstance(n, ast.Constant) and id(n) not in prose
+                   and n.value in ("errorMessages", "traceId")})
+
+
+def test_opcp_error_bodies_only_in_pool_shapes() -> None:
+    bad = {rel: lines for rel, text in _sources()
+           if rel.startswith("api/") and rel != OPCP_ERROR_HOME and (lines := opcp_error_constructions(text))}
+    assert not bad, f"OPCP error body built outside {OPCP_ERROR_HOME} (use its error or opcp_error): {bad}"
+    assert opcp_error_constructions((REPO / OPCP_ERROR_HOME).read_text())
+
+
+def test_the_opcp_error_checker_finds_planted_bodies() -> None:
+    planted = ('def f(exc):\n'
+               '    """Answers {"errorMessages": [...]}."""\n'
+               '    return JSONResponse({"errorMessages": [exc.message], "traceId": "x"}, status_code=404)\n'
+               'body = {}\n'
+               'body["traceId"] = "y"\n')
+    assert opcp_error_constructions(planted) == [3, 5]
+
+
 # -- the CSR is parsed once ---------------------------------------------------------------------------------
 
 

@@ -168,6 +168,25 @@ def test_maeve_root_certificate_pool(env: Env) -> None:
     assert env.client.get("/v1/root/rootCerts").status_code == 401
 
 
+def test_rcp_error_is_the_documents_error_shape(env: Env) -> None:
+    """rcp.v1.json's ``Error``, byte for byte: ``{"errorMessages": [...], "traceId": uuid}`` compact JSON as
+    application/json, the status and code from api/problems.py, the traceId also in X-Trace-Id; the
+    body shape is built in one place (api/opcp/pool_shapes.py) for RCP as for the pool routes."""
+    token = env.token("cpo1")
+    r = env.client.get("/v1/root/rootCerts/00000000-0000-8000-8000-000000000000",
+                       headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 404
+    trace = r.headers["x-trace-id"]
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", trace)
+    assert r.content == ('{"errorMessages":["Root certificate with the given ID is not found"],'
+                         f'"traceId":"{trace}"}}').encode()
+    assert r.headers["content-type"] == "application/json"
+    assert r.headers["x-v2gpki-problem"] == "not-found"
+    assert r.headers["content-length"] == str(len(r.content))
+    names = [k.lower() for k, _ in r.headers.multi_items()]
+    assert names.index("x-trace-id") < names.index("x-v2gpki-problem")
+
+
 # -- CitrineOS --------------------------------------------------------------------------------------------
 
 

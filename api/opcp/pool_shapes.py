@@ -1,12 +1,14 @@
-"""What the OPCP 1.0 and OPNC v1 pool, CPS, RCP and webhook routes share: their error shape. (The OPNC
-party headers are checked in one place, api/opnc/__init__.py.)
+"""What the OPCP 1.0 and OPNC v1 pool, CPS, RCP and webhook routes share: their error shape, built here
+only (`error`; tests/test_arch_api.py checks that no other module of api/ builds it). (The OPNC party
+headers are checked in one place, api/opnc/__init__.py.)
 
 OPCP and OPNC answer errors as ``{"errorMessages": [...], "traceId": uuid}`` (their ``Error`` /
 ``ErrorV1`` schema) with ``application/json``; a client written for them (CitrineOS reads
 ``errorMessages``) gets that shape here. `ErrorShapeRoute` turns the service's typed errors, request
 validation errors and HTTP errors of these routes into it, with the status the rest of the API gives
 (api/problems.py decides the status and code; the code is also in ``X-V2GPKI-Problem``). Request
-validation errors are 400, as the documents list (never 422).
+validation errors are 400, as the documents list (never 422). OPCP's RCP routes (api/opcp/rcp.py) answer
+the errors they catch with `opcp_error` instead: the same body, a fresh traceId also sent as X-Trace-Id.
 
 The routes are not in the service's own OpenAPI document (/openapi.json, whose errors are RFC 9457
 problems): they are described by the published documents in ``../shared/specs/`` they implement.
@@ -25,6 +27,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import problems
+from pki.errors import PKIError
 
 
 def trace_id() -> str:
@@ -38,13 +41,25 @@ def trace_id() -> str:
 
 
 def error(status: int, *messages: str, code: str | None = None, headers: dict[str, str] | None = None,
-          **extra: Any) -> JSONResponse:
+          trace: str | None = None, **extra: Any) -> JSONResponse:
+    """The documents' ``Error``: ``extra`` members first (a FAILED_* answer's CCPResponse), then the
+    messages (duplicates and empty ones dropped) and the traceId (``trace``, else the request's ID);
+    application/json. ``code`` (api/problems.py's) goes into X-V2GPKI-Problem after ``headers``."""
     body: dict[str, Any] = {**extra, "errorMessages": list(dict.fromkeys(m for m in messages if m)) or ["error"],
-                            "traceId": trace_id()}
+                            "traceId": trace or trace_id()}
     h = dict(headers or {})
     if code:
         h["X-V2GPKI-Problem"] = code
     return JSONResponse(body, status_code=status, headers=h)
+
+
+def opcp_error(exc: PKIError) -> JSONResponse:
+    """A typed error a route catches itself (OPCP RCP, rcp.v1.json's ``Error``), with the status the problem
+    document would have had (api/problems.py): what OPCP clients parse (CitrineOS reads ``errorMessages``).
+    Its traceId is a fresh UUID, also sent as ``X-Trace-Id``."""
+    trace = str(uuid.uuid4())
+    return error(problems.status_of(exc) or 400, exc.message, code=exc.code, headers={"X-Trace-Id": trace},
+                 trace=trace)
 
 
 def _from_problem(resp: JSONResponse) -> JSONResponse:

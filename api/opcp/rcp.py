@@ -12,7 +12,7 @@ this API. The CTL — "not yet defined by the market" in the document — is thi
 (pki/trustlist.py, docs/trustlist.md): `CTL` holds each store's latest signed version, exactly as
 /v1/truststores/{store}/versions/{version} serves it (signed bytes, detached DER and JWS signatures, signer
 chain), `signerCertificate` the signer's certificate (base64 DER), `timeStamp` the newest issue time.
-Errors are the document's `Error` shape (api/opcp/__init__.py).
+Errors are the document's `Error` shape (api/opcp/pool_shapes.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse
 
 from api.auth import PrincipalDep
 from api.deps import CtxDep
-from api.opcp import opcp_error
+from api.opcp.pool_shapes import opcp_error
 from pki.context import Context
 from pki.errors import NotFound, PKIError
 from pki.pools import root_certificate_id
