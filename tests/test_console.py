@@ -8,6 +8,7 @@ hierarchies, audit verification, trust lists. The same flows in a real browser: 
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import re
@@ -490,6 +491,32 @@ def test_certificate_filters(w: World) -> None:
     r = c.get("/console/certificates?expiring_before=not-a-date&status=bogus")
     assert r.status_code == 200 and "must be a date" in r.text and "Unknown status" in r.text
     assert 'value="cs-client"' in r.text and 'value="contract"' not in r.text  # only profiles it has
+
+
+def test_certificate_pages_follow_their_cursor_and_count_up_to_a_bound(w: World,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """#28 item 3: pages by keyset (the next page's link carries the last row's key), the matches counted up
+    to COUNT_LIMIT and shown as "N+" past it, an edited cursor answered with the first page."""
+    c = w.client("cpo2")
+    org, op = w.org("cpo2"), w.ops["cpo2"]
+    issued = [issue_secc(w.ctx, org, op, days=40 + i) for i in range(3)]
+    monkeypatch.setattr(views, "PAGE_SIZE", 1)
+    monkeypatch.setattr(data, "COUNT_LIMIT", 2)
+    cutoff = (date.today() + timedelta(days=400)).isoformat()
+    seen: list[str] = []
+    url = f"/console/certificates?expiring_before={cutoff}&profile=secc"
+    while url and len(seen) < 50:
+        r = c.get(url)
+        assert r.status_code == 200
+        seen += re.findall(r'data-serial="([0-9A-F]+)"', r.text)
+        assert 'data-testid="total">2+<' in r.text and "counted up to 2" in r.text
+        m = re.search(r'href="(/console/certificates\?[^"]*cursor=[^"]*)" rel="next"', r.text)
+        url = html.unescape(m.group(1)) if m else ""
+    assert len(seen) == len(set(seen)) and {i.serial.upper() for i in issued} <= set(seen)
+    r = c.get(f"/console/certificates?identifier={quote(op)}&cursor=12")  # an id cursor: not this order's
+    assert r.status_code == 200 and "no longer fits these filters" in r.text
+    r = c.get("/console/certificates?cursor=not-a-cursor")
+    assert r.status_code == 200 and "no longer fits these filters" in r.text
 
 
 # -- expiry ----------------------------------------------------------------------------------------------

@@ -111,7 +111,10 @@ SCANS: list[tuple[str, str, tuple[Any, ...], str]] = [
      "o.serial = c.serial WHERE c.issuer = ? AND c.serial = ?", ("cpo-sub2", "1a2b"),
      "uq_certificate_issuer_serial|sqlite_autoindex_certificate_1"),  # SQLite names a UNIQUE constraint's index
     ("expiry scan", "SELECT id FROM certificate WHERE not_after > ? AND not_after <= ? AND status = 'valid' "
-     "ORDER BY not_after, id LIMIT 500", (_FUTURE, _FUTURE), "ix_certificate_not_after_status"),
+     "ORDER BY not_after, id LIMIT 500", (_FUTURE, _FUTURE),
+     # either walks the notAfter range in order; (not_after, id) (migration 0013, the console's "expiring
+     # before" list) gives the ORDER BY's id tie-break as well
+     "ix_certificate_not_after_status|ix_certificate_not_after_id"),
     ("OCSP refresh: responses past half their validity",
      "SELECT issuer, serial, this_update FROM ocsp_response WHERE next_update < ?", (_PAST,),
      "ix_ocsp_response_next_update"),

@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from api.console.ocsp_bridge import OcspView, responder_status
 from pki.context import Context
-from pki.store.inventory import CertificateFilter, Inventory
+from pki.store.inventory import COUNT_LIMIT as COUNT_LIMIT  # noqa: PLC0414 - the pages show it
+from pki.store.inventory import CertificateFilter, Inventory, ListCursor
 from pki.store.models import Certificate, CertificateAuthority
 
 WEEKS = 26
@@ -124,9 +125,23 @@ class CertFilter:
         return urlencode(q)
 
 
-def list_certificates(ctx: Context, tenant: str | None, f: CertFilter, *, cursor: int | None = None,
-                      limit: int = 50, now: datetime | None = None) -> tuple[list[Certificate], int | None, int]:
-    """(page, next cursor, total matching)."""
+@dataclass
+class Listing:
+    rows: list[Certificate]
+    next_cursor: str | None  # the ``cursor`` parameter of the next page
+    total: int  # matches counted, at most COUNT_LIMIT
+    more: bool  # the count stopped at COUNT_LIMIT: "10,000+"
+
+    @property
+    def total_label(self) -> str:
+        return f"{self.total:,}+" if self.more else f"{self.total:,}"
+
+
+def list_certificates(ctx: Context, tenant: str | None, f: CertFilter, *, cursor: str | None = None,
+                      limit: int = 50, now: datetime | None = None) -> Listing:
+    """One page, the cursor of the next, and the matches counted up to COUNT_LIMIT (#28 item 3: what a
+    page costs does not grow with the number of certificates). A cursor that does not belong to this
+    listing (edited, or from another filter) raises ValueError."""
     now = now or datetime.now(UTC)
     # "expired" and "valid" as the console shows them: a stored "valid" past its notAfter is expired.
     q = CertificateFilter(
@@ -135,9 +150,11 @@ def list_certificates(ctx: Context, tenant: str | None, f: CertFilter, *, cursor
         status="valid" if f.status in ("expired", "valid") else f.status,
         expired_by=now if f.status == "expired" else None, expires_after=now if f.status == "valid" else None,
         expires_before=datetime.combine(f.expiring_before, time(0), tzinfo=UTC) if f.expiring_before else None)
-    rows, total = Inventory(ctx.db).certificates_and_total(q, after_id=cursor, limit=limit + 1)
-    nxt = rows[limit - 1].id if len(rows) > limit else None
-    return rows[:limit], nxt, total
+    after = ListCursor.decode(cursor) if cursor else None
+    if after is not None and q.order() != "id":
+        after.key_value(q.order())  # raises ValueError for a cursor of another order (the filter changed)
+    page = Inventory(ctx.db).certificate_page(q, after=after, limit=limit, count_limit=COUNT_LIMIT)
+    return Listing(page.rows, page.next.encode() if page.next else None, page.total, page.more)
 
 
 def visible_profiles(ctx: Context, tenant: str | None) -> list[str]:

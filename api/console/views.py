@@ -351,14 +351,20 @@ def certificates(
     status: Annotated[str | None, Query(max_length=16)] = None,
     issuer: Annotated[str | None, Query(max_length=64)] = None,
     expiring_before: Annotated[str | None, Query(max_length=32)] = None,
-    cursor: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+    cursor: Annotated[str | None, Query(max_length=300)] = None,
 ) -> Response:
     f, errors = _parse_filter(profile, identifier, status, issuer, expiring_before)
-    rows, nxt, total = data.list_certificates(ctx, v.p.tenant_filter, f, cursor=cursor, limit=PAGE_SIZE)
+    try:
+        page = data.list_certificates(ctx, v.p.tenant_filter, f, cursor=cursor, limit=PAGE_SIZE)
+    except ValueError:  # a cursor this listing did not write (edited, or the filter changed): the first page
+        errors.append("The page link no longer fits these filters: showing the first page.")
+        page = data.list_certificates(ctx, v.p.tenant_filter, f, limit=PAGE_SIZE)
+        cursor = None
     now = utcnow()
-    items = [(r, data.status_of(r, now)) for r in rows]
-    return render(request, "certificates.html", v, ctx=ctx, f=f, errors=errors, items=items, total=total,
-                  next_url=f"/console/certificates?{f.query(cursor=nxt)}" if nxt else "",
+    items = [(r, data.status_of(r, now)) for r in page.rows]
+    return render(request, "certificates.html", v, ctx=ctx, f=f, errors=errors, items=items, page=page,
+                  count_limit=data.COUNT_LIMIT,
+                  next_url=f"/console/certificates?{f.query(cursor=page.next_cursor)}" if page.next_cursor else "",
                   first_url=f"/console/certificates?{f.query()}" if cursor else "",
                   profiles=data.visible_profiles(ctx, v.p.tenant_filter), statuses=data.STATUSES,
                   title="Certificates")

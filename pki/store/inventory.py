@@ -13,13 +13,35 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func
+from sqlalchemy import case, func, literal, or_
+from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col, select
 
 from pki.store.db import Database
 from pki.store.models import Certificate, CertificateAuthority
 
 LIVE = ("valid", "hold")  # not revoked: what a bulk revocation or an expiry forecast counts
+_PARTIAL = ("revoked", "hold")  # the statuses with a partial index of their own (a small share of the rows)
+COUNT_LIMIT = 10_000  # a listing counts its matches up to this many, never the whole table (#28 item 3)
+_MAX_CHAR = 0x10FFFF
+
+
+def _bytewise(column: Any, sqlite: bool) -> Any:
+    """The column compared code point by code point: SQLite's BINARY collation already is; on PostgreSQL
+    the database's collation may order "DE*A" and "DE-A" by linguistic rules, so a prefix is only a
+    contiguous range under COLLATE "C" — the collation migration 0013's pattern indexes are built with."""
+    return column if sqlite else column.collate("C")
+
+
+def _prefix_range(column: Any, prefix: str) -> ColumnElement[bool]:
+    """``column`` starts with ``prefix``, as a range [prefix, prefix') in code point order, where prefix' is
+    prefix with its last character incremented: a range an index walks (SQLite's LIKE is case-insensitive
+    and uses no BINARY index; PostgreSQL plans LIKE with a bound pattern only in a custom plan)."""
+    head = prefix.rstrip(chr(_MAX_CHAR))
+    if not head:
+        return column >= prefix  # type: ignore[no-any-return]  # only U+10FFFF…: every greater string starts so
+    upper = head[:-1] + chr(ord(head[-1]) + 1)
+    return (column >= prefix) & (column < upper)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -40,17 +62,22 @@ class CertificateFilter:
     expired_by: datetime | None = None
     expires_before: datetime | None = None
 
-    def where(self, stmt: Any) -> Any:
+    def where(self, stmt: Any, *, sqlite: bool = True) -> Any:
+        """``stmt`` narrowed to the matching certificates (``sqlite``: the dialect, for the prefix's collation)."""
         if self.tenant is not None:
             stmt = stmt.where(Certificate.tenant == self.tenant)
-        if self.status:
+        if self.status in _PARTIAL:
+            # inlined: the partial indexes ix_certificate_revoked_id / ix_certificate_hold_id (migration 0013)
+            # serve only a query whose WHERE has their very predicate (SQLite matches terms, not parameters)
+            stmt = stmt.where(Certificate.status == literal(self.status, literal_execute=True))
+        elif self.status:
             stmt = stmt.where(Certificate.status == self.status)
         if self.profile:
             stmt = stmt.where(Certificate.profile == self.profile)
         if self.identifier:
             stmt = stmt.where(Certificate.identifier == self.identifier)
         if self.identifier_prefix is not None:
-            stmt = stmt.where(col(Certificate.identifier).startswith(self.identifier_prefix, autoescape=True))
+            stmt = stmt.where(_prefix_range(_bytewise(col(Certificate.identifier), sqlite), self.identifier_prefix))
         if self.issuer:
             stmt = stmt.where(Certificate.issuer == self.issuer)
         if self.expires_after is not None:
@@ -60,6 +87,57 @@ class CertificateFilter:
         if self.expires_before is not None:
             stmt = stmt.where(Certificate.not_after < self.expires_before)
         return stmt
+
+    def order(self) -> str:
+        """The key a listing of this filter is ordered by, so that an index both narrows and orders it:
+        "identifier" (a prefix), "not_after" (an upper bound on notAfter: expiring before, expired) or "id"."""
+        if self.identifier_prefix is not None:
+            return "identifier"
+        if self.expires_before is not None or self.expired_by is not None:
+            return "not_after"
+        return "id"
+
+
+@dataclass(frozen=True)
+class ListCursor:
+    """Where the next page of a listing starts: after the row with this id (and, when the listing is
+    ordered by identifier or notAfter, this sort key). ``encode`` / ``decode``: its form in a URL."""
+
+    id: int
+    key: str | None = None  # the identifier, or notAfter in ISO 8601
+
+    @staticmethod
+    def after_row(row: Certificate, order: str) -> ListCursor:
+        assert row.id is not None
+        if order == "identifier":
+            return ListCursor(row.id, row.identifier or "")
+        if order == "not_after":
+            return ListCursor(row.id, row.not_after.isoformat())
+        return ListCursor(row.id)
+
+    def key_value(self, order: str) -> Any:
+        if self.key is None:
+            raise ValueError("this cursor belongs to a listing in id order")
+        return datetime.fromisoformat(self.key) if order == "not_after" else self.key
+
+    def encode(self) -> str:
+        return str(self.id) if self.key is None else f"{self.id}:{self.key}"
+
+    @staticmethod
+    def decode(raw: str) -> ListCursor:
+        """Raises ValueError for anything :meth:`encode` did not write."""
+        head, sep, key = raw.partition(":")
+        if not head.isdigit() or len(head) > 19:
+            raise ValueError("not a listing cursor")
+        return ListCursor(int(head), key if sep else None)
+
+
+@dataclass(frozen=True)
+class CertificatePage:
+    rows: list[Certificate]
+    next: ListCursor | None
+    total: int  # matches counted, at most the count limit
+    more: bool  # more than ``total`` match (the count stopped at its limit)
 
 
 @dataclass(frozen=True)
@@ -86,30 +164,68 @@ class Inventory:
 
     def certificates(self, f: CertificateFilter, *, after_id: int | None = None, limit: int) -> list[Certificate]:
         """Up to ``limit`` certificates in id order, after ``after_id`` (the cursor of the previous page)."""
-        stmt = f.where(select(Certificate).order_by(col(Certificate.id)))
+        stmt = f.where(select(Certificate).order_by(col(Certificate.id)), sqlite=self.db.is_sqlite)
         if after_id:
             stmt = stmt.where(col(Certificate.id) > after_id)
         with self.db.session() as s:
             return list(s.exec(stmt.limit(limit)))
 
-    def certificates_and_total(self, f: CertificateFilter, *, after_id: int | None = None,
-                               limit: int) -> tuple[list[Certificate], int]:
-        """:meth:`certificates` and how many match the filter in all (cursor ignored), in one session."""
-        stmt = f.where(select(Certificate))
+    def certificate_page(self, f: CertificateFilter, *, after: ListCursor | None = None, limit: int,
+                         count_limit: int = COUNT_LIMIT) -> CertificatePage:
+        """One page of a listing (the console's), in the order an index of the filter gives, and the
+        matches counted up to ``count_limit``: the cost of a page does not grow with the table (#28 item 3).
+
+        The order: with an identifier prefix, by (identifier, id) — the prefix is a range of
+        ix_certificate_identifier_c / ix_certificate_tenant_identifier_c; with an upper bound on notAfter
+        (expiring before, expired), by (notAfter, id) — ix_certificate_not_after_id /
+        ix_certificate_tenant_not_after_id; otherwise by id: the primary key, (tenant, id), (tenant,
+        status / issuer / profile, id), (profile, id), the partial indexes of revoked and held certificates.
+        The admin's valid and issuing-CA filters walk the primary key and filter (a page reads ~51 / the
+        filter's share of rows). The next page starts after the last row's key (keyset pagination: no
+        OFFSET, so a deep page costs what the first does)."""
+        sqlite = self.db.is_sqlite
+        base = f.where(select(Certificate), sqlite=sqlite)
+        order = f.order()
+        key_col: Any = None
+        if order == "identifier":
+            key_col = _bytewise(col(Certificate.identifier), sqlite)
+        elif order == "not_after":
+            key_col = col(Certificate.not_after)
+        stmt = base
+        if after is not None:
+            if key_col is None:
+                stmt = stmt.where(col(Certificate.id) > after.id)
+            else:
+                key = after.key_value(order)
+                # (key, id) > (k, i) as a range on the key (where the index walk starts) and a filter for
+                # the rows of key k already shown: both databases plan it as an index range
+                stmt = stmt.where(key_col >= key, or_(key_col > key, col(Certificate.id) > after.id))
+        stmt = stmt.order_by(col(Certificate.id)) if key_col is None else stmt.order_by(key_col, col(Certificate.id))
+        counted = select(func.count()).select_from(base.with_only_columns(col(Certificate.id))
+                                                   .limit(count_limit + 1).subquery())
         with self.db.session() as s:
-            total = int(s.exec(select(func.count()).select_from(stmt.subquery())).one())
-            if after_id:
-                stmt = stmt.where(col(Certificate.id) > after_id)
-            rows = list(s.exec(stmt.order_by(col(Certificate.id)).limit(limit)))
-        return rows, total
+            rows = list(s.exec(stmt.limit(limit + 1)))
+            total = int(s.exec(counted).one())
+        nxt = ListCursor.after_row(rows[limit - 1], order) if len(rows) > limit else None
+        return CertificatePage(rows[:limit], nxt, min(total, count_limit), total > count_limit)
 
     def profiles(self, tenant: str | None) -> list[str]:
-        """The profiles of the certificates a tenant (None: anyone) holds, sorted."""
-        stmt = select(Certificate.profile).distinct()
-        if tenant is not None:
-            stmt = stmt.where(Certificate.tenant == tenant)
+        """The profiles of the certificates a tenant (None: anyone) holds, sorted: a loose index scan —
+        one probe of ix_certificate_profile_id / ix_certificate_tenant_profile_id per distinct profile,
+        not a read of every row (a DISTINCT over the table grows with it; profiles are a handful)."""
+        found: list[str] = []
         with self.db.session() as s:
-            return sorted(str(p) for p in s.exec(stmt))
+            while len(found) < 1000:  # a bound, should a database hold a profile per certificate
+                stmt = select(Certificate.profile).order_by(col(Certificate.profile)).limit(1)
+                if tenant is not None:
+                    stmt = stmt.where(Certificate.tenant == tenant)
+                if found:
+                    stmt = stmt.where(col(Certificate.profile) > found[-1])
+                nxt = s.exec(stmt).first()
+                if nxt is None:
+                    break
+                found.append(str(nxt))
+        return sorted(found)
 
     def status_counts(self, tenant: str | None, now: datetime, soon: datetime) -> StatusCounts:
         base = select(Certificate.status, func.count()).group_by(Certificate.status)
@@ -217,4 +333,4 @@ class Inventory:
             return list(s.exec(stmt))
 
 
-__all__ = ["CertificateFilter", "Inventory", "LIVE", "StatusCounts"]
+__all__ = ["COUNT_LIMIT", "CertificateFilter", "CertificatePage", "Inventory", "LIVE", "ListCursor", "StatusCounts"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -47,6 +47,19 @@ class Certificate(SQLModel, table=True):
         Index("ix_certificate_revoked_at", "revoked_at"),
         Index("ix_certificate_created_at", "created_at"),
         Index("ix_certificate_tenant_id", "tenant", "id"),
+        # #28 item 3 (migration 0013): each console list filter narrows and orders by one index (keyset
+        # pagination); the prefix indexes ix_certificate_identifier_c and ix_certificate_tenant_identifier_c,
+        # (identifier COLLATE "C", id) on PostgreSQL, are the migration's alone (an expression per dialect)
+        Index("ix_certificate_profile_id", "profile", "id"),
+        Index("ix_certificate_revoked_id", "id", sqlite_where=text("status = 'revoked'"),
+              postgresql_where=text("status = 'revoked'")),
+        Index("ix_certificate_hold_id", "id", sqlite_where=text("status = 'hold'"),
+              postgresql_where=text("status = 'hold'")),
+        Index("ix_certificate_not_after_id", "not_after", "id"),
+        Index("ix_certificate_tenant_status_id", "tenant", "status", "id"),
+        Index("ix_certificate_tenant_issuer_id", "tenant", "issuer", "id"),
+        Index("ix_certificate_tenant_profile_id", "tenant", "profile", "id"),
+        Index("ix_certificate_tenant_not_after_id", "tenant", "not_after", "id"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -142,12 +155,27 @@ class AuditHead(SQLModel, table=True):
 
 class AuditCheckpoint(SQLModel, table=True):
     __tablename__ = "audit_checkpoint"
+    __table_args__ = (Index("ix_audit_checkpoint_seq", "seq"),)  # migration 0013
 
     id: int | None = Field(default=None, primary_key=True)
     seq: int
     hash: str = Field(max_length=64)
     ts: datetime
     key_label: str = Field(max_length=128)
+    signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class AuditVerification(SQLModel, table=True):
+    """One row (id 1): the newest checkpoint up to which the whole log was verified, so that the next
+    verification starts there (#28 item 3). Signed by the audit key over (seq, hash), so that someone who
+    can write the database cannot move it past events they edited (pki/audit_sign.py)."""
+
+    __tablename__ = "audit_verification"
+
+    id: int = Field(default=1, primary_key=True)
+    seq: int
+    hash: str = Field(max_length=64)
+    verified_at: datetime
     signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
