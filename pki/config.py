@@ -82,6 +82,9 @@ class Settings(BaseSettings):
 
     ocsp_validity_hours: int = Field(default=24 * 9, ge=1)  # chargers refresh weekly: 9 days of margin
     crl_validity_hours: int = Field(default=24 * 7, ge=1)
+    # After a revocation a CA's CRL is rebuilt in the background at most this often (pki/crl.py CrlScheduler;
+    # also never more than ~10 % of one core): OCSP carries a revocation at once, the CRL within this.
+    crl_min_interval_seconds: float = Field(default=1.0, ge=0)
 
     # Clock agreement with the database server (pki/clock.py, #27 item 4): signing is refused while this
     # host's clock and PostgreSQL's differ by more than this many seconds (0: never compared); compared at

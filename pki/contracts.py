@@ -29,6 +29,7 @@ from pki.der import tbs_field
 from pki.errors import AlreadyRevoked, BadCertificate, BadSubject, Conflict, NotFound, PKIError
 from pki.names import normalise_emaid, normalise_pcid
 from pki.orgs import Principal, check_owns
+from pki.store import certificates
 from pki.store.db import utcnow
 from pki.store.fast import Prepared
 from pki.store.models import Certificate, CertificateAuthority, Contract, CpsReplay, ProvisioningCertificate
@@ -229,21 +230,24 @@ def supersede_contract_certificates(ctx: Context, emaid: str, new: tuple[str, st
 
     "Before ``new``" (a smaller row id): of two installations racing for one contract, the later one
     supersedes the earlier, never both each other. Returns the revoked certificates as issuer/serial."""
-    with ctx.db.session() as s:
-        rows = list(s.exec(select(Certificate.id, Certificate.issuer, Certificate.serial, Certificate.tenant)
-                           .where(Certificate.identifier == emaid,
-                                  Certificate.profile == CONTRACT_PROFILE,
-                                  col(Certificate.status).in_(["valid", "hold"]))))
-    new_id = next((r[0] for r in rows if (r[1], r[2]) == new), None)
+    seen: dict[tuple[str, str], int] = {}
+
+    def spared(row_id: int, issuer: str, serial: str) -> bool:
+        seen[(issuer, serial)] = row_id
+        return (issuer, serial) in (new, keep)
+
+    # Whole rows (revoke_row reads none again), but the new certificate and ``keep``.
+    rows = certificates.valid_of_identifier(ctx.db, emaid, CONTRACT_PROFILE, spared)
+    new_id = seen.get(new)
     revoked = []
-    for row_id, issuer, serial, tenant in rows:
-        if (issuer, serial) in (new, keep) or (new_id is not None and row_id is not None and row_id > new_id):
+    for row in rows:
+        if new_id is not None and row.id is not None and row.id > new_id:
             continue
         try:
-            ctx.engine.revoke(serial, "superseded", issuer=issuer, actor=actor, org=tenant)
+            ctx.engine.revoke_row(row, "superseded", actor=actor, org=row.tenant)
         except AlreadyRevoked:  # a concurrent installation of the same contract got there first
             continue
-        revoked.append(f"{issuer}/{serial}")
+        revoked.append(f"{row.issuer}/{row.serial}")
     return revoked
 
 

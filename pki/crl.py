@@ -262,20 +262,36 @@ class CrlScheduler:
     """Regenerates CRLs after revocations in one background thread, coalescing bursts: a CA marked ten
     times while its CRL is being built gets one more CRL, not ten. The revocation call itself returns
     as soon as its OCSP response is re-signed (a million-entry CRL takes seconds). One per Context
-    (ctx.crl_scheduler, marked by the CrlOnRevocation observer of pki/wiring.py)."""
+    (ctx.crl_scheduler, marked by the CrlOnRevocation observer of pki/wiring.py).
 
-    def __init__(self, context: Callable[[], CrlContext]) -> None:
+    The rate is bounded: a CA's next CRL starts no sooner than ``min_interval`` seconds, and no sooner than
+    ``DUTY`` times its last generation's duration, after that generation ended. A steady stream of
+    revocations (every contract installation supersedes the vehicle's previous certificate, #21 item 2)
+    otherwise kept this thread rebuilding and re-signing the same CRL back to back: about a third of the
+    CPU of each installation (bench/results/2026-12-08-contract-supersede.md). Revocations stay immediate
+    where they are real-time, in OCSP; RFC 5280 §5 CRLs are periodic by design, and one issued up to
+    ``min_interval`` later changes nothing for a relying party that fetches it hours apart. The first
+    mark after a quiet period still starts at once; :meth:`flush` skips the wait."""
+
+    DUTY = 9.0  # wait 9× the last generation's duration: at most ~10 % of one core on CRLs, whatever their size
+
+    def __init__(self, context: Callable[[], CrlContext], *, min_interval: float = 1.0) -> None:
         self._context = context
+        self.min_interval = min_interval
         self._dirty: dict[str, int] = {}  # CA → failed attempts so far
+        self._not_before: dict[str, float] = {}  # CA → monotonic time its next generation may start
         self._busy = False
+        self._hurry = False  # flush(): generate what is marked now
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
+        self.generations = 0  # CRLs made by this scheduler (metrics, tests)
         ref = weakref.ref(self)
 
         def reset_in_child() -> None:  # the parent's thread and condition (and its lock state) stay behind
             me = ref()
             if me is not None:
-                me._dirty, me._busy, me._cv, me._thread = {}, False, threading.Condition(), None
+                me._dirty, me._not_before, me._busy, me._hurry = {}, {}, False, False
+                me._cv, me._thread = threading.Condition(), None
 
         os.register_at_fork(after_in_child=reset_in_child)
 
@@ -287,16 +303,30 @@ class CrlScheduler:
                 self._thread.start()
             self._cv.notify_all()
 
+    def _next_due(self) -> tuple[str | None, float]:
+        """The marked CA whose turn comes first, and how long until then (0: now). Holds ``_cv``."""
+        now = time.monotonic()
+        best, wait = None, float("inf")
+        for ca_name in self._dirty:
+            left = 0.0 if self._hurry else max(0.0, self._not_before.get(ca_name, 0.0) - now)
+            if left < wait:
+                best, wait = ca_name, left
+        return best, wait
+
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._dirty:
-                    self._cv.wait()
-                ca_name = next(iter(self._dirty))
+                while True:
+                    ca_name, wait = self._next_due()
+                    if ca_name is not None and wait <= 0:
+                        break
+                    self._cv.wait(None if ca_name is None else wait)
                 failures = self._dirty.pop(ca_name)
                 self._busy = True
+            started = time.monotonic()
             try:
                 generate_crl(self._context(), ca_name)
+                self.generations += 1
             except Exception:  # noqa: BLE001 - retried a few times; the periodic refresh catches the rest
                 log.warning("CRL generation for %s failed (attempt %d)", ca_name, failures + 1, exc_info=True)
                 if failures < 3:
@@ -304,14 +334,22 @@ class CrlScheduler:
                     with self._cv:
                         self._dirty.setdefault(ca_name, failures + 1)
             finally:
+                ended = time.monotonic()
                 with self._cv:
+                    self._not_before[ca_name] = ended + max(self.min_interval, self.DUTY * (ended - started))
                     self._busy = False
+                    if not self._dirty:
+                        self._hurry = False
                     self._cv.notify_all()
 
     def flush(self, timeout: float = 60.0) -> bool:
-        """Wait until every marked CA has its new CRL (tests, orderly shutdown)."""
+        """Generate every marked CA's CRL now, without the rate bound's wait, and wait until it is stored
+        (tests, orderly shutdown)."""
         deadline = time.monotonic() + timeout
         with self._cv:
+            if self._dirty:
+                self._hurry = True
+                self._cv.notify_all()
             while self._dirty or self._busy:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -743,7 +743,15 @@ class Engine:
         certificate changes nothing and raises AlreadyRevoked. certificateHold puts it on hold."""
         if reason not in REASONS:
             raise BadRevocation(f"unknown revocation reason {reason!r} (use one of: {', '.join(REASONS)})")
-        cert = self.get_certificate(serial, issuer, tenant)
+        return self.revoke_row(self.get_certificate(serial, issuer, tenant), reason, actor=actor, org=org)
+
+    def revoke_row(self, cert: Certificate, reason: str, *, actor: str = "cli", org: str | None = None) -> Certificate:
+        """:meth:`revoke` of a certificate row the caller has just read (its id, issuer, serial, status,
+        profile), without reading it again: the guarded UPDATE still decides, so a row read before a
+        concurrent revocation raises AlreadyRevoked here as it would there."""
+        if reason not in REASONS:
+            raise BadRevocation(f"unknown revocation reason {reason!r} (use one of: {', '.join(REASONS)})")
+        serial = cert.serial
         now = utcnow()
         new_status = "hold" if reason == "certificateHold" else "revoked"
         allowed_from = ["valid"] if new_status == "hold" else ["valid", "hold"]

@@ -120,7 +120,13 @@ class OcspOnRevocation:
 
     def after_commit(self, cert: Certificate) -> None:
         try:
-            self.ocsp.presign(cert.issuer, [cert.serial])
+            if cert.status == "revoked":
+                # Terminal (RFC 5280 §5.3.1: a revoked certificate never becomes valid again): sign the state
+                # this transaction committed, without reading it back.
+                self.ocsp.presign_known(cert.issuer, [(cert.serial, "revoked", cert.revoked_at,
+                                                       cert.revocation_reason)])
+            else:  # a hold or its release can change again: sign what the database says now
+                self.ocsp.presign(cert.issuer, [cert.serial])
         except Exception:  # noqa: BLE001 - the responder re-signs on the next request (status check)
             log.warning("re-signing the OCSP response of %s/%s failed", cert.issuer, cert.serial, exc_info=True)
 
@@ -186,7 +192,8 @@ def build_context(settings: Settings | None = None, *, keystore: KeyStore | None
                   outbox=outbox, ocsp=ocsp,
                   # The responder-only process serves stored CRLs; it holds no CA key to make one.
                   crl_cache=CrlCache(ctx_ref.get, may_generate=not responder_only),
-                  crl_scheduler=CrlScheduler(ctx_ref.get), responder_only=responder_only)
+                  crl_scheduler=CrlScheduler(ctx_ref.get, min_interval=settings.crl_min_interval_seconds),
+                  responder_only=responder_only)
     ctx_ref.set(ctx)
     return ctx
 

@@ -17,8 +17,9 @@ from cryptography import x509
 from sqlalchemy import delete, insert
 from sqlmodel import select
 
+from pki.config import Settings
 from pki.context import Context
-from pki.crl import cache_for, generate_crl, latest_meta, load_crl, scheduler_for
+from pki.crl import CrlScheduler, cache_for, generate_crl, latest_meta, load_crl, scheduler_for
 from pki.errors import CRLUnavailable
 from pki.issuance import REASONS, Issued, pem
 from pki.store.db import utcnow
@@ -118,6 +119,41 @@ def test_crl_number_strictly_increasing_under_concurrency(ctx: Context) -> None:
     assert ca.crl_number == start + 4
     meta = latest_meta(ctx.db, "cpo-sub1")
     assert meta is not None and meta[0] == start + 4
+
+
+def test_a_stream_of_revocations_is_one_crl_per_interval_and_flush_publishes_every_one(ctx: Context) -> None:
+    """The scheduler's rate bound: a burst of revocations is one CRL now and one more when the interval has
+    passed (or on flush), never one per revocation; and flush publishes every revocation (none lost)."""
+    slow = CrlScheduler(lambda: ctx, min_interval=3600)  # beside the Context's own; only its count is checked
+    first = _leaf(ctx)
+    ctx.engine.revoke(first.serial, "keyCompromise", issuer=first.issuer)
+    slow.mark(first.issuer)  # quiet so far: starts at once
+    for _ in range(600):
+        if slow.generations == 1 and not slow._busy:
+            break
+        threading.Event().wait(0.05)
+    assert slow.generations == 1
+    later = [_leaf(ctx) for _ in range(5)]
+    for leaf in later:
+        ctx.engine.revoke(leaf.serial, "superseded", issuer=leaf.issuer)
+        slow.mark(leaf.issuer)
+    assert slow.generations == 1  # marked five more times inside the interval: nothing generated yet
+    assert slow.flush(60)
+    assert slow.generations == 2  # the five coalesced into one
+    latest = load_crl(ctx.db, first.issuer)
+    assert latest is not None
+    crl = x509.load_der_x509_crl(latest.der)
+    for leaf in [first, *later]:
+        assert crl.get_revoked_certificate_by_serial_number(leaf.cert.serial_number) is not None
+
+
+def test_the_crl_interval_is_a_setting(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ctx.crl_scheduler.min_interval == 1.0  # the documented default (docs/operations.md)
+    monkeypatch.setenv("V2GPKI_CRL_MIN_INTERVAL_SECONDS", "30")
+    assert Settings().crl_min_interval_seconds == 30.0
+    other = build_context(ctx.settings.model_copy(update={"crl_min_interval_seconds": 30.0}),
+                          keystore=ctx.keystore, migrate=False)
+    assert other.crl_scheduler.min_interval == 30.0
 
 
 def test_revocation_regenerates_and_http_serves_it(ctx: Context, responder_url: str) -> None:

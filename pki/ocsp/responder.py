@@ -219,6 +219,14 @@ class OcspResponder:
             done += self._store(iss, [(r[0], wanted_status(r[1]), r[2], r[3]) for r in rows])
         return done
 
+    def presign_known(self, issuer: str, rows: Sequence[tuple[str, str, datetime | None, str | None]]) -> int:
+        """(Re-)sign and store responses for states the caller has just committed: (serial, OCSP status,
+        revoked_at, reason) each. Only for a final state (revoked), which no later change can overtake."""
+        iss = self.issuer(issuer)
+        if iss is None or iss.signer is None:
+            return 0
+        return self._store(iss, rows)
+
     def presign_new(self, issuer: str, serials: Sequence[str]) -> int:
         """Sign 'good' for certificates just issued (no status query: they were issued valid) and store
         them insert-only, so a revocation that got there first is never overwritten (see Presigner)."""
