@@ -8,6 +8,9 @@ per line, and optionally POSTed to V2GPKI_AUDIT_CHECKPOINT_WEBHOOK — before it
 ``verify_all`` checks every signature (database and external) against the HSM's public key and against
 the chain, and fails when the database falls short of the external record: a signed checkpoint whose
 event is gone or has another hash (truncation, a re-hashed chain), or whose row was deleted (#21 item 7).
+Once a verification has passed it is incremental (#28 item 3): it re-hashes the chain from the last
+verified checkpoint on (recorded in audit_verification, signed by the audit key); ``full=True`` re-hashes
+everything (see ``verify_all`` for what incremental does not re-check).
 
 Checkpoints are taken by `v2gpki audit checkpoint`, by the beat every V2GPKI_AUDIT_CHECKPOINT_SECONDS
 (task ``v2gpki.audit.checkpoint``) and by `v2gpki serve` when it shuts down cleanly.
@@ -33,7 +36,7 @@ from pki.context import Context
 from pki.errors import ConfigError
 from pki.store import audit_log as store
 from pki.store.db import utcnow
-from pki.store.models import AuditCheckpoint
+from pki.store.models import AuditCheckpoint, AuditVerification
 
 AUDIT_KEY = "svc-audit"
 # The audit key is P-256, signing ecdsa-with-SHA256: its row of the algorithm table (hsm/algorithms.py).
@@ -160,10 +163,13 @@ def checkpoint(ctx: Context) -> AuditCheckpoint | None:
 @dataclass
 class FullResult:
     ok: bool
-    events: int
+    events: int  # events the verified chain holds (incremental: those before its start were verified before)
     checkpoints: int
     problems: list[str]
     external: int = 0
+    from_seq: int = 0  # the event the chain was re-hashed from: 0 for all of it (--full, or no marker yet)
+    checked: int = 0  # events re-hashed by this run
+    verified_through: int = 0  # the checkpoint the next incremental verification starts at (0: none)
 
 
 def _verify_sig(pub: ec.EllipticCurvePublicKey | None, signature: bytes, seq: int, h: str) -> bool:
@@ -176,25 +182,70 @@ def _verify_sig(pub: ec.EllipticCurvePublicKey | None, signature: bytes, seq: in
         return False
 
 
-def verify_all(ctx: Context) -> FullResult:
+def _marker_message(seq: int, h: str) -> bytes:
+    # Its own prefix: a marker's signature can never pass for a checkpoint's, nor the reverse.
+    return f"v2gpki-audit-verified:{seq}:{h}".encode()
+
+
+def _marker_ok(pub: ec.EllipticCurvePublicKey, m: AuditVerification) -> bool:
+    try:
+        pub.verify(m.signature, _marker_message(m.seq, m.hash), _AUDIT_ALG.ecdsa)  # type: ignore[arg-type]
+        return True
+    except InvalidSignature:
+        return False
+
+
+def _audit_public_key(ctx: Context, problems: list[str]) -> ec.EllipticCurvePublicKey | None:
+    try:
+        key = ctx.keystore.public_key(AUDIT_KEY)
+    except KeyNotFoundError:
+        problems.append("audit key missing from the token: checkpoints cannot be verified")
+        return None
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return key
+    problems.append("the audit key in the token is not an EC key: checkpoints cannot be verified")
+    return None
+
+
+def verify_all(ctx: Context, *, full: bool = False) -> FullResult:
+    """Verify the audit log: the hash chain, every checkpoint (database and external record) against the
+    chain, and their signatures.
+
+    Incremental (the default) once a verification has passed: the chain is re-hashed from the last
+    verified checkpoint S on (its event must still have the hash that was verified; the marker naming S
+    is signed by the audit key), and only the checkpoints from S on have their signatures checked again.
+    Every checkpoint row and external record is still matched against the other and against the event
+    hash at its seq (truncation, a deleted checkpoint row, a rewritten chain that passes through S).
+    Not re-checked: the content and links of the events before S (an edit there that leaves the stored
+    hashes alone), and the signatures of the checkpoints before S — ``full=True`` re-checks everything.
+    A verification without problems moves the marker to the newest checkpoint it verified."""
+    problems: list[str] = []
     ext = read_external(ctx.settings.audit_checkpoint_file)
-    snap = store.snapshot_for_verification(ctx.db, (int(r["seq"]) for r in ext.records))
-    res, cps, head, hashes_at = snap.chain, snap.checkpoints, snap.head, snap.hashes_at
-    problems = list(res.problems)
-    head_seq = head.seq if head is not None else 0
+    marker = None if full else store.verification_marker(ctx.db)
     pub: ec.EllipticCurvePublicKey | None = None
-    if cps or ext.records:
-        try:
-            key = ctx.keystore.public_key(AUDIT_KEY)
-            if isinstance(key, ec.EllipticCurvePublicKey):
-                pub = key
-            else:
-                problems.append("the audit key in the token is not an EC key: checkpoints cannot be verified")
-        except KeyNotFoundError:
-            problems.append("audit key missing from the token: checkpoints cannot be verified")
+    key_checked = False
+    start: tuple[int, str] | None = None
+    if marker is not None:
+        pub, key_checked = _audit_public_key(ctx, problems), True
+        if pub is not None and _marker_ok(pub, marker):
+            start = (marker.seq, marker.hash)
+        elif pub is not None:
+            problems.append(f"the verification marker (checkpoint at seq {marker.seq}) is not signed by the audit "
+                            "key (edited): the whole chain was verified")
+    snap = store.snapshot_for_verification(ctx.db, (int(r["seq"]) for r in ext.records), start)
+    res, cps, head, hashes_at = snap.chain, snap.checkpoints, snap.head, snap.hashes_at
+    since = snap.from_seq  # 0: everything is checked
+    problems.extend(res.problems)
+    head_seq = head.seq if head is not None else 0
+    if (cps or ext.records) and not key_checked:
+        pub = _audit_public_key(ctx, problems)
+    signed: set[tuple[int, str]] = set()  # checkpoints whose signature this run verified
     for c in cps:
-        if not _verify_sig(pub, c.signature, c.seq, c.hash):
-            problems.append(f"checkpoint at seq {c.seq}: bad signature")
+        if c.seq >= since:
+            if not _verify_sig(pub, c.signature, c.seq, c.hash):
+                problems.append(f"checkpoint at seq {c.seq}: bad signature")
+            else:
+                signed.add((c.seq, c.hash))
         if hashes_at.get(c.seq) != c.hash:
             problems.append(f"checkpoint at seq {c.seq}: the log no longer has that event/hash")
     # The record outside the database: what the database must still hold.
@@ -206,7 +257,7 @@ def verify_all(ctx: Context) -> FullResult:
     good_ext: set[tuple[int, str]] = set()
     for r in ext.records:
         seq, h = int(r["seq"]), str(r["hash"])
-        if not _verify_sig(pub, r["signature_bytes"], seq, h):
+        if seq >= since and not _verify_sig(pub, r["signature_bytes"], seq, h):
             problems.append(f"external checkpoint at seq {seq}: bad signature (the record was edited)")
             continue
         good_ext.add((seq, h))
@@ -225,5 +276,27 @@ def verify_all(ctx: Context) -> FullResult:
         for c in cps:
             if c.seq >= first and (c.seq, c.hash) not in good_ext:
                 problems.append(f"checkpoint at seq {c.seq} is not in the external record {ext.path}")
-    return FullResult(ok=not problems, events=res.events, checkpoints=len(cps), problems=problems,
-                      external=len(ext.records))
+    events = res.events + (since - 1 if since else 0)
+    through = marker.seq if start is not None and marker is not None else 0
+    if not problems and pub is not None:
+        through = _advance(ctx, cps, signed & good_ext, head_seq, through)
+    return FullResult(ok=not problems, events=events, checkpoints=len(cps), problems=problems,
+                      external=len(ext.records), from_seq=since, checked=res.events, verified_through=through)
+
+
+def _advance(ctx: Context, cps: list[AuditCheckpoint], verified: set[tuple[int, str]], head_seq: int,
+             current: int) -> int:
+    """Sign and store the marker at the newest checkpoint this run verified (signature, external record,
+    chain), when it is past ``current``; returns the marker's seq. A token that cannot sign (the audit key
+    gone) leaves the marker where it was: the next run verifies more, never less."""
+    best = max((c for c in cps if (c.seq, c.hash) in verified and c.seq <= head_seq), key=lambda c: c.seq,
+               default=None)
+    if best is None or best.seq <= current:
+        return current
+    try:
+        sig = _AUDIT_ALG.sign(ctx.keystore.signer(ctx.keystore.uri(AUDIT_KEY)), _marker_message(best.seq, best.hash))
+    except KeyNotFoundError:
+        return current
+    store.advance_verification_marker(ctx.db, AuditVerification(id=1, seq=best.seq, hash=best.hash,
+                                                                verified_at=utcnow(), signature=sig))
+    return best.seq

@@ -274,10 +274,12 @@ def cmd_policies_export(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from pki.audit_sign import verify_all
 
-    res = verify_all(_ctx(args))
+    res = verify_all(_ctx(args), full=args.full)
     if res.ok:
+        how = (f"; incremental: events {res.from_seq}–{res.events} re-hashed from the last verified checkpoint "
+               "(--full re-hashes all)" if res.from_seq else "")
         print(f"audit chain OK: {res.events} events, {res.checkpoints} signed checkpoints "
-              f"({res.external} in the external record)")
+              f"({res.external} in the external record){how}")
         return 0
     for p in res.problems:
         print(f"audit: {p}", file=sys.stderr)
@@ -347,7 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     au = sub.add_parser("audit", help="audit log")
     asub = au.add_subparsers(dest="audit_cmd", required=True)
-    asub.add_parser("verify", help="verify the hash chain").set_defaults(fn=cmd_audit_verify)
+    av = asub.add_parser("verify", help="verify the hash chain and the signed checkpoints (from the last verified "
+                         "checkpoint on, once one verification has passed)")
+    av.add_argument("--full", action="store_true",
+                    help="re-hash the whole chain and re-check every checkpoint's signature, not only those "
+                    "after the last verified checkpoint")
+    av.set_defaults(fn=cmd_audit_verify)
 
     _register_extra(sub)
     return p

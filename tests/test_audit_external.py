@@ -415,3 +415,106 @@ def test_postgresql_truncation_and_deleted_checkpoint_are_detected(tmp_path: Pat
     finally:
         ctx.db.dispose()
         drop_pg_database(name)
+
+
+# -- incremental verification (#28 item 3) ----------------------------------------------------------------
+
+
+def _verify_args(lg: Log, *extra: str) -> tuple[int, str]:
+    r = run_cli(["audit", "verify", *extra], lg.env)
+    return r.returncode, r.stdout + r.stderr
+
+
+def _add_events(lg: Log, token_root: Path, tag: str) -> int:
+    ctx = _ctx(lg.home, token_root)
+    try:
+        create_org(ctx.db, f"Incremental {tag}", "cpo", [f"DE*I{tag}{tag}"])
+        create_api_key(ctx.db, f"Incremental {tag}")
+    finally:
+        ctx.db.dispose()
+    return int(_one(lg.db, "SELECT seq FROM audit_head WHERE id = 1"))
+
+
+def test_verification_is_incremental_from_the_last_verified_checkpoint(log: Log, ext_token: Path) -> None:
+    code, out = _verify_args(log)  # no marker yet: the whole chain, then the marker at the newest checkpoint
+    assert code == 0 and "incremental" not in out, out
+    assert _one(log.db, "SELECT seq FROM audit_verification WHERE id = 1") == log.last_cp
+    head = _add_events(log, ext_token, "A")
+    code, out = _verify_args(log)
+    assert code == 0, out
+    assert f"{head} events" in out and f"incremental: events {log.last_cp}–{head} re-hashed" in out, out
+    code, out = _verify_args(log, "--full")
+    assert code == 0 and f"{head} events" in out and "incremental" not in out, out
+
+
+def test_tampering_after_the_last_verified_checkpoint_is_found_incrementally(log: Log, ext_token: Path) -> None:
+    assert _verify_args(log)[0] == 0
+    head = _add_events(log, ext_token, "B")
+    edited = head - 1
+    assert edited > log.last_cp
+    _sql(log.db, ("UPDATE audit_event SET details = ? WHERE seq = ?", (json.dumps({"forged": True}), edited)))
+    code, out = _verify_args(log)
+    assert code == 7 and f"event {edited}: content does not match its hash (edited)" in out, out
+    # a failed verification leaves the marker where it was
+    assert _one(log.db, "SELECT seq FROM audit_verification WHERE id = 1") == log.last_cp
+
+
+def test_tampering_before_the_last_verified_checkpoint_needs_full(log: Log) -> None:
+    """What incremental does not re-check (docs/operations.md): an event before the last verified
+    checkpoint edited with its stored hashes left alone. `--full` re-hashes it."""
+    assert _verify_args(log)[0] == 0
+    _sql(log.db, ("UPDATE audit_event SET details = ? WHERE seq = 2", (json.dumps({"forged": True}),)))
+    code, out = _verify_args(log)
+    assert code == 0 and f"incremental: events {log.last_cp}–" in out, out
+    code, out = _verify_args(log, "--full")
+    assert code == 7 and "event 2: content does not match its hash (edited)" in out, out
+
+
+def test_a_forged_marker_is_refused(log: Log, ext_token: Path) -> None:
+    """Moving the marker past edited events needs the audit key's signature."""
+    assert _verify_args(log)[0] == 0
+    head = _add_events(log, ext_token, "C")
+    _sql(log.db, ("UPDATE audit_event SET details = ? WHERE seq = ?", (json.dumps({"forged": True}), head - 1)))
+    h = _one(log.db, "SELECT hash FROM audit_head")
+    _sql(log.db, ("UPDATE audit_verification SET seq = ?, hash = ? WHERE id = 1", (head, h)))
+    code, out = _verify_args(log)
+    assert code == 7 and "verification marker" in out and "not signed by the audit key" in out, out
+    assert f"event {head - 1}: content does not match its hash (edited)" in out, out  # then verified in full
+    _sql(log.db, ("UPDATE audit_verification SET seq = 1, hash = ? WHERE id = 1",
+                  (_one(log.db, "SELECT hash FROM audit_event WHERE seq = 1"),)))
+    code, out = _verify_args(log)
+    assert code == 7 and f"event {head - 1}: content does not match its hash (edited)" in out, out
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_database_rewrite_is_detected_after_a_verification(attack: str, log: Log) -> None:
+    """The three attacks above, on a log whose last verification passed: the incremental run finds them."""
+    assert _verify_args(log)[0] == 0
+    tamper, expected = ATTACKS[attack]
+    tamper(log)
+    code, out = _verify_args(log)
+    assert code == 7, out
+    for needle in expected(log):
+        assert needle in out, out
+
+
+def test_the_api_verifies_incrementally_or_fully(log: Log, ext_token: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    ctx = _ctx(log.home, ext_token)
+    try:
+        create_org(ctx.db, "Auditors X", "auditor", [])
+        key = create_api_key(ctx.db, "Auditors X")[0]
+        with TestClient(create_app(ctx)) as c:
+            hdr = {"Authorization": f"Bearer {key}"}
+            first = c.get("/v1/audit/verify", headers=hdr).json()
+            assert first["ok"] and first["from_seq"] == 0 and first["verified_through"] == log.last_cp
+            again = c.get("/v1/audit/verify", headers=hdr).json()
+            assert again["ok"] and again["from_seq"] == log.last_cp and again["events"] == first["events"]
+            assert again["checked"] == first["events"] - log.last_cp + 1
+            full = c.get("/v1/audit/verify?full=true", headers=hdr).json()
+            assert full["ok"] and full["from_seq"] == 0 and full["checked"] == full["events"]
+    finally:
+        ctx.db.dispose()

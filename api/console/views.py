@@ -474,9 +474,10 @@ def audit_log(request: Request, ctx: CtxDep, v: ViewerDep,
     try:
         res = verify_all(ctx)
         verification: dict[str, Any] = {"ok": res.ok, "events": res.events, "checkpoints": res.checkpoints,
-                                        "problems": res.problems[:50], "error": ""}
+                                        "problems": res.problems[:50], "error": "", "from_seq": res.from_seq}
     except PKIError as exc:
-        verification = {"ok": False, "events": 0, "checkpoints": 0, "problems": [], "error": exc.message}
+        verification = {"ok": False, "events": 0, "checkpoints": 0, "problems": [], "error": exc.message,
+                        "from_seq": 0}
     rows = AuditLog(ctx.db).newest_first(before=before, limit=PAGE_SIZE + 1)
     older = rows[PAGE_SIZE - 1].seq if len(rows) > PAGE_SIZE else None
     events = [(r, json.dumps(r.details, sort_keys=True, default=str)[:400]) for r in rows[:PAGE_SIZE]]

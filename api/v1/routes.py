@@ -294,12 +294,14 @@ def get_audit(ctx: CtxDep, p: PrincipalDep, after: Annotated[int, Query(ge=0, le
 
 
 @router.get("/audit/verify")
-def verify_audit(ctx: CtxDep, p: PrincipalDep) -> dict[str, Any]:
+def verify_audit(ctx: CtxDep, p: PrincipalDep, full: bool = False) -> dict[str, Any]:
+    """Incremental from the last verified checkpoint (``from_seq``; 0: the whole chain), or ``full``."""
     p.require("auditor", "admin")
     from pki.audit_sign import verify_all
 
-    res = verify_all(ctx)
-    return {"ok": res.ok, "events": res.events, "checkpoints": res.checkpoints, "problems": res.problems}
+    res = verify_all(ctx, full=full)
+    return {"ok": res.ok, "events": res.events, "checkpoints": res.checkpoints, "problems": res.problems,
+            "from_seq": res.from_seq, "checked": res.checked, "verified_through": res.verified_through}
 
 
 @router.get("/me")

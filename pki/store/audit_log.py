@@ -18,11 +18,12 @@ from typing import Any
 
 from sqlalchemy import Table, bindparam, func, insert, text, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from pki.store.db import Database, utcnow
 from pki.store.fast import BulkInsert, Prepared
-from pki.store.models import AuditCheckpoint, AuditEvent, AuditHead
+from pki.store.models import AuditCheckpoint, AuditEvent, AuditHead, AuditVerification
 
 GENESIS = "0" * 64
 _EVENT_TABLE: Table = AuditEvent.__table__  # type: ignore[attr-defined]
@@ -186,6 +187,39 @@ def verify_chain(session: Session) -> VerifyResult:
     return VerifyResult(ok=not problems, events=count, problems=problems)
 
 
+def verify_chain_from(session: Session, seq: int, h: str) -> VerifyResult | None:
+    """:func:`verify_chain` from event ``seq`` on, which must still have the hash ``h`` (the last verified
+    checkpoint's): one range read of ix_audit_event_seq, however long the log before it. None when event
+    ``seq`` is gone or has another hash (the caller then verifies the whole chain)."""
+    problems: list[str] = []
+    prev = h
+    expected_seq = seq + 1
+    count = 0
+    stmt = select(AuditEvent).where(col(AuditEvent.seq) >= seq).order_by(col(AuditEvent.seq))
+    for ev in session.exec(stmt).yield_per(1000):
+        count += 1
+        if count == 1:
+            if ev.seq != seq or ev.hash != h:
+                return None
+            if chain_hash(ev.prev_hash, ev) != ev.hash:
+                problems.append(f"event {ev.seq}: content does not match its hash (edited)")
+            continue
+        if ev.seq != expected_seq:
+            problems.append(f"event seq {expected_seq} missing (next is {ev.seq}): rows deleted")
+        if ev.prev_hash != prev:
+            problems.append(f"event {ev.seq}: prev_hash does not match the previous event")
+        if chain_hash(ev.prev_hash, ev) != ev.hash:
+            problems.append(f"event {ev.seq}: content does not match its hash (edited)")
+        prev = ev.hash
+        expected_seq = ev.seq + 1
+    if count == 0:
+        return None
+    head = session.get(AuditHead, 1)
+    if head is not None and (head.seq != expected_seq - 1 or head.hash != prev):
+        problems.append(f"chain head says seq {head.seq}, log ends at {expected_seq - 1}: tail deleted or edited")
+    return VerifyResult(ok=not problems, events=count, problems=problems)
+
+
 def record(db: Database, *entries: Entry) -> None:
     """Append events in a transaction of their own (for events that stand alone: a sign-in, a refused
     form, a failed authentication)."""
@@ -238,29 +272,67 @@ def add_checkpoint(db: Database, cp: AuditCheckpoint, before_commit: Callable[[]
 
 @dataclass
 class ChainSnapshot:
-    """What a full verification reads in one session: the chain's own check, the checkpoints, the head,
-    and the stored hash at each sequence number asked for."""
+    """What a verification reads in one session: the chain's own check, the checkpoints, the head,
+    and the stored hash at each sequence number asked for. ``from_seq``: the event the chain was
+    re-hashed from (0: all of it; else the last verified checkpoint's)."""
 
     chain: VerifyResult
     checkpoints: list[AuditCheckpoint]
     head: AuditHead | None
     hashes_at: dict[int, str]
+    from_seq: int = 0
 
 
-def snapshot_for_verification(db: Database, extra_seqs: Iterable[int]) -> ChainSnapshot:
-    """Verify the chain and read the checkpoints, the head and the event hashes at every checkpoint's
-    seq and at ``extra_seqs`` (the external record's), in one session."""
+def snapshot_for_verification(db: Database, extra_seqs: Iterable[int],
+                              start: tuple[int, str] | None = None) -> ChainSnapshot:
+    """Verify the chain — from ``start`` (seq, hash of the last verified checkpoint) when given and that
+    event still has that hash, else all of it — and read the checkpoints, the head and the event hashes
+    at every checkpoint's seq and at ``extra_seqs`` (the external record's), in one session."""
     with db.session() as s:
-        res = verify_chain(s)
+        res = verify_chain_from(s, *start) if start is not None else None
+        from_seq = start[0] if res is not None and start is not None else 0
+        if res is None:
+            res = verify_chain(s)
+            if start is not None:
+                res.problems.insert(0, f"event {start[0]} no longer has the hash verified at the last verification "
+                                       "(deleted or rewritten): the whole chain was verified")
+                res.ok = False
         cps = list(s.exec(select(AuditCheckpoint).order_by(col(AuditCheckpoint.seq))))
         head = s.get(AuditHead, 1)
         seqs = sorted({c.seq for c in cps} | set(extra_seqs))
         hashes_at: dict[int, str] = {}
         for i in range(0, len(seqs), 500):
             chunk = seqs[i:i + 500]
-            for ev in s.exec(select(AuditEvent).where(col(AuditEvent.seq).in_(chunk))):
-                hashes_at[ev.seq] = ev.hash
-    return ChainSnapshot(res, cps, head, hashes_at)
+            for seq_, h in s.exec(select(AuditEvent.seq, AuditEvent.hash).where(col(AuditEvent.seq).in_(chunk))):
+                hashes_at[seq_] = h
+    return ChainSnapshot(res, cps, head, hashes_at, from_seq)
+
+
+def verification_marker(db: Database) -> AuditVerification | None:
+    """The last verified checkpoint (pki/audit_sign.py), read without a transaction."""
+    t = AuditVerification.__table__  # type: ignore[attr-defined]
+    with db.autocommit.connect() as conn:
+        row = conn.execute(t.select().where(t.c.id == 1)).mappings().first()
+    return None if row is None else AuditVerification(**dict(row))
+
+
+def advance_verification_marker(db: Database, marker: AuditVerification) -> None:
+    """Store ``marker`` unless the stored one is at the same or a later checkpoint (two verifiers may
+    finish in either order; the marker only moves forward — a forged one is found by its signature)."""
+    with db.session() as s:
+        row = s.get(AuditVerification, 1)
+        if row is None:
+            s.add(AuditVerification(id=1, seq=marker.seq, hash=marker.hash, verified_at=marker.verified_at,
+                                    signature=marker.signature))
+        elif row.seq < marker.seq:
+            row.seq, row.hash, row.verified_at, row.signature = (marker.seq, marker.hash, marker.verified_at,
+                                                                 marker.signature)
+        else:
+            return
+        try:
+            s.commit()
+        except IntegrityError:  # another verifier inserted the row first: its marker stands
+            s.rollback()
 
 
 class AuditLog:
@@ -291,4 +363,4 @@ class AuditLog:
 
 
 __all__ = ["GENESIS", "AuditLog", "Entry", "VerifyResult", "append", "append_conn", "append_statements", "canonical",
-           "chain_hash", "record", "verify_chain"]
+           "chain_hash", "record", "verify_chain", "verify_chain_from"]
