@@ -57,9 +57,10 @@ def cmd_outbox_drain(args: argparse.Namespace) -> int:
 def cmd_expiry_scan(args: argparse.Namespace) -> int:
     from pki.lifecycle import scan_expiring
 
-    res = scan_expiring(_ctx())
-    print(f"{res.alerts} alert(s) in {res.batches} notification batch(es), {len(res.deliveries)} delivery(ies) "
-          "queued (sent by the worker)")
+    res = scan_expiring(_ctx(), full=args.full)
+    kind = f"full scan ({res.why_full})" if res.full else "incremental scan"
+    print(f"{kind}: {res.alerts} alert(s) in {res.batches} notification batch(es), {len(res.deliveries)} "
+          "delivery(ies) queued (sent by the worker)")
     return 0
 
 
@@ -293,7 +294,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     ex = sub.add_parser("expiry", help="expiry alerting")
     exs = ex.add_subparsers(dest="expiry_cmd", required=True)
-    exs.add_parser("scan", help="run one expiry scan now").set_defaults(fn=cmd_expiry_scan)
+    esc = exs.add_parser("scan", help="run one expiry scan now (incremental: what entered a window or changed "
+                                      "since the last scan)")
+    esc.add_argument("--full", action="store_true",
+                     help="read every certificate inside a window, as after a change of the window policy (which "
+                          "the scan detects by itself)")
+    esc.set_defaults(fn=cmd_expiry_scan)
 
     rn = sub.add_parser("renewal", help="renew service-held certificates that are due (dry run unless --yes)")
     rn.add_argument("--yes", action="store_true")

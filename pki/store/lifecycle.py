@@ -14,20 +14,24 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, case, exists, func, insert, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, Select, and_, case, exists, func, insert, or_, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 from sqlmodel import select as sm_select
 
+from pki.store.audit_log import chain_head
 from pki.store.db import Database
-from pki.store.models import Certificate, CertificateAuthority, Organization, OutboxEvent
-from pki.store.models_lifecycle import Delivery, ExpiryAlert, Renewal, Subscription
+from pki.store.models import AuditEvent, Certificate, CertificateAuthority, Organization, OutboxEvent
+from pki.store.models_lifecycle import Delivery, ExpiryAlert, ExpiryScanMark, Renewal, Subscription
 
 _C = Certificate.__table__  # type: ignore[attr-defined]
 _A = ExpiryAlert.__table__  # type: ignore[attr-defined]
 _D = Delivery.__table__  # type: ignore[attr-defined]
 _R = Renewal.__table__  # type: ignore[attr-defined]
 _O = OutboxEvent.__table__  # type: ignore[attr-defined]
+_M = ExpiryScanMark.__table__  # type: ignore[attr-defined]
+_E = AuditEvent.__table__  # type: ignore[attr-defined]
 
 # Candidate row columns, in order: what pki/lifecycle.py's Candidate is built from.
 CANDIDATE_COLUMNS = ("id", "issuer", "serial", "profile", "identifier", "tenant", "subject", "not_after", "key_uri")
@@ -133,23 +137,31 @@ def finish_delivery(s: Session, pk: int | None, values: dict[str, Any]) -> None:
 
 
 def candidate_query(now: datetime, windows: Sequence[int], include: list[str] | None, exclude: list[str],
-                    tenant: str | None = None) -> Select[Any]:
+                    tenant: str | None = None, *, by_not_after: bool | None = None) -> Select[Any]:
     """Certificates of one window group inside a window with no alert for that window yet. The window is
     computed in SQL (CASE over notAfter), so the anti-join on (cert_id, window_days) uses the unique index.
-    Columns: CANDIDATE_COLUMNS, then the window ``w``."""
+    Columns: CANDIDATE_COLUMNS, then the window ``w``.
+
+    ``by_not_after``: whether the planner may walk the notAfter index (default: for the default group
+    only). A named-profile group (CAs, service keys) is a handful of rows found by the profile index; its
+    windows span years, so a notAfter range would walk most of the table; the incremental scan's change
+    queries start from another index (created_at, revoked_at, the identifier). The expression
+    ``coalesce(not_after, not_after)`` keeps the planner off the notAfter index (on SQLite too, which has
+    no index hints)."""
     c, n = _C, _C.alias("newer")
     asc = sorted(windows)
     w = case(*[(c.c.not_after <= now + timedelta(days=d), d) for d in asc], else_=None)
-    # A named-profile group (CAs, service keys) is a handful of rows found by the profile index; its windows
-    # span years, so a notAfter range would walk most of the table. The expression keeps the planner off the
-    # notAfter index for that group (on SQLite too, which has no index hints).
-    na = func.coalesce(c.c.not_after, c.c.not_after) if include is not None else c.c.not_after
+    if by_not_after is None:
+        by_not_after = include is None
+    na = c.c.not_after if by_not_after else _unindexed(c.c.not_after)
     stmt = (
         select(*[c.c[k] for k in CANDIDATE_COLUMNS], w.label("w"))
         .where(na > now, na <= now + timedelta(days=asc[-1]), c.c.status == "valid")
         .where(~exists().where(_A.c.cert_id == c.c.id, _A.c.window_days == w))
         # A certificate already replaced (same identifier and profile, later expiry, valid) needs no alert.
-        .where(~exists().where(n.c.identifier == c.c.identifier, n.c.profile == c.c.profile,
+        # Found by the identifier index: the profile, compared through an expression, cannot lead SQLite
+        # (without statistics) to walk every certificate of the profile instead.
+        .where(~exists().where(n.c.identifier == c.c.identifier, _unindexed(n.c.profile) == c.c.profile,
                                n.c.status == "valid", n.c.not_after > c.c.not_after))
     )
     if include is not None:
@@ -161,17 +173,36 @@ def candidate_query(now: datetime, windows: Sequence[int], include: list[str] | 
     return stmt
 
 
+def _unindexed(column: Any) -> Any:
+    """The column's value through an expression no index matches (the planner then leads with another)."""
+    return func.coalesce(column, column)
+
+
 def candidate_rows(db: Database, now: datetime, windows: Sequence[int], include: list[str] | None,
-                   exclude: list[str], tenant: str | None, chunk: int) -> Iterable[list[Any]]:
+                   exclude: list[str], tenant: str | None, chunk: int,
+                   ranges: Sequence[tuple[datetime, datetime]] | None = None) -> Iterable[list[Any]]:
     """The candidates of one window group, in chunks: keyset pagination on (notAfter, id), so the
-    (not_after, status) index drives the range scan and memory stays bounded by the chunk."""
-    base = candidate_query(now, windows, include, exclude, tenant)
-    if include is not None:  # a named-profile group: few rows, no ORDER BY (it would pull in the notAfter index)
-        with db.engine.connect() as conn:
-            rows = conn.execute(base).all()
-        for i in range(0, len(rows), chunk):
-            yield list(rows[i:i + chunk])
+    (not_after, status) index drives the range scan and memory stays bounded by the chunk.
+
+    ``ranges``: only certificates with notAfter in one of these (lo, hi] intervals (disjoint; the
+    incremental scan's "entered a window since the last scan"), each walked on the notAfter index
+    whatever the group."""
+    if ranges is None:
+        base = candidate_query(now, windows, include, exclude, tenant)
+        if include is not None:  # a named-profile group: few rows, no ORDER BY (it would pull in the notAfter index)
+            with db.engine.connect() as conn:
+                rows = conn.execute(base).all()
+            for i in range(0, len(rows), chunk):
+                yield list(rows[i:i + chunk])
+            return
+        yield from _keyset(db, base, chunk)
         return
+    for lo, hi in ranges:
+        base = candidate_query(now, windows, include, exclude, tenant, by_not_after=True)
+        yield from _keyset(db, base.where(_C.c.not_after > lo, _C.c.not_after <= hi), chunk)
+
+
+def _keyset(db: Database, base: Select[Any], chunk: int) -> Iterable[list[Any]]:
     last: tuple[datetime, int] | None = None
     while True:
         stmt = base
@@ -186,6 +217,99 @@ def candidate_rows(db: Database, now: datetime, windows: Sequence[int], include:
         yield list(rows)
         if len(rows) < chunk:
             return
+
+
+# -- the incremental expiry scan (#28 item 3) ------------------------------------------------------------------
+#
+# Besides time (a notAfter entering a window: candidate_rows with ``ranges``), a certificate becomes a
+# candidate when it is created inside a window (a short-lived certificate, a late import), when the
+# later certificate that replaced it is revoked or put on hold (it is no longer replaced), or when its own
+# hold is released (removeFromCRL clears revoked_at, so that trace is the audit trail's
+# certificate.release_hold event, appended in the same transaction). The three change queries below find
+# them from their own index, never from a range that grows with the fleet.
+
+RELEASE_ACTION = "certificate.release_hold"  # pki/issuance.py Engine.release_hold
+
+
+def created_query(now: datetime, windows: Sequence[int], include: list[str] | None, exclude: list[str],
+                  tenant: str | None, since: datetime) -> Select[Any]:
+    """Candidates created after ``since`` (ix_certificate_created_at)."""
+    return candidate_query(now, windows, include, exclude, tenant, by_not_after=False).where(_C.c.created_at > since)
+
+
+def unreplaced_query(now: datetime, windows: Sequence[int], include: list[str] | None, exclude: list[str],
+                     tenant: str | None, since: datetime) -> Select[Any]:
+    """Candidates whose later certificate (same identifier and profile) was revoked or put on hold after
+    ``since``: from ix_certificate_revoked_at to the identifier index."""
+    r = _C.alias("gone")
+    return (candidate_query(now, windows, include, exclude, tenant, by_not_after=False)
+            .join(r, and_(r.c.identifier == _C.c.identifier, r.c.profile == _unindexed(_C.c.profile)))
+            .where(r.c.revoked_at > since, r.c.not_after > _C.c.not_after))
+
+
+def released_query(after_seq: int) -> Select[Any]:
+    """The objects ("issuer/serial") of the holds released after audit event ``after_seq``."""
+    return select(_E.c.object).where(_E.c.action == RELEASE_ACTION, _E.c.seq > after_seq)
+
+
+def _released(conn: Any, after_seq: int) -> list[tuple[str, str]]:
+    out = []
+    for (obj,) in conn.execute(released_query(after_seq)):
+        issuer, _, serial = str(obj or "").rpartition("/")
+        if issuer and serial:
+            out.append((issuer, serial))
+    return out
+
+
+def changed_count(db: Database, since: datetime, after_seq: int, cap: int) -> int:
+    """How many certificates were created, revoked or put on hold since ``since`` plus holds released
+    after ``after_seq``, counted up to ``cap + 1`` on each index (the caller scans fully past ``cap``)."""
+    with db.engine.connect() as conn:
+        n = 0
+        for cond in (_C.c.created_at > since, _C.c.revoked_at > since):
+            sub = select(_C.c.id).where(cond).limit(cap + 1).subquery()
+            n += int(conn.execute(select(func.count()).select_from(sub)).scalar_one())
+        return n + len(_released(conn, after_seq))
+
+
+def changed_rows(db: Database, now: datetime, windows: Sequence[int], include: list[str] | None,
+                 exclude: list[str], tenant: str | None, since: datetime, after_seq: int) -> list[Any]:
+    """Candidates of one window group that changed since the last scan without crossing a window boundary
+    (created, no longer replaced, hold released); a certificate may come more than once."""
+    with db.engine.connect() as conn:
+        rows = list(conn.execute(created_query(now, windows, include, exclude, tenant, since)))
+        rows += list(conn.execute(unreplaced_query(now, windows, include, exclude, tenant, since)))
+        released = _released(conn, after_seq)
+        for i in range(0, len(released), 400):  # bound one statement's parameters (SQLite's limit)
+            part = released[i:i + 400]
+            cond: ColumnElement[bool] = or_(*[and_(_C.c.issuer == iss, _C.c.serial == ser) for iss, ser in part])
+            rows += list(conn.execute(candidate_query(now, windows, include, exclude, tenant, by_not_after=False)
+                                      .where(cond)))
+    return rows
+
+
+def audit_seq(db: Database) -> int:
+    """The audit chain's head (its events are appended under one lock, so every event up to it has
+    committed and every later one will have a higher seq)."""
+    head = chain_head(db)
+    return 0 if head is None else head[0]
+
+
+def scan_mark(db: Database, scope: str) -> ExpiryScanMark | None:
+    with db.session() as s:
+        return s.get(ExpiryScanMark, scope)
+
+
+def save_scan_mark(db: Database, mark: ExpiryScanMark) -> None:
+    """Insert or replace the mark of ``mark.scope`` (concurrent scanners: the last to finish writes; each
+    writes only what its own complete scan covered, so any of them is a correct starting point)."""
+    values = {k: getattr(mark, k) for k in ("scope", "policy_sha256", "scanned_now", "changes_at", "audit_seq",
+                                            "was_full", "updated_at")}
+    ins = (postgresql.insert(_M) if db.engine.dialect.name == "postgresql" else sqlite.insert(_M)).values(**values)
+    stmt = ins.on_conflict_do_update(index_elements=[_M.c.scope],
+                                     set_={k: v for k, v in values.items() if k != "scope"})
+    with db.engine.begin() as conn:
+        conn.execute(stmt)
 
 
 def commit_alerts(s: Session, alerts: Sequence[dict[str, Any]], deliveries: Sequence[dict[str, Any]]) -> bool:
@@ -278,9 +402,11 @@ def outbox_backlog(db: Database) -> int:
 
 
 __all__ = [
-    "CANDIDATE_COLUMNS", "active_subscription", "active_subscriptions", "alerted", "ca_names", "candidate_query",
-    "candidate_rows", "certificate_of_key", "claim_delivery", "commit_alerts", "delivery", "due_deliveries",
-    "finish_delivery", "finish_renewal", "insert_deliveries", "organization_exists", "outbox_backlog",
-    "pending_delivery_ids", "renewable_certificates", "start_renewal", "subscription", "subscriptions_delivered",
-    "subscriptions_with_event", "subscriptions_with_secret", "valid_certificate_of",
+    "CANDIDATE_COLUMNS", "RELEASE_ACTION", "active_subscription", "active_subscriptions", "alerted", "audit_seq",
+    "ca_names", "candidate_query", "candidate_rows", "certificate_of_key", "changed_count", "changed_rows",
+    "claim_delivery", "commit_alerts", "created_query", "delivery", "due_deliveries", "finish_delivery",
+    "finish_renewal", "insert_deliveries", "organization_exists", "outbox_backlog", "pending_delivery_ids",
+    "released_query", "renewable_certificates", "save_scan_mark", "scan_mark", "start_renewal", "subscription",
+    "subscriptions_delivered", "subscriptions_with_event", "subscriptions_with_secret", "unreplaced_query",
+    "valid_certificate_of"
 ]

@@ -55,6 +55,25 @@ class ExpiryAlert(SQLModel, table=True):
     created_at: datetime
 
 
+class ExpiryScanMark(SQLModel, table=True):
+    """Where the last complete expiry scan of one scope got to (migration 0014, #28 item 3), so the next
+    reads only what changed since: for every window d of the policy, certificates whose notAfter entered
+    the window, (scanned_now + d, now + d]; certificates created or revoked since changes_at (less an
+    overlap for transactions still open then); holds released since audit_seq. Written only after every
+    alert of that scan committed; a different ``policy_sha256`` (window sizes, profile groups) means a
+    full scan."""
+
+    __tablename__ = "expiry_scan_mark"
+
+    scope: str = Field(primary_key=True, max_length=160)  # "*" (every tenant) or "tenant:<name>"
+    policy_sha256: str = Field(max_length=64)  # digest of the window groups the scan used
+    scanned_now: datetime  # the scan's ``now``: window d is covered up to notAfter <= scanned_now + d
+    changes_at: datetime  # wall clock when that scan began reading changes
+    audit_seq: int  # audit chain head then (hold releases are read from the audit trail after it)
+    was_full: bool  # whether that scan was a full one (read every certificate inside a window)
+    updated_at: datetime
+
+
 class Delivery(SQLModel, table=True):
     """A notification to one subscription (or to the log). Retried with exponential backoff; 'dead'
     after the configured number of attempts. (subscription, event_key) is the idempotency key."""
@@ -118,4 +137,4 @@ class TrustStoreVersion(SQLModel, table=True):
     next_update: datetime
 
 
-__all__ = ["Delivery", "ExpiryAlert", "Renewal", "Subscription", "TrustStoreVersion"]
+__all__ = ["Delivery", "ExpiryAlert", "ExpiryScanMark", "Renewal", "Subscription", "TrustStoreVersion"]
