@@ -299,9 +299,8 @@ def _queries(ctx: Context) -> list[tuple[str, Any, tuple[str, ...]]]:
     # The steady state: few rows changed since the last scan (here none: a watermark past every row, as
     # tests/test_fleet_scale.py's change scans are planned), so the planner starts from the change index.
     since = now + timedelta(days=1)
-    crossing = store.candidate_query(now, windows, inc, exc, None, by_not_after=True).where(
-        _C.c.not_after > now + timedelta(days=30), _C.c.not_after <= now + timedelta(days=31)).order_by(
-        _C.c.not_after, _C.c.id).limit(500)
+    crossing = store.crossing_query(now, windows, inc, exc, None, now + timedelta(days=30),
+                                    now + timedelta(days=31)).order_by(_C.c.not_after, _C.c.id).limit(500)
     return [
         # (not_after, status), or (not_after, id) of migration 0013, which also gives the keyset's order
         ("certificates that entered a window", crossing,
