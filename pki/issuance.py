@@ -691,9 +691,10 @@ class Engine:
                 for p, i in zip(preps, issued, strict=True)
             ])
             if extra is None:
-                # The observers only add ORM rows (flushed at commit, after these writes, as before). When
-                # they added none, COMMIT travels with the writes: one round trip fewer on PostgreSQL, and
-                # the session's commit finds the transaction closed.
+                # The observers write first (an outbox row is a Core INSERT sent at once; an ORM row they
+                # add is flushed at commit, after these writes). When they left no ORM row pending, COMMIT
+                # travels with the writes: one round trip fewer on PostgreSQL, and the session's commit
+                # finds the transaction closed.
                 for observer in self.issuance_observers:
                     observer.in_transaction(s, issued)
                 writes.send(commit_if_nothing_else=True)

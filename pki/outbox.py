@@ -24,8 +24,7 @@ from cryptography import x509
 from pki.errors import PKIError
 from pki.profiles import ProfileSet
 from pki.store import outbox as store_outbox
-from pki.store.db import Database, Session, utcnow
-from pki.store.models import OutboxEvent
+from pki.store.db import Database, Session
 
 if TYPE_CHECKING:
     from pki.observers import Issued
@@ -44,7 +43,7 @@ Sender = Callable[[str, dict[str, Any], str], None]  # (task name, kwargs, task 
 
 def add_outbox(s: Session, kind: str, payload: dict[str, Any]) -> None:
     """An event row in the caller's transaction (committed with it, or not at all)."""
-    s.add(OutboxEvent(kind=kind, payload=payload, created_at=utcnow()))
+    store_outbox.add(s, kind, payload)
 
 
 # -- the engine's observers --------------------------------------------------------------------------------
