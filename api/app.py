@@ -3,8 +3,9 @@
 The Context (database engine, PKCS#11 key store, engine) is created in the lifespan, so each uvicorn
 worker process opens its own PKCS#11 library instance and login after fork (SoftHSM does not notice
 fork). Routes that touch the HSM or the database are sync `def`, so FastAPI runs them in its thread
-pool and never blocks the event loop; the three hot POSTs are `async def` and hand their blocking part to
-api/blocking.py's bounded pool. Every request goes through FastAPI's routing: there is one API path.
+pool and never blocks the event loop; the hot POSTs are `async def`, read their request without per-request
+dependency solving (api/hot.py) and hand their blocking part to api/blocking.py's bounded pool. Every
+request goes through FastAPI's routing: there is one API path.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import ModuleType
+from typing import Any
 
 from fastapi import FastAPI
 
-from api import problems
+from api import hot, problems
 from pki.context import Context
 from pki.wiring import build_context
 
@@ -109,6 +111,16 @@ def router_setup(name: str) -> Callable[[FastAPI], None]:
     return setup
 
 
+class App(FastAPI):
+    """FastAPI, whose OpenAPI document also holds the request schemas of the hot routes: they read their
+    body themselves and refer to its schema through `openapi_extra` (api/hot.py)."""
+
+    def openapi(self) -> dict[str, Any]:
+        document = super().openapi()  # built once and cached by FastAPI (again when routes change)
+        hot.add_schemas(document)  # idempotent: adds only what the cached document lacks
+        return document
+
+
 def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
                ctx_factory: Callable[[], Context] | None = None, dispatch_outbox: bool = True) -> FastAPI:
     """The API (``routers``: the ROUTERS to mount, default all). ``dispatch_outbox``: an app that serves
@@ -126,7 +138,7 @@ def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
             install(app.state.ctx)
         yield
 
-    app = FastAPI(
+    app = App(
         title="v2gpki — Plug & Charge PKI",
         version="0.1.0",
         description="ISO 15118 / OCPP 2.0.1 certificate enrollment, revocation, OCSP and CRL.",

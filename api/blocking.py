@@ -1,7 +1,8 @@
 """Where the hot API routes run their blocking work (HSM signatures, database round trips).
 
-The three hot POSTs (`/v1/enrollments`, `/ocpp/v201/sign-certificate`, `/ocpp/v201/get-15118-ev-certificate`)
-are `async def` FastAPI routes that hand only the blocking call to a bounded pool of this process: a plain
+The hot POSTs (`/v1/enrollments`, `/ocpp/v201/sign-certificate`, `/ocpp/v201/get-15118-ev-certificate`, EST
+simpleenroll/simplereenroll) are `async def` FastAPI routes that hand only the blocking call to a bounded pool
+of this process (the first two and EST read their request through api/hot.py): a plain
 `def` route would also go through anyio's thread pool, but with its per-call limiter and a thread hop for
 FastAPI's own work around it (bench/enrollment.py measured that as a visible share of an enrollment's CPU).
 The pool is sized by V2GPKI_FASTLANE_THREADS (the name predates #23 and is kept: operators set it).

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, FastAPI, Request, Response
-from starlette.concurrency import run_in_threadpool
 
-from api.auth import PrincipalDep
+from api import blocking
+from api.auth import authenticate
 from api.deps import CtxDep
 from hsm.keystore import KeyAlg
 from pki.context import Context
@@ -175,26 +176,37 @@ def cacerts_p7(ctx: Context, target: Target) -> Response:
     return _p7(ctx.engine.chain(target.ca))
 
 
-def _enroll(ctx: CtxDep, p: PrincipalDep, ca: str, version: str | None, csr: bytes, renew: bool) -> Response:
+def _enroll(ctx: Context, p: Principal, ca: str, version: str | None, csr: bytes, renew: bool) -> Response:
     return enroll_p7(ctx, p, resolve(ctx, ca, version), csr, renew)
 
 
-@router.post("/{ca}/simpleenroll/{version}")
-async def simpleenroll(ca: str, version: str, request: Request, ctx: CtxDep, p: PrincipalDep) -> Response:
+Enroll = Callable[[Context, Principal, str, str | None, bytes, bool], Response]
+
+
+async def enroll_route(request: Request, enroll_fn: Enroll, ca: str, version: str | None, renew: bool) -> Response:
+    """A simpleenroll/simplereenroll POST: the caller authenticated first (401/429 before anything about
+    the body, as the PrincipalDep dependency did), then the body read, then the issuance in api/blocking.py's
+    bounded pool. No dependency is declared: FastAPI's per-request solving of one is a visible share of an
+    enrollment's event-loop CPU (api/hot.py)."""
+    p = await authenticate(request)
     csr = await _body(request)
-    return await run_in_threadpool(_enroll, ctx, p, ca, version, csr, False)
+    ctx = blocking.context(request)
+    return await blocking.run(ctx, enroll_fn, ctx, p, ca, version, csr, renew)
+
+
+@router.post("/{ca}/simpleenroll/{version}")
+async def simpleenroll(ca: str, version: str, request: Request) -> Response:
+    return await enroll_route(request, _enroll, ca, version, False)
 
 
 @router.post("/{ca}/simpleenroll", summary="simpleenroll without the ISO version (ISO15118-2)")
-async def simpleenroll_default(ca: str, request: Request, ctx: CtxDep, p: PrincipalDep) -> Response:
-    csr = await _body(request)
-    return await run_in_threadpool(_enroll, ctx, p, ca, None, csr, False)
+async def simpleenroll_default(ca: str, request: Request) -> Response:
+    return await enroll_route(request, _enroll, ca, None, False)
 
 
 @router.post("/{ca}/simplereenroll/{version}")
-async def simplereenroll(ca: str, version: str, request: Request, ctx: CtxDep, p: PrincipalDep) -> Response:
-    csr = await _body(request)
-    return await run_in_threadpool(_enroll, ctx, p, ca, version, csr, True)
+async def simplereenroll(ca: str, version: str, request: Request) -> Response:
+    return await enroll_route(request, _enroll, ca, version, True)
 
 
 def setup(app: FastAPI) -> None:

@@ -15,10 +15,10 @@ V2GPKI_OCPP_DEFAULT_CERT_TYPE:
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from api import blocking
+from api import blocking, hot
 from api.auth import PrincipalDep
 from api.deps import CtxDep
 from api.ocpp import core
@@ -29,12 +29,14 @@ router = APIRouter(prefix="/ocpp/v201", tags=["ocpp"])
 SignCertificateIn = core.SignCertificate201
 
 
-@router.post("/sign-certificate", response_model=None)
-async def sign_certificate(body: SignCertificateIn, ctx: CtxDep, p: PrincipalDep) -> JSONResponse:
+@router.post("/sign-certificate", response_model=None, openapi_extra=hot.openapi_extra(SignCertificateIn))
+async def sign_certificate(request: Request) -> JSONResponse:
     """Accepted: the CertificateSignedRequest to send to the station (certificateChain, certificateType,
     customData {vendorId, serialNumber, issuer}; also in X-V2GPKI-Serial / X-V2GPKI-Issuer). Refused: the
     SignCertificateResponse {status: Rejected, statusInfo} to answer the station with, HTTP 4xx. async: the
-    issuance runs in api/blocking.py's bounded pool."""
+    issuance runs in api/blocking.py's bounded pool; the caller and the body are read by api/hot.py."""
+    p, body, _ = await hot.read(request, SignCertificateIn)
+    ctx = blocking.context(request)
     out = await blocking.run(ctx, core.sign_certificate, ctx, p, body.csr, body.certificateType, "2.0.1")
     if out.certificate_signed is None:
         return out.response.response()

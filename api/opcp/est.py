@@ -16,11 +16,9 @@ its EVSEIDs; an eMSP on `cpo` is 403 and nothing is stored).
 from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request, Response
-from starlette.concurrency import run_in_threadpool
 
-from api.auth import PrincipalDep
 from api.deps import CtxDep
-from api.est import OPCP_CA, _body, cacerts_p7, enroll_p7, resolve
+from api.est import OPCP_CA, cacerts_p7, enroll_p7, enroll_route, resolve
 from pki.context import Context
 from pki.errors import NotFound
 from pki.orgs import Principal
@@ -80,29 +78,23 @@ def wk_cacerts_versioned(ca: str, iso_version: str, ctx: CtxDep) -> Response:
 
 
 @router.post("/.well-known/{ca}/simpleenroll", summary="simpleenroll (CitrineOS' path, ISO15118-2)")
-async def wk_simpleenroll(ca: str, request: Request, ctx: CtxDep, p: PrincipalDep) -> Response:
-    csr = await _body(request)
-    return await run_in_threadpool(_enroll, ctx, p, ca, None, csr, False)
+async def wk_simpleenroll(ca: str, request: Request) -> Response:
+    return await enroll_route(request, _enroll, ca, None, False)
 
 
 @router.post("/.well-known/{ca}/simpleenroll/{iso_version}", summary="simpleenroll (CitrineOS' path)")
-async def wk_simpleenroll_versioned(ca: str, iso_version: str, request: Request, ctx: CtxDep,
-                                    p: PrincipalDep) -> Response:
-    csr = await _body(request)
-    return await run_in_threadpool(_enroll, ctx, p, ca, iso_version, csr, False)
+async def wk_simpleenroll_versioned(ca: str, iso_version: str, request: Request) -> Response:
+    return await enroll_route(request, _enroll, ca, iso_version, False)
 
 
 @router.post("/.well-known/{ca}/simplereenroll", summary="simplereenroll (CitrineOS' path, ISO15118-2)")
-async def wk_simplereenroll(ca: str, request: Request, ctx: CtxDep, p: PrincipalDep) -> Response:
-    csr = await _body(request)
-    return await run_in_threadpool(_enroll, ctx, p, ca, None, csr, True)
+async def wk_simplereenroll(ca: str, request: Request) -> Response:
+    return await enroll_route(request, _enroll, ca, None, True)
 
 
 @router.post("/.well-known/{ca}/simplereenroll/{iso_version}", summary="simplereenroll (CitrineOS' path)")
-async def wk_simplereenroll_versioned(ca: str, iso_version: str, request: Request, ctx: CtxDep,
-                                      p: PrincipalDep) -> Response:
-    csr = await _body(request)
-    return await run_in_threadpool(_enroll, ctx, p, ca, iso_version, csr, True)
+async def wk_simplereenroll_versioned(ca: str, iso_version: str, request: Request) -> Response:
+    return await enroll_route(request, _enroll, ca, iso_version, True)
 
 
 def setup(app: FastAPI) -> None:
