@@ -238,3 +238,17 @@ def test_a_cursor_of_another_order_is_refused() -> None:
         with pytest.raises(ValueError):
             ListCursor.decode(bad)
     assert ListCursor.decode("12:DE*T:3") == ListCursor(12, "DE*T:3")
+
+
+def test_incremental_audit_verification_reads_a_range_of_the_log(fleet: Rows) -> None:
+    """pki/audit_sign.py's incremental verification re-hashes the events from the last verified checkpoint
+    on: the statement it sends walks ix_audit_event_seq from there (the table is empty here: the plan is
+    under test)."""
+    from pki.store.audit_log import verify_chain_from
+
+    with Captured(fleet.db) as cap, fleet.db.session() as s:
+        assert verify_chain_from(s, 1000, "0" * 64) is None  # no event 1000: the caller verifies in full
+    sql, params = next((q, p) for q, p in cap.statements if "FROM audit_event" in q)
+    plan = _plan(fleet.db, sql, params)
+    assert "ix_audit_event_seq" in plan, plan
+    assert "Seq Scan" not in plan and "Sort" not in plan and "TEMP B-TREE" not in plan, plan
