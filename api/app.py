@@ -10,6 +10,7 @@ request goes through FastAPI's routing: there is one API path.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -122,11 +123,13 @@ class App(FastAPI):
 
 
 def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
-               ctx_factory: Callable[[], Context] | None = None, dispatch_outbox: bool = True) -> FastAPI:
+               ctx_factory: Callable[[], Context] | None = None, dispatch_outbox: bool = True,
+               freeze_gc: bool = False) -> FastAPI:
     """The API (``routers``: the ROUTERS to mount, default all). ``dispatch_outbox``: an app that serves
     /v1/subscriptions also sends outbox events to the broker right after commit (pki/outbox.py's
     dispatcher, started with workers/outbox.py's Celery sender); a lean app (the OCSP responder) leaves
-    them to the workers' periodic drain."""
+    them to the workers' periodic drain. ``freeze_gc``: a server process's app (api/main.py), whose start-up
+    objects then leave the garbage collector's generations (``gc.freeze``); not an app built in a test."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -136,6 +139,13 @@ def create_app(ctx: Context | None = None, *, routers: list[str] | None = None,
             from workers.outbox import install
 
             install(app.state.ctx)
+        if freeze_gc:
+            # What start-up built (modules, routes, the Context, profiles, the OCSP issuer table) lives as long
+            # as the worker: moved out of the collector's generations, a full collection no longer re-scans it.
+            # py-spy put a large share of a contract installation's Python time in collections set off by one
+            # request's allocations (bench/results/2026-12-08-contract-supersede.md).
+            gc.collect()
+            gc.freeze()
         yield
 
     app = App(

@@ -8,4 +8,4 @@ from api.app import create_app
 
 
 def create_default_app() -> FastAPI:
-    return create_app()
+    return create_app(freeze_gc=True)
