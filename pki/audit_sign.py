@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from hsm.algorithms import ALGORITHMS
-from hsm.errors import KeyNotFoundError
+from hsm.errors import HSMError, KeyNotFoundError
 from hsm.keystore import KeyAlg
 from pki.context import Context
 from pki.errors import ConfigError
@@ -295,7 +295,7 @@ def _advance(ctx: Context, cps: list[AuditCheckpoint], verified: set[tuple[int, 
         return current
     try:
         sig = _AUDIT_ALG.sign(ctx.keystore.signer(ctx.keystore.uri(AUDIT_KEY)), _marker_message(best.seq, best.hash))
-    except KeyNotFoundError:
+    except HSMError:  # the audit key gone, or a token that cannot sign now: verified, marker unmoved
         return current
     store.advance_verification_marker(ctx.db, AuditVerification(id=1, seq=best.seq, hash=best.hash,
                                                                 verified_at=utcnow(), signature=sig))

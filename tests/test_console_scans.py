@@ -238,6 +238,10 @@ def test_a_cursor_of_another_order_is_refused() -> None:
         with pytest.raises(ValueError):
             ListCursor.decode(bad)
     assert ListCursor.decode("12:DE*T:3") == ListCursor(12, "DE*T:3")
+    for bad in ("12:yesterday", "12:2027-01-01T00:00:00"):  # not ISO 8601; no offset (the column is aware)
+        with pytest.raises(ValueError):
+            ListCursor.decode(bad).key_value("not_after")
+    assert ListCursor.decode("12:2027-01-01T00:00:00+00:00").key_value("not_after") == NOW
 
 
 def test_incremental_audit_verification_reads_a_range_of_the_log(fleet: Rows) -> None:

@@ -118,7 +118,12 @@ class ListCursor:
     def key_value(self, order: str) -> Any:
         if self.key is None:
             raise ValueError("this cursor belongs to a listing in id order")
-        return datetime.fromisoformat(self.key) if order == "not_after" else self.key
+        if order != "not_after":
+            return self.key
+        at = datetime.fromisoformat(self.key)  # ValueError for anything but ISO 8601
+        if at.tzinfo is None:
+            raise ValueError("a notAfter cursor names its offset (encode() writes it)")
+        return at
 
     def encode(self) -> str:
         return str(self.id) if self.key is None else f"{self.id}:{self.key}"
