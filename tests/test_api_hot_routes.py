@@ -18,7 +18,7 @@ from fastapi import FastAPI, Header
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.ocpp import v201
+from api.ocpp import ev_certificate, v201
 from api.v1 import routes
 from pki.context import Context
 from pki.orgs import create_api_key
@@ -299,3 +299,33 @@ def test_openapi_describes_the_hot_routes_as_their_usual_declaration() -> None:
     served = TestClient(create_app()).get("/openapi.json").json()
     assert served["components"]["schemas"]["EnrollmentIn"] == want["components"]["schemas"]["EnrollmentIn"]
     assert served["paths"]["/v1/enrollments"] == want["paths"]["/v1/enrollments"]
+
+
+def test_get_15118_ev_certificate_reads_its_request_as_the_other_hot_routes(env: Env) -> None:
+    """/ocpp/v201/get-15118-ev-certificate through api/hot.py: 401 before any validation error, a malformed
+    body is the message's own rejection (valid against OCPP 2.0.1's schema), and the OpenAPI operation is
+    what FastAPI generates for its usual declaration (the body model)."""
+    path = "/ocpp/v201/get-15118-ev-certificate"
+    assert _problem(env.client.post(path, content=b"{}", headers=_JSON)) == (401, "unauthorized", [])
+    cases = {b"{}": "iso15118SchemaVersion: Field required",
+             b'{"iso15118SchemaVersion": "x", "action": "Install", "exiRequest": "AA==", "foo": 1}':
+                 "foo: Extra inputs are not permitted",
+             b'{"iso15118SchemaVersion": "x", "action": "Bogus", "exiRequest": "AA=="}':
+                 "action: Input should be 'Install' or 'Update'"}
+    for body, info in cases.items():
+        r = env.client.post(path, content=body, headers={**_auth(env), **_JSON})
+        assert r.status_code == 400 and r.headers["content-type"] == "application/json", r.text
+        assert r.json()["status"] == "Failed" and r.json()["statusInfo"]["reasonCode"] == "InvalidRequest"
+        assert r.json()["statusInfo"]["additionalInfo"].startswith(info), r.text
+        ocpp_schemas.check("2.0.1", "Get15118EVCertificateResponse", r.json())
+
+    async def get_15118_ev_certificate(body: ev_certificate.EvCertificateIn) -> None:
+        pass
+
+    get_15118_ev_certificate.__doc__ = ev_certificate.get_15118_ev_certificate.__doc__
+    usual = FastAPI()
+    usual.post(path, response_model=None, tags=["cps"])(get_15118_ev_certificate)
+    want, got = usual.openapi(), create_app().openapi()
+    assert got["paths"][path] == want["paths"][path]
+    for name, schema in want["components"]["schemas"].items():
+        assert got["components"]["schemas"][name] == schema, name

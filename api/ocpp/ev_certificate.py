@@ -17,11 +17,11 @@ import binascii
 from typing import Annotated, Any
 
 from cryptography import x509
-from fastapi import APIRouter, FastAPI, Query
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from api import blocking
+from api import blocking, hot
 from api.auth import PrincipalDep
 from api.deps import CtxDep
 from api.ocpp import core
@@ -52,11 +52,15 @@ def _decode(b64: str) -> bytes:
         raise PKIError("exiRequest is not base64") from None
 
 
-@router.post("/ocpp/v201/get-15118-ev-certificate", response_model=None)
-async def get_15118_ev_certificate(body: EvCertificateIn, ctx: CtxDep, p: PrincipalDep) -> JSONResponse:
+@router.post("/ocpp/v201/get-15118-ev-certificate", response_model=None,
+             openapi_extra=hot.openapi_extra(EvCertificateIn))
+async def get_15118_ev_certificate(request: Request) -> JSONResponse:
     """Get15118EVCertificateResponse {status, exiResponse[, statusInfo]}, exactly (api/ocpp/core.py): the
     action is checked against the EXI body and the answer's size bounded before anything is issued. async:
-    on SQLite the installation runs on the event loop, else in a pool (api/blocking.py says why)."""
+    on SQLite the installation runs on the event loop, else in a pool (api/blocking.py says why); the
+    caller and the body are read by api/hot.py, as for the other hot POSTs."""
+    p, body, _ = await hot.read(request, EvCertificateIn)
+    ctx = blocking.context(request)
     reply = await blocking.run_installation(ctx, core.get_15118_ev_certificate, ctx, p, body.iso15118SchemaVersion,
                                             body.action, body.exiRequest, "2.0.1")
     return reply.response()
