@@ -151,7 +151,10 @@ def test_citrineos_gets_contract_and_reads_failures(josev: Peer, world: World, t
                                            "response_code": "FAILED_NoCertificateAvailable"}
     r = world.client.post("/v1/ccp/signedContractData", headers={**world.h("cpo"), "alwaysReturnEXI": "false"},
                           json={"certificateInstallationReq": req["exi"], "xsdMsgDefNamespace": ISO2})
-    assert r.status_code == 404 and "CCPResponse" not in r.json() and r.json()["errorMessages"]
+    # without alwaysReturnEXI no EXI, but CCPResponse all the same: ccp.v1.json's 404 schema requires it
+    assert r.status_code == 404 and r.json()["errorMessages"] == ["FAILED_NoCertificateAvailable",
+                                                                  f"no active contract for PCID {v.pcid}"]
+    assert r.json()["CCPResponse"] == {"emaidContent": [{"messageDef": {"certificateInstallationRes": ""}}]}
 
     emaid = contract(world, v.pcid)
     status, exi = citrineos_call(world, req["exi"], world.keys["cpo"])

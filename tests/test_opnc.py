@@ -165,3 +165,117 @@ def test_opnc_pools_round_trip(svc: tuple[FastAPI, TestClient, dict[str, str], d
     assert c.delete(f"/opnc/v1/ccp/signedcontractdata/{emaid}", headers=emsp2).status_code == 404
     assert c.delete(f"/opnc/v1/ccp/signedcontractdata/{emaid}", headers=emsp).status_code == 200
     assert c.delete(f"/opnc/v1/pcp/provisioningcertificates/{pcid}", headers=oem).status_code == 200
+
+
+# -- OPCP CCP's 404 (POST /v1/ccp/signedContractData), replayed deterministically ---------------------------
+# ccp.v1.json's 404 schema requires CCPResponse.emaidContent[].messageDef.certificateInstallationRes (minLength
+# 0) whatever alwaysReturnEXI says; its "non ISO" example (alwaysReturnEXI false) shows only errorMessages and
+# traceId. The answer keeps both: CCPResponse always, its EXI empty when the caller did not ask for it.
+# Found by the property test above (seed 68123240790072230081671211045381167356: alwaysReturnEXI false).
+CCP_POST = ("opcp/ccp.v1.json", "/v1/ccp/signedContractData")
+
+
+def _ccp_post(app: FastAPI, key: str, exi_b64: str, always: str | None, broadcast: str | None = None
+              ) -> tuple[Any, dict[str, Any]]:
+    """POST the request through Schemathesis and check the answer against the document's schema for its
+    status (the property test's own check); returns (response, body). The response's headers are lists."""
+    operation = schemathesis.openapi.from_path(str(SPECS / CCP_POST[0]))[CCP_POST[1]]["POST"]
+    headers = {k: v for k, v in (("alwaysReturnEXI", always), ("broadcast", broadcast)) if v is not None}
+    case = operation.Case(headers=headers, media_type="application/json",
+                          body={"certificateInstallationReq": exi_b64, "xsdMsgDefNamespace": "urn:iso:15118:2:2013:MsgDef"})
+    response = case.call(app=app, base_url="http://testserver", headers={"Authorization": f"Bearer {key}"})
+    case.validate_response(response, checks=[not_a_server_error, response_schema_conformance])
+    return response, response.json()
+
+
+def _failed_exi(body: dict[str, Any]) -> str:
+    return str(body["CCPResponse"]["emaidContent"][0]["messageDef"]["certificateInstallationRes"])
+
+
+@pytest.mark.skipif(not SPECS.exists(), reason="../shared/specs not present")
+@pytest.mark.parametrize("role", ["emsp", "cpo"])
+def test_opcp_ccp_404_is_the_documents_shape_for_alwaysReturnEXI_true_and_false(
+        role: str, svc: tuple[FastAPI, TestClient, dict[str, str], dict[str, str]]) -> None:
+    """The seed's request exactly: the document's own example CertificateInstallationReq (a Hubject test
+    vehicle: its provisioning chain is not ours, FAILED_CertChainError), ``alwaysReturnEXI: false``,
+    ``broadcast: true``; then the same with true and without the header (default true)."""
+    import base64
+    import json
+
+    from pki.cps.exi import CertificateInstallationRes, decode_message
+
+    app, _, keys, _ = svc
+    doc = json.loads((SPECS / CCP_POST[0]).read_text())
+    exi = doc["paths"][CCP_POST[1]]["post"]["requestBody"]["content"]["application/json"]["examples"][
+        "example-1"]["value"]["certificateInstallationReq"]
+    session = decode_message(base64.b64decode(exi)).header.session_id
+    messages = ["FAILED_CertChainError", "OEM provisioning certificate: CertChainError"]
+
+    r, body = _ccp_post(app, keys[role], exi, "false", "true")
+    assert r.status_code == 404 and r.headers["x-v2gpki-problem"] == ["FAILED_CertChainError"]
+    assert list(body) == ["CCPResponse", "errorMessages", "traceId"]  # the "non ISO" example's members kept
+    assert _failed_exi(body) == "" and body["errorMessages"] == messages  # no EXI: the caller did not ask
+
+    for always in ("true", None):
+        r, body = _ccp_post(app, keys[role], exi, always)
+        assert r.status_code == 404 and body["errorMessages"] == messages
+        res = decode_message(base64.b64decode(_failed_exi(body)))
+        assert isinstance(res.body, CertificateInstallationRes) and res.header.session_id == session
+        assert str(res.body.response_code) == "FAILED_CertChainError"
+        # byte for byte the answer this route gave before the alwaysReturnEXI false case was fixed
+        assert r.content == json.dumps({"CCPResponse": {"emaidContent": [{"messageDef": {
+            "certificateInstallationRes": _failed_exi(body)}}]}, "errorMessages": messages,
+            "traceId": body["traceId"]}, separators=(",", ":")).encode()
+
+
+@pytest.mark.skipif(not SPECS.exists(), reason="../shared/specs not present")
+def test_opcp_ccp_404_for_a_vehicle_without_a_contract_of_the_callers(
+        svc: tuple[FastAPI, TestClient, dict[str, str], dict[str, str]], ctx: Context) -> None:
+    """A vehicle of this PKI (signed request, chain good): no contract yet (a CPO's FAILED_NoCertificateAvailable;
+    an eMSP's was a bare NotFound 404 without CCPResponse), then another eMSP's contract (the same answer to
+    the second eMSP, no oracle): every 404 in the document's shape, alwaysReturnEXI true and false."""
+    import base64
+    from datetime import timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from pki.cps.exi import CertificateInstallationRes, decode_message
+    from pki.cps.exi.messages import X509IssuerSerial
+    from pki.store.db import utcnow
+    from tests.conftest import csr_pem
+    from tests.test_cps import Vehicle, install_request
+
+    app, c, keys, prefixes = svc
+    pcid = prefixes["oem"] + "".join(secrets.choice("ABCDEFGH0123456789") for _ in range(14))
+    vkey = ec.generate_private_key(ec.SECP256R1())
+    r = c.post("/v1/enrollments", json={"csr": csr_pem(pcid, dc="OEM", key=vkey).decode(), "profile": "oem-prov"},
+               headers={"Authorization": f"Bearer {keys['oem']}"})
+    assert r.status_code == 201, r.text
+    vehicle = Vehicle(pcid, vkey, x509.load_pem_x509_certificate(r.json()["certificate"].encode()))
+    v2g = ctx.engine.ca("v2g-root").cert
+    session = secrets.token_bytes(8)
+    exi = base64.b64encode(install_request(vehicle, (X509IssuerSerial(v2g.subject.rfc4514_string(),
+                                                                      v2g.serial_number),), session=session)).decode()
+
+    def refused(who: str) -> list[str]:
+        r, body = _ccp_post(app, keys[who], exi, "false")
+        assert r.status_code == 404 and _failed_exi(body) == "", body
+        assert r.headers["x-v2gpki-problem"] == ["FAILED_NoCertificateAvailable"]
+        r, full = _ccp_post(app, keys[who], exi, "true")
+        assert r.status_code == 404 and full["errorMessages"] == body["errorMessages"]
+        res = decode_message(base64.b64decode(_failed_exi(full)))
+        assert isinstance(res.body, CertificateInstallationRes) and res.header.session_id == session
+        assert str(res.body.response_code) == "FAILED_NoCertificateAvailable"
+        return list(body["errorMessages"])
+
+    assert refused("cpo") == ["FAILED_NoCertificateAvailable", f"no active contract for PCID {pcid}"]
+    assert refused("emsp") == ["FAILED_NoCertificateAvailable", f"no active contract of yours for PCID {pcid}"]
+    emaid = prefixes["emsp"].replace("-", "") + "".join(secrets.choice("ABCDEFGH0123456789") for _ in range(9))
+    r = c.post("/v1/contracts", json={"emaid": emaid, "pcid": pcid,
+                                      "valid_until": (utcnow() + timedelta(days=400)).isoformat()},
+               headers={"Authorization": f"Bearer {keys['emsp']}"})
+    assert r.status_code == 201, r.text
+    assert refused("emsp2") == ["FAILED_NoCertificateAvailable", f"no active contract of yours for PCID {pcid}"]
+    r, body = _ccp_post(app, keys["emsp"], exi, "false")
+    assert r.status_code == 200 and body["CCPResponse"]["emaidContent"][0]["messageDef"]["emaid"] == emaid

@@ -22,11 +22,12 @@ from pydantic import BaseModel, Field
 
 from api.auth import PrincipalDep
 from api.deps import CtxDep
-from api.opcp.pool_shapes import ErrorShapeRoute, empty, error
+from api.opcp.pool_shapes import ErrorShapeRoute, ccp_not_found, empty, error
+from api.problems import status_of
 from pki import pools
 from pki.context import Context
 from pki.cps.exi.messages import ResponseCode
-from pki.cps.service import Delivery, deliver
+from pki.cps.service import Delivery, deliver, refusal
 from pki.errors import NotFound, PKIError
 from pki.orgs import Principal
 
@@ -82,18 +83,25 @@ def get_signed_contract_data(body: GetSignedContractDataIn, ctx: CtxDep, p: Prin
                              always_return_exi: Annotated[bool, Header(alias="alwaysReturnEXI")] = True,
                              broadcast: Annotated[bool, Header()] = False) -> JSONResponse:
     """200 with the signed CertificateInstallationRes and its eMAID; a FAILED_* answer (no contract, chain,
-    signature, …) is 404, carrying the unsigned FAILED_* CertificateInstallationRes when alwaysReturnEXI
-    (the default; the document's "ISO compliant" 404) beside ``errorMessages``. ``broadcast`` is accepted:
-    there is no other ecosystem to forward to."""
-    d = install(ctx, p, body.certificateInstallationReq, body.xsdMsgDefNamespace)
+    signature, …) is 404 in the document's 404 schema (`ccp_not_found`): ``CCPResponse`` always, carrying
+    the unsigned FAILED_* CertificateInstallationRes when alwaysReturnEXI (the default; the document's "ISO
+    compliant" 404), an empty one when not, beside ``errorMessages``. ``broadcast`` is accepted: there is no
+    other ecosystem to forward to."""
+    try:
+        d = install(ctx, p, body.certificateInstallationReq, body.xsdMsgDefNamespace)
+    except PKIError as exc:
+        if status_of(exc) != 404:
+            raise
+        # An eMSP asking for a vehicle it has no contract for (deliver's NotFound, raised after the request
+        # was decoded): the document's 404 must carry a CertificateInstallationRes, so the answer a CPO gets
+        # for a PCID without a contract (FAILED_NoCertificateAvailable, docs/cps.md), with the message.
+        d = refusal(exi_request(body.certificateInstallationReq), ResponseCode.FAILED_NoCertificateAvailable,
+                    exc.message)
     exi = base64.b64encode(d.exi).decode()
     if d.response_code == ResponseCode.OK:
         return JSONResponse({"CCPResponse": {"emaidContent": [{"messageDef": {
             "certificateInstallationRes": exi, "emaid": d.emaid}}]}, "xsdMsgDefNamespace": pools.ISO2})
-    extra: dict[str, Any] = {}
-    if always_return_exi:
-        extra["CCPResponse"] = {"emaidContent": [{"messageDef": {"certificateInstallationRes": exi}}]}
-    return error(404, *failure_messages(d), code=str(d.response_code), **extra)
+    return ccp_not_found(exi if always_return_exi else "", *failure_messages(d), code=str(d.response_code))
 
 
 @router.put("/signedContractData", status_code=201, response_model=None)

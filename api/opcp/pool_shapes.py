@@ -53,6 +53,16 @@ def error(status: int, *messages: str, code: str | None = None, headers: dict[st
     return JSONResponse(body, status_code=status, headers=h)
 
 
+def ccp_not_found(certificate_installation_res: str, *messages: str, code: str) -> JSONResponse:
+    """OPCP ccp.v1.json's 404 of POST /v1/ccp/signedContractData (a FAILED_* answer): its schema *requires*
+    ``CCPResponse.emaidContent[].messageDef.certificateInstallationRes`` (``minLength: 0``) whatever the
+    ``alwaysReturnEXI`` header says, beside the ``Error`` members its "non ISO" example shows. So the member
+    is always there: the base64 FAILED_* CertificateInstallationRes when the caller asked for it
+    (alwaysReturnEXI true, the "ISO compliant" example), else ``""`` (no EXI, as the "non ISO" example)."""
+    return error(404, *messages, code=code, CCPResponse={"emaidContent": [{"messageDef": {
+        "certificateInstallationRes": certificate_installation_res}}]})
+
+
 def opcp_error(exc: PKIError) -> JSONResponse:
     """A typed error a route catches itself (OPCP RCP, rcp.v1.json's ``Error``), with the status the problem
     document would have had (api/problems.py): what OPCP clients parse (CitrineOS reads ``errorMessages``).

@@ -295,9 +295,21 @@ def deliver(ctx: Context, exi_request: bytes, *, actor: str = "cps", expect: Kin
     try:
         return _deliver(ctx, tree, request, body, session_id, actor, emsp)
     except CPSFailure as f:
-        code = ResponseCode(f.response_code)
-        msg = _failed(session_id, code, update)
-        return Delivery(msg, encode_message(msg), code, notes=[f.message])
+        return _failure(session_id, ResponseCode(f.response_code), update, f.message)
+
+
+def refusal(exi_request: bytes, code: ResponseCode, note: str) -> Delivery:
+    """The unsigned FAILED_* answer to a request that `deliver` refused with a typed error after decoding it
+    (an eMSP's :class:`NotFound`), for an API whose error answer carries the ISO 15118-2 response anyway:
+    OPCP ccp.v1.json's 404 (api/opcp/ccp.py). Same shape as `deliver`'s FAILED_* answers: the request's
+    SessionID, the mandatory elements as placeholders."""
+    request = decode_message(exi_request)
+    return _failure(request.header.session_id, code, isinstance(request.body, CertificateUpdateReq), note)
+
+
+def _failure(session_id: bytes, code: ResponseCode, update: bool, note: str) -> Delivery:
+    msg = _failed(session_id, code, update)
+    return Delivery(msg, encode_message(msg), code, notes=[note])
 
 
 def _deliver(ctx: Context, raw: Node, request: V2GMessage, body: CertificateInstallationReq | CertificateUpdateReq,
