@@ -184,10 +184,12 @@ class Inventory:
         ix_certificate_identifier_c / ix_certificate_tenant_identifier_c; with an upper bound on notAfter
         (expiring before, expired), by (notAfter, id) — ix_certificate_not_after_id /
         ix_certificate_tenant_not_after_id; otherwise by id: the primary key, (tenant, id), (tenant,
-        status / issuer / profile, id), (profile, id), the partial indexes of revoked and held certificates.
-        The admin's valid and issuing-CA filters walk the primary key and filter (a page reads ~51 / the
-        filter's share of rows). The next page starts after the last row's key (keyset pagination: no
-        OFFSET, so a deep page costs what the first does)."""
+        issuer / profile, id), the partial (id) and (tenant, id) indexes of revoked and held certificates.
+        The admin's valid, issuing-CA and profile filters walk the primary key and filter, a tenant's valid
+        filter (tenant, id) (a page reads ~51 / the filter's share of rows; migrations 0013 and 0015 say
+        why those filters have no index of their own: what each index costs a write). The next page
+        starts after the last row's key (keyset pagination: no OFFSET, so a deep page costs what the first
+        does)."""
         sqlite = self.db.is_sqlite
         base = f.where(select(Certificate), sqlite=sqlite)
         order = f.order()
@@ -222,7 +224,7 @@ class Inventory:
 
     def profiles(self, tenant: str | None) -> list[str]:
         """The profiles of the certificates a tenant (None: anyone) holds, sorted: a loose index scan in
-        one statement — a recursive query that seeks ix_certificate_profile_id /
+        one statement — a recursive query that seeks ix_certificate_profile /
         ix_certificate_tenant_profile_id once per distinct profile, instead of a DISTINCT that reads every
         row (profiles are a handful; the statement is one round trip, as a page's others are)."""
         scope = "tenant = :tenant AND " if tenant is not None else ""

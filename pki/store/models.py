@@ -47,16 +47,18 @@ class Certificate(SQLModel, table=True):
         Index("ix_certificate_revoked_at", "revoked_at"),
         Index("ix_certificate_created_at", "created_at"),
         Index("ix_certificate_tenant_id", "tenant", "id"),
-        # #28 item 3 (migration 0013): each console list filter narrows and orders by one index (keyset
+        # #28 item 3 (migrations 0013, 0015): each console list filter narrows and orders by one index (keyset
         # pagination); the prefix indexes ix_certificate_identifier_c and ix_certificate_tenant_identifier_c,
         # (identifier COLLATE "C", id) on PostgreSQL, are the migration's alone (an expression per dialect)
-        Index("ix_certificate_profile_id", "profile", "id"),
         Index("ix_certificate_revoked_id", "id", sqlite_where=text("status = 'revoked'"),
               postgresql_where=text("status = 'revoked'")),
         Index("ix_certificate_hold_id", "id", sqlite_where=text("status = 'hold'"),
               postgresql_where=text("status = 'hold'")),
         Index("ix_certificate_not_after_id", "not_after", "id"),
-        Index("ix_certificate_tenant_status_id", "tenant", "status", "id"),
+        Index("ix_certificate_tenant_revoked_id", "tenant", "id", sqlite_where=text("status = 'revoked'"),
+              postgresql_where=text("status = 'revoked'")),  # migration 0015, as the hold one
+        Index("ix_certificate_tenant_hold_id", "tenant", "id", sqlite_where=text("status = 'hold'"),
+              postgresql_where=text("status = 'hold'")),
         Index("ix_certificate_tenant_issuer_id", "tenant", "issuer", "id"),
         Index("ix_certificate_tenant_profile_id", "tenant", "profile", "id"),
         Index("ix_certificate_tenant_not_after_id", "tenant", "not_after", "id"),
