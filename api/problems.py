@@ -75,7 +75,7 @@ from pki.errors import (
     UnknownStation,
     UnsupportedNamespace,
 )
-from pki.store.errors import InvalidValue, StorageError
+from pki.store.errors import Duplicate, InvalidValue, StorageError
 
 log = logging.getLogger("v2gpki.api")
 PROBLEM = "application/problem+json"
@@ -127,6 +127,7 @@ STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (BadContractData, 400),
     # pki/store/errors.py
     (InvalidValue, 400),  # the database refused a value the client sent
+    (Duplicate, 409),  # a unique key refused the row
     (StorageError, 503),  # the database could not answer
     # pki/cps/errors.py
     (ExiLimitExceeded, 413),

@@ -3,6 +3,9 @@
 A contract binds an EMAID (owned by the eMSP's provider prefix) to a vehicle's PCID; one PCID may have
 several contracts, one of them the default (ISO 15118-2 CertificateInstallation installs the default).
 Terminating a contract revokes its contract certificates (RFC 5280 reason cessationOfOperation).
+
+The statements are pki/store/contracts.py's (the installation's prepared lookups among them); this module
+holds the rules: who may do what, which contract an installation delivers, how a chain is judged.
 """
 
 from __future__ import annotations
@@ -17,11 +20,6 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
-from sqlalchemy import Select, bindparam, delete, func, update
-from sqlalchemy import select as sa_select
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
 
 from pki import audit
 from pki.context import Context
@@ -30,70 +28,14 @@ from pki.errors import AlreadyRevoked, BadCertificate, BadSubject, Conflict, Not
 from pki.names import normalise_emaid, normalise_pcid
 from pki.orgs import Principal, check_owns
 from pki.store import certificates
+from pki.store import contracts as store
+from pki.store.contracts import CONTRACT_PROFILE, ContractRow
 from pki.store.db import utcnow
-from pki.store.fast import Prepared
-from pki.store.models import Certificate, CertificateAuthority, Contract, CpsReplay, ProvisioningCertificate
+from pki.store.errors import Duplicate
+from pki.store.models import Certificate, CertificateAuthority, Contract, ProvisioningCertificate
 
 if TYPE_CHECKING:
     from pki.issuance import CAHandle
-
-_CONTRACT = Contract.__table__  # type: ignore[attr-defined]
-_CERT = Certificate.__table__  # type: ignore[attr-defined]
-_CONTRACT_COLS = tuple(c.name for c in _CONTRACT.columns)
-
-
-def _default_contract_query(*, scoped: bool) -> Select[Any]:
-    """The PCID's contract an ISO 15118-2 installation delivers (docs/cps.md, "Which contract").
-
-    A CertificateInstallationReq names no eMSP (ISO 15118-2 §8.4.3.11.2 has no PrioritizedEMAIDs; -20
-    added them), and each eMSP keeps its own default per PCID (#21 item 1), so among eMSPs the one that
-    has served the vehicle longest wins: the eMSP whose oldest still active, unexpired contract for this
-    PCID is the oldest, then that eMSP's default, then its newest contract. A later eMSP's registration
-    never changes what an earlier eMSP's vehicle receives. ``scoped``: only the eMSP ``b_emsp``'s own
-    contracts (an eMSP asking for itself: /v1/contract-data, /v1/contract-installations)."""
-    dc = _CONTRACT.alias("dc")
-    tenure = _CONTRACT.alias("tenure")
-    now = bindparam("b_now", type_=_CONTRACT.c.valid_until.type)
-    first_of_emsp = (sa_select(func.min(tenure.c.id))
-                     .where(tenure.c.pcid == dc.c.pcid, tenure.c.emsp == dc.c.emsp, tenure.c.status == "active",
-                            tenure.c.valid_until > now)
-                     .correlate(dc).scalar_subquery())
-    q = (sa_select(*dc.columns)
-         .where(dc.c.pcid == bindparam("b_pcid"), dc.c.status == "active", dc.c.valid_until > now))
-    if scoped:
-        q = q.where(dc.c.emsp == bindparam("b_emsp"))
-    return q.order_by(first_of_emsp.asc(), dc.c.is_default.desc(), dc.c.id.desc()).limit(1)
-
-
-# The two lookups every contract installation makes, prepared once (pki/store/fast.py).
-_DEFAULT_CONTRACT_Q = {scoped: _default_contract_query(scoped=scoped) for scoped in (False, True)}
-_DEFAULT_CONTRACT = {scoped: Prepared(q) for scoped, q in _DEFAULT_CONTRACT_Q.items()}
-_CERT_STATUS = Prepared(
-    sa_select(_CERT.c.status, _CERT.c.not_before, _CERT.c.not_after)
-    .where(_CERT.c.issuer == bindparam("b_issuer"), _CERT.c.serial == bindparam("b_serial")))
-# The profile of the contract certificates the CPS issues (and supersedes, #21 item 2).
-CONTRACT_PROFILE = "contract"
-_PREV = _CERT.alias("prev")
-
-
-def _status_and_contract(*, scoped: bool) -> Prepared:
-    """Both in one statement: the certificate's row, outer-joined to the PCID's default contract (an
-    uncorrelated scalar subquery, evaluated once): no certificate row, no result; no contract, NULLs. The
-    last column says whether that contract already has a valid contract certificate (one index lookup,
-    NULL almost always): only then does an installation look for certificates to supersede."""
-    default_id = _DEFAULT_CONTRACT_Q[scoped].with_only_columns(
-        _DEFAULT_CONTRACT_Q[scoped].selected_columns.id).scalar_subquery()
-    has_valid = (sa_select(_PREV.c.id)
-                 .where(_PREV.c.identifier == _CONTRACT.c.emaid, _PREV.c.profile == CONTRACT_PROFILE,
-                        _PREV.c.status == "valid")
-                 .correlate(_CONTRACT).limit(1).scalar_subquery())
-    return Prepared(
-        sa_select(_CERT.c.status, _CERT.c.not_before, _CERT.c.not_after, *_CONTRACT.columns, has_valid)
-        .select_from(_CERT.outerjoin(_CONTRACT, _CONTRACT.c.id == default_id))
-        .where(_CERT.c.issuer == bindparam("b_issuer"), _CERT.c.serial == bindparam("b_serial")))
-
-
-_STATUS_AND_CONTRACT = {scoped: _status_and_contract(scoped=scoped) for scoped in (False, True)}
 
 
 @dataclass
@@ -112,39 +54,28 @@ def create_contract(ctx: Context, p: Principal, emaid: str, pcid: str, valid_unt
     if valid_until <= utcnow():
         raise BadSubject("valid_until must be in the future")
     with ctx.db.session() as s:
-        replaced: list[str] = []
-        if is_default:
-            # One default per (PCID, eMSP) (#21 item 1): only the caller's own contracts lose the flag;
-            # another eMSP's contracts for the same vehicle are never touched.
-            mine = (col(Contract.pcid) == v, col(Contract.status) == "active", col(Contract.emsp) == p.org,
-                    col(Contract.is_default).is_(True))
-            old = list(s.exec(select(Contract.id, Contract.emaid).where(*mine)))
-            replaced = [emaid for _, emaid in old]
-            if replaced:
-                s.execute(update(Contract).where(*mine).values(is_default=False))
-                # the kept installation answers of a contract that is no longer the default (#21 item 2)
-                s.execute(delete(CpsReplay).where(col(CpsReplay.contract_id).in_([i for i, _ in old])))
+        # One default per (PCID, eMSP) (#21 item 1): only the caller's own contracts lose the flag;
+        # another eMSP's contracts for the same vehicle are never touched.
+        replaced = store.clear_default(s, v, p.org) if is_default else []
         c = Contract(emaid=e, pcid=v, emsp=p.org, valid_until=valid_until, is_default=is_default,
                      status="active", created_at=utcnow())
-        s.add(c)
+        try:
+            # written before the audit entry (as the audit append's flush did), so a duplicate EMAID is
+            # refused here and nothing of this transaction (the defaults cleared) is kept
+            store.add_contract(s, c)
+        except Duplicate:
+            raise Conflict(f"a contract for EMAID {e} already exists") from None
         audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="contract.create", object=e,
                                     details={"pcid": v, "is_default": is_default,
                                              **({"replaced_default": replaced} if replaced else {})}))
-        try:
-            s.commit()
-        except IntegrityError:
-            raise Conflict(f"a contract for EMAID {e} already exists") from None
+        s.commit()
         s.refresh(c)
         return c
 
 
 def _scoped_contract(ctx: Context, p: Principal, emaid: str) -> Contract:
     e = normalise_emaid(emaid)
-    with ctx.db.session() as s:
-        stmt = select(Contract).where(Contract.emaid == e)
-        if not p.sees_all:
-            stmt = stmt.where(Contract.emsp == p.org)
-        c = s.exec(stmt).first()
+    c = store.contract_by_emaid(ctx.db, e, None if p.sees_all else p.org)
     if c is None:
         raise NotFound(f"no contract {e}")
     return c
@@ -155,13 +86,7 @@ def get_contract(ctx: Context, p: Principal, emaid: str) -> Contract:
 
 
 def list_contracts(ctx: Context, p: Principal, pcid: str | None = None) -> list[Contract]:
-    with ctx.db.session() as s:
-        stmt = select(Contract).order_by(col(Contract.id))
-        if not p.sees_all:
-            stmt = stmt.where(Contract.emsp == p.org)
-        if pcid:
-            stmt = stmt.where(Contract.pcid == normalise_pcid(pcid))
-        return list(s.exec(stmt))
+    return store.list_contracts(ctx.db, None if p.sees_all else p.org, normalise_pcid(pcid) if pcid else None)
 
 
 def terminate_contract(ctx: Context, p: Principal, emaid: str) -> tuple[Contract, list[str]]:
@@ -170,14 +95,10 @@ def terminate_contract(ctx: Context, p: Principal, emaid: str) -> tuple[Contract
     if c.status == "terminated":
         raise Conflict(f"contract {c.emaid} is already terminated")
     with ctx.db.session() as s:
-        s.execute(update(Contract).where(col(Contract.id) == c.id).values(status="terminated",
-                                                                        terminated_at=utcnow(), is_default=False))
-        s.execute(delete(CpsReplay).where(col(CpsReplay.contract_id) == c.id))  # #21 item 2
+        store.terminate(s, c.id, utcnow())
         audit.append(s, audit.Entry(actor=p.credential, org=p.org, action="contract.terminate", object=c.emaid))
         s.commit()
-        certs = list(s.exec(select(Certificate).where(
-            Certificate.identifier == c.emaid, col(Certificate.profile).in_(["contract", "contract-20"]),
-            col(Certificate.status).in_(["valid", "hold"]))))
+        certs = store.live_contract_certificates(s, c.emaid)
     revoked = []
     for cert in certs:
         try:
@@ -189,36 +110,11 @@ def terminate_contract(ctx: Context, p: Principal, emaid: str) -> tuple[Contract
     return c, revoked
 
 
-@dataclass(frozen=True, slots=True)
-class ContractRow:
-    """A contract row as read, detached from any session: what an installation needs of the contract.
-    (Constructing the instrumented SQLModel `Contract` cost ≈ 90 µs, more than the query itself.)"""
-
-    id: int | None
-    emaid: str
-    pcid: str
-    emsp: str
-    valid_until: datetime
-    is_default: bool
-    status: str
-    created_at: datetime
-    terminated_at: datetime | None
-
-
-assert ContractRow.__slots__ == _CONTRACT_COLS, "ContractRow must mirror the contract table"
-
-
 def default_contract_for(ctx: Context, pcid: str, emsp: str | None = None) -> ContractRow | None:
-    """The contract an installation for ``pcid`` delivers (the rule in :func:`_default_contract_query`);
-    with ``emsp``, that eMSP's own default for the PCID (None when it has no active contract for it)."""
-    v = normalise_pcid(pcid)
-    now = utcnow()
-    params: dict[str, Any] = {"b_pcid": v, "b_now": now}
-    if emsp is not None:
-        params["b_emsp"] = emsp
-    # Core on a plain connection (every installation runs this; the ORM session cost more than the query).
-    rows = _DEFAULT_CONTRACT[emsp is not None].fetch_on(ctx.db.autocommit, params)
-    return ContractRow(*rows[0]) if rows else None
+    """The contract an installation for ``pcid`` delivers (the rule in
+    :func:`pki.store.contracts._default_contract_query`); with ``emsp``, that eMSP's own default for the
+    PCID (None when it has no active contract for it). One prepared query."""
+    return store.default_contract(ctx.db, normalise_pcid(pcid), utcnow(), emsp)
 
 
 def supersede_contract_certificates(ctx: Context, emaid: str, new: tuple[str, str],
@@ -253,31 +149,6 @@ def supersede_contract_certificates(ctx: Context, emaid: str, new: tuple[str, st
 
 # -- replayed installations (#21 item 2) ---------------------------------------------------------------
 
-_REPLAY = CpsReplay.__table__  # type: ignore[attr-defined]
-_C1 = _CERT.alias("c1")
-_C2 = _CERT.alias("c2")
-_REPLAYED = Prepared(
-    sa_select(_REPLAY.c.response, _REPLAY.c.cert_issuer, _REPLAY.c.cert_serial, _C1.c.status, _C1.c.not_before,
-              _C1.c.not_after, _REPLAY.c.cps_issuer, _C2.c.status, _C2.c.not_before, _C2.c.not_after)
-    .select_from(_REPLAY
-                 .join(_C1, (_C1.c.issuer == _REPLAY.c.cert_issuer) & (_C1.c.serial == _REPLAY.c.cert_serial))
-                 .join(_C2, (_C2.c.issuer == _REPLAY.c.cps_issuer) & (_C2.c.serial == _REPLAY.c.cps_serial)))
-    .where(_REPLAY.c.request_digest == bindparam("b_digest"), _REPLAY.c.contract_id == bindparam("b_contract"),
-           _REPLAY.c.expires_at > bindparam("b_now", type_=_REPLAY.c.expires_at.type)))
-_REPLAY_COLS = ("request_digest", "contract_id", "emaid", "cert_issuer", "cert_serial", "cps_issuer", "cps_serial",
-                "response", "expires_at", "created_at")
-
-
-def _upsert(dialect: Any) -> Prepared:
-    ins = dialect.insert(_REPLAY).values(
-        {name: bindparam(f"b_{name}", type_=_REPLAY.c[name].type) for name in _REPLAY_COLS})
-    keys = ("request_digest", "contract_id")
-    return Prepared(ins.on_conflict_do_update(
-        index_elements=[_REPLAY.c[k] for k in keys],
-        set_={name: ins.excluded[name] for name in _REPLAY_COLS if name not in keys}))
-
-
-_STORE_ANSWER = {"sqlite": _upsert(sqlite), "postgresql": _upsert(postgresql)}
 _PURGE_EVERY = 256  # about one installation in this many deletes the expired kept answers
 
 
@@ -286,19 +157,17 @@ def replayed_answer(ctx: Context, digest: str, contract_id: int) -> tuple[bytes,
     signed body has SHA-256 ``digest`` for contract ``contract_id`` — None unless its contract certificate
     and the CPS certificate that signed it are still valid, unexpired, and every CA above them too (so a
     revocation or a superseding invalidates it in every process at once). One query."""
-    found = _REPLAYED.fetch_on(ctx.db.autocommit, {"b_digest": digest, "b_contract": contract_id,
-                                                   "b_now": utcnow()})
-    if not found:
+    found = store.kept_answer(ctx.db, digest, contract_id, utcnow())
+    if found is None:
         return None
-    response, cert_issuer, cert_serial, *cert, cps_issuer, cps_status, cps_nb, cps_na = found[0]
-    for issuer, row in ((cert_issuer, _StatusRow(*cert)), (cps_issuer, _StatusRow(cps_status, cps_nb, cps_na))):
+    for issuer, row in ((found.cert_issuer, _StatusRow(*found.cert)), (found.cps_issuer, _StatusRow(*found.cps))):
         try:
             ca = ctx.engine.ca(issuer).row
         except PKIError:
             return None
         if _judge(ctx, ca, row) != "Accepted":
             return None
-    return bytes(response), cert_serial
+    return found.response, found.cert_serial
 
 
 def store_answer(ctx: Context, digest: str, contract_id: int, emaid: str, cert: tuple[str, str],
@@ -307,14 +176,9 @@ def store_answer(ctx: Context, digest: str, contract_id: int, emaid: str, cert: 
     request and contract, whose certificate was then revoked or superseded). Ciphertext only: the contract
     key in it is encrypted for the vehicle's provisioning key."""
     now = utcnow()
-    stmt = _STORE_ANSWER["sqlite" if ctx.db.is_sqlite else "postgresql"]
-    stmt.execute_on(ctx.db.autocommit, {
-        "b_request_digest": digest, "b_contract_id": contract_id, "b_emaid": emaid, "b_cert_issuer": cert[0],
-        "b_cert_serial": cert[1], "b_cps_issuer": cps[0], "b_cps_serial": cps[1], "b_response": exi,
-        "b_expires_at": expires_at, "b_created_at": now})
+    store.keep_answer(ctx.db, digest, contract_id, emaid, cert, cps, exi, expires_at, now)
     if random.randrange(_PURGE_EVERY) == 0:
-        with ctx.db.autocommit.begin() as conn:
-            conn.execute(delete(CpsReplay).where(col(CpsReplay.expires_at) <= now))
+        store.purge_answers(ctx.db, now)
 
 
 # -- chain checks ------------------------------------------------------------------------------------
@@ -397,8 +261,8 @@ def chain_status(ctx: Context, cert: x509.Certificate, hierarchy: str) -> tuple[
 
 def _status_of(ctx: Context, ca: CertificateAuthority, cert: x509.Certificate) -> tuple[str, _StatusRow | None]:
     """The certificate's own row (one query) judged with its issuer's CA chain."""
-    found = _CERT_STATUS.fetch_on(ctx.db.autocommit, _status_params(ca, cert))
-    row = _StatusRow(*found[0]) if found else None
+    found = store.certificate_status(ctx.db, ca.name, _serial(cert))
+    row = _StatusRow(*found) if found is not None else None
     return _judge(ctx, ca, row), row
 
 
@@ -422,19 +286,15 @@ def installation_lookup(ctx: Context, cert: x509.Certificate, pcid: str, emsp: s
         v = normalise_pcid(pcid)
     except PKIError:  # not a PCID: no contract can match; the status still decides first
         return (*_status_of(ctx, ca, cert), None, False)
-    params = _status_params(ca, cert)
-    params.update(b_pcid=v, b_now=utcnow())
-    if emsp is not None:
-        params["b_emsp"] = emsp
-    found = _STATUS_AND_CONTRACT[emsp is not None].fetch_on(ctx.db.autocommit, params)
-    if not found:
+    found = store.status_and_contract(ctx.db, ca.name, _serial(cert), v, utcnow(), emsp)
+    if found is None:
         return "CertChainError", None, None, False
-    row = _StatusRow(*found[0][:3])
+    status_row, contract, has_valid = found
+    row = _StatusRow(*status_row)
     status = _judge(ctx, ca, row)
-    contract, has_valid = found[0][3:-1], found[0][-1] is not None
-    if status != "Accepted" or contract[0] is None:
+    if status != "Accepted" or contract is None:
         return status, row, None, False
-    return status, row, ContractRow(*contract), has_valid
+    return status, row, contract, has_valid
 
 
 def _our_issuer_in(ctx: Context, cert: x509.Certificate, hierarchy: str) -> CertificateAuthority | None:
@@ -445,8 +305,8 @@ def _our_issuer_in(ctx: Context, cert: x509.Certificate, hierarchy: str) -> Cert
     return ca
 
 
-def _status_params(ca: CertificateAuthority, cert: x509.Certificate) -> dict[str, Any]:
-    return {"b_issuer": ca.name, "b_serial": format(cert.serial_number, "x")}
+def _serial(cert: x509.Certificate) -> str:
+    return format(cert.serial_number, "x")  # as stored: hex
 
 
 def _judge(ctx: Context, ca: CertificateAuthority, row: _StatusRow | None) -> str:
@@ -498,7 +358,7 @@ def register_provisioning_certificate(ctx: Context, p: Principal, pem_or_der: by
     der = cert.public_bytes(serialization.Encoding.DER)
     fp = hashlib.sha256(der).hexdigest()
     with ctx.db.session() as s:
-        existing = s.exec(select(ProvisioningCertificate).where(ProvisioningCertificate.fingerprint == fp)).first()
+        existing = store.provisioning_by_fingerprint(s, fp)
         if existing is not None:
             return existing
         row = ProvisioningCertificate(pcid=pcid, oem=p.org, fingerprint=fp, not_after=cert.not_valid_after_utc,
@@ -512,18 +372,13 @@ def register_provisioning_certificate(ctx: Context, p: Principal, pem_or_der: by
 
 def lookup_vehicle(ctx: Context, p: Principal, pcid: str) -> list[ProvisioningCertificate]:
     v = normalise_pcid(pcid)
-    with ctx.db.session() as s:
-        stmt = select(ProvisioningCertificate).where(ProvisioningCertificate.pcid == v)
-        if p.role == "oem":
-            stmt = stmt.where(ProvisioningCertificate.oem == p.org)
-        elif p.role == "emsp":
-            # an eMSP may look up vehicles it has a contract with
-            has = s.exec(select(Contract).where(Contract.pcid == v, Contract.emsp == p.org)).first()
-            if has is None:
-                return []
-        elif not p.sees_all:
-            return []
-        return list(s.exec(stmt.order_by(col(ProvisioningCertificate.id).desc())))
+    if p.role == "oem":
+        return store.vehicle_provisioning(ctx.db, v, oem=p.org)
+    if p.role == "emsp":  # an eMSP may look up vehicles it has a contract with
+        return store.vehicle_provisioning(ctx.db, v, emsp=p.org)
+    if not p.sees_all:
+        return []
+    return store.vehicle_provisioning(ctx.db, v)
 
 
 # -- Plug & Charge authorization (OCPP 2.0.1 AuthorizeRequest) ----------------------------------------
@@ -585,12 +440,9 @@ def find_by_hash_data(ctx: Context, alg: str, name_hash: str, key_hash: str, ser
             continue
         if fn(spki_key_bits(h.cert)).digest() != kh:
             continue
-        with ctx.db.session() as s:
-            for cand in _serial_candidates(serial):
-                row = s.exec(select(Certificate).where(Certificate.issuer == h.name,
-                                                       Certificate.serial == cand)).first()
-                if row is not None:
-                    return row
+        row = store.certificate_by_serials(ctx.db, h.name, _serial_candidates(serial))
+        if row is not None:
+            return row
     return None
 
 
@@ -600,8 +452,7 @@ def authorize(ctx: Context, emaid: str, hash_data: list[dict[str, str]] | None =
         e = normalise_emaid(emaid)
     except BadSubject:
         return AuthorizeResult("Invalid", None)
-    with ctx.db.session() as s:
-        contract = s.exec(select(Contract).where(Contract.emaid == e)).first()
+    contract = store.contract_by_emaid(ctx.db, e)
     if contract is None:
         return AuthorizeResult("Unknown", None)
     if contract.status == "terminated":

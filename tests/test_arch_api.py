@@ -173,7 +173,7 @@ EXPECTED_STATUS = {
     "BackupError": 400, "BadOrganization": 400, "Unauthenticated": 401, "BadCertificate": 400,
     "UnknownRoot": 400, "BadRootImport": 400, "TrustListError": 400, "FirmwareRefused": 409,
     "RollbackRefused": 409, "FirmwareVerificationFailed": 422, "OAuthError": 400, "UnsupportedNamespace": 400,
-    "BadContractData": 400, "InvalidValue": 400, "StorageError": 503,
+    "BadContractData": 400, "InvalidValue": 400, "Duplicate": 409, "StorageError": 503,
     "CPSError": 400, "ExiError": 400, "ExiDecodeError": 400, "ExiUnsupported": 400, "ExiLimitExceeded": 413,
     "ExiEncodeError": 400, "KeyWrapError": 400, "XmlDsigError": 400, "SignatureVerificationFailed": 400,
     "ActionMismatch": 400, "ResponseTooLarge": 422, "CPSFailure": 400, "CPS20Failure": 400,

@@ -4,8 +4,9 @@ No module in pki/ (outside pki/store), api/, hsm/ or workers/ imports SQLAlchemy
 sqlite3 or a PostgreSQL driver — at module level or inside a function. They call the repositories in
 pki/store instead, as Boulder's CA and RA call its storage authority.
 
-Modules not converted yet are listed in ALLOWED; the list only shrinks: a listed module that no longer
-imports a database library fails the test too, so whoever converts it also removes it here.
+There are no exceptions: the allow-list of modules still to convert, which could only shrink, emptied when
+pki/contracts.py (the last, the contract-installation hot path) moved its statements to
+pki/store/contracts.py (#23 item 2), and was removed with it.
 """
 
 from __future__ import annotations
@@ -16,12 +17,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("pki", "api", "hsm", "workers")
 FORBIDDEN = ("sqlalchemy", "sqlmodel", "alembic", "sqlite3", "psycopg", "psycopg2", "psycopg_pool", "asyncpg")
-
-# Still to convert (dotted module name → why it is still here).
-ALLOWED: dict[str, str] = {
-    "pki.contracts": "to convert (contract-installation hot path: bench/contract.py before and after)",
-}
-
 
 def _is_forbidden(name: str) -> bool:
     return name.split(".", 1)[0] in FORBIDDEN
@@ -58,14 +53,8 @@ def offenders() -> dict[str, list[str]]:
 
 
 def test_no_sql_outside_pki_store() -> None:
-    bad = {m: f for m, f in offenders().items() if m not in ALLOWED}
+    bad = offenders()
     assert not bad, f"database imports outside pki/store (use a repository in pki/store): {bad}"
-
-
-def test_allow_list_only_shrinks() -> None:
-    found = offenders()
-    stale = sorted(m for m in ALLOWED if m not in found)
-    assert not stale, f"no longer import a database library: remove them from ALLOWED: {stale}"
 
 
 def test_check_finds_a_planted_import() -> None:

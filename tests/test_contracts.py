@@ -90,6 +90,27 @@ def test_contract_lifecycle_and_authorize(env: dict) -> None:  # type: ignore[ty
     assert r.json() == {"idTokenInfo": {"status": "Invalid"}, "certificateStatus": "ContractCancelled"}
 
 
+def test_a_second_contract_for_an_emaid_is_a_conflict_and_changes_nothing(env: dict) -> None:  # type: ignore[type-arg]
+    """The contract table's unique EMAID refuses the second row: 409 (pki.store.errors.Duplicate, raised by
+    the repository, not a database exception), and the transaction that would have taken the default
+    from the first contract is rolled back: it is still its eMSP's default for the vehicle."""
+    client, ctx, prov, h = env["client"], env["ctx"], env["prov"], env["h"]
+    emaid = f"{prov['emsp1'].replace('-', '')}{_a(9)}"
+    pcid = prov["oem"] + _a(14)
+    until = (utcnow() + timedelta(days=30)).isoformat()
+    r = client.post("/v1/contracts", json={"emaid": emaid, "pcid": pcid, "valid_until": until}, headers=h["emsp1"])
+    assert r.status_code == 201, r.text
+    r = client.post("/v1/contracts", json={"emaid": emaid, "pcid": pcid, "valid_until": until}, headers=h["emsp1"])
+    assert r.status_code == 409, r.text
+    assert emaid in r.json()["detail"]
+    listed = client.get(f"/v1/contracts?pcid={pcid}", headers=h["emsp1"]).json()
+    assert [(c["emaid"], c["is_default"]) for c in listed] == [(emaid, True)]
+    from pki.contracts import default_contract_for
+
+    found = default_contract_for(ctx, pcid)
+    assert found is not None and found.emaid == emaid and found.is_default
+
+
 def test_authorize_revoked_contract_certificate(env: dict) -> None:  # type: ignore[type-arg]
     client, ctx, prov, h = env["client"], env["ctx"], env["prov"], env["h"]
     emaid = f"{prov['emsp1'].replace('-', '')}{_a(9)}"

@@ -1,5 +1,8 @@
 """Database errors as typed PKI errors, so no caller outside pki/store names a SQLAlchemy exception.
 
+A unique constraint refusing a row (SQLAlchemy's IntegrityError) comes out of the repository that wrote it
+as :class:`Duplicate` (409 in api/problems.py).
+
 The database refusing a value the client sent (PostgreSQL: a NUL character in text, an integer out of
 range for an INTEGER column) is the request's fault, not the server's: every engine of
 :class:`pki.store.db.Database` turns the driver's DataError into :class:`InvalidValue` (a 400 problem
@@ -41,6 +44,12 @@ def invalid_value(exc: BaseException) -> InvalidValue | None:
 def translate(context: Any) -> BaseException | None:
     """SQLAlchemy ``handle_error`` listener: the exception to raise instead of the DataError it built."""
     return invalid_value(context.sqlalchemy_exception)
+
+
+class Duplicate(PKIError):
+    """A row with the same unique key exists already (the repository's transaction is rolled back)."""
+
+    code = "conflict"
 
 
 class StorageError(PKIError):
