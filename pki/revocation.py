@@ -33,6 +33,7 @@ from pki import audit
 from pki.errors import BadRevocation
 from pki.issuance import REASONS
 from pki.store import certificates as store
+from pki.store import outbox as outbox_rows
 from pki.store.db import utcnow
 
 if TYPE_CHECKING:
@@ -153,9 +154,10 @@ def _one_batch(ctx: Context, spec: BulkRevocation, job: str, actor: str, org: st
         if observers:
             done = [r[0] for r in rows]
             certs = store.certificates_by_id(s, done)
-            for cert in certs:
-                for observer in observers:
-                    observer.in_transaction(s, cert)
+            with outbox_rows.batched(s):  # the batch's outbox events as one statement
+                for cert in certs:
+                    for observer in observers:
+                        observer.in_transaction(s, cert)
         s.commit()
     return [r[1] for r in rows]
 

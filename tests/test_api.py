@@ -24,7 +24,7 @@ from sqlmodel import func, select
 from api.app import create_app
 from pki.context import Context
 from pki.orgs import create_api_key, create_org
-from pki.store.models import ApiKey, Certificate
+from pki.store.models import ApiKey, Certificate, OutboxEvent
 from tests import ocpp_schemas
 from tests.conftest import csr_pem, org_with_fresh_prefix
 
@@ -348,3 +348,9 @@ def test_bulk_revocation_dry_run_then_real(t: Tenants) -> None:
     assert (r.json()["dry_run"], r.json()["count"]) == (False, 2)  # in bounded transactions (pki/revocation.py)
     items = t.client.get(f"/v1/certificates?identifier={quote(ev)}", headers=t.h("cpo2")).json()["items"]
     assert {c["status"] for c in items} == {"revoked"}
+    # one outbox event per certificate, written in the batch's transaction as one statement (outbox.batched)
+    with t.ctx.db.session() as s:
+        events = [e.payload for e in s.exec(select(OutboxEvent).where(OutboxEvent.kind == "revocation"))
+                  if e.payload.get("identifier") == ev]
+    assert sorted(e["serial"].upper() for e in events) == sorted(c["serial"].upper() for c in items)
+    assert {(e["status"], e["reason"]) for e in events} == {("revoked", "cessationOfOperation")}

@@ -97,8 +97,10 @@ def _count(ctx: Context, table: Any, *where: Any) -> int:
 
 
 def _quiet(ctx: Context) -> None:
-    """Let the OCSP pre-signer finish what earlier tests queued (it writes ocsp_response rows)."""
+    """Let the OCSP pre-signer and the CRL scheduler finish what earlier tests queued (they write
+    ocsp_response and crl rows; the scheduler's rate bound may hold a CRL back for a second)."""
     responder_for(ctx).presigner.flush()
+    assert ctx.crl_scheduler.flush(60)
 
 
 @dataclass
