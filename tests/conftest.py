@@ -13,6 +13,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -283,10 +284,20 @@ def own_pg_database(tag: str) -> tuple[str, str] | None:
 
 
 def drop_pg_database(name: str) -> None:
+    """DROP … WITH (FORCE) terminates the database's other sessions, but a non-superuser may not terminate an
+    autovacuum worker (PostgreSQL 15: a backend without a role counts as a superuser's), so a drop right after
+    a test wrote many rows fails while autovacuum visits them: wait for the worker and try again."""
     import psycopg
 
-    with psycopg.connect(pg_admin_url() or "", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    for attempt in range(60):
+        with psycopg.connect(pg_admin_url() or "", autocommit=True) as conn:
+            try:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                return
+            except psycopg.errors.InsufficientPrivilege:
+                if attempt == 59:
+                    raise
+        time.sleep(0.5)
 
 
 def lifecycle_context(tmp_path_factory: pytest.TempPathFactory, token_root: Path, label: str,

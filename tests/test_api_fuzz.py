@@ -45,7 +45,7 @@ from pki.context import Context
 from pki.hierarchy import init_hierarchy
 from pki.orgs import create_api_key, create_org
 from pki.wiring import build_context
-from tests.conftest import TEST_PIN, csr_pem, make_token
+from tests.conftest import TEST_PIN, csr_pem, drop_pg_database, make_token
 
 # Examples per operation (Schemathesis) and per enrollment surface (Hypothesis): small enough that the
 # whole module stays well under two minutes on both backends, large enough to reach every branch of the
@@ -104,8 +104,7 @@ def _pg_database() -> Iterator[str]:
     try:
         yield f"{admin.rsplit('/', 1)[0]}/{name}"
     finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_pg_database(name)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

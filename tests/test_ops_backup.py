@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import V2GPKI_EXE, pg_admin_url
+from tests.conftest import V2GPKI_EXE, drop_pg_database, pg_admin_url
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,9 +133,8 @@ def databases(request: pytest.FixtureRequest) -> Iterator[tuple[str | None, str 
             conn.execute(f'CREATE DATABASE "{n}"')
     base = admin.rsplit("/", 1)[0]
     yield f"{base}/{names[0]}", f"{base}/{names[1]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        for n in names:
-            conn.execute(f'DROP DATABASE IF EXISTS "{n}" WITH (FORCE)')
+    for n in names:
+        drop_pg_database(n)
 
 
 @pytest.mark.parametrize("databases", ["sqlite", "postgresql"], indirect=True)
