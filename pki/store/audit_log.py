@@ -166,12 +166,11 @@ class VerifyResult:
     problems: list[str]
 
 
-def verify_chain(session: Session) -> VerifyResult:
-    problems: list[str] = []
-    prev = GENESIS
-    expected_seq = 1
+def _check_events(events: Iterable[AuditEvent], prev: str, expected_seq: int,
+                  problems: list[str]) -> tuple[int, str, int]:
+    """Each event's place in the chain and its own hash; (events read, last hash, next expected seq)."""
     count = 0
-    for ev in session.exec(select(AuditEvent).order_by(AuditEvent.seq)).yield_per(1000):  # type: ignore[arg-type]
+    for ev in events:
         count += 1
         if ev.seq != expected_seq:
             problems.append(f"event seq {expected_seq} missing (next is {ev.seq}): rows deleted")
@@ -181,10 +180,21 @@ def verify_chain(session: Session) -> VerifyResult:
             problems.append(f"event {ev.seq}: content does not match its hash (edited)")
         prev = ev.hash
         expected_seq = ev.seq + 1
+    return count, prev, expected_seq
+
+
+def _with_head(session: Session, count: int, prev: str, expected_seq: int, problems: list[str]) -> VerifyResult:
     head = session.get(AuditHead, 1)
     if head is not None and (head.seq != expected_seq - 1 or head.hash != prev):
         problems.append(f"chain head says seq {head.seq}, log ends at {expected_seq - 1}: tail deleted or edited")
     return VerifyResult(ok=not problems, events=count, problems=problems)
+
+
+def verify_chain(session: Session) -> VerifyResult:
+    problems: list[str] = []
+    events = session.exec(select(AuditEvent).order_by(AuditEvent.seq)).yield_per(1000)  # type: ignore[arg-type]
+    count, prev, expected_seq = _check_events(events, GENESIS, 1, problems)
+    return _with_head(session, count, prev, expected_seq, problems)
 
 
 def verify_chain_from(session: Session, seq: int, h: str) -> VerifyResult | None:
@@ -192,32 +202,15 @@ def verify_chain_from(session: Session, seq: int, h: str) -> VerifyResult | None
     checkpoint's): one range read of ix_audit_event_seq, however long the log before it. None when event
     ``seq`` is gone or has another hash (the caller then verifies the whole chain)."""
     problems: list[str] = []
-    prev = h
-    expected_seq = seq + 1
-    count = 0
     stmt = select(AuditEvent).where(col(AuditEvent.seq) >= seq).order_by(col(AuditEvent.seq))
-    for ev in session.exec(stmt).yield_per(1000):
-        count += 1
-        if count == 1:
-            if ev.seq != seq or ev.hash != h:
-                return None
-            if chain_hash(ev.prev_hash, ev) != ev.hash:
-                problems.append(f"event {ev.seq}: content does not match its hash (edited)")
-            continue
-        if ev.seq != expected_seq:
-            problems.append(f"event seq {expected_seq} missing (next is {ev.seq}): rows deleted")
-        if ev.prev_hash != prev:
-            problems.append(f"event {ev.seq}: prev_hash does not match the previous event")
-        if chain_hash(ev.prev_hash, ev) != ev.hash:
-            problems.append(f"event {ev.seq}: content does not match its hash (edited)")
-        prev = ev.hash
-        expected_seq = ev.seq + 1
-    if count == 0:
+    events = iter(session.exec(stmt).yield_per(1000))
+    first = next(events, None)
+    if first is None or first.seq != seq or first.hash != h:
         return None
-    head = session.get(AuditHead, 1)
-    if head is not None and (head.seq != expected_seq - 1 or head.hash != prev):
-        problems.append(f"chain head says seq {head.seq}, log ends at {expected_seq - 1}: tail deleted or edited")
-    return VerifyResult(ok=not problems, events=count, problems=problems)
+    if chain_hash(first.prev_hash, first) != first.hash:
+        problems.append(f"event {first.seq}: content does not match its hash (edited)")
+    count, prev, expected_seq = _check_events(events, h, seq + 1, problems)
+    return _with_head(session, count + 1, prev, expected_seq, problems)
 
 
 def record(db: Database, *entries: Entry) -> None:
