@@ -284,7 +284,7 @@ class CrlScheduler:
         self._hurry = False  # flush(): generate what is marked now
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
-        self.generations = 0  # CRLs made by this scheduler (metrics, tests)
+        self.generations = 0  # CRLs made by this scheduler (tests read it)
         ref = weakref.ref(self)
 
         def reset_in_child() -> None:  # the parent's thread and condition (and its lock state) stay behind
