@@ -38,6 +38,12 @@ refuses to start if one could be: raise --fresh-requests). Every answer issues a
 supersedes the vehicle's previous one (revocation, OCSP re-signing): more work than a vehicle's very first
 installation, which supersedes nothing — a conservative figure for it. The persisted count shows it.
 
+--first (ISO 15118-2): --fresh with one request per vehicle (--fresh-requests vehicles, each enrolled and
+given a contract beforehand): every answer is a vehicle's first installation — it issues a contract
+certificate and keeps the answer, and supersedes nothing. This is the work an installation did when the
+200/s target was set (bench/results/2026-11-24-contract-round10.md: every call issued, nothing was
+revoked); --fresh adds a revocation (audit event, outbox event, OCSP re-signature) to each.
+
 Load generator: wrk (default when installed; --client python for the Python one), one keep-alive
 connection per unit of concurrency (the CSMS → CPS link is a persistent connection), closed loop: each
 connection sends its next request when the previous answer arrived, rotating through the vehicles. Its Lua
@@ -308,6 +314,7 @@ class Result:
     spread: str = ""  # connections per worker a moment into the run (wrk only), e.g. "4/4"
     db_cpu_s: float = 0.0  # user + system time of the local PostgreSQL server's processes (0 on SQLite)
     machine: dict[str, float] = field(default_factory=dict)  # /proc/stat shares during the run: idle, steal
+    sent_upto: int = 0  # load(): one past the highest index of ``vehicles`` sent (thread i sends i, i + c, …)
 
     @property
     def db_cpu_ms(self) -> float:
@@ -442,6 +449,8 @@ def load(srv: Server, vehicles: list[dict[str, Any]], conc: int, seconds: float)
         with lock:
             res.ok += ok
             res.errors += err
+            if j > i:
+                res.sent_upto = max(res.sent_upto, j - conc + 1)
             res.latencies.extend(lat)
             res.error_samples.extend(errs[:3])
 
@@ -687,6 +696,9 @@ def main() -> int:
     ap.add_argument("--iso", default="2,20", help="ISO 15118 parts to measure, in this order (2, 20 or 2,20)")
     ap.add_argument("--fresh", action="store_true",
                     help="ISO 15118-2: every request distinct (the installation path, not the replay)")
+    ap.add_argument("--first", action="store_true",
+                    help="ISO 15118-2: every request a distinct vehicle's first installation (--fresh, one request "
+                         "per vehicle: nothing superseded)")
     ap.add_argument("--fresh-requests", type=int, default=12000,
                     help="with --fresh: distinct -2 requests made beforehand (rotated through; none is re-sent)")
     ap.add_argument("--no-profile", action="store_true")
@@ -697,6 +709,8 @@ def main() -> int:
     ap.add_argument("--client", choices=["wrk", "python"], default="wrk" if shutil.which("wrk") else "python",
                     help="load generator (default wrk when installed: apt-get install -y wrk)")
     args = ap.parse_args()
+    if args.first:  # one distinct request per vehicle, so none supersedes an earlier certificate
+        args.fresh, args.vehicles = True, args.fresh_requests
     concs = [int(c) for c in args.concurrency.split(",")]
     d = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="v2gpki-bench-contract-"))
     d.mkdir(parents=True, exist_ok=True)
@@ -731,12 +745,13 @@ def main() -> int:
             vehicles = pool
             warm, sample = load(srv, vehicles, max(concs), 3)  # connections, pools, lazy grammars in every worker
             if fresh:  # every request sent or in flight is used up
-                vehicles = unsent(warm.ok + warm.errors + max(concs))
+                # the generator's threads do not keep pace, so the bodies sent are not a prefix: skip past the last
+                vehicles = unsent(warm.sent_upto)
             counted += warm.ok
             if warm.errors or sample is None:
                 raise SystemExit(f"warm-up (ISO 15118-{iso}) failed: {warm.errors} errors, "
                                  f"e.g. {warm.error_samples[:2]}")
-            print(f"# {check_sample(sample, vehicles)}", file=sys.stderr)
+            print(f"# {check_sample(sample, pool)}", file=sys.stderr)
             for conc in concs:
                 if args.client == "wrk":
                     r = load_wrk(srv, vehicles, conc, args.seconds, d, start=0 if fresh else None)
@@ -745,12 +760,12 @@ def main() -> int:
                     extra, sample = load(srv, vehicles, 1, 0.1)  # and one answer to decode and check
                     counted += extra.ok
                     if fresh:
-                        vehicles = unsent(extra.ok + extra.errors + 1)
+                        vehicles = unsent(extra.sent_upto)
                 else:
                     r, sample = load(srv, vehicles, conc, args.seconds)
                     if fresh:
-                        vehicles = unsent(r.ok + r.errors + conc)
-                results.append((iso + ("-fresh" if fresh else ""), r))
+                        vehicles = unsent(r.sent_upto)
+                results.append((iso + ("-first" if fresh and args.first else "-fresh" if fresh else ""), r))
                 print(f"-{iso:<2} c={conc:<3} {r.rps:7.1f} installations/s  p50 {r.pct(50):6.1f} ms  "
                       f"p99 {r.pct(99):6.1f} ms  server CPU {r.server_cpu_ms:5.1f} ms/installation  ({r.ok} ok, "
                       f"{r.errors} errors; load generator CPU {r.client_cpu_s / r.seconds:.0%} of a core; load "
@@ -764,8 +779,9 @@ def main() -> int:
                     print(f"   errors: {r.error_samples[:3]}", file=sys.stderr)
                 counted += r.ok
                 if sample is not None:
-                    check_sample(sample, vehicles)
-        vehicles = fleets[isos[-1]]
+                    check_sample(sample, pool)
+        # the profile's run sends what is left unsent (--fresh), so it too measures installations, not replays
+        vehicles = vehicles if args.fresh and isos[-1] == "2" else fleets[isos[-1]]
         stored = persisted(srv)
         if args.client == "wrk":
             # wrk stops at its deadline with up to c requests in flight, which the server still completes

@@ -7,7 +7,10 @@ This VM's speed drifts by a third within minutes (bench/results/2026-11-23-contr
 installations/s and CPU milliseconds compare two versions of the code only over many alternated runs. The
 number of instructions the server process executes per installation does not drift: it is what this script
 reports, for ``deliver()`` (EXI in, contract key, issuance with the token signature, key wrap, CPS signature,
-EXI out; the OCSP pre-signer thread included), in process, without HTTP. It counts the Python process only:
+EXI out; the OCSP pre-signer thread included), in process, without HTTP. It cycles through 16 vehicles'
+requests, so for ISO 15118-2 every installation after a vehicle's first replays the kept answer (#21 item 2);
+``--fresh`` makes every installation a distinct signed request instead: each one issues a contract
+certificate and supersedes the vehicle's previous one, as ``bench/contract.py --fresh`` does. It counts the Python process only:
 the database server's work is not in it (bench/contract.py reports that as CPU time). ``--iso 20`` counts ISO
 15118-20 installations instead (``deliver20()``: P-521 vehicle, ecdsa-sha512, AES-256-GCM; #26). Needs
 valgrind (``apt-get install -y valgrind``); about three minutes for the default 100 installations.
@@ -27,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+WARM = 64  # installations before the count starts
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
@@ -49,12 +53,12 @@ def child(n: int, state: Path) -> None:
         def ok(out: object) -> bool:
             return getattr(getattr(out, "response_code", None), "name", None) == "OK"
         run = deliver  # type: ignore[assignment]
-    for i in range(64):  # caches, pools, prepared statements, lazily built grammars
+    for i in range(WARM):  # caches, pools, prepared statements, lazily built grammars
         run(ctx, requests[i % len(requests)])
     responder_for(ctx).presigner.flush()
     toggle = ["callgrind_control", "-i"]
     subprocess.run([*toggle, "on", str(os.getpid())], capture_output=True, check=True)
-    for i in range(n):
+    for i in range(WARM, WARM + n):
         out = run(ctx, requests[i % len(requests)])
         if not ok(out):
             raise SystemExit(f"installation failed: {out.response_code} {out.notes}")
@@ -68,6 +72,9 @@ def main() -> int:
     ap.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--iso", choices=["2", "20"], default="2")
+    ap.add_argument("--fresh", action="store_true",
+                    help="ISO 15118-2: every installation a distinct signed request (issues and supersedes), "
+                         "not the replay of a kept answer (bench/contract.py --fresh)")
     ap.add_argument("--keep", type=Path, help="copy callgrind's output file into this directory (callgrind_annotate)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -83,7 +90,11 @@ def main() -> int:
     srv = bench.prepare(d, args.db, pg_admin)
     try:
         bench.start(srv, d, 1)
-        vehicles = (bench.make_vehicles20 if args.iso == "20" else bench.make_vehicles)(srv, 16)
+        if args.fresh and args.iso == "2":  # 16 vehicles, each with distinct bodies: none is sent twice
+            per = -(-(WARM + args.n) // 16)
+            vehicles = bench.make_vehicles(srv, 16 * per, per)
+        else:
+            vehicles = (bench.make_vehicles20 if args.iso == "20" else bench.make_vehicles)(srv, 16)
         bench.stop(srv)
         requests = [base64.b64decode(json.loads(v["json"])["exiRequest"]) for v in vehicles]
         state = d / "state.pkl"
