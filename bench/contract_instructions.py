@@ -10,10 +10,11 @@ reports, for ``deliver()`` (EXI in, contract key, issuance with the token signat
 EXI out; the OCSP pre-signer thread included), in process, without HTTP. It cycles through 16 vehicles'
 requests, so for ISO 15118-2 every installation after a vehicle's first replays the kept answer (#21 item 2);
 ``--fresh`` makes every installation a distinct signed request instead: each one issues a contract
-certificate and supersedes the vehicle's previous one, as ``bench/contract.py --fresh`` does. It counts the Python process only:
-the database server's work is not in it (bench/contract.py reports that as CPU time). ``--iso 20`` counts ISO
-15118-20 installations instead (``deliver20()``: P-521 vehicle, ecdsa-sha512, AES-256-GCM; #26). Needs
-valgrind (``apt-get install -y valgrind``); about three minutes for the default 100 installations.
+certificate and supersedes the vehicle's previous one, as ``bench/contract.py --fresh`` does. It counts the
+Python process only: the database server's work is not in it (bench/contract.py reports that as CPU time).
+``--iso 20`` counts ISO 15118-20 installations instead (``deliver20()``: P-521 vehicle, ecdsa-sha512,
+AES-256-GCM; #26). Needs valgrind (``apt-get install -y valgrind``); about three minutes for the default 100
+installations.
 """
 
 from __future__ import annotations
